@@ -1,0 +1,29 @@
+# The two commands a newcomer types: `make reproduce` (the papermill pipeline on the embedded default)
+# and `make test`. Both create the virtual environment first if it is missing.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.ellava-installed
+PROFILE ?= default
+# CPU wheel pinned for this install path; on a GPU box install your own torch first (see README).
+TORCH   ?= torch==2.13.0
+
+.PHONY: env reproduce test clean-notebooks check-notebooks
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[notebook,dev]"
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m ellava_lib.pipeline --profile $(PROFILE)
+
+test: $(STAMP)
+	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb
+	$(PY) -m pytest -q
+
+clean-notebooks: $(STAMP)
+	$(PY) -m nbstripout --keep-id notebooks/*.ipynb

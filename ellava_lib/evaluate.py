@@ -1,0 +1,115 @@
+"""Dense (or pruned) evaluation: batched greedy generation, predictions as JSONL, metrics as CSV.
+
+``metrics.csv`` has the columns ``suite,metric,score,n,judge``; ``score`` is on a 0-100 scale and each
+suite's headline number is its ``overall`` row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import io, metrics, synth
+from .judge import Judge, LocalJudge
+from .prompts import sample_prompt
+from .schema import SUITES, Sample
+
+MAX_NEW_TOKENS = {"sqa": 4, "vizwiz": 6, "mmvet": 8, "llavabench": 64}
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate: suites, split, items per suite (``None`` = the suite's default size), batch."""
+
+    suites: tuple[str, ...] = SUITES
+    split: str = "test"
+    limit: int | None = None
+    n_items: int = 500
+    data_seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        self.suites = tuple(self.suites)
+        for s in self.suites:
+            synth.check_suite_split(s, self.split)
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"--limit must be a positive integer, got {self.limit}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+
+    def size(self) -> int:
+        return min(self.n_items, self.limit) if self.limit is not None else self.n_items
+
+
+def load_samples(cfg: EvalConfig, suite: str) -> list[Sample]:
+    """The evaluation items of one synthetic suite."""
+    return synth.generate(suite, cfg.split, cfg.size(), cfg.data_seed)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, samples: list[Sample], max_new_tokens: int, batch_size: int = 32,
+                     progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy answers for ``samples`` (left-padded batches through the processor)."""
+    model.eval()
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    out: list[str] = []
+    order = sorted(range(len(samples)), key=lambda i: len(sample_prompt(samples[i])))  # less padding
+    answers: dict[int, str] = {}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
+        batch = [samples[i] for i in idx]
+        enc = processor(text=[sample_prompt(s) for s in batch], images=[s.image for s in batch],
+                        return_tensors="pt", padding=True)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, t in zip(idx, texts):
+            answers[i] = t.strip()
+    out = [answers[i] for i in range(len(samples))]
+    return out
+
+
+def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, judge: Judge | None = None,
+             progress: bool = True) -> pd.DataFrame:
+    """Evaluate on every suite of ``cfg``; write ``predictions.jsonl`` and ``metrics.csv`` into ``out_dir``."""
+    judge = judge or LocalJudge()
+    rows: list[metrics.MetricRow] = []
+    preds_out: list[dict] = []
+    t0 = time.time()
+    for suite in cfg.suites:
+        samples = load_samples(cfg, suite)
+        preds = generate_answers(model, processor, samples, MAX_NEW_TOKENS[suite], cfg.batch_size, progress,
+                                 desc=f"eval {suite}")
+        rows += metrics.suite_metrics(suite, samples, preds, judge)
+        preds_out += [{"id": s.id, "suite": suite, "category": s.category, "question": s.question,
+                       "answer": s.answer, "prediction": p} for s, p in zip(samples, preds)]
+    frame = metrics.rows_to_frame(rows)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        io.write_jsonl(out_dir / "predictions.jsonl", preds_out)
+        io.write_csv(out_dir / "metrics.csv", frame)
+        io.write_json(out_dir / "eval.json", {"config": {**cfg.__dict__, "suites": list(cfg.suites)},
+                                              "seconds": round(time.time() - t0, 2), "judge": judge.name})
+    return frame
+
+
+def headline(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per suite (its ``overall`` score) plus the unweighted ``mean`` of the suites."""
+    top = frame[frame["metric"] == "overall"].set_index("suite")["score"]
+    return pd.concat([top, pd.Series({"mean": top.mean()})]).rename("score").to_frame()
+
+
+def compare(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per method: each suite's ``overall`` score and their unweighted mean (0-100)."""
+    rows = []
+    for name, frame in frames.items():
+        top = frame[frame["metric"] == "overall"].set_index("suite")["score"]
+        rows.append({"method": name, **{s: float(top[s]) for s in top.index}, "mean": float(top.mean())})
+    return pd.DataFrame(rows)

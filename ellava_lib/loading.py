@@ -1,0 +1,75 @@
+"""Resolve a model spec (``tiny`` or a folder) to a ``(model, processor)`` pair, with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+from .train import TrainConfig, build_or_load
+
+BUILTIN = {"tiny": TrainConfig}
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be loaded (missing config, corrupt weights, ...)."""
+
+
+def resolve_model_dir(spec: str | Path, progress: bool = True) -> Path:
+    """``tiny`` -> the cached tiny model (built if missing); anything else must be a model folder."""
+    if str(spec) in BUILTIN:
+        return build_or_load(BUILTIN[str(spec)](), progress=progress)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ModelLoadError(f"model {spec!r} is neither a built-in model ({', '.join(BUILTIN)}) nor a folder")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {path} has no config.json")
+    return path
+
+
+def load_model(spec: str | Path, progress: bool = True) -> tuple[LlavaForConditionalGeneration, object]:
+    """Load weights (safetensors only, never remote code) and the processor from a model spec."""
+    path = resolve_model_dir(spec, progress)
+    try:
+        config = LlavaConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"model folder {path} has no .safetensors weights")
+    state = {}
+    for w in weights:
+        try:
+            state.update(load_file(w))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"corrupted weights file {w}: {e}") from None
+    model = LlavaForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(_remap(state, model), strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ModelLoadError(f"weights in {path} do not match its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    model.eval()
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the processor in {path}: {e}") from None
+    return model, processor
+
+
+def _remap(state: dict, model) -> dict:
+    """Accept both the saved key layout and the model's own (``save_pretrained`` may rename keys)."""
+    own = set(model.state_dict())
+    if set(state) <= own:
+        return state
+    out = {}
+    for k, v in state.items():
+        for cand in (k, f"model.{k}", k.replace("model.", "", 1)):
+            if cand in own:
+                out[cand] = v
+                break
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,83 @@
+"""Run the numbered notebooks in order with papermill under a named profile.
+
+``python -m ellava_lib.pipeline --profile default`` executes ``notebooks/0*.ipynb`` into
+``runs/<profile>/notebooks/``, passing each notebook the profile's values for the parameters it declares
+(plus ``run_dir``), and prints the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES_DIR = REPO / "profiles"
+NOTEBOOKS_DIR = REPO / "notebooks"
+
+
+def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+
+
+def load_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
+    """The parameters of a profile; a clear error naming the known profiles for an unknown one."""
+    path = profiles_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown profile {name!r}; known profiles: {', '.join(available_profiles(profiles_dir))}")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"profile {path} must be a mapping of parameter names to values")
+    return params
+
+
+def notebook_parameters(notebook: Path, profile: dict, run_dir: Path) -> dict:
+    """The subset of the profile a notebook declares in its ``parameters`` cell, plus ``run_dir``."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    params = {k: v for k, v in profile.items() if k in declared}
+    if "run_dir" in declared:
+        params["run_dir"] = str(run_dir)
+    return params
+
+
+def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[Path] | None = None,
+                 kernel: str = "python3") -> Path:
+    """Execute the notebooks in order; returns the run folder."""
+    import papermill as pm
+
+    params = load_profile(profile)
+    run_dir = Path(runs_root) / profile
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = notebooks or sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    t0 = time.time()
+    for nb in notebooks:
+        t = time.time()
+        print(f"[{profile}] {nb.name} ...", flush=True)
+        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=notebook_parameters(nb, params, run_dir),
+                            kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=False)
+        print(f"[{profile}] {nb.name} done in {time.time() - t:.0f} s", flush=True)
+    print(f"[{profile}] pipeline finished in {time.time() - t0:.0f} s; outputs in {run_dir}", flush=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ellava_lib.pipeline")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--runs", default=str(REPO / "runs"))
+    args = p.parse_args(argv)
+    try:
+        run_pipeline(args.profile, Path(args.runs))
+    except ValueError as e:
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

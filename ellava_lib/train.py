@@ -1,0 +1,265 @@
+"""Build the tiny LLaVA from scratch on the synthetic suite's train split, in two stages.
+
+Stage 1 (vision pretraining): the CLIP tower learns the generator's per-cell attribute labels (colour and
+kind of the object in each patch) with two linear heads, loss ``CE(colour) + CE(kind)``.
+Stage 2 (joint): projector + language model + vision tower on the instruction data of all four suites,
+loss = answer-token cross-entropy + ``aux_weight`` x the stage-1 loss (keeps the tower grounded).
+Both stages use AdamW with linear warm-up and cosine decay; everything is seeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import scenes, synth, tiny_model
+from .prompts import chat_prompt, question_text
+from .schema import SUITES
+from .tiny_model import TinyConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the trained model (its hash names the cache entry)."""
+
+    model: TinyConfig = field(default_factory=TinyConfig)
+    seed: int = 0
+    data_seed: int = 0
+    n_train: dict[str, int] = field(default_factory=lambda: {"sqa": 8000, "vizwiz": 6000, "mmvet": 6000,
+                                                             "llavabench": 6000})
+    vision_steps: int = 150
+    vision_lr: float = 2e-3
+    joint_steps: int = 1400
+    lr: float = 2e-3
+    batch_size: int = 64
+    warmup: int = 50
+    aux_weight: float = 0.3
+    weight_decay: float = 0.01
+    threads: int = 0  # 0 = torch default
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["model"] = TinyConfig(**d.get("model", {}))
+        return cls(**d)
+
+    def digest(self) -> str:
+        """Short stable hash of the config (names the cache folder)."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+    @classmethod
+    def micro(cls) -> "TrainConfig":
+        """A model trained in seconds, for tests (it learns little)."""
+        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, vision_steps=10, joint_steps=20,
+                   batch_size=16, warmup=5)
+
+    @classmethod
+    def ci(cls) -> "TrainConfig":
+        """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
+        return cls(n_train={s: 600 for s in SUITES}, vision_steps=40, joint_steps=120, warmup=20)
+
+
+PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
+
+
+def preset(name: str) -> TrainConfig:
+    """The train config of a named preset: ``tiny`` (the embedded default), ``ci`` or ``micro``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown train preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+@dataclass
+class Batchable:
+    """The tokenised train split: images (uint8 NHWC), token ids, answer-label masks, cell labels."""
+
+    images: torch.Tensor
+    ids: list[torch.Tensor]
+    n_prompt: list[int]
+    colour: torch.Tensor
+    kind: torch.Tensor
+
+
+def encode_train(cfg: TrainConfig, processor) -> Batchable:
+    """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded."""
+    tok = processor.tokenizer
+    n_img = scenes.GRID * scenes.GRID
+    images, ids, n_prompt, colour, kind = [], [], [], [], []
+    for suite in SUITES:
+        for i, item in enumerate(synth.generate_items(suite, "train", cfg.n_train[suite], cfg.data_seed)):
+            sample = synth.to_sample(item, suite, "train", i, render=False)
+            prompt = chat_prompt(question_text(sample)).replace("<image>", "<image>" * n_img)
+            p = tok(prompt)["input_ids"]
+            a = tok(f" {item.answer} </s>", add_special_tokens=False)["input_ids"]
+            ids.append(torch.tensor(p + a))
+            n_prompt.append(len(p))
+            images.append(np.asarray(scenes.render(item.scene)))
+            c, k = scenes.cell_labels(item.scene)
+            colour.append(c)
+            kind.append(k)
+    return Batchable(torch.from_numpy(np.stack(images)), ids, n_prompt, torch.tensor(colour), torch.tensor(kind))
+
+
+def pixel_values(images_u8: torch.Tensor) -> torch.Tensor:
+    """NHWC uint8 -> normalised NCHW float, identical to the CLIP image processor at native size:
+    ``(x / 255 - mean) / std``."""
+    x = images_u8.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(tiny_model.IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_model.IMAGE_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def collate(data: Batchable, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = ids on answer tokens, -100 elsewhere."""
+    seqs = [data.ids[i] for i in idx]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(idx), T), dtype=torch.long)
+    for r, (i, s) in enumerate(zip(idx, seqs)):
+        input_ids[r, : len(s)] = s
+        labels[r, data.n_prompt[i]: len(s)] = s[data.n_prompt[i]:]
+        mask[r, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": pixel_values(data.images[idx])}
+
+
+class CellHeads(torch.nn.Module):
+    """Linear per-patch classifiers for vision pretraining (colour and kind of the object in the cell)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, scenes.N_COLOUR_LABELS)
+        self.kind = torch.nn.Linear(hidden, scenes.N_KIND_LABELS)
+
+    def loss(self, patch_feats: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        lc = F.cross_entropy(self.colour(patch_feats).flatten(0, 1), colour.flatten(), ignore_index=-100)
+        lk = F.cross_entropy(self.kind(patch_feats).flatten(0, 1), kind.flatten(), ignore_index=-100)
+        return lc + lk
+
+
+def _patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[-1][:, 1:]  # the layer and the CLS-dropping the projector sees
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: str, log: list[dict],
+               progress: bool) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, cfg.warmup))
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
+    for step in bar:
+        losses = step_fn(step)
+        total = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        row = {"stage": desc, "step": step, **{k: round(float(v), 5) for k, v in losses.items()}}
+        log.append(row)
+        if step % 20 == 0:
+            bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()})
+
+
+def train(cfg: TrainConfig, progress: bool = True):
+    """Train a tiny LLaVA from scratch; returns (model, processor, log rows)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    processor = tiny_model.build_processor(tiny_model.vocabulary(cfg.data_seed))
+    model = tiny_model.build_model(cfg.model, processor.tokenizer, cfg.seed)
+    data = encode_train(cfg, processor)
+    heads = CellHeads(cfg.model.vit_hidden)
+    n = len(data.ids)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pad = processor.tokenizer.pad_token_id
+    log: list[dict] = []
+    model.train()
+
+    def vision_step(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
+        feats = _patch_features(model, pixel_values(data.images[idx]))
+        return {"cells": heads.loss(feats, data.colour[idx], data.kind[idx])}
+
+    vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress)
+
+    def joint_step(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
+        batch = collate(data, idx, pad)
+        out = model(**batch, output_hidden_states=False)
+        losses = {"answer": out.loss}
+        if cfg.aux_weight > 0:
+            feats = _patch_features(model, batch["pixel_values"])
+            losses["cells"] = cfg.aux_weight * heads.loss(feats, data.colour[idx], data.kind[idx])
+        return losses
+
+    all_params = list(model.parameters()) + list(heads.parameters())
+    _run_stage(all_params, cfg.joint_steps, cfg.lr, cfg, joint_step, "joint", log, progress)
+    model.eval()
+    return model, processor, log
+
+
+def cache_root() -> Path:
+    """Where built models are cached: ``$ELLAVA_CACHE`` or ``~/.cache/ellava``."""
+    return Path(os.environ.get("ELLAVA_CACHE", Path.home() / ".cache" / "ellava"))
+
+
+def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Return the folder of the trained model for ``cfg``, training and caching it if missing.
+
+    The folder holds ``model.safetensors``, ``config.json``, the processor files, ``ellava.json``
+    (train config, digest, wall time) and ``train_log.csv``; it is written to a temp folder and renamed,
+    so an interrupted build leaves nothing half-written.
+    """
+    cache = Path(cache) if cache is not None else cache_root()
+    out = cache / "models" / f"tiny-{cfg.digest()}"
+    if (out / "ellava.json").exists() and not force:
+        return out
+    t0 = time.time()
+    model, processor, log = train(cfg, progress)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    meta = {"kind": "tiny", "train_config": cfg.to_dict(), "digest": cfg.digest(), "train_seconds": time.time() - t0,
+            "params": sum(p.numel() for p in model.parameters())}
+    tiny_model.save(model, processor, tmp, meta)
+    import pandas as pd
+
+    pd.DataFrame(log).to_csv(tmp / "train_log.csv", index=False)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def model_meta(model_dir: Path) -> dict:
+    """The build record of a cached model (``ellava.json``)."""
+    path = Path(model_dir) / "ellava.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a model built by ellava")
+    return json.loads(path.read_text())

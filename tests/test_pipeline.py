@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ellava_lib import pipeline, report, runs
+
+
+def test_profiles_exist_and_unknown_profile_is_named():
+    assert {"ci", "default"} <= set(pipeline.available_profiles())
+    with pytest.raises(ValueError, match="unknown profile 'nope'; known profiles: .*default"):
+        pipeline.load_profile("nope")
+
+
+def test_notebook_parameters_are_filtered_to_what_each_notebook_declares(tmp_path):
+    nb = pipeline.NOTEBOOKS_DIR / "01_tiny_model.ipynb"
+    params = pipeline.notebook_parameters(nb, {"train_preset": "ci", "eval_limit": 3}, tmp_path)
+    assert params == {"train_preset": "ci", "run_dir": str(tmp_path)}
+
+
+def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
+    for nb in sorted(pipeline.NOTEBOOKS_DIR.glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert all(not c["outputs"] and c["execution_count"] is None for c in code), nb.name
+        tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, nb.name
+        src = "".join("".join(c["source"]) for c in code)
+        assert "\ndef " not in "\n" + src and "\nclass " not in "\n" + src, nb.name
+
+
+def test_missing_artifact_names_the_notebook_that_makes_it(tmp_path):
+    run = runs.Run(tmp_path)
+    with pytest.raises(runs.MissingArtifact, match="model.json is missing: run notebooks/01_tiny_model.ipynb first"):
+        run.read_json("model.json")
+
+
+def test_readme_splice():
+    text = "a\n<!-- results:start -->\nold\n<!-- results:end -->\nb\n"
+    assert report.splice(text, "results", "| x |") == "a\n<!-- results:start -->\n| x |\n<!-- results:end -->\nb\n"
+    with pytest.raises(ValueError, match="markers"):
+        report.splice("no markers", "results", "x")

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import torch
+
+from ellava_lib import prompts, scenes, synth, tiny_model, train
+from ellava_lib.schema import SUITES
+
+N_IMG = scenes.GRID * scenes.GRID
+
+
+def _processor():
+    return tiny_model.build_processor(tiny_model.vocabulary())
+
+
+def test_vocabulary_is_deterministic_and_covers_every_suite():
+    vocab = tiny_model.vocabulary()
+    assert vocab == tiny_model.vocabulary()
+    assert vocab[: len(tiny_model.SPECIALS)] == list(tiny_model.SPECIALS)
+    tok = tiny_model.build_tokenizer(vocab)
+    for suite in SUITES:
+        for s in synth.generate(suite, "test", 500, render=False):
+            ids = tok(prompts.question_text(s) + " " + s.answer + " " + " ".join(s.answers))["input_ids"]
+            assert tok.unk_token_id not in ids, (suite, s.question, s.answer)
+
+
+def test_tokenizer_round_trip_and_image_token():
+    tok = _processor().tokenizer
+    text = "there are 2 objects . a red circle is at the top left ."
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.convert_tokens_to_ids("<image>") not in (tok.unk_token_id, None)
+    assert len(tok("USER: <image>\nhi", add_special_tokens=False)["input_ids"]) == 4
+
+
+def test_processor_expands_image_token_like_llava_hf():
+    proc = _processor()
+    s = synth.generate("sqa", "test", 1)[0]
+    enc = proc(text=[prompts.sample_prompt(s)], images=[s.image], return_tensors="pt")
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((enc["input_ids"] == image_id).sum()) == N_IMG
+    assert enc["pixel_values"].shape == (1, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+    # the chat template renders the same LLaVA-1.5 prompt as prompts.chat_prompt
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.question_text(s)}]}]
+    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompts.sample_prompt(s)
+
+
+def test_training_fast_path_matches_the_processor():
+    """Training pre-computes pixels and ids itself; they must equal what the processor gives at eval."""
+    proc = _processor()
+    cfg = train.TrainConfig.micro()
+    cfg.n_train = {s: 2 for s in SUITES}
+    data = train.encode_train(cfg, proc)
+    item = synth.generate_items("sqa", "train", 1)[0]
+    sample = synth.to_sample(item, "sqa", "train", 0)
+    enc = proc(text=[prompts.sample_prompt(sample)], images=[sample.image], return_tensors="pt")
+    n = data.n_prompt[0]
+    assert data.ids[0][:n].tolist() == enc["input_ids"][0].tolist()
+    assert torch.allclose(train.pixel_values(data.images[:1]), enc["pixel_values"], atol=1e-5)
+    answer = proc.tokenizer.decode(data.ids[0][n:], skip_special_tokens=True)
+    assert answer == item.answer
+
+
+def test_micro_model_is_a_real_llava_and_generates(micro_model):
+    from transformers import LlavaForConditionalGeneration
+
+    model, proc = micro_model
+    assert isinstance(model, LlavaForConditionalGeneration)
+    s = synth.generate("vizwiz", "test", 2)
+    enc = proc(text=[prompts.sample_prompt(x) for x in s], images=[x.image for x in s], return_tensors="pt",
+               padding=True)
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 3
+
+
+def test_build_is_seeded_and_cached(tmp_path, micro_model_dir):
+    cfg = train.TrainConfig.micro()
+    again = train.build_or_load(cfg, cache=tmp_path, progress=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(micro_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mtime = (again / "model.safetensors").stat().st_mtime
+    assert train.build_or_load(cfg, cache=tmp_path, progress=False) == again  # cached: no retrain
+    assert (again / "model.safetensors").stat().st_mtime == mtime
+    assert not list(tmp_path.glob("models/*.tmp*"))
+    meta = train.model_meta(again)
+    assert meta["digest"] == cfg.digest() and train.TrainConfig.from_dict(meta["train_config"]) == cfg

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ellava_lib import baselines, units
+from ellava_lib.policy import Policy
+
+
+def test_units_cover_every_decoder_linear(micro_model):
+    model, _ = micro_model
+    u = units.list_units(model)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert list(u) == [f"lm.{i}.{g}" for i in range(n_layers) for g in ("attn", "mlp")]
+    lm_linears = [m for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(u.values()) == sum(m.weight.numel() for m in lm_linears)
+    with_vision = units.list_units(model, include_vision=True)
+    assert list(with_vision)[0] == "vision.0.attn" and len(with_vision) == len(u) + 2 * model.config.vision_config.num_hidden_layers
+    comp = units.params_by_component(model)
+    assert comp["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.7])
+def test_magnitude_prune_hits_the_target_exactly(micro_model_dir, s):
+    from ellava_lib.loading import load_model
+
+    model, _ = load_model(micro_model_dir)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    report = baselines.magnitude_prune(model, Policy.uniform(units.list_units(model), s))
+    for row in report.itertuples():
+        assert abs(row.measured - s) <= 0.5 / row.params + 1e-9
+    # only language-model linear weights change, and only by being zeroed
+    for n, p in model.named_parameters():
+        changed = p != before[n]
+        if changed.any():
+            assert "language_model.layers" in n and (p[changed] == 0).all()
+
+
+def test_magnitude_prune_rejects_a_policy_for_another_model(micro_model_dir):
+    from ellava_lib.loading import load_model
+
+    model, _ = load_model(micro_model_dir)
+    with pytest.raises(ValueError, match="lm.99.attn"):
+        baselines.magnitude_prune(model, Policy({"lm.99.attn": 0.5}))
