@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ellava_lib.obs import SparseGPT, magnitude_mask, obs_prune_reference, reconstruction_error
+from ellava_lib.obs import SparseGPT, magnitude_mask, reconstruction_error
+from ellava_lib.obs_reference import obs_prune_reference
 
 DEFAULT_SHAPES: list[tuple[int, int]] = [(1024, 1024)]
 LARGE_SHAPES: list[tuple[int, int]] = [(4096, 4096), (4096, 11008)]

@@ -1,48 +1,251 @@
-"""Data-free pruning baselines under a policy, and the per-layer sparsity report (the post-condition).
+"""Baselines: data-free magnitude pruning, the per-layer sparsity report (the post-condition), and two
+non-uniform policy allocators under the same budget, OWL and ECoFLaP.
 
 Magnitude pruning zeroes, in every linear layer of unit ``u``, the ``round(s_u * numel)`` weights with
 the smallest ``|w|`` (layer-wise, as the Wanda and SparseGPT papers' magnitude baseline does).
+
+Budget: the parameter-weighted mean sparsity ``S(pi) = sum_u n_u s_u / N`` must reach the target ``S``.
+Both allocators compute a continuous allocation with weighted mean exactly ``S`` and then round it to
+the policy grid with :func:`round_to_grid`: every unit goes to the grid point at or below its value,
+then units are raised one grid step, largest fractional remainder first, until ``S(pi) >= S`` (once a
+single raise can close the gap, the unit whose raise overshoots least is taken). So every unit ends
+at the grid point just below or just above its continuous value, and
+``S <= S(pi) < S + step * max_u n_u / N`` (the last raise overshoots by at most one step of the largest
+unit; ``step`` = the widest grid gap).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import pandas as pd
 import torch
 from torch import nn
 
+from .calibration import InputNorms, calibration_loss, walk_blocks, wanda_scores
 from .obs import magnitude_mask, measured_sparsity
-from .policy import Policy
+from .policy import DEFAULT_GRID, GRID_TOL, Policy
 from .units import list_units, unit_linears
 
 
-def _check_policy(model: nn.Module, policy: Policy) -> bool:
+def check_policy(model: nn.Module, policy: Policy) -> bool:
     """Validate ``policy`` against the model's units; returns whether it names vision units."""
     include_vision = any(u.startswith("vision.") for u in policy.sparsities)
     policy.validate(list_units(model, include_vision))
     return include_vision
 
 
+
 @torch.no_grad()
 def magnitude_prune(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m: int = 0) -> pd.DataFrame:
     """Zero the smallest-magnitude weights of every unit at its policy sparsity (in place).
 
-    Returns the sparsity report (see :func:`sparsity_report`).
+    With N:M, every unit whose sparsity is > 0 gets the N:M pattern. Returns :func:`sparsity_report`.
     """
-    include_vision = _check_policy(model, policy)
+    include_vision = check_policy(model, policy)
     for unit, linears in unit_linears(model, include_vision).items():
         s = policy.sparsities[unit]
         for lin in linears.values():
-            if s > 0 or prune_n:
+            if s > 0:
                 lin.weight[magnitude_mask(lin.weight, s, prune_n, prune_m)] = 0
-    return sparsity_report(model, policy)
+    return sparsity_report(model, policy, prune_n, prune_m)
 
 
-def sparsity_report(model: nn.Module, policy: Policy) -> pd.DataFrame:
-    """Per linear layer: ``layer, unit, target, measured, params`` (measured = fraction of exact zeros)."""
+def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m: int = 0) -> pd.DataFrame:
+    """Per linear layer: ``layer, unit, target, measured, params`` (measured = fraction of exact zeros;
+    with N:M the target of a unit with sparsity > 0 is ``N / M``)."""
     include_vision = any(u.startswith("vision.") for u in policy.sparsities)
     rows = []
     for unit, linears in unit_linears(model, include_vision).items():
+        s = policy.sparsities.get(unit, 0.0)
+        target = prune_n / prune_m if (prune_n and s > 0) else s
         for name, lin in linears.items():
-            rows.append({"layer": name, "unit": unit, "target": policy.sparsities.get(unit, 0.0),
+            rows.append({"layer": name, "unit": unit, "target": target,
                          "measured": round(measured_sparsity(lin.weight), 6), "params": lin.weight.numel()})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------- budget helpers
+
+
+def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, int]) -> float:
+    """``sum_u n_u v_u / sum_u n_u``."""
+    return sum(sizes[u] * values[u] for u in sizes) / sum(sizes.values())
+
+
+def _bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, iters: int = 200) -> float:
+    """``x`` in ``[lo, hi]`` with ``fn(x) ~= target`` for a nondecreasing ``fn`` (the upper end, so
+    ``fn(x) >= target`` whenever reachable)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fn(mid) < target else (lo, mid)
+    return hi
+
+
+def round_to_grid(raw: Mapping[str, float], sizes: Mapping[str, int], target: float,
+                  grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
+    """Round a continuous allocation to ``grid`` keeping ``S(pi) >= target`` (see the module docstring)."""
+    g = sorted(set(float(x) for x in grid))
+    step_of: dict[str, int] = {}
+    frac: dict[str, float] = {}
+    for u, s in raw.items():
+        s = min(max(float(s), g[0]), g[-1])
+        j = max(i for i, v in enumerate(g) if v <= s + GRID_TOL)
+        step_of[u] = j
+        frac[u] = 0.0 if j == len(g) - 1 else (s - g[j]) / (g[j + 1] - g[j])
+
+    def mean() -> float:
+        return weighted_mean({u: g[j] for u, j in step_of.items()}, sizes)
+
+    def gain(u: str) -> float:
+        return sizes[u] * (g[step_of[u] + 1] - g[step_of[u]]) / total
+
+    total = sum(sizes.values())
+    order = sorted((u for u in step_of if frac[u] > GRID_TOL), key=lambda u: -frac[u])
+    while order and mean() < target - 1e-9:
+        enough = [u for u in order if gain(u) >= target - mean() - 1e-12]
+        u = min(enough, key=gain) if enough else order[0]  # min() keeps the larger remainder on ties
+        step_of[u] += 1
+        order.remove(u)
+    if mean() < target - 1e-9:
+        raise ValueError(f"cannot reach mean sparsity {target} on the grid {tuple(g)}")
+    return {u: g[j] for u, j in step_of.items()}
+
+
+def _grid_range(grid: tuple[float, ...], target: float) -> tuple[float, float]:
+    lo, hi = min(grid), max(grid)
+    if not lo - GRID_TOL <= target <= hi + GRID_TOL:
+        raise ValueError(f"target sparsity {target} is outside the grid range [{lo}, {hi}]")
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------------------- OWL
+
+
+def outlier_ratios(model: nn.Module, calib_batch: dict[str, torch.Tensor], M: float = 5.0,
+                   include_vision: bool = False, progress: bool = False) -> dict[str, float]:
+    """OWL's layerwise outlier distribution per unit: ``D_u = #{S_ij > M * mean(S)} / #S`` over the
+    Wanda scores ``S_ij = |W_ij| * ||X_j||_2`` of all the unit's linears pooled (dense-model inputs)."""
+    units = list(list_units(model, include_vision))
+    ratios: dict[str, float] = {}
+
+    def visit(block: str, block_units: dict[str, dict[str, nn.Linear]], stats: dict) -> bool:
+        for unit, lins in block_units.items():
+            scores = torch.cat([wanda_scores(lin.weight, stats[n].norms()).flatten() for n, lin in lins.items()])
+            ratios[unit] = float((scores > M * scores.mean()).double().mean())
+        return False
+
+    walk_blocks(model, calib_batch, units, InputNorms, visit, sequential=False, progress=progress, desc="owl")
+    return {u: ratios[u] for u in units}
+
+
+def owl_allocation(ratios: Mapping[str, float], sizes: Mapping[str, int], sparsity: float, lam: float,
+                   grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
+    """Continuous OWL sparsities (Yin et al. 2024) from outlier ratios ``D_u``::
+
+        D~_u = (D_u - min D) / (max D - min D)          (all 1/2 when every D_u is equal)
+        s_u  = clip(S - lam + 2 lam (1 - D~_u) + c, max(S - lam, g_min), min(S + lam, g_max))
+
+    with the shift ``c`` solved (bisection) so the weighted mean is exactly ``S``: more outliers ->
+    lower sparsity. (OWL sets the keep ratio ``1 - s_l = 2 lam D~_l - mean + (1 - S)``; the same
+    allocation up to the clip, which keeps it in OWL's ``[S - lam, S + lam]``.)
+    """
+    gmin, gmax = _grid_range(grid, sparsity)
+    lo, hi = max(sparsity - lam, gmin), min(sparsity + lam, gmax)
+    dmin, dmax = min(ratios.values()), max(ratios.values())
+    norm = {u: (d - dmin) / (dmax - dmin) if dmax > dmin else 0.5 for u, d in ratios.items()}
+    base = {u: sparsity - lam + 2 * lam * (1 - norm[u]) for u in sizes}
+
+    def alloc(c: float) -> dict[str, float]:
+        return {u: min(max(base[u] + c, lo), hi) for u in sizes}
+
+    c = _bisect(lambda c: weighted_mean(alloc(c), sizes), sparsity, -2 * lam - 1, 2 * lam + 1)
+    return alloc(c)
+
+
+def owl_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float, M: float = 5.0,
+               lam: float = 0.08, grid: tuple[float, ...] = DEFAULT_GRID, include_vision: bool = False,
+               progress: bool = False) -> Policy:
+    """OWL policy at mean sparsity ``sparsity``: :func:`outlier_ratios` -> :func:`owl_allocation` ->
+    :func:`round_to_grid`. ``meta`` keeps the ratios and the continuous allocation."""
+    sizes = list_units(model, include_vision)
+    ratios = outlier_ratios(model, calib_batch, M, include_vision, progress)
+    raw = owl_allocation(ratios, sizes, sparsity, lam, grid)
+    meta = {"method": "owl", "target": sparsity, "M": M, "lam": lam, "outlier_ratio": ratios, "continuous": raw}
+    return Policy(round_to_grid(raw, sizes, sparsity, grid), tuple(grid), meta)
+
+
+# --------------------------------------------------------------------------------------------- ECoFLaP
+
+
+@torch.no_grad()
+def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tensor], eps: float = 1e-3,
+                            draws: int = 4, seed: int = 0, include_vision: bool = False,
+                            progress: bool = False) -> dict[str, float]:
+    """ECoFLaP's zeroth-order importance of each unit (two-point estimate of the directional derivative)::
+
+        I_u = 1/D sum_d |L(w_u + eps z_d) - L(w_u - eps z_d)| / (2 eps),    z_d ~ N(0, I)
+
+    ``L`` = calibration loss (:func:`calibration.calibration_loss`), only unit ``u``'s weights perturbed,
+    ``z_d`` drawn from ``torch.Generator().manual_seed(seed * 100003 + 1009 * k + d)`` for unit ``k``;
+    the dense weights are restored exactly after each unit.
+    """
+    from tqdm.auto import tqdm
+
+    out: dict[str, float] = {}
+    units = unit_linears(model, include_vision)
+    for k, (unit, lins) in enumerate(tqdm(units.items(), desc="ecoflap", disable=not progress)):
+        dense = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+        total = 0.0
+        for d in range(draws):
+            gen = torch.Generator().manual_seed(seed * 100003 + 1009 * k + d)
+            z = {n: torch.randn(w.shape, generator=gen).to(w) for n, w in dense.items()}
+            losses = []
+            for sign in (1.0, -1.0):
+                for n, lin in lins.items():
+                    lin.weight.copy_(dense[n] + sign * eps * z[n])
+                losses.append(calibration_loss(model, calib_batch))
+            total += abs(losses[0] - losses[1]) / (2 * eps)
+        for n, lin in lins.items():
+            lin.weight.copy_(dense[n])
+        out[unit] = total / draws
+    return out
+
+
+def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int], sparsity: float,
+                       floor: float = 0.2, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
+    """Continuous ECoFLaP-style sparsities: kept weights proportional to importance above a floor::
+
+        k_u = clip(f n_u + t I_u, f n_u, (1 - g_min) n_u),   f = max(floor, 1 - g_max)
+        t solved (bisection) so that sum_u k_u = (1 - S) N;   s_u = 1 - k_u / n_u
+
+    (ECoFLaP's water-filling: every unit first keeps the floor, the rest of the keep budget is shared in
+    proportion to the scores, units that are full drop out). Needs ``S <= 1 - f``.
+    """
+    gmin, gmax = _grid_range(grid, sparsity)
+    f = max(floor, 1 - gmax)
+    if sparsity > 1 - f + GRID_TOL:
+        raise ValueError(f"sparsity {sparsity} is above the ECoFLaP cap 1 - floor = {1 - f:.3g}")
+    top = max(importance.values())
+    imp = {u: max(importance[u], 1e-6 * top) if top > 0 else 1.0 for u in sizes}
+
+    def alloc(t: float) -> dict[str, float]:
+        return {u: 1 - min(max(f + t * imp[u] / sizes[u], f), 1 - gmin) for u in sizes}
+
+    t_hi = max((1 - gmin - f) * sizes[u] / imp[u] for u in sizes) + 1.0
+    # mean sparsity decreases in t: bisect on its negative
+    t = _bisect(lambda t: -weighted_mean(alloc(t), sizes), -sparsity, 0.0, t_hi)
+    return alloc(t)
+
+
+def ecoflap_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float, floor: float = 0.2,
+                   eps: float = 1e-3, seed: int = 0, draws: int = 4, grid: tuple[float, ...] = DEFAULT_GRID,
+                   include_vision: bool = False, progress: bool = False) -> Policy:
+    """ECoFLaP-style policy: :func:`zeroth_order_importance` -> :func:`ecoflap_allocation` ->
+    :func:`round_to_grid`. ``meta`` keeps the importances and the continuous allocation."""
+    sizes = list_units(model, include_vision)
+    importance = zeroth_order_importance(model, calib_batch, eps, draws, seed, include_vision, progress)
+    raw = ecoflap_allocation(importance, sizes, sparsity, floor, grid)
+    meta = {"method": "ecoflap", "target": sparsity, "floor": floor, "eps": eps, "draws": draws, "seed": seed,
+            "importance": importance, "continuous": raw}
+    return Policy(round_to_grid(raw, sizes, sparsity, grid), tuple(grid), meta)

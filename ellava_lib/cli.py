@@ -2,6 +2,8 @@
 
     ellava build [--force]                    train (or find cached) the tiny model, print its folder
     ellava eval --model tiny --suite all --split test --out DIR [--limit N]
+    ellava inspect --model llava-1.5-7b --meta --json
+    ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
 """
 
 from __future__ import annotations
@@ -70,6 +72,107 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a model (uniform policy, or one allocated by OWL / ECoFLaP) and save it with its policy."""
+    import json
+    import math
+    import os
+    import shutil
+
+    from . import calibration, io, tiny_model
+    from .baselines import ecoflap_policy, owl_policy
+    from .loading import load_model, resolve_model_dir
+    from .policy import DEFAULT_GRID, GRID_TOL, Policy
+    from .prune import parse_nm, prune_model
+    from .units import list_units
+
+    n, m = parse_nm(args.nm) if args.nm else (0, 0)
+    if n and args.method in ("owl", "ecoflap"):
+        raise CLIError(f"--nm applies to magnitude, wanda and sparsegpt, not to {args.method}")
+    if args.sparsity is None and not n:
+        raise CLIError("give --sparsity S (in [0, 1)) or --nm N:M")
+    target = n / m if n else args.sparsity
+    if not (isinstance(target, float) and math.isfinite(target) and 0.0 <= target < 1.0):
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if n and args.sparsity is not None and abs(args.sparsity - target) > GRID_TOL:
+        raise CLIError(f"--sparsity {args.sparsity} disagrees with --nm {args.nm} ({target:g})")
+    if args.calib <= 0:
+        raise CLIError(f"--calib must be a positive integer, got {args.calib}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CLIError(f"output {out} exists and is not an empty folder (pass --force to replace it)")
+    samples = calibration.draw_calibration(args.calib, args.seed)  # ValueError past the pool: exit 2
+    model_dir = resolve_model_dir(args.model, progress=not args.quiet)
+    model, processor = load_model(model_dir, progress=not args.quiet)
+    batch = calibration.encode_calibration(samples, processor)
+    t0 = time.time()
+    dense_loss = calibration.calibration_loss(model, batch)
+    sizes = list_units(model, args.vision)
+    if args.method == "owl":
+        policy = owl_policy(model, batch, target, include_vision=args.vision, progress=not args.quiet)
+    elif args.method == "ecoflap":
+        policy = ecoflap_policy(model, batch, target, seed=args.seed, include_vision=args.vision,
+                                progress=not args.quiet)
+    else:
+        on_grid = any(abs(target - g) <= GRID_TOL for g in DEFAULT_GRID)
+        grid = DEFAULT_GRID if on_grid else tuple(sorted((*DEFAULT_GRID, target)))
+        policy = Policy.uniform(sizes, target, grid, meta={"method": args.method, "target": target})
+    solver = "sparsegpt" if args.method in ("owl", "ecoflap") else args.method
+    report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet)
+    loss = calibration.calibration_loss(model, batch)
+    measured = float((report["measured"] * report["params"]).sum() / report["params"].sum())
+    extra = {"kind": "pruned", "base_model": str(model_dir), "method": args.method, "solver": solver,
+             "sparsity": target, "nm": args.nm, "policy_id": policy.policy_id(), "mean_sparsity": measured,
+             "calibration": {"n": args.calib, "seed": args.seed, "ids": [s.id for s in samples],
+                             "loss_dense": dense_loss, "loss_pruned": loss},
+             "seconds": round(time.time() - t0, 3)}
+    base_meta = Path(model_dir) / "ellava.json"
+    if base_meta.is_file():
+        extra["base_meta"] = json.loads(base_meta.read_text())
+    io.ensure_dir(out.parent)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        tiny_model.save(model, processor, tmp, extra)
+        policy.to_json(tmp / "policy.json")
+        io.write_csv(tmp / "sparsity.csv", report)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print(f"{args.method}: mean sparsity {measured:.4f} (target {target:g}); "
+          f"calibration loss {dense_loss:.4f} -> {loss:.4f}")
+    print(f"wrote {out} (model, policy.json, sparsity.csv)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the model's prunable units and parameter counts (the 7B on the meta device: no weights)."""
+    import json
+
+    from .structure import CONFIG_ALIASES, inspect_model
+
+    if args.model in CONFIG_ALIASES:
+        if not args.meta:
+            raise CLIError(f"{args.model}: pass --meta (only the structure is available offline)")
+        info = inspect_model(args.model, meta=True, include_vision=args.vision)
+    else:
+        from .loading import load_model
+
+        model, _ = load_model(args.model, progress=False)
+        info = inspect_model(model, include_vision=args.vision)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.model}: {info['params_total']:,} parameters "
+              + ", ".join(f"{k} {v:,}" for k, v in info["params_by_component"].items()))
+        for u in info["units"]:
+            print(f"  {u['name']:<20} {u['params']:>14,}")
+        print(f"{info['n_units']} units")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ellava", description="EfficientLLaVA reproducibility kit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -88,6 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-seed", type=int, default=0)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("prune", help="prune a model's language model (calibrated on the calib split)")
+    r.add_argument("--model", default="tiny", help="'tiny' or a model folder")
+    r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "owl", "ecoflap"), default="sparsegpt",
+                   help="owl / ecoflap allocate a non-uniform policy, then prune it with SparseGPT")
+    r.add_argument("--sparsity", type=float, default=None, help="mean sparsity in [0, 1)")
+    r.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 (magnitude, wanda, sparsegpt)")
+    r.add_argument("--calib", type=int, default=64, help="number of calibration samples")
+    r.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (and ECoFLaP's noise)")
+    r.add_argument("--vision", action="store_true", help="prune the vision tower's blocks too")
+    r.add_argument("--out", required=True, help="output model folder")
+    r.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_prune)
+
+    i = sub.add_parser("inspect", help="list a model's prunable units and parameter counts")
+    i.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (with --meta)")
+    i.add_argument("--meta", action="store_true", help="build on the meta device from the shipped config")
+    i.add_argument("--vision", action="store_true", help="include the vision tower's units")
+    i.add_argument("--json", action="store_true", help="print a JSON object")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

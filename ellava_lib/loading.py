@@ -59,6 +59,10 @@ def load_model(spec: str | Path, progress: bool = True) -> tuple[LlavaForConditi
     return model, processor
 
 
+# transformers 5 ``save_pretrained`` writes LLaVA in the legacy 4.x key layout: map those prefixes back.
+_LEGACY_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+
+
 def _remap(state: dict, model) -> dict:
     """Accept both the saved key layout and the model's own (``save_pretrained`` may rename keys)."""
     own = set(model.state_dict())
@@ -66,7 +70,8 @@ def _remap(state: dict, model) -> dict:
         return state
     out = {}
     for k, v in state.items():
-        for cand in (k, f"model.{k}", k.replace("model.", "", 1)):
+        legacy = [new + k[len(old):] for old, new in _LEGACY_PREFIXES if k.startswith(old)]
+        for cand in (k, f"model.{k}", k.replace("model.", "", 1), *legacy):
             if cand in own:
                 out[cand] = v
                 break

@@ -2,9 +2,12 @@
 
 Stage 1 (vision pretraining): the CLIP tower learns the generator's per-cell attribute labels (colour and
 kind of the object in each patch) with two linear heads, loss ``CE(colour) + CE(kind)``.
-Stage 2 (joint): projector + language model + vision tower on the instruction data of all four suites,
-loss = answer-token cross-entropy + ``aux_weight`` x the stage-1 loss (keeps the tower grounded).
-Both stages use AdamW with linear warm-up and cosine decay; everything is seeded.
+Stage 2 (projector alignment, as LLaVA's stage 1): the projector (and the word embeddings) learn to map each
+patch next to the words naming its content: with ``z`` the projected patch and ``E`` the input-embedding
+matrix, logits ``z E^T`` and loss ``CE(colour word) + CE(shape or glyph word)``.
+Stage 3 (joint): everything on the instruction data of all four suites, loss = answer-token cross-entropy
++ ``aux_weight`` x (stage-1 loss + stage-2 loss), which keeps the tower grounded and the patches aligned.
+All stages use AdamW with linear warm-up and cosine decay; everything is seeded.
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ class TrainConfig:
                                                              "llavabench": 6000})
     vision_steps: int = 150
     vision_lr: float = 2e-3
-    joint_steps: int = 1400
+    align_steps: int = 150
+    joint_steps: int = 2400
     lr: float = 2e-3
-    batch_size: int = 64
+    batch_size: int = 32
     warmup: int = 50
     aux_weight: float = 0.3
     weight_decay: float = 0.01
-    threads: int = 0  # 0 = torch default
+    threads: int = 1  # intra-op threads; one is fastest for a model this small (0 = torch default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,13 +68,13 @@ class TrainConfig:
     @classmethod
     def micro(cls) -> "TrainConfig":
         """A model trained in seconds, for tests (it learns little)."""
-        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, vision_steps=10, joint_steps=20,
-                   batch_size=16, warmup=5)
+        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, vision_steps=10, align_steps=5,
+                   joint_steps=20, batch_size=16, warmup=5)
 
     @classmethod
     def ci(cls) -> "TrainConfig":
         """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
-        return cls(n_train={s: 600 for s in SUITES}, vision_steps=40, joint_steps=120, warmup=20)
+        return cls(n_train={s: 600 for s in SUITES}, vision_steps=40, align_steps=30, joint_steps=120, warmup=20)
 
 
 PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
@@ -94,19 +98,25 @@ class Batchable:
     kind: torch.Tensor
 
 
+def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]:
+    """Token ids of ``prompt + " " + answer + " </s>"`` (``<image>`` expanded to one token per patch) and the
+    number of prompt tokens (labels start there)."""
+    prompt = prompt.replace("<image>", "<image>" * (scenes.GRID * scenes.GRID))
+    p = tokenizer(prompt)["input_ids"]
+    a = tokenizer(f" {answer} </s>", add_special_tokens=False)["input_ids"]
+    return torch.tensor(p + a), len(p)
+
+
 def encode_train(cfg: TrainConfig, processor) -> Batchable:
     """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded."""
     tok = processor.tokenizer
-    n_img = scenes.GRID * scenes.GRID
     images, ids, n_prompt, colour, kind = [], [], [], [], []
     for suite in SUITES:
         for i, item in enumerate(synth.generate_items(suite, "train", cfg.n_train[suite], cfg.data_seed)):
             sample = synth.to_sample(item, suite, "train", i, render=False)
-            prompt = chat_prompt(question_text(sample)).replace("<image>", "<image>" * n_img)
-            p = tok(prompt)["input_ids"]
-            a = tok(f" {item.answer} </s>", add_special_tokens=False)["input_ids"]
-            ids.append(torch.tensor(p + a))
-            n_prompt.append(len(p))
+            seq, n_p = encode_pair(tok, chat_prompt(question_text(sample)), item.answer)
+            ids.append(seq)
+            n_prompt.append(n_p)
             images.append(np.asarray(scenes.render(item.scene)))
             c, k = scenes.cell_labels(item.scene)
             colour.append(c)
@@ -150,6 +160,38 @@ class CellHeads(torch.nn.Module):
         lc = F.cross_entropy(self.colour(patch_feats).flatten(0, 1), colour.flatten(), ignore_index=-100)
         lk = F.cross_entropy(self.kind(patch_feats).flatten(0, 1), kind.flatten(), ignore_index=-100)
         return lc + lk
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean answer-token cross-entropy, averaged over samples:
+    ``(1/B) sum_b (1/|A_b|) sum_{t in A_b} -log p(y_t | y_<t)`` with ``A_b`` the answer tokens of sample b.
+
+    Unlike the token mean, a one-word answer weighs as much as a long description.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    return ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def cell_word_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables from cell labels (see ``scenes.cell_labels``) to the token id of the word naming them:
+    colour label -> colour word (glyphs -> "white"), kind label -> shape word or the glyph's character;
+    the empty label maps to -100 (ignored)."""
+    to_id = tokenizer.convert_tokens_to_ids
+    colour = [-100] + [to_id(c) for c in scenes.COLOURS] + [to_id("white")]
+    kind = [-100] + [to_id(s) for s in scenes.SHAPES] + [to_id(g.lower()) for g in scenes.GLYPHS]
+    return torch.tensor(colour), torch.tensor(kind)
+
+
+def alignment_loss(model, feats: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor,
+                   words: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``CE(z E^T, colour word) + CE(z E^T, kind word)`` for projected patches ``z`` (ignoring empty cells)."""
+    z = model.model.multi_modal_projector(feats)
+    logits = (z @ model.get_input_embeddings().weight.T).flatten(0, 1)
+    cw = torch.where(colour >= 0, words[0][colour.clamp(min=0)], -100).flatten()
+    kw = torch.where(kind >= 0, words[1][kind.clamp(min=0)], -100).flatten()
+    return F.cross_entropy(logits, cw, ignore_index=-100) + F.cross_entropy(logits, kw, ignore_index=-100)
 
 
 def _patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -208,14 +250,27 @@ def train(cfg: TrainConfig, progress: bool = True):
     vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress)
 
+    words = cell_word_ids(processor.tokenizer)
+
+    def align_step(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
+        with torch.no_grad():
+            feats = _patch_features(model, pixel_values(data.images[idx]))
+        return {"align": alignment_loss(model, feats, data.colour[idx], data.kind[idx], words)}
+
+    align_params = list(model.model.multi_modal_projector.parameters()) + [model.get_input_embeddings().weight]
+    _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress)
+
     def joint_step(step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
         batch = collate(data, idx, pad)
-        out = model(**batch, output_hidden_states=False)
-        losses = {"answer": out.loss}
+        labels = batch.pop("labels")
+        losses = {"answer": answer_loss(model(**batch).logits, labels)}
         if cfg.aux_weight > 0:
             feats = _patch_features(model, batch["pixel_values"])
-            losses["cells"] = cfg.aux_weight * heads.loss(feats, data.colour[idx], data.kind[idx])
+            colour, kind = data.colour[idx], data.kind[idx]
+            losses["cells"] = cfg.aux_weight * heads.loss(feats, colour, kind)
+            losses["align"] = cfg.aux_weight * alignment_loss(model, feats, colour, kind, words)
         return losses
 
     all_params = list(model.parameters()) + list(heads.parameters())

@@ -24,8 +24,9 @@ def lm_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def vision_layers(model: nn.Module) -> nn.ModuleList:
-    """The encoder blocks of the CLIP vision tower."""
-    return model.model.vision_tower.vision_model.encoder.layers
+    """The encoder blocks of the CLIP vision tower (``transformers`` 5 flattens ``vision_model`` away)."""
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers
 
 
 def unit_linears(model: nn.Module, include_vision: bool = False) -> "OrderedDict[str, dict[str, nn.Linear]]":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -14,10 +13,7 @@ from typing import Any
 
 import pytest
 
-if importlib.util.find_spec("ellava_lib") is None:  # run from anywhere without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ellava_lib.gpt_judge import (  # noqa: E402
+from ellava_lib.gpt_judge import (
     CACHE_FILENAME,
     LLAVA_SYSTEM_PROMPT,
     MMVET_RETRY_SUFFIX,
@@ -28,7 +24,7 @@ from ellava_lib.gpt_judge import (  # noqa: E402
     parse_llavabench_scores,
     parse_mmvet_score,
 )
-from ellava_lib.judge import Judge  # noqa: E402
+from ellava_lib.judge import Judge
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
 

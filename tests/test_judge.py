@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("ellava_lib") is None:  # run from anywhere without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ellava_lib.judge import Judge, LocalJudge, token_f1  # noqa: E402
+from ellava_lib.judge import Judge, LocalJudge, token_f1
 
 
 @pytest.fixture

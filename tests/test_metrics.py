@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("ellava_lib") is None:  # run from anywhere without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ellava_lib.judge import Judge, LocalJudge  # noqa: E402
-from ellava_lib.metrics import (  # noqa: E402
+from ellava_lib.judge import Judge, LocalJudge
+from ellava_lib.metrics import (
     MetricRow,
     extract_option_letter,
     llavabench_relative,
@@ -23,7 +17,7 @@ from ellava_lib.metrics import (  # noqa: E402
     suite_metrics,
     vqa_accuracy,
 )
-from ellava_lib.schema import Sample  # noqa: E402
+from ellava_lib.schema import Sample
 
 # ---------------------------------------------------------------- option letters
 

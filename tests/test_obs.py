@@ -13,9 +13,9 @@ from ellava_lib.obs import (
     _tf32_disabled,
     magnitude_mask,
     measured_sparsity,
-    obs_prune_reference,
     reconstruction_error,
 )
+from ellava_lib.obs_reference import obs_prune_reference
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:

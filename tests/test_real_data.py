@@ -7,22 +7,17 @@ as hub data. No test touches the network: outbound connections are refused.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-if importlib.util.find_spec("ellava_lib") is None:  # run from anywhere without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 datasets = pytest.importorskip("datasets")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from ellava_lib.real_data import (  # noqa: E402
+from ellava_lib.real_data import (
     DataLoadError,
     LoadReport,
     Manifest,
@@ -33,7 +28,7 @@ from ellava_lib.real_data import (  # noqa: E402
     majority_answer,
     render_prompt,
 )
-from ellava_lib.schema import Sample  # noqa: E402
+from ellava_lib.schema import Sample
 
 CORRUPT = b"\x89PNG\r\n\x1a\n this is not really a png"
 

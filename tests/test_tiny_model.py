@@ -86,3 +86,13 @@ def test_build_is_seeded_and_cached(tmp_path, micro_model_dir):
     assert not list(tmp_path.glob("models/*.tmp*"))
     meta = train.model_meta(again)
     assert meta["digest"] == cfg.digest() and train.TrainConfig.from_dict(meta["train_config"]) == cfg
+
+
+def test_cell_labels_map_to_the_words_that_name_them():
+    tok = _processor().tokenizer
+    colour_words, kind_words = train.cell_word_ids(tok)
+    scene = scenes.Scene((scenes.Obj(0, 0, "blue", "diamond"), scenes.Obj(1, 2, "white", "glyph", "K")))
+    colour, kind = (torch.tensor(x) for x in scenes.cell_labels(scene))
+    assert tok.convert_ids_to_tokens([int(colour_words[colour[0]]), int(kind_words[kind[0]])]) == ["blue", "diamond"]
+    assert tok.convert_ids_to_tokens([int(colour_words[colour[5]]), int(kind_words[kind[5]])]) == ["white", "k"]
+    assert int(colour_words[colour[1]]) == -100 and tok.unk_token_id not in colour_words.tolist() + kind_words.tolist()

@@ -1,0 +1,287 @@
+"""Calibration data for pruning: draw samples, encode them as one batch, run the model block by block.
+
+The calibration set is ``n`` samples of the synthetic ``calib`` split (disjoint from train and test),
+balanced across suites: suite ``k`` of ``K`` gets ``n // K`` samples, plus one for the first ``n % K``
+suites, drawn without replacement from the first ``pool_size`` items of its split with
+``random.Random(f"calib/{seed}/{suite}")``.
+
+:func:`capture_layer_inputs` is SparseGPT's *Catcher*: one forward pass of the whole model with a
+pre-hook on decoder block 0 that records the block's hidden states and keyword arguments (causal
+mask, position ids, rotary embeddings) and then stops the forward, so each block can be run
+standalone (:meth:`BlockInputs.run`). :func:`walk_blocks` is the block-by-block driver that pruning,
+OWL and the level database share: per block, forward hooks feed the linears' inputs (padding
+excluded) into a per-layer statistic (SparseGPT's Hessian, or :class:`InputNorms` for Wanda), a
+visitor uses them, and the block's outputs become the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import synth
+from .prompts import sample_prompt
+from .schema import SUITES, Sample
+from .train import Batchable, collate, encode_pair
+from .units import lm_layers, unit_linears, vision_layers
+
+#: Per-suite pool the calibration samples are drawn from (the first items of each ``calib`` split).
+POOL_SIZE = 256
+
+
+def pool_capacity(suites: Sequence[str] = SUITES, pool_size: int = POOL_SIZE) -> int:
+    """Largest ``n`` :func:`draw_calibration` accepts."""
+    return pool_size * len(suites)
+
+
+def draw_calibration(n: int, seed: int, suites: Sequence[str] = SUITES, pool_size: int = POOL_SIZE,
+                     data_seed: int = 0) -> list[Sample]:
+    """``n`` rendered samples of the ``calib`` split, balanced across ``suites`` and drawn with ``seed``.
+
+    ``data_seed`` is the generator seed of the synthetic suite (keep 0: the tiny model's vocabulary is
+    built from it). Sample ids (``{suite}-calib-{index}``) identify the draw.
+    """
+    suites = tuple(suites)
+    if not suites:
+        raise ValueError("no suites to draw calibration samples from")
+    for s in suites:
+        synth.check_suite_split(s, "calib")
+    if n <= 0:
+        raise ValueError(f"the number of calibration samples must be positive, got {n}")
+    if n > pool_capacity(suites, pool_size):
+        raise ValueError(f"{n} calibration samples exceed the calibration pool ({pool_size} per suite x "
+                         f"{len(suites)} suites = {pool_capacity(suites, pool_size)})")
+    out: list[Sample] = []
+    for k, suite in enumerate(suites):
+        quota = n // len(suites) + (1 if k < n % len(suites) else 0)
+        if quota == 0:
+            continue
+        picks = sorted(random.Random(f"calib/{seed}/{suite}").sample(range(pool_size), quota))
+        items = synth.generate_items(suite, "calib", picks[-1] + 1, data_seed)
+        out += [synth.to_sample(items[i], suite, "calib", i) for i in picks]
+    return out
+
+
+def encode_calibration(samples: Sequence[Sample], processor) -> dict[str, torch.Tensor]:
+    """One right-padded batch: ``input_ids, attention_mask, labels, pixel_values``.
+
+    Each row is ``sample_prompt(s) + " " + answer + " </s>"`` with ``<image>`` expanded; ``labels``
+    are the answer tokens (and ``</s>``), ``-100`` elsewhere. Same encoding as the trainer
+    (:func:`train.encode_pair`, :func:`train.collate`).
+    """
+    if not samples:
+        raise ValueError("no calibration samples to encode")
+    ids, n_prompt, images = [], [], []
+    for s in samples:
+        if s.image is None:
+            raise ValueError(f"calibration sample {s.id} has no image")
+        seq, n_p = encode_pair(processor.tokenizer, sample_prompt(s), s.answer)
+        ids.append(seq)
+        n_prompt.append(n_p)
+        images.append(np.asarray(s.image.convert("RGB")))
+    data = Batchable(torch.from_numpy(np.stack(images)), ids, n_prompt, torch.empty(0), torch.empty(0))
+    return collate(data, list(range(len(samples))), processor.tokenizer.pad_token_id)
+
+
+def calibration_fingerprint(batch: dict[str, torch.Tensor]) -> str:
+    """12 hex chars of sha1 over the batch's token ids, labels and pixels (identifies the calibration data)."""
+    h = hashlib.sha1()
+    for key in ("input_ids", "labels", "pixel_values"):
+        if key in batch:
+            h.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Mean answer-token cross-entropy of ``model`` on the batch (``labels != -100``)."""
+    model.eval()
+    out = model(**_model_inputs(batch), labels=batch["labels"], use_cache=False)
+    return float(out.loss)
+
+
+# ---------------------------------------------------------------------------------------- block inputs
+
+
+@dataclass
+class BlockInputs:
+    """What a decoder (or encoder) block is called with: ``layer(hidden, *args, **kwargs)``.
+
+    ``token_mask`` (``(B, T)`` bool, or None = all) marks the rows that count for calibration
+    statistics (padding is excluded).
+    """
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+    token_mask: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module) -> torch.Tensor:
+        """The block's output hidden states on these inputs."""
+        out = layer(self.hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
+        """The same call with new hidden states (the next block's inputs)."""
+        return replace(self, hidden=hidden)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (``(B, T, d)``) restricted to the counted tokens, flattened to ``(N, d)``."""
+        if self.token_mask is None or x.dim() != 3:
+            return x.reshape(-1, x.shape[-1])
+        return x[self.token_mask]
+
+
+class _StopForward(Exception):
+    """Raised by the catcher hook once the block's inputs are recorded."""
+
+
+@torch.no_grad()
+def _catch(layer: nn.Module, run: Callable[[], Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+    """Run ``run()`` until ``layer`` is called; return its ``(hidden, other args, kwargs)``."""
+    box: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        box["args"], box["kwargs"] = args, dict(kwargs)
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError("the forward pass never reached the block whose inputs are captured")
+    args, kwargs = box["args"], box["kwargs"]
+    if args:
+        return args[0].detach(), tuple(args[1:]), kwargs
+    return kwargs.pop("hidden_states").detach(), (), kwargs
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+
+
+def capture_layer_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> BlockInputs:
+    """Inputs of language-model decoder block 0 on ``batch`` (image features already merged in).
+
+    Runs ``model`` once (no cache, no labels) and stops at block 0. ``token_mask`` is the batch's
+    attention mask (right padding is not counted in calibration statistics).
+    """
+    model.eval()
+    hidden, args, kwargs = _catch(lm_layers(model)[0], lambda: model(**_model_inputs(batch), use_cache=False))
+    mask = batch.get("attention_mask")
+    return BlockInputs(hidden, args, kwargs, None if mask is None else mask.bool())
+
+
+def capture_vision_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> BlockInputs:
+    """Inputs of vision-tower encoder block 0 on the batch's ``pixel_values`` (every token counts)."""
+    model.eval()
+    return BlockInputs(*_catch(vision_layers(model)[0],
+                               lambda: model.get_image_features(pixel_values=batch["pixel_values"])))
+
+
+# ---------------------------------------------------------------------------------------- statistics
+
+
+class InputNorms:
+    """Wanda's statistic of one linear layer: the squared norm of every input feature over the tokens.
+
+    ``sq_j = sum_i x_ij^2`` (fp64), so ``norms() = ||X_j||_2``; same ``add_batch`` interface as the
+    SparseGPT Hessian.
+    """
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.columns = layer.weight.shape[1]
+        self.sq = torch.zeros(self.columns, dtype=torch.float64, device=layer.weight.device)
+        self.nsamples = 0
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        x = inp.detach().reshape(-1, self.columns).to(torch.float64)
+        self.sq += (x * x).sum(0)
+        self.nsamples += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+    def free(self) -> None:
+        self.sq = torch.zeros(0)
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's importance ``S_ij = |W_ij| * ||X_j||_2`` (Sun et al. 2023), fp32, shape of ``weight``."""
+    return weight.detach().abs().float() * norms.to(device=weight.device, dtype=torch.float32).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------- block walk
+
+#: ``visit(block, {unit: {layer: Linear}}, {layer: statistic}) -> weights changed?``
+Visit = Callable[[str, dict[str, dict[str, nn.Linear]], dict[str, Any]], bool]
+
+
+def _last_wanted(prefix: str, n_blocks: int, wanted: set[str]) -> int:
+    hits = [i for i in range(n_blocks) if any(u.startswith(f"{prefix}.{i}.") for u in wanted)]
+    return max(hits, default=-1)
+
+
+@torch.no_grad()
+def walk_blocks(model: nn.Module, batch: dict[str, torch.Tensor], units: Sequence[str],
+                make_stat: Callable[[nn.Linear], Any], visit: Visit, *, sequential: bool = True,
+                progress: bool = True, desc: str = "blocks") -> None:
+    """Run the model block by block on the calibration batch (vision tower first, when a unit needs it).
+
+    For every block up to the last one holding a unit of ``units``: forward hooks feed each linear of
+    those units into ``make_stat(linear)`` (``add_batch`` on the non-padding token rows), the block is
+    run, then ``visit`` sees the statistics (and may prune). The next block's inputs are the block's
+    outputs: recomputed on the visited weights when ``sequential`` (SparseGPT's sequential mode),
+    else the dense outputs, and the language model's inputs are then captured before anything changes.
+    """
+    wanted = set(units)
+    include_vision = any(u.startswith("vision.") for u in wanted)
+    linears = unit_linears(model, include_vision)
+    unknown = sorted(wanted - set(linears))
+    if unknown:
+        raise ValueError(f"unknown units {unknown}")
+    stacks = [("lm", lm_layers(model), capture_layer_inputs)]
+    if include_vision:
+        stacks.insert(0, ("vision", vision_layers(model), capture_vision_inputs))
+    lasts = {p: _last_wanted(p, len(layers), wanted) for p, layers, _ in stacks}
+    lm_dense = None if sequential or lasts["lm"] < 0 else capture_layer_inputs(model, batch)
+    bar = tqdm(total=sum(v + 1 for v in lasts.values()), desc=desc, disable=not progress, mininterval=1.0)
+    for prefix, layers, capture in stacks:
+        if lasts[prefix] < 0:
+            continue
+        inputs = lm_dense if (prefix == "lm" and lm_dense is not None) else capture(model, batch)
+        for i in range(lasts[prefix] + 1):
+            block = {u: lins for u, lins in linears.items() if u in wanted and u.startswith(f"{prefix}.{i}.")}
+            stats = {name: make_stat(lin) for lins in block.values() for name, lin in lins.items()}
+            handles = [lin.register_forward_hook(_feeder(stats[name], inputs))
+                       for lins in block.values() for name, lin in lins.items()]
+            try:
+                out = inputs.run(layers[i])
+            finally:
+                for h in handles:
+                    h.remove()
+            changed = visit(f"{prefix}.{i}", block, stats) if block else False
+            if sequential and changed:
+                out = inputs.run(layers[i])
+            inputs = inputs.with_hidden(out)
+            bar.update(1)
+    bar.close()
+
+
+def _feeder(stat: Any, inputs: BlockInputs) -> Callable:
+    def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        stat.add_batch(inputs.rows(inp[0]))
+    return hook

@@ -1,0 +1,1 @@
+"""Shipped model configs (``*.json``, package data), read by :func:`ellava_lib.structure.load_config`."""
