@@ -4,6 +4,7 @@
     ellava eval --model tiny --suite all --split test --out DIR [--limit N]
     ellava inspect --model llava-1.5-7b --meta --json
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
+    ellava search --model tiny --sparsity 0.6 --calib 64 --gap bernstein [--no-projector] --seed 0 --out DIR
 """
 
 from __future__ import annotations
@@ -147,6 +148,80 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search a policy (level database -> evolutionary search -> final model) into ``--out`` (resumable)."""
+    import math
+
+    from . import calibration, io, tiny_model
+    from .leveldb import LevelDB, build_level_db
+    from .loading import load_model, resolve_model_dir
+    from .objective import per_sample_losses
+    from .policy import DEFAULT_GRID
+    from .projector import load_projector, set_projector_state
+    from .prune import prune_model
+    from .search import SearchConfig, check_resume, run_search, search_context
+    from .units import list_units
+
+    grid = DEFAULT_GRID
+    if not (math.isfinite(args.sparsity) and grid[0] <= args.sparsity <= grid[-1]):
+        raise CLIError(f"--sparsity must lie in [{grid[0]}, {grid[-1]}] (the range of the grid), got {args.sparsity}")
+    if args.calib < 2:
+        raise CLIError(f"--calib must be at least 2, got {args.calib}")
+    if args.calib > calibration.pool_capacity():
+        raise CLIError(f"--calib {args.calib} exceeds the calibration pool ({calibration.pool_capacity()} samples)")
+    cfg = SearchConfig(target=args.sparsity, grid=grid, gap=args.gap, lam=args.lam, loss_kind=args.loss,
+                       budget=args.budget, population=args.population, generations=args.generations,
+                       offspring=args.offspring, screen_samples=args.screen, survivors=args.survivors,
+                       seed=args.seed, projector_every=0 if args.no_projector else args.projector_every,
+                       projector_steps=args.projector_steps,
+                       extra={"model": str(args.model), "calib": args.calib, "vision": args.vision,
+                              "db_method": "sparsegpt"})
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "search_config.json").is_file())):
+        raise CLIError(f"output {out} exists and is not a search folder (no search_config.json)")
+    check_resume(out, cfg)  # another config: ValueError naming the differences, before any work
+    samples = calibration.draw_calibration(args.calib, args.seed)
+    model_dir = resolve_model_dir(args.model, progress=not args.quiet)
+    model, processor = load_model(model_dir, progress=not args.quiet)
+    batch = calibration.encode_calibration(samples, processor)
+    units = list_units(model, args.vision)
+    check_resume(out, cfg, search_context(model, batch, units))
+    t0 = time.time()
+    dense_loss = float(per_sample_losses(model, batch).mean())
+    io.ensure_dir(out)
+    cfg.to_json(out / "search_config.json")
+    db_dir = Path(args.db) if args.db else out / "leveldb"
+    build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
+                   calib_info={"ids": [s.id for s in samples], "seed": args.seed})
+    result = run_search(model, None, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet)
+    mode = "assembled"
+    if args.exact:
+        mode = "exact"
+        model, processor = load_model(model_dir, progress=False)
+        if result.projector is not None:
+            set_projector_state(model, load_projector(result.projector)[0])
+        io.write_csv(out / "sparsity.csv", prune_model(model, result.policy, "sparsegpt", batch, sequential=True,
+                                                       progress=not args.quiet))
+    loss = float(per_sample_losses(model, batch).mean())
+    timing = {k: round(v, 4) for k, v in result.timing.items()}
+    tiny_model.save(model, processor, out, {
+        "kind": "searched", "base_model": str(model_dir), "mode": mode, "policy_id": result.policy.policy_id(),
+        "sparsity": args.sparsity, "mean_sparsity": result.policy.meta["mean_sparsity"],
+        "score": result.score.to_dict(), "search_config": cfg.to_dict(), "timing": timing,
+        "calibration": {"n": args.calib, "seed": args.seed, "ids": [s.id for s in samples],
+                        "loss_dense": dense_loss, "loss_final": loss},
+        "projector": result.projector.name if result.projector else None, "seconds": round(time.time() - t0, 3)})
+    n_asm = max(result.timing["n_assembled"], 1)
+    print(f"search: best J {result.score.j:.4f} (R {result.score.r_hat:.4f} + {cfg.lam:g} x G "
+          f"{result.score.g_hat:.4f}), mean sparsity {result.policy.meta['mean_sparsity']:.4f} "
+          f"(target {args.sparsity:g}), {result.evaluations} evaluations in {result.wall_s:.1f} s")
+    print(f"per candidate: assemble {1e3 * result.timing['assemble'] / n_asm:.2f} ms, "
+          f"evaluate {1e3 * result.timing['evaluate'] / n_asm:.2f} ms; calibration loss "
+          f"{dense_loss:.4f} (dense) -> {loss:.4f} ({mode})")
+    print(f"wrote {out} (model, policy.json, history.csv" + (", projector.safetensors)" if result.projector else ")"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the model's prunable units and parameter counts (the 7B on the meta device: no weights)."""
     import json
@@ -205,6 +280,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("search", help="search a per-unit sparsity policy (SRM objective, level database)")
+    s.add_argument("--model", default="tiny", help="'tiny' or a model folder")
+    s.add_argument("--sparsity", type=float, required=True, help="target mean sparsity (within the grid, 0-0.9)")
+    s.add_argument("--calib", type=int, default=64, help="number of calibration samples")
+    s.add_argument("--gap", choices=("none", "capacity", "bernstein"), default="bernstein",
+                   help="generalization-gap estimator G_hat")
+    s.add_argument("--lam", type=float, default=1.0, help="weight lambda of the gap term")
+    s.add_argument("--loss", choices=("ce", "kl"), default="ce", help="per-sample loss: answer CE or KL to dense")
+    s.add_argument("--budget", choices=("params", "flops"), default="params")
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
+    s.add_argument("--generations", type=int, default=10)
+    s.add_argument("--population", type=_positive_int, default=8)
+    s.add_argument("--offspring", type=_positive_int, default=16, help="children per generation")
+    s.add_argument("--screen", type=int, default=8, help="screening samples of multi-step selection (0 = off)")
+    s.add_argument("--survivors", type=_positive_int, default=4, help="children scored on all samples")
+    s.add_argument("--no-projector", action="store_true", help="no projector evolution")
+    s.add_argument("--projector-every", type=_positive_int, default=2, help="generations between evolutions")
+    s.add_argument("--projector-steps", type=int, default=20)
+    s.add_argument("--db", default=None, help="level database folder (default OUT/leveldb; built if missing)")
+    s.add_argument("--vision", action="store_true", help="search the vision tower's units too")
+    s.add_argument("--exact", action="store_true", help="re-prune the final policy sequentially with SparseGPT")
+    s.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_search)
 
     i = sub.add_parser("inspect", help="list a model's prunable units and parameter counts")
     i.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (with --meta)")

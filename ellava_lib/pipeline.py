@@ -46,11 +46,11 @@ def notebook_parameters(notebook: Path, profile: dict, run_dir: Path) -> dict:
 
 
 def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[Path] | None = None,
-                 kernel: str = "python3") -> Path:
-    """Execute the notebooks in order; returns the run folder."""
+                 kernel: str = "python3", overrides: dict | None = None) -> Path:
+    """Execute the notebooks in order (``overrides`` replace profile values); returns the run folder."""
     import papermill as pm
 
-    params = load_profile(profile)
+    params = {**load_profile(profile), **(overrides or {})}
     run_dir = Path(runs_root) / profile
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,14 @@ class Run:
     def write_json(self, name: str, obj: Any) -> Path:
         return io.write_json(self.path(name), obj)
 
+    def save_figure(self, fig, name: str, also: str | Path = "") -> Path:
+        """Save ``figures/<name>.png`` in the run folder (and in ``also``, e.g. the repo's ``figures/``)."""
+        path = self.path(f"figures/{name}.png")
+        for target in [path] + ([Path(also) / f"{name}.png"] if also else []):
+            io.ensure_dir(target.parent)
+            fig.savefig(target, dpi=120, bbox_inches="tight")
+        return path
+
     def write_table(self, name: str, frame: pd.DataFrame, floatfmt: str = ".1f") -> Path:
         """Write ``tables/<name>.csv`` and ``tables/<name>.md`` (Markdown via pandas)."""
         io.write_csv(self.path(f"tables/{name}.csv"), frame)

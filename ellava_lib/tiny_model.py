@@ -37,10 +37,10 @@ class TinyConfig:
     vit_layers: int = 2
     vit_heads: int = 4
     vit_mlp: int = 192
-    lm_hidden: int = 160
-    lm_layers: int = 4
+    lm_hidden: int = 128
+    lm_layers: int = 6
     lm_heads: int = 4
-    lm_mlp: int = 448
+    lm_mlp: int = 352
     max_positions: int = 192
 
     @classmethod
@@ -70,7 +70,8 @@ def vocabulary(seed: int = 0, per_suite: int = 1500) -> list[str]:
     for suite in synth.GENERATORS:
         for split in synth.SPLITS:
             for item in synth.generate_items(suite, split, per_suite // 3, seed):
-                for text in (item.question, item.answer, item.context, *item.choices, *item.answers):
+                for text in (item.question, item.answer, item.context, *item.choices, *item.answers,
+                             synth.describe(item.scene)):
                     words.update(_pretokenize(text))
     words.update(_pretokenize("USER: ASSISTANT: Context: A. B. C. D. E."))
     return list(SPECIALS) + sorted(words - set(SPECIALS))

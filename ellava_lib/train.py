@@ -1,5 +1,8 @@
 """Build the tiny LLaVA from scratch on the synthetic suite's train split, in two stages.
 
+Stage 0 (language pretraining, standing in for LLaVA's pretrained LLM): the decoder alone learns the same
+tasks with the scene *described in words* instead of shown (``synth.describe``), so lookup, counting, option
+matching and reading are learned on explicit tokens first; loss = answer-token cross-entropy.
 Stage 1 (vision pretraining): the CLIP tower learns the generator's per-cell attribute labels (colour and
 kind of the object in each patch) with two linear heads, loss ``CE(colour) + CE(kind)``.
 Stage 2 (projector alignment, as LLaVA's stage 1): the projector (and the word embeddings) learn to map each
@@ -41,10 +44,11 @@ class TrainConfig:
     data_seed: int = 0
     n_train: dict[str, int] = field(default_factory=lambda: {"sqa": 8000, "vizwiz": 6000, "mmvet": 6000,
                                                              "llavabench": 6000})
+    text_steps: int = 500
     vision_steps: int = 150
     vision_lr: float = 2e-3
     align_steps: int = 150
-    joint_steps: int = 2400
+    joint_steps: int = 1400
     lr: float = 2e-3
     batch_size: int = 32
     warmup: int = 50
@@ -68,13 +72,14 @@ class TrainConfig:
     @classmethod
     def micro(cls) -> "TrainConfig":
         """A model trained in seconds, for tests (it learns little)."""
-        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, vision_steps=10, align_steps=5,
+        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, text_steps=5, vision_steps=10, align_steps=5,
                    joint_steps=20, batch_size=16, warmup=5)
 
     @classmethod
     def ci(cls) -> "TrainConfig":
         """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
-        return cls(n_train={s: 600 for s in SUITES}, vision_steps=40, align_steps=30, joint_steps=120, warmup=20)
+        return cls(n_train={s: 600 for s in SUITES}, text_steps=40, vision_steps=40, align_steps=30, joint_steps=120,
+                   warmup=20)
 
 
 PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
@@ -89,13 +94,16 @@ def preset(name: str) -> TrainConfig:
 
 @dataclass
 class Batchable:
-    """The tokenised train split: images (uint8 NHWC), token ids, answer-label masks, cell labels."""
+    """The tokenised train split: images (uint8 NHWC), token ids, answer-label masks, cell labels, and the
+    text-only version of the items (scene described in words, no image) for language pretraining."""
 
     images: torch.Tensor
     ids: list[torch.Tensor]
     n_prompt: list[int]
     colour: torch.Tensor
     kind: torch.Tensor
+    text_ids: list[torch.Tensor] = field(default_factory=list)
+    text_n_prompt: list[int] = field(default_factory=list)
 
 
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]:
@@ -110,18 +118,24 @@ def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]
 def encode_train(cfg: TrainConfig, processor) -> Batchable:
     """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded."""
     tok = processor.tokenizer
-    images, ids, n_prompt, colour, kind = [], [], [], [], []
+    images, ids, n_prompt, colour, kind, text_ids, text_n_prompt = [], [], [], [], [], [], []
     for suite in SUITES:
         for i, item in enumerate(synth.generate_items(suite, "train", cfg.n_train[suite], cfg.data_seed)):
             sample = synth.to_sample(item, suite, "train", i, render=False)
             seq, n_p = encode_pair(tok, chat_prompt(question_text(sample)), item.answer)
             ids.append(seq)
             n_prompt.append(n_p)
+            if not item.scene.degrade:
+                text = f"{synth.describe(item.scene)}\n{question_text(sample)}"
+                seq, n_p = encode_pair(tok, chat_prompt(text, with_image=False), item.answer)
+                text_ids.append(seq)
+                text_n_prompt.append(n_p)
             images.append(np.asarray(scenes.render(item.scene)))
             c, k = scenes.cell_labels(item.scene)
             colour.append(c)
             kind.append(k)
-    return Batchable(torch.from_numpy(np.stack(images)), ids, n_prompt, torch.tensor(colour), torch.tensor(kind))
+    return Batchable(torch.from_numpy(np.stack(images)), ids, n_prompt, torch.tensor(colour), torch.tensor(kind),
+                     text_ids, text_n_prompt)
 
 
 def pixel_values(images_u8: torch.Tensor) -> torch.Tensor:
@@ -133,19 +147,23 @@ def pixel_values(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def collate(data: Batchable, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels = ids on answer tokens, -100 elsewhere."""
-    seqs = [data.ids[i] for i in idx]
+def collate(data: Batchable, idx: list[int], pad_id: int, text_only: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = ids on answer tokens, -100 elsewhere (``text_only``: the described-scene
+    items, without images)."""
+    ids, n_prompt = (data.text_ids, data.text_n_prompt) if text_only else (data.ids, data.n_prompt)
+    seqs = [ids[i] for i in idx]
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
     labels = torch.full((len(idx), T), -100, dtype=torch.long)
     mask = torch.zeros((len(idx), T), dtype=torch.long)
     for r, (i, s) in enumerate(zip(idx, seqs)):
         input_ids[r, : len(s)] = s
-        labels[r, data.n_prompt[i]: len(s)] = s[data.n_prompt[i]:]
+        labels[r, n_prompt[i]: len(s)] = s[n_prompt[i]:]
         mask[r, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": pixel_values(data.images[idx])}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if not text_only:
+        batch["pixel_values"] = pixel_values(data.images[idx])
+    return batch
 
 
 class CellHeads(torch.nn.Module):
@@ -241,6 +259,15 @@ def train(cfg: TrainConfig, progress: bool = True):
     pad = processor.tokenizer.pad_token_id
     log: list[dict] = []
     model.train()
+
+    def text_step(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(data.text_ids), (cfg.batch_size,), generator=gen).tolist()
+        batch = collate(data, idx, pad, text_only=True)
+        labels = batch.pop("labels")
+        return {"text": answer_loss(model(**batch).logits, labels)}
+
+    lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress)
 
     def vision_step(step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()

@@ -19,6 +19,16 @@ def test_notebook_parameters_are_filtered_to_what_each_notebook_declares(tmp_pat
     assert params == {"train_preset": "ci", "run_dir": str(tmp_path)}
 
 
+def test_every_profile_value_reaches_a_notebook():
+    """papermill must parse every parameters cell (a comment it cannot parse silently drops a parameter)."""
+    import papermill as pm
+
+    declared = set().union(*(pm.inspect_notebook(str(nb)) for nb in pipeline.NOTEBOOKS_DIR.glob("*.ipynb")))
+    for name in pipeline.available_profiles():
+        missing = set(pipeline.load_profile(name)) - declared
+        assert not missing, f"profile {name}: no notebook declares {sorted(missing)}"
+
+
 def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
     for nb in sorted(pipeline.NOTEBOOKS_DIR.glob("*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
@@ -41,3 +51,22 @@ def test_readme_splice():
     assert report.splice(text, "results", "| x |") == "a\n<!-- results:start -->\n| x |\n<!-- results:end -->\nb\n"
     with pytest.raises(ValueError, match="markers"):
         report.splice("no markers", "results", "x")
+
+
+def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
+    """papermill executes every notebook on a micro model; the run folder gets the tables and figures."""
+    import pandas as pd
+
+    monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path / "cache"))
+    run = pipeline.run_pipeline("ci", runs_root=tmp_path / "runs",
+                                overrides={"train_preset": "micro", "eval_limit": 3, "n_show": 2})
+    assert run == tmp_path / "runs" / "ci"
+    executed = sorted(p.name for p in (run / "notebooks").glob("*.ipynb"))
+    assert executed == sorted(p.name for p in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    table = pd.read_csv(run / "tables" / "dense.csv")
+    assert list(table["method"]) == ["dense", "magnitude 50%", "magnitude 70%"]
+    assert {"sqa", "vizwiz", "mmvet", "llavabench", "mean"} <= set(table.columns)
+    assert (run / "tables" / "dense.md").read_text().startswith("| method |")
+    for fig in ("examples.png", "train_curves.png", "dense_vs_magnitude.png"):
+        assert (run / "figures" / fig).stat().st_size > 1000
+    assert json.loads((run / "model.json").read_text())["preset"] == "micro"

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pandas as pd
+import pytest
+import torch
+
+from ellava_lib import cli
+from ellava_lib.loading import load_model
+from ellava_lib.policy import Policy
+from ellava_lib.projector import load_projector, projector_state
+from ellava_lib.units import unit_linears
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+SMALL = ["--calib", "8", "--generations", "2", "--population", "3", "--offspring", "4", "--screen", "4",
+         "--survivors", "2", "--projector-every", "1", "--projector-steps", "3", "--quiet"]
+
+
+def _search(model, out, *extra):
+    return cli.main(["search", "--model", str(model), "--sparsity", "0.6", "--out", str(out), *extra])
+
+
+def _exit_code(fn) -> int:
+    try:
+        return fn()
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def searched(micro_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "run"
+    with one_thread():
+        assert _search(micro_model_dir, out, "--gap", "bernstein", "--seed", "0", *SMALL) == 0
+    return out
+
+
+def test_search_writes_a_loadable_model_with_its_policy_and_projector(searched, tmp_path, capsys):
+    for name in ("policy.json", "history.csv", "projector.safetensors", "checkpoint.json", "search_config.json",
+                 "config.json", "ellava.json", "leveldb/config.json"):
+        assert (searched / name).is_file(), name
+    policy = Policy.from_json(searched / "policy.json")
+    meta = json.loads((searched / "ellava.json").read_text())
+    assert meta["kind"] == "searched" and meta["policy_id"] == policy.policy_id() and meta["mode"] == "assembled"
+    hist = pd.read_csv(searched / "history.csv")
+    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "screen", "full", "rescore"}
+    model, _ = load_model(searched)
+    evolved, _ = load_projector(searched / "projector.safetensors")
+    assert all(torch.equal(projector_state(model)[k], v) for k, v in evolved.items())
+    for unit, lins in unit_linears(model).items():  # assembled at the policy's levels
+        zeros = sum(int((lin.weight == 0).sum()) for lin in lins.values())
+        numel = sum(lin.weight.numel() for lin in lins.values())
+        assert zeros / numel == pytest.approx(policy.sparsities[unit], abs=0.02), unit
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(searched), "--limit", "2", "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert (tmp_path / "ev" / "metrics.csv").is_file()
+
+
+def test_rerunning_the_same_command_resumes_to_the_same_policy(micro_model_dir, searched):
+    before = (searched / "policy.json").read_bytes(), (searched / "history.csv").read_bytes()
+    assert _search(micro_model_dir, searched, "--gap", "bernstein", "--seed", "0", *SMALL) == 0
+    assert ((searched / "policy.json").read_bytes(), (searched / "history.csv").read_bytes()) == before
+
+
+def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
+    out = tmp_path / "exact"
+    assert _search(micro_model_dir, out, "--gap", "capacity", "--no-projector", "--exact", "--db",
+                   str(tmp_path / "db"), *SMALL) == 0
+    assert not (out / "projector.safetensors").exists() and (tmp_path / "db" / "config.json").is_file()
+    report = pd.read_csv(out / "sparsity.csv")
+    policy = Policy.from_json(out / "policy.json")
+    assert (report["target"] == report["unit"].map(policy.sparsities)).all()
+    assert json.loads((out / "ellava.json").read_text())["mode"] == "exact"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sparsity", "0.95"], "the range of the grid"),
+    (["--sparsity", "-0.1"], "the range of the grid"),
+    (["--sparsity", "nan"], "the range of the grid"),
+    (["--calib", "5000"], "exceeds the calibration pool"),
+    (["--calib", "1"], "at least 2"),
+    (["--generations", "-1"], "generations >= 0"),
+    (["--gap", "vc"], "invalid choice"),
+])
+def test_bad_input_fails_with_one_line_and_writes_nothing(micro_model_dir, tmp_path, capsys, args, needle):
+    out = tmp_path / "run"
+    argv = ["search", "--model", str(micro_model_dir), "--out", str(out), "--quiet"]
+    argv += args if "--sparsity" in args else ["--sparsity", "0.6", *args]
+    assert _exit_code(lambda: cli.main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and err.startswith("ellava: error:")
+    assert not out.exists()
+
+
+def test_a_checkpoint_from_another_config_is_refused(micro_model_dir, searched, capsys):
+    before = (searched / "history.csv").read_bytes()
+    capsys.readouterr()
+    assert _search(micro_model_dir, searched, "--gap", "none", "--seed", "0", *SMALL) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another search" in err and "gap: \"bernstein\" -> \"none\"" in err
+    assert (searched / "history.csv").read_bytes() == before
+
+
+def test_a_foreign_output_folder_is_refused(micro_model_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _search(micro_model_dir, tmp_path, *SMALL) == 2
+    assert "not a search folder" in capsys.readouterr().err

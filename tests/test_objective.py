@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from ellava_lib import calibration, objective
+from ellava_lib.baselines import magnitude_prune
+from ellava_lib.loading import load_model
+from ellava_lib.policy import Policy
+from ellava_lib.train import answer_loss
+from ellava_lib.units import list_units
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def batch(micro_model):
+    _, proc = micro_model
+    return calibration.encode_calibration(calibration.draw_calibration(8, 0), proc)
+
+
+# ------------------------------------------------------------------------------------ hand-checked J
+
+
+def test_j_by_hand_with_the_bernstein_gap():
+    # losses 1, 2, 3, 4: mean 2.5, Var (ddof 1) = 5/3, ln(2/0.05) = ln 40 = 3.6888794541139363
+    # sqrt(2 * 5/3 * ln40 / 4) = 1.753301517640823 ; 7 * 10 * ln40 / (3 * 3) = 28.691284643108393
+    # G = 30.444586160749218 ; J = 2.5 + 0.5 * G = 17.72229308037461
+    s = objective.score_losses([1.0, 2.0, 3.0, 4.0], gap="bernstein", lam=0.5, delta=0.05, loss_cap=10.0)
+    assert s.r_hat == pytest.approx(2.5, abs=1e-12)
+    assert s.g_hat == pytest.approx(30.444586160749218, rel=1e-12)
+    assert s.j == pytest.approx(17.72229308037461, rel=1e-12)
+    assert (s.n_used, s.n_clipped) == (4, 0)
+
+
+def test_losses_are_clipped_at_the_cap_and_the_gap_uses_that_range():
+    s = objective.score_losses([1.0, 12.0], gap="none", lam=3.0, loss_cap=10.0)
+    assert (s.r_hat, s.g_hat, s.j, s.n_clipped) == (5.5, 0.0, 5.5, 1)
+    # range = loss_cap: the second term is 7 * cap * ln(2/delta) / (3 (n - 1))
+    s = objective.score_losses([0.0, 0.0], gap="bernstein", lam=1.0, loss_cap=2.0)
+    assert s.g_hat == pytest.approx(7 * 2.0 * 3.6888794541139363 / 3, rel=1e-12)
+
+
+def test_capacity_gap_uses_the_full_n():
+    units = {"lm.0.attn": 100, "lm.0.mlp": 100}
+    sp = {"lm.0.attn": 0.5, "lm.0.mlp": 0.5}
+    s = objective.score_losses([1.0, 1.0], gap="capacity", lam=2.0, units=units, sparsities=sp, n_capacity=1000,
+                               gap_kw={"h_scale": 10.0})
+    # h = 0.5 * 10 = 5: sqrt((5 (ln(2000/5) + 1) + ln 80) / 1000)
+    want = math.sqrt((5 * (math.log(400) + 1) + math.log(80)) / 1000)
+    assert s.g_hat == pytest.approx(want, rel=1e-12) and s.j == pytest.approx(1.0 + 2 * want, rel=1e-12)
+
+
+def test_bad_scores():
+    with pytest.raises(ValueError, match="NaN"):
+        objective.score_losses([1.0, float("nan")], gap="none", lam=1.0)
+    with pytest.raises(ValueError, match="unknown gap kind"):
+        objective.score_losses([1.0, 2.0], gap="vc", lam=1.0)
+    score = objective.Score(1.0, 2.0, 3.0, 4, 1)
+    assert objective.Score.from_dict(score.to_dict()) == score
+
+
+# --------------------------------------------------------------------------------- per-sample losses
+
+
+def test_ce_is_the_per_sample_answer_loss(micro_model, batch):
+    model, _ = micro_model
+    losses = objective.per_sample_losses(model, batch)
+    assert losses.shape == (8,) and (losses > 0).all()
+    with torch.no_grad():
+        logits = objective.model_logits(model, batch)
+    assert float(losses.mean()) == pytest.approx(float(answer_loss(logits, batch["labels"])), rel=1e-5)
+    # chunked and subset evaluation give the same per-sample values
+    assert torch.allclose(objective.per_sample_losses(model, batch, batch_size=3), losses, atol=1e-5)
+    assert torch.allclose(objective.per_sample_losses(model, batch, idx=[6, 1]), losses[[6, 1]], atol=1e-5)
+
+
+def test_kl_is_zero_for_the_dense_model_and_positive_when_pruned(micro_model_dir, batch):
+    model, _ = load_model(micro_model_dir)
+    dense = objective.dense_logits_of(model, batch, batch_size=4)
+    kl = objective.per_sample_losses(model, batch, "kl", dense, batch_size=4)
+    assert kl.shape == (8,) and float(kl.abs().max()) < 1e-6
+    magnitude_prune(model, Policy.uniform(list_units(model), 0.9))
+    kl = objective.per_sample_losses(model, batch, "kl", dense)
+    assert (kl > 0).all()
+
+
+def test_kl_needs_dense_logits(micro_model, batch):
+    model, _ = micro_model
+    with pytest.raises(ValueError, match="dense"):
+        objective.per_sample_losses(model, batch, "kl")
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        objective.per_sample_losses(model, batch, "mse")

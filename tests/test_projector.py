@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ellava_lib import calibration, leveldb, objective, projector
+from ellava_lib.loading import load_model
+from ellava_lib.policy import Policy
+from ellava_lib.units import list_units
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(micro_model_dir, tmp_path_factory):
+    """Calibration batch (12 samples), a level database, the 70% uniform policy and the dense logits."""
+    with one_thread():
+        model, proc = load_model(micro_model_dir)
+        batch = calibration.encode_calibration(calibration.draw_calibration(12, 0), proc)
+        out = tmp_path_factory.mktemp("db")
+        leveldb.build_level_db(model, batch, out, progress=False)
+        dense = objective.dense_logits_of(model, batch)
+    return micro_model_dir, batch, leveldb.LevelDB(out), Policy.uniform(list_units(model), 0.7), dense
+
+
+def _pruned(setup):
+    model_dir, _, db, policy, _ = setup
+    model, _ = load_model(model_dir)
+    db.assemble(model, policy)
+    return model
+
+
+def test_a_projector_step_lowers_the_calibration_loss_at_70_percent(setup):
+    _, batch, db, policy, dense = setup
+    model = _pruned(setup)
+    others = {k: v.clone() for k, v in model.state_dict().items() if "multi_modal_projector" not in k}
+    before = float(objective.per_sample_losses(model, batch).mean())
+    state, log = projector.evolve_projector(model, batch, [policy], db, dense, steps=1, lr=1e-3, kl_weight=1.0,
+                                            holdout_frac=0.0, patience=1, seed=0)
+    db.assemble(model, policy, check=False)
+    after = float(objective.per_sample_losses(model, batch).mean())
+    assert after < before, (before, after)
+    assert [r["step"] for r in log] == [0, 1] and log[1]["policy_id"] == policy.policy_id()
+    # only the projector moved, and every parameter is trainable again afterwards
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in others.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, projector.projector_state(model)[k]) for k, v in state.items())
+
+
+def test_early_stopping_never_returns_a_worse_holdout_loss(setup):
+    _, batch, db, policy, dense = setup
+    model = _pruned(setup)
+    start = projector.projector_state(model)
+    _, hold = projector.split_holdout(12, 0.25, 7)
+    state, log = projector.evolve_projector(model, batch, [policy, Policy.uniform(list_units(model), 0.5)], db,
+                                            dense, steps=6, lr=0.05, kl_weight=0.5, holdout_frac=0.25,
+                                            patience=2, seed=7)
+    losses = [r["holdout_loss"] for r in log if r["holdout_loss"] is not None]
+    assert losses[0] == log[0]["holdout_loss"] and len(log) <= 7
+    kept = min(losses)
+    projector.set_projector_state(model, state)
+    # the returned projector scores the best holdout loss seen (the start one if nothing improved)
+    check = projector._holdout_loss(model, batch, hold, [policy, Policy.uniform(list_units(model), 0.5)], db,
+                                    dense, 0.5)
+    assert check == pytest.approx(kept, rel=1e-6)
+    if kept == losses[0]:
+        assert all(torch.equal(start[k], state[k]) for k in start)
+
+
+def test_holdout_split_is_seeded_and_disjoint():
+    train, hold = projector.split_holdout(64, 0.25, 3)
+    assert len(hold) == 16 and sorted(train + hold) == list(range(64))
+    assert projector.split_holdout(64, 0.25, 3) == (train, hold) != projector.split_holdout(64, 0.25, 4)
+    assert projector.split_holdout(10, 0.0, 0) == (list(range(10)), [])
+    with pytest.raises(ValueError):
+        projector.split_holdout(10, 1.0, 0)
+
+
+def test_saved_projector_loads_back_identically(setup, tmp_path):
+    model = _pruned(setup)
+    with torch.no_grad():
+        for p in projector.projector_module(model).parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    state = projector.projector_state(model)
+    prefix = projector.projector_prefix(model)
+    path = projector.save_projector(tmp_path / "projector.safetensors", state, prefix, {"round": 1})
+    raw = load_file(path)
+    assert prefix == "model.multi_modal_projector." and all(k.startswith(prefix) for k in raw)
+    assert set(raw) <= set(model.state_dict())  # the model's own keys: a model folder holding it still loads
+    back, config = projector.load_projector(path)
+    assert config == {"prefix": prefix, "round": 1}
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    fresh, _ = load_model(setup[0])
+    projector.set_projector_state(fresh, back)
+    assert all(torch.equal(projector.projector_state(fresh)[k], state[k]) for k in state)

@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import json
+import random
+from contextlib import contextmanager
+
+import pandas as pd
+import pytest
+import torch
+
+from ellava_lib import calibration, checkpoint, leveldb, search
+from ellava_lib.baselines import round_to_grid, weighted_mean
+from ellava_lib.budget import budget_band, in_band, mutate
+from ellava_lib.loading import load_model
+from ellava_lib.policy import DEFAULT_GRID, Policy
+from ellava_lib.projector import load_projector
+from ellava_lib.search import SearchConfig
+from ellava_lib.units import list_units
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+# ------------------------------------------------------------------------------------ mutation / budget
+
+LLAVA_7B = {**{f"lm.{i}.attn": 4 * 4096 * 4096 for i in range(32)},
+            **{f"lm.{i}.mlp": 3 * 4096 * 11008 for i in range(32)}}
+MICRO = {"lm.0.attn": 9216, "lm.0.mlp": 13824, "lm.1.attn": 9216, "lm.1.mlp": 13824}
+EQUAL = {f"lm.{i}.attn": 1000 for i in range(6)}
+RANDOM = {f"u{i}": random.Random(i).randint(50, 5000) for i in range(9)}
+
+
+@pytest.mark.parametrize("sizes", [LLAVA_7B, MICRO, EQUAL, RANDOM], ids=["7b", "micro", "equal", "random"])
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.75])
+def test_mutation_never_breaks_the_budget(sizes, target):
+    weights = {u: float(n) for u, n in sizes.items()}
+    rng = random.Random(f"{len(sizes)}/{target}")
+    start = Policy(round_to_grid({u: target for u in sizes}, weights, target), DEFAULT_GRID, {"target": target})
+    lo, hi = budget_band(weights, target, DEFAULT_GRID)
+    assert in_band(start, weights, target) and hi - lo == pytest.approx(0.1 * max(sizes.values()) / sum(sizes.values()))
+    p, changed = start, 0
+    for _ in range(300 if len(sizes) > 10 else 1000):
+        q = mutate(p, weights, rng, rng.randint(1, 4))
+        q.validate(sizes)
+        s = weighted_mean(q.sparsities, weights)
+        assert lo - 1e-9 <= s <= hi + 1e-9, (s, lo, hi)
+        if len(set(sizes.values())) == 1:
+            assert s == pytest.approx(weighted_mean(start.sparsities, weights), abs=1e-12)  # equal sizes: exact
+        changed += q.sparsities != p.sparsities
+        p = q
+    assert changed > 0.9 * (300 if len(sizes) > 10 else 1000)
+
+
+def test_mutation_moves_sparsity_between_unit_sizes():
+    """Attention and MLP units differ in size; the split between them must still be able to change."""
+    weights = {u: float(n) for u, n in LLAVA_7B.items()}
+    p = Policy({u: 0.6 for u in LLAVA_7B}, DEFAULT_GRID, {"target": 0.6})
+    rng = random.Random(0)
+    spread = []
+    for _ in range(1500):
+        p = mutate(p, weights, rng, 1)
+        attn = sum(s for u, s in p.sparsities.items() if u.endswith("attn")) / 32
+        mlp = sum(s for u, s in p.sparsities.items() if u.endswith("mlp")) / 32
+        spread.append(abs(attn - mlp))
+    assert max(spread) >= 0.05
+
+
+def test_mutation_is_seeded_and_checks_units():
+    weights = {u: float(n) for u, n in MICRO.items()}
+    p = Policy.uniform(MICRO, 0.6, meta={"target": 0.6})
+    a = [mutate(p, weights, random.Random(3), 2).sparsities for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    with pytest.raises(ValueError, match="differ"):
+        mutate(p, {"lm.0.attn": 1.0}, random.Random(0), 1)
+
+
+def test_config_round_trips_and_validates(tmp_path):
+    cfg = SearchConfig(target=0.5, gap="capacity", lam=0.3, projector_every=2, extra={"calib": 8})
+    assert SearchConfig.from_json(cfg.to_json(tmp_path / "c.json")) == cfg
+    assert SearchConfig(generations=3).digest() == SearchConfig(generations=7).digest()
+    assert SearchConfig(lam=0.5).digest() != SearchConfig(lam=0.6).digest()
+    for bad in ({"target": 0.95}, {"gap": "vc"}, {"lam": -1.0}, {"elitism": 9}, {"screen_samples": 1},
+                {"budget": "time"}):
+        with pytest.raises(ValueError):
+            SearchConfig(**bad)
+    with pytest.raises(ValueError, match="unknown search config keys"):
+        SearchConfig.from_dict({"target": 0.5, "mystery": 1})
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+CFG = dict(target=0.6, gap="bernstein", lam=1.0, population=4, generations=4, offspring=5, screen_samples=4,
+           survivors=2, seed=0, projector_every=2, projector_steps=3, projector_holdout=0.0)
+
+
+@pytest.fixture(scope="module")
+def setup(micro_model_dir, tmp_path_factory):
+    """Calibration batch (12 samples) and a level database of the micro model."""
+    with one_thread():
+        model, proc = load_model(micro_model_dir)
+        batch = calibration.encode_calibration(calibration.draw_calibration(12, 0), proc)
+        db = tmp_path_factory.mktemp("db")
+        leveldb.build_level_db(model, batch, db, progress=False)
+    return micro_model_dir, batch, db
+
+
+def _run(setup, out, **kw):
+    model_dir, batch, db = setup
+    model, _ = load_model(model_dir)
+    return search.run_search(model, None, batch, leveldb.LevelDB(db), list_units(model),
+                             SearchConfig(**{**CFG, **kw}), out, progress=False)
+
+
+def _files(out):
+    return {n: (out / n).read_bytes() for n in ("policy.json", "history.csv", "projector.safetensors")
+            if (out / n).exists()}
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """One uninterrupted run of CFG."""
+    out = tmp_path_factory.mktemp("ref")
+    with one_thread():
+        return _run(setup, out), out
+
+
+def test_search_result_is_in_budget_and_written(setup, reference):
+    result, out = reference
+    units = dict(MICRO)
+    assert in_band(result.policy, {u: float(n) for u, n in units.items()}, 0.6)
+    assert Policy.from_json(out / "policy.json").sparsities == result.policy.sparsities
+    assert result.score == min((m.score for m in result.population), key=lambda s: s.j)
+    assert result.generations == 4 and result.projector == out / "projector.safetensors"
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["generation"] == 4 and state["projector"]["round"] == 2
+    # the evolved projector differs from the original (so resuming must restore it to match)
+    evolved, _ = load_projector(result.projector)
+    original = load_model(setup[0])[0].model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(evolved[k], original[k]) for k in original)
+
+
+def test_same_seed_gives_identical_outputs(setup, reference, tmp_path):
+    _run(setup, tmp_path)
+    assert _files(tmp_path) == _files(reference[1])
+    other = tmp_path / "seed1"
+    _run(setup, other, seed=1)
+    assert (other / "history.csv").read_bytes() != (reference[1] / "history.csv").read_bytes()
+
+
+def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
+    first = _run(setup, tmp_path, generations=1)
+    assert first.generations == 1
+    resumed = _run(setup, tmp_path)  # same config, generations 1 -> 4 (evolution at 2 and 4 happens here)
+    assert _files(tmp_path) == _files(reference[1])
+    assert resumed.policy == reference[0].policy and resumed.score == reference[0].score
+
+
+def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypatch):
+    real, calls = search._score, {"n": 0}
+    total = len(pd.read_csv(reference[1] / "history.csv"))
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == total - 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "_score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, tmp_path)
+    monkeypatch.setattr(search, "_score", real)
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert state["generation"] < 4 and len(pd.read_csv(tmp_path / "history.csv")) > state["history_rows"]
+    _run(setup, tmp_path)
+    assert _files(tmp_path) == _files(reference[1])
+
+
+def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path):
+    _run(setup, tmp_path, generations=0, projector_every=0)
+    before = (tmp_path / "history.csv").read_bytes()
+    with pytest.raises(ValueError, match=r"lam: 1\.0 -> 0\.5.*projector_every: 0 -> 2"):
+        _run(setup, tmp_path, lam=0.5)
+    with pytest.raises(ValueError, match="another search"):
+        search.check_resume(tmp_path, SearchConfig(**{**CFG, "gap": "none"}))
+    assert (tmp_path / "history.csv").read_bytes() == before
+
+
+def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatch):
+    real, seen = search._score, []
+
+    def counting(run, policy, generation, phase, screen=False):
+        seen.append((generation, policy.policy_id(), phase))
+        return real(run, policy, generation, phase, screen)
+
+    monkeypatch.setattr(search, "_score", counting)
+    result = _run(setup, tmp_path, generations=3, projector_every=3)
+    hist = pd.read_csv(tmp_path / "history.csv", dtype={"policy_id": str})
+    assert list(hist.columns) == list(checkpoint.HISTORY_COLUMNS)
+    assert list(zip(hist["generation"], hist["policy_id"], hist["phase"])) == seen
+    assert result.evaluations == len(hist) == result.timing["n_assembled"]
+    counts = hist.groupby("phase").size().to_dict()
+    assert counts["init"] == 4 and counts["rescore"] == 4 and counts["full"] == 3 * 2
+    assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {4}
+    assert set(hist.loc[hist["phase"] != "screen", "n_samples"]) == {12}
+    assert (hist["j"] - hist["r_hat"] - hist["g_hat"]).abs().max() < 1e-9  # lam = 1
+    assert hist["budget"].between(0.6 - 1e-9, 0.6 + 0.1 * 13824 / 46080 + 1e-9).all()
+
+
+def test_kl_loss_and_flops_budget(setup, tmp_path):
+    result = _run(setup, tmp_path, loss_kind="kl", budget="flops", generations=1, projector_every=0, gap="none")
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert (hist["r_hat"] >= 0).all() and hist["r_hat"].max() < 1.0  # KL to the dense model, not CE
+    assert result.score.g_hat == 0.0
+    weights = search.budget_weights({"vision.0.mlp": 10, "lm.0.mlp": 10}, "flops", lm_tokens=3.0, vision_tokens=5.0)
+    assert weights == {"vision.0.mlp": 50.0, "lm.0.mlp": 30.0}
+
+
+def test_assembly_is_a_small_fraction_of_evaluation(reference):
+    timing = reference[0].timing
+    assert timing["n_assembled"] == reference[0].evaluations
+    assert timing["assemble"] < 0.5 * timing["evaluate"], timing
