@@ -238,10 +238,10 @@ def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: s
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        row = {"stage": desc, "step": step, **{k: round(float(v), 5) for k, v in losses.items()}}
+        row = {"stage": desc, "step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
         log.append(row)
         if step % 20 == 0:
-            bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()})
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in losses})
 
 
 def train(cfg: TrainConfig, progress: bool = True):

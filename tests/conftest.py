@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ellava_lib import calibration
 from ellava_lib.train import TrainConfig, build_or_load
 
 # One intra-op thread: the models here are tiny (two threads only add overhead), and results that depend
@@ -23,3 +24,11 @@ def micro_model(micro_model_dir):
     from ellava_lib.loading import load_model
 
     return load_model(micro_model_dir)
+
+
+@pytest.fixture(scope="module")
+def calib(micro_model):
+    """The micro model's calibration batch: 16 samples drawn with seed 0, encoded by its processor (one per
+    test module, so no module sees another's batch)."""
+    _, proc = micro_model
+    return calibration.encode_calibration(calibration.draw_calibration(16, 0), proc)

@@ -7,39 +7,13 @@ largest unit); on the micro model that is ``0.1 * 13824 / 46080 = 0.03``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
 
-from ellava_lib import baselines, calibration, units
+from ellava_lib import baselines, units
 from ellava_lib.loading import load_model
 from ellava_lib.policy import DEFAULT_GRID, Policy
-
-
-@contextmanager
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared. Only around
-    this module's own work: the session's micro model must be trained with the default thread count
-    (training is bitwise reproducible only at a fixed thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def calib(micro_model):
-    _, proc = micro_model
-    return calibration.encode_calibration(calibration.draw_calibration(16, 0), proc)
 
 
 def _budget_tol(sizes) -> float:

@@ -1,46 +1,19 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pandas as pd
 import pytest
-import torch
 
 from ellava_lib import cli
 from ellava_lib.loading import load_model
 from ellava_lib.policy import Policy
 
-
-@contextmanager
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared. Only around
-    this module's own work: the session's micro model must be trained with the default thread count
-    (training is bitwise reproducible only at a fixed thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from helpers import exit_code
 
 
 def _prune(model, out, *extra):
     return cli.main(["prune", "--model", str(model), "--out", str(out), "--quiet", *extra])
-
-
-def _exit_code(fn) -> int:
-    """``main``'s return value, or the status of argparse's ``SystemExit``."""
-    try:
-        return fn()
-    except SystemExit as e:
-        return int(e.code)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -58,7 +31,7 @@ def _exit_code(fn) -> int:
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
     out = tmp_path / "pruned"
-    assert _exit_code(lambda: _prune(tmp_path / "no-model", out, *args)) == 2
+    assert exit_code(lambda: _prune(tmp_path / "no-model", out, *args)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []

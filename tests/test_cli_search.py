@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pandas as pd
 import pytest
@@ -13,21 +12,7 @@ from ellava_lib.policy import Policy
 from ellava_lib.projector import load_projector, projector_state
 from ellava_lib.units import unit_linears
 
-
-@contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from helpers import exit_code
 
 
 SMALL = ["--calib", "8", "--generations", "2", "--population", "3", "--offspring", "4", "--screen", "4",
@@ -38,18 +23,10 @@ def _search(model, out, *extra):
     return cli.main(["search", "--model", str(model), "--sparsity", "0.6", "--out", str(out), *extra])
 
 
-def _exit_code(fn) -> int:
-    try:
-        return fn()
-    except SystemExit as e:
-        return int(e.code)
-
-
 @pytest.fixture(scope="module")
 def searched(micro_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("search") / "run"
-    with one_thread():
-        assert _search(micro_model_dir, out, "--gap", "bernstein", "--seed", "0", *SMALL) == 0
+    assert _search(micro_model_dir, out, "--gap", "bernstein", "--seed", "0", *SMALL) == 0
     return out
 
 
@@ -104,7 +81,7 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(micro_model_dir, tmp_p
     out = tmp_path / "run"
     argv = ["search", "--model", str(micro_model_dir), "--out", str(out), "--quiet"]
     argv += args if "--sparsity" in args else ["--sparsity", "0.6", *args]
-    assert _exit_code(lambda: cli.main(argv)) == 2
+    assert exit_code(lambda: cli.main(argv)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and err.startswith("ellava: error:")
     assert not out.exists()

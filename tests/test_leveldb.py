@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,27 +13,10 @@ from ellava_lib.loading import load_model
 from ellava_lib.policy import DEFAULT_GRID, Policy
 
 
-@contextmanager
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared. Only around
-    this module's own work: the session's micro model must be trained with the default thread count
-    (training is bitwise reproducible only at a fixed thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def calib(micro_model):
+    """Overrides conftest's ``calib`` (the same 16 samples, seed 0) to return the samples with the batch: the
+    level database records their ids."""
     _, proc = micro_model
     samples = calibration.draw_calibration(16, 0)
     return samples, calibration.encode_calibration(samples, proc)
@@ -46,11 +28,10 @@ def built(micro_model_dir, calib, tmp_path_factory):
     samples, batch = calib
     model, _ = load_model(micro_model_dir)
     out = tmp_path_factory.mktemp("leveldb")
-    with one_thread():
-        tick = time.perf_counter()
-        records = leveldb.build_level_db(model, batch, out, progress=False,
-                                         calib_info={"ids": [s.id for s in samples], "seed": 0})
-        return out, records, time.perf_counter() - tick
+    tick = time.perf_counter()
+    records = leveldb.build_level_db(model, batch, out, progress=False,
+                                     calib_info={"ids": [s.id for s in samples], "seed": 0})
+    return out, records, time.perf_counter() - tick
 
 
 def test_level_keys():

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,22 +11,6 @@ from ellava_lib.loading import load_model
 from ellava_lib.policy import Policy
 from ellava_lib.train import answer_loss
 from ellava_lib.units import list_units
-
-
-@contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,42 +1,22 @@
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ellava_lib import calibration, leveldb, objective, projector
+from ellava_lib import leveldb, objective, projector
 from ellava_lib.loading import load_model
 from ellava_lib.policy import Policy
 from ellava_lib.units import list_units
 
-
-@contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from helpers import build_micro_level_db
 
 
 @pytest.fixture(scope="module")
 def setup(micro_model_dir, tmp_path_factory):
     """Calibration batch (12 samples), a level database, the 70% uniform policy and the dense logits."""
-    with one_thread():
-        model, proc = load_model(micro_model_dir)
-        batch = calibration.encode_calibration(calibration.draw_calibration(12, 0), proc)
-        out = tmp_path_factory.mktemp("db")
-        leveldb.build_level_db(model, batch, out, progress=False)
-        dense = objective.dense_logits_of(model, batch)
+    model, batch, out = build_micro_level_db(micro_model_dir, tmp_path_factory, n_calib=12)
+    dense = objective.dense_logits_of(model, batch)
     return micro_model_dir, batch, leveldb.LevelDB(out), Policy.uniform(list_units(model), 0.7), dense
 
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -10,31 +9,6 @@ from ellava_lib import calibration, prune, units
 from ellava_lib.loading import load_model
 from ellava_lib.policy import Policy
 from ellava_lib.schema import SUITES
-
-
-@contextmanager
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared. Only around
-    this module's own work: the session's micro model must be trained with the default thread count
-    (training is bitwise reproducible only at a fixed thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def calib(micro_model):
-    _, proc = micro_model
-    return calibration.encode_calibration(calibration.draw_calibration(16, 0), proc)
 
 
 def _fresh(micro_model_dir):
@@ -117,14 +91,24 @@ def test_two_four_masks_are_exact(micro_model_dir, calib, method):
     assert (report["target"] == 0.5).all() and (report["measured"] == 0.5).all()
 
 
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs, use_cache=False).logits[batch["attention_mask"].bool()]
+
+
 @pytest.mark.parametrize("s", [0.5, 0.6, 0.7])
-def test_sparsegpt_calibration_loss_is_at_most_magnitudes(micro_model_dir, calib, s):
-    losses = {}
+def test_sparsegpt_distorts_the_output_less_than_magnitude(micro_model_dir, calib, s):
+    """OBS minimises each layer's reconstruction error on the calibration inputs, so the pruned model's
+    output logits stay closer to the dense ones than after magnitude pruning at the same sparsity. (The
+    micro model's task loss is near chance, so its differences are noise; the distortion is not.)"""
+    dense = _logits(_fresh(micro_model_dir), calib)
+    distortion = {}
     for method in ("magnitude", "sparsegpt"):
         model = _fresh(micro_model_dir)
         prune.prune_model(model, Policy.uniform(units.list_units(model), s), method, calib, progress=False)
-        losses[method] = calibration.calibration_loss(model, calib)
-    assert losses["sparsegpt"] <= losses["magnitude"]
+        distortion[method] = float(((_logits(model, calib) - dense) ** 2).mean())
+    assert distortion["sparsegpt"] < distortion["magnitude"]
 
 
 def test_same_calibration_seed_gives_identical_weights(micro_model_dir, micro_model):

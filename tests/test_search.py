@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import json
 import random
-from contextlib import contextmanager
 
 import pandas as pd
 import pytest
 import torch
 
-from ellava_lib import calibration, checkpoint, leveldb, search
+from ellava_lib import checkpoint, leveldb, search
 from ellava_lib.baselines import round_to_grid, weighted_mean
 from ellava_lib.budget import budget_band, in_band, mutate
 from ellava_lib.loading import load_model
@@ -17,21 +16,7 @@ from ellava_lib.projector import load_projector
 from ellava_lib.search import SearchConfig
 from ellava_lib.units import list_units
 
-
-@contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from helpers import build_micro_level_db
 
 
 # ------------------------------------------------------------------------------------ mutation / budget
@@ -109,11 +94,7 @@ CFG = dict(target=0.6, gap="bernstein", lam=1.0, population=4, generations=4, of
 @pytest.fixture(scope="module")
 def setup(micro_model_dir, tmp_path_factory):
     """Calibration batch (12 samples) and a level database of the micro model."""
-    with one_thread():
-        model, proc = load_model(micro_model_dir)
-        batch = calibration.encode_calibration(calibration.draw_calibration(12, 0), proc)
-        db = tmp_path_factory.mktemp("db")
-        leveldb.build_level_db(model, batch, db, progress=False)
+    _, batch, db = build_micro_level_db(micro_model_dir, tmp_path_factory, n_calib=12)
     return micro_model_dir, batch, db
 
 
@@ -133,8 +114,7 @@ def _files(out):
 def reference(setup, tmp_path_factory):
     """One uninterrupted run of CFG."""
     out = tmp_path_factory.mktemp("ref")
-    with one_thread():
-        return _run(setup, out), out
+    return _run(setup, out), out
 
 
 def test_search_result_is_in_budget_and_written(setup, reference):

@@ -1,0 +1,28 @@
+"""Plain helper functions shared by several test modules (fixtures live in ``conftest.py``).
+
+Importable as ``from helpers import ...``: with pytest's default ``prepend`` import mode this folder (it has
+no ``__init__.py``) is put on ``sys.path`` when its conftest and test modules are collected.
+"""
+
+from __future__ import annotations
+
+from ellava_lib import calibration, leveldb
+from ellava_lib.loading import load_model
+
+
+def exit_code(fn) -> int:
+    """``main``'s return value, or the status of argparse's ``SystemExit``."""
+    try:
+        return fn()
+    except SystemExit as e:
+        return int(e.code)
+
+
+def build_micro_level_db(model_dir, tmp_path_factory, n_calib: int):
+    """Load the model in ``model_dir``, encode ``n_calib`` calibration samples (seed 0) with its processor and
+    build a level database of it in a fresh temporary folder. Returns ``(model, batch, folder)``."""
+    model, proc = load_model(model_dir)
+    batch = calibration.encode_calibration(calibration.draw_calibration(n_calib, 0), proc)
+    out = tmp_path_factory.mktemp("db")
+    leveldb.build_level_db(model, batch, out, progress=False)
+    return model, batch, out
