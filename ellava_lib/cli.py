@@ -81,11 +81,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import shutil
 
     from . import calibration, io, tiny_model
-    from .baselines import ecoflap_policy, owl_policy
     from .loading import load_model, resolve_model_dir
-    from .policy import DEFAULT_GRID, GRID_TOL, Policy
+    from .policy import GRID_TOL
     from .prune import parse_nm, prune_model
-    from .units import list_units
+    from .sweep import method_policy, solver_for
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
     if n and args.method in ("owl", "ecoflap"):
@@ -108,17 +107,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     batch = calibration.encode_calibration(samples, processor)
     t0 = time.time()
     dense_loss = calibration.calibration_loss(model, batch)
-    sizes = list_units(model, args.vision)
-    if args.method == "owl":
-        policy = owl_policy(model, batch, target, include_vision=args.vision, progress=not args.quiet)
-    elif args.method == "ecoflap":
-        policy = ecoflap_policy(model, batch, target, seed=args.seed, include_vision=args.vision,
-                                progress=not args.quiet)
-    else:
-        on_grid = any(abs(target - g) <= GRID_TOL for g in DEFAULT_GRID)
-        grid = DEFAULT_GRID if on_grid else tuple(sorted((*DEFAULT_GRID, target)))
-        policy = Policy.uniform(sizes, target, grid, meta={"method": args.method, "target": target})
-    solver = "sparsegpt" if args.method in ("owl", "ecoflap") else args.method
+    policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
+    solver = solver_for(args.method)
     report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet)
     loss = calibration.calibration_loss(model, batch)
     measured = float((report["measured"] * report["params"]).sum() / report["params"].sum())

@@ -16,6 +16,7 @@ from . import io
 MADE_BY: dict[str, str] = {
     "model.json": "notebooks/01_tiny_model.ipynb",
     "tables/dense.csv": "notebooks/02_dense_eval.ipynb",
+    "tables/baselines.csv": "notebooks/03_baselines.ipynb",
 }
 
 
