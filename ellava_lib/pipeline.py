@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Profile keys the pipeline itself consumes (not notebook parameters).
+PIPELINE_KEYS = ("torch_threads",)
 PROFILES_DIR = REPO / "profiles"
 NOTEBOOKS_DIR = REPO / "notebooks"
 
@@ -51,6 +54,10 @@ def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[
     import papermill as pm
 
     params = {**load_profile(profile), **(overrides or {})}
+    threads = params.pop("torch_threads", None)
+    if threads:  # the kernels inherit the environment; one thread is fastest for the tiny tier
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
     run_dir = Path(runs_root) / profile
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,141 @@
+"""Sparse execution: CSR linears equal the dense masked ones; sparsify_model never changes the logits and
+swaps only measured winners; the 2:4 semi-structured backend refuses what it cannot run exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from ellava_lib import sparse, units
+from ellava_lib.baselines import magnitude_prune
+from ellava_lib.obs import magnitude_mask
+from ellava_lib.policy import Policy
+
+
+def _masked_linear(d_in: int, d_out: int, sparsity: float, bias: bool = True, nm: tuple[int, int] = (0, 0),
+                   seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(d_in, d_out, bias=bias)
+    with torch.no_grad():
+        lin.weight[magnitude_mask(lin.weight, sparsity, *nm)] = 0
+    return lin
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 1.0])
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 5), (3, 1, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_csr_linear_equals_dense_masked(sparsity, lead, bias):
+    lin = _masked_linear(48, 40, sparsity, bias)
+    sp = sparse.SparseLinear.from_linear(lin)
+    assert sp.nnz == int(torch.count_nonzero(lin.weight))
+    assert sp.density == pytest.approx(1 - sparsity, abs=0.01)
+    x = torch.randn(*lead, 48)
+    with torch.no_grad():
+        y, y_ref = sp(x), lin(x)
+    assert y.shape == y_ref.shape == (*lead, 40)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+    assert torch.equal(sp.to_linear().weight, lin.weight)
+
+
+def test_csr_linear_survives_deepcopy_and_dtype_guard():
+    lin = _masked_linear(16, 8, 0.7)
+    sp = sparse.SparseLinear.from_linear(lin)
+    x = torch.randn(3, 16)
+    twin = copy.deepcopy(sp)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), lin(x), rtol=0, atol=1e-5)
+    assert sp.col_indices.dtype == torch.int32 and set(sp.state_dict()) == {"crow_indices", "col_indices",
+                                                                               "values", "bias"}
+    with pytest.raises(ValueError, match="float32"):
+        sparse.SparseLinear(lin.weight.detach().bfloat16())
+
+
+def test_is_2_4():
+    assert sparse.is_2_4(_masked_linear(16, 8, 0.5, nm=(2, 4)).weight)
+    assert not sparse.is_2_4(_masked_linear(16, 8, 0.5).weight)  # unstructured 50%: some group keeps 3 or 4
+    assert not sparse.is_2_4(torch.zeros(4, 6))                   # d_in not divisible by 4
+
+
+def test_semi_refuses_cpu_with_a_clear_message():
+    lin = _masked_linear(64, 32, 0.5, nm=(2, 4))
+    with pytest.raises(sparse.SemiStructuredUnsupported, match="CUDA"):
+        sparse.SemiStructuredLinear.from_linear(lin)
+
+
+def test_semi_refuses_a_non_2_4_mask():
+    lin = _masked_linear(64, 32, 0.7)
+    with pytest.raises(sparse.SemiStructuredUnsupported, match="not 2:4"):
+        sparse.SemiStructuredLinear.from_linear(lin)
+    assert "not 2:4" in sparse.semi_structured_problem(lin.weight)
+
+
+def test_sparsify_semi_on_cpu_warns_and_stays_dense():
+    seq = nn.Sequential(_masked_linear(64, 32, 0.5, nm=(2, 4)), nn.ReLU(), _masked_linear(32, 64, 0.5, nm=(2, 4)))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = seq(x)
+    with pytest.warns(UserWarning, match="CUDA"):
+        table = sparse.sparsify_model(seq, backend="semi", example_inputs=[1, 8])
+    assert list(table["backend_chosen"]) == ["dense", "dense"]
+    assert table["note"].str.contains("CUDA").all()
+    assert all(type(m) is nn.Linear for m in (seq[0], seq[2]))
+    with torch.no_grad():
+        assert torch.equal(seq(x), ref)
+
+
+def test_sparsify_dense_backend_changes_nothing():
+    seq = nn.Sequential(_masked_linear(32, 16, 0.7), nn.Linear(16, 4))
+    table = sparse.sparsify_model(seq, backend="dense")
+    assert list(table["layer"]) == ["0"] and table["density"].iloc[0] == pytest.approx(0.3, abs=0.01)
+    assert (table["backend_chosen"] == "dense").all() and type(seq[0]) is nn.Linear
+
+
+def test_sparsify_swaps_only_winners_and_caches(tmp_path):
+    seq = nn.Sequential(_masked_linear(32, 16, 0.9), nn.ReLU(), _masked_linear(16, 32, 0.9))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        ref = seq(x)
+    cache_file = tmp_path / "timings.json"
+    never = sparse.sparsify_model(copy.deepcopy(seq), backend="csr", example_inputs=[1, 4], min_speedup=1e9,
+                                  cache=cache_file, min_time_s=0.0)
+    assert (never["backend_chosen"] == "dense").all() and never["note"].str.contains("not").all()
+    keys = json.loads(cache_file.read_text())
+    assert len(keys) == 2 and all("|csr|" in k and "threads=" in k for k in keys)
+    always = sparse.sparsify_model(seq, backend="csr", example_inputs=[1, 4], min_speedup=0.0, cache=cache_file)
+    assert (always["backend_chosen"] == "csr").all()
+    assert json.loads(cache_file.read_text()) == keys  # same shapes, densities, rows: timings reused
+    assert isinstance(seq[0], sparse.SparseLinear) and isinstance(seq[2], sparse.SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x), ref, rtol=1e-5, atol=1e-5)
+    assert sparse.densify_model(seq) == 2 and type(seq[0]) is nn.Linear
+
+
+def test_sparsify_micro_model_keeps_logits(micro_model_dir, micro_model, calib):
+    from ellava_lib.loading import load_model
+
+    model = load_model(micro_model_dir)[0]
+    policy = Policy.uniform(units.list_units(model), 0.7)
+    magnitude_prune(model, policy)
+    inputs = {k: calib[k][:4] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    forced = copy.deepcopy(model)
+    table = sparse.sparsify_model(forced, policy, backend="csr", example_inputs=inputs, min_speedup=0.0,
+                                  min_time_s=0.0)
+    assert len(table) == 7 * len(units.lm_layers(model)) and (table["backend_chosen"] == "csr").all()
+    assert (table["density"] - 0.3).abs().max() < 0.01
+    assert set(table["rows"]) == {f"4,{inputs['input_ids'].numel()}"}  # decode batch + the prefill rows
+    with torch.no_grad():
+        torch.testing.assert_close(forced(**inputs).logits, ref, rtol=1e-4, atol=1e-4)
+    auto = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto never tries semi on a CPU, so it does not warn
+        table = sparse.sparsify_model(auto, policy, backend="auto", example_inputs=[1, 64], min_time_s=0.0)
+    assert set(table["backend_chosen"]) <= {"dense", "csr"} and table["dense_ms"].notna().all()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**inputs).logits, ref, rtol=1e-4, atol=1e-4)
