@@ -17,16 +17,13 @@ import pytest
 datasets = pytest.importorskip("datasets")
 PIL_Image = pytest.importorskip("PIL.Image")
 
+from ellava_lib.manifests import Manifest, ManifestError, load_manifest, render_prompt
 from ellava_lib.real_data import (
     DataLoadError,
     LoadReport,
-    Manifest,
-    ManifestError,
     draw_calibration_ids,
-    load_manifest,
     load_real_suite,
     majority_answer,
-    render_prompt,
 )
 from ellava_lib.schema import Sample
 
