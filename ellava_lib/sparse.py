@@ -6,14 +6,14 @@ This module turns masked weights into sparse kernels and keeps them only where t
 - :class:`SparseLinear`: ``W`` (``d_out x d_in``) held in CSR (``torch.sparse_csr``, int32 indices), computing
   ``y = x W^T + b`` as ``Y^T = addmm(b, W_csr, X^T)`` (one sparse-times-dense product, MKL on the CPU), or
   ``F.linear(x, W_csr, b)`` for a single row. Measured on torch 2.13 CPU (2-core AMD EPYC, fp32): those two
-  beat the alternatives (``X @ (W^T)_csr`` is 10-100x slower; ``F.linear`` grows linearly with the rows, so
-  it wins only at one row; int64 indices are 1.2-4x slower than int32).
+  beat the alternatives (``X @ (W^T)_csr`` is 7-100x slower; ``F.linear`` grows linearly with the rows, so
+  it wins only at one row; int64 indices are up to 3.6x slower than int32 at one row, equal at 600).
 - :class:`SemiStructuredLinear`: 2:4 weights on a CUDA GPU via ``torch.sparse.to_sparse_semi_structured``
   (cuSPARSELt / CUTLASS). It refuses, with :class:`SemiStructuredUnsupported` and the reason, anything those
   kernels cannot compute exactly: a CPU tensor, a mask that is not 2:4, an unsupported dtype or shape.
 - :func:`sparsify_model`: per pruned linear, time dense vs sparse once on representative row counts (cached per
   shape, density bucket, backend, device, dtype, threads), check the sparse output against the dense one, and
-  swap only where the sparse module is at least ``min_speedup`` times faster at **every** row count.
+  swap only where the sparse module is at least ``min_speedup`` times faster on the weighted row counts.
 
 Time of a layer = median over repeated calls after one warm-up (``torch.cuda.synchronize`` on GPUs).
 """
@@ -116,12 +116,9 @@ class SparseLinear(nn.Module):
         out_t = torch.mm(w, rows.t()) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, rows.t())
         return out_t.t().reshape(*x.shape[:-1], self.out_features)
 
-    def to_dense_weight(self) -> torch.Tensor:
-        return self.weight_csr().to_dense()
-
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the (masked) dense weight."""
-        return _make_linear(self.to_dense_weight(), self.bias)
+        return _make_linear(self.weight_csr().to_dense(), self.bias)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -294,14 +291,6 @@ def _layer_rows(model: nn.Module, targets: Mapping[str, tuple[str, nn.Linear]],
     return {p: tuple(sorted(s | {batch})) if s else DEFAULT_ROWS for p, s in seen.items()}
 
 
-def _build(backend: str, lin: nn.Linear) -> nn.Module:
-    if backend == "csr":
-        return SparseLinear.from_linear(lin)
-    if backend == "semi":
-        return SemiStructuredLinear.from_linear(lin)
-    raise ValueError(f"unknown sparse backend {backend!r}")
-
-
 def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
     """``|y_s - y_d| <= atol * scale + rtol * |y_d|`` elementwise, ``scale = max(1, max |y_d|)``, ``(rtol, atol)``
     from :data:`TOLERANCE` (exact equality for other dtypes)."""
@@ -330,7 +319,7 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
     ``(module, timing, "")`` or ``(None, None | timing, why not)``."""
     w = lin.weight
     try:
-        module = _build(cand, lin)
+        module = (SparseLinear if cand == "csr" else SemiStructuredLinear).from_linear(lin)
     except (SemiStructuredUnsupported, ValueError, RuntimeError) as e:
         return None, None, str(e)
     probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
@@ -346,18 +335,20 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
 def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None = None, backend: str = "auto",
                    example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
                    min_speedup: float = 1.0, cache: dict | str | Path | None = None,
-                   min_time_s: float = 0.02) -> pd.DataFrame:
+                   min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
     Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``auto`` -> both
     (``semi`` only where :func:`semi_structured_problem` allows it); ``dense`` -> none (a table of densities).
-    A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and, at every
-    row count ``r``, ``dense_ms(r) >= min_speedup * sparse_ms(r)`` (``min_speedup=0`` forces the swap); among
-    kept candidates the lowest total time wins. Timings are cached in ``cache`` (a dict, or a JSON file read
-    and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape, density, backend_chosen,
-    dense_ms, sparse_ms, speedup, rows, note`` (``*_ms`` summed over the row counts, ``sparse_ms`` of the
-    fastest candidate, ``speedup = dense_ms / sparse_ms``; ``note`` says why a layer stayed dense). Asking for
-    ``semi`` where it cannot run warns once with the reason and keeps the layers dense.
+    A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and
+    ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` over the timed row counts ``r``
+    (``w_r = row_weights.get(r, 1)``, e.g. ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0``
+    forces the swap); among kept candidates the lowest weighted time wins. Timings are cached in ``cache``
+    (a dict, or a JSON file read and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape,
+    density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums,
+    ``sparse_ms`` of the fastest candidate, ``speedup = dense_ms / sparse_ms``; ``per_rows`` =
+    ``rows:dense/sparse`` ms each; ``note`` says why a layer stayed dense). Asking for ``semi`` where it
+    cannot run warns once with the reason and keeps the layers dense.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -370,7 +361,7 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
         w = lin.weight
         density = float(torch.count_nonzero(w)) / w.numel()
         rows = rows_of.get(mod_path, ())
-        timed: list[tuple[float, float, str, nn.Module | None]] = []  # (dense, sparse, backend, module if kept)
+        timed: list[tuple] = []  # (dense ms, sparse ms, backend, module if kept, per-rows text)
         notes = ["backend=dense"] if backend == "dense" else []
         for cand in candidates:
             if cand == "semi" and backend == "auto" and semi_structured_problem(w) is not None:
@@ -380,23 +371,26 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                 notes.append(why)
                 refusal = refusal or (why if cand == "semi" else None)
                 continue
-            faster = all(d >= min_speedup * s for d, s in zip(t["dense_ms"], t["sparse_ms"]))
-            dense_ms, sparse_ms = sum(t["dense_ms"]), sum(t["sparse_ms"])
-            timed.append((dense_ms, sparse_ms, cand, module if faster else None))
+            wts = [float((row_weights or {}).get(r, 1.0)) for r in rows]
+            dense_ms = sum(wi * d for wi, d in zip(wts, t["dense_ms"]))
+            sparse_ms = sum(wi * x for wi, x in zip(wts, t["sparse_ms"]))
+            faster = dense_ms >= min_speedup * sparse_ms
+            per = ",".join(f"{r}:{d:.4g}/{x:.4g}" for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]))
+            timed.append((dense_ms, sparse_ms, cand, module if faster else None, per))
             if not faster:
-                notes.append(f"{cand} not {min_speedup:g}x faster at every row count "
-                             f"({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)")
+                notes.append(f"{cand} not {min_speedup:g}x faster ({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)")
         kept = sorted((x for x in timed if x[3] is not None), key=lambda x: x[1])
-        pick = kept[0] if kept else min(timed, key=lambda x: x[1], default=(math.nan, math.nan, "dense", None))
+        pick = kept[0] if kept else min(timed, key=lambda x: x[1], default=(math.nan, math.nan, "dense", None, ""))
         if kept:
             model.set_submodule(mod_path, pick[3])
         table.append({"layer": name, "module": mod_path, "shape": f"{w.shape[0]}x{w.shape[1]}",
                       "density": density, "backend_chosen": pick[2] if kept else "dense", "dense_ms": pick[0],
                       "sparse_ms": pick[1], "speedup": pick[0] / pick[1] if pick[1] else math.inf,
-                      "rows": ",".join(map(str, rows)), "note": "" if kept else "; ".join(notes)})
+                      "rows": ",".join(map(str, rows)), "per_rows": pick[4],
+                      "note": "" if kept else "; ".join(notes)})
     if refusal is not None:
         warnings.warn(f"{refusal} (semi-structured backend; the layers stay dense)", UserWarning, stacklevel=2)
     if path is not None:
         io.write_json(path, store)
     return pd.DataFrame(table, columns=["layer", "module", "shape", "density", "backend_chosen", "dense_ms",
-                                        "sparse_ms", "speedup", "rows", "note"])
+                                        "sparse_ms", "speedup", "rows", "per_rows", "note"])

@@ -139,3 +139,19 @@ def test_sparsify_micro_model_keeps_logits(micro_model_dir, micro_model, calib):
     assert set(table["backend_chosen"]) <= {"dense", "csr"} and table["dense_ms"].notna().all()
     with torch.no_grad():
         torch.testing.assert_close(auto(**inputs).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decision_weighs_row_counts_with_cached_timings():
+    lin = _masked_linear(32, 16, 0.9)
+    density = float(torch.count_nonzero(lin.weight)) / lin.weight.numel()
+    key = sparse._cache_key(lin, density, (1, 600), "csr")
+    cache = {key: {"dense_ms": [1.0, 10.0], "sparse_ms": [2.0, 5.0]}}  # slower at 1 row, faster at 600
+    swapped = nn.Sequential(copy.deepcopy(lin))
+    table = sparse.sparsify_model(swapped, backend="csr", example_inputs=[1, 600], cache=cache)
+    assert table.loc[0, "backend_chosen"] == "csr" and table.loc[0, "speedup"] == pytest.approx(11 / 7)
+    assert table.loc[0, "per_rows"] == "1:1/2,600:10/5"
+    decode_heavy = nn.Sequential(copy.deepcopy(lin))  # 10 decode steps per prefill: 20 ms dense vs 25 ms
+    table = sparse.sparsify_model(decode_heavy, backend="csr", example_inputs=[1, 600], cache=cache,
+                                  row_weights={1: 10})
+    assert table.loc[0, "backend_chosen"] == "dense" and table.loc[0, "dense_ms"] == pytest.approx(20.0)
+    assert type(decode_heavy[0]) is nn.Linear and len(cache) == 1  # nothing was re-timed
