@@ -68,6 +68,11 @@ def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 # ------------------------------------------------------------------------------------- budget helpers
 
 
+def measured_mean(report: pd.DataFrame) -> float:
+    """Parameter-weighted mean of the measured sparsity in a sparsity report: ``sum n_l s_l / sum n_l``."""
+    return float((report["measured"] * report["params"]).sum() / report["params"].sum())
+
+
 def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, int]) -> float:
     """``sum_u n_u v_u / sum_u n_u``."""
     return sum(sizes[u] * values[u] for u in sizes) / sum(sizes.values())

@@ -84,6 +84,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .loading import load_model, resolve_model_dir
     from .policy import GRID_TOL
     from .prune import parse_nm, prune_model
+    from .baselines import measured_mean
     from .sweep import method_policy, solver_for
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
@@ -111,7 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     solver = solver_for(args.method)
     report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet)
     loss = calibration.calibration_loss(model, batch)
-    measured = float((report["measured"] * report["params"]).sum() / report["params"].sum())
+    measured = measured_mean(report)
     extra = {"kind": "pruned", "base_model": str(model_dir), "method": args.method, "solver": solver,
              "sparsity": target, "nm": args.nm, "policy_id": policy.policy_id(), "mean_sparsity": measured,
              "calibration": {"n": args.calib, "seed": args.seed, "ids": [s.id for s in samples],

@@ -6,7 +6,6 @@ suite's headline number is its ``overall`` row.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,21 +58,19 @@ def generate_answers(model, processor, samples: list[Sample], max_new_tokens: in
     model.eval()
     tok = processor.tokenizer
     tok.padding_side = "left"
-    out: list[str] = []
-    order = sorted(range(len(samples)), key=lambda i: len(sample_prompt(samples[i])))  # less padding
+    prompts = [sample_prompt(s) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     answers: dict[int, str] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
-        batch = [samples[i] for i in idx]
-        enc = processor(text=[sample_prompt(s) for s in batch], images=[s.image for s in batch],
+        enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
                         return_tensors="pt", padding=True)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, t in zip(idx, texts):
             answers[i] = t.strip()
-    out = [answers[i] for i in range(len(samples))]
-    return out
+    return [answers[i] for i in range(len(samples))]
 
 
 def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, judge: Judge | None = None,
@@ -102,8 +99,7 @@ def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, jud
 
 def headline(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per suite (its ``overall`` score) plus the unweighted ``mean`` of the suites."""
-    top = frame[frame["metric"] == "overall"].set_index("suite")["score"]
-    return pd.concat([top, pd.Series({"mean": top.mean()})]).rename("score").to_frame()
+    return compare({"score": frame}).set_index("method").T.rename_axis(columns=None)
 
 
 def compare(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import io
-from .baselines import ecoflap_policy, owl_policy
+from .baselines import ecoflap_policy, measured_mean, owl_policy
 from .evaluate import EvalConfig, compare, evaluate
 from .loading import load_model
 from .policy import DEFAULT_GRID, GRID_TOL, Policy
@@ -70,7 +70,7 @@ def baseline_sweep(model_dir: str | Path, batch: dict[str, torch.Tensor], method
             policy.to_json(out_dir / name / "policy.json")
             frame = evaluate(model, processor, eval_cfg, out_dir / name, progress=progress)
             score = compare({method: frame}).iloc[0].to_dict()
-            measured = float((report["measured"] * report["params"]).sum() / report["params"].sum())
+            measured = measured_mean(report)
             rows.append({"method": method, "sparsity": s, "measured": measured,
                          **{k: v for k, v in score.items() if k != "method"}, "seconds": round(seconds, 2)})
             io.write_csv(results, pd.DataFrame(rows))

@@ -20,11 +20,13 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -328,12 +330,8 @@ def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = 
     meta = {"kind": "tiny", "train_config": cfg.to_dict(), "digest": cfg.digest(), "train_seconds": time.time() - t0,
             "params": sum(p.numel() for p in model.parameters())}
     tiny_model.save(model, processor, tmp, meta)
-    import pandas as pd
-
     pd.DataFrame(log).to_csv(tmp / "train_log.csv", index=False)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
