@@ -73,21 +73,29 @@ def generate_answers(model, processor, samples: list[Sample], max_new_tokens: in
     return [answers[i] for i in range(len(samples))]
 
 
+def evaluate_samples(model, processor, samples: dict[str, list[Sample]], judge: Judge | None = None,
+                     batch_size: int = 32, progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+    """Score given samples (suite -> samples): the metric rows of every suite and one prediction record
+    per sample (``id, suite, category, question, answer, prediction``)."""
+    judge = judge or LocalJudge()
+    rows: list[metrics.MetricRow] = []
+    preds_out: list[dict] = []
+    for suite, items in samples.items():
+        preds = generate_answers(model, processor, items, MAX_NEW_TOKENS[suite], batch_size, progress,
+                                 desc=f"eval {suite}")
+        rows += metrics.suite_metrics(suite, items, preds, judge)
+        preds_out += [{"id": s.id, "suite": suite, "category": s.category, "question": s.question,
+                       "answer": s.answer, "prediction": p} for s, p in zip(items, preds)]
+    return metrics.rows_to_frame(rows), preds_out
+
+
 def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, judge: Judge | None = None,
              progress: bool = True) -> pd.DataFrame:
     """Evaluate on every suite of ``cfg``; write ``predictions.jsonl`` and ``metrics.csv`` into ``out_dir``."""
     judge = judge or LocalJudge()
-    rows: list[metrics.MetricRow] = []
-    preds_out: list[dict] = []
     t0 = time.time()
-    for suite in cfg.suites:
-        samples = load_samples(cfg, suite)
-        preds = generate_answers(model, processor, samples, MAX_NEW_TOKENS[suite], cfg.batch_size, progress,
-                                 desc=f"eval {suite}")
-        rows += metrics.suite_metrics(suite, samples, preds, judge)
-        preds_out += [{"id": s.id, "suite": suite, "category": s.category, "question": s.question,
-                       "answer": s.answer, "prediction": p} for s, p in zip(samples, preds)]
-    frame = metrics.rows_to_frame(rows)
+    samples = {suite: load_samples(cfg, suite) for suite in cfg.suites}
+    frame, preds_out = evaluate_samples(model, processor, samples, judge, cfg.batch_size, progress)
     if out_dir is not None:
         out_dir = Path(out_dir)
         io.write_jsonl(out_dir / "predictions.jsonl", preds_out)

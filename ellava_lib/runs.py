@@ -16,7 +16,10 @@ from . import io
 MADE_BY: dict[str, str] = {
     "model.json": "notebooks/01_tiny_model.ipynb",
     "tables/dense.csv": "notebooks/02_dense_eval.ipynb",
-    "tables/baselines.csv": "notebooks/03_baselines.ipynb",
+    "calibration.json": "notebooks/03_search_space.ipynb",
+    "tables/search_showcase.csv": "notebooks/04_search.ipynb",
+    "tables/main.csv": "notebooks/05_main_table.ipynb",
+    "sweep/results.csv": "notebooks/05_main_table.ipynb",
 }
 
 
@@ -72,3 +75,24 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".1f") -> str:
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def latex_table(frame: pd.DataFrame, caption: str = "", label: str = "") -> str:
+    """A booktabs LaTeX table (``&``, ``%``, ``_`` and ``±`` escaped/converted), without pandas' Styler."""
+    def cell(v: Any) -> str:
+        s = str(v).replace("\\", "\\textbackslash{}")
+        for a, b in (("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"), ("±", "$\\pm$")):
+            s = s.replace(a, b)
+        return s
+
+    cols = list(frame.columns)
+    lines = ["\\begin{table}[t]", "\\centering", f"\\begin{{tabular}}{{{'l' * 2}{'r' * (len(cols) - 2)}}}",
+             "\\toprule", " & ".join(cell(c) for c in cols) + " \\\\", "\\midrule"]
+    lines += [" & ".join(cell(v) for v in row) + " \\\\" for row in frame.itertuples(index=False)]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"\\caption{{{cell(caption)}}}")
+    if label:
+        lines.append(f"\\label{{{label}}}")
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"

@@ -1,33 +1,62 @@
-"""Baseline sweeps: prune a model with each method at each sparsity, evaluate it, one results row per run.
+"""Sweeps: prune a model with each method at each sparsity and seed, evaluate it, one results row per job.
 
-A finished (method, sparsity) row is appended to the results CSV at once and skipped on a re-run, so a
-killed sweep resumes where it stopped.
+A :class:`Job` is one (method, sparsity, seed) cell plus the ablation knobs (gap estimator, projector
+evolution on/off, calibration size, exact re-prune). Methods are the baselines of :mod:`baselines`
+(``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``), ``dense`` (no pruning), and the two
+searched methods: ``search`` (evolutionary search without the gap term and without projector evolution,
+EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector evolution).
+
+Every job draws its own calibration set (``calib_n`` samples with its ``seed``, :mod:`calibration`), so
+the seed changes the calibration data of every calibration-based method and the search's random draws.
+Each job reports the test score of every suite and their mean, the **calibration score** (the same metrics
+on its calibration samples), the **generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill
+FLOPs of the whole model relative to dense, :mod:`accounting`).
+
+Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (atomically) and is
+skipped on a re-run; jobs are independent and run in ``workers`` processes (one torch thread each; the
+level databases they share are built first, in the parent). Results do not depend on ``workers``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import multiprocessing as mp
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import io
+from .accounting import flop_ratio
 from .baselines import ecoflap_policy, measured_mean, owl_policy
-from .evaluate import EvalConfig, compare, evaluate
+from .evaluate import EvalConfig, compare, evaluate, evaluate_samples
 from .loading import load_model
 from .policy import DEFAULT_GRID, GRID_TOL, Policy
 from .prune import prune_model
 from .units import list_units
 
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap")
+SEARCH_METHODS: tuple[str, ...] = ("search", "ellava")
+ALL_METHODS: tuple[str, ...] = ("dense", *METHODS, *SEARCH_METHODS)
+#: Display names of the methods in the tables and figures.
+LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
+                          "owl": "OWL", "ecoflap": "ECoFLaP", "search": "search (no gap)",
+                          "ellava": "EfficientLLaVA"}
+SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
                   include_vision: bool = False, progress: bool = False) -> Policy:
-    """The policy a method prunes with: OWL and ECoFLaP allocate per unit, the others are uniform."""
+    """The policy a baseline prunes with: OWL and ECoFLaP allocate per unit, the others are uniform."""
     if method == "owl":
         return owl_policy(model, batch, sparsity, include_vision=include_vision, progress=progress)
     if method == "ecoflap":
@@ -45,42 +74,323 @@ def solver_for(method: str) -> str:
     return "sparsegpt" if method in ("owl", "ecoflap") else method
 
 
-def baseline_sweep(model_dir: str | Path, batch: dict[str, torch.Tensor], methods: Sequence[str],
-                   sparsities: Sequence[float], eval_cfg: EvalConfig, out_dir: Path, seed: int = 0,
-                   progress: bool = True) -> pd.DataFrame:
-    """Prune + evaluate every (method, sparsity); rows go to ``out_dir/results.csv`` (resumable).
+# ------------------------------------------------------------------------------------------------- jobs
 
-    Row columns: ``method, sparsity, measured`` (parameter-weighted mean of the measured sparsity),
-    one score per suite and their ``mean`` (0-100), and ``seconds`` (pruning wall time).
-    """
-    out_dir = io.ensure_dir(Path(out_dir))
-    results = out_dir / "results.csv"
-    done = pd.read_csv(results) if results.exists() else pd.DataFrame(columns=["method", "sparsity"])
-    rows = done.to_dict("records")
-    for s in sparsities:
+@dataclass(frozen=True)
+class Job:
+    """One cell of a sweep. ``gap`` / ``projector`` override the searched methods' defaults (ablations);
+    ``exact`` re-prunes the searched policy sequentially with SparseGPT instead of assembling it."""
+
+    method: str
+    sparsity: float
+    seed: int = 0
+    calib_n: int = 64
+    gap: str | None = None
+    projector: bool | None = None
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
+        if self.method not in SEARCH_METHODS and (self.gap is not None or self.projector is not None or self.exact):
+            raise ValueError(f"gap / projector / exact apply to the searched methods, not {self.method!r}")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.calib_n < 2:
+            raise ValueError(f"calib_n must be at least 2, got {self.calib_n}")
+
+    def name(self) -> str:
+        """Folder name, unique per job: ``ellava-0.60-s0-n64[-gap_capacity][-noproj][-exact]``."""
+        parts = [self.method, f"{self.sparsity:.2f}", f"s{self.seed}", f"n{self.calib_n}"]
+        if self.gap is not None:
+            parts.append(f"gap_{self.gap}")
+        if self.projector is not None:
+            parts.append("proj" if self.projector else "noproj")
+        if self.exact:
+            parts.append("exact")
+        return "-".join(parts)
+
+
+def jobs_grid(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], calib_n: int = 64,
+              **knobs: Any) -> list[Job]:
+    """Every (method, sparsity, seed); ``dense`` gets one job per seed (sparsity 0)."""
+    jobs = []
+    for seed in seeds:
         for method in methods:
-            if ((done["method"] == method) & ((done["sparsity"] - s).abs() < 1e-9)).any():
+            if method == "dense":
+                jobs.append(Job("dense", 0.0, seed, calib_n))
                 continue
-            model, processor = load_model(model_dir, progress=False)
-            t0 = time.time()
-            policy = method_policy(model, batch, method, s, seed)
-            report = prune_model(model, policy, solver_for(method), batch, progress=False)
-            seconds = time.time() - t0
-            name = f"{method}-{s:.2f}"
-            policy.to_json(out_dir / name / "policy.json")
-            frame = evaluate(model, processor, eval_cfg, out_dir / name, progress=progress)
-            score = compare({method: frame}).iloc[0].to_dict()
-            measured = measured_mean(report)
-            rows.append({"method": method, "sparsity": s, "measured": measured,
-                         **{k: v for k, v in score.items() if k != "method"}, "seconds": round(seconds, 2)})
-            io.write_csv(results, pd.DataFrame(rows))
+            jobs += [Job(method, float(s), seed, calib_n, **knobs) for s in sparsities]
+    return jobs
+
+
+@dataclass
+class SweepSpec:
+    """What every job of a sweep shares: the model, the evaluation, the searched methods' configuration.
+
+    ``search``: :class:`search.SearchConfig` fields for both searched methods; ``ellava`` adds the gap
+    term (``gap``, ``lam``) and projector evolution (``projector_every``) on top; ``search`` forces
+    ``gap="none"`` and ``projector_every=0``.
+    """
+
+    model_dir: str
+    eval_limit: int | None = None
+    search: dict[str, Any] = field(default_factory=dict)
+    ellava: dict[str, Any] = field(default_factory=lambda: {"gap": "bernstein", "lam": 1.0, "projector_every": 3})
+    calib_eval: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def search_config(spec: SweepSpec, job: Job):
+    """The :class:`search.SearchConfig` of a searched job (method defaults, then the job's overrides)."""
+    from .search import SearchConfig
+
+    cfg = {**spec.search, "target": job.sparsity, "seed": job.seed}
+    if job.method == "ellava":
+        cfg.update(spec.ellava)
+    else:
+        cfg.update(gap="none", projector_every=0)
+    if job.gap is not None:
+        cfg["gap"] = job.gap
+    if job.projector is not None:
+        cfg["projector_every"] = (spec.ellava.get("projector_every") or 3) if job.projector else 0
+    cfg["extra"] = {"calib_n": job.calib_n, "db_method": "sparsegpt"}
+    return SearchConfig.from_dict(cfg)
+
+
+def level_db_dir(out_dir: Path, seed: int, calib_n: int) -> Path:
+    return Path(out_dir) / "leveldb" / f"s{seed}-n{calib_n}"
+
+
+def _calibration(processor, seed: int, n: int):
+    from .calibration import draw_calibration, encode_calibration
+
+    samples = draw_calibration(n, seed)
+    return samples, encode_calibration(samples, processor)
+
+
+def prepare_level_dbs(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, progress: bool = True) -> None:
+    """Build (or resume) the level database of every (seed, calib_n) a searched job needs."""
+    from .leveldb import build_level_db
+
+    needed = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
+    for seed, n in needed:
+        model, processor = load_model(spec.model_dir, progress=False)
+        samples, batch = _calibration(processor, seed, n)
+        build_level_db(model, batch, level_db_dir(out_dir, seed, n), DEFAULT_GRID, "sparsegpt",
+                       progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
+
+
+def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
+    """Prune (or search), evaluate on test and on the job's calibration samples; returns the row
+    (also written to ``out_dir/jobs/<name>/row.json``)."""
+    from .leveldb import LevelDB
+    from .search import run_search
+
+    job_dir = io.ensure_dir(Path(out_dir) / "jobs" / job.name())
+    model, processor = load_model(spec.model_dir, progress=False)
+    samples, batch = _calibration(processor, job.seed, job.calib_n)
+    t0 = time.time()
+    extra: dict[str, Any] = {}
+    measured = 0.0
+    if job.method in SEARCH_METHODS:
+        cfg = search_config(spec, job)
+        units = list_units(model)
+        result = run_search(model, None, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
+                            job_dir / "search", progress=False)
+        policy = result.policy
+        extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
+                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap, "projector_rounds":
+                 int(cfg.projector_every > 0 and cfg.generations // max(cfg.projector_every, 1))}
+        if job.exact:
+            from .projector import load_projector, set_projector_state
+
+            model, processor = load_model(spec.model_dir, progress=False)
+            if result.projector is not None:
+                set_projector_state(model, load_projector(result.projector)[0])
+            measured = measured_mean(prune_model(model, policy, "sparsegpt", batch, sequential=True, progress=False))
+        else:
+            measured = float(policy.meta["mean_sparsity"])
+    elif job.method != "dense":
+        policy = method_policy(model, batch, job.method, job.sparsity, job.seed)
+        measured = measured_mean(prune_model(model, policy, solver_for(job.method), batch, progress=False))
+    else:
+        policy = None
+    seconds = time.time() - t0
+    flops = 1.0
+    if policy is not None:
+        policy.to_json(job_dir / "policy.json")
+        flops = 1.0 / flop_ratio(model, policy, "prefill", "model")
+    cfg_eval = EvalConfig(limit=spec.eval_limit)
+    test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", progress=False)}).iloc[0]
+    row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": spec_digest(spec, job), "measured": round(measured, 6),
+                           "flops_rel": round(flops, 6),
+                           **{s: float(test[s]) for s in SUITE_COLUMNS if s in test}, "mean": float(test["mean"])}
+    if spec.calib_eval:
+        by_suite: dict[str, list] = {}
+        for s in samples:
+            by_suite.setdefault(s.suite, []).append(s)
+        frame, _ = evaluate_samples(model, processor, by_suite, progress=False)
+        row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
+        row["gap_calib_test"] = row["calib_mean"] - row["mean"]
+    row.update(extra)
+    row["seconds"] = round(seconds, 2)
+    io.write_json(job_dir / "row.json", row)
+    return row
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def spec_digest(spec: SweepSpec, job: Job) -> str:
+    """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size and,
+    for the searched methods, the resolved search configuration."""
+    d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
+    if job.method in SEARCH_METHODS:
+        d["search"] = search_config(spec, job).to_dict()
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _done(out_dir: Path, job: Job, spec: SweepSpec) -> dict[str, Any] | None:
+    """The finished row of ``job``, or None when missing or made under another spec (then it re-runs)."""
+    path = Path(out_dir) / "jobs" / job.name() / "row.json"
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    return row if row.get("spec") == spec_digest(spec, job) else None
+
+
+def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers: int = 1, threads: int = 1,
+              progress: bool = True, on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
+    """Run every job not finished yet (``workers`` processes), then return all rows in job order and write
+    them to ``out_dir/results.csv``. ``workers=1`` runs in this process. A row made under another spec
+    (:func:`spec_digest`: other model, evaluation size or search configuration) is re-run, never mixed in."""
+    out_dir = io.ensure_dir(Path(out_dir))
+    names = [j.name() for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate jobs in the sweep")
+    todo = [j for j in jobs if _done(out_dir, j, spec) is None]
+    prepare_level_dbs(spec, todo, out_dir, progress=False)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            row = run_job(job, spec, out_dir)
+            bar.update(1)
+            bar.set_postfix_str(job.name())
+            if on_row:
+                on_row(row)
+    else:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(run_job, job, spec, out_dir): job for job in todo}
+            for fut in as_completed(futures):
+                row = fut.result()
+                bar.update(1)
+                bar.set_postfix_str(futures[fut].name())
+                if on_row:
+                    on_row(row)
+    bar.close()
+    rows = [_done(out_dir, j, spec) for j in jobs]
+    frame = pd.DataFrame(rows)
+    io.write_csv(out_dir / "results.csv", frame)
+    return frame
+
+
+def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int = 64,
+                  gaps: Sequence[str] = ("none", "capacity", "bernstein"),
+                  calib_ns: Sequence[int] = (16, 32, 64, 128), exact: bool = True) -> list[Job]:
+    """The ablations of the full method at one (sparsity, seed): each gap estimator; projector evolution
+    off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the exact
+    re-prune. Overrides equal to the method's default are dropped, so these jobs share rows (and folders)
+    with the main table's."""
+    default_gap = spec.ellava.get("gap", "bernstein")
+    jobs = [Job("ellava", sparsity, seed, calib_n, gap=None if g == default_gap else g) for g in gaps]
+    jobs.append(Job("ellava", sparsity, seed, calib_n, projector=False))
+    for n in calib_ns:
+        jobs += [Job("ellava", sparsity, seed, n), Job("search", sparsity, seed, n)]
+    if exact:
+        jobs.append(Job("ellava", sparsity, seed, calib_n, exact=True))
+    unique: dict[str, Job] = {}
+    for j in jobs:
+        unique.setdefault(j.name(), j)
+    return list(unique.values())
+
+
+def ablation_label(row: Mapping[str, Any], spec: SweepSpec) -> str:
+    """What a row of :func:`ablation_jobs` varies, in words."""
+    default_gap = spec.ellava.get("gap", "bernstein")
+    if row["method"] == "search":
+        return f"no gap term, no projector, n={row['calib_n']}"
+    gap = row["gap"] if isinstance(row.get("gap"), str) else default_gap
+    parts = [f"gap={gap}"]
+    if row.get("projector") is False or row.get("projector") == 0.0:
+        parts.append("no projector")
+    parts.append(f"n={row['calib_n']}")
+    if row.get("exact"):
+        parts.append("exact re-prune")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+def _pm(mean: float, std: float, digits: int = 1) -> str:
+    return f"{mean:.{digits}f}" if not np.isfinite(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def main_table(results: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Method x sparsity rows: mean and sample std over seeds of each suite's test score, the mean test
+    score, the calibration score and the gap (calibration - test). Columns ``<col>`` and ``<col>_std``."""
+    cols = [c for c in (*SUITE_COLUMNS, "mean", "calib_mean", "gap_calib_test") if c in results.columns]
+    grouped = results.groupby(["method", "sparsity"], sort=False)[cols]
+    mean, std = grouped.mean(), grouped.std(ddof=1)
+    table = mean.join(std.add_suffix("_std")).join(grouped.size().rename("seeds")).reset_index()
+    order = {m: i for i, m in enumerate(methods or ALL_METHODS)}
+    table = table[table["method"].isin(order)]
+    table = table.assign(_o=table["method"].map(order)).sort_values(["sparsity", "_o"]).drop(columns="_o")
+    return table.reset_index(drop=True)
+
+
+def format_main_table(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """``mean ± std`` strings per column, display names, sparsity as a percentage (for Markdown / LaTeX)."""
+    cols = [c for c in (*SUITE_COLUMNS, "mean", "calib_mean", "gap_calib_test") if c in table.columns]
+    out = pd.DataFrame({"sparsity": [f"{s:.0%}" if s > 0 else "0%" for s in table["sparsity"]],
+                        "method": [LABELS.get(m, m) for m in table["method"]]})
+    for c in cols:
+        out[c] = [_pm(m, s, digits) for m, s in zip(table[c], table[f"{c}_std"])]
+    out["seeds"] = table["seeds"].values
+    return out.rename(columns={"mean": "mean (test)", "calib_mean": "calib", "gap_calib_test": "gap"})
+
+
+def best_baseline_margin(table: pd.DataFrame, method: str = "ellava",
+                         baselines: Sequence[str] = ("sparsegpt", "wanda", "owl", "ecoflap", "search")) -> pd.DataFrame:
+    """Per sparsity: ``method``'s mean test score minus the best of ``baselines`` (the issue's +2 target), and
+    its share of the dense score (the >= 95% target at 50%)."""
+    dense = table.loc[table["method"] == "dense", "mean"]
+    dense_mean = float(dense.iloc[0]) if len(dense) else float("nan")
+    rows = []
+    for s, part in table[table["sparsity"] > 0].groupby("sparsity"):
+        ours = part.loc[part["method"] == method, "mean"]
+        base = part[part["method"].isin(baselines)]
+        if ours.empty or base.empty:
+            continue
+        best = base.loc[base["mean"].idxmax()]
+        rows.append({"sparsity": f"{s:.0%}", "ours": float(ours.iloc[0]), "best_baseline": LABELS.get(best["method"]),
+                     "best_baseline_score": float(best["mean"]), "margin": float(ours.iloc[0]) - float(best["mean"]),
+                     "share_of_dense_%": 100 * float(ours.iloc[0]) / dense_mean})
     return pd.DataFrame(rows)
 
 
 def pivot_mean(results: pd.DataFrame, dense_mean: float) -> pd.DataFrame:
-    """Methods x sparsity table of the mean test score, with the dense score as the first column."""
-    table = results.pivot(index="method", columns="sparsity", values="mean")
+    """Methods x sparsity table of the mean test score (averaged over seeds), dense as the first column."""
+    part = results[results["method"] != "dense"]
+    table = part.groupby(["method", "sparsity"])["mean"].mean().unstack("sparsity")
     table.columns = [f"{c:.0%}" for c in table.columns]
     table.insert(0, "dense", dense_mean)
-    order = [m for m in METHODS if m in table.index]
+    order = [m for m in ALL_METHODS if m in table.index]
     return table.loc[order].reset_index()
+
+

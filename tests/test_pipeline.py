@@ -59,8 +59,9 @@ def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path / "cache"))
     run = pipeline.run_pipeline("ci", runs_root=tmp_path / "runs",
-                                overrides={"train_preset": "micro", "eval_limit": 3, "n_show": 2,
-                                           "sparsities": [0.5], "methods": ["magnitude", "owl"], "calib_n": 8})
+                                overrides={"train_preset": "micro", "eval_limit": 3, "n_show": 2, "sweep_eval_limit": 2,
+                                           "sparsities": [0.5], "sparsity": 0.5, "calib_n": 8, "calib_ns": [4, 8],
+                                           "table_methods": ["dense", "owl", "search", "ellava"], "gaps": ["none"]})
     assert run == tmp_path / "runs" / "ci"
     executed = sorted(p.name for p in (run / "notebooks").glob("*.ipynb"))
     assert executed == sorted(p.name for p in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -68,9 +69,14 @@ def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
     assert list(table["method"]) == ["dense", "magnitude 50%", "magnitude 70%"]
     assert {"sqa", "vizwiz", "mmvet", "llavabench", "mean"} <= set(table.columns)
     assert (run / "tables" / "dense.md").read_text().startswith("| method |")
-    base = pd.read_csv(run / "tables" / "baselines.csv")
-    assert list(base["method"]) == ["magnitude", "owl"] and {"dense", "50%"} <= set(base.columns)
-    assert (run / "baselines" / "results.csv").exists() and (run / "tables" / "leveldb_cost.csv").exists()
-    for fig in ("examples.png", "train_curves.png", "dense_vs_magnitude.png", "score_vs_sparsity.png"):
+    main = pd.read_csv(run / "tables" / "main.csv")
+    assert list(main["method"]) == ["dense", "OWL", "search (no gap)", "EfficientLLaVA"]
+    assert {"mean (test)", "calib", "gap", "seeds"} <= set(main.columns)
+    assert (run / "tables" / "main.tex").read_text().startswith("\\begin{table}")
+    assert (run / "sweep" / "results.csv").exists() and (run / "tables" / "leveldb_cost.csv").exists()
+    ablations = pd.read_csv(run / "tables" / "ablations.csv")
+    assert any("no projector" in v for v in ablations["variant"]) and any("exact" in v for v in ablations["variant"])
+    for fig in ("examples.png", "train_curves.png", "dense_vs_magnitude.png", "search_convergence.png",
+                "policy_profile.png", "pareto.png", "gap_vs_calibration_size.png"):
         assert (run / "figures" / fig).stat().st_size > 1000
     assert json.loads((run / "model.json").read_text())["preset"] == "micro"

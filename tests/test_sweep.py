@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ellava_lib import sweep
+from ellava_lib.sweep import Job, SweepSpec
+
+SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,
+              projector_holdout=0.0)
+
+
+def test_job_validation_and_names():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        Job("nope", 0.5)
+    with pytest.raises(ValueError, match="apply to the searched methods"):
+        Job("wanda", 0.5, gap="capacity")
+    with pytest.raises(ValueError, match="sparsity"):
+        Job("wanda", 1.2)
+    assert Job("ellava", 0.6, 1, 32, gap="capacity", projector=False, exact=True).name() == \
+        "ellava-0.60-s1-n32-gap_capacity-noproj-exact"
+    jobs = sweep.jobs_grid(["dense", "wanda"], [0.5, 0.7], [0, 1], 16)
+    assert [j.name() for j in jobs] == ["dense-0.00-s0-n16", "wanda-0.50-s0-n16", "wanda-0.70-s0-n16",
+                                        "dense-0.00-s1-n16", "wanda-0.50-s1-n16", "wanda-0.70-s1-n16"]
+
+
+def test_search_config_of_each_method():
+    spec = SweepSpec("m", search=SEARCH, ellava={"gap": "capacity", "lam": 0.5, "projector_every": 1})
+    plain = sweep.search_config(spec, Job("search", 0.6, 2))
+    assert (plain.gap, plain.projector_every, plain.target, plain.seed) == ("none", 0, 0.6, 2)
+    full = sweep.search_config(spec, Job("ellava", 0.5))
+    assert (full.gap, full.lam, full.projector_every, full.generations) == ("capacity", 0.5, 1, 2)
+    ablated = sweep.search_config(spec, Job("ellava", 0.5, gap="bernstein", projector=False))
+    assert (ablated.gap, ablated.projector_every) == ("bernstein", 0)
+
+
+def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
+    spec = SweepSpec(str(micro_model_dir), eval_limit=2, search=SEARCH,
+                     ellava={"gap": "bernstein", "lam": 1.0, "projector_every": 1})
+    jobs = [Job("dense", 0.0, 0, 8), Job("magnitude", 0.5, 0, 8), Job("ellava", 0.5, 0, 8)]
+    out = tmp_path / "a"
+    res = sweep.run_sweep(spec, jobs, out, progress=False)
+    assert list(res["job"]) == [j.name() for j in jobs]
+    assert {"sqa", "vizwiz", "mmvet", "llavabench", "mean", "calib_mean", "gap_calib_test"} <= set(res.columns)
+    assert np.allclose(res["gap_calib_test"], res["calib_mean"] - res["mean"])
+    assert res.loc[1, "measured"] == pytest.approx(0.5, abs=0.01)
+    assert res.loc[2, "measured"] == pytest.approx(0.5, abs=0.05) and np.isfinite(res.loc[2, "j"])
+    assert (out / "jobs" / jobs[2].name() / "search" / "projector.safetensors").exists()
+    assert pd.read_csv(out / "results.csv")["job"].tolist() == list(res["job"])
+    # resume: finished rows are read back, nothing re-runs
+    stamp = (out / "jobs" / jobs[1].name() / "row.json").stat().st_mtime_ns
+    again = sweep.run_sweep(spec, jobs, out, progress=False)
+    assert (out / "jobs" / jobs[1].name() / "row.json").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again, res)
+    # two worker processes give the same rows (seconds aside)
+    par = sweep.run_sweep(spec, jobs[1:], tmp_path / "b", workers=2, progress=False)
+    cols = [c for c in par.columns if c not in ("seconds", "search_s")]
+    pd.testing.assert_frame_equal(par[cols], res.iloc[1:].reset_index(drop=True)[cols])
+    # a row made under another spec (here: evaluation size) is re-run, never mixed in
+    other = sweep.run_sweep(SweepSpec(**{**spec.to_dict(), "eval_limit": 3}), jobs[1:2], out, progress=False)
+    assert (out / "jobs" / jobs[1].name() / "row.json").stat().st_mtime_ns != stamp
+    assert other.loc[0, "spec"] != res.loc[1, "spec"]
+
+
+def _results():
+    rows = []
+    for seed, bump in enumerate([0.0, 1.0, 2.0]):
+        rows.append({"method": "dense", "sparsity": 0.0, "seed": seed, "mean": 60.0, "calib_mean": 70.0 + bump})
+        rows.append({"method": "wanda", "sparsity": 0.5, "seed": seed, "mean": 50.0 + bump, "calib_mean": 60.0})
+        rows.append({"method": "ellava", "sparsity": 0.5, "seed": seed, "mean": 55.0 + bump, "calib_mean": 58.0})
+    frame = pd.DataFrame(rows)
+    frame["gap_calib_test"] = frame["calib_mean"] - frame["mean"]
+    return frame
+
+
+def test_main_table_mean_std_and_margin():
+    table = sweep.main_table(_results())
+    assert list(table["method"]) == ["dense", "wanda", "ellava"]
+    ell = table.set_index("method").loc["ellava"]
+    assert ell["mean"] == pytest.approx(56.0) and ell["mean_std"] == pytest.approx(1.0)
+    assert ell["gap_calib_test"] == pytest.approx(2.0) and ell["seeds"] == 3
+    shown = sweep.format_main_table(table)
+    assert shown.loc[2, "mean (test)"] == "56.0 ± 1.0" and shown.loc[2, "method"] == "EfficientLLaVA"
+    margin = sweep.best_baseline_margin(table, baselines=("wanda",)).iloc[0]
+    assert margin["margin"] == pytest.approx(5.0) and margin["share_of_dense_%"] == pytest.approx(56 / 60 * 100)
+
+
+def test_pivot_mean_averages_seeds():
+    table = sweep.pivot_mean(_results(), 60.0)
+    assert table.set_index("method").loc["ellava", "50%"] == pytest.approx(56.0)
+    assert table.set_index("method").loc["wanda", "dense"] == 60.0
