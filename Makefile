@@ -7,7 +7,7 @@ PROFILE ?= default
 # CPU wheel pinned for this install path; on a GPU box install your own torch first (see README).
 TORCH   ?= torch==2.13.0
 
-.PHONY: env reproduce test clean-notebooks check-notebooks
+.PHONY: env reproduce test nbval nbval-refs clean-notebooks check-notebooks
 
 env: $(STAMP)
 
@@ -24,6 +24,17 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb
 	$(PY) -m pytest -q
+	$(MAKE) nbval
+
+# Replays the ci-profile reference notebooks in tests/nbval/ and compares every `# NBVAL_CHECK_OUTPUT` cell.
+nbval: $(STAMP)
+	rm -rf runs/nbval
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/nbval/sanitize.cfg tests/nbval/
+
+# Regenerates the references after a deliberate change to the notebooks or to what they print.
+nbval-refs: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ellava_lib.pipeline --profile ci --runs runs/nbval-refs --nbval-refs
 
 clean-notebooks: $(STAMP)
 	$(PY) -m nbstripout --keep-id notebooks/*.ipynb

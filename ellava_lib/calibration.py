@@ -230,6 +230,23 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 Visit = Callable[[str, dict[str, dict[str, nn.Linear]], dict[str, Any]], bool]
 
 
+def offload_blocks(model: nn.Module, device: torch.device | str) -> torch.device:
+    """Put everything but the language model's decoder blocks on ``device`` (embeddings, vision tower,
+    projector, final norm, LM head); the blocks stay where they are. Returns the blocks' device (home).
+
+    With a 7B model kept on the CPU this holds ~1 GB of non-block weights on the GPU, and
+    :func:`walk_blocks` brings one decoder block at a time (``device=``)."""
+    lm = model.model.language_model
+    blocks = lm.layers
+    home = next(blocks.parameters()).device
+    lm.layers = nn.ModuleList()
+    try:
+        model.to(device)
+    finally:
+        lm.layers = blocks
+    return home
+
+
 def _last_wanted(prefix: str, n_blocks: int, wanted: set[str]) -> int:
     hits = [i for i in range(n_blocks) if any(u.startswith(f"{prefix}.{i}.") for u in wanted)]
     return max(hits, default=-1)
@@ -238,7 +255,7 @@ def _last_wanted(prefix: str, n_blocks: int, wanted: set[str]) -> int:
 @torch.no_grad()
 def walk_blocks(model: nn.Module, batch: dict[str, torch.Tensor], units: Sequence[str],
                 make_stat: Callable[[nn.Linear], Any], visit: Visit, *, sequential: bool = True,
-                progress: bool = True, desc: str = "blocks") -> None:
+                progress: bool = True, desc: str = "blocks", device: torch.device | str | None = None) -> None:
     """Run the model block by block on the calibration batch (vision tower first, when a unit needs it).
 
     For every block up to the last one holding a unit of ``units``: forward hooks feed each linear of
@@ -246,8 +263,26 @@ def walk_blocks(model: nn.Module, batch: dict[str, torch.Tensor], units: Sequenc
     run, then ``visit`` sees the statistics (and may prune). The next block's inputs are the block's
     outputs: recomputed on the visited weights when ``sequential`` (SparseGPT's sequential mode),
     else the dense outputs, and the language model's inputs are then captured before anything changes.
+
+    ``device`` (e.g. ``"cuda"`` for a 7B model kept on the CPU): the non-block modules and the batch go
+    to ``device`` (:func:`offload_blocks`), each decoder block is moved there for its turn and back
+    afterwards, so one block at a time occupies the accelerator; statistics live on ``device``.
     """
     wanted = set(units)
+    home = None
+    if device is not None:
+        home = offload_blocks(model, device)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    try:
+        _walk(model, batch, wanted, make_stat, visit, sequential, progress, desc, device, home)
+    finally:
+        if home is not None:
+            offload_blocks(model, home)
+
+
+def _walk(model: nn.Module, batch: dict[str, torch.Tensor], wanted: set[str], make_stat: Callable[[nn.Linear], Any],
+          visit: Visit, sequential: bool, progress: bool, desc: str, device: torch.device | str | None,
+          home: torch.device | None) -> None:
     include_vision = any(u.startswith("vision.") for u in wanted)
     linears = unit_linears(model, include_vision)
     unknown = sorted(wanted - set(linears))
@@ -264,18 +299,25 @@ def walk_blocks(model: nn.Module, batch: dict[str, torch.Tensor], units: Sequenc
             continue
         inputs = lm_dense if (prefix == "lm" and lm_dense is not None) else capture(model, batch)
         for i in range(lasts[prefix] + 1):
-            block = {u: lins for u, lins in linears.items() if u in wanted and u.startswith(f"{prefix}.{i}.")}
-            stats = {name: make_stat(lin) for lins in block.values() for name, lin in lins.items()}
-            handles = [lin.register_forward_hook(_feeder(stats[name], inputs))
-                       for lins in block.values() for name, lin in lins.items()]
+            swap = device is not None and prefix == "lm"
+            if swap:
+                layers[i].to(device)
             try:
-                out = inputs.run(layers[i])
+                block = {u: lins for u, lins in linears.items() if u in wanted and u.startswith(f"{prefix}.{i}.")}
+                stats = {name: make_stat(lin) for lins in block.values() for name, lin in lins.items()}
+                handles = [lin.register_forward_hook(_feeder(stats[name], inputs))
+                           for lins in block.values() for name, lin in lins.items()]
+                try:
+                    out = inputs.run(layers[i])
+                finally:
+                    for h in handles:
+                        h.remove()
+                changed = visit(f"{prefix}.{i}", block, stats) if block else False
+                if sequential and changed:
+                    out = inputs.run(layers[i])
             finally:
-                for h in handles:
-                    h.remove()
-            changed = visit(f"{prefix}.{i}", block, stats) if block else False
-            if sequential and changed:
-                out = inputs.run(layers[i])
+                if swap:
+                    layers[i].to(home)
             inputs = inputs.with_hidden(out)
             bar.update(1)
     bar.close()

@@ -113,11 +113,13 @@ def _prune_levels(lin: nn.Linear, stat: Any, grid: Sequence[float], method: str,
 def build_level_db(model: nn.Module, calib_batch: dict[str, torch.Tensor], out_dir: str | os.PathLike[str],
                    grid: Sequence[float] = DEFAULT_GRID, method: str = "sparsegpt",
                    units: Sequence[str] | None = None, progress: bool = True, *, blocksize: int = 128,
-                   percdamp: float = 0.01, calib_info: dict | None = None) -> pd.DataFrame:
+                   percdamp: float = 0.01, calib_info: dict | None = None,
+                   device: torch.device | str | None = None) -> pd.DataFrame:
     """Build (or resume) the level database of ``units`` (default: every language-model unit).
 
     ``calib_info`` (e.g. sample ids and seed) is recorded in ``config.json`` beside the calibration
-    fingerprint. The model is left dense. Returns one row per unit: ``unit, status`` (``built`` /
+    fingerprint. ``device``: one decoder block at a time on it (:func:`calibration.walk_blocks`); the stored
+    weights are on the CPU either way. The model is left dense. Returns one row per unit: ``unit, status`` (``built`` /
     ``skipped``), ``seconds`` (this call's wall time for the unit, statistics included).
     """
     if method not in DB_METHODS:
@@ -160,7 +162,7 @@ def build_level_db(model: nn.Module, calib_batch: dict[str, torch.Tensor], out_d
         model.eval()
         make_stat = SparseGPT if method == "sparsegpt" else InputNorms
         walk_blocks(model, calib_batch, todo, make_stat, visit, sequential=False, progress=progress,
-                    desc="level db")
+                    desc="level db", device=device)
     return pd.DataFrame([records[u] for u in units])
 
 

@@ -73,13 +73,46 @@ def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[
     return run_dir
 
 
+NBVAL_DIR = REPO / "tests" / "nbval"
+
+
+def write_nbval_references(run_dir: Path, out_dir: Path = NBVAL_DIR) -> list[Path]:
+    """Copy a run's executed notebooks into ``out_dir`` as nbval reference notebooks (outputs kept on
+    purpose): the injected ``run_dir`` parameter is rewritten relative to ``out_dir`` (nbval starts the
+    kernel there), pointing at ``runs/nbval`` so replays never touch a real run."""
+    import nbformat
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(REPO / "runs" / "nbval", out_dir)
+    written = []
+    for nb_path in sorted((Path(run_dir) / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        for cell in nb.cells:
+            if "injected-parameters" in cell.metadata.get("tags", []):
+                lines = [f'run_dir = "{target}"' if ln.startswith("run_dir = ") else ln
+                         for ln in cell.source.splitlines()]
+                cell.source = "\n".join(lines)
+        nb.metadata.pop("papermill", None)
+        for cell in nb.cells:
+            cell.metadata.pop("papermill", None)
+            cell.metadata.pop("execution", None)
+        nbformat.write(nb, out_dir / nb_path.name)
+        written.append(out_dir / nb_path.name)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ellava_lib.pipeline")
     p.add_argument("--profile", default="default")
     p.add_argument("--runs", default=str(REPO / "runs"))
+    p.add_argument("--nbval-refs", action="store_true",
+                   help=f"after the run, store its executed notebooks as nbval references in {NBVAL_DIR}")
     args = p.parse_args(argv)
     try:
-        run_pipeline(args.profile, Path(args.runs))
+        run_dir = run_pipeline(args.profile, Path(args.runs))
+        if args.nbval_refs:
+            for path in write_nbval_references(run_dir):
+                print(f"nbval reference: {path}")
     except ValueError as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2

@@ -96,9 +96,11 @@ def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int =
 
 def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict[str, torch.Tensor] | None,
                 *, sequential: bool = True, prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
-                percdamp: float = 0.01, progress: bool = True) -> pd.DataFrame:
+                percdamp: float = 0.01, progress: bool = True, device: torch.device | str | None = None) -> pd.DataFrame:
     """Prune ``model`` in place under ``policy`` with ``method`` in :data:`METHODS`.
 
+    ``device``: run the calibration walk with one decoder block at a time on it (the model stays where it
+    is; see :func:`calibration.walk_blocks`), e.g. ``"cuda"`` for LLaVA-1.5-7B held on the CPU.
     ``calib_batch`` (from :func:`calibration.encode_calibration`) is unused by magnitude. Returns the
     sparsity report (``layer, unit, target, measured, params, error``; ``error`` is SparseGPT's OBS loss
     ``trace((W - Ŵ) H (W - Ŵ)^T) / 2``, NaN otherwise) after checking :func:`check_sparsity`.
@@ -129,7 +131,7 @@ def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict
 
         model.eval()
         walk_blocks(model, calib_batch, todo, make_stat, visit, sequential=sequential, progress=progress,
-                    desc=f"prune {method}")
+                    desc=f"prune {method}", device=device)
     check_sparsity(model, policy, method, prune_n, prune_m, blocksize)
     report = sparsity_report(model, policy, prune_n, prune_m)
     report["error"] = [errors.get(layer, float("nan")) for layer in report["layer"]]

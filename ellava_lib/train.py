@@ -56,7 +56,8 @@ class TrainConfig:
     warmup: int = 50
     aux_weight: float = 0.3
     weight_decay: float = 0.01
-    threads: int = 1  # intra-op threads; one is fastest for a model this small (0 = torch default)
+    threads: int = 1  # intra-op threads per process; one is fastest for a model this small (0 = torch default)
+    processes: int = 1  # data-parallel training processes (gloo all-reduce); 2 uses both cores of a laptop
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,8 +228,24 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` in place over the data-parallel processes (one flat gloo all-reduce)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: str, log: list[dict],
-               progress: bool) -> None:
+               progress: bool, world: int = 1) -> None:
+    """AdamW + warm-up/cosine schedule + gradient clipping at 1. With ``world > 1`` processes, each computes
+    the gradient of its share of the batch and the gradients (and logged losses) are averaged across
+    processes before the step, so every process takes the same step."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, cfg.warmup))
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
@@ -237,6 +254,13 @@ def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: s
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            values = torch.stack([v.detach() for v in losses.values()])
+            _all_reduce_mean([p.grad for p in params] + [values])
+            losses = dict(zip(losses, values))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -247,7 +271,17 @@ def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: s
 
 
 def train(cfg: TrainConfig, progress: bool = True):
-    """Train a tiny LLaVA from scratch; returns (model, processor, log rows)."""
+    """Train a tiny LLaVA from scratch; returns (model, processor, log rows). With ``cfg.processes > 1`` the
+    training runs in that many data-parallel processes (:func:`_train_parallel`)."""
+    if cfg.processes > 1:
+        return _train_parallel(cfg, progress)
+    return _train(cfg, progress)
+
+
+def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1):
+    """The training loop of one process. Every process draws the same global batch indices from the same
+    generator and keeps the ``rank``-th share (``idx[rank::world]``), so the averaged gradient is the
+    gradient of the global batch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -263,35 +297,35 @@ def train(cfg: TrainConfig, progress: bool = True):
     model.train()
 
     def text_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, len(data.text_ids), (cfg.batch_size,), generator=gen).tolist()
+        idx = torch.randint(0, len(data.text_ids), (cfg.batch_size,), generator=gen).tolist()[rank::world]
         batch = collate(data, idx, pad, text_only=True)
         labels = batch.pop("labels")
         return {"text": answer_loss(model(**batch).logits, labels)}
 
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress)
+    _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress and rank == 0, world)
 
     def vision_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
+        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()[rank::world]
         feats = _patch_features(model, pixel_values(data.images[idx]))
         return {"cells": heads.loss(feats, data.colour[idx], data.kind[idx])}
 
     vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress)
+    _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress and rank == 0, world)
 
     words = cell_word_ids(processor.tokenizer)
 
     def align_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
+        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()[rank::world]
         with torch.no_grad():
             feats = _patch_features(model, pixel_values(data.images[idx]))
         return {"align": alignment_loss(model, feats, data.colour[idx], data.kind[idx], words)}
 
     align_params = list(model.model.multi_modal_projector.parameters()) + [model.get_input_embeddings().weight]
-    _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress)
+    _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress and rank == 0, world)
 
     def joint_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()[rank::world]
         batch = collate(data, idx, pad)
         labels = batch.pop("labels")
         losses = {"answer": answer_loss(model(**batch).logits, labels)}
@@ -303,7 +337,41 @@ def train(cfg: TrainConfig, progress: bool = True):
         return losses
 
     all_params = list(model.parameters()) + list(heads.parameters())
-    _run_stage(all_params, cfg.joint_steps, cfg.lr, cfg, joint_step, "joint", log, progress)
+    _run_stage(all_params, cfg.joint_steps, cfg.lr, cfg, joint_step, "joint", log, progress and rank == 0, world)
+    model.eval()
+    return model, processor, log
+
+
+def _parallel_worker(rank: int, cfg: TrainConfig, progress: bool, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.processes)
+    try:
+        model, _, log = _train(cfg, progress, rank, cfg.processes)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/state.safetensors")
+            pd.DataFrame(log).to_csv(f"{out}/log.csv", index=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_parallel(cfg: TrainConfig, progress: bool):
+    """Run :func:`_train` in ``cfg.processes`` spawned processes (gloo over a file store); returns rank 0's
+    model (all ranks hold identical weights), the processor and rank 0's log (losses averaged over ranks)."""
+    import tempfile
+
+    import torch.multiprocessing as tmp_mp
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="ellava-ddp-") as tmp:
+        tmp_mp.spawn(_parallel_worker, args=(cfg, progress, f"{tmp}/store", tmp), nprocs=cfg.processes, join=True)
+        state = load_file(f"{tmp}/state.safetensors")
+        log = pd.read_csv(f"{tmp}/log.csv").to_dict("records")
+    processor = tiny_model.build_processor(tiny_model.vocabulary(cfg.data_seed))
+    model = tiny_model.build_model(cfg.model, processor.tokenizer, cfg.seed)
+    model.load_state_dict(state)
     model.eval()
     return model, processor, log
 

@@ -1,0 +1,67 @@
+"""The nbval regression set (tests/nbval/): references exist, carry outputs, match the source notebooks,
+and the check really fails when a checked number changes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from ellava_lib import pipeline
+
+REFS = pipeline.NBVAL_DIR
+CHECK = "# NBVAL_CHECK_OUTPUT"
+
+
+def _code(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"
+            and "injected-parameters" not in c.metadata.get("tags", [])]
+
+
+def test_every_notebook_has_a_reference_with_outputs_in_its_checked_cells():
+    sources = sorted(p.name for p in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(p.name for p in REFS.glob("*.ipynb")) == sources
+    for name in sources:
+        ref = nbformat.read(REFS / name, as_version=4)
+        checked = [c for c in ref.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
+        assert checked, f"{name}: no checked cell"
+        # the trap: a reference stored without outputs compares nothing
+        assert all(c.outputs for c in checked), f"{name}: a checked cell has no stored output"
+
+
+def test_references_replay_the_current_notebook_code():
+    """A notebook edited without regenerating its reference (make nbval-refs) fails here, not silently."""
+    for src in sorted(pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+        ref = nbformat.read(REFS / src.name, as_version=4)
+        assert _code(ref) == _code(nbformat.read(src, as_version=4)), f"{src.name}: run make nbval-refs"
+        injected = [c for c in ref.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and 'run_dir = "../../runs/nbval"' in injected[0].source
+
+
+def _nbval(path, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-current-env", "--nbval-sanitize-with", str(REFS / "sanitize.cfg"), str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("stored,passes", [("0.33\n", True), ("0.34\n", False)])
+def test_a_changed_number_in_a_checked_cell_fails(tmp_path, stored, passes):
+    """The same checking setup as `make nbval` (lax mode, our sanitize file): a timing line is sanitized,
+    an unchecked cell is ignored, and a checked number that differs from the stored one fails."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    timing = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nimport time\nprint(f'took {time.time() % 7:.2f} s')")
+    timing.outputs = [nbformat.v4.new_output("stream", name="stdout", text="took 1.23 s\n")]
+    free = nbformat.v4.new_code_cell("print(42)")
+    free.outputs = [nbformat.v4.new_output("stream", name="stdout", text="41\n")]
+    checked = nbformat.v4.new_code_cell(f"{CHECK}\nprint(round(1 / 3, 2))")
+    checked.outputs = [nbformat.v4.new_output("stream", name="stdout", text=stored)]
+    nb.cells = [timing, free, checked]
+    for i, cell in enumerate(nb.cells, 1):
+        cell.execution_count = i
+    path = tmp_path / "check.ipynb"
+    nbformat.write(nb, path)
+    result = _nbval(path, tmp_path)
+    assert (result.returncode == 0) == passes, result.stdout[-2000:]

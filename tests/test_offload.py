@@ -1,0 +1,61 @@
+"""The paper-tier code paths that run without a GPU or the hub: one decoder block at a time on an execution
+device, hub-style loading in half precision from a local ``save_pretrained`` folder, and a clear error
+when the hub cannot be reached."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ellava_lib import loading
+from ellava_lib.policy import Policy
+from ellava_lib.prune import prune_model
+from ellava_lib.units import list_units, lm_layers
+
+
+def test_one_block_at_a_time_gives_the_same_pruned_model(micro_model_dir, calib):
+    """``device=`` moves each decoder block there for its turn and back (never two at once), and the
+    pruned weights equal those of the plain run."""
+    plain, _ = loading.load_model(micro_model_dir)
+    policy = Policy.uniform(list_units(plain), 0.5)
+    prune_model(plain, policy, "sparsegpt", calib, progress=False)
+
+    model, _ = loading.load_model(micro_model_dir)
+    moves: list[tuple[int, str]] = []
+    for i, layer in enumerate(lm_layers(model)):
+        original = layer.to
+
+        def logged(*args, _i=i, _orig=original, **kw):
+            moves.append((_i, str(args[0] if args else kw.get("device"))))
+            return _orig(*args, **kw)
+        layer.to = logged
+    prune_model(model, policy, "sparsegpt", calib, progress=False, device="cpu")
+    n = len(lm_layers(model))
+    assert [i for i, _ in moves] == [i for i in range(n) for _ in range(2)]  # to device, back, next block
+    for a, b in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+
+
+def test_load_pretrained_reads_a_save_pretrained_folder_in_half_precision(micro_model, tmp_path):
+    model, processor = micro_model
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    processor.save_pretrained(tmp_path)
+    half, proc = loading.load_pretrained(str(tmp_path), "bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16 and not half.training
+    assert proc.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    with pytest.raises(loading.ModelLoadError, match="dtype must be one of"):
+        loading.load_pretrained(str(tmp_path), "int3")
+
+
+def test_hub_model_without_the_hub_is_a_one_line_error():
+    code = ("from ellava_lib import loading\n"
+            "try:\n    loading.load_model('llava-1.5-7b')\n"
+            "except loading.ModelLoadError as e:\n    print('ERR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-ellava-test"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
+    assert out.startswith("ERR cannot load 'llava-hf/llava-1.5-7b-hf' (needs the Hugging Face hub or a local copy)")
+    assert out.count("\n") == 1
