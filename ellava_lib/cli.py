@@ -110,7 +110,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     dense_loss = calibration.calibration_loss(model, batch)
     policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
     solver = solver_for(args.method)
-    report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet)
+    report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet,
+                         device=args.device)
     loss = calibration.calibration_loss(model, batch)
     measured = measured_mean(report)
     extra = {"kind": "pruned", "base_model": str(model_dir), "method": args.method, "solver": solver,
@@ -183,7 +184,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg.to_json(out / "search_config.json")
     db_dir = Path(args.db) if args.db else out / "leveldb"
     build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
-                   calib_info={"ids": [s.id for s in samples], "seed": args.seed})
+                   calib_info={"ids": [s.id for s in samples], "seed": args.seed}, device=args.device)
     result = run_search(model, None, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet)
     mode = "assembled"
     if args.exact:
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calib", type=int, default=64, help="number of calibration samples")
     r.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (and ECoFLaP's noise)")
     r.add_argument("--vision", action="store_true", help="prune the vision tower's blocks too")
+    r.add_argument("--device", default=None, help="run calibration/OBS one decoder block at a time on this device "
+                                                  "(e.g. cuda); the model itself stays on the CPU")
     r.add_argument("--out", required=True, help="output model folder")
     r.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", default=None, help="level database folder (default OUT/leveldb; built if missing)")
     s.add_argument("--vision", action="store_true", help="search the vision tower's units too")
     s.add_argument("--exact", action="store_true", help="re-prune the final policy sequentially with SparseGPT")
+    s.add_argument("--device", default=None, help="build the level database one decoder block at a time on this "
+                                                  "device (e.g. cuda)")
     s.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_search)

@@ -57,7 +57,7 @@ class TrainConfig:
     aux_weight: float = 0.3
     weight_decay: float = 0.01
     threads: int = 1  # intra-op threads per process; one is fastest for a model this small (0 = torch default)
-    processes: int = 1  # data-parallel training processes (gloo all-reduce); 2 uses both cores of a laptop
+    processes: int = 2  # data-parallel training processes (gloo all-reduce): both cores of a 2-core laptop
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,13 +76,13 @@ class TrainConfig:
     def micro(cls) -> "TrainConfig":
         """A model trained in seconds, for tests (it learns little)."""
         return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, text_steps=5, vision_steps=10, align_steps=5,
-                   joint_steps=20, batch_size=16, warmup=5)
+                   joint_steps=20, batch_size=16, warmup=5, processes=1)
 
     @classmethod
     def ci(cls) -> "TrainConfig":
         """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
         return cls(n_train={s: 600 for s in SUITES}, text_steps=40, vision_steps=40, align_steps=30, joint_steps=120,
-                   warmup=20)
+                   warmup=20, processes=1)
 
 
 PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
