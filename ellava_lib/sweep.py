@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -189,7 +190,12 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     from .leveldb import LevelDB
     from .search import run_search
 
-    job_dir = io.ensure_dir(Path(out_dir) / "jobs" / job.name())
+    job_dir = Path(out_dir) / "jobs" / job.name()
+    digest = spec_digest(spec, job)
+    stamp = job_dir / "spec.txt"
+    if job_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        shutil.rmtree(job_dir)  # made under another spec: start over (a same-spec search resumes)
+    io.write_text(stamp, digest + "\n")
     model, processor = load_model(spec.model_dir, progress=False)
     samples, batch = _calibration(processor, job.seed, job.calib_n)
     t0 = time.time()
@@ -225,7 +231,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         flops = 1.0 / flop_ratio(model, policy, "prefill", "model")
     cfg_eval = EvalConfig(limit=spec.eval_limit)
     test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", progress=False)}).iloc[0]
-    row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": spec_digest(spec, job), "measured": round(measured, 6),
+    row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": digest, "measured": round(measured, 6),
                            "flops_rel": round(flops, 6),
                            **{s: float(test[s]) for s in SUITE_COLUMNS if s in test}, "mean": float(test["mean"])}
     if spec.calib_eval:

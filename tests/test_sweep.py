@@ -60,9 +60,12 @@ def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
     cols = [c for c in par.columns if c not in ("seconds", "search_s")]
     pd.testing.assert_frame_equal(par[cols], res.iloc[1:].reset_index(drop=True)[cols])
     # a row made under another spec (here: evaluation size) is re-run, never mixed in
-    other = sweep.run_sweep(SweepSpec(**{**spec.to_dict(), "eval_limit": 3}), jobs[1:2], out, progress=False)
+    # (a search re-run under another search config starts its folder over instead of resuming a foreign
+    # checkpoint)
+    other_spec = SweepSpec(**{**spec.to_dict(), "eval_limit": 3, "search": {**SEARCH, "offspring": 4}})
+    other = sweep.run_sweep(other_spec, jobs[1:], out, progress=False)
     assert (out / "jobs" / jobs[1].name() / "row.json").stat().st_mtime_ns != stamp
-    assert other.loc[0, "spec"] != res.loc[1, "spec"]
+    assert list(other["spec"]) != list(res["spec"][1:]) and other.loc[1, "j"] == other.loc[1, "j"]
 
 
 def _results():
