@@ -83,7 +83,7 @@ def score_vs_sparsity(results: pd.DataFrame, dense_mean: float):
 
 def pareto(table: pd.DataFrame, labels: dict[str, str] | None = None):
     """Mean test score (± std over seeds) against mean LM sparsity and against relative prefill FLOPs,
-    one line per method; ``table`` is :func:`sweep.main_table` joined with ``flops_rel``."""
+    one line per method; ``table`` is :func:`tables.main_table` joined with ``flops_rel``."""
     labels = labels or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     dense = table[table["method"] == "dense"]

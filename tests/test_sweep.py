@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ellava_lib import sweep
+from ellava_lib import sweep, tables
 from ellava_lib.sweep import Job, SweepSpec
 
 SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,
@@ -80,18 +80,12 @@ def _results():
 
 
 def test_main_table_mean_std_and_margin():
-    table = sweep.main_table(_results())
+    table = tables.main_table(_results())
     assert list(table["method"]) == ["dense", "wanda", "ellava"]
     ell = table.set_index("method").loc["ellava"]
     assert ell["mean"] == pytest.approx(56.0) and ell["mean_std"] == pytest.approx(1.0)
     assert ell["gap_calib_test"] == pytest.approx(2.0) and ell["seeds"] == 3
-    shown = sweep.format_main_table(table)
+    shown = tables.format_main_table(table)
     assert shown.loc[2, "mean (test)"] == "56.0 ± 1.0" and shown.loc[2, "method"] == "EfficientLLaVA"
-    margin = sweep.best_baseline_margin(table, baselines=("wanda",)).iloc[0]
+    margin = tables.best_baseline_margin(table, baselines=("wanda",)).iloc[0]
     assert margin["margin"] == pytest.approx(5.0) and margin["share_of_dense_%"] == pytest.approx(56 / 60 * 100)
-
-
-def test_pivot_mean_averages_seeds():
-    table = sweep.pivot_mean(_results(), 60.0)
-    assert table.set_index("method").loc["ellava", "50%"] == pytest.approx(56.0)
-    assert table.set_index("method").loc["wanda", "dense"] == 60.0
