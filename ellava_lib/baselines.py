@@ -170,13 +170,18 @@ def owl_allocation(ratios: Mapping[str, float], sizes: Mapping[str, int], sparsi
 
 def owl_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float, M: float = 5.0,
                lam: float = 0.08, grid: tuple[float, ...] = DEFAULT_GRID, include_vision: bool = False,
-               progress: bool = False) -> Policy:
-    """OWL policy at mean sparsity ``sparsity``: :func:`outlier_ratios` -> :func:`owl_allocation` ->
-    :func:`round_to_grid`. ``meta`` keeps the ratios and the continuous allocation."""
+               progress: bool = False, on_grid: bool = True) -> Policy:
+    """OWL policy at mean sparsity ``sparsity``: :func:`outlier_ratios` -> :func:`owl_allocation`, then
+    :func:`round_to_grid` when ``on_grid`` (a policy the level database can assemble), else the continuous
+    allocation itself, as OWL prunes (its levels are added to the policy's grid). OWL moves every unit by at
+    most ``lam`` around the target, so on a grid coarser than ``lam`` the rounded policy can be uniform.
+    ``meta`` keeps the ratios and the continuous allocation."""
     sizes = list_units(model, include_vision)
     ratios = outlier_ratios(model, calib_batch, M, include_vision, progress)
     raw = owl_allocation(ratios, sizes, sparsity, lam, grid)
     meta = {"method": "owl", "target": sparsity, "M": M, "lam": lam, "outlier_ratio": ratios, "continuous": raw}
+    if not on_grid:
+        return Policy(dict(raw), tuple(sorted(set(grid) | set(raw.values()))), meta)
     return Policy(round_to_grid(raw, sizes, sparsity, grid), tuple(grid), meta)
 
 

@@ -54,13 +54,16 @@ LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "
                           "owl": "OWL", "ecoflap": "ECoFLaP", "search": "search (no gap)",
                           "ellava": "EfficientLLaVA"}
 SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
+#: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
+#: (2: OWL prunes its continuous allocation instead of the grid-rounded one).
+METHOD_REVISION: dict[str, int] = {"owl": 2}
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
                   include_vision: bool = False, progress: bool = False) -> Policy:
     """The policy a baseline prunes with: OWL and ECoFLaP allocate per unit, the others are uniform."""
-    if method == "owl":
-        return owl_policy(model, batch, sparsity, include_vision=include_vision, progress=progress)
+    if method == "owl":  # continuous, as OWL prunes (its +-lam moves vanish on the 0.1 grid)
+        return owl_policy(model, batch, sparsity, include_vision=include_vision, progress=progress, on_grid=False)
     if method == "ecoflap":
         return ecoflap_policy(model, batch, sparsity, seed=seed, include_vision=include_vision, progress=progress)
     if method not in METHODS:
@@ -253,11 +256,13 @@ def _init_worker(threads: int) -> None:
 
 
 def spec_digest(spec: SweepSpec, job: Job) -> str:
-    """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size and,
-    for the searched methods, the resolved search configuration."""
+    """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
+    searched methods the resolved search configuration, and the method's :data:`METHOD_REVISION`."""
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     if job.method in SEARCH_METHODS:
         d["search"] = search_config(spec, job).to_dict()
+    if job.method in METHOD_REVISION:
+        d["revision"] = METHOD_REVISION[job.method]
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

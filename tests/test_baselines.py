@@ -114,3 +114,22 @@ def test_magnitude_nm_leaves_dense_units_dense(micro_model_dir):
     dense = report[report["target"] == 0.0]
     assert len(dense) and (dense["measured"] == 0.0).all()
     assert (report.loc[report["target"] > 0, "measured"] == 0.5).all()
+
+
+def test_owl_policy_off_the_grid_is_its_continuous_allocation(micro_model, calib):
+    """What the sweep and `ellava prune --method owl` prune: OWL's own per-unit sparsities, mean exactly S."""
+    model, _ = micro_model
+    sizes = units.list_units(model)
+    p = baselines.owl_policy(model, calib, 0.6, lam=0.08, on_grid=False)
+    p.validate(sizes)
+    assert p.sparsities == p.meta["continuous"]
+    assert abs(p.mean_sparsity(sizes) - 0.6) < 1e-6
+    assert len(set(round(v, 9) for v in p.sparsities.values())) > 1  # not uniform
+
+
+def test_owl_rows_carry_a_revision_in_the_sweep_spec():
+    from ellava_lib.sweep import Job, SweepSpec, spec_digest
+
+    spec = SweepSpec("m")
+    assert spec_digest(spec, Job("owl", 0.6)) != spec_digest(spec, Job("sparsegpt", 0.6))
+    assert spec_digest(spec, Job("sparsegpt", 0.6)) == spec_digest(spec, Job("wanda", 0.6))
