@@ -37,12 +37,27 @@ def load_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
     return params
 
 
+#: Python types accepted for each annotation papermill reports (``inferred_type_name``).
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                                       "list": (list,), "dict": (dict,)}
+
+
 def notebook_parameters(notebook: Path, profile: dict, run_dir: Path) -> dict:
-    """The subset of the profile a notebook declares in its ``parameters`` cell, plus ``run_dir``."""
+    """The subset of the profile a notebook declares in its ``parameters`` cell, plus ``run_dir``.
+
+    Each value must have the type its declaration states (``name: type = default``); otherwise a
+    ``ValueError`` naming the notebook, the parameter, the expected and the given type, before anything runs.
+    """
     import papermill as pm
 
     declared = pm.inspect_notebook(str(notebook))
     params = {k: v for k, v in profile.items() if k in declared}
+    for name, value in params.items():
+        want = _TYPES.get(declared[name].get("inferred_type_name") or "")
+        wrong_bool = isinstance(value, bool) and bool not in (want or ())
+        if want is not None and (not isinstance(value, want) or wrong_bool):
+            raise ValueError(f"{notebook.name}: parameter {name!r} must be {declared[name]['inferred_type_name']}, "
+                             f"got {type(value).__name__} {value!r}")
     if "run_dir" in declared:
         params["run_dir"] = str(run_dir)
     return params
@@ -62,11 +77,12 @@ def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = notebooks or sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    per_notebook = {nb: notebook_parameters(nb, params, run_dir) for nb in notebooks}  # type errors before any run
     t0 = time.time()
     for nb in notebooks:
         t = time.time()
         print(f"[{profile}] {nb.name} ...", flush=True)
-        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=notebook_parameters(nb, params, run_dir),
+        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=per_notebook[nb],
                             kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=False)
         print(f"[{profile}] {nb.name} done in {time.time() - t:.0f} s", flush=True)
     print(f"[{profile}] pipeline finished in {time.time() - t0:.0f} s; outputs in {run_dir}", flush=True)

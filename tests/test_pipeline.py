@@ -81,3 +81,19 @@ def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
                 "policy_profile.png", "pareto.png", "gap_vs_calibration_size.png"):
         assert (run / "figures" / fig).stat().st_size > 1000
     assert json.loads((run / "model.json").read_text())["preset"] == "micro"
+
+
+def test_a_parameter_of_the_wrong_type_is_named_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"02_dense_eval.ipynb: parameter 'eval_limit' must be int, got str 'many'"):
+        pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"eval_limit": "many"})
+    with pytest.raises(ValueError, match=r"parameter 'update_readme' must be bool, got int 1"):
+        pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"update_readme": 1})
+    with pytest.raises(ValueError, match=r"parameter 'sparsity' must be float, got bool"):
+        pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"sparsity": True})
+    assert not any((tmp_path / "ci" / "notebooks").glob("*.ipynb"))
+    for name in pipeline.available_profiles():  # the shipped profiles type-check
+        for nb in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"):
+            pipeline.notebook_parameters(nb, pipeline.load_profile(name), tmp_path)
+    # ints are fine where a float is declared
+    params = pipeline.notebook_parameters(pipeline.NOTEBOOKS_DIR / "04_search.ipynb", {"sparsity": 1}, tmp_path)
+    assert params["sparsity"] == 1
