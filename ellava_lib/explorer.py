@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .sweep import LABELS, SUITE_COLUMNS
+from .tables import plain_rows
 
 
 def load_results(sweep_dir: str | Path) -> pd.DataFrame:
@@ -25,15 +26,9 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Jobs without ablation overrides (the main table's)."""
-    plain = results["gap"].isna() & results["projector"].isna() & ~results["exact"].astype(bool)
-    return results[plain]
-
-
 def choices(results: pd.DataFrame) -> dict[str, list]:
     """Methods (display name -> key, in table order) and sparsities available among the main-table jobs."""
-    rows = main_rows(results)
+    rows = plain_rows(results)
     methods = [m for m in LABELS if m in set(rows["method"]) and m != "dense"]
     return {"methods": methods, "sparsities": sorted(float(s) for s in rows.loc[rows["method"] != "dense", "sparsity"].unique()),
             "seeds": sorted(int(s) for s in rows["seed"].unique())}
@@ -41,7 +36,7 @@ def choices(results: pd.DataFrame) -> dict[str, list]:
 
 def scores(results: pd.DataFrame, method: str, sparsity: float) -> pd.DataFrame:
     """Per-suite test score (and mean, calibration score, gap): dense and the chosen method, mean over seeds."""
-    rows = main_rows(results)
+    rows = plain_rows(results)
     cols = [c for c in (*SUITE_COLUMNS, "mean", "calib_mean", "gap_calib_test") if c in rows.columns]
     pick = rows[((rows["method"] == method) & ((rows["sparsity"] - sparsity).abs() < 1e-9)) | (rows["method"] == "dense")]
     if not (pick["method"] == method).any():
@@ -52,7 +47,7 @@ def scores(results: pd.DataFrame, method: str, sparsity: float) -> pd.DataFrame:
 
 
 def job_dir(sweep_dir: str | Path, results: pd.DataFrame, method: str, sparsity: float, seed: int) -> Path:
-    rows = main_rows(results)
+    rows = plain_rows(results)
     hit = rows[(rows["method"] == method) & ((rows["sparsity"] - sparsity).abs() < 1e-9) & (rows["seed"] == seed)]
     if hit.empty:
         raise ValueError(f"no finished job for {method} at {sparsity:.0%} with seed {seed}")

@@ -181,8 +181,10 @@ def prepare_level_dbs(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, progr
     from .leveldb import build_level_db
 
     needed = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
+    if not needed:
+        return
+    model, processor = load_model(spec.model_dir, progress=False)  # build_level_db leaves it dense
     for seed, n in needed:
-        model, processor = load_model(spec.model_dir, progress=False)
         samples, batch = _calibration(processor, seed, n)
         build_level_db(model, batch, level_db_dir(out_dir, seed, n), DEFAULT_GRID, "sparsegpt",
                        progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
@@ -212,8 +214,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
                             job_dir / "search", progress=False)
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
-                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap, "projector_rounds":
-                 int(cfg.projector_every > 0 and cfg.generations // max(cfg.projector_every, 1))}
+                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
         if job.exact:
             from .projector import load_projector, set_projector_state
 

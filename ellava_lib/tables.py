@@ -12,6 +12,13 @@ import pandas as pd
 from .sweep import ALL_METHODS, LABELS, SUITE_COLUMNS, SweepSpec
 
 
+def plain_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Rows of jobs without ablation overrides (no ``gap`` / ``projector`` override, not ``exact``): the
+    main table's jobs and the calibration-size ablation's."""
+    plain = results["gap"].isna() & results["projector"].isna() & ~results["exact"].astype(bool)
+    return results[plain]
+
+
 def ablation_label(row: Mapping[str, Any], spec: SweepSpec) -> str:
     """What a row of :func:`ablation_jobs` varies, in words."""
     default_gap = spec.ellava.get("gap", "bernstein")
