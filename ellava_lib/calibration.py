@@ -91,6 +91,37 @@ def encode_calibration(samples: Sequence[Sample], processor) -> dict[str, torch.
     return collate(data, list(range(len(samples))), processor.tokenizer.pad_token_id)
 
 
+def encode_with_processor(samples: Sequence[Sample], processor) -> dict[str, torch.Tensor]:
+    """The same batch as :func:`encode_calibration` for any LLaVA processor (hub checkpoints, real images).
+
+    Each row is the processor's encoding of ``sample_prompt(s)`` (its ``<image>`` expansion and pixel
+    preprocessing) followed by the tokens of the answer and ``eos``; ``labels`` are those answer tokens.
+    """
+    if not samples:
+        raise ValueError("no calibration samples to encode")
+    tok = processor.tokenizer
+    seqs, n_prompt, pixels = [], [], []
+    for s in samples:
+        if s.image is None:
+            raise ValueError(f"calibration sample {s.id} has no image")
+        enc = processor(text=sample_prompt(s), images=s.image.convert("RGB"), return_tensors="pt")
+        prompt = enc["input_ids"][0]
+        answer = torch.tensor(tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        seqs.append(torch.cat([prompt, answer.to(prompt.dtype)]))
+        n_prompt.append(len(prompt))
+        pixels.append(enc["pixel_values"])
+    T = max(len(x) for x in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, (x, n_p) in enumerate(zip(seqs, n_prompt)):
+        input_ids[r, : len(x)] = x
+        labels[r, n_p: len(x)] = x[n_p:]
+        mask[r, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pixels)}
+
+
 def calibration_fingerprint(batch: dict[str, torch.Tensor]) -> str:
     """12 hex chars of sha1 over the batch's token ids, labels and pixels (identifies the calibration data)."""
     h = hashlib.sha1()

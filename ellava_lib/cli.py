@@ -58,16 +58,36 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tier(args: argparse.Namespace):
+    """The :class:`tier.Tier` the data options describe (a ValueError for a bad combination: exit 2)."""
+    from .tier import Tier, check_device
+
+    tier = Tier(model=str(args.model), data=args.data, data_dir=args.data_dir, judge=getattr(args, "judge", "local"),
+                device=getattr(args, "device", None) or "cpu", dtype=args.dtype)
+    check_device(tier)
+    return tier
+
+
+def _model_dir(spec: str, quiet: bool) -> str | Path:
+    """A hub name as is (loaded in ``--dtype``), else the built-in or folder model it names."""
+    from .loading import HUB_MODELS, resolve_model_dir
+
+    return spec if spec in HUB_MODELS else resolve_model_dir(spec, progress=not quiet)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import io
-    from .evaluate import EvalConfig, evaluate, headline
-    from .loading import load_model
+    from .evaluate import evaluate, headline
+    from .tier import eval_config, load_model, make_judge, place
 
-    cfg = EvalConfig(suites=args.suite, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                     data_seed=args.data_seed)
+    tier = _tier(args)
+    cfg = eval_config(tier, args.limit, suites=args.suite, split=args.split, batch_size=args.batch_size,
+                      data_seed=args.data_seed)
     out = io.ensure_dir(Path(args.out))  # fail before any work if the folder is unusable
-    model, processor = load_model(args.model)
-    frame = evaluate(model, processor, cfg, out, progress=not args.quiet)
+    judge = make_judge(tier, out / "judge")
+    model, processor = load_model(tier, _model_dir(args.model, args.quiet), progress=not args.quiet)
+    model, _ = place(tier, model)
+    frame = evaluate(model, processor, cfg, out, judge, progress=not args.quiet)
     print(headline(frame).round(2).to_string())
     print(f"wrote {out / 'metrics.csv'} and {out / 'predictions.jsonl'}")
     return 0
@@ -81,8 +101,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import shutil
 
     from . import calibration, io, tiny_model
-    from .loading import load_model, resolve_model_dir
     from .policy import GRID_TOL
+    from .tier import calibration_samples, encode_calibration, load_model
     from .prune import parse_nm, prune_model
     from .baselines import measured_mean
     from .sweep import method_policy, solver_for
@@ -102,10 +122,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CLIError(f"output {out} exists and is not an empty folder (pass --force to replace it)")
-    samples = calibration.draw_calibration(args.calib, args.seed)  # ValueError past the pool: exit 2
-    model_dir = resolve_model_dir(args.model, progress=not args.quiet)
-    model, processor = load_model(model_dir, progress=not args.quiet)
-    batch = calibration.encode_calibration(samples, processor)
+    tier = _tier(args)
+    samples = calibration_samples(tier, args.calib, args.seed)  # ValueError past the pool: exit 2
+    model_dir = _model_dir(args.model, args.quiet)
+    model, processor = load_model(tier, model_dir, progress=not args.quiet)
+    batch = encode_calibration(tier, samples, processor)
     t0 = time.time()
     dense_loss = calibration.calibration_loss(model, batch)
     policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
@@ -116,7 +137,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     measured = measured_mean(report)
     extra = {"kind": "pruned", "base_model": str(model_dir), "method": args.method, "solver": solver,
              "sparsity": target, "nm": args.nm, "policy_id": policy.policy_id(), "mean_sparsity": measured,
-             "calibration": {"n": args.calib, "seed": args.seed, "ids": [s.id for s in samples],
+             "calibration": {"n": args.calib, "seed": args.seed, "data": tier.data, "ids": [s.id for s in samples],
                              "loss_dense": dense_loss, "loss_pruned": loss},
              "seconds": round(time.time() - t0, 3)}
     base_meta = Path(model_dir) / "ellava.json"
@@ -146,12 +167,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from . import calibration, io, tiny_model
     from .leveldb import LevelDB, build_level_db
-    from .loading import load_model, resolve_model_dir
     from .objective import per_sample_losses
     from .policy import DEFAULT_GRID
     from .projector import load_projector, set_projector_state
     from .prune import prune_model
     from .search import SearchConfig, check_resume, run_search, search_context
+    from .tier import calibration_samples, encode_calibration, load_model, place
     from .units import list_units
 
     grid = DEFAULT_GRID
@@ -159,7 +180,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise CLIError(f"--sparsity must lie in [{grid[0]}, {grid[-1]}] (the range of the grid), got {args.sparsity}")
     if args.calib < 2:
         raise CLIError(f"--calib must be at least 2, got {args.calib}")
-    if args.calib > calibration.pool_capacity():
+    tier = _tier(args)
+    if tier.data == "synthetic" and args.calib > calibration.pool_capacity():
         raise CLIError(f"--calib {args.calib} exceeds the calibration pool ({calibration.pool_capacity()} samples)")
     cfg = SearchConfig(target=args.sparsity, grid=grid, gap=args.gap, lam=args.lam, loss_kind=args.loss,
                        budget=args.budget, population=args.population, generations=args.generations,
@@ -167,15 +189,15 @@ def cmd_search(args: argparse.Namespace) -> int:
                        seed=args.seed, projector_every=0 if args.no_projector else args.projector_every,
                        projector_steps=args.projector_steps,
                        extra={"model": str(args.model), "calib": args.calib, "vision": args.vision,
-                              "db_method": "sparsegpt"})
+                              "db_method": "sparsegpt", **({} if tier.data == "synthetic" else {"data": tier.data})})
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "search_config.json").is_file())):
         raise CLIError(f"output {out} exists and is not a search folder (no search_config.json)")
     check_resume(out, cfg)  # another config: ValueError naming the differences, before any work
-    samples = calibration.draw_calibration(args.calib, args.seed)
-    model_dir = resolve_model_dir(args.model, progress=not args.quiet)
-    model, processor = load_model(model_dir, progress=not args.quiet)
-    batch = calibration.encode_calibration(samples, processor)
+    samples = calibration_samples(tier, args.calib, args.seed)
+    model_dir = _model_dir(args.model, args.quiet)
+    model, processor = load_model(tier, model_dir, progress=not args.quiet)
+    batch = encode_calibration(tier, samples, processor)
     units = list_units(model, args.vision)
     check_resume(out, cfg, search_context(model, batch, units))
     t0 = time.time()
@@ -185,11 +207,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     db_dir = Path(args.db) if args.db else out / "leveldb"
     build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
                    calib_info={"ids": [s.id for s in samples], "seed": args.seed}, device=args.device)
+    model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
     result = run_search(model, None, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet)
     mode = "assembled"
     if args.exact:
         mode = "exact"
-        model, processor = load_model(model_dir, progress=False)
+        model, processor = load_model(tier, model_dir)
+        model, _ = place(tier, model)
         if result.projector is not None:
             set_projector_state(model, load_projector(result.projector)[0])
         io.write_csv(out / "sparsity.csv", prune_model(model, result.policy, "sparsegpt", batch, sequential=True,
@@ -240,6 +264,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_args(parser: argparse.ArgumentParser, judge: bool = False) -> None:
+    """The tier options shared by eval / prune / search (see :class:`tier.Tier`)."""
+    parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
+                        help="synthetic suite, or the real benchmarks of data_manifests/ (calibration from "
+                             "their training split)")
+    parser.add_argument("--data-dir", default=None,
+                        help="with --data real: local parquet copies in the upstream schema under "
+                             "DIR/<benchmark>/ instead of the Hugging Face hub")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16",
+                        help="weights dtype of a hub model (llava-1.5-7b); built-in and folder models keep theirs")
+    if judge:
+        parser.add_argument("--judge", choices=("local", "gpt"), default="local",
+                            help="mmvet / llavabench judge: local deterministic, or GPT (OPENAI_BASE_URL, "
+                                 "OPENAI_API_KEY, ELLAVA_JUDGE_MODEL from the environment)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ellava", description="EfficientLLaVA reproducibility kit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -248,19 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="retrain even if cached")
     b.set_defaults(func=cmd_build)
 
-    e = sub.add_parser("eval", help="evaluate a model on the synthetic suites")
-    e.add_argument("--model", default="tiny", help="'tiny' or a model folder")
+    e = sub.add_parser("eval", help="evaluate a model on the synthetic suites (or the real benchmarks)")
+    e.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
     e.add_argument("--suite", type=_suites, default=SUITES, help="all, or a comma-separated list")
     e.add_argument("--split", choices=SPLITS, default="test")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--limit", type=_positive_int, default=None, help="first N items per suite")
     e.add_argument("--batch-size", type=_positive_int, default=32)
     e.add_argument("--data-seed", type=int, default=0)
+    e.add_argument("--device", default=None, help="evaluate on this device (e.g. cuda)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _data_args(e, judge=True)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("prune", help="prune a model's language model (calibrated on the calib split)")
-    r.add_argument("--model", default="tiny", help="'tiny' or a model folder")
+    r.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
     r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "owl", "ecoflap"), default="sparsegpt",
                    help="owl / ecoflap allocate a non-uniform policy, then prune it with SparseGPT")
     r.add_argument("--sparsity", type=float, default=None, help="mean sparsity in [0, 1)")
@@ -273,10 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output model folder")
     r.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _data_args(r)
     r.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("search", help="search a per-unit sparsity policy (SRM objective, level database)")
-    s.add_argument("--model", default="tiny", help="'tiny' or a model folder")
+    s.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
     s.add_argument("--sparsity", type=float, required=True, help="target mean sparsity (within the grid, 0-0.9)")
     s.add_argument("--calib", type=int, default=64, help="number of calibration samples")
     s.add_argument("--gap", choices=("none", "capacity", "bernstein"), default="bernstein",
@@ -297,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision", action="store_true", help="search the vision tower's units too")
     s.add_argument("--exact", action="store_true", help="re-prune the final policy sequentially with SparseGPT")
     s.add_argument("--device", default=None, help="build the level database one decoder block at a time on this "
-                                                  "device (e.g. cuda)")
+                                                  "device (e.g. cuda), then search on it")
     s.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _data_args(s)
     s.set_defaults(func=cmd_search)
 
     i = sub.add_parser("inspect", help="list a model's prunable units and parameter counts")
@@ -314,11 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .gpt_judge import JudgeError
     from .loading import ModelLoadError
+    from .real_data import DataLoadError
 
     try:
         return args.func(args)
-    except (CLIError, ModelLoadError, ValueError, OSError) as e:
+    except (CLIError, ModelLoadError, DataLoadError, JudgeError, ValueError, OSError) as e:
         print(f"ellava: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

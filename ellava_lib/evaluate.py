@@ -22,9 +22,16 @@ from .schema import SUITES, Sample
 MAX_NEW_TOKENS = {"sqa": 4, "vizwiz": 6, "mmvet": 8, "llavabench": 64}
 
 
+DATA_KINDS: tuple[str, ...] = ("synthetic", "real")
+
+
 @dataclass
 class EvalConfig:
-    """What to evaluate: suites, split, items per suite (``None`` = the suite's default size), batch."""
+    """What to evaluate: suites, split, items per suite (``None`` = the suite's default size), batch.
+
+    ``data="real"`` reads the real benchmarks through ``data_manifests/`` (their evaluation split; ``split``
+    is then ignored) from the hub, or from local parquet copies under ``data_dir/<benchmark>/``.
+    """
 
     suites: tuple[str, ...] = SUITES
     split: str = "test"
@@ -32,11 +39,18 @@ class EvalConfig:
     n_items: int = 500
     data_seed: int = 0
     batch_size: int = 32
+    data: str = "synthetic"
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.suites = tuple(self.suites)
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}, got {self.data!r}")
         for s in self.suites:
-            synth.check_suite_split(s, self.split)
+            if self.data == "synthetic":
+                synth.check_suite_split(s, self.split)
+            elif s not in SUITES:
+                raise ValueError(f"unknown suite {s!r}; known: {', '.join(SUITES)}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"--limit must be a positive integer, got {self.limit}")
         if self.batch_size <= 0:
@@ -46,9 +60,20 @@ class EvalConfig:
         return min(self.n_items, self.limit) if self.limit is not None else self.n_items
 
 
-def load_samples(cfg: EvalConfig, suite: str) -> list[Sample]:
-    """The evaluation items of one synthetic suite."""
-    return synth.generate(suite, cfg.split, cfg.size(), cfg.data_seed)
+def load_samples(cfg: EvalConfig, suite: str, reports: dict | None = None) -> list[Sample]:
+    """The evaluation items of one suite: generated (synthetic), or loaded from its manifest (real; the
+    load report, with every skipped row and the data's source and revision, goes into ``reports[suite]``)."""
+    if cfg.data == "synthetic":
+        return synth.generate(suite, cfg.split, cfg.size(), cfg.data_seed)
+    from .real_data import load_real_suite
+    from .manifests import SUITE_BENCHMARKS
+
+    benchmark = SUITE_BENCHMARKS[suite]
+    data_dir = Path(cfg.data_dir) / benchmark if cfg.data_dir else None
+    report = load_real_suite(benchmark, limit=cfg.limit, data_dir=data_dir)
+    if reports is not None:
+        reports[suite] = report.summary()
+    return report.samples
 
 
 @torch.no_grad()
@@ -64,7 +89,7 @@ def generate_answers(model, processor, samples: list[Sample], max_new_tokens: in
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
         enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
-                        return_tensors="pt", padding=True)
+                        return_tensors="pt", padding=True).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -94,14 +119,18 @@ def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, jud
     """Evaluate on every suite of ``cfg``; write ``predictions.jsonl`` and ``metrics.csv`` into ``out_dir``."""
     judge = judge or LocalJudge()
     t0 = time.time()
-    samples = {suite: load_samples(cfg, suite) for suite in cfg.suites}
+    reports: dict[str, dict] = {}
+    samples = {suite: load_samples(cfg, suite, reports) for suite in cfg.suites}
     frame, preds_out = evaluate_samples(model, processor, samples, judge, cfg.batch_size, progress)
     if out_dir is not None:
         out_dir = Path(out_dir)
         io.write_jsonl(out_dir / "predictions.jsonl", preds_out)
         io.write_csv(out_dir / "metrics.csv", frame)
-        io.write_json(out_dir / "eval.json", {"config": {**cfg.__dict__, "suites": list(cfg.suites)},
-                                              "seconds": round(time.time() - t0, 2), "judge": judge.name})
+        record = {"config": {**cfg.__dict__, "suites": list(cfg.suites)}, "seconds": round(time.time() - t0, 2),
+                  "judge": judge.name}
+        if reports:
+            record["data"] = reports
+        io.write_json(out_dir / "eval.json", record)
     return frame
 
 

@@ -18,6 +18,8 @@ from .schema import SUITES, Sample
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
 BENCHMARKS: dict[str, str] = {"scienceqa": "sqa", "vizwiz": "vizwiz", "mmvet": "mmvet", "llavabench": "llavabench"}
+#: The benchmark (manifest name) behind each suite.
+SUITE_BENCHMARKS: dict[str, str] = {suite: name for name, suite in BENCHMARKS.items()}
 SAMPLE_FIELDS: frozenset[str] = frozenset(
     {"id", "question", "answer", "image", "choices", "context", "answers", "capabilities", "category"}
 )

@@ -37,6 +37,20 @@ def load_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
     return params
 
 
+def preflight(params: dict) -> None:
+    """Checks that need no notebook, before anything runs: the tier's keys and values, that its device
+    exists here (the paper profile on a machine without CUDA stops now), the cost model's GPU name."""
+    from .costmodel import get_profile
+    from .tier import Tier, check_device
+
+    check_device(Tier.from_dict(params.get("tier")))
+    if "gpu" in params:
+        try:
+            get_profile(str(params["gpu"]))
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
+
+
 #: Python types accepted for each annotation papermill reports (``inferred_type_name``).
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
                                        "list": (list,), "dict": (dict,)}
@@ -69,6 +83,7 @@ def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[
     import papermill as pm
 
     params = {**load_profile(profile), **(overrides or {})}
+    preflight(params)
     threads = params.pop("torch_threads", None)
     if threads:  # the kernels inherit the environment; one thread is fastest for the tiny tier
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

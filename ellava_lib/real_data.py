@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -85,6 +85,7 @@ def load_real_suite(
     local_files_only: bool = False,
     cache_dir: str | Path | None = None,
     hub_loader: HubLoader | None = None,
+    rows: Sequence[int] | None = None,
 ) -> LoadReport:
     """Load a benchmark split and map every row into a :class:`Sample`.
 
@@ -92,6 +93,8 @@ def load_real_suite(
     the calibration repos. ``limit`` keeps the first ``limit`` upstream rows (skips among them are still
     reported). ``data_dir`` (a folder holding ``<split>-*.parquet`` / ``<split>.parquet`` files, searched
     recursively, or a single parquet file) replaces the hub download, with the same mapping code.
+    ``rows`` (upstream row indices, e.g. from :func:`draw_calibration_rows`) loads only those rows; their
+    ids keep the upstream index, so they equal the ids :func:`draw_calibration_ids` returns.
     Otherwise the primary repo is tried, then the fallback; ``source`` says which one was used and
     ``revision`` the resolved commit. Memory: images are decoded eagerly (VizWiz val is ~2 GB of JPEGs).
     """
@@ -100,14 +103,22 @@ def load_real_suite(
     ds, source, revision = _open_split(spec, data_dir, local_files_only, cache_dir, hub_loader)
     warnings = _check_columns(ds, man)
     total = len(ds)
+    indices: list[int] | None = None
+    if rows is not None:
+        indices = sorted(set(int(i) for i in rows))
+        bad = [i for i in indices if not 0 <= i < total]
+        if bad:
+            raise ValueError(f"{man.name}/{spec.split}: row indices {bad[:5]} outside 0..{total - 1}")
+        ds = ds.select(indices)
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        ds = ds.select(range(min(limit, total)))
-    elif data_dir is None and spec.expected_rows is not None and total != spec.expected_rows:
+        ds = ds.select(range(min(limit, len(ds))))
+        indices = None if indices is None else indices[:limit]
+    elif rows is None and data_dir is None and spec.expected_rows is not None and total != spec.expected_rows:
         warnings.append(f"{source} {spec.split}: {total} rows, manifest expects {spec.expected_rows}")
     ds = _raw_images(ds, man)
-    samples, skipped = _map_rows(man, spec.split, ds, total)
+    samples, skipped = _map_rows(man, spec.split, ds, total, indices)
     for w in warnings:
         log.warning(w)
     if skipped:
@@ -224,13 +235,15 @@ def _raw_images(ds: Any, man: Manifest) -> Any:
 
 
 def _map_rows(
-    man: Manifest, split: str, rows: Iterable[dict[str, Any]], total: int
+    man: Manifest, split: str, rows: Iterable[dict[str, Any]], total: int, indices: Sequence[int] | None = None
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Map upstream rows to samples; collect (id, reason) for rows that cannot be used."""
+    """Map upstream rows to samples; collect (id, reason) for rows that cannot be used. ``indices``: the
+    upstream row index of each row (default: their position)."""
     width = max(5, len(str(total)))
     samples: list[Sample] = []
     skipped: list[tuple[str, str]] = []
-    for index, row in enumerate(rows):
+    for pos, row in enumerate(rows):
+        index = indices[pos] if indices is not None else pos
         sid = _row_id(man, split, index, row, width)
         try:
             samples.append(_build_sample(man, split, sid, index, row))
@@ -366,6 +379,34 @@ _SUITE_BUILDERS: dict[str, Callable[[Manifest, dict[str, Any], dict[str, Any]], 
 # --------------------------------------------------------------------------------------------------
 
 
+def rank_rows(num_rows: int, seed: int) -> list[int]:
+    """Every row index of a split, ordered by ``sha256(f"{seed}:{row index}")`` (Python-version independent)."""
+    return sorted(range(num_rows), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+
+
+def draw_calibration_rows(num_rows: int, n: int, seed: int, split: str = "train") -> list[int]:
+    """The first ``n`` rows of :func:`rank_rows`, sorted (a smaller ``n`` gives a subset of a larger one)."""
+    if not 0 < n <= num_rows:
+        raise ValueError(f"n must be in 1..{num_rows} (rows in {split!r}), got {n}")
+    return sorted(rank_rows(num_rows, seed)[:n])
+
+
+def calibration_num_rows(
+    manifest: Manifest | str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | Path | None = None,
+    hub_loader: HubLoader | None = None,
+) -> int:
+    """Number of rows of the manifest's calibration (training) split (read from ``data_dir`` or the hub)."""
+    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    if man.calibration is None:
+        raise ManifestError(f"{man.name}: the manifest has no calibration_split")
+    ds, _, _ = _open_split(man.calibration, data_dir, local_files_only, cache_dir, hub_loader)
+    return len(ds)
+
+
 def draw_calibration_ids(
     manifest: Manifest | str | Path,
     n: int,
@@ -379,10 +420,9 @@ def draw_calibration_ids(
 ) -> list[str]:
     """``n`` ids drawn from the manifest's calibration (training) split, sorted; same inputs, same ids.
 
-    Rows are ranked by ``sha256(f"{seed}:{row index}")`` (independent of the Python version; a smaller
-    ``n`` gives a subset of a larger one). The split size is ``num_rows`` if given, else it is read from
-    the split itself (``data_dir`` or the hub). Ids use the id column if the manifest maps one, else
-    ``<suite>-<split>-<row index>`` as :func:`load_real_suite` does.
+    Rows are chosen by :func:`draw_calibration_rows`. The split size is ``num_rows`` if given, else it is
+    read from the split itself (``data_dir`` or the hub). Ids use the id column if the manifest maps one,
+    else ``<suite>-<split>-<row index>`` as :func:`load_real_suite` does.
     """
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if man.calibration is None:
@@ -393,10 +433,7 @@ def draw_calibration_ids(
     if num_rows is None or id_column is not None:
         ds, _, _ = _open_split(spec, data_dir, local_files_only, cache_dir, hub_loader)
         num_rows = len(ds) if num_rows is None else num_rows
-    if not 0 < n <= num_rows:
-        raise ValueError(f"n must be in 1..{num_rows} (rows in {spec.split!r}), got {n}")
-    ranked = sorted(range(num_rows), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
-    chosen = sorted(ranked[:n])
+    chosen = draw_calibration_rows(num_rows, n, seed, spec.split)
     width = max(5, len(str(num_rows)))
     if id_column is not None and ds is not None:
         column = ds.select_columns([id_column])

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from . import io
 from .accounting import flop_ratio
 from .baselines import ecoflap_policy, measured_mean, owl_policy
-from .evaluate import EvalConfig, compare, evaluate, evaluate_samples
-from .loading import load_model
+from .evaluate import compare, evaluate, evaluate_samples
 from .policy import DEFAULT_GRID, GRID_TOL, Policy
 from .prune import prune_model
+from .tier import Tier, calibration_samples, encode_calibration, eval_config, load_model, make_judge, place
 from .units import list_units
 
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap")
@@ -143,6 +143,10 @@ class SweepSpec:
     search: dict[str, Any] = field(default_factory=dict)
     ellava: dict[str, Any] = field(default_factory=lambda: {"gap": "bernstein", "lam": 1.0, "projector_every": 3})
     calib_eval: bool = True
+    tier: dict[str, Any] = field(default_factory=dict)  # :class:`tier.Tier` fields ({} = the embedded default)
+
+    def get_tier(self) -> Tier:
+        return Tier.from_dict(self.tier)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,11 +173,17 @@ def level_db_dir(out_dir: Path, seed: int, calib_n: int) -> Path:
     return Path(out_dir) / "leveldb" / f"s{seed}-n{calib_n}"
 
 
-def _calibration(processor, seed: int, n: int):
-    from .calibration import draw_calibration, encode_calibration
+def _calibration(tier: Tier, processor, seed: int, n: int):
+    samples = calibration_samples(tier, n, seed)
+    return samples, encode_calibration(tier, samples, processor)
 
-    samples = draw_calibration(n, seed)
-    return samples, encode_calibration(samples, processor)
+
+def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int):
+    """The dense model, its processor, the job's calibration samples and batch, all on the tier's device."""
+    model, processor = load_model(tier, spec.model_dir)
+    samples, batch = _calibration(tier, processor, batch_seed, calib_n)
+    model, batch = place(tier, model, batch)
+    return model, processor, samples, batch
 
 
 def prepare_level_dbs(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, progress: bool = True) -> None:
@@ -183,9 +193,11 @@ def prepare_level_dbs(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, progr
     needed = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
     if not needed:
         return
-    model, processor = load_model(spec.model_dir, progress=False)  # build_level_db leaves it dense
+    tier = spec.get_tier()
+    model, processor = load_model(tier, spec.model_dir)  # build_level_db leaves it dense
     for seed, n in needed:
-        samples, batch = _calibration(processor, seed, n)
+        samples, batch = _calibration(tier, processor, seed, n)
+        model, batch = place(tier, model, batch)
         build_level_db(model, batch, level_db_dir(out_dir, seed, n), DEFAULT_GRID, "sparsegpt",
                        progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
 
@@ -202,8 +214,9 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     if job_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
         shutil.rmtree(job_dir)  # made under another spec: start over (a same-spec search resumes)
     io.write_text(stamp, digest + "\n")
-    model, processor = load_model(spec.model_dir, progress=False)
-    samples, batch = _calibration(processor, job.seed, job.calib_n)
+    tier = spec.get_tier()
+    model, processor, samples, batch = _load(tier, spec, job.seed, job.calib_n)
+    judge = make_judge(tier, Path(out_dir) / "judge")
     t0 = time.time()
     extra: dict[str, Any] = {}
     measured = 0.0
@@ -218,7 +231,8 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         if job.exact:
             from .projector import load_projector, set_projector_state
 
-            model, processor = load_model(spec.model_dir, progress=False)
+            model, processor = load_model(tier, spec.model_dir)
+            model, _ = place(tier, model)
             if result.projector is not None:
                 set_projector_state(model, load_projector(result.projector)[0])
             measured = measured_mean(prune_model(model, policy, "sparsegpt", batch, sequential=True, progress=False))
@@ -234,8 +248,8 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     if policy is not None:
         policy.to_json(job_dir / "policy.json")
         flops = 1.0 / flop_ratio(model, policy, "prefill", "model")
-    cfg_eval = EvalConfig(limit=spec.eval_limit)
-    test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", progress=False)}).iloc[0]
+    cfg_eval = eval_config(tier, spec.eval_limit)
+    test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", judge, progress=False)}).iloc[0]
     row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": digest, "measured": round(measured, 6),
                            "flops_rel": round(flops, 6),
                            **{s: float(test[s]) for s in SUITE_COLUMNS if s in test}, "mean": float(test["mean"])}
@@ -243,7 +257,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         by_suite: dict[str, list] = {}
         for s in samples:
             by_suite.setdefault(s.suite, []).append(s)
-        frame, _ = evaluate_samples(model, processor, by_suite, progress=False)
+        frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False)
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
@@ -260,6 +274,9 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
     """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
     searched methods the resolved search configuration, and the method's :data:`METHOD_REVISION`."""
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
+    tier = spec.get_tier()
+    if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
+        d["tier"] = tier.to_dict()
     if job.method in SEARCH_METHODS:
         d["search"] = search_config(spec, job).to_dict()
     if job.method in METHOD_REVISION:

@@ -27,71 +27,19 @@ from ellava_lib.real_data import (
 )
 from ellava_lib.schema import Sample
 
-CORRUPT = b"\x89PNG\r\n\x1a\n this is not really a png"
+from real_fixtures import (
+    CORRUPT,
+    LLAVA_FEATURES,
+    MMVET_FEATURES,
+    SQA_FEATURES,
+    VIZWIZ_FEATURES,
+    png,
+    sqa_row,
+    write_parquet,
+)
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refuse every non-loopback connection (nothing may download from the hub)."""
-    real_connect = socket.socket.connect
-
-    def guarded(self: socket.socket, address: Any) -> Any:
-        host = address[0] if isinstance(address, tuple) else None
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-            raise RuntimeError(f"test tried to reach the network: {address!r}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-def png(color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB", size: tuple[int, int] = (6, 4)) -> dict:
-    """A tiny PNG as the ``{"bytes", "path"}`` struct of ``datasets.Image``."""
-    buf = io.BytesIO()
-    PIL_Image.new(mode, size, color).save(buf, format="PNG")
-    return {"bytes": buf.getvalue(), "path": None}
-
-
-def write_parquet(path: Path, rows: list[dict[str, Any]], features: Any) -> Path:
-    """Write ``rows`` with hub ``features`` (HF schema metadata included) to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = {name: [r.get(name) for r in rows] for name in features}
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
-    return path
-
-
-S = datasets.Value("string")
-
-# lmms-lab/ScienceQA (config ScienceQA-IMG) / lmms-lab/ScienceQA-IMG card features
-SQA_FEATURES = datasets.Features({
-    "image": datasets.Image(), "question": S, "choices": datasets.Sequence(S), "answer": datasets.Value("int8"),
-    "hint": S, "task": S, "grade": S, "subject": S, "topic": S, "category": S, "skill": S, "lecture": S,
-    "solution": S,
-})
-# lmms-lab/VizWiz-VQA card features
-VIZWIZ_FEATURES = datasets.Features({
-    "question_id": S, "image": datasets.Image(), "question": S, "answers": datasets.Sequence(S), "category": S,
-})
-# lmms-lab/MMVet (columns used by lmms-eval; capability a comma-separated string)
-MMVET_FEATURES = datasets.Features({
-    "question_id": S, "image": datasets.Image(), "question": S, "answer": S, "image_source": S, "capability": S,
-})
-# lmms-lab/llava-bench-in-the-wild card features
-LLAVA_FEATURES = datasets.Features({
-    "question_id": datasets.Value("int8"), "question": S, "image": datasets.Image(), "caption": S,
-    "gpt_answer": S, "category": S, "image_id": S,
-})
-
-
-def sqa_row(i: int, **kw: Any) -> dict[str, Any]:
-    row = {
-        "image": png((i * 20 % 255, 10, 10)), "question": f"Which is item {i}?", "choices": ["cat", "dog", "fish"],
-        "answer": i % 3, "hint": f"Hint {i}.", "task": "closed choice", "grade": "grade3", "subject": "natural science",
-        "topic": "biology", "category": "Animals", "skill": "identify", "lecture": "L", "solution": "S",
-    }
-    row.update(kw)
-    return row
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: nothing may reach the network
 
 
 @pytest.fixture
