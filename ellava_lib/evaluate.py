@@ -20,6 +20,9 @@ from .prompts import sample_prompt
 from .schema import SUITES, Sample
 
 MAX_NEW_TOKENS = {"sqa": 4, "vizwiz": 6, "mmvet": 8, "llavabench": 64}
+#: Real benchmarks: a letter / a word or phrase for ScienceQA and VizWiz; open answers up to 1024 new tokens for
+#: MM-Vet and LLaVA-Bench (LLaVA-1.5's ``model_vqa`` default; lmms-eval's mmvet task uses 1024 too).
+REAL_MAX_NEW_TOKENS = {"sqa": 16, "vizwiz": 16, "mmvet": 1024, "llavabench": 1024}
 
 
 DATA_KINDS: tuple[str, ...] = ("synthetic", "real")
@@ -58,6 +61,11 @@ class EvalConfig:
 
     def size(self) -> int:
         return min(self.n_items, self.limit) if self.limit is not None else self.n_items
+
+
+def generation_budget(data: str) -> dict[str, int]:
+    """Maximum new tokens per suite for ``synthetic`` or ``real`` data."""
+    return REAL_MAX_NEW_TOKENS if data == "real" else MAX_NEW_TOKENS
 
 
 def load_samples(cfg: EvalConfig, suite: str, reports: dict | None = None) -> list[Sample]:
@@ -99,14 +107,17 @@ def generate_answers(model, processor, samples: list[Sample], max_new_tokens: in
 
 
 def evaluate_samples(model, processor, samples: dict[str, list[Sample]], judge: Judge | None = None,
-                     batch_size: int = 32, progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+                     batch_size: int = 32, progress: bool = True,
+                     max_new_tokens: dict[str, int] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """Score given samples (suite -> samples): the metric rows of every suite and one prediction record
-    per sample (``id, suite, category, question, answer, prediction``)."""
+    per sample (``id, suite, category, question, answer, prediction``). ``max_new_tokens`` per suite
+    defaults to :data:`MAX_NEW_TOKENS` (the synthetic suites)."""
     judge = judge or LocalJudge()
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
     rows: list[metrics.MetricRow] = []
     preds_out: list[dict] = []
     for suite, items in samples.items():
-        preds = generate_answers(model, processor, items, MAX_NEW_TOKENS[suite], batch_size, progress,
+        preds = generate_answers(model, processor, items, max_new_tokens[suite], batch_size, progress,
                                  desc=f"eval {suite}")
         rows += metrics.suite_metrics(suite, items, preds, judge)
         preds_out += [{"id": s.id, "suite": suite, "category": s.category, "question": s.question,
@@ -121,7 +132,8 @@ def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, jud
     t0 = time.time()
     reports: dict[str, dict] = {}
     samples = {suite: load_samples(cfg, suite, reports) for suite in cfg.suites}
-    frame, preds_out = evaluate_samples(model, processor, samples, judge, cfg.batch_size, progress)
+    frame, preds_out = evaluate_samples(model, processor, samples, judge, cfg.batch_size, progress,
+                                        generation_budget(cfg.data))
     if out_dir is not None:
         out_dir = Path(out_dir)
         io.write_jsonl(out_dir / "predictions.jsonl", preds_out)

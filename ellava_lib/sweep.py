@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import io
 from .accounting import flop_ratio
 from .baselines import ecoflap_policy, measured_mean, owl_policy
-from .evaluate import compare, evaluate, evaluate_samples
+from .evaluate import compare, evaluate, evaluate_samples, generation_budget
 from .policy import DEFAULT_GRID, GRID_TOL, Policy
 from .prune import prune_model
 from .tier import Tier, calibration_samples, encode_calibration, eval_config, load_model, make_judge, place
@@ -257,7 +257,8 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         by_suite: dict[str, list] = {}
         for s in samples:
             by_suite.setdefault(s.suite, []).append(s)
-        frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False)
+        frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
+                                    max_new_tokens=generation_budget(tier.data))
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
