@@ -105,11 +105,11 @@ def model_record(tier: Tier, train_preset: str = "tiny", force: bool = False) ->
         model_dir = train.build_or_load(train.preset(train_preset), force=force)
         return {"model_dir": str(model_dir), "preset": train_preset, **train.model_meta(model_dir),
                 "tier": tier.to_dict()}
-    if tier.model in structure.CONFIG_ALIASES:
+    from .loading import HUB_MODELS, resolve_model_dir
+
+    if tier.model in HUB_MODELS:  # every hub model has a shipped config (structure.CONFIG_ALIASES)
         info = structure.inspect_model(tier.model, meta=True)
         return {"model_dir": tier.model, "preset": tier.model, "params": info["params_total"], "tier": tier.to_dict()}
-    from .loading import resolve_model_dir
-
     model_dir = resolve_model_dir(tier.model, progress=False)  # a one-line error for a bad folder
     record = train.model_meta(model_dir) if (model_dir / "ellava.json").is_file() else {}
     if "params" not in record:
@@ -168,11 +168,39 @@ def calibration_samples(tier: Tier, n: int, seed: int) -> list[Sample]:
         while len(got) < quota and start < total:
             take = order[start: start + (quota - len(got))]
             start += len(take)
-            got += load_real_suite(name, split=_calib_split(name), rows=take, data_dir=data_dir).samples
+            report = load_real_suite(name, split=_calib_split(name), rows=take, data_dir=data_dir)
+            for sample in report.samples:  # provenance, for record_calibration
+                sample.meta.update(source=report.source, revision=report.revision)
+            got += report.samples
         if len(got) < quota:
             raise ValueError(f"{name}: only {len(got)} usable calibration rows, {quota} requested")
         out += sorted(got, key=lambda s: s.id)
     return out
+
+
+def record_calibration(tier: Tier, samples: list[Sample], seed: int, out_dir: str | Path) -> list[Path]:
+    """Real data: write ``out_dir/<benchmark>.yaml``, the benchmark's manifest plus a ``calibration_drawn``
+    block (seed, n, the drawn ids, the source and revision they came from), so the run's manifests record
+    which training rows calibrated it. Synthetic data: nothing (the ids are in ``calibration.json``)."""
+    import yaml
+
+    from . import io
+    from .manifests import SUITE_BENCHMARKS, _manifest_path
+
+    if tier.data != "real":
+        return []
+    written = []
+    for name in tier.calib_benchmarks:
+        mine = [s for s in samples if SUITE_BENCHMARKS.get(s.suite) == name]
+        raw = yaml.safe_load(_manifest_path(name).read_text())
+        raw["calibration_drawn"] = {
+            "seed": seed, "n": len(mine), "split": _calib_split(name), "ids": [s.id for s in mine],
+            "source": sorted({str(s.meta.get("source")) for s in mine}),
+            "revision": sorted({str(s.meta.get("revision")) for s in mine})}
+        path = Path(out_dir) / f"{name}.yaml"
+        io.write_text(path, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        written.append(path)
+    return written
 
 
 def _calib_split(name: str) -> str:

@@ -1,5 +1,8 @@
-"""Build the tiny LLaVA from scratch on the synthetic suite's train split, in two stages.
+"""Build the tiny LLaVA from scratch on the synthetic suite's train split, in stages.
 
+Stage -1 (induction pretraining, ``induction_steps``): the decoder alone copies random word sequences
+(``w_1..w_n w_1..w_n``, loss on the copy), which forms induction heads; without them the option-letter lookup
+of ``sqa`` ("which option holds the answer?") sits on a plateau for over a thousand steps.
 Stage 0 (language pretraining, standing in for LLaVA's pretrained LLM): the decoder alone learns the same
 tasks with the scene *described in words* instead of shown (``synth.describe``), so lookup, counting, option
 matching and reading are learned on explicit tokens first; loss = answer-token cross-entropy.
@@ -46,6 +49,8 @@ class TrainConfig:
     data_seed: int = 0
     n_train: dict[str, int] = field(default_factory=lambda: {"sqa": 8000, "vizwiz": 6000, "mmvet": 6000,
                                                              "llavabench": 6000})
+    induction_steps: int = 800
+    induction_lr: float = 3e-3
     text_steps: int = 500
     vision_steps: int = 150
     vision_lr: float = 2e-3
@@ -69,20 +74,25 @@ class TrainConfig:
         return cls(**d)
 
     def digest(self) -> str:
-        """Short stable hash of the config (names the cache folder)."""
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        """Short stable hash of the config (names the cache folder). A disabled induction stage trains
+        exactly as before the stage existed, so it hashes as before."""
+        d = self.to_dict()
+        if not d["induction_steps"]:
+            d.pop("induction_steps")
+            d.pop("induction_lr")
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     @classmethod
     def micro(cls) -> "TrainConfig":
         """A model trained in seconds, for tests (it learns little)."""
-        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, text_steps=5, vision_steps=10, align_steps=5,
-                   joint_steps=20, batch_size=16, warmup=5, processes=1)
+        return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, induction_steps=0, text_steps=5,
+                   vision_steps=10, align_steps=5, joint_steps=20, batch_size=16, warmup=5, processes=1)
 
     @classmethod
     def ci(cls) -> "TrainConfig":
         """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
-        return cls(n_train={s: 600 for s in SUITES}, text_steps=40, vision_steps=40, align_steps=30, joint_steps=120,
-                   warmup=20, processes=1)
+        return cls(n_train={s: 600 for s in SUITES}, induction_steps=0, text_steps=40, vision_steps=40, align_steps=30,
+                   joint_steps=120, warmup=20, processes=1)
 
 
 PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
@@ -220,6 +230,34 @@ def _patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[-1][:, 1:]  # the layer and the CLS-dropping the projector sees
 
 
+def induction_batch(word_ids: list[int], size: int, rng: random.Random, bos: int, pad: int,
+                    lengths: tuple[int, int] = (8, 16)) -> dict[str, torch.Tensor]:
+    """A batch of copy sequences ``<s> w_1..w_n w_1 w_2..w_n`` (``n`` uniform in ``lengths``, words drawn
+    from ``word_ids``); labels on ``w_2..w_n`` of the copy, where the next word is predictable only by
+    finding the current word earlier in the sequence and reading what followed it (an induction head)."""
+    rows = []
+    for _ in range(size):
+        ws = [rng.choice(word_ids) for _ in range(rng.randint(*lengths))]
+        ids = [bos, *ws, *ws]
+        labels = [-100] * (len(ws) + 2) + ws[1:]
+        rows.append((ids, labels))
+    T = max(len(r[0]) for r in rows)
+    input_ids = torch.full((size, T), pad, dtype=torch.long)
+    labels = torch.full((size, T), -100, dtype=torch.long)
+    mask = torch.zeros((size, T), dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(ids)] = torch.tensor(lab)
+        mask[r, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def content_word_ids(tokenizer) -> list[int]:
+    """Ids of the vocabulary's words (special tokens and punctuation excluded), sorted by id."""
+    specials = set(tiny_model.SPECIALS)
+    return sorted(i for w, i in tokenizer.get_vocab().items() if w not in specials and any(c.isalnum() for c in w))
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to 10% of the peak learning rate."""
     if step < warmup:
@@ -295,6 +333,21 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
     pad = processor.tokenizer.pad_token_id
     log: list[dict] = []
     model.train()
+    lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+
+    if cfg.induction_steps:
+        words = content_word_ids(processor.tokenizer)
+        rng = random.Random(f"induction/{cfg.seed}")  # same draws in every process; each keeps its share
+        bos = processor.tokenizer.bos_token_id
+
+        def induction_step(step: int) -> dict[str, torch.Tensor]:
+            batch = induction_batch(words, cfg.batch_size, rng, bos, pad)
+            batch = {k: v[rank::world] for k, v in batch.items()}
+            labels = batch.pop("labels")
+            return {"copy": answer_loss(model(**batch).logits, labels)}
+
+        _run_stage(lm_params, cfg.induction_steps, cfg.induction_lr, cfg, induction_step, "induction", log,
+                   progress and rank == 0, world)
 
     def text_step(step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, len(data.text_ids), (cfg.batch_size,), generator=gen).tolist()[rank::world]
@@ -302,7 +355,6 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
         labels = batch.pop("labels")
         return {"text": answer_loss(model(**batch).logits, labels)}
 
-    lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress and rank == 0, world)
 
     def vision_step(step: int) -> dict[str, torch.Tensor]:

@@ -9,11 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from ellava_lib import calibration, pipeline
 from ellava_lib.cli import main as cli_main
 from ellava_lib.gpt_judge import GPTJudge, JudgeError
 from ellava_lib.judge import LocalJudge
+from ellava_lib.manifests import load_manifest
 from ellava_lib.real_data import rank_rows
 from ellava_lib.sweep import Job, SweepSpec, run_job, run_sweep, spec_digest
 from ellava_lib.tier import (
@@ -187,8 +189,25 @@ def test_notebooks_run_on_the_real_tier(micro_model_dir: Path, data_root: Path, 
     assert Tier.from_dict(model_info["tier"]) == tier and model_info["model_dir"] == str(micro_model_dir)
     calib = json.loads((run_dir / "calibration.json").read_text())
     assert calib["data"] == "real" and all(i.startswith("sqa-train-") for i in calib["ids"])
+    run_manifest = load_manifest(run_dir / "data_manifests" / "scienceqa.yaml")  # still a valid manifest
+    drawn = yaml.safe_load((run_dir / "data_manifests" / "scienceqa.yaml").read_text())["calibration_drawn"]
+    assert run_manifest.name == "scienceqa" and drawn["ids"] == calib["ids"] and drawn["split"] == "train"
+    assert drawn["source"] == [f"local:{data_root / 'scienceqa'}"]
     dense = pd.read_csv(run_dir / "tables" / "dense.csv")
     assert len(dense) == 3  # dense, magnitude 50 %, magnitude 70 %
     eval_record = json.loads((run_dir / "eval" / "dense" / "eval.json").read_text())
     assert eval_record["data"]["mmvet"]["samples"] == 3
     assert (run_dir / "tables" / "search_showcase.csv").is_file()
+
+
+def test_model_record_of_a_hub_model_needs_no_download(tmp_path: Path) -> None:
+    """The paper tier's model.json: the 7B's size from the shipped config on the meta device, no weights."""
+    from ellava_lib.loading import ModelLoadError
+    from ellava_lib.tier import model_record
+
+    tier = Tier(model="llava-1.5-7b", data="real", judge="gpt", device="cuda", dtype="float16")
+    record = model_record(tier)
+    assert record["model_dir"] == "llava-1.5-7b" and Tier.from_dict(record["tier"]) == tier
+    assert 7.0e9 < record["params"] < 7.1e9  # LLaVA-1.5-7B: 7.06 B parameters
+    with pytest.raises(ModelLoadError, match="neither"):
+        model_record(Tier(model=str(tmp_path / "missing")))
