@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import synth
 from .prompts import sample_prompt
 from .schema import SUITES, Sample
-from .train import Batchable, collate, encode_pair
+from .train import Batchable, collate, encode_pair, pad_right
 from .units import lm_layers, unit_linears, vision_layers
 
 #: Per-suite pool the calibration samples are drawn from (the first items of each ``calib`` split).
@@ -110,16 +110,8 @@ def encode_with_processor(samples: Sequence[Sample], processor) -> dict[str, tor
         seqs.append(torch.cat([prompt, answer.to(prompt.dtype)]))
         n_prompt.append(len(prompt))
         pixels.append(enc["pixel_values"])
-    T = max(len(x) for x in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for r, (x, n_p) in enumerate(zip(seqs, n_prompt)):
-        input_ids[r, : len(x)] = x
-        labels[r, n_p: len(x)] = x[n_p:]
-        mask[r, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pixels)}
+    return {**pad_right(seqs, n_prompt, pad), "pixel_values": torch.cat(pixels)}
 
 
 def calibration_fingerprint(batch: dict[str, torch.Tensor]) -> str:

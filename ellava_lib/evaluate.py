@@ -73,12 +73,11 @@ def load_samples(cfg: EvalConfig, suite: str, reports: dict | None = None) -> li
     load report, with every skipped row and the data's source and revision, goes into ``reports[suite]``)."""
     if cfg.data == "synthetic":
         return synth.generate(suite, cfg.split, cfg.size(), cfg.data_seed)
-    from .real_data import load_real_suite
     from .manifests import SUITE_BENCHMARKS
+    from .real_data import benchmark_dir, load_real_suite
 
     benchmark = SUITE_BENCHMARKS[suite]
-    data_dir = Path(cfg.data_dir) / benchmark if cfg.data_dir else None
-    report = load_real_suite(benchmark, limit=cfg.limit, data_dir=data_dir)
+    report = load_real_suite(benchmark, limit=cfg.limit, data_dir=benchmark_dir(cfg.data_dir, benchmark))
     if reports is not None:
         reports[suite] = report.summary()
     return report.samples

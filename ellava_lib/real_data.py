@@ -76,6 +76,11 @@ class LoadReport:
         }
 
 
+def benchmark_dir(data_dir: str | Path | None, name: str) -> Path | None:
+    """``data_dir/<benchmark>``: where a tier's local copies of one benchmark live (``None``: the hub)."""
+    return Path(data_dir) / name if data_dir else None
+
+
 def load_real_suite(
     manifest: Manifest | str | Path,
     *,

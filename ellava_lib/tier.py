@@ -148,7 +148,7 @@ def calibration_samples(tier: Tier, n: int, seed: int) -> list[Sample]:
         from .calibration import draw_calibration
 
         return draw_calibration(n, seed)
-    from .real_data import calibration_num_rows, load_real_suite, rank_rows
+    from .real_data import benchmark_dir, calibration_num_rows, load_real_suite, rank_rows
 
     if n <= 0:
         raise ValueError(f"calibration size must be positive, got {n}")
@@ -158,7 +158,7 @@ def calibration_samples(tier: Tier, n: int, seed: int) -> list[Sample]:
         quota = n // K + (1 if k < n % K else 0)
         if quota == 0:
             continue
-        data_dir = _benchmark_dir(tier, name)
+        data_dir = benchmark_dir(tier.data_dir, name)
         total = calibration_num_rows(name, data_dir=data_dir)
         if quota > total:
             raise ValueError(f"{quota} calibration samples exceed the {total} rows of {name}'s calibration split")
@@ -210,10 +210,6 @@ def _calib_split(name: str) -> str:
     if man.calibration is None:
         raise ValueError(f"benchmark {name!r} has no calibration_split in its manifest")
     return man.calibration.split
-
-
-def _benchmark_dir(tier: Tier, name: str) -> Path | None:
-    return Path(tier.data_dir) / name if tier.data_dir else None
 
 
 def encode_calibration(tier: Tier, samples: list[Sample], processor):

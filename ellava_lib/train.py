@@ -160,20 +160,25 @@ def pixel_values(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def pad_right(seqs: list[torch.Tensor], n_prompt: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels``: row ``r`` holds ``seqs[r]``, labelled
+    from position ``n_prompt[r]`` on (the answer), ``-100`` on the prompt and the padding."""
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, (s, n_p) in enumerate(zip(seqs, n_prompt)):
+        input_ids[r, : len(s)] = s
+        labels[r, n_p: len(s)] = s[n_p:]
+        mask[r, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 def collate(data: Batchable, idx: list[int], pad_id: int, text_only: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded batch with labels = ids on answer tokens, -100 elsewhere (``text_only``: the described-scene
     items, without images)."""
     ids, n_prompt = (data.text_ids, data.text_n_prompt) if text_only else (data.ids, data.n_prompt)
-    seqs = [ids[i] for i in idx]
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(idx), T), dtype=torch.long)
-    for r, (i, s) in enumerate(zip(idx, seqs)):
-        input_ids[r, : len(s)] = s
-        labels[r, n_prompt[i]: len(s)] = s[n_prompt[i]:]
-        mask[r, : len(s)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = pad_right([ids[i] for i in idx], [n_prompt[i] for i in idx], pad_id)
     if not text_only:
         batch["pixel_values"] = pixel_values(data.images[idx])
     return batch
@@ -235,21 +240,12 @@ def induction_batch(word_ids: list[int], size: int, rng: random.Random, bos: int
     """A batch of copy sequences ``<s> w_1..w_n w_1 w_2..w_n`` (``n`` uniform in ``lengths``, words drawn
     from ``word_ids``); labels on ``w_2..w_n`` of the copy, where the next word is predictable only by
     finding the current word earlier in the sequence and reading what followed it (an induction head)."""
-    rows = []
+    seqs, n_prompt = [], []
     for _ in range(size):
         ws = [rng.choice(word_ids) for _ in range(rng.randint(*lengths))]
-        ids = [bos, *ws, *ws]
-        labels = [-100] * (len(ws) + 2) + ws[1:]
-        rows.append((ids, labels))
-    T = max(len(r[0]) for r in rows)
-    input_ids = torch.full((size, T), pad, dtype=torch.long)
-    labels = torch.full((size, T), -100, dtype=torch.long)
-    mask = torch.zeros((size, T), dtype=torch.long)
-    for r, (ids, lab) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        labels[r, : len(ids)] = torch.tensor(lab)
-        mask[r, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        seqs.append(torch.tensor([bos, *ws, *ws]))
+        n_prompt.append(len(ws) + 2)  # <s>, the words, and the copy's first word
+    return pad_right(seqs, n_prompt, pad)
 
 
 def content_word_ids(tokenizer) -> list[int]:
