@@ -6,6 +6,7 @@ suite's headline number is its ``overall`` row.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,20 @@ def load_samples(cfg: EvalConfig, suite: str, reports: dict | None = None) -> li
     if cfg.data == "synthetic":
         return synth.generate(suite, cfg.split, cfg.size(), cfg.data_seed)
     from .manifests import SUITE_BENCHMARKS
-    from .real_data import benchmark_dir, load_real_suite
 
-    benchmark = SUITE_BENCHMARKS[suite]
-    report = load_real_suite(benchmark, limit=cfg.limit, data_dir=benchmark_dir(cfg.data_dir, benchmark))
+    report = _real_split(SUITE_BENCHMARKS[suite], cfg.limit, cfg.data_dir)
     if reports is not None:
         reports[suite] = report.summary()
-    return report.samples
+    return list(report.samples)
+
+
+@functools.lru_cache(maxsize=8)
+def _real_split(benchmark: str, limit: int | None, data_dir: str | None):
+    """One benchmark's evaluation split, loaded (and its images decoded) once per process: a sweep evaluates
+    every job on the same items, and VizWiz val alone is ~2 GB of JPEGs."""
+    from .real_data import benchmark_dir, load_real_suite
+
+    return load_real_suite(benchmark, limit=limit, data_dir=benchmark_dir(data_dir, benchmark))
 
 
 @torch.no_grad()

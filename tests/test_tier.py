@@ -211,3 +211,21 @@ def test_model_record_of_a_hub_model_needs_no_download(tmp_path: Path) -> None:
     assert 7.0e9 < record["params"] < 7.1e9  # LLaVA-1.5-7B: 7.06 B parameters
     with pytest.raises(ModelLoadError, match="neither"):
         model_record(Tier(model=str(tmp_path / "missing")))
+
+
+def test_real_splits_are_loaded_once_per_process(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sweep job evaluates on the same items: the split is read and decoded once, and callers get
+    their own list."""
+    from ellava_lib import evaluate, real_data
+
+    calls = []
+    real_load = real_data.load_real_suite
+    monkeypatch.setattr(real_data, "load_real_suite", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    evaluate._real_split.cache_clear()
+    cfg = eval_config(real(data_root), 5)
+    first = evaluate.load_samples(cfg, "mmvet")
+    first.pop()
+    again = evaluate.load_samples(cfg, "mmvet")
+    assert len(calls) == 1 and len(again) == 5 and [s.id for s in again[:4]] == [s.id for s in first]
+    evaluate.load_samples(eval_config(real(data_root), 4), "mmvet")  # another size is another split
+    assert len(calls) == 2
