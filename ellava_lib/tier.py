@@ -158,8 +158,9 @@ def calibration_samples(tier: Tier, n: int, seed: int) -> list[Sample]:
         quota = n // K + (1 if k < n % K else 0)
         if quota == 0:
             continue
+        man = _calibration_manifest(name)
         data_dir = benchmark_dir(tier.data_dir, name)
-        total = calibration_num_rows(name, data_dir=data_dir)
+        total = calibration_num_rows(man, data_dir=data_dir)
         if quota > total:
             raise ValueError(f"{quota} calibration samples exceed the {total} rows of {name}'s calibration split")
         order = rank_rows(total, seed)  # its first `quota` rows are draw_calibration_rows(total, quota, seed)
@@ -168,7 +169,7 @@ def calibration_samples(tier: Tier, n: int, seed: int) -> list[Sample]:
         while len(got) < quota and start < total:
             take = order[start: start + (quota - len(got))]
             start += len(take)
-            report = load_real_suite(name, split=_calib_split(name), rows=take, data_dir=data_dir)
+            report = load_real_suite(man, split=man.calibration.split, rows=take, data_dir=data_dir)
             for sample in report.samples:  # provenance, for record_calibration
                 sample.meta.update(source=report.source, revision=report.revision)
             got += report.samples
@@ -194,7 +195,8 @@ def record_calibration(tier: Tier, samples: list[Sample], seed: int, out_dir: st
         mine = [s for s in samples if SUITE_BENCHMARKS.get(s.suite) == name]
         raw = yaml.safe_load(_manifest_path(name).read_text())
         raw["calibration_drawn"] = {
-            "seed": seed, "n": len(mine), "split": _calib_split(name), "ids": [s.id for s in mine],
+            "seed": seed, "n": len(mine), "split": _calibration_manifest(name).calibration.split,
+            "ids": [s.id for s in mine],
             "source": sorted({str(s.meta.get("source")) for s in mine}),
             "revision": sorted({str(s.meta.get("revision")) for s in mine})}
         path = Path(out_dir) / f"{name}.yaml"
@@ -203,13 +205,14 @@ def record_calibration(tier: Tier, samples: list[Sample], seed: int, out_dir: st
     return written
 
 
-def _calib_split(name: str) -> str:
+def _calibration_manifest(name: str):
+    """The benchmark's manifest; a clear error when it names no calibration (training) split."""
     from .manifests import load_manifest
 
     man = load_manifest(name)
     if man.calibration is None:
         raise ValueError(f"benchmark {name!r} has no calibration_split in its manifest")
-    return man.calibration.split
+    return man
 
 
 def encode_calibration(tier: Tier, samples: list[Sample], processor):
