@@ -250,11 +250,20 @@ def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int]
 
 def ecoflap_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float, floor: float = 0.2,
                    eps: float = 1e-3, seed: int = 0, draws: int = 4, grid: tuple[float, ...] = DEFAULT_GRID,
-                   include_vision: bool = False, progress: bool = False) -> Policy:
+                   include_vision: bool = False, progress: bool = False,
+                   importance: Mapping[str, float] | None = None) -> Policy:
     """ECoFLaP-style policy: :func:`zeroth_order_importance` -> :func:`ecoflap_allocation` ->
-    :func:`round_to_grid`. ``meta`` keeps the importances and the continuous allocation."""
+    :func:`round_to_grid`. ``meta`` keeps the importances and the continuous allocation.
+
+    ``importance``: scores already computed for this model and calibration batch (they do not depend on the
+    sparsity, so one computation serves every sparsity); must name every unit."""
     sizes = list_units(model, include_vision)
-    importance = zeroth_order_importance(model, calib_batch, eps, draws, seed, include_vision, progress)
+    if importance is None:
+        importance = zeroth_order_importance(model, calib_batch, eps, draws, seed, include_vision, progress)
+    missing = sorted(set(sizes) - set(importance))
+    if missing:
+        raise ValueError(f"importance misses units {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    importance = {u: float(importance[u]) for u in sizes}
     raw = ecoflap_allocation(importance, sizes, sparsity, floor, grid)
     meta = {"method": "ecoflap", "target": sparsity, "floor": floor, "eps": eps, "draws": draws, "seed": seed,
             "importance": importance, "continuous": raw}

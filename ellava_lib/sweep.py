@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .accounting import flop_ratio
-from .baselines import ecoflap_policy, measured_mean, owl_policy
+from .baselines import ecoflap_policy, measured_mean, owl_policy, zeroth_order_importance
 from .evaluate import compare, evaluate, evaluate_samples, generation_budget
 from .policy import DEFAULT_GRID, GRID_TOL, Policy
 from .prune import prune_model
@@ -60,12 +60,15 @@ METHOD_REVISION: dict[str, int] = {"owl": 2}
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
-                  include_vision: bool = False, progress: bool = False) -> Policy:
-    """The policy a baseline prunes with: OWL and ECoFLaP allocate per unit, the others are uniform."""
+                  include_vision: bool = False, progress: bool = False,
+                  importance: dict[str, float] | None = None) -> Policy:
+    """The policy a baseline prunes with: OWL and ECoFLaP allocate per unit, the others are uniform.
+    ``importance``: ECoFLaP's unit scores when already computed (:func:`ecoflap_importance`)."""
     if method == "owl":  # continuous, as OWL prunes (its +-lam moves vanish on the 0.1 grid)
         return owl_policy(model, batch, sparsity, include_vision=include_vision, progress=progress, on_grid=False)
     if method == "ecoflap":
-        return ecoflap_policy(model, batch, sparsity, seed=seed, include_vision=include_vision, progress=progress)
+        return ecoflap_policy(model, batch, sparsity, seed=seed, include_vision=include_vision, progress=progress,
+                              importance=importance)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     on_grid = any(abs(sparsity - g) <= GRID_TOL for g in DEFAULT_GRID)
@@ -186,20 +189,61 @@ def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int):
     return model, processor, samples, batch
 
 
-def prepare_level_dbs(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, progress: bool = True) -> None:
-    """Build (or resume) the level database of every (seed, calib_n) a searched job needs."""
+def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False) -> None:
+    """Build (or resume) the level database of one (seed, calib_n)."""
     from .leveldb import build_level_db
 
-    needed = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
-    if not needed:
-        return
-    tier = spec.get_tier()
-    model, processor = load_model(tier, spec.model_dir)  # build_level_db leaves it dense
-    for seed, n in needed:
-        samples, batch = _calibration(tier, processor, seed, n)
-        model, batch = place(tier, model, batch)
-        build_level_db(model, batch, level_db_dir(out_dir, seed, n), DEFAULT_GRID, "sparsegpt",
-                       progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
+    model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
+    build_level_db(model, batch, level_db_dir(out_dir, seed, calib_n), DEFAULT_GRID, "sparsegpt",
+                   progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
+
+
+def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
+    """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
+    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n}
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ecoflap_importance_path(out_dir: Path, seed: int, calib_n: int) -> Path:
+    return Path(out_dir) / "ecoflap" / f"s{seed}-n{calib_n}.json"
+
+
+def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, model: nn.Module | None = None,
+                       batch: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """ECoFLaP's zeroth-order unit importances (:func:`baselines.zeroth_order_importance`) for the calibration
+    draw ``(seed, calib_n)``: they do not depend on the sparsity, so a sweep computes them once and keeps them
+    in ``out_dir/ecoflap/s<seed>-n<n>.json`` (recomputed when the model or tier changed). ``model`` / ``batch``:
+    the dense model and that draw's batch when the caller holds them (else loaded)."""
+    path = ecoflap_importance_path(out_dir, seed, calib_n)
+    key = _ecoflap_key(spec, seed, calib_n)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["importance"]
+    if model is None or batch is None:
+        model, _, _, batch = _load(spec.get_tier(), spec, seed, calib_n)
+    importance = zeroth_order_importance(model, batch, seed=seed)
+    io.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance})
+    return importance
+
+
+def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch: dict[str, torch.Tensor]) -> Policy:
+    """The policy a baseline job prunes with (:func:`method_policy`; ECoFLaP's importances come from the
+    sweep's cache, :func:`ecoflap_importance`). ``model`` dense, ``batch`` the job's calibration batch."""
+    importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
+                  if job.method == "ecoflap" else None)
+    return method_policy(model, batch, job.method, job.sparsity, job.seed, importance=importance)
+
+
+def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[Callable, tuple]]:
+    """What several jobs share, to compute before them: level databases (searched methods) and ECoFLaP
+    importances, one per (seed, calib_n)."""
+    tasks: list[tuple[Callable, tuple]] = []
+    for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS}):
+        tasks.append((prepare_level_db, (spec, seed, n, out_dir)))
+    for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method == "ecoflap"}):
+        tasks.append((ecoflap_importance, (spec, seed, n, out_dir)))
+    return tasks
 
 
 def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
@@ -239,7 +283,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         else:
             measured = float(policy.meta["mean_sparsity"])
     elif job.method != "dense":
-        policy = method_policy(model, batch, job.method, job.sparsity, job.seed)
+        policy = job_policy(job, spec, out_dir, model, batch)
         measured = measured_mean(prune_model(model, policy, solver_for(job.method), batch, progress=False))
     else:
         policy = None
@@ -304,9 +348,11 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
     if len(set(names)) != len(names):
         raise ValueError("duplicate jobs in the sweep")
     todo = [j for j in jobs if _done(out_dir, j, spec) is None]
-    prepare_level_dbs(spec, todo, out_dir, progress=False)
+    prep = _prepare_tasks(spec, todo, out_dir)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
     if workers <= 1 or len(todo) <= 1:
+        for fn, args in prep:
+            fn(*args)
         for job in todo:
             row = run_job(job, spec, out_dir)
             bar.update(1)
@@ -317,6 +363,8 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(threads,)) as pool:
+            for fut in [pool.submit(fn, *args) for fn, args in prep]:  # shared inputs first, in parallel
+                fut.result()
             futures = {pool.submit(run_job, job, spec, out_dir): job for job in todo}
             for fut in as_completed(futures):
                 row = fut.result()

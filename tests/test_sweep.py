@@ -89,3 +89,35 @@ def test_main_table_mean_std_and_margin():
     assert shown.loc[2, "mean (test)"] == "56.0 ± 1.0" and shown.loc[2, "method"] == "EfficientLLaVA"
     margin = tables.best_baseline_margin(table, baselines=("wanda",)).iloc[0]
     assert margin["margin"] == pytest.approx(5.0) and margin["share_of_dense_%"] == pytest.approx(56 / 60 * 100)
+
+
+def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, tmp_path, monkeypatch):
+    from ellava_lib import baselines, tier
+    from ellava_lib.policy import Policy
+
+    calls = []
+    real = sweep.zeroth_order_importance
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "zeroth_order_importance", counting)
+    spec = SweepSpec(str(micro_model_dir), eval_limit=2, calib_eval=False)
+    jobs = [Job("ecoflap", 0.5, 0, 8), Job("ecoflap", 0.6, 0, 8)]
+    sweep.run_sweep(spec, jobs, tmp_path, progress=False)
+    assert calls == [0]  # one computation serves both sparsities
+    cache = sweep.ecoflap_importance_path(tmp_path, 0, 8)
+    stored = json.loads(cache.read_text())
+    pols = [Policy.from_json(tmp_path / "jobs" / j.name() / "policy.json") for j in jobs]
+    assert pols[0].meta["importance"] == pols[1].meta["importance"] == stored["importance"]
+    # the same policy as computing the importances inside ecoflap_policy
+    model, _, _, batch = sweep._load(tier.Tier(), spec, 0, 8)
+    direct = baselines.ecoflap_policy(model, batch, 0.6, seed=0)
+    assert direct.sparsities == pols[1].sparsities
+    # a cache made for another model or tier is not used
+    cache.write_text(json.dumps({**stored, "key": "stale"}))
+    sweep.ecoflap_importance(spec, 0, 8, tmp_path)
+    assert calls == [0, 0] and json.loads(cache.read_text())["key"] == stored["key"]
+    with pytest.raises(ValueError, match="importance misses units"):
+        baselines.ecoflap_policy(model, batch, 0.6, importance={"nope": 1.0})
