@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "latency.py"
 
 
 @pytest.fixture(scope="module")
 def latency():
-    spec = importlib.util.spec_from_file_location("latency_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("latency")
 
 
 RECORD = {"model": "tiny", "component": "model", "phase": "prefill", "sparsity": 0.7, "pattern": "unstructured",
