@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ellava_lib import synth, tiny_model, train
-from ellava_lib.prompts import SQA_SUFFIX, chat_prompt, question_text
+from ellava_lib.prompts import chat_prompt, question_text
 from ellava_lib.tiny_model import TinyConfig
 
 Encoded = tuple[torch.Tensor, int, list[int]]  # ids, prompt length, ids of the correct option's words
@@ -46,17 +45,12 @@ def encode_items(tok, items: list[synth.Item], suite: str, split: str, drill: bo
     for i, it in enumerate(items):
         if it.scene.degrade:
             continue
-        value_ids: list[int] = []
-        if suite == "sqa":
-            value = it.choices[synth.LETTERS.index(it.answer)]
-            value_ids = tok(" " + value, add_special_tokens=False)["input_ids"]
         if drill:
-            opts = "\n".join(f"{synth.LETTERS[j]}. {c}" for j, c in enumerate(it.choices))
-            text = f"Which option is {value} ?\n{opts}\n{SQA_SUFFIX}"
+            text = train.drill_text(it)
         else:
             text = f"{synth.describe(it.scene)}\n{question_text(synth.to_sample(it, suite, split, i, render=False))}"
         seq, n_p = train.encode_pair(tok, chat_prompt(text, with_image=False), it.answer)
-        out.append((seq, n_p, value_ids))
+        out.append((seq, n_p, train.value_ids(tok, it) if suite == "sqa" else []))
     return out
 
 
@@ -76,17 +70,6 @@ def letter_accuracy(model, data: list[Encoded], pad: int, batch: int = 64) -> li
         hits += (pred == torch.tensor([int(x[0][x[1]]) for x in xs])).tolist()
     model.train()
     return hits
-
-
-def aux_value_loss(model, hidden: torch.Tensor, xs: list[Encoded]) -> torch.Tensor | None:
-    """Logit-lens loss at the answer position of the sqa rows: mean over the option's words of
-    ``-log softmax(lm_head(norm(h)))``; None when the batch has no sqa row."""
-    rows = [r for r, x in enumerate(xs) if x[2]]
-    if not rows:
-        return None
-    h = hidden[rows, [xs[r][1] - 1 for r in rows]]
-    logp = F.log_softmax(model.lm_head(model.model.language_model.norm(h)), -1)
-    return torch.stack([-logp[k, xs[r][2]].mean() for k, r in enumerate(rows)]).mean()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         labels = b.pop("labels")
         out = model(**b, output_hidden_states=bool(a.aux_layer))
         losses = {"text": train.answer_loss(out.logits, labels)}
-        aux = aux_value_loss(model, out.hidden_states[a.aux_layer], xs) if a.aux_layer else None
+        aux = (train.value_loss(model, out.hidden_states[a.aux_layer], [x[1] - 1 for x in xs], [x[2] for x in xs])
+               if a.aux_layer else None)
         if aux is not None:
             losses["aux"] = aux
         return losses

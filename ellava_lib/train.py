@@ -5,14 +5,20 @@ Stage -1 (induction pretraining, ``induction_steps``): the decoder alone copies 
 of ``sqa`` ("which option holds the answer?") sits on a plateau for over a thousand steps.
 Stage 0 (language pretraining, standing in for LLaVA's pretrained LLM): the decoder alone learns the same
 tasks with the scene *described in words* instead of shown (``synth.describe``), so lookup, counting, option
-matching and reading are learned on explicit tokens first; loss = answer-token cross-entropy.
+matching and reading are learned on explicit tokens first; loss = answer-token cross-entropy. A share
+``drill_frac`` of the rows are option-matching drills (:func:`drill_text`: the value is given, only the letter is
+asked), and on ``sqa`` rows a logit-lens *value loss* (:func:`value_loss`, weight ``value_weight``) asks decoder
+layer ``value_layer``'s state at the answer position to name the correct option's words, so the answer value
+is formed before the layers that match it to a letter (``benchmarks/sqa_probe.py`` measured each lever).
 Stage 1 (vision pretraining): the CLIP tower learns the generator's per-cell attribute labels (colour and
 kind of the object in each patch) with two linear heads, loss ``CE(colour) + CE(kind)``.
 Stage 2 (projector alignment, as LLaVA's stage 1): the projector (and the word embeddings) learn to map each
 patch next to the words naming its content: with ``z`` the projected patch and ``E`` the input-embedding
 matrix, logits ``z E^T`` and loss ``CE(colour word) + CE(shape or glyph word)``.
 Stage 3 (joint): everything on the instruction data of all four suites, loss = answer-token cross-entropy
-+ ``aux_weight`` x (stage-1 loss + stage-2 loss), which keeps the tower grounded and the patches aligned.
++ ``aux_weight`` x (stage-1 loss + stage-2 loss), which keeps the tower grounded and the patches aligned
+(+ ``joint_value_weight`` x the value loss on the ``sqa`` rows; off by default: at weight 1 it lowered every
+suite's dense score, ``sqa`` included, in the build that tried it).
 All stages use AdamW with linear warm-up and cosine decay; everything is seeded.
 """
 
@@ -35,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes, synth, tiny_model
-from .prompts import chat_prompt, question_text
+from .prompts import SQA_SUFFIX, chat_prompt, question_text
 from .schema import SUITES
 from .tiny_model import TinyConfig
 
@@ -49,9 +55,13 @@ class TrainConfig:
     data_seed: int = 0
     n_train: dict[str, int] = field(default_factory=lambda: {"sqa": 8000, "vizwiz": 6000, "mmvet": 6000,
                                                              "llavabench": 6000})
-    induction_steps: int = 800
+    induction_steps: int = 1500
     induction_lr: float = 3e-3
-    text_steps: int = 500
+    text_steps: int = 750
+    drill_frac: float = 0.3
+    value_layer: int = 3
+    value_weight: float = 1.0
+    joint_value_weight: float = 0.0
     vision_steps: int = 150
     vision_lr: float = 2e-3
     align_steps: int = 150
@@ -74,25 +84,32 @@ class TrainConfig:
         return cls(**d)
 
     def digest(self) -> str:
-        """Short stable hash of the config (names the cache folder). A disabled induction stage trains
-        exactly as before the stage existed, so it hashes as before."""
+        """Short stable hash of the config (names the cache folder). A disabled lever (induction stage,
+        drills, value loss) trains exactly as before it existed, so it hashes as before."""
         d = self.to_dict()
-        if not d["induction_steps"]:
-            d.pop("induction_steps")
-            d.pop("induction_lr")
+        for switch, fields in _OPTIONAL_LEVERS.items():
+            if not d[switch]:
+                for f in fields:
+                    d.pop(f)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     @classmethod
     def micro(cls) -> "TrainConfig":
         """A model trained in seconds, for tests (it learns little)."""
         return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, induction_steps=0, text_steps=5,
-                   vision_steps=10, align_steps=5, joint_steps=20, batch_size=16, warmup=5, processes=1)
+                   vision_steps=10, align_steps=5, joint_steps=20, batch_size=16, warmup=5, processes=1,
+                   drill_frac=0.0, value_layer=0)
 
     @classmethod
     def ci(cls) -> "TrainConfig":
         """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
         return cls(n_train={s: 600 for s in SUITES}, induction_steps=0, text_steps=40, vision_steps=40, align_steps=30,
-                   joint_steps=120, warmup=20, processes=1)
+                   joint_steps=120, warmup=20, processes=1, drill_frac=0.0, value_layer=0)
+
+
+# switch field -> the fields it makes meaningful (dropped from the digest when the switch is off)
+_OPTIONAL_LEVERS = {"induction_steps": ("induction_steps", "induction_lr"), "drill_frac": ("drill_frac",),
+                    "value_layer": ("value_layer", "value_weight", "joint_value_weight")}
 
 
 PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
@@ -117,6 +134,11 @@ class Batchable:
     kind: torch.Tensor
     text_ids: list[torch.Tensor] = field(default_factory=list)
     text_n_prompt: list[int] = field(default_factory=list)
+    value: list[list[int]] = field(default_factory=list)  # per image item: ids of the correct option's words
+    text_value: list[list[int]] = field(default_factory=list)  # the same per text item ([] outside sqa)
+    drill_ids: list[torch.Tensor] = field(default_factory=list)
+    drill_n_prompt: list[int] = field(default_factory=list)
+    drill_value: list[list[int]] = field(default_factory=list)
 
 
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]:
@@ -128,27 +150,52 @@ def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]
     return torch.tensor(p + a), len(p)
 
 
+def drill_text(item: synth.Item) -> str:
+    """The option-matching drill of a multiple-choice item: the answer's value is given and only its letter is
+    asked (``Which option is {value} ?`` + the options + the ScienceQA instruction)."""
+    value = item.choices[synth.LETTERS.index(item.answer)]
+    options = "\n".join(f"{synth.LETTERS[j]}. {c}" for j, c in enumerate(item.choices))
+    return f"Which option is {value} ?\n{options}\n{SQA_SUFFIX}"
+
+
+def value_ids(tokenizer, item: synth.Item) -> list[int]:
+    """Token ids of the correct option's words of a multiple-choice item (``[]`` for an open item)."""
+    if not item.choices:
+        return []
+    return tokenizer(" " + item.choices[synth.LETTERS.index(item.answer)], add_special_tokens=False)["input_ids"]
+
+
 def encode_train(cfg: TrainConfig, processor) -> Batchable:
-    """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded."""
+    """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded; the
+    described-scene text items and the ``sqa`` drills beside them."""
     tok = processor.tokenizer
-    images, ids, n_prompt, colour, kind, text_ids, text_n_prompt = [], [], [], [], [], [], []
+    out = Batchable(torch.empty(0), [], [], torch.empty(0), torch.empty(0))
+    images, colour, kind = [], [], []
     for suite in SUITES:
         for i, item in enumerate(synth.generate_items(suite, "train", cfg.n_train[suite], cfg.data_seed)):
             sample = synth.to_sample(item, suite, "train", i, render=False)
+            value = value_ids(tok, item) if suite == "sqa" else []
             seq, n_p = encode_pair(tok, chat_prompt(question_text(sample)), item.answer)
-            ids.append(seq)
-            n_prompt.append(n_p)
+            out.ids.append(seq)
+            out.n_prompt.append(n_p)
+            out.value.append(value)
             if not item.scene.degrade:
                 text = f"{synth.describe(item.scene)}\n{question_text(sample)}"
                 seq, n_p = encode_pair(tok, chat_prompt(text, with_image=False), item.answer)
-                text_ids.append(seq)
-                text_n_prompt.append(n_p)
+                out.text_ids.append(seq)
+                out.text_n_prompt.append(n_p)
+                out.text_value.append(value)
+                if value:
+                    seq, n_p = encode_pair(tok, chat_prompt(drill_text(item), with_image=False), item.answer)
+                    out.drill_ids.append(seq)
+                    out.drill_n_prompt.append(n_p)
+                    out.drill_value.append(value)
             images.append(np.asarray(scenes.render(item.scene)))
             c, k = scenes.cell_labels(item.scene)
             colour.append(c)
             kind.append(k)
-    return Batchable(torch.from_numpy(np.stack(images)), ids, n_prompt, torch.tensor(colour), torch.tensor(kind),
-                     text_ids, text_n_prompt)
+    out.images, out.colour, out.kind = torch.from_numpy(np.stack(images)), torch.tensor(colour), torch.tensor(kind)
+    return out
 
 
 def pixel_values(images_u8: torch.Tensor) -> torch.Tensor:
@@ -208,6 +255,20 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = labels != -100
     return ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def value_loss(model, hidden: torch.Tensor, answer_pos: list[int], values: list[list[int]],
+               norm: float | None = None) -> torch.Tensor | None:
+    """Logit-lens loss on the rows B' that have a value: with ``h_b`` the layer state at row b's answer
+    position and ``V_b`` the ids of its correct option's words,
+    ``(1/|B'|) sum_{b in B'} (1/|V_b|) sum_{w in V_b} -log softmax(W_out norm(h_b))_w``
+    (``norm`` replaces ``|B'|`` when given). None when no row has a value."""
+    rows = [r for r, v in enumerate(values) if v]
+    if not rows:
+        return None
+    h = hidden[rows, [answer_pos[r] for r in rows]]
+    logp = F.log_softmax(model.lm_head(model.model.language_model.norm(h)), -1)
+    return torch.stack([-logp[k, values[r]].mean() for k, r in enumerate(rows)]).sum() / (norm or len(rows))
 
 
 def cell_word_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,6 +392,16 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
     model.train()
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
 
+    def _value_term(out, answer_pos: list[int], values: list[list[int]], n_global: int,
+                    weight: float) -> dict[str, torch.Tensor]:
+        """``{"value": value_weight x value_loss}`` over this process's rows, normalised by the ``n_global``
+        value rows of the whole batch times ``world`` so the all-reduce mean is the global batch's loss; every
+        process reports the term (zero when its share has no sqa row) so the all-reduce sees the same keys."""
+        if not cfg.value_layer or not weight:
+            return {}
+        v = value_loss(model, out.hidden_states[cfg.value_layer], answer_pos, values, norm=max(n_global, 1) / world)
+        return {"value": weight * v if v is not None else out.logits.new_zeros(())}
+
     if cfg.induction_steps:
         words = content_word_ids(processor.tokenizer)
         rng = random.Random(f"induction/{cfg.seed}")  # same draws in every process; each keeps its share
@@ -346,10 +417,20 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
                    progress and rank == 0, world)
 
     def text_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, len(data.text_ids), (cfg.batch_size,), generator=gen).tolist()[rank::world]
-        batch = collate(data, idx, pad, text_only=True)
+        idx = torch.randint(0, len(data.text_ids), (cfg.batch_size,), generator=gen).tolist()
+        rows = [(data.text_ids[i], data.text_n_prompt[i], data.text_value[i]) for i in idx]
+        if cfg.drill_frac > 0 and data.drill_ids:
+            is_drill = (torch.rand(cfg.batch_size, generator=gen) < cfg.drill_frac).tolist()
+            didx = torch.randint(0, len(data.drill_ids), (cfg.batch_size,), generator=gen).tolist()
+            rows = [(data.drill_ids[j], data.drill_n_prompt[j], data.drill_value[j]) if d else r
+                    for r, d, j in zip(rows, is_drill, didx)]
+        n_value = sum(bool(r[2]) for r in rows)
+        rows = rows[rank::world]
+        batch = pad_right([r[0] for r in rows], [r[1] for r in rows], pad)
         labels = batch.pop("labels")
-        return {"text": answer_loss(model(**batch).logits, labels)}
+        out = model(**batch, output_hidden_states=bool(cfg.value_layer))
+        return {"text": answer_loss(out.logits, labels),
+                **_value_term(out, [r[1] - 1 for r in rows], [r[2] for r in rows], n_value, cfg.value_weight)}
 
     _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress and rank == 0, world)
 
@@ -373,10 +454,15 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
     _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress and rank == 0, world)
 
     def joint_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()[rank::world]
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
+        n_value = sum(bool(data.value[i]) for i in idx)
+        idx = idx[rank::world]
         batch = collate(data, idx, pad)
         labels = batch.pop("labels")
-        losses = {"answer": answer_loss(model(**batch).logits, labels)}
+        out = model(**batch, output_hidden_states=bool(cfg.value_layer and cfg.joint_value_weight))
+        losses = {"answer": answer_loss(out.logits, labels),
+                  **_value_term(out, [data.n_prompt[i] - 1 for i in idx], [data.value[i] for i in idx], n_value,
+                                cfg.joint_value_weight)}
         if cfg.aux_weight > 0:
             feats = _patch_features(model, batch["pixel_values"])
             colour, kind = data.colour[idx], data.kind[idx]

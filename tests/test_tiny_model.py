@@ -105,10 +105,11 @@ def test_data_parallel_training_matches_one_process():
 
     from ellava_lib.train import TrainConfig, train
 
-    cfg = replace(TrainConfig.micro(), induction_steps=4, text_steps=6, vision_steps=2, align_steps=2, joint_steps=2)
+    cfg = replace(TrainConfig.micro(), induction_steps=4, text_steps=6, vision_steps=2, align_steps=2, joint_steps=2,
+                  drill_frac=0.5, value_layer=1, joint_value_weight=0.5)
     _, _, log1 = train(cfg, progress=False)
     model2, _, log2 = train(replace(cfg, processes=2), progress=False)
-    for stage, key, n in (("induction", "copy", 4), ("text", "text", 6)):
+    for stage, key, n in (("induction", "copy", 4), ("text", "text", 6), ("text", "value", 6), ("joint", "value", 2)):
         one = [r[key] for r in log1 if r["stage"] == stage]
         two = [r[key] for r in log2 if r["stage"] == stage]
         assert len(two) == n and max(abs(a - b) for a, b in zip(one, two)) < 1e-3, stage
@@ -137,3 +138,54 @@ def test_induction_batch_labels_only_predictable_copies():
         assert all(lab[p] == ids[p] == ids[p - n] for p in range(n + 2, L))
     again = induction_batch(words, 6, random.Random(0), bos=1, pad=0)
     assert torch.equal(again["input_ids"], b["input_ids"])
+
+
+def test_value_loss_is_the_logit_lens_cross_entropy_of_the_option_words():
+    """``value_loss`` = mean over value rows of the mean ``-log softmax(W_out norm(h))`` of the option's words,
+    read at each row's answer position; rows without a value are ignored; ``norm`` replaces the row count."""
+    from ellava_lib.train import TrainConfig, value_loss
+
+    proc = _processor()
+    model = tiny_model.build_model(TrainConfig.micro().model, proc.tokenizer, 0)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, model.config.text_config.hidden_size)
+    pos, values = [4, 2, 1], [[7, 9], [], [11]]
+    logp = torch.log_softmax(model.lm_head(model.model.language_model.norm(hidden)), -1)
+    by_hand = (-(logp[0, 4, 7] + logp[0, 4, 9]) / 2 - logp[2, 1, 11]) / 2
+    assert torch.allclose(value_loss(model, hidden, pos, values), by_hand, atol=1e-6)
+    assert torch.allclose(value_loss(model, hidden, pos, values, norm=4.0), by_hand / 2, atol=1e-6)
+    assert value_loss(model, hidden, pos, [[], [], []]) is None
+
+
+def test_drills_name_the_value_and_are_built_for_sqa_only():
+    from ellava_lib.train import TrainConfig, drill_text, encode_train, value_ids
+
+    proc = _processor()
+    tok = proc.tokenizer
+    item = next(it for it in synth.generate_items("sqa", "train", 10) if not it.scene.degrade)
+    value = item.choices[synth.LETTERS.index(item.answer)]
+    text = drill_text(item)
+    assert text.startswith(f"Which option is {value} ?") and all(f"{L}. {c}" in text for L, c in zip(synth.LETTERS, item.choices))
+    assert tok.decode(value_ids(tok, item)).split() == value.split()
+    open_item = synth.generate_items("vizwiz", "train", 1)[0]
+    assert value_ids(tok, open_item) == []
+    data = encode_train(TrainConfig.micro(), proc)
+    n_sqa = TrainConfig.micro().n_train["sqa"]
+    assert all(data.value[:n_sqa]) and not any(data.value[n_sqa:])
+    assert len(data.drill_ids) == sum(bool(v) for v in data.text_value) > 0
+    assert len(data.text_value) == len(data.text_ids)
+
+
+def test_disabled_levers_do_not_change_the_digest():
+    """The presets with a lever off keep the cache names they had before the lever existed; a lever that is on
+    names a different model."""
+    from dataclasses import replace
+
+    from ellava_lib.train import TrainConfig
+
+    ci = TrainConfig.ci()
+    assert ci.digest() == "9b67261ff1"  # the CI model the nbval references were made with
+    assert replace(ci, value_weight=5.0).digest() == ci.digest()  # value loss off: its weight is moot
+    assert replace(ci, induction_lr=1.0).digest() == ci.digest()
+    for lever in ({"value_layer": 2}, {"drill_frac": 0.1}, {"induction_steps": 10}):
+        assert replace(ci, **lever).digest() != ci.digest(), lever
