@@ -1,6 +1,6 @@
 """The ``ellava`` command line: thin wrappers that build the same config objects the notebooks use.
 
-    ellava build [--force]                    train (or find cached) the tiny model, print its folder
+    ellava build [--preset tiny] [--seed N] [--force]   train (or find cached) the tiny model, print its folder
     ellava eval --model tiny --suite all --split test --out DIR [--limit N]
     ellava inspect --model llava-1.5-7b --meta --json
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
@@ -50,11 +50,16 @@ def _positive_int(value: str) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, build_or_load
+    from dataclasses import replace
 
+    from .train import build_or_load, preset
+
+    cfg = preset(args.preset)
+    if args.seed is not None:
+        cfg = replace(cfg, seed=args.seed)
     t0 = time.time()
-    path = build_or_load(TrainConfig(), force=args.force)
-    print(f"tiny model: {path} ({time.time() - t0:.0f} s)")
+    path = build_or_load(cfg, force=args.force, progress=not args.quiet)
+    print(f"{args.preset} model (seed {cfg.seed}): {path} ({time.time() - t0:.0f} s)")
     return 0
 
 
@@ -286,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="train the tiny model (cached) and print its folder")
     b.add_argument("--force", action="store_true", help="retrain even if cached")
+    b.add_argument("--preset", choices=("tiny", "ci", "micro"), default="tiny",
+                   help="train recipe: tiny (the embedded default), ci (about a minute), micro (seconds)")
+    b.add_argument("--seed", type=int, default=None,
+                   help="build seed (weights init and batch order); default: the preset's. Another seed is "
+                        "another model, cached beside the default")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
 
     e = sub.add_parser("eval", help="evaluate a model on the synthetic suites (or the real benchmarks)")

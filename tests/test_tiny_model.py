@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ellava_lib import prompts, scenes, synth, tiny_model, train
@@ -189,3 +190,25 @@ def test_disabled_levers_do_not_change_the_digest():
     assert replace(ci, induction_lr=1.0).digest() == ci.digest()
     for lever in ({"value_layer": 2}, {"drill_frac": 0.1}, {"induction_steps": 10}):
         assert replace(ci, **lever).digest() != ci.digest(), lever
+
+
+def test_cli_build_takes_a_preset_and_a_seed(tmp_path, monkeypatch, capsys):
+    """``ellava build --preset micro --seed 3`` trains the micro recipe with seed 3 into the cache folder its
+    digest names, beside (not over) the seed-0 model; a second call finds it cached."""
+    from dataclasses import replace
+
+    from ellava_lib import cli
+    from ellava_lib.train import TrainConfig
+
+    monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path))
+    assert cli.main(["build", "--preset", "micro", "--seed", "3", "--quiet"]) == 0
+    expected = tmp_path / "models" / f"tiny-{replace(TrainConfig.micro(), seed=3).digest()}"
+    assert str(expected) in capsys.readouterr().out and (expected / "model.safetensors").is_file()
+    assert train.model_meta(expected)["train_config"]["seed"] == 3
+    assert replace(TrainConfig.micro(), seed=3).digest() != TrainConfig.micro().digest()
+    mtime = (expected / "model.safetensors").stat().st_mtime
+    assert cli.main(["build", "--preset", "micro", "--seed", "3", "--quiet"]) == 0
+    assert (expected / "model.safetensors").stat().st_mtime == mtime
+    with pytest.raises(SystemExit) as e:
+        cli.main(["build", "--preset", "nope"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
