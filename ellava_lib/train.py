@@ -57,7 +57,7 @@ class TrainConfig:
                                                              "llavabench": 6000})
     induction_steps: int = 1500
     induction_lr: float = 3e-3
-    text_steps: int = 750
+    text_steps: int = 500
     drill_frac: float = 0.3
     value_layer: int = 3
     value_weight: float = 1.0
@@ -65,7 +65,7 @@ class TrainConfig:
     vision_steps: int = 150
     vision_lr: float = 2e-3
     align_steps: int = 150
-    joint_steps: int = 1400
+    joint_steps: int = 1700
     lr: float = 2e-3
     batch_size: int = 32
     warmup: int = 50
