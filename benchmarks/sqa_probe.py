@@ -8,7 +8,7 @@ measures next-token accuracy of the answer letter on held-out ``sqa`` items ever
 - ``sqa_text``: the scene described in words + the benchmark prompt (reasoning + matching);
 - ``drill``: ``Which option is {value} ?`` + the options (matching only: the value is given).
 
-Levers it tests (flags): ``--induction`` steps of the copy task (:func:`ellava_lib.train.induction_batch`),
+Levers it tests (flags): ``--induction`` steps of the copy task (:func:`ellava_lib.lm_tasks.induction_batch`),
 ``--drill-frac`` share of drill items mixed into the text stage, and ``--aux-layer K``: a logit-lens loss that
 asks decoder layer ``K``'s state at the answer position to predict the words of the correct option
 (``-mean_w log softmax(W_out norm(h_K))_w``), so the value is formed before the matching layers.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ellava_lib import synth, tiny_model, train
+from ellava_lib import lm_tasks, synth, tiny_model, train
 from ellava_lib.prompts import chat_prompt, question_text
 from ellava_lib.tiny_model import TinyConfig
 
@@ -46,11 +46,11 @@ def encode_items(tok, items: list[synth.Item], suite: str, split: str, drill: bo
         if it.scene.degrade:
             continue
         if drill:
-            text = train.drill_text(it)
+            text = lm_tasks.drill_text(it)
         else:
             text = f"{synth.describe(it.scene)}\n{question_text(synth.to_sample(it, suite, split, i, render=False))}"
         seq, n_p = train.encode_pair(tok, chat_prompt(text, with_image=False), it.answer)
-        out.append((seq, n_p, train.value_ids(tok, it) if suite == "sqa" else []))
+        out.append((seq, n_p, lm_tasks.value_ids(tok, it) if suite == "sqa" else []))
     return out
 
 
@@ -62,7 +62,7 @@ def letter_accuracy(model, data: list[Encoded], pad: int, batch: int = 64) -> li
     for i in range(0, len(data), batch):
         xs = data[i:i + batch]
         prompts = [x[0][: x[1]] for x in xs]
-        b = train.pad_right(prompts, [len(p) for p in prompts], pad)
+        b = lm_tasks.pad_right(prompts, [len(p) for p in prompts], pad)
         b.pop("labels")
         logits = model(**b).logits
         last = torch.tensor([len(p) - 1 for p in prompts])
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     cats = [it.category for it in test_items if not it.scene.degrade]
     log: list[dict] = []
     if a.induction:
-        words, rng = train.content_word_ids(tok), random.Random(f"induction/{a.seed}")
+        words, rng = lm_tasks.content_word_ids(tok), random.Random(f"induction/{a.seed}")
 
         def copy_step(step: int) -> dict[str, torch.Tensor]:
-            b = train.induction_batch(words, cfg.batch_size, rng, tok.bos_token_id, pad)
+            b = lm_tasks.induction_batch(words, cfg.batch_size, rng, tok.bos_token_id, pad)
             labels = b.pop("labels")
             return {"copy": train.answer_loss(model(**b).logits, labels)}
 
@@ -127,11 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
         if step and step % a.eval_every == 0:
             record(step)
         xs = [rng.choice(drill) if rng.random() < a.drill_frac else rng.choice(pool) for _ in range(cfg.batch_size)]
-        b = train.pad_right([x[0] for x in xs], [x[1] for x in xs], pad)
+        b = lm_tasks.pad_right([x[0] for x in xs], [x[1] for x in xs], pad)
         labels = b.pop("labels")
         out = model(**b, output_hidden_states=bool(a.aux_layer))
         losses = {"text": train.answer_loss(out.logits, labels)}
-        aux = (train.value_loss(model, out.hidden_states[a.aux_layer], [x[1] - 1 for x in xs], [x[2] for x in xs])
+        aux = (lm_tasks.value_loss(model, out.hidden_states[a.aux_layer], [x[1] - 1 for x in xs], [x[2] for x in xs])
                if a.aux_layer else None)
         if aux is not None:
             losses["aux"] = aux

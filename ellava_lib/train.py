@@ -6,10 +6,11 @@ of ``sqa`` ("which option holds the answer?") sits on a plateau for over a thous
 Stage 0 (language pretraining, standing in for LLaVA's pretrained LLM): the decoder alone learns the same
 tasks with the scene *described in words* instead of shown (``synth.describe``), so lookup, counting, option
 matching and reading are learned on explicit tokens first; loss = answer-token cross-entropy. A share
-``drill_frac`` of the rows are option-matching drills (:func:`drill_text`: the value is given, only the letter is
-asked), and on ``sqa`` rows a logit-lens *value loss* (:func:`value_loss`, weight ``value_weight``) asks decoder
-layer ``value_layer``'s state at the answer position to name the correct option's words, so the answer value
-is formed before the layers that match it to a letter (``benchmarks/sqa_probe.py`` measured each lever).
+``drill_frac`` of the rows are option-matching drills (:func:`lm_tasks.drill_text`: the value is given, only
+the letter is asked), and on ``sqa`` rows a logit-lens *value loss* (:func:`lm_tasks.value_loss`, weight
+``value_weight``) asks decoder layer ``value_layer``'s state at the answer position to name the correct
+option's words, so the answer value is formed before the layers that match it to a letter
+(``benchmarks/sqa_probe.py`` measured each lever).
 Stage 1 (vision pretraining): the CLIP tower learns the generator's per-cell attribute labels (colour and
 kind of the object in each patch) with two linear heads, loss ``CE(colour) + CE(kind)``.
 Stage 2 (projector alignment, as LLaVA's stage 1): the projector (and the word embeddings) learn to map each
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes, synth, tiny_model
-from .prompts import SQA_SUFFIX, chat_prompt, question_text
+from .lm_tasks import content_word_ids, drill_text, induction_batch, pad_right, value_ids, value_loss
+from .prompts import chat_prompt, question_text
 from .schema import SUITES
 from .tiny_model import TinyConfig
 
@@ -150,21 +152,6 @@ def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]
     return torch.tensor(p + a), len(p)
 
 
-def drill_text(item: synth.Item) -> str:
-    """The option-matching drill of a multiple-choice item: the answer's value is given and only its letter is
-    asked (``Which option is {value} ?`` + the options + the ScienceQA instruction)."""
-    value = item.choices[synth.LETTERS.index(item.answer)]
-    options = "\n".join(f"{synth.LETTERS[j]}. {c}" for j, c in enumerate(item.choices))
-    return f"Which option is {value} ?\n{options}\n{SQA_SUFFIX}"
-
-
-def value_ids(tokenizer, item: synth.Item) -> list[int]:
-    """Token ids of the correct option's words of a multiple-choice item (``[]`` for an open item)."""
-    if not item.choices:
-        return []
-    return tokenizer(" " + item.choices[synth.LETTERS.index(item.answer)], add_special_tokens=False)["input_ids"]
-
-
 def encode_train(cfg: TrainConfig, processor) -> Batchable:
     """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded; the
     described-scene text items and the ``sqa`` drills beside them."""
@@ -207,27 +194,10 @@ def pixel_values(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def pad_right(seqs: list[torch.Tensor], n_prompt: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels``: row ``r`` holds ``seqs[r]``, labelled
-    from position ``n_prompt[r]`` on (the answer), ``-100`` on the prompt and the padding."""
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for r, (s, n_p) in enumerate(zip(seqs, n_prompt)):
-        input_ids[r, : len(s)] = s
-        labels[r, n_p: len(s)] = s[n_p:]
-        mask[r, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def collate(data: Batchable, idx: list[int], pad_id: int, text_only: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels = ids on answer tokens, -100 elsewhere (``text_only``: the described-scene
-    items, without images)."""
-    ids, n_prompt = (data.text_ids, data.text_n_prompt) if text_only else (data.ids, data.n_prompt)
-    batch = pad_right([ids[i] for i in idx], [n_prompt[i] for i in idx], pad_id)
-    if not text_only:
-        batch["pixel_values"] = pixel_values(data.images[idx])
+def collate(data: Batchable, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded image batch with labels = ids on answer tokens, -100 elsewhere."""
+    batch = pad_right([data.ids[i] for i in idx], [data.n_prompt[i] for i in idx], pad_id)
+    batch["pixel_values"] = pixel_values(data.images[idx])
     return batch
 
 
@@ -257,20 +227,6 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def value_loss(model, hidden: torch.Tensor, answer_pos: list[int], values: list[list[int]],
-               norm: float | None = None) -> torch.Tensor | None:
-    """Logit-lens loss on the rows B' that have a value: with ``h_b`` the layer state at row b's answer
-    position and ``V_b`` the ids of its correct option's words,
-    ``(1/|B'|) sum_{b in B'} (1/|V_b|) sum_{w in V_b} -log softmax(W_out norm(h_b))_w``
-    (``norm`` replaces ``|B'|`` when given). None when no row has a value."""
-    rows = [r for r, v in enumerate(values) if v]
-    if not rows:
-        return None
-    h = hidden[rows, [answer_pos[r] for r in rows]]
-    logp = F.log_softmax(model.lm_head(model.model.language_model.norm(h)), -1)
-    return torch.stack([-logp[k, values[r]].mean() for k, r in enumerate(rows)]).sum() / (norm or len(rows))
-
-
 def cell_word_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Lookup tables from cell labels (see ``scenes.cell_labels``) to the token id of the word naming them:
     colour label -> colour word (glyphs -> "white"), kind label -> shape word or the glyph's character;
@@ -294,25 +250,6 @@ def alignment_loss(model, feats: torch.Tensor, colour: torch.Tensor, kind: torch
 def _patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     out = model.model.vision_tower(pixels, output_hidden_states=True)
     return out.hidden_states[-1][:, 1:]  # the layer and the CLS-dropping the projector sees
-
-
-def induction_batch(word_ids: list[int], size: int, rng: random.Random, bos: int, pad: int,
-                    lengths: tuple[int, int] = (8, 16)) -> dict[str, torch.Tensor]:
-    """A batch of copy sequences ``<s> w_1..w_n w_1 w_2..w_n`` (``n`` uniform in ``lengths``, words drawn
-    from ``word_ids``); labels on ``w_2..w_n`` of the copy, where the next word is predictable only by
-    finding the current word earlier in the sequence and reading what followed it (an induction head)."""
-    seqs, n_prompt = [], []
-    for _ in range(size):
-        ws = [rng.choice(word_ids) for _ in range(rng.randint(*lengths))]
-        seqs.append(torch.tensor([bos, *ws, *ws]))
-        n_prompt.append(len(ws) + 2)  # <s>, the words, and the copy's first word
-    return pad_right(seqs, n_prompt, pad)
-
-
-def content_word_ids(tokenizer) -> list[int]:
-    """Ids of the vocabulary's words (special tokens and punctuation excluded), sorted by id."""
-    specials = set(tiny_model.SPECIALS)
-    return sorted(i for w, i in tokenizer.get_vocab().items() if w not in specials and any(c.isalnum() for c in w))
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -428,7 +365,7 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
         rows = rows[rank::world]
         batch = pad_right([r[0] for r in rows], [r[1] for r in rows], pad)
         labels = batch.pop("labels")
-        out = model(**batch, output_hidden_states=bool(cfg.value_layer))
+        out = model(**batch, output_hidden_states=bool(cfg.value_layer and cfg.value_weight))
         return {"text": answer_loss(out.logits, labels),
                 **_value_term(out, [r[1] - 1 for r in rows], [r[2] for r in rows], n_value, cfg.value_weight)}
 

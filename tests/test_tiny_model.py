@@ -123,7 +123,7 @@ def test_induction_batch_labels_only_predictable_copies():
     token ``n`` positions earlier (what an induction head reads); seeded draws repeat."""
     import random
 
-    from ellava_lib.train import content_word_ids, induction_batch
+    from ellava_lib.lm_tasks import content_word_ids, induction_batch
 
     proc = tiny_model.build_processor(tiny_model.vocabulary(0))
     words = content_word_ids(proc.tokenizer)
@@ -144,7 +144,8 @@ def test_induction_batch_labels_only_predictable_copies():
 def test_value_loss_is_the_logit_lens_cross_entropy_of_the_option_words():
     """``value_loss`` = mean over value rows of the mean ``-log softmax(W_out norm(h))`` of the option's words,
     read at each row's answer position; rows without a value are ignored; ``norm`` replaces the row count."""
-    from ellava_lib.train import TrainConfig, value_loss
+    from ellava_lib.lm_tasks import value_loss
+    from ellava_lib.train import TrainConfig
 
     proc = _processor()
     model = tiny_model.build_model(TrainConfig.micro().model, proc.tokenizer, 0)
@@ -159,7 +160,8 @@ def test_value_loss_is_the_logit_lens_cross_entropy_of_the_option_words():
 
 
 def test_drills_name_the_value_and_are_built_for_sqa_only():
-    from ellava_lib.train import TrainConfig, drill_text, encode_train, value_ids
+    from ellava_lib.lm_tasks import drill_text, value_ids
+    from ellava_lib.train import TrainConfig, encode_train
 
     proc = _processor()
     tok = proc.tokenizer
