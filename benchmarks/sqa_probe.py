@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ellava_lib import lm_tasks, synth, tiny_model, train
+from ellava_lib import lm_tasks, sequences, synth, tiny_model, train
 from ellava_lib.prompts import chat_prompt, question_text
 from ellava_lib.tiny_model import TinyConfig
 
@@ -49,7 +49,7 @@ def encode_items(tok, items: list[synth.Item], suite: str, split: str, drill: bo
             text = lm_tasks.drill_text(it)
         else:
             text = f"{synth.describe(it.scene)}\n{question_text(synth.to_sample(it, suite, split, i, render=False))}"
-        seq, n_p = train.encode_pair(tok, chat_prompt(text, with_image=False), it.answer)
+        seq, n_p = sequences.encode_pair(tok, chat_prompt(text, with_image=False), it.answer)
         out.append((seq, n_p, lm_tasks.value_ids(tok, it) if suite == "sqa" else []))
     return out
 
@@ -62,7 +62,7 @@ def letter_accuracy(model, data: list[Encoded], pad: int, batch: int = 64) -> li
     for i in range(0, len(data), batch):
         xs = data[i:i + batch]
         prompts = [x[0][: x[1]] for x in xs]
-        b = lm_tasks.pad_right(prompts, [len(p) for p in prompts], pad)
+        b = sequences.pad_right(prompts, [len(p) for p in prompts], pad)
         b.pop("labels")
         logits = model(**b).logits
         last = torch.tensor([len(p) - 1 for p in prompts])
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step and step % a.eval_every == 0:
             record(step)
         xs = [rng.choice(drill) if rng.random() < a.drill_frac else rng.choice(pool) for _ in range(cfg.batch_size)]
-        b = lm_tasks.pad_right([x[0] for x in xs], [x[1] for x in xs], pad)
+        b = sequences.pad_right([x[0] for x in xs], [x[1] for x in xs], pad)
         labels = b.pop("labels")
         out = model(**b, output_hidden_states=bool(a.aux_layer))
         losses = {"text": train.answer_loss(out.logits, labels)}

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from . import synth
 from .prompts import sample_prompt
 from .schema import SUITES, Sample
-from .train import Batchable, collate, encode_pair, pad_right
+from .sequences import encode_pair, pad_right
+from .train import Batchable, collate
 from .units import lm_layers, unit_linears, vision_layers
 
 #: Per-suite pool the calibration samples are drawn from (the first items of each ``calib`` split).
@@ -75,7 +76,7 @@ def encode_calibration(samples: Sequence[Sample], processor) -> dict[str, torch.
 
     Each row is ``sample_prompt(s) + " " + answer + " </s>"`` with ``<image>`` expanded; ``labels``
     are the answer tokens (and ``</s>``), ``-100`` elsewhere. Same encoding as the trainer
-    (:func:`train.encode_pair`, :func:`train.collate`).
+    (:func:`sequences.encode_pair`, :func:`train.collate`).
     """
     if not samples:
         raise ValueError("no calibration samples to encode")

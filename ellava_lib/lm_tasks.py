@@ -18,20 +18,7 @@ import torch.nn.functional as F
 
 from . import synth, tiny_model
 from .prompts import SQA_SUFFIX
-
-
-def pad_right(seqs: list[torch.Tensor], n_prompt: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels``: row ``r`` holds ``seqs[r]``, labelled
-    from position ``n_prompt[r]`` on (the answer), ``-100`` on the prompt and the padding."""
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for r, (s, n_p) in enumerate(zip(seqs, n_prompt)):
-        input_ids[r, : len(s)] = s
-        labels[r, n_p: len(s)] = s[n_p:]
-        mask[r, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+from .sequences import pad_right
 
 
 def content_word_ids(tokenizer) -> list[int]:

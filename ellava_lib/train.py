@@ -42,9 +42,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import scenes, synth, tiny_model
-from .lm_tasks import content_word_ids, drill_text, induction_batch, pad_right, value_ids, value_loss
+from .lm_tasks import content_word_ids, drill_text, induction_batch, value_ids, value_loss
 from .prompts import chat_prompt, question_text
 from .schema import SUITES
+from .sequences import encode_pair, pad_right
 from .tiny_model import TinyConfig
 
 
@@ -141,15 +142,6 @@ class Batchable:
     drill_ids: list[torch.Tensor] = field(default_factory=list)
     drill_n_prompt: list[int] = field(default_factory=list)
     drill_value: list[list[int]] = field(default_factory=list)
-
-
-def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]:
-    """Token ids of ``prompt + " " + answer + " </s>"`` (``<image>`` expanded to one token per patch) and the
-    number of prompt tokens (labels start there)."""
-    prompt = prompt.replace("<image>", "<image>" * (scenes.GRID * scenes.GRID))
-    p = tokenizer(prompt)["input_ids"]
-    a = tokenizer(f" {answer} </s>", add_special_tokens=False)["input_ids"]
-    return torch.tensor(p + a), len(p)
 
 
 def encode_train(cfg: TrainConfig, processor) -> Batchable:

@@ -8,7 +8,6 @@ import pytest
 from helpers import load_benchmark
 
 
-
 @pytest.fixture(scope="module")
 def probe():
     return load_benchmark("sqa_probe")
