@@ -191,7 +191,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = SearchConfig(target=args.sparsity, grid=grid, gap=args.gap, lam=args.lam, loss_kind=args.loss,
                        budget=args.budget, population=args.population, generations=args.generations,
                        offspring=args.offspring, screen_samples=args.screen, survivors=args.survivors,
-                       seed=args.seed, projector_every=0 if args.no_projector else args.projector_every,
+                       seed=args.seed, init=tuple(x.strip() for x in args.init.split(",") if x.strip()),
+                       projector_every=0 if args.no_projector else args.projector_every,
                        projector_steps=args.projector_steps,
                        extra={"model": str(args.model), "calib": args.calib, "vision": args.vision,
                               "db_method": "sparsegpt", **({} if tier.data == "synthetic" else {"data": tier.data})})
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offspring", type=_positive_int, default=16, help="children per generation")
     s.add_argument("--screen", type=int, default=8, help="screening samples of multi-step selection (0 = off)")
     s.add_argument("--survivors", type=_positive_int, default=4, help="children scored on all samples")
+    s.add_argument("--init", default="uniform", help="start policies of the search, comma-separated, from "
+                                                    "uniform, owl, ecoflap (e.g. uniform,owl,ecoflap)")
     s.add_argument("--no-projector", action="store_true", help="no projector evolution")
     s.add_argument("--projector-every", type=_positive_int, default=2, help="generations between evolutions")
     s.add_argument("--projector-steps", type=int, default=20)

@@ -3,7 +3,7 @@
 For steps ``t = 1..T``, policy ``pi_{(t-1) mod k}`` is assembled from the level database (round-robin) and
 only ``P``'s parameters take an AdamW step on the training part of the calibration set::
 
-    L(P; pi) = mean_i CE_i(P, pi) + kl_weight * mean_i KL(p_dense,i || p_{P,pi},i)
+    L(P; pi) = ce_weight * mean_i CE_i(P, pi) + kl_weight * mean_i KL(p_dense,i || p_{P,pi},i)
 
 (per-sample means over answer positions, :mod:`objective`). Early stopping: a held-out part of the
 calibration set (``holdout_frac``, drawn with ``seed``) is scored, averaged over all k policies, before
@@ -95,11 +95,15 @@ def split_holdout(n: int, holdout_frac: float, seed: int) -> tuple[list[int], li
 
 
 def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Sequence[int],
-                   dense_logits: torch.Tensor | None, kl_weight: float) -> torch.Tensor:
-    """``mean CE + kl_weight * mean KL(dense || model)`` on rows ``idx`` (a differentiable scalar)."""
+                   dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
+    """``ce_weight * mean CE + kl_weight * mean KL(dense || model)`` on rows ``idx`` (a differentiable scalar).
+    ``ce_weight = 0`` distils the dense model only: the projector cannot learn the calibration answers beyond
+    what the dense model predicts."""
+    if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight <= 0:
+        raise ValueError(f"need ce_weight, kl_weight >= 0, not both 0; got {ce_weight}, {kl_weight}")
     part = subset(batch, idx)
     logits = model_logits(model, part)
-    loss = per_sample_ce(logits, part["labels"]).mean()
+    loss = ce_weight * per_sample_ce(logits, part["labels"]).mean()
     if kl_weight > 0:
         if dense_logits is None:
             raise ValueError("kl_weight > 0 needs the dense model's logits")
@@ -108,19 +112,19 @@ def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Seq
 
 
 def _holdout_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], hold: list[int], policies: Sequence[Policy],
-                  db: LevelDB, dense_logits: torch.Tensor | None, kl_weight: float) -> float:
+                  db: LevelDB, dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float) -> float:
     with torch.no_grad():
         total = 0.0
         for pol in policies:
             db.assemble(model, pol, check=False)
-            total += float(projector_loss(model, batch, hold, dense_logits, kl_weight))
+            total += float(projector_loss(model, batch, hold, dense_logits, kl_weight, ce_weight))
     return total / len(policies)
 
 
 def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], policies: Sequence[Policy],
                      level_db: LevelDB, dense_logits: torch.Tensor | None, steps: int, lr: float,
                      kl_weight: float, holdout_frac: float, patience: int, seed: int, *, eval_every: int = 1,
-                     grad_clip: float = 1.0) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+                     grad_clip: float = 1.0, ce_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Fine-tune the projector for ``policies`` (see the module docstring); returns ``(state, log)``.
 
     The kept projector (best on the held-out rows) is loaded into ``model`` and returned (relative keys);
@@ -141,7 +145,7 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
     opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
     tick = time.perf_counter()
     best_state = projector_state(model)
-    best = _holdout_loss(model, batch, hold, policies, level_db, dense_logits, kl_weight) if hold else None
+    best = _holdout_loss(model, batch, hold, policies, level_db, dense_logits, kl_weight, ce_weight) if hold else None
     log: list[dict[str, Any]] = [{"step": 0, "policy_id": "", "train_loss": None, "holdout_loss": best,
                                   "seconds": time.perf_counter() - tick}]
     bad = 0
@@ -150,7 +154,7 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
         for step in range(1, steps + 1):
             pol = policies[(step - 1) % len(policies)]
             level_db.assemble(model, pol, check=False)
-            loss = projector_loss(model, batch, train, dense_logits, kl_weight)
+            loss = projector_loss(model, batch, train, dense_logits, kl_weight, ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(proj.parameters()), grad_clip)
@@ -159,7 +163,7 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
                    "holdout_loss": None}
             if hold and step % eval_every == 0:
                 row["holdout_loss"] = h = _holdout_loss(model, batch, hold, policies, level_db, dense_logits,
-                                                        kl_weight)
+                                                        kl_weight, ce_weight)
                 if h < best:
                     best, best_state, bad = h, projector_state(model), 0
                 else:

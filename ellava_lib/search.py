@@ -3,8 +3,11 @@
 Budget and mutation: :mod:`budget` (every policy stays in the budget band
 ``target <= S(pi) <= target + step * max_u w_u / W``).
 
-**Loop** (:func:`run_search`). Generation 0: the grid-rounded uniform policy plus mutants of it (1 to
-``mutation_steps`` steps each), all scored on the n calibration samples. Each generation: ``offspring``
+**Loop** (:func:`run_search`). Generation 0: the start policies named by ``init`` (:data:`START_POLICIES`:
+the grid-rounded uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded
+to the grid with :func:`baselines.round_to_grid`, so the search begins where the one-shot allocation
+heuristics end) plus mutants of them in turn (1 to ``mutation_steps`` steps each), all scored on the n
+calibration samples. Each generation: ``offspring``
 children, each a mutant of a tournament winner (``tournament`` entrants, best ``J``), new to the population
 and the generation; multi-step selection scores them on ``screen_samples`` fixed calibration rows first and
 only the best ``survivors`` on all n (``screen_samples = 0`` or ``>= n``: all on n); the next population is
@@ -40,6 +43,10 @@ from .objective import DEFAULT_LOSS_CAP, LOSS_KINDS, Score, dense_logits_of, per
 from .policy import DEFAULT_GRID, GRID_TOL, Policy
 from .projector import evolve_projector, load_projector, projector_prefix, save_projector, set_projector_state
 
+#: Fields added after search folders existed, with their defaults: left out of ``to_dict`` (and the digest)
+#: at those defaults, so older folders still resume and older sweep rows stay valid.
+_LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0}
+
 
 @dataclass
 class SearchConfig:
@@ -50,9 +57,10 @@ class SearchConfig:
     per-sample ``loss_kind`` losses clipped at ``loss_cap`` (:mod:`objective`). Evolution: ``population``,
     ``offspring`` per generation, 1 to ``mutation_steps`` moves per child, ``tournament`` size, ``elitism``
     parents kept, multi-step selection ``screen_samples`` -> ``survivors``; ``seed`` drives every draw.
-    ``projector_*``: evolution every ``projector_every`` generations (0 = off) for the top ``projector_topk``
-    (:func:`projector.evolve_projector`). ``extra``: free-form (e.g. how the calibration set was drawn);
-    compared on resume like the rest.
+    ``init``: the start policies of generation 0 (:data:`START_POLICIES`). ``projector_*``: evolution every
+    ``projector_every`` generations (0 = off) for the top ``projector_topk`` (:func:`projector.evolve_projector`;
+    loss ``ce_weight * CE + kl_weight * KL(dense || pruned)``). ``extra``: free-form (e.g. how the calibration
+    set was drawn); compared on resume like the rest.
     """
 
     target: float = 0.6
@@ -75,11 +83,13 @@ class SearchConfig:
     survivors: int = 4
     eval_batch_size: int = 0  # rows per forward pass; 0 = all
     seed: int = 0
+    init: tuple[str, ...] = ("uniform",)
     projector_every: int = 0  # K generations between projector evolutions; 0 = off
     projector_topk: int = 2
     projector_steps: int = 20
     projector_lr: float = 1e-3
     projector_kl_weight: float = 1.0
+    projector_ce_weight: float = 1.0
     projector_holdout: float = 0.25
     projector_patience: int = 3
     projector_eval_every: int = 2
@@ -87,6 +97,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         self.grid = tuple(sorted(float(g) for g in self.grid))
+        self.init = tuple(self.init)
         checks = [
             (len(self.grid) >= 2 and self.grid[0] >= 0 and self.grid[-1] < 1,
              f"grid levels must be >= 2 values in [0, 1), got {self.grid}"),
@@ -102,6 +113,8 @@ class SearchConfig:
             (0 <= self.elitism <= self.population, f"elitism must lie in [0, population], got {self.elitism}"),
             (self.screen_samples >= 0 and self.survivors >= 1, "need screen_samples >= 0 and survivors >= 1"),
             (self.screen_samples != 1, "screen_samples must be 0 (off) or >= 2"),
+            (len(self.init) >= 1 and len(set(self.init)) == len(self.init) and set(self.init) <= set(START_POLICIES),
+             f"init must name distinct start policies from {START_POLICIES}, got {list(self.init)}"),
             (self.eval_batch_size >= 0 and self.projector_every >= 0 and self.projector_topk >= 1,
              "need eval_batch_size >= 0, projector_every >= 0, projector_topk >= 1"),
         ]
@@ -110,7 +123,11 @@ class SearchConfig:
                 raise ValueError(message)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps({**asdict(self), "grid": list(self.grid)}))
+        d = json.loads(json.dumps({**asdict(self), "grid": list(self.grid), "init": list(self.init)}))
+        for k, default in _LATER_FIELDS.items():  # at their defaults: configs (and digests) as before they existed
+            if d[k] == default:
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
@@ -118,7 +135,7 @@ class SearchConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown search config keys {unknown}")
-        return cls(**{**d, "grid": tuple(d.get("grid", DEFAULT_GRID))})
+        return cls(**{**d, "grid": tuple(d.get("grid", DEFAULT_GRID)), "init": tuple(d.get("init", ("uniform",)))})
 
     def to_json(self, path: str | Path) -> Path:
         return io.write_json(Path(path), self.to_dict())
@@ -133,20 +150,54 @@ class SearchConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def initial_population(weights: Mapping[str, float], cfg: SearchConfig, rng: random.Random) -> list[Policy]:
-    """The grid-rounded uniform policy and up to ``population - 1`` distinct mutants of it."""
-    base = Policy(round_to_grid({u: cfg.target for u in weights}, weights, cfg.target, cfg.grid), cfg.grid,
-                  {"target": cfg.target})
-    out, seen = [base], {base.policy_id()}
-    for _ in range(20 * cfg.population):
+#: Start policies of generation 0 (``SearchConfig.init``): the uniform policy, OWL's outlier-weighted and
+#: ECoFLaP's importance-weighted allocations (:mod:`baselines`), each rounded to the grid inside the budget band.
+START_POLICIES: tuple[str, ...] = ("uniform", "owl", "ecoflap")
+
+
+def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                   cfg: SearchConfig, importance: Mapping[str, float] | None = None) -> list[Policy]:
+    """The distinct grid policies named by ``cfg.init``, in order. ``uniform``: ``s_u = S``; ``owl``:
+    :func:`baselines.owl_allocation` of the outlier ratios; ``ecoflap``: :func:`baselines.ecoflap_allocation`
+    of the zeroth-order importances (``importance`` when already computed for this model and batch, else
+    computed with ``cfg.seed``); each through :func:`baselines.round_to_grid` with the budget weights, so
+    ``S <= S(pi) <= S + step * max_u w_u / W`` (the budget band). ``model`` must be dense."""
+    from .baselines import ecoflap_allocation, outlier_ratios, owl_allocation, zeroth_order_importance
+
+    vision = any(u.startswith("vision.") for u in weights)
+    out: list[Policy] = []
+    for name in cfg.init:
+        if name == "uniform":
+            raw = {u: cfg.target for u in weights}
+        elif name == "owl":
+            raw = owl_allocation(outlier_ratios(model, dict(batch), include_vision=vision), weights, cfg.target,
+                                 lam=0.08, grid=cfg.grid)
+        else:
+            scores = importance or zeroth_order_importance(model, dict(batch), seed=cfg.seed, include_vision=vision)
+            raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.grid)
+        policy = Policy(round_to_grid(raw, weights, cfg.target, cfg.grid), cfg.grid, {"target": cfg.target})
+        if policy.policy_id() not in {p.policy_id() for p in out}:
+            out.append(policy)
+    return out
+
+
+def initial_population(weights: Mapping[str, float], cfg: SearchConfig, rng: random.Random,
+                       starts: list[Policy] | None = None) -> list[Policy]:
+    """The start policies (default: the grid-rounded uniform policy) and distinct mutants of them, taken in
+    turn, up to ``population`` policies."""
+    if starts is None:
+        starts = [Policy(round_to_grid({u: cfg.target for u in weights}, weights, cfg.target, cfg.grid), cfg.grid,
+                         {"target": cfg.target})]
+    out = list(starts[: cfg.population])
+    seen = {p.policy_id() for p in out}
+    for t in range(20 * cfg.population):
         if len(out) >= cfg.population:
             break
-        child = mutate(base, weights, rng, rng.randint(1, cfg.mutation_steps))
+        child = mutate(starts[t % len(starts)], weights, rng, rng.randint(1, cfg.mutation_steps))
         if child.policy_id() not in seen:
             out.append(child)
             seen.add(child.policy_id())
     return out
-
 
 # --------------------------------------------------------------------------------------------- the loop
 
@@ -260,7 +311,8 @@ def _evolve(run: _Run, pop: list[Member], gen: int) -> list[Member]:
     top = [m.policy for m in pop[: cfg.projector_topk]]
     state, log = evolve_projector(run.model, run.batch, top, run.db, run.dense, cfg.projector_steps,
                                   cfg.projector_lr, cfg.projector_kl_weight, cfg.projector_holdout,
-                                  cfg.projector_patience, cfg.seed * 100003 + gen, eval_every=cfg.projector_eval_every)
+                                  cfg.projector_patience, cfg.seed * 100003 + gen, eval_every=cfg.projector_eval_every,
+                                  ce_weight=cfg.projector_ce_weight)
     rnd = (run.projector or {}).get("round", 0) + 1
     name = f"projector_rounds/round-{rnd:03d}.safetensors"
     holdout = [r["holdout_loss"] for r in log if r["holdout_loss"] is not None]
@@ -300,11 +352,13 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
 
 
 def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.Tensor], level_db: LevelDB,
-               units: Mapping[str, int], cfg: SearchConfig, out_dir: str | Path, progress: bool = True) -> SearchResult:
+               units: Mapping[str, int], cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
+               importance: Mapping[str, float] | None = None) -> SearchResult:
     """Run (or resume) the search of the module docstring in ``out_dir``; returns the best policy.
 
     ``model``'s units are reset to the database's level 0 (its dense weights) on entry; its projector must
-    be the original one (the dense logits of KL terms come from it). It is left assembled at the best policy with
+    be the original one (the dense logits of KL terms come from it). ``importance``: ECoFLaP's unit scores
+    for this model and batch when already computed (an ``ecoflap`` start policy needs them). It is left assembled at the best policy with
     the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
     ``policy.json``, ``projector.safetensors`` (+ ``.json``, when evolution ran) and, when ``processor``
     is given, the final model (:func:`tiny_model.save`) into ``out_dir``.
@@ -343,7 +397,8 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
     else:
         ckpt.start_history(out / ckpt.HISTORY)
         rng, start = random.Random(cfg.seed), 0
-        pop = sorted((Member(p, _score(run, p, 0, "init")) for p in initial_population(weights, cfg, rng)),
+        starts = start_policies(model, batch, weights, cfg, importance)
+        pop = sorted((Member(p, _score(run, p, 0, "init")) for p in initial_population(weights, cfg, rng, starts)),
                      key=Member.key)
         _save_checkpoint(run, pop, rng, 0, context)
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)

@@ -235,13 +235,18 @@ def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch
     return method_policy(model, batch, job.method, job.sparsity, job.seed, importance=importance)
 
 
+def needs_importance(spec: SweepSpec, job: Job) -> bool:
+    """Whether a job uses ECoFLaP's unit importances: the ECoFLaP baseline, or a search starting from it."""
+    return job.method == "ecoflap" or (job.method in SEARCH_METHODS and "ecoflap" in search_config(spec, job).init)
+
+
 def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[Callable, tuple]]:
     """What several jobs share, to compute before them: level databases (searched methods) and ECoFLaP
     importances, one per (seed, calib_n)."""
     tasks: list[tuple[Callable, tuple]] = []
     for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS}):
         tasks.append((prepare_level_db, (spec, seed, n, out_dir)))
-    for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method == "ecoflap"}):
+    for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)}):
         tasks.append((ecoflap_importance, (spec, seed, n, out_dir)))
     return tasks
 
@@ -267,8 +272,10 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     if job.method in SEARCH_METHODS:
         cfg = search_config(spec, job)
         units = list_units(model)
+        importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
+                      if "ecoflap" in cfg.init else None)
         result = run_search(model, None, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
-                            job_dir / "search", progress=False)
+                            job_dir / "search", progress=False, importance=importance)
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
                  "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}

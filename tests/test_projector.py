@@ -58,10 +58,27 @@ def test_early_stopping_never_returns_a_worse_holdout_loss(setup):
     projector.set_projector_state(model, state)
     # the returned projector scores the best holdout loss seen (the start one if nothing improved)
     check = projector._holdout_loss(model, batch, hold, [policy, Policy.uniform(list_units(model), 0.5)], db,
-                                    dense, 0.5)
+                                    dense, 0.5, 1.0)
     assert check == pytest.approx(kept, rel=1e-6)
     if kept == losses[0]:
         assert all(torch.equal(start[k], state[k]) for k in start)
+
+
+def test_distillation_only_projector_loss(setup):
+    """``ce_weight = 0``: the loss is the KL to the dense model alone (zero for the dense model itself)."""
+    model_dir, batch, _, _, dense = setup
+    model, _ = load_model(model_dir)
+    rows = list(range(6))
+    with torch.no_grad():
+        assert float(projector.projector_loss(model, batch, rows, dense, 1.0, ce_weight=0.0)) == pytest.approx(0, abs=1e-5)
+        pruned = _pruned(setup)
+        both = float(projector.projector_loss(pruned, batch, rows, dense, 1.0))
+        kl = float(projector.projector_loss(pruned, batch, rows, dense, 1.0, ce_weight=0.0))
+        ce = float(projector.projector_loss(pruned, batch, rows, None, 0.0))
+    assert both == pytest.approx(kl + ce, rel=1e-5) and 0 < kl < both
+    for weights in ((0.0, 0.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="ce_weight"):
+            projector.projector_loss(model, batch, rows, dense, weights[1], ce_weight=weights[0])
 
 
 def test_holdout_split_is_seeded_and_disjoint():

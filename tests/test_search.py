@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ellava_lib import checkpoint, leveldb, search
-from ellava_lib.baselines import round_to_grid, weighted_mean
+from ellava_lib.baselines import ecoflap_allocation, round_to_grid, weighted_mean, zeroth_order_importance
 from ellava_lib.budget import budget_band, in_band, mutate
 from ellava_lib.loading import load_model
 from ellava_lib.policy import DEFAULT_GRID, Policy
@@ -83,6 +83,17 @@ def test_config_round_trips_and_validates(tmp_path):
             SearchConfig(**bad)
     with pytest.raises(ValueError, match="unknown search config keys"):
         SearchConfig.from_dict({"target": 0.5, "mystery": 1})
+
+
+def test_start_policies_config():
+    assert not {"init", "projector_ce_weight"} & set(SearchConfig().to_dict())  # defaults: configs as before
+    assert SearchConfig(projector_ce_weight=0.0).to_dict()["projector_ce_weight"] == 0.0
+    cfg = SearchConfig(init=["uniform", "ecoflap"])
+    assert cfg.init == ("uniform", "ecoflap") and SearchConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.digest() != SearchConfig().digest()
+    for bad in ((), ("uniform", "uniform"), ("random",)):
+        with pytest.raises(ValueError, match="init must name"):
+            SearchConfig(init=bad)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -206,6 +217,30 @@ def test_kl_loss_and_flops_budget(setup, tmp_path):
     assert result.score.g_hat == 0.0
     weights = search.budget_weights({"vision.0.mlp": 10, "lm.0.mlp": 10}, "flops", lm_tokens=3.0, vision_tokens=5.0)
     assert weights == {"vision.0.mlp": 50.0, "lm.0.mlp": 30.0}
+
+
+def test_search_starts_from_the_allocation_heuristics(setup, tmp_path):
+    """``init`` puts the grid-rounded OWL and ECoFLaP allocations into generation 0, inside the budget band."""
+    model_dir, batch, _ = setup
+    model, _ = load_model(model_dir)
+    weights = {u: float(n) for u, n in list_units(model).items()}
+    cfg = SearchConfig(**{**CFG, "target": 0.5, "init": ("uniform", "owl", "ecoflap")})
+    importance = {u: float(i + 1) ** 3 for i, u in enumerate(sorted(weights))}  # later units far more important
+    starts = search.start_policies(model, batch, weights, cfg, importance)
+    assert starts[0].sparsities == {u: 0.5 for u in weights}
+    assert all(in_band(p, weights, 0.5) for p in starts)
+    assert len({p.policy_id() for p in starts}) == len(starts) >= 2
+    eco = starts[-1].sparsities
+    assert eco["lm.1.mlp"] < eco["lm.0.attn"]  # the most important unit is pruned least
+    pop = search.initial_population(weights, cfg, random.Random(0), starts)
+    assert [p.policy_id() for p in pop[: len(starts)]] == [p.policy_id() for p in starts]
+    assert len(pop) == cfg.population and len({p.policy_id() for p in pop}) == len(pop)
+    result = _run(setup, tmp_path, target=0.5, init=("uniform", "ecoflap"), generations=1, projector_every=0)
+    hist = pd.read_csv(tmp_path / "history.csv")
+    eco_id = Policy(round_to_grid(ecoflap_allocation(zeroth_order_importance(model, batch, seed=0),
+                                                    weights, 0.5), weights, 0.5), DEFAULT_GRID).policy_id()
+    assert eco_id in set(hist.loc[hist["phase"] == "init", "policy_id"])
+    assert in_band(result.policy, weights, 0.5)
 
 
 def test_assembly_is_a_small_fraction_of_evaluation(reference):

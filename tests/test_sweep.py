@@ -103,10 +103,12 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep, "zeroth_order_importance", counting)
-    spec = SweepSpec(str(micro_model_dir), eval_limit=2, calib_eval=False)
-    jobs = [Job("ecoflap", 0.5, 0, 8), Job("ecoflap", 0.6, 0, 8)]
+    spec = SweepSpec(str(micro_model_dir), eval_limit=2, calib_eval=False,
+                     search={"population": 3, "generations": 1, "offspring": 2, "screen_samples": 0,
+                             "init": ["uniform", "ecoflap"]}, ellava={"projector_every": 0})
+    jobs = [Job("ecoflap", 0.5, 0, 8), Job("ecoflap", 0.6, 0, 8), Job("ellava", 0.6, 0, 8)]
     sweep.run_sweep(spec, jobs, tmp_path, progress=False)
-    assert calls == [0]  # one computation serves both sparsities
+    assert calls == [0]  # one computation serves both sparsities and the search that starts from ECoFLaP
     cache = sweep.ecoflap_importance_path(tmp_path, 0, 8)
     stored = json.loads(cache.read_text())
     pols = [Policy.from_json(tmp_path / "jobs" / j.name() / "policy.json") for j in jobs]
@@ -115,6 +117,8 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
     model, _, _, batch = sweep._load(tier.Tier(), spec, 0, 8)
     direct = baselines.ecoflap_policy(model, batch, 0.6, seed=0)
     assert direct.sparsities == pols[1].sparsities
+    history = pd.read_csv(tmp_path / "jobs" / jobs[2].name() / "search" / "history.csv")
+    assert pols[1].policy_id() in set(history.loc[history["phase"] == "init", "policy_id"])
     # a cache made for another model or tier is not used
     cache.write_text(json.dumps({**stored, "key": "stale"}))
     sweep.ecoflap_importance(spec, 0, 8, tmp_path)
