@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gap", choices=("none", "capacity", "bernstein"), default="bernstein",
                    help="generalization-gap estimator G_hat")
     s.add_argument("--lam", type=float, default=1.0, help="weight lambda of the gap term")
-    s.add_argument("--loss", choices=("ce", "kl"), default="ce", help="per-sample loss: answer CE or KL to dense")
+    s.add_argument("--loss", choices=("ce", "kl"), default="kl",
+                   help="per-sample loss: KL to the dense model's next-token distribution, or answer CE")
     s.add_argument("--budget", choices=("params", "flops"), default="params")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
     s.add_argument("--generations", type=int, default=10)
@@ -345,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offspring", type=_positive_int, default=16, help="children per generation")
     s.add_argument("--screen", type=int, default=8, help="screening samples of multi-step selection (0 = off)")
     s.add_argument("--survivors", type=_positive_int, default=4, help="children scored on all samples")
-    s.add_argument("--init", default="uniform", help="start policies of the search, comma-separated, from "
-                                                    "uniform, owl, ecoflap (e.g. uniform,owl,ecoflap)")
+    s.add_argument("--init", default="uniform,owl,ecoflap",
+                   help="start policies of the search, comma-separated, from uniform, owl, ecoflap")
     s.add_argument("--no-projector", action="store_true", help="no projector evolution")
     s.add_argument("--projector-every", type=_positive_int, default=2, help="generations between evolutions")
     s.add_argument("--projector-steps", type=int, default=20)
