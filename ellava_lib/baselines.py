@@ -126,6 +126,11 @@ def _grid_range(grid: tuple[float, ...], target: float) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------- OWL
 
+#: OWL's default band ``lam`` around the target (units move by at most this much).
+OWL_LAMBDA: float = 0.08
+#: ECoFLaP's default kept-weight floor (a unit keeps at least this share, so ``S <= 1 - floor``).
+ECOFLAP_FLOOR: float = 0.2
+
 
 def outlier_ratios(model: nn.Module, calib_batch: dict[str, torch.Tensor], M: float = 5.0,
                    include_vision: bool = False, progress: bool = False) -> dict[str, float]:
@@ -169,7 +174,7 @@ def owl_allocation(ratios: Mapping[str, float], sizes: Mapping[str, int], sparsi
 
 
 def owl_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float, M: float = 5.0,
-               lam: float = 0.08, grid: tuple[float, ...] = DEFAULT_GRID, include_vision: bool = False,
+               lam: float = OWL_LAMBDA, grid: tuple[float, ...] = DEFAULT_GRID, include_vision: bool = False,
                progress: bool = False, on_grid: bool = True) -> Policy:
     """OWL policy at mean sparsity ``sparsity``: :func:`outlier_ratios` -> :func:`owl_allocation`, then
     :func:`round_to_grid` when ``on_grid`` (a policy the level database can assemble), else the continuous
@@ -223,7 +228,7 @@ def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tenso
 
 
 def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int], sparsity: float,
-                       floor: float = 0.2, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
+                       floor: float = ECOFLAP_FLOOR, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
     """Continuous ECoFLaP-style sparsities: kept weights proportional to importance above a floor::
 
         k_u = clip(f n_u + t I_u, f n_u, (1 - g_min) n_u),   f = max(floor, 1 - g_max)
@@ -248,9 +253,9 @@ def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int]
     return alloc(t)
 
 
-def ecoflap_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float, floor: float = 0.2,
-                   eps: float = 1e-3, seed: int = 0, draws: int = 4, grid: tuple[float, ...] = DEFAULT_GRID,
-                   include_vision: bool = False, progress: bool = False,
+def ecoflap_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float,
+                   floor: float = ECOFLAP_FLOOR, eps: float = 1e-3, seed: int = 0, draws: int = 4,
+                   grid: tuple[float, ...] = DEFAULT_GRID, include_vision: bool = False, progress: bool = False,
                    importance: Mapping[str, float] | None = None) -> Policy:
     """ECoFLaP-style policy: :func:`zeroth_order_importance` -> :func:`ecoflap_allocation` ->
     :func:`round_to_grid`. ``meta`` keeps the importances and the continuous allocation.

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import io, srm, structure
 from .budget import BUDGETS, budget_band, budget_weights, in_band, mutate  # noqa: F401 (mutate re-exported)
-from .baselines import round_to_grid, weighted_mean
+from .baselines import (ECOFLAP_FLOOR, OWL_LAMBDA, ecoflap_allocation, outlier_ratios, owl_allocation,
+                        round_to_grid, weighted_mean, zeroth_order_importance)
 from .calibration import calibration_fingerprint
 from .leveldb import LevelDB, model_identity
 from .objective import DEFAULT_LOSS_CAP, LOSS_KINDS, Score, dense_logits_of, per_sample_losses, score_losses
@@ -115,6 +116,9 @@ class SearchConfig:
             (self.screen_samples != 1, "screen_samples must be 0 (off) or >= 2"),
             (len(self.init) >= 1 and len(set(self.init)) == len(self.init) and set(self.init) <= set(START_POLICIES),
              f"init must name distinct start policies from {START_POLICIES}, got {list(self.init)}"),
+            ("ecoflap" not in self.init or self.target <= 1 - max(ECOFLAP_FLOOR, 1 - self.grid[-1]) + GRID_TOL,
+             f"the ECoFLaP start policy cannot reach sparsity {self.target} (it keeps at least "
+             f"{max(ECOFLAP_FLOOR, 1 - self.grid[-1]):g} of every unit); leave ecoflap out of init"),
             (self.eval_batch_size >= 0 and self.projector_every >= 0 and self.projector_topk >= 1,
              "need eval_batch_size >= 0, projector_every >= 0, projector_topk >= 1"),
         ]
@@ -162,8 +166,6 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
     of the zeroth-order importances (``importance`` when already computed for this model and batch, else
     computed with ``cfg.seed``); each through :func:`baselines.round_to_grid` with the budget weights, so
     ``S <= S(pi) <= S + step * max_u w_u / W`` (the budget band). ``model`` must be dense."""
-    from .baselines import ecoflap_allocation, outlier_ratios, owl_allocation, zeroth_order_importance
-
     vision = any(u.startswith("vision.") for u in weights)
     out: list[Policy] = []
     for name in cfg.init:
@@ -171,7 +173,7 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
             raw = {u: cfg.target for u in weights}
         elif name == "owl":
             raw = owl_allocation(outlier_ratios(model, dict(batch), include_vision=vision), weights, cfg.target,
-                                 lam=0.08, grid=cfg.grid)
+                                 lam=OWL_LAMBDA, grid=cfg.grid)
         else:
             scores = importance or zeroth_order_importance(model, dict(batch), seed=cfg.seed, include_vision=vision)
             raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.grid)

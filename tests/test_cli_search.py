@@ -76,6 +76,8 @@ def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
     (["--calib", "1"], "at least 2"),
     (["--generations", "-1"], "generations >= 0"),
     (["--gap", "vc"], "invalid choice"),
+    (["--sparsity", "0.9"], "ECoFLaP start policy cannot reach sparsity 0.9"),
+    (["--init", "uniform,random"], "init must name distinct start policies"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(micro_model_dir, tmp_path, capsys, args, needle):
     out = tmp_path / "run"

@@ -94,6 +94,9 @@ def test_start_policies_config():
     for bad in ((), ("uniform", "uniform"), ("random",)):
         with pytest.raises(ValueError, match="init must name"):
             SearchConfig(init=bad)
+    with pytest.raises(ValueError, match="ECoFLaP start policy cannot reach sparsity 0.9"):
+        SearchConfig(target=0.9, init=("uniform", "ecoflap"))
+    assert SearchConfig(target=0.9, init=("uniform", "owl")).target == 0.9
 
 
 # ------------------------------------------------------------------------------------------ the loop
