@@ -227,6 +227,12 @@ def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tenso
     return out
 
 
+def ecoflap_cap(grid: tuple[float, ...] = DEFAULT_GRID, floor: float = ECOFLAP_FLOOR) -> float:
+    """The highest mean sparsity ECoFLaP can allocate: ``1 - f``, ``f = max(floor, 1 - max(grid))`` (every
+    unit keeps at least the share ``f``)."""
+    return 1 - max(floor, 1 - max(grid))
+
+
 def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int], sparsity: float,
                        floor: float = ECOFLAP_FLOOR, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
     """Continuous ECoFLaP-style sparsities: kept weights proportional to importance above a floor::
@@ -238,7 +244,7 @@ def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int]
     proportion to the scores, units that are full drop out). Needs ``S <= 1 - f``.
     """
     gmin, gmax = _grid_range(grid, sparsity)
-    f = max(floor, 1 - gmax)
+    f = 1 - ecoflap_cap(grid, floor)
     if sparsity > 1 - f + GRID_TOL:
         raise ValueError(f"sparsity {sparsity} is above the ECoFLaP cap 1 - floor = {1 - f:.3g}")
     top = max(importance.values())

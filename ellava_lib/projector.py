@@ -124,7 +124,8 @@ def _holdout_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], hold: lis
 def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], policies: Sequence[Policy],
                      level_db: LevelDB, dense_logits: torch.Tensor | None, steps: int, lr: float,
                      kl_weight: float, holdout_frac: float, patience: int, seed: int, *, eval_every: int = 1,
-                     grad_clip: float = 1.0, ce_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+                     grad_clip: float = 1.0,
+                     ce_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Fine-tune the projector for ``policies`` (see the module docstring); returns ``(state, log)``.
 
     The kept projector (best on the held-out rows) is loaded into ``model`` and returned (relative keys);

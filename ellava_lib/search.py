@@ -3,19 +3,18 @@
 Budget and mutation: :mod:`budget` (every policy stays in the budget band
 ``target <= S(pi) <= target + step * max_u w_u / W``).
 
-**Loop** (:func:`run_search`). Generation 0: the start policies named by ``init`` (:data:`START_POLICIES`:
-the grid-rounded uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded
-to the grid with :func:`baselines.round_to_grid`, so the search begins where the one-shot allocation
-heuristics end) plus mutants of them in turn (1 to ``mutation_steps`` steps each), all scored on the n
-calibration samples. Each generation: ``offspring``
-children, each a mutant of a tournament winner (``tournament`` entrants, best ``J``), new to the population
-and the generation; multi-step selection scores them on ``screen_samples`` fixed calibration rows first and
-only the best ``survivors`` on all n (``screen_samples = 0`` or ``>= n``: all on n); the next population is
-the best ``elitism`` parents plus the best fully scored children (topped up with parents). Ties break by
-policy id. Every ``projector_every`` generations the projector is evolved for the top ``projector_topk``
-(:mod:`projector`) and the population rescored with it. Candidates are *assembled* from the level database
-(no solver in the loop). Each generation ends with an atomic checkpoint (:mod:`checkpoint`); a run
-resumes from it and produces exactly the result and history of an uninterrupted run.
+**Loop** (:func:`run_search`). Generation 0: the start policies named by ``init`` (:data:`START_POLICIES`: the
+grid-rounded uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded to the
+grid with :func:`baselines.round_to_grid`, so the search begins where the one-shot allocation heuristics end)
+plus mutants of them in turn (1 to ``mutation_steps`` steps each), all scored on the n calibration samples.
+Each generation: ``offspring`` children, each a mutant of a tournament winner (``tournament`` entrants, best
+``J``), new to the population and the generation; multi-step selection scores them on ``screen_samples`` fixed
+calibration rows first and only the best ``survivors`` on all n (``screen_samples = 0`` or ``>= n``: all on
+n); the next population is the best ``elitism`` parents plus the best fully scored children (topped up with
+parents). Ties break by policy id. Every ``projector_every`` generations the projector is evolved for the top
+``projector_topk`` (:mod:`projector`) and the population rescored with it. Candidates are *assembled* from the
+level database (no solver in the loop). Each generation ends with an atomic checkpoint (:mod:`checkpoint`); a
+run resumes from it and produces exactly the result and history of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import io, srm, structure
 from .budget import BUDGETS, budget_band, budget_weights, in_band, mutate  # noqa: F401 (mutate re-exported)
-from .baselines import (ECOFLAP_FLOOR, OWL_LAMBDA, ecoflap_allocation, outlier_ratios, owl_allocation,
-                        round_to_grid, weighted_mean, zeroth_order_importance)
+from .baselines import (OWL_LAMBDA, ecoflap_allocation, ecoflap_cap, outlier_ratios, owl_allocation, round_to_grid,
+                        weighted_mean, zeroth_order_importance)
 from .calibration import calibration_fingerprint
 from .leveldb import LevelDB, model_identity
 from .objective import DEFAULT_LOSS_CAP, LOSS_KINDS, Score, dense_logits_of, per_sample_losses, score_losses
@@ -116,9 +115,9 @@ class SearchConfig:
             (self.screen_samples != 1, "screen_samples must be 0 (off) or >= 2"),
             (len(self.init) >= 1 and len(set(self.init)) == len(self.init) and set(self.init) <= set(START_POLICIES),
              f"init must name distinct start policies from {START_POLICIES}, got {list(self.init)}"),
-            ("ecoflap" not in self.init or self.target <= 1 - max(ECOFLAP_FLOOR, 1 - self.grid[-1]) + GRID_TOL,
+            ("ecoflap" not in self.init or self.target <= ecoflap_cap(self.grid) + GRID_TOL,
              f"the ECoFLaP start policy cannot reach sparsity {self.target} (it keeps at least "
-             f"{max(ECOFLAP_FLOOR, 1 - self.grid[-1]):g} of every unit); leave ecoflap out of init"),
+             f"{1 - ecoflap_cap(self.grid):g} of every unit); leave ecoflap out of init"),
             (self.eval_batch_size >= 0 and self.projector_every >= 0 and self.projector_topk >= 1,
              "need eval_batch_size >= 0, projector_every >= 0, projector_topk >= 1"),
         ]
@@ -139,7 +138,7 @@ class SearchConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown search config keys {unknown}")
-        return cls(**{**d, "grid": tuple(d.get("grid", DEFAULT_GRID)), "init": tuple(d.get("init", ("uniform",)))})
+        return cls(**{**d, "grid": tuple(d.get("grid", DEFAULT_GRID))})
 
     def to_json(self, path: str | Path) -> Path:
         return io.write_json(Path(path), self.to_dict())
@@ -184,12 +183,9 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
 
 
 def initial_population(weights: Mapping[str, float], cfg: SearchConfig, rng: random.Random,
-                       starts: list[Policy] | None = None) -> list[Policy]:
-    """The start policies (default: the grid-rounded uniform policy) and distinct mutants of them, taken in
-    turn, up to ``population`` policies."""
-    if starts is None:
-        starts = [Policy(round_to_grid({u: cfg.target for u in weights}, weights, cfg.target, cfg.grid), cfg.grid,
-                         {"target": cfg.target})]
+                       starts: list[Policy]) -> list[Policy]:
+    """The start policies (:func:`start_policies`) and distinct mutants of them, taken in turn, up to
+    ``population`` policies."""
     out = list(starts[: cfg.population])
     seen = {p.policy_id() for p in out}
     for t in range(20 * cfg.population):
@@ -358,12 +354,12 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
                importance: Mapping[str, float] | None = None) -> SearchResult:
     """Run (or resume) the search of the module docstring in ``out_dir``; returns the best policy.
 
-    ``model``'s units are reset to the database's level 0 (its dense weights) on entry; its projector must
-    be the original one (the dense logits of KL terms come from it). ``importance``: ECoFLaP's unit scores
-    for this model and batch when already computed (an ``ecoflap`` start policy needs them). It is left assembled at the best policy with
-    the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
-    ``policy.json``, ``projector.safetensors`` (+ ``.json``, when evolution ran) and, when ``processor``
-    is given, the final model (:func:`tiny_model.save`) into ``out_dir``.
+    ``model``'s units are reset to the database's level 0 (its dense weights) on entry; its projector must be the
+    original one (the dense logits of KL terms come from it). ``importance``: ECoFLaP's unit scores for this model
+    and batch when already computed (an ``ecoflap`` start policy needs them). The model is left assembled at the best
+    policy with the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
+    ``policy.json``, ``projector.safetensors`` (+ ``.json``, when evolution ran) and, when ``processor`` is given,
+    the final model (:func:`tiny_model.save`) into ``out_dir``.
     """
     wall = time.perf_counter()
     out = io.ensure_dir(Path(out_dir))

@@ -273,7 +273,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         cfg = search_config(spec, job)
         units = list_units(model)
         importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
-                      if "ecoflap" in cfg.init else None)
+                      if needs_importance(spec, job) else None)
         result = run_search(model, None, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
                             job_dir / "search", progress=False, importance=importance)
         policy = result.policy
