@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io, metrics, synth
+from .cpu_linear import onednn_linear
 from .judge import Judge, LocalJudge
 from .prompts import sample_prompt
 from .schema import SUITES, Sample
@@ -105,8 +106,9 @@ def generate_answers(model, processor, samples: list[Sample], max_new_tokens: in
     for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
         enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
                         return_tensors="pt", padding=True).to(model.device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with onednn_linear():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, t in zip(idx, texts):
             answers[i] = t.strip()

@@ -65,5 +65,5 @@ def value_loss(model, hidden: torch.Tensor, answer_pos: list[int], values: list[
     if not rows:
         return None
     h = hidden[rows, [answer_pos[r] for r in rows]]
-    logp = F.log_softmax(model.lm_head(model.model.language_model.norm(h)), -1)
+    logp = F.log_softmax(model.lm_head(model.model.language_model.norm(h)).float(), -1)
     return torch.stack([-logp[k, values[r]].mean() for k, r in enumerate(rows)]).sum() / (norm or len(rows))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import srm
+from .cpu_linear import onednn_linear
 
 LOSS_KINDS: tuple[str, ...] = ("ce", "kl")
 
@@ -94,8 +95,10 @@ def per_sample_kl(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torc
 
 
 def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(B, T, V)`` next-token logits of ``model`` on the batch (no cache)."""
-    return model(**{k: batch[k] for k in _INPUTS if k in batch}, use_cache=False).logits
+    """``(B, T, V)`` next-token logits of ``model`` on the batch (no cache; CPU fp32 linears through oneDNN
+    where no gradient is needed, :mod:`cpu_linear`)."""
+    with onednn_linear():
+        return model(**{k: batch[k] for k in _INPUTS if k in batch}, use_cache=False).logits
 
 
 @torch.no_grad()

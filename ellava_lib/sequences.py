@@ -33,3 +33,28 @@ def pad_right(seqs: list[torch.Tensor], n_prompt: list[int], pad_id: int) -> dic
         labels[r, n_p: len(s)] = s[n_p:]
         mask[r, : len(s)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class LengthGroupedBatches:
+    """Random batches of similar length, to cut padding: each refill draws ``group`` x ``batch_size`` indices
+    uniformly (with replacement, from ``gen``), sorts them by sequence length, cuts them into ``group``
+    batches and serves those in a random order. Every index is as likely as under plain uniform batches;
+    only which indices share a batch changes (as in ``group_by_length`` samplers). ``group = 1`` is plain
+    uniform batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, group: int, gen: torch.Generator) -> None:
+        if group < 1:
+            raise ValueError(f"length group must be >= 1, got {group}")
+        self.lengths = torch.tensor(lengths)
+        self.batch_size, self.group, self.gen = batch_size, group, gen
+        self._queue: list[list[int]] = []
+
+    def next(self) -> list[int]:
+        if not self._queue:
+            idx = torch.randint(0, len(self.lengths), (self.batch_size * self.group,), generator=self.gen)
+            if self.group > 1:
+                idx = idx[torch.sort(self.lengths[idx], stable=True).indices]
+            batches = idx.view(self.group, self.batch_size)
+            order = torch.randperm(self.group, generator=self.gen) if self.group > 1 else torch.zeros(1, dtype=torch.long)
+            self._queue = [batches[i].tolist() for i in order.tolist()][::-1]
+        return self._queue.pop()

@@ -70,5 +70,6 @@ def test_other_methods_write_their_policy(micro_model_dir, tmp_path, args):
     policy = Policy.from_json(out / "policy.json")
     target = 0.5 if "--nm" in args else float(args[-1])
     mean = (report["measured"] * report["params"]).sum() / report["params"].sum()
-    assert target - 1e-6 <= mean < target + 0.031
+    # per-row / per-block counts are round(s * n): a continuous (OWL) level can land a hair under its target
+    assert target - 1e-3 <= mean < target + 0.031
     assert policy.meta["method"] == args[1]

@@ -107,7 +107,7 @@ def test_data_parallel_training_matches_one_process():
     from ellava_lib.train import TrainConfig, train
 
     cfg = replace(TrainConfig.micro(), induction_steps=4, text_steps=6, vision_steps=2, align_steps=2, joint_steps=2,
-                  drill_frac=0.5, value_layer=1, joint_value_weight=0.5)
+                  drill_frac=0.5, value_layer=1, joint_value_weight=0.5, length_group=1)
     _, _, log1 = train(cfg, progress=False)
     model2, _, log2 = train(replace(cfg, processes=2), progress=False)
     for stage, key, n in (("induction", "copy", 4), ("text", "text", 6), ("text", "value", 6), ("joint", "value", 2)):
@@ -187,7 +187,11 @@ def test_disabled_levers_do_not_change_the_digest():
     from ellava_lib.train import TrainConfig
 
     ci = TrainConfig.ci()
-    assert ci.digest() == "9b67261ff1"  # the CI model the nbval references were made with
+    assert ci.digest() == "be0d58e324"  # the CI model the nbval references were made with
+    # full precision, ungrouped batches, one thread: the cache names from before those options existed
+    assert replace(ci, precision="fp32", length_group=1, threads=1).digest() == "9b67261ff1"
+    assert replace(TrainConfig(), precision="fp32", length_group=1, threads=1, processes=2,
+                   text_steps=500).digest() == "30c0232581"
     assert replace(ci, value_weight=5.0).digest() == ci.digest()  # value loss off: its weight is moot
     assert replace(ci, induction_lr=1.0).digest() == ci.digest()
     for lever in ({"value_layer": 2}, {"drill_frac": 0.1}, {"induction_steps": 10}):
@@ -214,3 +218,49 @@ def test_cli_build_takes_a_preset_and_a_seed(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["build", "--preset", "nope"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_length_grouped_batches_keep_the_uniform_draws():
+    """Group 1 draws exactly the plain uniform batches; a larger group serves the same G x B uniform draws,
+    cut into batches of ascending length (served in random order), so padding shrinks and nothing is lost."""
+    import torch
+
+    from ellava_lib.sequences import LengthGroupedBatches
+
+    lengths = [int(x) for x in torch.randint(5, 100, (500,), generator=torch.Generator().manual_seed(1))]
+    plain = LengthGroupedBatches(lengths, 16, 1, torch.Generator().manual_seed(0))
+    ref = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        assert plain.next() == torch.randint(0, 500, (16,), generator=ref).tolist()
+    grouped = LengthGroupedBatches(lengths, 16, 8, torch.Generator().manual_seed(0))
+    batches = [grouped.next() for _ in range(8)]
+    draws = torch.randint(0, 500, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert sorted(i for b in batches for i in b) == sorted(draws) and all(len(b) == 16 for b in batches)
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    assert all(hi <= nxt_lo for (_, hi), (nxt_lo, _) in zip(spans, spans[1:]))  # no two batches interleave
+    assert [s[0] for s in spans] != [min(lengths[i] for i in b) for b in batches]  # not served in length order
+    padded = sum(16 * max(lengths[i] for i in b) for b in batches)
+    padded_plain = sum(16 * max(lengths[i] for i in draws[k * 16:(k + 1) * 16]) for k in range(8))
+    assert padded < 0.8 * padded_plain
+    with pytest.raises(ValueError, match="length group"):
+        LengthGroupedBatches(lengths, 16, 0, torch.Generator())
+
+
+def test_bf16_training_keeps_fp32_weights_and_losses():
+    """The bf16 recipe runs the forward under CPU autocast but keeps fp32 weights, computes its losses in fp32
+    (not rounded to bf16's 8-bit mantissa) and restores the model's attention implementation; an unknown
+    precision is refused when the config is made."""
+    from dataclasses import replace
+
+    from ellava_lib.train import TrainConfig, train
+
+    cfg = replace(TrainConfig.micro(), text_steps=3, vision_steps=1, align_steps=1, joint_steps=3)
+    assert cfg.precision == "bf16"
+    model, _, log = train(cfg, progress=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.text_config._attn_implementation == "sdpa"
+    answers = [r["answer"] for r in log if r["stage"] == "joint"]
+    as_bf16 = [float(torch.tensor(a).to(torch.bfloat16).float()) for a in answers]
+    assert any(abs(a - b) > 1e-6 for a, b in zip(answers, as_bf16))
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
