@@ -23,7 +23,8 @@ suite's dense score, ``sqa`` included, in the build that tried it).
 All stages use AdamW with linear warm-up and cosine decay; everything is seeded. The forward passes run under
 CPU bfloat16 autocast (``precision``; weights, optimizer state and losses stay fp32) with eager attention,
 and the text and joint batches are drawn in length-sorted groups (``length_group``, less padding): together
-about 1.6x the fp32 throughput on the build machine, which pays for the 1000 text-stage steps.
+1.56x the steps/s of the fp32 two-process recipe on the build machine (``benchmarks/cpu_speed.py``,
+``benchmarks/results/cpu_speed.json``), which pays for the 1000 text-stage steps.
 """
 
 from __future__ import annotations
