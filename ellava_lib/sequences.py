@@ -52,9 +52,9 @@ class LengthGroupedBatches:
     def next(self) -> list[int]:
         if not self._queue:
             idx = torch.randint(0, len(self.lengths), (self.batch_size * self.group,), generator=self.gen)
-            if self.group > 1:
-                idx = idx[torch.sort(self.lengths[idx], stable=True).indices]
-            batches = idx.view(self.group, self.batch_size)
-            order = torch.randperm(self.group, generator=self.gen) if self.group > 1 else torch.zeros(1, dtype=torch.long)
-            self._queue = [batches[i].tolist() for i in order.tolist()][::-1]
+            if self.group == 1:
+                return idx.tolist()
+            batches = idx[torch.sort(self.lengths[idx], stable=True).indices].view(self.group, self.batch_size)
+            order = torch.randperm(self.group, generator=self.gen).tolist()
+            self._queue = [batches[i].tolist() for i in reversed(order)]
         return self._queue.pop()

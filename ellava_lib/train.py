@@ -296,7 +296,7 @@ def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: s
     for step in bar:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             losses = step_fn(step)
-        losses = {k: v.float() for k, v in losses.items()}
+        losses = {k: v.float() for k, v in losses.items()}  # a zero placeholder term may still be bf16
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
