@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m ellava_lib.pipeline --profile $(PROFILE)
+	$(PY) -m ellava_lib.run.pipeline --profile $(PROFILE)
 
 test: $(STAMP)
 	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb
@@ -34,7 +34,7 @@ nbval: $(STAMP)
 
 # Regenerates the references after a deliberate change to the notebooks or to what they print.
 nbval-refs: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ellava_lib.pipeline --profile ci --runs runs/nbval-refs --nbval-refs
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ellava_lib.run.pipeline --profile ci --runs runs/nbval-refs --nbval-refs
 
 clean-notebooks: $(STAMP)
 	$(PY) -m nbstripout --keep-id notebooks/*.ipynb

@@ -1,12 +1,12 @@
 """CPU throughput of the two speed levers the embedded default relies on, measured on this machine.
 
 - ``linear``: one fp32 ``y = x W^T`` at the tiny decoder's shapes, through ``F.linear`` (MKL ``sgemm``) and
-  through oneDNN (:func:`ellava_lib.cpu_linear.linear`), for several row counts; GFLOP/s = ``2 M K N / t``.
+  through oneDNN (:func:`ellava_lib.model.kernels.linear`), for several row counts; GFLOP/s = ``2 M K N / t``.
 - ``train``: steps per second of the build's text and joint stages for the training recipes
   ``fp32`` (no autocast, ungrouped batches, two data-parallel processes with one thread: the recipe before
   these levers), ``bf16`` (autocast, ungrouped, one process with two threads) and ``bf16+group``
   (the default: autocast and length-grouped batches), each a short run of the default
-  :class:`~ellava_lib.train.TrainConfig` on 1000 train items per suite.
+  :class:`~ellava_lib.model.train.TrainConfig` on 1000 train items per suite.
 
 Usage::
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ellava_lib import cpu_linear
+from ellava_lib.model import kernels
 
 RECIPES = {
     "fp32": {"precision": "fp32", "length_group": 1, "processes": 2, "threads": 1},
@@ -72,7 +72,7 @@ def _stage_rates(recipe: dict, steps: int) -> dict[str, float]:
     data-parallel recipe spawns its workers as in a build)."""
     over = {"induction_steps": 0, "text_steps": steps, "vision_steps": 5, "align_steps": 5, "joint_steps": steps,
             "n_train": {s: 1000 for s in ("sqa", "vizwiz", "mmvet", "llavabench")}, **recipe}
-    code = ("import json, sys\nfrom dataclasses import replace\nfrom ellava_lib import train\n"
+    code = ("import json, sys\nfrom dataclasses import replace\nfrom ellava_lib.model import train\n"
             "if __name__ == '__main__':\n"
             f"    train.train(replace(train.TrainConfig(), **json.loads({json.dumps(json.dumps(over))})), progress=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60, help="steps per timed training stage")
     args = ap.parse_args(argv)
     record = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "onednn": cpu_linear.available(), "cores": torch.get_num_threads()}
+              "onednn": kernels.available(), "cores": torch.get_num_threads()}
     record["linear"] = bench_linear([32, 256, 1088, 4096], [(128, 352), (352, 128), (128, 128)])
     record["train"] = {name: _stage_rates(r, args.steps) for name, r in RECIPES.items()}
     base = record["train"]["fp32"]

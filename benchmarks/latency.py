@@ -2,7 +2,7 @@
 
 For every case it times the dense (unpruned) module and the pruned one under each backend, and records
 ``measured_ratio = dense time / pruned time`` next to ``flop_ratio = dense FLOPs / pruned FLOPs``
-(:func:`ellava_lib.accounting.flop_ratio`). Times are medians of ``--repeats`` runs after ``--warmup`` runs.
+(:func:`ellava_lib.speed.flops.flop_ratio`). Times are medians of ``--repeats`` runs after ``--warmup`` runs.
 
 Cases:
 
@@ -14,7 +14,7 @@ Cases:
 
 Masks: magnitude, unstructured at 50/70/90%, and 2:4 (both on all seven linears). Backends: ``dense`` (the
 masked weights run as dense matmuls: what a pruned checkpoint gives as is), ``csr`` (every pruned linear a
-:class:`~ellava_lib.sparse.SparseLinear`), ``auto`` (:func:`~ellava_lib.sparse.sparsify_model`: CSR only where
+:class:`~ellava_lib.speed.sparse.SparseLinear`), ``auto`` (:func:`~ellava_lib.speed.sparse.sparsify_model`: CSR only where
 measured faster), and ``semi`` (2:4 on CUDA only).
 
 Usage::
@@ -41,10 +41,14 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRotaryEmbedding,
+)
 
-from ellava_lib import accounting, sparse, structure
-from ellava_lib.obs import magnitude_mask
+from ellava_lib.model import structure
+from ellava_lib.prune.masks import magnitude_mask
+from ellava_lib.speed import flops, sparse
 
 SHAPES = {  # name: (model, hidden, intermediate, heads, kv_heads)
     "smollm2": ("SmolLM2-135M", 576, 1536, 9, 3),
@@ -84,7 +88,7 @@ def paired_ms(dense: Callable[[], object], pruned: Callable[[], object], device:
 
 @torch.no_grad()
 def mask_linears(module: nn.Module, sparsity: float, pattern: str) -> None:
-    """Magnitude masks on every ``nn.Linear`` of ``module`` (in place): ``N:M`` via ``obs.magnitude_mask``;
+    """Magnitude masks on every ``nn.Linear`` of ``module`` (in place): ``N:M`` via ``masks.magnitude_mask``;
     unstructured as ``|w| <= k-th smallest |w|``, ``k = round(s * numel)`` (same mask up to ties, and 10x
     faster than the library's sort on 45M weights; timing needs only the density and its spread)."""
     for m in module.modules():
@@ -177,7 +181,7 @@ def layer_cases(name: str, component: str, tokens: int, device: torch.device, dt
                 run_mod, swapped, n_lin = apply_backend(masked, backend, [1, tokens], cache)
                 for phase, fn in runners(run_mod).items():
                     dense_ms, ms = paired_ms(base[phase], fn, device, warmup, repeats)
-                    fr = accounting.flop_ratio(meta, {u: sparsity for u in units}, phase, scope,
+                    fr = flops.flop_ratio(meta, {u: sparsity for u in units}, phase, scope,
                                                n_visual_tokens=0, n_text_tokens=tokens, kv_len=tokens)
                     records.append({"model": model_name, "component": component, "shape": shape, "phase": phase,
                                     "tokens": tokens if phase == "prefill" else 1,
@@ -198,10 +202,11 @@ def layer_cases(name: str, component: str, tokens: int, device: torch.device, dt
 def model_cases(model_dir: Path, device: torch.device, backends: list[str], warmup: int, repeats: int,
                 new_tokens: int, cache: dict) -> list[dict]:
     """Records of a built tiny LLaVA: prefill of one sample, then ``new_tokens`` greedy decode steps."""
-    from ellava_lib import calibration, units
-    from ellava_lib.loading import load_model
-    from ellava_lib.policy import Policy
-    from ellava_lib.prompts import sample_prompt
+    from ellava_lib.core import units
+    from ellava_lib.core.policy import Policy
+    from ellava_lib.data import calibration
+    from ellava_lib.data.prompts import sample_prompt
+    from ellava_lib.model.specs import load_model
 
     model, proc = load_model(model_dir, progress=False)
     model.to(device)
@@ -250,7 +255,7 @@ def model_cases(model_dir: Path, device: torch.device, backends: list[str], warm
                                                         cache, policy)
                 dense_ms, ms = timings(model, run_mod)
                 for phase in ("prefill", "decode"):
-                    fr = accounting.flop_ratio(model, policy, phase, "model", n_visual_tokens=n_vis,
+                    fr = flops.flop_ratio(model, policy, phase, "model", n_visual_tokens=n_vis,
                                                n_text_tokens=n_text)
                     records.append({"model": "tiny", "component": "model", "shape": str(Path(model_dir).name),
                                     "phase": phase, "tokens": n_vis + n_text if phase == "prefill" else 1,
@@ -282,7 +287,7 @@ def to_markdown(records: list[dict]) -> str:
 
 def splice_readme(readme: Path, records: list[dict], source: Path) -> None:
     """Put :func:`to_markdown` of ``records`` into ``readme`` (``latency`` markers), with the setup line."""
-    from ellava_lib.report import update_readme
+    from ellava_lib.run.report import update_readme
 
     r = records[0] if records else {}
     setup = (f"*Generated by `python benchmarks/latency.py` from `{source}`: device {r.get('device')}, "

@@ -4,8 +4,8 @@ For each layer shape ``d_out x d_in`` a random weight ``W`` and ``N`` correlated
 ``X`` are drawn (seeded), ``H = 2/N X^T X`` is accumulated with :class:`SparseGPT.add_batch`, and
 the layer is pruned by
 
-* ``sparsegpt``  — :meth:`ellava_lib.obs.SparseGPT.prune` (fp32, Cholesky trick, lazy blocks);
-* ``reference``  — :func:`ellava_lib.obs.obs_prune_reference` (explicit inverse, column by column,
+* ``sparsegpt``  — :meth:`ellava_lib.prune.obs.SparseGPT.prune` (fp32, Cholesky trick, lazy blocks);
+* ``reference``  — :func:`ellava_lib.prune.obs.obs_prune_reference` (explicit inverse, column by column,
   float64 by default; O(d_in^3) Python-loop work, skipped above ``--reference-max-cols``);
 * ``magnitude``  — per-layer lowest ``|w|`` (baseline, no weight update).
 
@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from ellava_lib.obs import SparseGPT, magnitude_mask, reconstruction_error
-from ellava_lib.obs_reference import obs_prune_reference
+from ellava_lib.prune.masks import magnitude_mask
+from ellava_lib.prune.obs import SparseGPT, reconstruction_error
+from ellava_lib.prune.obs_reference import obs_prune_reference
 
 DEFAULT_SHAPES: list[tuple[int, int]] = [(1024, 1024)]
 LARGE_SHAPES: list[tuple[int, int]] = [(4096, 4096), (4096, 11008)]

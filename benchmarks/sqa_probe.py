@@ -8,7 +8,7 @@ measures next-token accuracy of the answer letter on held-out ``sqa`` items ever
 - ``sqa_text``: the scene described in words + the benchmark prompt (reasoning + matching);
 - ``drill``: ``Which option is {value} ?`` + the options (matching only: the value is given).
 
-Levers it tests (flags): ``--induction`` steps of the copy task (:func:`ellava_lib.lm_tasks.induction_batch`),
+Levers it tests (flags): ``--induction`` steps of the copy task (:func:`ellava_lib.model.lm_tasks.induction_batch`),
 ``--drill-frac`` share of drill items mixed into the text stage, and ``--aux-layer K``: a logit-lens loss that
 asks decoder layer ``K``'s state at the answer position to predict the words of the correct option
 (``-mean_w log softmax(W_out norm(h_K))_w``), so the value is formed before the matching layers.
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ellava_lib import lm_tasks, sequences, synth, tiny_model, train
-from ellava_lib.prompts import chat_prompt, question_text
-from ellava_lib.tiny_model import TinyConfig
+from ellava_lib.data import encoding, synth
+from ellava_lib.data.prompts import chat_prompt, question_text
+from ellava_lib.model import lm_tasks, tiny, train
+from ellava_lib.model.losses import answer_loss
+from ellava_lib.model.tiny import TinyConfig
 
 Encoded = tuple[torch.Tensor, int, list[int]]  # ids, prompt length, ids of the correct option's words
 
@@ -49,7 +51,7 @@ def encode_items(tok, items: list[synth.Item], suite: str, split: str, drill: bo
             text = lm_tasks.drill_text(it)
         else:
             text = f"{synth.describe(it.scene)}\n{question_text(synth.to_sample(it, suite, split, i, render=False))}"
-        seq, n_p = sequences.encode_pair(tok, chat_prompt(text, with_image=False), it.answer)
+        seq, n_p = encoding.encode_pair(tok, chat_prompt(text, with_image=False), it.answer)
         out.append((seq, n_p, lm_tasks.value_ids(tok, it) if suite == "sqa" else []))
     return out
 
@@ -62,7 +64,7 @@ def letter_accuracy(model, data: list[Encoded], pad: int, batch: int = 64) -> li
     for i in range(0, len(data), batch):
         xs = data[i:i + batch]
         prompts = [x[0][: x[1]] for x in xs]
-        b = sequences.pad_right(prompts, [len(p) for p in prompts], pad)
+        b = encoding.pad_right(prompts, [len(p) for p in prompts], pad)
         b.pop("labels")
         logits = model(**b).logits
         last = torch.tensor([len(p) - 1 for p in prompts])
@@ -90,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     cfg = train.TrainConfig()
-    proc = tiny_model.build_processor(tiny_model.vocabulary(0))
+    proc = tiny.build_processor(tiny.vocabulary(0))
     tok, pad = proc.tokenizer, proc.tokenizer.pad_token_id
-    model = tiny_model.build_model(TinyConfig.micro() if a.micro else TinyConfig(), tok, a.seed)
+    model = tiny.build_model(TinyConfig.micro() if a.micro else TinyConfig(), tok, a.seed)
     if not 0 <= a.aux_layer < model.config.text_config.num_hidden_layers:
         p.error(f"--aux-layer must lie in [0, {model.config.text_config.num_hidden_layers})")
     model.train()
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         def copy_step(step: int) -> dict[str, torch.Tensor]:
             b = lm_tasks.induction_batch(words, cfg.batch_size, rng, tok.bos_token_id, pad)
             labels = b.pop("labels")
-            return {"copy": train.answer_loss(model(**b).logits, labels)}
+            return {"copy": answer_loss(model(**b).logits, labels)}
 
         train._run_stage(params, a.induction, cfg.induction_lr, cfg, copy_step, "induction", log, True)
     rng = random.Random(a.seed + 1)
@@ -127,10 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
         if step and step % a.eval_every == 0:
             record(step)
         xs = [rng.choice(drill) if rng.random() < a.drill_frac else rng.choice(pool) for _ in range(cfg.batch_size)]
-        b = sequences.pad_right([x[0] for x in xs], [x[1] for x in xs], pad)
+        b = encoding.pad_right([x[0] for x in xs], [x[1] for x in xs], pad)
         labels = b.pop("labels")
         out = model(**b, output_hidden_states=bool(a.aux_layer))
-        losses = {"text": train.answer_loss(out.logits, labels)}
+        losses = {"text": answer_loss(out.logits, labels)}
         aux = (lm_tasks.value_loss(model, out.hidden_states[a.aux_layer], [x[1] - 1 for x in xs], [x[2] for x in xs])
                if a.aux_layer else None)
         if aux is not None:

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .schema import SUITES
-from .synth import SPLITS
+from ellava_lib.core.schema import SUITES
+from ellava_lib.data.synth import SPLITS
 
 
 class CLIError(Exception):
@@ -52,7 +52,8 @@ def _positive_int(value: str) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .train import build_or_load, preset
+    from ellava_lib.model.specs import build_or_load
+    from ellava_lib.model.train import preset
 
     cfg = preset(args.preset)
     if args.seed is not None:
@@ -65,7 +66,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _tier(args: argparse.Namespace):
     """The :class:`tier.Tier` the data options describe (a ValueError for a bad combination: exit 2)."""
-    from .tier import Tier, check_device
+    from ellava_lib.run.tier import Tier, check_device
 
     tier = Tier(model=str(args.model), data=args.data, data_dir=args.data_dir, judge=getattr(args, "judge", "local"),
                 device=getattr(args, "device", None) or "cpu", dtype=args.dtype)
@@ -75,20 +76,20 @@ def _tier(args: argparse.Namespace):
 
 def _model_dir(spec: str, quiet: bool) -> str | Path:
     """A hub name as is (loaded in ``--dtype``), else the built-in or folder model it names."""
-    from .loading import HUB_MODELS, resolve_model_dir
+    from ellava_lib.model.specs import HUB_MODELS, resolve_model_dir
 
     return spec if spec in HUB_MODELS else resolve_model_dir(spec, progress=not quiet)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import io
-    from .evaluate import evaluate, headline
-    from .tier import eval_config, load_model, make_judge, place
+    from ellava_lib.core import files
+    from ellava_lib.eval.evaluate import evaluate, headline
+    from ellava_lib.run.tier import eval_config, load_model, make_judge, place
 
     tier = _tier(args)
     cfg = eval_config(tier, args.limit, suites=args.suite, split=args.split, batch_size=args.batch_size,
                       data_seed=args.data_seed)
-    out = io.ensure_dir(Path(args.out))  # fail before any work if the folder is unusable
+    out = files.ensure_dir(Path(args.out))  # fail before any work if the folder is unusable
     judge = make_judge(tier, out / "judge")
     model, processor = load_model(tier, _model_dir(args.model, args.quiet), progress=not args.quiet)
     model, _ = place(tier, model)
@@ -105,12 +106,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from . import calibration, io, tiny_model
-    from .policy import GRID_TOL
-    from .tier import calibration_samples, encode_calibration, load_model
-    from .prune import parse_nm, prune_model
-    from .baselines import measured_mean
-    from .sweep import method_policy, solver_for
+    from ellava_lib.core import files
+    from ellava_lib.core.policy import GRID_TOL
+    from ellava_lib.model import loading, losses
+    from ellava_lib.prune.masks import parse_nm
+    from ellava_lib.prune.prune import measured_mean, prune_model
+    from ellava_lib.run.sweep import method_policy, solver_for
+    from ellava_lib.run.tier import calibration_samples, encode_calibration, load_model
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
     if n and args.method in ("owl", "ecoflap"):
@@ -133,12 +135,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, processor = load_model(tier, model_dir, progress=not args.quiet)
     batch = encode_calibration(tier, samples, processor)
     t0 = time.time()
-    dense_loss = calibration.calibration_loss(model, batch)
+    dense_loss = losses.calibration_loss(model, batch)
     policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
     solver = solver_for(args.method)
     report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet,
                          device=args.device)
-    loss = calibration.calibration_loss(model, batch)
+    loss = losses.calibration_loss(model, batch)
     measured = measured_mean(report)
     extra = {"kind": "pruned", "base_model": str(model_dir), "method": args.method, "solver": solver,
              "sparsity": target, "nm": args.nm, "policy_id": policy.policy_id(), "mean_sparsity": measured,
@@ -148,12 +150,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     base_meta = Path(model_dir) / "ellava.json"
     if base_meta.is_file():
         extra["base_meta"] = json.loads(base_meta.read_text())
-    io.ensure_dir(out.parent)
+    files.ensure_dir(out.parent)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        tiny_model.save(model, processor, tmp, extra)
+        loading.save(model, processor, tmp, extra)
         policy.to_json(tmp / "policy.json")
-        io.write_csv(tmp / "sparsity.csv", report)
+        files.write_csv(tmp / "sparsity.csv", report)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
@@ -170,15 +172,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Search a policy (level database -> evolutionary search -> final model) into ``--out`` (resumable)."""
     import math
 
-    from . import calibration, io, tiny_model
-    from .leveldb import LevelDB, build_level_db
-    from .objective import per_sample_losses
-    from .policy import DEFAULT_GRID
-    from .projector import load_projector, set_projector_state
-    from .prune import prune_model
-    from .search import SearchConfig, check_resume, run_search, search_context
-    from .tier import calibration_samples, encode_calibration, load_model, place
-    from .units import list_units
+    from ellava_lib.core import files
+    from ellava_lib.core.policy import DEFAULT_GRID
+    from ellava_lib.core.units import list_units
+    from ellava_lib.data import calibration
+    from ellava_lib.model import loading
+    from ellava_lib.prune.leveldb import LevelDB, build_level_db
+    from ellava_lib.prune.prune import prune_model
+    from ellava_lib.run.tier import (
+        calibration_samples,
+        encode_calibration,
+        load_model,
+        place,
+    )
+    from ellava_lib.search.config import SearchConfig
+    from ellava_lib.search.evolve import check_resume, run_search, search_context
+    from ellava_lib.search.objective import per_sample_losses
+    from ellava_lib.search.projector import load_projector, set_projector_state
 
     grid = DEFAULT_GRID
     if not (math.isfinite(args.sparsity) and grid[0] <= args.sparsity <= grid[-1]):
@@ -208,7 +218,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_resume(out, cfg, search_context(model, batch, units))
     t0 = time.time()
     dense_loss = float(per_sample_losses(model, batch).mean())
-    io.ensure_dir(out)
+    files.ensure_dir(out)
     cfg.to_json(out / "search_config.json")
     db_dir = Path(args.db) if args.db else out / "leveldb"
     build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
@@ -222,11 +232,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         model, _ = place(tier, model)
         if result.projector is not None:
             set_projector_state(model, load_projector(result.projector)[0])
-        io.write_csv(out / "sparsity.csv", prune_model(model, result.policy, "sparsegpt", batch, sequential=True,
+        files.write_csv(out / "sparsity.csv", prune_model(model, result.policy, "sparsegpt", batch, sequential=True,
                                                        progress=not args.quiet))
     loss = float(per_sample_losses(model, batch).mean())
     timing = {k: round(v, 4) for k, v in result.timing.items()}
-    tiny_model.save(model, processor, out, {
+    loading.save(model, processor, out, {
         "kind": "searched", "base_model": str(model_dir), "mode": mode, "policy_id": result.policy.policy_id(),
         "sparsity": args.sparsity, "mean_sparsity": result.policy.meta["mean_sparsity"],
         "score": result.score.to_dict(), "search_config": cfg.to_dict(), "timing": timing,
@@ -248,14 +258,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the model's prunable units and parameter counts (the 7B on the meta device: no weights)."""
     import json
 
-    from .structure import CONFIG_ALIASES, inspect_model
+    from ellava_lib.model.structure import CONFIG_ALIASES, inspect_model
 
     if args.model in CONFIG_ALIASES:
         if not args.meta:
             raise CLIError(f"{args.model}: pass --meta (only the structure is available offline)")
         info = inspect_model(args.model, meta=True, include_vision=args.vision)
     else:
-        from .loading import load_model
+        from ellava_lib.model.specs import load_model
 
         model, _ = load_model(args.model, progress=False)
         info = inspect_model(model, include_vision=args.vision)
@@ -273,7 +283,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _data_args(parser: argparse.ArgumentParser, judge: bool = False) -> None:
     """The tier options shared by eval / prune / search (see :class:`tier.Tier`)."""
     parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
-                        help="synthetic suite, or the real benchmarks of data_manifests/ (calibration from "
+                        help="synthetic suite, or the real benchmarks of ellava_lib/data/manifests/ (calibration from "
                              "their training split)")
     parser.add_argument("--data-dir", default=None,
                         help="with --data real: local parquet copies in the upstream schema under "
@@ -373,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .gpt_judge import JudgeError
-    from .loading import ModelLoadError
-    from .real_data import DataLoadError
+    from ellava_lib.data.real import DataLoadError
+    from ellava_lib.eval.gpt_judge import JudgeError
+    from ellava_lib.model.loading import ModelLoadError
 
     try:
         return args.func(args)

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from ellava_lib import calibration
-from ellava_lib.train import TrainConfig, build_or_load
+from ellava_lib.data import calibration
+from ellava_lib.model.specs import build_or_load
+from ellava_lib.model.train import TrainConfig
 
 # One intra-op thread: the models here are tiny (two threads only add overhead), and results that depend
 # on floating-point reduction order are then identical run to run.
@@ -24,7 +25,7 @@ def micro_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_model(micro_model_dir):
-    from ellava_lib.loading import load_model
+    from ellava_lib.model.specs import load_model
 
     return load_model(micro_model_dir)
 

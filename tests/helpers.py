@@ -10,8 +10,9 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from ellava_lib import calibration, leveldb
-from ellava_lib.loading import load_model
+from ellava_lib.data import calibration
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune import leveldb
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from ellava_lib import accounting, structure, units
-from ellava_lib.policy import Policy
+from ellava_lib.core import units
+from ellava_lib.core.policy import Policy
+from ellava_lib.model import structure
+from ellava_lib.speed import flops
 
 # Toy LLaVA: decoder d=8, d_ff=12, 2 layers, 2 heads of 4 with 1 KV head (d_attn=8, d_kv=4), vocab 20;
 # CLIP d_v=4, d_vff=8, 1 layer, 8x8 image in 4x4 patches (T_v = 4 + 1); 4 visual tokens.
@@ -43,65 +45,65 @@ def llava7b():
 
 
 def test_toy_prefill_by_hand(toy):
-    f = accounting.phase_flops(toy, None, "prefill", n_text_tokens=3)
+    f = flops.phase_flops(toy, None, "prefill", n_text_tokens=3)
     assert f["tokens"] == T and f["dense_total"] == sum(PREFILL.values()) == 22800
     assert f["pruned_total"] == f["dense_total"] and f["lm_attention"] == PREFILL["lm_attention"]
-    g = accounting.phase_flops(toy, POLICY, "prefill", n_text_tokens=3)
+    g = flops.phase_flops(toy, POLICY, "prefill", n_text_tokens=3)
     saved = 0.5 * 2 * T * ATTN + 0.5 * 2 * T * MLP  # 1344 + 2016
     assert g["pruned_total"] == 22800 - saved == 19440
-    assert accounting.flop_ratio(toy, POLICY, "prefill", n_text_tokens=3) == pytest.approx(22800 / 19440)
-    assert accounting.flop_ratio(toy, POLICY, "prefill", "units", n_text_tokens=3) == pytest.approx(
+    assert flops.flop_ratio(toy, POLICY, "prefill", n_text_tokens=3) == pytest.approx(22800 / 19440)
+    assert flops.flop_ratio(toy, POLICY, "prefill", "units", n_text_tokens=3) == pytest.approx(
         (2 * T * 2 * (ATTN + MLP)) / (2 * T * 2 * (ATTN + MLP) - saved))
-    assert accounting.flop_ratio(toy, {"lm.1.mlp": 0.5}, "prefill", "units") == pytest.approx(2.0)  # named only
-    assert accounting.flop_ratio(toy, POLICY, "prefill", "decoder", n_text_tokens=3) == pytest.approx(
+    assert flops.flop_ratio(toy, {"lm.1.mlp": 0.5}, "prefill", "units") == pytest.approx(2.0)  # named only
+    assert flops.flop_ratio(toy, POLICY, "prefill", "decoder", n_text_tokens=3) == pytest.approx(
         (13440 + 3136) / (13440 + 3136 - saved))
 
 
 def test_toy_decode_by_hand(toy):
-    f = accounting.phase_flops(toy, None, "decode", n_text_tokens=3)
+    f = flops.phase_flops(toy, None, "decode", n_text_tokens=3)
     assert (f["tokens"], f["kv_len"], f["dense_total"]) == (1, T, DECODE) and DECODE == 2752
-    g = accounting.phase_flops(toy, POLICY, "decode", n_text_tokens=3)
+    g = flops.phase_flops(toy, POLICY, "decode", n_text_tokens=3)
     assert g["pruned_total"] == DECODE - (0.5 * 2 * ATTN + 0.5 * 2 * MLP) == 2272
     assert all(u["tokens"] == (1 if name.startswith("lm.") else 0) for name, u in g["units"].items())
-    longer = accounting.phase_flops(toy, None, "decode", kv_len=100)
+    longer = flops.phase_flops(toy, None, "decode", kv_len=100)
     assert longer["dense_total"] - f["dense_total"] == 4 * (100 - T) * 8 * 2  # attention grows with the cache
     with pytest.raises(ValueError, match="phase"):
-        accounting.phase_flops(toy, None, "train")
+        flops.phase_flops(toy, None, "train")
 
 
 def test_toy_params_and_unit_table(toy):
-    acc = accounting.policy_accounting(toy, Policy(POLICY), n_text_tokens=3)
+    acc = flops.policy_accounting(toy, Policy(POLICY), n_text_tokens=3)
     assert acc["params_prunable"] == 2 * (ATTN + MLP) and acc["params_pruned"] == 0.5 * ATTN + 0.5 * MLP == 240
     assert acc["params_total"] == units.params_by_component(toy)["total"]
     assert acc["params_kept"] == acc["params_total"] - 240
     assert acc["prefill"]["ratio"] == pytest.approx(22800 / 19440)
     assert acc["decode"]["ratio"] == pytest.approx(2752 / 2272)
-    table = accounting.unit_accounting(toy, POLICY, n_text_tokens=3)
+    table = flops.unit_accounting(toy, POLICY, n_text_tokens=3)
     assert list(table["unit"]) == list(POLICY)
     row = table.set_index("unit").loc["lm.1.mlp"]
     assert (row["params"], row["params_kept"]) == (MLP, 144)
     assert (row["prefill_dense"], row["decode_pruned"]) == (2 * T * MLP, MLP)
-    assert len(accounting.unit_accounting(toy, include_vision=True)) == 6
+    assert len(flops.unit_accounting(toy, include_vision=True)) == 6
 
 
 def test_dense_ratio_is_one_and_pruned_above_one(llava7b):
     unit_names = units.list_units(llava7b)
-    for phase in accounting.PHASES:
-        for scope in accounting.SCOPES:
-            assert accounting.flop_ratio(llava7b, None, phase, scope) == 1.0
+    for phase in flops.PHASES:
+        for scope in flops.SCOPES:
+            assert flops.flop_ratio(llava7b, None, phase, scope) == 1.0
     half = Policy.uniform(unit_names, 0.5)
-    assert accounting.flop_ratio(llava7b, half, "prefill", "units") == pytest.approx(2.0)
-    assert accounting.flop_ratio(llava7b, half, "decode", "units") == pytest.approx(2.0)
-    full = accounting.flop_ratio(llava7b, half, "prefill")
-    dec = accounting.flop_ratio(llava7b, half, "decode")
+    assert flops.flop_ratio(llava7b, half, "prefill", "units") == pytest.approx(2.0)
+    assert flops.flop_ratio(llava7b, half, "decode", "units") == pytest.approx(2.0)
+    full = flops.flop_ratio(llava7b, half, "prefill")
+    dec = flops.flop_ratio(llava7b, half, "decode")
     assert 1.0 < full < 2.0 and 1.0 < dec < 2.0  # attention, vision, LM head are not pruned
 
 
 def test_decode_is_cheaper_than_prefill(llava7b):
     for pol in (None, Policy.uniform(units.list_units(llava7b), 0.7)):
-        acc = accounting.policy_accounting(llava7b, pol)
+        acc = flops.policy_accounting(llava7b, pol)
         assert acc["decode"]["dense"] < acc["prefill"]["dense"] and acc["decode"]["pruned"] < acc["prefill"]["pruned"]
-        assert acc["prefill"]["tokens"] == 576 + structure.DEFAULT_TEXT_TOKENS
+        assert acc["prefill"]["tokens"] == 576 + flops.DEFAULT_TEXT_TOKENS
     # decode: one token through every decoder linear, 2 FLOPs per weight
-    f = accounting.phase_flops(llava7b, None, "decode")
+    f = flops.phase_flops(llava7b, None, "decode")
     assert f["prunable_dense"] == 2 * 6_476_005_376

@@ -4,12 +4,11 @@ import json
 
 import pandas as pd
 import pytest
+from helpers import exit_code
 
 from ellava_lib import cli
-from ellava_lib.loading import load_model
-from ellava_lib.policy import Policy
-
-from helpers import exit_code
+from ellava_lib.core.policy import Policy
+from ellava_lib.model.specs import load_model
 
 
 def _prune(model, out, *extra):

@@ -5,15 +5,13 @@ import json
 import pandas as pd
 import pytest
 import torch
-
-from ellava_lib import cli
-from ellava_lib.loading import load_model
-from ellava_lib.policy import Policy
-from ellava_lib.projector import load_projector, projector_state
-from ellava_lib.units import unit_linears
-
 from helpers import exit_code
 
+from ellava_lib import cli
+from ellava_lib.core.policy import Policy
+from ellava_lib.core.units import unit_linears
+from ellava_lib.model.specs import load_model
+from ellava_lib.search.projector import load_projector, projector_state
 
 SMALL = ["--calib", "8", "--generations", "2", "--population", "3", "--offspring", "4", "--screen", "4",
          "--survivors", "2", "--projector-every", "1", "--projector-steps", "3", "--quiet"]

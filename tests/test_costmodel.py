@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from ellava_lib import costmodel, structure
+from ellava_lib.model import structure
+from ellava_lib.speed import costmodel
 
 PRUNABLE_LM = 6_476_005_376
 PARAMS = 7_063_427_072

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from ellava_lib import cpu_linear
+from ellava_lib.model import kernels
 
-pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="this torch build has no oneDNN")
 
 
 def test_fast_path_matches_f_linear_and_is_restored(monkeypatch):
@@ -22,14 +22,14 @@ def test_fast_path_matches_f_linear_and_is_restored(monkeypatch):
                 return lambda *a: calls.append(a[0].shape) or real(*a)
             return getattr(torch.ops.mkldnn, name)
 
-    monkeypatch.setattr(cpu_linear.torch.ops, "mkldnn", Spy(), raising=False)
+    monkeypatch.setattr(kernels.torch.ops, "mkldnn", Spy(), raising=False)
     lin = nn.Linear(352, 128)
     x = torch.randn(4, 64, 352)
     ref = lin(x)
     original = nn.Linear.forward
-    with torch.no_grad(), cpu_linear.onednn_linear():
+    with torch.no_grad(), kernels.onednn_linear():
         assert nn.Linear.forward is not original
-        with cpu_linear.onednn_linear():  # re-entrant
+        with kernels.onednn_linear():  # re-entrant
             fast = lin(x)
         small = lin(x[:1, :8])  # 8 rows: below MIN_ROWS, the usual path
         assert nn.Linear.forward is not original
@@ -42,14 +42,14 @@ def test_fast_path_matches_f_linear_and_is_restored(monkeypatch):
 def test_gradients_and_errors_take_the_usual_path():
     lin = nn.Linear(128, 128)
     x = torch.randn(256, 128, requires_grad=True)
-    with cpu_linear.onednn_linear():
+    with kernels.onednn_linear():
         y = lin(x)  # autograd needs it: F.linear, so backward works
         y.sum().backward()
         assert x.grad is not None and lin.weight.grad is not None
-        assert not cpu_linear._fast(x.detach().double(), lin.weight.double(), None)
+        assert not kernels._fast(x.detach().double(), lin.weight.double(), None)
     with pytest.raises(RuntimeError, match="boom"):
-        with cpu_linear.onednn_linear():
+        with kernels.onednn_linear():
             raise RuntimeError("boom")
-    assert nn.Linear.forward is cpu_linear._ORIGINAL
-    with cpu_linear.onednn_linear(enabled=False):
-        assert nn.Linear.forward is cpu_linear._ORIGINAL
+    assert nn.Linear.forward is kernels._ORIGINAL
+    with kernels.onednn_linear(enabled=False):
+        assert nn.Linear.forward is kernels._ORIGINAL

@@ -3,8 +3,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ellava_lib import cli, evaluate, io
-from ellava_lib.schema import SUITES
+from ellava_lib import cli
+from ellava_lib.core import files
+from ellava_lib.core.schema import SUITES
+from ellava_lib.eval import evaluate
 
 
 def _eval(model_dir, out, *extra):
@@ -19,7 +21,7 @@ def test_eval_cli_writes_metrics_and_predictions(micro_model_dir, tmp_path, caps
     assert sorted(overall.index) == sorted(SUITES)
     assert (overall["n"] == 3).all() and m["score"].between(0, 100).all()
     assert set(m.loc[m.suite == "mmvet", "judge"]) == {"local-v1"}
-    preds = io.read_jsonl(tmp_path / "ev" / "predictions.jsonl")
+    preds = files.read_jsonl(tmp_path / "ev" / "predictions.jsonl")
     assert len(preds) == 12 and {"id", "suite", "prediction", "answer"} <= preds[0].keys()
     assert "mean" in capsys.readouterr().out
 
@@ -78,13 +80,13 @@ def test_unwritable_output_folder(micro_model_dir, tmp_path, capsys):
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "metrics.csv"
-    io.write_text(target, "old\n")
+    files.write_text(target, "old\n")
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        io.write_text(target, "new\n")
+        files.write_text(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]

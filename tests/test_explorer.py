@@ -3,8 +3,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ellava_lib import explorer, sweep
-from ellava_lib.sweep import Job, SweepSpec
+from ellava_lib.run import explorer, sweep
+from ellava_lib.run.sweep import Job, SweepSpec
 
 
 @pytest.fixture(scope="module")

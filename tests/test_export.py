@@ -11,12 +11,13 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ellava_lib import sparse, units
-from ellava_lib.evaluate import EvalConfig, evaluate
-from ellava_lib.export import export_pruned
-from ellava_lib.loading import load_model
-from ellava_lib.policy import Policy
-from ellava_lib.prune import prune_model
+from ellava_lib.core import units
+from ellava_lib.core.policy import Policy
+from ellava_lib.eval.evaluate import EvalConfig, evaluate
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune.prune import prune_model
+from ellava_lib.speed import sparse
+from ellava_lib.speed.export import export_pruned
 
 
 @pytest.fixture(scope="module")

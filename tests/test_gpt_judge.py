@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ellava_lib.gpt_judge import (
+from ellava_lib.eval.gpt_judge import (
     CACHE_FILENAME,
     LLAVA_SYSTEM_PROMPT,
     MMVET_RETRY_SUFFIX,
@@ -24,7 +23,7 @@ from ellava_lib.gpt_judge import (
     parse_llavabench_scores,
     parse_mmvet_score,
 )
-from ellava_lib.judge import Judge
+from ellava_lib.eval.judge import Judge
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
 

@@ -1,11 +1,10 @@
-"""Hand-computed cases for ellava_lib.judge.LocalJudge."""
+"""Hand-computed cases for ellava_lib.eval.judge.LocalJudge."""
 
 from __future__ import annotations
 
-
 import pytest
 
-from ellava_lib.judge import Judge, LocalJudge, token_f1
+from ellava_lib.eval.judge import Judge, LocalJudge, token_f1
 
 
 @pytest.fixture

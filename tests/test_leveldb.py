@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from ellava_lib import calibration, leveldb, prune, units
-from ellava_lib.loading import load_model
-from ellava_lib.policy import DEFAULT_GRID, Policy
+from ellava_lib.core import units
+from ellava_lib.core.policy import DEFAULT_GRID, Policy
+from ellava_lib.data import calibration
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune import leveldb, prune
 
 
 @pytest.fixture(scope="module")

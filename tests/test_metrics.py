@@ -1,23 +1,21 @@
-"""Hand-computed cases for ellava_lib.metrics."""
+"""Hand-computed cases for ellava_lib.eval.metrics."""
 
 from __future__ import annotations
 
-
 import pytest
 
-from ellava_lib.judge import Judge, LocalJudge
-from ellava_lib.metrics import (
+from ellava_lib.core.schema import Sample
+from ellava_lib.eval.judge import Judge, LocalJudge
+from ellava_lib.eval.metrics import (
     MetricRow,
-    extract_option_letter,
     llavabench_relative,
     mmvet_aggregate,
-    normalize_vqa_answer,
     rows_to_frame,
     sqa_score,
     suite_metrics,
     vqa_accuracy,
 )
-from ellava_lib.schema import Sample
+from ellava_lib.eval.text import extract_option_letter, normalize_vqa_answer
 
 # ---------------------------------------------------------------- option letters
 

@@ -9,7 +9,7 @@ import sys
 import nbformat
 import pytest
 
-from ellava_lib import pipeline
+from ellava_lib.run import pipeline
 
 REFS = pipeline.NBVAL_DIR
 CHECK = "# NBVAL_CHECK_OUTPUT"

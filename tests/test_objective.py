@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from ellava_lib import calibration, objective
-from ellava_lib.baselines import magnitude_prune
-from ellava_lib.loading import load_model
-from ellava_lib.policy import Policy
-from ellava_lib.train import answer_loss
-from ellava_lib.units import list_units
+from ellava_lib.core.policy import Policy
+from ellava_lib.core.units import list_units
+from ellava_lib.data import calibration
+from ellava_lib.model.losses import answer_loss
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune.prune import magnitude_prune
+from ellava_lib.search import objective
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for ellava_lib.obs — the SparseGPT / OBS solver (CPU, small layers, seeded)."""
+"""Tests for ellava_lib.prune.obs — the SparseGPT / OBS solver (CPU, small layers, seeded)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import warnings
 import pytest
 import torch
 
-from ellava_lib.obs import (
-    SparseGPT,
-    _tf32_disabled,
-    magnitude_mask,
-    measured_sparsity,
-    reconstruction_error,
-)
-from ellava_lib.obs_reference import obs_prune_reference
+from ellava_lib.prune.masks import magnitude_mask, measured_sparsity
+from ellava_lib.prune.obs import SparseGPT, _tf32_disabled, reconstruction_error
+from ellava_lib.prune.obs_reference import obs_prune_reference
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:

@@ -11,20 +11,20 @@ import sys
 import pytest
 import torch
 
-from ellava_lib import loading
-from ellava_lib.policy import Policy
-from ellava_lib.prune import prune_model
-from ellava_lib.units import list_units, lm_layers
+from ellava_lib.core.policy import Policy
+from ellava_lib.core.units import list_units, lm_layers
+from ellava_lib.model import loading, specs
+from ellava_lib.prune.prune import prune_model
 
 
 def test_one_block_at_a_time_gives_the_same_pruned_model(micro_model_dir, calib):
     """``device=`` moves each decoder block there for its turn and back (never two at once), and the
     pruned weights equal those of the plain run."""
-    plain, _ = loading.load_model(micro_model_dir)
+    plain, _ = specs.load_model(micro_model_dir)
     policy = Policy.uniform(list_units(plain), 0.5)
     prune_model(plain, policy, "sparsegpt", calib, progress=False)
 
-    model, _ = loading.load_model(micro_model_dir)
+    model, _ = specs.load_model(micro_model_dir)
     moves: list[tuple[int, str]] = []
     for i, layer in enumerate(lm_layers(model)):
         original = layer.to
@@ -52,8 +52,8 @@ def test_load_pretrained_reads_a_save_pretrained_folder_in_half_precision(micro_
 
 
 def test_hub_model_without_the_hub_is_a_one_line_error():
-    code = ("from ellava_lib import loading\n"
-            "try:\n    loading.load_model('llava-1.5-7b')\n"
+    code = ("from ellava_lib.model import loading, specs\n"
+            "try:\n    specs.load_model('llava-1.5-7b')\n"
             "except loading.ModelLoadError as e:\n    print('ERR', e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-ellava-test"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ellava_lib import pipeline, report, runs
+from ellava_lib.run import pipeline, report, runs
 
 
 def test_profiles_exist_and_unknown_profile_is_named():

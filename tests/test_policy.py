@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ellava_lib.policy import DEFAULT_GRID, Policy
+from ellava_lib.core.policy import DEFAULT_GRID, Policy
 
 UNITS = {"vision.0.mlp": 100, "lm.0.attn": 300, "lm.0.mlp": 600}
 

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import build_micro_level_db
 from safetensors.torch import load_file
 
-from ellava_lib import leveldb, objective, projector
-from ellava_lib.loading import load_model
-from ellava_lib.policy import Policy
-from ellava_lib.units import list_units
-
-from helpers import build_micro_level_db
+from ellava_lib.core.policy import Policy
+from ellava_lib.core.units import list_units
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune import leveldb
+from ellava_lib.search import objective, projector
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from ellava_lib import calibration, prune, units
-from ellava_lib.loading import load_model
-from ellava_lib.policy import Policy
-from ellava_lib.schema import SUITES
+from ellava_lib.core import units
+from ellava_lib.core.policy import Policy
+from ellava_lib.core.schema import SUITES
+from ellava_lib.data import calibration
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune import masks, prune, walk
 
 
 def _fresh(micro_model_dir):
@@ -49,7 +51,7 @@ def test_encode_calibration_labels_only_the_answer(micro_model):
 
 def test_capture_reproduces_the_models_own_layer0_input(micro_model, calib):
     model, _ = micro_model
-    inputs = calibration.capture_layer_inputs(model, calib)
+    inputs = walk.capture_layer_inputs(model, calib)
     with torch.no_grad():
         out = model(input_ids=calib["input_ids"], attention_mask=calib["attention_mask"],
                     pixel_values=calib["pixel_values"], output_hidden_states=True, use_cache=False)
@@ -136,7 +138,7 @@ def test_wanda_per_row_sparsity_is_exact(micro_model_dir, calib):
 def test_wanda_mask_follows_the_score():
     w = torch.tensor([[1.0, -2.0, 3.0, 0.5], [4.0, 1.0, -1.0, 2.0]])
     norms = torch.tensor([1.0, 0.1, 1.0, 10.0])  # scores: [1, .2, 3, 5], [4, .1, 1, 20]
-    mask = prune.wanda_mask(w, norms, 0.5)
+    mask = masks.wanda_mask(w, norms, 0.5)
     assert mask.tolist() == [[True, True, False, False], [False, True, True, False]]
 
 
@@ -157,7 +159,7 @@ def test_post_condition_and_argument_errors(micro_model_dir, calib):
         prune.prune_model(model, policy, "wanda", calib, prune_n=4, prune_m=2)
     with pytest.raises(ValueError, match="calibration batch"):
         prune.prune_model(model, policy, "wanda", None)
-    assert prune.parse_nm("2:4") == (2, 4)
+    assert masks.parse_nm("2:4") == (2, 4)
     for bad in ("2-4", "2:4:8", "a:b", "0:4", "4:4"):
         with pytest.raises(ValueError):
-            prune.parse_nm(bad)
+            masks.parse_nm(bad)

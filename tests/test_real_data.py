@@ -7,8 +7,6 @@ as hub data. No test touches the network: outbound connections are refused.
 
 from __future__ import annotations
 
-import io
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +14,6 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 PIL_Image = pytest.importorskip("PIL.Image")
-
-from ellava_lib.manifests import Manifest, ManifestError, load_manifest, render_prompt
-from ellava_lib.real_data import (
-    DataLoadError,
-    LoadReport,
-    draw_calibration_ids,
-    load_real_suite,
-    majority_answer,
-)
-from ellava_lib.schema import Sample
 
 from real_fixtures import (
     CORRUPT,
@@ -38,6 +26,20 @@ from real_fixtures import (
     write_parquet,
 )
 
+from ellava_lib.core.schema import Sample
+from ellava_lib.data.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    render_prompt,
+)
+from ellava_lib.data.real import (
+    DataLoadError,
+    LoadReport,
+    draw_calibration_ids,
+    load_real_suite,
+    majority_answer,
+)
 
 pytestmark = pytest.mark.usefixtures("no_network")  # conftest: nothing may reach the network
 
@@ -159,7 +161,7 @@ def test_manifest_labels_and_judges() -> None:
 
 
 def test_manifest_by_path() -> None:
-    path = Path(__file__).resolve().parents[1] / "data_manifests" / "mmvet.yaml"
+    path = Path(__file__).resolve().parents[1] / "ellava_lib" / "data" / "manifests" / "mmvet.yaml"
     assert load_manifest(path).name == "mmvet"
 
 
@@ -342,7 +344,7 @@ def test_render_prompt(sqa_dir: Path, vizwiz_dir: Path, tmp_path: Path) -> None:
         "what color is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
         "Answer the question using a single word or phrase."
     )
-    prompts = pytest.importorskip("ellava_lib.prompts")
+    prompts = pytest.importorskip("ellava_lib.data.prompts")
     if hasattr(prompts, "question_text"):  # the kit's prompt builder must agree with the manifests
         for sample in (*s.values(), v):
             man = sqa if sample.suite == "sqa" else viz

@@ -6,18 +6,21 @@ import random
 import pandas as pd
 import pytest
 import torch
-
-from ellava_lib import checkpoint, leveldb, search
-from ellava_lib.baselines import ecoflap_allocation, round_to_grid, weighted_mean, zeroth_order_importance
-from ellava_lib.budget import budget_band, in_band, mutate
-from ellava_lib.loading import load_model
-from ellava_lib.policy import DEFAULT_GRID, Policy
-from ellava_lib.projector import load_projector
-from ellava_lib.search import SearchConfig
-from ellava_lib.units import list_units
-
 from helpers import build_micro_level_db
 
+from ellava_lib.core.policy import DEFAULT_GRID, Policy, weighted_mean
+from ellava_lib.core.units import list_units
+from ellava_lib.model.specs import load_model
+from ellava_lib.prune import leveldb
+from ellava_lib.prune.allocate import (
+    ecoflap_allocation,
+    round_to_grid,
+    zeroth_order_importance,
+)
+from ellava_lib.search import budget, checkpoint, evolve
+from ellava_lib.search.budget import budget_band, in_band, mutate
+from ellava_lib.search.config import SearchConfig
+from ellava_lib.search.projector import load_projector
 
 # ------------------------------------------------------------------------------------ mutation / budget
 
@@ -115,7 +118,7 @@ def setup(micro_model_dir, tmp_path_factory):
 def _run(setup, out, **kw):
     model_dir, batch, db = setup
     model, _ = load_model(model_dir)
-    return search.run_search(model, None, batch, leveldb.LevelDB(db), list_units(model),
+    return evolve.run_search(model, None, batch, leveldb.LevelDB(db), list_units(model),
                              SearchConfig(**{**CFG, **kw}), out, progress=False)
 
 
@@ -163,7 +166,7 @@ def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
 
 
 def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypatch):
-    real, calls = search._score, {"n": 0}
+    real, calls = evolve._score, {"n": 0}
     total = len(pd.read_csv(reference[1] / "history.csv"))
 
     def dying(*args, **kwargs):
@@ -172,10 +175,10 @@ def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(search, "_score", dying)
+    monkeypatch.setattr(evolve, "_score", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(setup, tmp_path)
-    monkeypatch.setattr(search, "_score", real)
+    monkeypatch.setattr(evolve, "_score", real)
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     assert state["generation"] < 4 and len(pd.read_csv(tmp_path / "history.csv")) > state["history_rows"]
     _run(setup, tmp_path)
@@ -188,18 +191,18 @@ def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path)
     with pytest.raises(ValueError, match=r"lam: 1\.0 -> 0\.5.*projector_every: 0 -> 2"):
         _run(setup, tmp_path, lam=0.5)
     with pytest.raises(ValueError, match="another search"):
-        search.check_resume(tmp_path, SearchConfig(**{**CFG, "gap": "none"}))
+        evolve.check_resume(tmp_path, SearchConfig(**{**CFG, "gap": "none"}))
     assert (tmp_path / "history.csv").read_bytes() == before
 
 
 def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatch):
-    real, seen = search._score, []
+    real, seen = evolve._score, []
 
     def counting(run, policy, generation, phase, screen=False):
         seen.append((generation, policy.policy_id(), phase))
         return real(run, policy, generation, phase, screen)
 
-    monkeypatch.setattr(search, "_score", counting)
+    monkeypatch.setattr(evolve, "_score", counting)
     result = _run(setup, tmp_path, generations=3, projector_every=3)
     hist = pd.read_csv(tmp_path / "history.csv", dtype={"policy_id": str})
     assert list(hist.columns) == list(checkpoint.HISTORY_COLUMNS)
@@ -218,7 +221,7 @@ def test_kl_loss_and_flops_budget(setup, tmp_path):
     hist = pd.read_csv(tmp_path / "history.csv")
     assert (hist["r_hat"] >= 0).all() and hist["r_hat"].max() < 1.0  # KL to the dense model, not CE
     assert result.score.g_hat == 0.0
-    weights = search.budget_weights({"vision.0.mlp": 10, "lm.0.mlp": 10}, "flops", lm_tokens=3.0, vision_tokens=5.0)
+    weights = budget.budget_weights({"vision.0.mlp": 10, "lm.0.mlp": 10}, "flops", lm_tokens=3.0, vision_tokens=5.0)
     assert weights == {"vision.0.mlp": 50.0, "lm.0.mlp": 30.0}
 
 
@@ -229,13 +232,13 @@ def test_search_starts_from_the_allocation_heuristics(setup, tmp_path):
     weights = {u: float(n) for u, n in list_units(model).items()}
     cfg = SearchConfig(**{**CFG, "target": 0.5, "init": ("uniform", "owl", "ecoflap")})
     importance = {u: float(i + 1) ** 3 for i, u in enumerate(sorted(weights))}  # later units far more important
-    starts = search.start_policies(model, batch, weights, cfg, importance)
+    starts = evolve.start_policies(model, batch, weights, cfg, importance)
     assert starts[0].sparsities == {u: 0.5 for u in weights}
     assert all(in_band(p, weights, 0.5) for p in starts)
     assert len({p.policy_id() for p in starts}) == len(starts) >= 2
     eco = starts[-1].sparsities
     assert eco["lm.1.mlp"] < eco["lm.0.attn"]  # the most important unit is pruned least
-    pop = search.initial_population(weights, cfg, random.Random(0), starts)
+    pop = evolve.initial_population(weights, cfg, random.Random(0), starts)
     assert [p.policy_id() for p in pop[: len(starts)]] == [p.policy_id() for p in starts]
     assert len(pop) == cfg.population and len({p.policy_id() for p in pop}) == len(pop)
     result = _run(setup, tmp_path, target=0.5, init=("uniform", "ecoflap"), generations=1, projector_every=0)

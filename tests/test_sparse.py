@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from ellava_lib import sparse, units
-from ellava_lib.baselines import magnitude_prune
-from ellava_lib.obs import magnitude_mask
-from ellava_lib.policy import Policy
+from ellava_lib.core import units
+from ellava_lib.core.policy import Policy
+from ellava_lib.prune.masks import magnitude_mask
+from ellava_lib.prune.prune import magnitude_prune
+from ellava_lib.speed import sparse
 
 
 def _masked_linear(d_in: int, d_out: int, sparsity: float, bias: bool = True, nm: tuple[int, int] = (0, 0),
@@ -116,7 +117,7 @@ def test_sparsify_swaps_only_winners_and_caches(tmp_path):
 
 
 def test_sparsify_micro_model_keeps_logits(micro_model_dir, micro_model, calib):
-    from ellava_lib.loading import load_model
+    from ellava_lib.model.specs import load_model
 
     model = load_model(micro_model_dir)[0]
     policy = Policy.uniform(units.list_units(model), 0.7)

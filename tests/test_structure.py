@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import LlavaConfig
 
-from ellava_lib import structure
+from ellava_lib.model import structure
+from ellava_lib.speed import flops
 
 D, D_FF, L, V = 4096, 11008, 32, 32064          # Vicuna-7B decoder
 DV, DV_FF, LV, TV = 1024, 4096, 24, 577          # CLIP ViT-L/14-336: 24^2 patches + CLS
@@ -91,7 +92,7 @@ def test_inspect_model_variants(model):
 
 
 def test_flops_hand_computation(config):
-    f = structure.flops_per_token(config, n_visual_tokens=576, n_text_tokens=64)
+    f = flops.flops_per_token(config, n_visual_tokens=576, n_text_tokens=64)
     T = 576 + 64
     hand = {
         "vision_embed": 2 * 576 * (3 * 14 * 14 * 1024),                           # 693,633,024
@@ -106,7 +107,7 @@ def test_flops_hand_computation(config):
         assert f[k] == v, k
     assert f["total"] == sum(hand.values()) == 9_078_220_357_632
     assert f["per_token"] == pytest.approx(9_078_220_357_632 / 640)           # ~14.18 GFLOP per LM token
-    no_image = structure.flops_per_token(config, n_visual_tokens=0, n_text_tokens=64)
+    no_image = flops.flops_per_token(config, n_visual_tokens=0, n_text_tokens=64)
     assert no_image["vision_linear"] == no_image["projector"] == 0
 
 
@@ -128,7 +129,7 @@ def test_flop_formula_matches_module_shapes(model, kv_heads):
                          "num_attention_heads": 8, "num_key_value_heads": kv_heads, "vocab_size": 100},
             image_seq_length=16))
     nv, nt = 16, 5
-    f = structure.flops_per_token(m.config, n_visual_tokens=nv, n_text_tokens=nt)
+    f = flops.flops_per_token(m.config, n_visual_tokens=nv, n_text_tokens=nt)
     tv = structure.vision_tokens_per_image(m.config)
     assert f["lm_linear"] == 2 * (nv + nt) * _linear_weights(m, "model.language_model.layers")
     assert f["vision_linear"] == 2 * tv * _linear_weights(m, "model.vision_tower")
@@ -138,18 +139,18 @@ def test_flop_formula_matches_module_shapes(model, kv_heads):
 
 def test_unit_flops_ratio(model, config):
     lm_units = [r["name"] for r in structure.unit_table(model, include_vision=False)]
-    dense = structure.unit_flops(model, {}, 576, 64)
-    assert dense["ratio"] == 1.0 and dense["dense_total"] == structure.flops_per_token(config, 576, 64)["total"]
-    half = structure.unit_flops(model, {u: 0.5 for u in lm_units}, 576, 64)
+    dense = flops.unit_flops(model, {}, 576, 64)
+    assert dense["ratio"] == 1.0 and dense["dense_total"] == flops.flops_per_token(config, 576, 64)["total"]
+    half = flops.unit_flops(model, {u: 0.5 for u in lm_units}, 576, 64)
     assert 0.5 < half["ratio"] < 1.0                      # attention, vision, projector, head stay dense
     lm_linear = 2 * 640 * 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
     assert half["ratio"] == pytest.approx((9_078_220_357_632 - 0.5 * lm_linear) / 9_078_220_357_632)
     assert half["ratio"] == pytest.approx(0.54345, abs=1e-5)
     all_units = [r["name"] for r in structure.unit_table(model)]
-    both = structure.unit_flops(model, {u: 0.5 for u in all_units}, 576, 64)
+    both = flops.unit_flops(model, {u: 0.5 for u in all_units}, 576, 64)
     assert 0.5 < both["ratio"] < half["ratio"]
     assert both["units"]["vision.3.mlp"]["tokens"] == TV and both["units"]["lm.3.mlp"]["tokens"] == 640
     with pytest.raises(KeyError):
-        structure.unit_flops(model, {"lm.99.attn": 0.5})
+        flops.unit_flops(model, {"lm.99.attn": 0.5})
     with pytest.raises(ValueError):
-        structure.unit_flops(model, {"lm.0.attn": 1.5})
+        flops.unit_flops(model, {"lm.0.attn": 1.5})

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ellava_lib import sweep, tables
-from ellava_lib.sweep import Job, SweepSpec
+from ellava_lib.run import sweep, tables
+from ellava_lib.run.sweep import Job, SweepSpec
 
 SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,
               projector_holdout=0.0)
@@ -92,8 +92,9 @@ def test_main_table_mean_std_and_margin():
 
 
 def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, tmp_path, monkeypatch):
-    from ellava_lib import baselines, tier
-    from ellava_lib.policy import Policy
+    from ellava_lib.core.policy import Policy
+    from ellava_lib.prune import allocate
+    from ellava_lib.run import tier
 
     calls = []
     real = sweep.zeroth_order_importance
@@ -115,7 +116,7 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
     assert pols[0].meta["importance"] == pols[1].meta["importance"] == stored["importance"]
     # the same policy as computing the importances inside ecoflap_policy
     model, _, _, batch = sweep._load(tier.Tier(), spec, 0, 8)
-    direct = baselines.ecoflap_policy(model, batch, 0.6, seed=0)
+    direct = allocate.ecoflap_policy(model, batch, 0.6, seed=0)
     assert direct.sparsities == pols[1].sparsities
     history = pd.read_csv(tmp_path / "jobs" / jobs[2].name() / "search" / "history.csv")
     assert pols[1].policy_id() in set(history.loc[history["phase"] == "init", "policy_id"])
@@ -124,4 +125,4 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
     sweep.ecoflap_importance(spec, 0, 8, tmp_path)
     assert calls == [0, 0] and json.loads(cache.read_text())["key"] == stored["key"]
     with pytest.raises(ValueError, match="importance misses units"):
-        baselines.ecoflap_policy(model, batch, 0.6, importance={"nope": 1.0})
+        allocate.ecoflap_policy(model, batch, 0.6, importance={"nope": 1.0})

@@ -5,8 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from ellava_lib import scenes, synth
-from ellava_lib.schema import SUITES
+from ellava_lib.core.schema import SUITES
+from ellava_lib.data import scenes, synth
 
 
 def _digest(samples) -> str:

@@ -10,15 +10,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from real_fixtures import write_benchmark_tree
 
-from ellava_lib import calibration, pipeline
 from ellava_lib.cli import main as cli_main
-from ellava_lib.gpt_judge import GPTJudge, JudgeError
-from ellava_lib.judge import LocalJudge
-from ellava_lib.manifests import load_manifest
-from ellava_lib.real_data import rank_rows
-from ellava_lib.sweep import Job, SweepSpec, run_job, run_sweep, spec_digest
-from ellava_lib.tier import (
+from ellava_lib.data.manifest import load_manifest
+from ellava_lib.data.real import rank_rows
+from ellava_lib.eval.gpt_judge import GPTJudge, JudgeError
+from ellava_lib.eval.judge import LocalJudge
+from ellava_lib.model import losses
+from ellava_lib.run import pipeline
+from ellava_lib.run.sweep import Job, SweepSpec, run_sweep, spec_digest
+from ellava_lib.run.tier import (
     Tier,
     calibration_samples,
     check_device,
@@ -26,8 +28,6 @@ from ellava_lib.tier import (
     eval_config,
     make_judge,
 )
-
-from real_fixtures import write_benchmark_tree
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -111,7 +111,7 @@ def test_processor_encoding_labels_the_answer_tokens(micro_model, data_root: Pat
         assert labelled == tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         n = int(batch["attention_mask"][row].sum())
         assert batch["input_ids"][row][n - len(labelled): n].tolist() == labelled  # the answer ends the row
-    loss = calibration.calibration_loss(model, batch)
+    loss = losses.calibration_loss(model, batch)
     assert torch.isfinite(torch.tensor(loss))
 
 
@@ -202,8 +202,8 @@ def test_notebooks_run_on_the_real_tier(micro_model_dir: Path, data_root: Path, 
 
 def test_model_record_of_a_hub_model_needs_no_download(tmp_path: Path) -> None:
     """The paper tier's model.json: the 7B's size from the shipped config on the meta device, no weights."""
-    from ellava_lib.loading import ModelLoadError
-    from ellava_lib.tier import model_record
+    from ellava_lib.model.loading import ModelLoadError
+    from ellava_lib.run.tier import model_record
 
     tier = Tier(model="llava-1.5-7b", data="real", judge="gpt", device="cuda", dtype="float16")
     record = model_record(tier)
@@ -216,7 +216,8 @@ def test_model_record_of_a_hub_model_needs_no_download(tmp_path: Path) -> None:
 def test_real_splits_are_loaded_once_per_process(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every sweep job evaluates on the same items: the split is read and decoded once, and callers get
     their own list."""
-    from ellava_lib import evaluate, real_data
+    from ellava_lib.data import real as real_data
+    from ellava_lib.eval import evaluate
 
     calls = []
     real_load = real_data.load_real_suite

@@ -3,21 +3,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ellava_lib import prompts, scenes, synth, tiny_model, train
-from ellava_lib.schema import SUITES
+from ellava_lib.core.schema import SUITES
+from ellava_lib.data import encoding, prompts, scenes, synth
+from ellava_lib.model import losses, specs, tiny, train
 
 N_IMG = scenes.GRID * scenes.GRID
 
 
 def _processor():
-    return tiny_model.build_processor(tiny_model.vocabulary())
+    return tiny.build_processor(tiny.vocabulary())
 
 
 def test_vocabulary_is_deterministic_and_covers_every_suite():
-    vocab = tiny_model.vocabulary()
-    assert vocab == tiny_model.vocabulary()
-    assert vocab[: len(tiny_model.SPECIALS)] == list(tiny_model.SPECIALS)
-    tok = tiny_model.build_tokenizer(vocab)
+    vocab = tiny.vocabulary()
+    assert vocab == tiny.vocabulary()
+    assert vocab[: len(tiny.SPECIALS)] == list(tiny.SPECIALS)
+    tok = tiny.build_tokenizer(vocab)
     for suite in SUITES:
         for s in synth.generate(suite, "test", 500, render=False):
             ids = tok(prompts.question_text(s) + " " + s.answer + " " + " ".join(s.answers))["input_ids"]
@@ -57,7 +58,7 @@ def test_training_fast_path_matches_the_processor():
     enc = proc(text=[prompts.sample_prompt(sample)], images=[sample.image], return_tensors="pt")
     n = data.n_prompt[0]
     assert data.ids[0][:n].tolist() == enc["input_ids"][0].tolist()
-    assert torch.allclose(train.pixel_values(data.images[:1]), enc["pixel_values"], atol=1e-5)
+    assert torch.allclose(encoding.pixel_values(data.images[:1]), enc["pixel_values"], atol=1e-5)
     answer = proc.tokenizer.decode(data.ids[0][n:], skip_special_tokens=True)
     assert answer == item.answer
 
@@ -76,22 +77,22 @@ def test_micro_model_is_a_real_llava_and_generates(micro_model):
 
 def test_build_is_seeded_and_cached(tmp_path, micro_model_dir):
     cfg = train.TrainConfig.micro()
-    again = train.build_or_load(cfg, cache=tmp_path, progress=False)
+    again = specs.build_or_load(cfg, cache=tmp_path, progress=False)
     from safetensors.torch import load_file
 
     a, b = load_file(micro_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mtime = (again / "model.safetensors").stat().st_mtime
-    assert train.build_or_load(cfg, cache=tmp_path, progress=False) == again  # cached: no retrain
+    assert specs.build_or_load(cfg, cache=tmp_path, progress=False) == again  # cached: no retrain
     assert (again / "model.safetensors").stat().st_mtime == mtime
     assert not list(tmp_path.glob("models/*.tmp*"))
-    meta = train.model_meta(again)
+    meta = specs.model_meta(again)
     assert meta["digest"] == cfg.digest() and train.TrainConfig.from_dict(meta["train_config"]) == cfg
 
 
 def test_cell_labels_map_to_the_words_that_name_them():
     tok = _processor().tokenizer
-    colour_words, kind_words = train.cell_word_ids(tok)
+    colour_words, kind_words = losses.cell_word_ids(tok)
     scene = scenes.Scene((scenes.Obj(0, 0, "blue", "diamond"), scenes.Obj(1, 2, "white", "glyph", "K")))
     colour, kind = (torch.tensor(x) for x in scenes.cell_labels(scene))
     assert tok.convert_ids_to_tokens([int(colour_words[colour[0]]), int(kind_words[kind[0]])]) == ["blue", "diamond"]
@@ -104,7 +105,7 @@ def test_data_parallel_training_matches_one_process():
     means, so the split is exact up to rounding) follow the one-process run, and the result is a model."""
     from dataclasses import replace
 
-    from ellava_lib.train import TrainConfig, train
+    from ellava_lib.model.train import TrainConfig, train
 
     cfg = replace(TrainConfig.micro(), induction_steps=4, text_steps=6, vision_steps=2, align_steps=2, joint_steps=2,
                   drill_frac=0.5, value_layer=1, joint_value_weight=0.5, length_group=1)
@@ -123,11 +124,11 @@ def test_induction_batch_labels_only_predictable_copies():
     token ``n`` positions earlier (what an induction head reads); seeded draws repeat."""
     import random
 
-    from ellava_lib.lm_tasks import content_word_ids, induction_batch
+    from ellava_lib.model.lm_tasks import content_word_ids, induction_batch
 
-    proc = tiny_model.build_processor(tiny_model.vocabulary(0))
+    proc = tiny.build_processor(tiny.vocabulary(0))
     words = content_word_ids(proc.tokenizer)
-    specials = {proc.tokenizer.convert_tokens_to_ids(t) for t in tiny_model.SPECIALS}
+    specials = {proc.tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIALS}
     assert words and not specials & set(words)
     b = induction_batch(words, 6, random.Random(0), bos=1, pad=0)
     for ids, labels, mask in zip(b["input_ids"], b["labels"], b["attention_mask"]):
@@ -144,11 +145,11 @@ def test_induction_batch_labels_only_predictable_copies():
 def test_value_loss_is_the_logit_lens_cross_entropy_of_the_option_words():
     """``value_loss`` = mean over value rows of the mean ``-log softmax(W_out norm(h))`` of the option's words,
     read at each row's answer position; rows without a value are ignored; ``norm`` replaces the row count."""
-    from ellava_lib.lm_tasks import value_loss
-    from ellava_lib.train import TrainConfig
+    from ellava_lib.model.lm_tasks import value_loss
+    from ellava_lib.model.train import TrainConfig
 
     proc = _processor()
-    model = tiny_model.build_model(TrainConfig.micro().model, proc.tokenizer, 0)
+    model = tiny.build_model(TrainConfig.micro().model, proc.tokenizer, 0)
     torch.manual_seed(0)
     hidden = torch.randn(3, 5, model.config.text_config.hidden_size)
     pos, values = [4, 2, 1], [[7, 9], [], [11]]
@@ -160,8 +161,8 @@ def test_value_loss_is_the_logit_lens_cross_entropy_of_the_option_words():
 
 
 def test_drills_name_the_value_and_are_built_for_sqa_only():
-    from ellava_lib.lm_tasks import drill_text, value_ids
-    from ellava_lib.train import TrainConfig, encode_train
+    from ellava_lib.model.lm_tasks import drill_text, value_ids
+    from ellava_lib.model.train import TrainConfig, encode_train
 
     proc = _processor()
     tok = proc.tokenizer
@@ -184,7 +185,7 @@ def test_disabled_levers_do_not_change_the_digest():
     names a different model."""
     from dataclasses import replace
 
-    from ellava_lib.train import TrainConfig
+    from ellava_lib.model.train import TrainConfig
 
     ci = TrainConfig.ci()
     assert ci.digest() == "be0d58e324"  # the CI model the nbval references were made with
@@ -204,13 +205,13 @@ def test_cli_build_takes_a_preset_and_a_seed(tmp_path, monkeypatch, capsys):
     from dataclasses import replace
 
     from ellava_lib import cli
-    from ellava_lib.train import TrainConfig
+    from ellava_lib.model.train import TrainConfig
 
     monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path))
     assert cli.main(["build", "--preset", "micro", "--seed", "3", "--quiet"]) == 0
     expected = tmp_path / "models" / f"tiny-{replace(TrainConfig.micro(), seed=3).digest()}"
     assert str(expected) in capsys.readouterr().out and (expected / "model.safetensors").is_file()
-    assert train.model_meta(expected)["train_config"]["seed"] == 3
+    assert specs.model_meta(expected)["train_config"]["seed"] == 3
     assert replace(TrainConfig.micro(), seed=3).digest() != TrainConfig.micro().digest()
     mtime = (expected / "model.safetensors").stat().st_mtime
     assert cli.main(["build", "--preset", "micro", "--seed", "3", "--quiet"]) == 0
@@ -225,7 +226,7 @@ def test_length_grouped_batches_keep_the_uniform_draws():
     cut into batches of ascending length (served in random order), so padding shrinks and nothing is lost."""
     import torch
 
-    from ellava_lib.sequences import LengthGroupedBatches
+    from ellava_lib.data.encoding import LengthGroupedBatches
 
     lengths = [int(x) for x in torch.randint(5, 100, (500,), generator=torch.Generator().manual_seed(1))]
     plain = LengthGroupedBatches(lengths, 16, 1, torch.Generator().manual_seed(0))
@@ -252,7 +253,7 @@ def test_bf16_training_keeps_fp32_weights_and_losses():
     precision is refused when the config is made."""
     from dataclasses import replace
 
-    from ellava_lib.train import TrainConfig, train
+    from ellava_lib.model.train import TrainConfig, train
 
     cfg = replace(TrainConfig.micro(), text_steps=3, vision_steps=1, align_steps=1, joint_steps=3)
     assert cfg.precision == "bf16"

@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ellava_lib import baselines, units
-from ellava_lib.policy import Policy
+from ellava_lib.core import units
+from ellava_lib.core.policy import Policy
+from ellava_lib.prune import prune
 
 
 def test_units_cover_every_decoder_linear(micro_model):
@@ -22,11 +23,11 @@ def test_units_cover_every_decoder_linear(micro_model):
 
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.7])
 def test_magnitude_prune_hits_the_target_exactly(micro_model_dir, s):
-    from ellava_lib.loading import load_model
+    from ellava_lib.model.specs import load_model
 
     model, _ = load_model(micro_model_dir)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    report = baselines.magnitude_prune(model, Policy.uniform(units.list_units(model), s))
+    report = prune.magnitude_prune(model, Policy.uniform(units.list_units(model), s))
     for row in report.itertuples():
         assert abs(row.measured - s) <= 0.5 / row.params + 1e-9
     # only language-model linear weights change, and only by being zeroed
@@ -37,8 +38,8 @@ def test_magnitude_prune_hits_the_target_exactly(micro_model_dir, s):
 
 
 def test_magnitude_prune_rejects_a_policy_for_another_model(micro_model_dir):
-    from ellava_lib.loading import load_model
+    from ellava_lib.model.specs import load_model
 
     model, _ = load_model(micro_model_dir)
     with pytest.raises(ValueError, match="lm.99.attn"):
-        baselines.magnitude_prune(model, Policy({"lm.99.attn": 0.5}))
+        prune.magnitude_prune(model, Policy({"lm.99.attn": 0.5}))

@@ -1,0 +1,169 @@
+"""A pruning policy: one sparsity per unit, drawn from a grid, with a parameter-weighted budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Sparsity grid G = (0.0, 0.1, ..., 0.9).
+DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
+
+#: Tolerance for "sparsity is on the grid".
+GRID_TOL: float = 1e-9
+
+_KEYS = ("sparsities", "grid", "meta")
+
+
+@dataclass
+class Policy:
+    """``sparsities[u]`` is the fraction of unit ``u``'s weights pruned (in ``[0, 1]``).
+
+    Budget: ``S(pi) = sum_u n_u s_u / sum_u n_u`` (see :meth:`mean_sparsity`).
+    """
+
+    sparsities: dict[str, float]
+    grid: tuple[float, ...] = DEFAULT_GRID
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sparsities, Mapping):
+            raise ValueError(f"sparsities must be a mapping unit -> float; got {type(self.sparsities).__name__}")
+        sps: dict[str, float] = {}
+        for u, s in self.sparsities.items():
+            if not isinstance(u, str):
+                raise ValueError(f"unit names must be str; got {u!r}")
+            s = float(s)
+            if not math.isfinite(s) or not (0.0 <= s <= 1.0):
+                raise ValueError(f"unit {u!r}: sparsity must lie in [0, 1]; got {s!r}")
+            sps[u] = s + 0.0  # normalizes -0.0
+        self.sparsities = sps
+        self.grid = tuple(float(g) for g in self.grid)
+        if not self.grid:
+            raise ValueError("grid is empty")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict; got {type(self.meta).__name__}")
+
+    # ----------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def uniform(
+        cls,
+        units: Mapping[str, int],
+        sparsity: float,
+        grid: tuple[float, ...] = DEFAULT_GRID,
+        meta: dict[str, Any] | None = None,
+    ) -> Policy:
+        """Every unit at the same ``sparsity`` (which must be on ``grid``)."""
+        if not any(abs(float(sparsity) - g) <= GRID_TOL for g in grid):
+            raise ValueError(f"sparsity {sparsity!r} is not on the grid {tuple(grid)}")
+        return cls({u: float(sparsity) for u in units}, tuple(grid), dict(meta or {}))
+
+    # -------------------------------------------------------------------------------- serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"sparsities": {...}, "grid": [...], "meta": {...}}`` (JSON-ready; copies)."""
+        return {
+            "sparsities": dict(self.sparsities),
+            "grid": list(self.grid),
+            "meta": json.loads(json.dumps(self.meta)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Policy:
+        """Inverse of :meth:`to_dict`; ``grid`` and ``meta`` are optional, other keys are rejected."""
+        if "sparsities" not in d:
+            raise ValueError("policy dict has no 'sparsities'")
+        extra = [k for k in d if k not in _KEYS]
+        if extra:
+            raise ValueError(f"unknown policy keys {extra}; expected {list(_KEYS)}")
+        return cls(
+            dict(d["sparsities"]),
+            tuple(d.get("grid", DEFAULT_GRID)),
+            dict(d.get("meta", {})),
+        )
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_dict` as JSON atomically (temp file in the same folder + ``os.replace``)."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Policy:
+        """Read a policy written by :meth:`to_json`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    # ------------------------------------------------------------------------------------- checks
+
+    def _check_cover(self, units: Mapping[str, int]) -> list[str]:
+        problems = []
+        unknown = [u for u in self.sparsities if u not in units]
+        missing = [u for u in units if u not in self.sparsities]
+        if unknown:
+            problems.append(f"unknown units {unknown}")
+        if missing:
+            problems.append(f"missing units {missing}")
+        return problems
+
+    def validate(self, units: Mapping[str, int]) -> None:
+        """Raise ``ValueError`` listing unknown units, missing units and off-grid sparsities (tol 1e-9)."""
+        problems = self._check_cover(units)
+        off = {u: s for u, s in self.sparsities.items() if not any(abs(s - g) <= GRID_TOL for g in self.grid)}
+        if off:
+            problems.append(f"off-grid sparsities {off} (grid {self.grid})")
+        if problems:
+            raise ValueError("invalid policy: " + "; ".join(problems))
+
+    def mean_sparsity(self, units: Mapping[str, int]) -> float:
+        """Parameter-weighted mean ``S = sum_u n_u s_u / sum_u n_u`` over exactly the units in ``units``."""
+        problems = self._check_cover(units)
+        if problems:
+            raise ValueError("policy does not match units: " + "; ".join(problems))
+        total = 0
+        acc = 0.0
+        for u, n_u in units.items():
+            if isinstance(n_u, bool) or not isinstance(n_u, numbers.Integral) or n_u <= 0:
+                raise ValueError(f"unit {u!r}: parameter count must be a positive int; got {n_u!r}")
+            total += int(n_u)
+            acc += n_u * self.sparsities[u]
+        if total == 0:
+            raise ValueError("units is empty")
+        return acc / total
+
+    def budget_ok(self, units: Mapping[str, int], target: float, tol: float = 1e-9) -> bool:
+        """``S(pi) >= target - tol``."""
+        return self.mean_sparsity(units) >= float(target) - float(tol)
+
+    def policy_id(self) -> str:
+        """10 hex chars of ``sha1`` of the canonical JSON of the sparsities (keys sorted, values rounded to
+        9 decimals, compact separators). Independent of insertion order, ``grid`` and ``meta``."""
+        canon = json.dumps(
+            {u: round(s, 9) + 0.0 for u, s in self.sparsities.items()},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha1(canon.encode("utf-8")).hexdigest()[:10]
+
+
+def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, int]) -> float:
+    """``sum_u n_u v_u / sum_u n_u``."""
+    return sum(sizes[u] * values[u] for u in sizes) / sum(sizes.values())

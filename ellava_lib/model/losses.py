@@ -1,0 +1,80 @@
+"""Training and calibration losses of a LLaVA batch.
+
+- :func:`answer_loss`: mean cross-entropy of the answer tokens, ``-1/|A| sum_{t in A} log p(y_t | y_<t)`` with
+  ``A`` the positions whose label is not ``-100``; the logits are upcast to fp32 first.
+- :func:`calibration_loss`: the same quantity computed by the model's own ``labels=`` path (one float).
+- :class:`CellHeads` / :func:`alignment_loss`: the tiny build's vision and alignment stages, per-patch
+  cross-entropy of the colour and kind of the object in each 16-pixel cell, ``CE(colour) + CE(kind)``.
+- :func:`model_inputs`: the keys of an encoded batch a LLaVA forward accepts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ellava_lib.data import scenes
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Mean answer-token cross-entropy of ``model`` on the batch (``labels != -100``)."""
+    model.eval()
+    out = model(**model_inputs(batch), labels=batch["labels"], use_cache=False)
+    return float(out.loss)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+
+
+class CellHeads(torch.nn.Module):
+    """Linear per-patch classifiers for vision pretraining (colour and kind of the object in the cell)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, scenes.N_COLOUR_LABELS)
+        self.kind = torch.nn.Linear(hidden, scenes.N_KIND_LABELS)
+
+    def loss(self, patch_feats: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        lc = F.cross_entropy(self.colour(patch_feats).float().flatten(0, 1), colour.flatten(), ignore_index=-100)
+        lk = F.cross_entropy(self.kind(patch_feats).float().flatten(0, 1), kind.flatten(), ignore_index=-100)
+        return lc + lk
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean answer-token cross-entropy, averaged over samples:
+    ``(1/B) sum_b (1/|A_b|) sum_{t in A_b} -log p(y_t | y_<t)`` with ``A_b`` the answer tokens of sample b.
+
+    Unlike the token mean, a one-word answer weighs as much as a long description.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # fp32 even when the forward ran in bf16
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    return ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def cell_word_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables from cell labels (see ``scenes.cell_labels``) to the token id of the word naming them:
+    colour label -> colour word (glyphs -> "white"), kind label -> shape word or the glyph's character;
+    the empty label maps to -100 (ignored)."""
+    to_id = tokenizer.convert_tokens_to_ids
+    colour = [-100] + [to_id(c) for c in scenes.COLOURS] + [to_id("white")]
+    kind = [-100] + [to_id(s) for s in scenes.SHAPES] + [to_id(g.lower()) for g in scenes.GLYPHS]
+    return torch.tensor(colour), torch.tensor(kind)
+
+
+def alignment_loss(model, feats: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor,
+                   words: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``CE(z E^T, colour word) + CE(z E^T, kind word)`` for projected patches ``z`` (ignoring empty cells)."""
+    z = model.model.multi_modal_projector(feats)
+    logits = (z @ model.get_input_embeddings().weight.T).float().flatten(0, 1)
+    cw = torch.where(colour >= 0, words[0][colour.clamp(min=0)], -100).flatten()
+    kw = torch.where(kind >= 0, words[1][kind.clamp(min=0)], -100).flatten()
+    return F.cross_entropy(logits, cw, ignore_index=-100) + F.cross_entropy(logits, kw, ignore_index=-100)
+
+
+def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[-1][:, 1:]  # the layer and the CLS-dropping the projector sees

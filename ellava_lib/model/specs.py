@@ -1,0 +1,84 @@
+"""Model specs: built-in names (trained by the kit and cached by config digest), hub names and folders.
+
+:func:`load_model` turns any spec into ``(model, processor)``: a hub name of :data:`HUB_MODELS` through
+:func:`loading.load_pretrained`, a built-in name of :data:`BUILTIN` through :func:`build_or_load` (built on first
+use), a folder through :func:`loading.load_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+from transformers import LlavaForConditionalGeneration
+
+from ellava_lib.model import loading
+from ellava_lib.model.loading import ModelLoadError, load_folder, load_pretrained
+from ellava_lib.model.train import TrainConfig, train
+
+
+def cache_root() -> Path:
+    """Where built models are cached: ``$ELLAVA_CACHE`` or ``~/.cache/ellava``."""
+    return Path(os.environ.get("ELLAVA_CACHE", Path.home() / ".cache" / "ellava"))
+
+
+def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Return the folder of the trained model for ``cfg``, training and caching it if missing.
+
+    The folder holds ``model.safetensors``, ``config.json``, the processor files, ``ellava.json``
+    (train config, digest, wall time) and ``train_log.csv``; it is written to a temp folder and renamed,
+    so an interrupted build leaves nothing half-written.
+    """
+    cache = Path(cache) if cache is not None else cache_root()
+    out = cache / "models" / f"tiny-{cfg.digest()}"
+    if (out / "ellava.json").exists() and not force:
+        return out
+    t0 = time.time()
+    model, processor, log = train(cfg, progress)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    meta = {"kind": "tiny", "train_config": cfg.to_dict(), "digest": cfg.digest(), "train_seconds": time.time() - t0,
+            "params": sum(p.numel() for p in model.parameters())}
+    loading.save(model, processor, tmp, meta)
+    pd.DataFrame(log).to_csv(tmp / "train_log.csv", index=False)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def model_meta(model_dir: Path) -> dict:
+    """The build record of a cached model (``ellava.json``)."""
+    path = Path(model_dir) / "ellava.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a model built by ellava")
+    return json.loads(path.read_text())
+
+BUILTIN = {"tiny": TrainConfig}
+#: Hub checkpoints the kit knows by a short name (the paper tier).
+HUB_MODELS = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf": "llava-hf/llava-1.5-7b-hf"}
+
+
+def resolve_model_dir(spec: str | Path, progress: bool = True) -> Path:
+    """``tiny`` -> the cached tiny model (built if missing); anything else must be a model folder."""
+    if str(spec) in BUILTIN:
+        return build_or_load(BUILTIN[str(spec)](), progress=progress)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ModelLoadError(f"model {spec!r} is neither a built-in model ({', '.join(BUILTIN)}), a hub model "
+                             f"({', '.join(sorted(HUB_MODELS))}) nor a folder")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {path} has no config.json")
+    return path
+
+
+def load_model(spec: str | Path, progress: bool = True, dtype: str = "float16",
+               revision: str | None = None) -> tuple[LlavaForConditionalGeneration, object]:
+    """Load weights (safetensors only, never remote code) and the processor from a model spec: ``tiny``,
+    a model folder, or a hub name of :data:`HUB_MODELS` (``llava-1.5-7b``; loaded in ``dtype``)."""
+    if str(spec) in HUB_MODELS:
+        return load_pretrained(HUB_MODELS[str(spec)], dtype, revision)
+    return load_folder(resolve_model_dir(spec, progress))

@@ -1,0 +1,133 @@
+"""The embedded-default model: a real ``transformers`` ``LlavaForConditionalGeneration`` (CLIP vision tower,
+2-layer GELU MLP projector, Llama decoder) with a word-level tokenizer and a ``LlavaProcessor``, so it is
+driven exactly like a ``llava-hf`` checkpoint (chat prompt, ``<image>`` token expansion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from ellava_lib.data import scenes, synth
+from ellava_lib.data.encoding import IMAGE_MEAN, IMAGE_STD
+from ellava_lib.data.prompts import CHAT_TEMPLATE, SQA_SUFFIX, VIZWIZ_SUFFIX
+
+PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
+SPECIALS = (PAD, UNK, BOS, EOS, IMAGE)
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the tiny LLaVA. ``vit_*`` = CLIP vision tower, ``lm_*`` = Llama decoder."""
+
+    vit_hidden: int = 96
+    vit_layers: int = 2
+    vit_heads: int = 4
+    vit_mlp: int = 192
+    lm_hidden: int = 128
+    lm_layers: int = 6
+    lm_heads: int = 4
+    lm_mlp: int = 352
+    max_positions: int = 192
+
+    @classmethod
+    def micro(cls) -> "TinyConfig":
+        """A model small enough to train in seconds, for tests."""
+        return cls(vit_hidden=32, vit_layers=1, vit_heads=2, vit_mlp=64, lm_hidden=48, lm_layers=2, lm_heads=2,
+                   lm_mlp=96)
+
+
+def _pretokenize(text: str) -> list[str]:
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def vocabulary(seed: int = 0, per_suite: int = 1500) -> list[str]:
+    """All words the synthetic suite can produce: special tokens, then the word lists and templates.
+
+    The templates are covered by sweeping ``per_suite`` generated items of each suite and split, plus
+    every colour, shape, word, glyph and number explicitly; the result is sorted, so it is deterministic.
+    """
+    words: set[str] = set()
+    fixed = [*scenes.COLOURS, *scenes.SHAPES, *scenes.WORDS, *(g.lower() for g in scenes.GLYPHS),
+             *(str(i) for i in range(0, 19)), *synth.NUMBER_WORDS, *synth.LETTERS, "unanswerable"]
+    for w in fixed:
+        words.update(_pretokenize(w))
+    for text in (SQA_SUFFIX, VIZWIZ_SUFFIX, CHAT_TEMPLATE.replace("{", " ").replace("}", " ")):
+        words.update(_pretokenize(text))
+    for suite in synth.GENERATORS:
+        for split in synth.SPLITS:
+            for item in synth.generate_items(suite, split, per_suite // 3, seed):
+                for text in (item.question, item.answer, item.context, *item.choices, *item.answers,
+                             synth.describe(item.scene)):
+                    words.update(_pretokenize(text))
+    words.update(_pretokenize("USER: ASSISTANT: Context: A. B. C. D. E."))
+    return list(SPECIALS) + sorted(words - set(SPECIALS))
+
+
+def build_tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer: whitespace/punctuation pre-tokenizer, ``<s>`` prepended, ``<image>`` kept
+    as one special token; decoding joins words with single spaces."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab.index(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+                                   extra_special_tokens={"image_token": IMAGE},
+                                   clean_up_tokenization_spaces=False, padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    return fast
+
+
+def build_image_processor():
+    """CLIP image processor at the scene size (resize and crop are no-ops on generated images)."""
+    try:
+        from transformers import (
+            CLIPImageProcessorPil as Proc,  # transformers >= 5 without torchvision
+        )
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as Proc
+    size = scenes.IMAGE_SIZE
+    return Proc(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=list(IMAGE_MEAN),
+                image_std=list(IMAGE_STD), do_convert_rgb=True)
+
+
+def build_processor(vocab: list[str]) -> LlavaProcessor:
+    """A ``LlavaProcessor`` wired like llava-hf's: one ``<image>`` expands to (size/patch)^2 tokens."""
+    return LlavaProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(vocab),
+                          patch_size=scenes.CELL, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE)
+
+
+def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A randomly initialised tiny LLaVA (seeded)."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=cfg.vit_hidden, intermediate_size=cfg.vit_mlp,
+                              num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
+                              image_size=scenes.IMAGE_SIZE, patch_size=scenes.CELL, projection_dim=cfg.vit_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden, intermediate_size=cfg.lm_mlp,
+                       num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
+                       num_key_value_heads=cfg.lm_heads, max_position_embeddings=cfg.max_positions,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                         vision_feature_layer=-1, image_seq_length=scenes.GRID * scenes.GRID,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def config_dict(cfg: TinyConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,423 @@
+"""Sweeps: prune a model with each method at each sparsity and seed, evaluate it, one results row per job.
+
+A :class:`Job` is one (method, sparsity, seed) cell plus the ablation knobs (gap estimator, projector
+evolution on/off, calibration size, exact re-prune). Methods are the baselines of :mod:`allocate`
+(``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``), ``dense`` (no pruning), and the two
+searched methods: ``search`` (evolutionary search without the gap term and without projector evolution,
+EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector evolution).
+
+Every job draws its own calibration set (``calib_n`` samples with its ``seed``, :mod:`calibration`), so
+the seed changes the calibration data of every calibration-based method and the search's random draws.
+Each job reports the test score of every suite and their mean, the **calibration score** (the same metrics
+on its calibration samples), the **generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill
+FLOPs of the whole model relative to dense, :mod:`flops`).
+
+Tables made from the rows: :mod:`tables`.
+
+Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (atomically) and is
+skipped on a re-run; jobs are independent and run in ``workers`` processes (one torch thread each; the
+level databases they share are built first, in the parent). Results do not depend on ``workers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ellava_lib.core import files
+from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy
+from ellava_lib.core.units import list_units
+from ellava_lib.eval.evaluate import (
+    compare,
+    evaluate,
+    evaluate_samples,
+    generation_budget,
+)
+from ellava_lib.prune.allocate import (
+    ecoflap_policy,
+    owl_policy,
+    zeroth_order_importance,
+)
+from ellava_lib.prune.prune import measured_mean, prune_model
+from ellava_lib.run.tier import (
+    Tier,
+    calibration_samples,
+    encode_calibration,
+    eval_config,
+    load_model,
+    make_judge,
+    place,
+)
+from ellava_lib.speed.flops import flop_ratio
+
+METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap")
+SEARCH_METHODS: tuple[str, ...] = ("search", "ellava")
+ALL_METHODS: tuple[str, ...] = ("dense", *METHODS, *SEARCH_METHODS)
+#: Display names of the methods in the tables and figures.
+LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
+                          "owl": "OWL", "ecoflap": "ECoFLaP", "search": "search (no gap)",
+                          "ellava": "EfficientLLaVA"}
+SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
+#: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
+#: (2: OWL prunes its continuous allocation instead of the grid-rounded one).
+METHOD_REVISION: dict[str, int] = {"owl": 2}
+
+
+def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
+                  include_vision: bool = False, progress: bool = False,
+                  importance: dict[str, float] | None = None) -> Policy:
+    """The policy a baseline prunes with: OWL and ECoFLaP allocate per unit, the others are uniform.
+    ``importance``: ECoFLaP's unit scores when already computed (:func:`ecoflap_importance`)."""
+    if method == "owl":  # continuous, as OWL prunes (its +-lam moves vanish on the 0.1 grid)
+        return owl_policy(model, batch, sparsity, include_vision=include_vision, progress=progress, on_grid=False)
+    if method == "ecoflap":
+        return ecoflap_policy(model, batch, sparsity, seed=seed, include_vision=include_vision, progress=progress,
+                              importance=importance)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    on_grid = any(abs(sparsity - g) <= GRID_TOL for g in DEFAULT_GRID)
+    grid = DEFAULT_GRID if on_grid else tuple(sorted((*DEFAULT_GRID, sparsity)))
+    return Policy.uniform(list_units(model, include_vision), sparsity, grid,
+                          meta={"method": method, "target": sparsity})
+
+
+def solver_for(method: str) -> str:
+    """OWL and ECoFLaP allocate sparsity; the weights are then pruned with SparseGPT."""
+    return "sparsegpt" if method in ("owl", "ecoflap") else method
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+
+@dataclass(frozen=True)
+class Job:
+    """One cell of a sweep. ``gap`` / ``projector`` override the searched methods' defaults (ablations);
+    ``exact`` re-prunes the searched policy sequentially with SparseGPT instead of assembling it."""
+
+    method: str
+    sparsity: float
+    seed: int = 0
+    calib_n: int = 64
+    gap: str | None = None
+    projector: bool | None = None
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
+        if self.method not in SEARCH_METHODS and (self.gap is not None or self.projector is not None or self.exact):
+            raise ValueError(f"gap / projector / exact apply to the searched methods, not {self.method!r}")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.calib_n < 2:
+            raise ValueError(f"calib_n must be at least 2, got {self.calib_n}")
+
+    def name(self) -> str:
+        """Folder name, unique per job: ``ellava-0.60-s0-n64[-gap_capacity][-noproj][-exact]``."""
+        parts = [self.method, f"{self.sparsity:.2f}", f"s{self.seed}", f"n{self.calib_n}"]
+        if self.gap is not None:
+            parts.append(f"gap_{self.gap}")
+        if self.projector is not None:
+            parts.append("proj" if self.projector else "noproj")
+        if self.exact:
+            parts.append("exact")
+        return "-".join(parts)
+
+
+def jobs_grid(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], calib_n: int = 64,
+              **knobs: Any) -> list[Job]:
+    """Every (method, sparsity, seed); ``dense`` gets one job per seed (sparsity 0)."""
+    jobs = []
+    for seed in seeds:
+        for method in methods:
+            if method == "dense":
+                jobs.append(Job("dense", 0.0, seed, calib_n))
+                continue
+            jobs += [Job(method, float(s), seed, calib_n, **knobs) for s in sparsities]
+    return jobs
+
+
+@dataclass
+class SweepSpec:
+    """What every job of a sweep shares: the model, the evaluation, the searched methods' configuration.
+
+    ``search``: :class:`config.SearchConfig` fields for both searched methods; ``ellava`` adds the gap
+    term (``gap``, ``lam``) and projector evolution (``projector_every``) on top; ``search`` forces
+    ``gap="none"`` and ``projector_every=0``.
+    """
+
+    model_dir: str
+    eval_limit: int | None = None
+    search: dict[str, Any] = field(default_factory=dict)
+    ellava: dict[str, Any] = field(default_factory=lambda: {"gap": "bernstein", "lam": 1.0, "projector_every": 3})
+    calib_eval: bool = True
+    tier: dict[str, Any] = field(default_factory=dict)  # :class:`tier.Tier` fields ({} = the embedded default)
+
+    def get_tier(self) -> Tier:
+        return Tier.from_dict(self.tier)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def search_config(spec: SweepSpec, job: Job):
+    """The :class:`config.SearchConfig` of a searched job (method defaults, then the job's overrides)."""
+    from ellava_lib.search.config import SearchConfig
+
+    cfg = {**spec.search, "target": job.sparsity, "seed": job.seed}
+    if job.method == "ellava":
+        cfg.update(spec.ellava)
+    else:
+        cfg.update(gap="none", projector_every=0)
+    if job.gap is not None:
+        cfg["gap"] = job.gap
+    if job.projector is not None:
+        cfg["projector_every"] = (spec.ellava.get("projector_every") or 3) if job.projector else 0
+    cfg["extra"] = {"calib_n": job.calib_n, "db_method": "sparsegpt"}
+    return SearchConfig.from_dict(cfg)
+
+
+def level_db_dir(out_dir: Path, seed: int, calib_n: int) -> Path:
+    return Path(out_dir) / "leveldb" / f"s{seed}-n{calib_n}"
+
+
+def _calibration(tier: Tier, processor, seed: int, n: int):
+    samples = calibration_samples(tier, n, seed)
+    return samples, encode_calibration(tier, samples, processor)
+
+
+def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int):
+    """The dense model, its processor, the job's calibration samples and batch, all on the tier's device."""
+    model, processor = load_model(tier, spec.model_dir)
+    samples, batch = _calibration(tier, processor, batch_seed, calib_n)
+    model, batch = place(tier, model, batch)
+    return model, processor, samples, batch
+
+
+def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False) -> None:
+    """Build (or resume) the level database of one (seed, calib_n)."""
+    from ellava_lib.prune.leveldb import build_level_db
+
+    model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
+    build_level_db(model, batch, level_db_dir(out_dir, seed, calib_n), DEFAULT_GRID, "sparsegpt",
+                   progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
+
+
+def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
+    """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
+    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n}
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ecoflap_importance_path(out_dir: Path, seed: int, calib_n: int) -> Path:
+    return Path(out_dir) / "ecoflap" / f"s{seed}-n{calib_n}.json"
+
+
+def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, model: nn.Module | None = None,
+                       batch: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """ECoFLaP's zeroth-order unit importances (:func:`allocate.zeroth_order_importance`) for the calibration
+    draw ``(seed, calib_n)``: they do not depend on the sparsity, so a sweep computes them once and keeps them
+    in ``out_dir/ecoflap/s<seed>-n<n>.json`` (recomputed when the model or tier changed). ``model`` / ``batch``:
+    the dense model and that draw's batch when the caller holds them (else loaded)."""
+    path = ecoflap_importance_path(out_dir, seed, calib_n)
+    key = _ecoflap_key(spec, seed, calib_n)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["importance"]
+    if model is None or batch is None:
+        model, _, _, batch = _load(spec.get_tier(), spec, seed, calib_n)
+    importance = zeroth_order_importance(model, batch, seed=seed)
+    files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance})
+    return importance
+
+
+def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch: dict[str, torch.Tensor]) -> Policy:
+    """The policy a baseline job prunes with (:func:`method_policy`; ECoFLaP's importances come from the
+    sweep's cache, :func:`ecoflap_importance`). ``model`` dense, ``batch`` the job's calibration batch."""
+    importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
+                  if job.method == "ecoflap" else None)
+    return method_policy(model, batch, job.method, job.sparsity, job.seed, importance=importance)
+
+
+def needs_importance(spec: SweepSpec, job: Job) -> bool:
+    """Whether a job uses ECoFLaP's unit importances: the ECoFLaP baseline, or a search starting from it."""
+    return job.method == "ecoflap" or (job.method in SEARCH_METHODS and "ecoflap" in search_config(spec, job).init)
+
+
+def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[Callable, tuple]]:
+    """What several jobs share, to compute before them: level databases (searched methods) and ECoFLaP
+    importances, one per (seed, calib_n)."""
+    tasks: list[tuple[Callable, tuple]] = []
+    for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS}):
+        tasks.append((prepare_level_db, (spec, seed, n, out_dir)))
+    for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)}):
+        tasks.append((ecoflap_importance, (spec, seed, n, out_dir)))
+    return tasks
+
+
+def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
+    """Prune (or search), evaluate on test and on the job's calibration samples; returns the row
+    (also written to ``out_dir/jobs/<name>/row.json``)."""
+    from ellava_lib.prune.leveldb import LevelDB
+    from ellava_lib.search.evolve import run_search
+
+    job_dir = Path(out_dir) / "jobs" / job.name()
+    digest = spec_digest(spec, job)
+    stamp = job_dir / "spec.txt"
+    if job_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        shutil.rmtree(job_dir)  # made under another spec: start over (a same-spec search resumes)
+    files.write_text(stamp, digest + "\n")
+    tier = spec.get_tier()
+    model, processor, samples, batch = _load(tier, spec, job.seed, job.calib_n)
+    judge = make_judge(tier, Path(out_dir) / "judge")
+    t0 = time.time()
+    extra: dict[str, Any] = {}
+    measured = 0.0
+    if job.method in SEARCH_METHODS:
+        cfg = search_config(spec, job)
+        units = list_units(model)
+        importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
+                      if needs_importance(spec, job) else None)
+        result = run_search(model, None, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
+                            job_dir / "search", progress=False, importance=importance)
+        policy = result.policy
+        extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
+                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
+        if job.exact:
+            from ellava_lib.search.projector import load_projector, set_projector_state
+
+            model, processor = load_model(tier, spec.model_dir)
+            model, _ = place(tier, model)
+            if result.projector is not None:
+                set_projector_state(model, load_projector(result.projector)[0])
+            measured = measured_mean(prune_model(model, policy, "sparsegpt", batch, sequential=True, progress=False))
+        else:
+            measured = float(policy.meta["mean_sparsity"])
+    elif job.method != "dense":
+        policy = job_policy(job, spec, out_dir, model, batch)
+        measured = measured_mean(prune_model(model, policy, solver_for(job.method), batch, progress=False))
+    else:
+        policy = None
+    seconds = time.time() - t0
+    flops = 1.0
+    if policy is not None:
+        policy.to_json(job_dir / "policy.json")
+        flops = 1.0 / flop_ratio(model, policy, "prefill", "model")
+    cfg_eval = eval_config(tier, spec.eval_limit)
+    test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", judge, progress=False)}).iloc[0]
+    row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": digest, "measured": round(measured, 6),
+                           "flops_rel": round(flops, 6),
+                           **{s: float(test[s]) for s in SUITE_COLUMNS if s in test}, "mean": float(test["mean"])}
+    if spec.calib_eval:
+        by_suite: dict[str, list] = {}
+        for s in samples:
+            by_suite.setdefault(s.suite, []).append(s)
+        frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
+                                    max_new_tokens=generation_budget(tier.data))
+        row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
+        row["gap_calib_test"] = row["calib_mean"] - row["mean"]
+    row.update(extra)
+    row["seconds"] = round(seconds, 2)
+    files.write_json(job_dir / "row.json", row)
+    return row
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def spec_digest(spec: SweepSpec, job: Job) -> str:
+    """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
+    searched methods the resolved search configuration, and the method's :data:`METHOD_REVISION`."""
+    d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
+    tier = spec.get_tier()
+    if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
+        d["tier"] = tier.to_dict()
+    if job.method in SEARCH_METHODS:
+        d["search"] = search_config(spec, job).to_dict()
+    if job.method in METHOD_REVISION:
+        d["revision"] = METHOD_REVISION[job.method]
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _done(out_dir: Path, job: Job, spec: SweepSpec) -> dict[str, Any] | None:
+    """The finished row of ``job``, or None when missing or made under another spec (then it re-runs)."""
+    path = Path(out_dir) / "jobs" / job.name() / "row.json"
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    return row if row.get("spec") == spec_digest(spec, job) else None
+
+
+def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers: int = 1, threads: int = 1,
+              progress: bool = True, on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
+    """Run every job not finished yet (``workers`` processes), then return all rows in job order and write
+    them to ``out_dir/results.csv``. ``workers=1`` runs in this process. A row made under another spec
+    (:func:`spec_digest`: other model, evaluation size or search configuration) is re-run, never mixed in."""
+    out_dir = files.ensure_dir(Path(out_dir))
+    names = [j.name() for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate jobs in the sweep")
+    todo = [j for j in jobs if _done(out_dir, j, spec) is None]
+    prep = _prepare_tasks(spec, todo, out_dir)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for fn, args in prep:
+            fn(*args)
+        for job in todo:
+            row = run_job(job, spec, out_dir)
+            bar.update(1)
+            bar.set_postfix_str(job.name())
+            if on_row:
+                on_row(row)
+    else:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            for fut in [pool.submit(fn, *args) for fn, args in prep]:  # shared inputs first, in parallel
+                fut.result()
+            futures = {pool.submit(run_job, job, spec, out_dir): job for job in todo}
+            for fut in as_completed(futures):
+                row = fut.result()
+                bar.update(1)
+                bar.set_postfix_str(futures[fut].name())
+                if on_row:
+                    on_row(row)
+    bar.close()
+    rows = [_done(out_dir, j, spec) for j in jobs]
+    frame = pd.DataFrame(rows)
+    files.write_csv(out_dir / "results.csv", frame)
+    return frame
+
+
+def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int = 64,
+                  gaps: Sequence[str] = ("none", "capacity", "bernstein"),
+                  calib_ns: Sequence[int] = (16, 32, 64, 128), exact: bool = True) -> list[Job]:
+    """The ablations of the full method at one (sparsity, seed): each gap estimator; projector evolution
+    off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the exact
+    re-prune. Overrides equal to the method's default are dropped, so these jobs share rows (and folders)
+    with the main table's."""
+    default_gap = spec.ellava.get("gap", "bernstein")
+    jobs = [Job("ellava", sparsity, seed, calib_n, gap=None if g == default_gap else g) for g in gaps]
+    jobs.append(Job("ellava", sparsity, seed, calib_n, projector=False))
+    for n in calib_ns:
+        jobs += [Job("ellava", sparsity, seed, n), Job("search", sparsity, seed, n)]
+    if exact:
+        jobs.append(Job("ellava", sparsity, seed, calib_n, exact=True))
+    unique: dict[str, Job] = {}
+    for j in jobs:
+        unique.setdefault(j.name(), j)
+    return list(unique.values())

@@ -1,0 +1,369 @@
+"""Sparse execution of pruned linear layers, swapped in only where a measurement says it is faster.
+
+A pruned ``nn.Linear`` still multiplies every zero: the FLOP ratio of a policy is *counted*, not delivered.
+This module turns masked weights into sparse kernels and keeps them only where they beat the dense kernel:
+
+- :class:`SparseLinear`: ``W`` (``d_out x d_in``) held in CSR (``torch.sparse_csr``, int32 indices), computing
+  ``y = x W^T + b`` as ``Y^T = addmm(b, W_csr, X^T)`` (one sparse-times-dense product, MKL on the CPU), or
+  ``F.linear(x, W_csr, b)`` for a single row. Measured on torch 2.13 CPU (2-core AMD EPYC, fp32): those two
+  beat the alternatives (``X @ (W^T)_csr`` is 7-100x slower; ``F.linear`` grows linearly with the rows, so
+  it wins only at one row; int64 indices are up to 3.6x slower than int32 at one row, equal at 600).
+- :class:`SemiStructuredLinear`: 2:4 weights on a CUDA GPU via ``torch.sparse.to_sparse_semi_structured``
+  (cuSPARSELt / CUTLASS). It refuses, with :class:`SemiStructuredUnsupported` and the reason, anything those
+  kernels cannot compute exactly: a CPU tensor, a mask that is not 2:4, an unsupported dtype or shape.
+- :func:`sparsify_model`: per pruned linear, time dense vs sparse once on representative row counts (cached per
+  shape, density bucket, backend, device, dtype, threads), check the sparse output against the dense one, and
+  swap only where the sparse module is at least ``min_speedup`` times faster on the weighted row counts.
+
+Time of a layer = median over repeated calls after one warm-up (``torch.cuda.synchronize`` on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ellava_lib.core import files
+from ellava_lib.core.policy import Policy
+from ellava_lib.core.units import unit_linears
+from ellava_lib.speed.timing import time_ms
+
+BACKENDS: tuple[str, ...] = ("auto", "csr", "semi", "dense")
+#: Row counts timed when no example inputs are given: one decode token, and a LLaVA-1.5 prefill
+#: (576 visual + 24 text tokens).
+DEFAULT_ROWS: tuple[int, ...] = (1, 600)
+#: Density buckets of the timing cache (two layers of the same shape within 1% density share a timing).
+DENSITY_DECIMALS = 2
+#: Tolerance ``(rtol, atol)`` of the sparse-vs-dense output check per dtype (see :func:`_check_close`): float32
+#: sums in another order; half precision rounds each output to 11 (fp16) or 8 (bf16) bits.
+TOLERANCE = {torch.float64: (1e-7, 1e-9), torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 2e-3),
+             torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+class SemiStructuredUnsupported(RuntimeError):
+    """The 2:4 semi-structured kernels cannot compute this layer (the caller keeps it dense)."""
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` in CSR: ``Y^T = addmm(b 1^T, W_csr, X^T)`` where ``X`` = ``x`` as rows
+    (``F.linear(X, W_csr, b)`` when ``X`` is one row).
+
+    The CSR arrays (``crow_indices``, ``col_indices``, ``values``) are dense buffers (so ``.to``, ``deepcopy``
+    and ``state_dict`` work); the CSR tensor over them is rebuilt (no copy) when they move. Inference only.
+    Memory: ``nnz * (value + index bytes) + (d_out + 1) * index bytes``, i.e. 8 bytes per kept fp32 weight with
+    int32 indices, so CSR moves fewer bytes than dense only below 50% density.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 index_dtype: torch.dtype = torch.int32) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        if weight.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"torch's CPU CSR matmul (MKL) supports float32/float64, not {weight.dtype}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            csr = weight.detach().to_sparse_csr()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("crow_indices", csr.crow_indices().to(index_dtype))
+        self.register_buffer("col_indices", csr.col_indices().to(index_dtype))
+        self.register_buffer("values", csr.values().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._csr: torch.Tensor | None = None
+        self._csr_key: tuple = ()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, index_dtype: torch.dtype = torch.int32) -> SparseLinear:
+        """The CSR twin of ``linear`` (its zeros are dropped, nothing else changes)."""
+        return cls(linear.weight, linear.bias, index_dtype)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        """``nnz / (d_out * d_in)``."""
+        return self.nnz / max(1, self.out_features * self.in_features)
+
+    def weight_csr(self) -> torch.Tensor:
+        """The CSR tensor over the buffers (cached until a buffer is replaced, e.g. by ``.to``)."""
+        key = (self.values.data_ptr(), self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.device)
+        if self._csr is None or key != self._csr_key:
+            self._csr = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
+                                                (self.out_features, self.in_features), check_invariants=False)
+            self._csr_key = key
+        return self._csr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        w = self.weight_csr()
+        if rows.shape[0] == 1:  # one token (decode): MKL's sparse matrix-vector path, ~1.5x faster than addmm
+            return F.linear(rows, w, self.bias).reshape(*x.shape[:-1], self.out_features)
+        out_t = torch.mm(w, rows.t()) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, rows.t())
+        return out_t.t().reshape(*x.shape[:-1], self.out_features)
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the (masked) dense weight."""
+        return _make_linear(self.weight_csr().to_dense(), self.bias)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_csr"], state["_csr_key"] = None, ()  # a CSR tensor cannot be pickled or deep-copied
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"density={self.density:.3f}, bias={self.bias is not None}")
+
+
+def is_2_4(weight: torch.Tensor) -> bool:
+    """Every group of 4 consecutive inputs of every output row holds at most 2 non-zeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def semi_structured_problem(weight: torch.Tensor) -> str | None:
+    """Why ``to_sparse_semi_structured`` cannot run ``weight`` exactly, or ``None`` if it can (shape limits of
+    the chosen kernel are checked by the conversion itself)."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return f"2:4 sparsity needs a 2-D weight with d_in divisible by 4, got {tuple(weight.shape)}"
+    if not is_2_4(weight):
+        return "the mask is not 2:4 (some group of 4 consecutive inputs keeps more than 2 weights)"
+    if weight.device.type != "cuda":
+        return (f"2:4 semi-structured kernels need a CUDA GPU (compute capability >= 8.0); the weight is on "
+                f"{weight.device.type}")
+    major, _ = torch.cuda.get_device_capability(weight.device)
+    if major < 8:
+        return f"2:4 semi-structured kernels need compute capability >= 8.0, this GPU has {major}.x"
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.int8):
+        return f"2:4 semi-structured kernels take float16/bfloat16/int8 weights, not {weight.dtype}"
+    return None
+
+
+class SemiStructuredLinear(nn.Module):
+    """``y = x W^T + b`` with a 2:4 ``W`` compressed by ``torch.sparse.to_sparse_semi_structured`` (CUDA only).
+
+    Raises :class:`SemiStructuredUnsupported` (with the reason) instead of ever computing a wrong result.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        problem = semi_structured_problem(weight)
+        if problem is not None:
+            raise SemiStructuredUnsupported(f"semi-structured backend refused: {problem}; keep the layer dense")
+        try:
+            packed = torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())
+        except (RuntimeError, ValueError) as e:
+            raise SemiStructuredUnsupported(f"semi-structured backend refused: {e}; keep the layer dense") from None
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SemiStructuredLinear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        return F.linear(rows, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+    def to_linear(self) -> nn.Linear:
+        return _make_linear(self.weight.to_dense(), self.bias)
+
+
+def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def densify_model(model: nn.Module) -> int:
+    """Swap every :class:`SparseLinear` / :class:`SemiStructuredLinear` back to ``nn.Linear`` (in place);
+    returns how many were swapped."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (SparseLinear, SemiStructuredLinear))]
+    for n in names:
+        model.set_submodule(n, model.get_submodule(n).to_linear())
+    return len(names)
+
+
+def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str) -> str:
+    """``device|dtype|threads|d_out x d_in|bias|density|rows|backend|torch`` (timings depend on all of them)."""
+    w = lin.weight
+    return (f"{w.device.type}|{str(w.dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|"
+            f"{w.shape[0]}x{w.shape[1]}|bias={lin.bias is not None}|density={density:.{DENSITY_DECIMALS}f}|"
+            f"rows={','.join(map(str, rows))}|{backend}|torch={torch.__version__}")
+
+
+def _load_cache(cache: dict | str | Path | None) -> tuple[dict, Path | None]:
+    if cache is None:
+        return {}, None
+    if isinstance(cache, dict):
+        return cache, None
+    path = Path(cache)
+    return (json.loads(path.read_text()) if path.is_file() else {}), path
+
+
+# -------------------------------------------------------------------------------------------- selection
+
+
+def _targets(model: nn.Module, policy: Policy | Mapping[str, float] | None) -> dict[str, tuple[str, nn.Linear]]:
+    """``{module path: (report name, linear)}``: the linears of units with sparsity > 0 under ``policy``, or
+    every ``nn.Linear`` holding an exact zero when ``policy`` is ``None``."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    if policy is None:
+        return {n: (n, m) for n, m in model.named_modules()
+                if type(m) is nn.Linear and not bool(m.weight.all())}
+    sps = policy.sparsities if isinstance(policy, Policy) else dict(policy)
+    include_vision = any(u.startswith("vision.") for u in sps)
+    out = {}
+    for unit, lins in unit_linears(model, include_vision).items():
+        if sps.get(unit, 0.0) > 0:
+            out.update({paths[id(lin)]: (name, lin) for name, lin in lins.items() if type(lin) is nn.Linear})
+    return out
+
+
+def _layer_rows(model: nn.Module, targets: Mapping[str, tuple[str, nn.Linear]],
+                example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None) -> dict[str, tuple[int, ...]]:
+    """Row counts timed per layer: the given integers, or those seen in one forward on ``example_inputs``
+    (model kwargs) plus the batch size (one decode step per sequence)."""
+    if example_inputs is None or not isinstance(example_inputs, Mapping):
+        rows = tuple(sorted({int(r) for r in (example_inputs or DEFAULT_ROWS)}))
+        if not rows or min(rows) < 1:
+            raise ValueError(f"example row counts must be positive integers, got {example_inputs!r}")
+        return {path: rows for path in targets}
+    seen: dict[str, set[int]] = {path: set() for path in targets}
+    def record(path: str) -> Callable:
+        return lambda mod, args: seen[path].add(args[0].numel() // args[0].shape[-1])
+
+    hooks = [lin.register_forward_pre_hook(record(path)) for path, (_, lin) in targets.items()]
+    try:
+        with torch.no_grad():
+            model(**example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    batch = int(next(iter(example_inputs.values())).shape[0])
+    return {p: tuple(sorted(s | {batch})) if s else DEFAULT_ROWS for p, s in seen.items()}
+
+
+def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
+    """``|y_s - y_d| <= atol * scale + rtol * |y_d|`` elementwise, ``scale = max(1, max |y_d|)``, ``(rtol, atol)``
+    from :data:`TOLERANCE` (exact equality for other dtypes)."""
+    rtol, atol = TOLERANCE.get(dense.dtype, (0.0, 0.0))
+    d, s = dense.double(), sparse.double()
+    scale = max(1.0, float(d.abs().max())) if d.numel() else 1.0
+    return bool(((s - d).abs() <= atol * scale + rtol * d.abs()).all())
+
+
+@torch.no_grad()
+def _measure(lin: nn.Linear, module: nn.Module, rows: Sequence[int], min_time_s: float) -> dict[str, list[float]]:
+    """Per row count, dense and sparse median ms on seeded random inputs."""
+    w = lin.weight
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dense, sparse = [], []
+    for r in rows:
+        x = torch.randn(r, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
+        dense.append(time_ms(lambda: F.linear(x, w, lin.bias), w.device, min_time_s))
+        sparse.append(time_ms(lambda: module(x), w.device, min_time_s))
+    return {"dense_ms": dense, "sparse_ms": sparse}
+
+
+def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: dict,
+         min_time_s: float) -> tuple[nn.Module | None, dict | None, str]:
+    """Build candidate ``cand`` for ``lin``, check its output, time it (or read the cache):
+    ``(module, timing, "")`` or ``(None, None | timing, why not)``."""
+    w = lin.weight
+    try:
+        module = (SparseLinear if cand == "csr" else SemiStructuredLinear).from_linear(lin)
+    except (SemiStructuredUnsupported, ValueError, RuntimeError) as e:
+        return None, None, str(e)
+    probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
+    if not _check_close(F.linear(probe, w, lin.bias), module(probe)):
+        return None, None, f"{cand} output differs from the dense output; refused"
+    key = _cache_key(lin, density, rows, cand)
+    if key not in store:
+        store[key] = _measure(lin, module, rows, min_time_s)
+    return module, store[key], ""
+
+
+@torch.no_grad()
+def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None = None, backend: str = "auto",
+                   example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
+                   min_speedup: float = 1.0, cache: dict | str | Path | None = None,
+                   min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None) -> pd.DataFrame:
+    """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
+
+    Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``auto`` -> both
+    (``semi`` only where :func:`semi_structured_problem` allows it); ``dense`` -> none (a table of densities).
+    A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and
+    ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` over the timed row counts ``r``
+    (``w_r = row_weights.get(r, 1)``, e.g. ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0``
+    forces the swap); among kept candidates the lowest weighted time wins. Timings are cached in ``cache``
+    (a dict, or a JSON file read and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape,
+    density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums,
+    ``sparse_ms`` of the fastest candidate, ``speedup = dense_ms / sparse_ms``; ``per_rows`` =
+    ``rows:dense/sparse`` ms each; ``note`` says why a layer stayed dense). Asking for ``semi`` where it
+    cannot run warns once with the reason and keeps the layers dense.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    targets = _targets(model, policy)
+    rows_of = _layer_rows(model, targets, example_inputs) if backend != "dense" else {}
+    store, path = _load_cache(cache)
+    candidates = {"auto": ("semi", "csr"), "csr": ("csr",), "semi": ("semi",), "dense": ()}[backend]
+    table, refusal = [], None
+    for mod_path, (name, lin) in targets.items():
+        w = lin.weight
+        density = float(torch.count_nonzero(w)) / w.numel()
+        rows = rows_of.get(mod_path, ())
+        timed: list[tuple] = []  # (dense ms, sparse ms, backend, module if kept, per-rows text)
+        notes = ["backend=dense"] if backend == "dense" else []
+        for cand in candidates:
+            if cand == "semi" and backend == "auto" and semi_structured_problem(w) is not None:
+                continue
+            module, t, why = _try(cand, lin, density, rows, store, min_time_s)
+            if t is None:
+                notes.append(why)
+                refusal = refusal or (why if cand == "semi" else None)
+                continue
+            wts = [float((row_weights or {}).get(r, 1.0)) for r in rows]
+            dense_ms = sum(wi * d for wi, d in zip(wts, t["dense_ms"]))
+            sparse_ms = sum(wi * x for wi, x in zip(wts, t["sparse_ms"]))
+            faster = dense_ms >= min_speedup * sparse_ms
+            per = ",".join(f"{r}:{d:.4g}/{x:.4g}" for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]))
+            timed.append((dense_ms, sparse_ms, cand, module if faster else None, per))
+            if not faster:
+                notes.append(f"{cand} not {min_speedup:g}x faster ({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)")
+        kept = sorted((x for x in timed if x[3] is not None), key=lambda x: x[1])
+        pick = kept[0] if kept else min(timed, key=lambda x: x[1], default=(math.nan, math.nan, "dense", None, ""))
+        if kept:
+            model.set_submodule(mod_path, pick[3])
+        table.append({"layer": name, "module": mod_path, "shape": f"{w.shape[0]}x{w.shape[1]}",
+                      "density": density, "backend_chosen": pick[2] if kept else "dense", "dense_ms": pick[0],
+                      "sparse_ms": pick[1], "speedup": pick[0] / pick[1] if pick[1] else math.inf,
+                      "rows": ",".join(map(str, rows)), "per_rows": pick[4],
+                      "note": "" if kept else "; ".join(notes)})
+    if refusal is not None:
+        warnings.warn(f"{refusal} (semi-structured backend; the layers stay dense)", UserWarning, stacklevel=2)
+    if path is not None:
+        files.write_json(path, store)
+    return pd.DataFrame(table, columns=["layer", "module", "shape", "density", "backend_chosen", "dense_ms",
+                                        "sparse_ms", "speedup", "rows", "per_rows", "note"])
