@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m ellava_lib.run.pipeline --profile $(PROFILE)
+	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE)
 
 test: $(STAMP)
 	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	$(MAKE) nbval
 
@@ -34,7 +35,7 @@ nbval: $(STAMP)
 
 # Regenerates the references after a deliberate change to the notebooks or to what they print.
 nbval-refs: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ellava_lib.run.pipeline --profile ci --runs runs/nbval-refs --nbval-refs
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ellava_lib.run.pipeline --root . --profile ci --runs runs/nbval-refs --nbval-refs
 
 clean-notebooks: $(STAMP)
 	$(PY) -m nbstripout --keep-id notebooks/*.ipynb

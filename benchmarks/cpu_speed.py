@@ -74,7 +74,8 @@ def _stage_rates(recipe: dict, steps: int) -> dict[str, float]:
             "n_train": {s: 1000 for s in ("sqa", "vizwiz", "mmvet", "llavabench")}, **recipe}
     code = ("import json, sys\nfrom dataclasses import replace\nfrom ellava_lib.model import train\n"
             "if __name__ == '__main__':\n"
-            f"    train.train(replace(train.TrainConfig(), **json.loads({json.dumps(json.dumps(over))})), progress=True)\n")
+            f"    over = json.loads({json.dumps(json.dumps(over))})\n"
+            "    train.train(replace(train.TrainConfig(), **over), progress=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     rates = {}
     for stage in ("text", "joint"):

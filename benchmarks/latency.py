@@ -14,7 +14,8 @@ Cases:
 
 Masks: magnitude, unstructured at 50/70/90%, and 2:4 (both on all seven linears). Backends: ``dense`` (the
 masked weights run as dense matmuls: what a pruned checkpoint gives as is), ``csr`` (every pruned linear a
-:class:`~ellava_lib.speed.sparse.SparseLinear`), ``auto`` (:func:`~ellava_lib.speed.sparse.sparsify_model`: CSR only where
+:class:`~ellava_lib.speed.sparse.SparseLinear`), ``auto``
+(:func:`~ellava_lib.speed.sparse.sparsify_model`: CSR only where
 measured faster), and ``semi`` (2:4 on CUDA only).
 
 Usage::

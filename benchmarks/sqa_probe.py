@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     n_train = {s: a.n_train or cfg.n_train[s] for s in synth.SUITES}
-    pool = [x for s in synth.SUITES for x in encode_items(tok, synth.generate_items(s, "train", n_train[s]), s, "train")]
+    pool = [x for s in synth.SUITES
+            for x in encode_items(tok, synth.generate_items(s, "train", n_train[s]), s, "train")]
     drill = encode_items(tok, synth.generate_items("sqa", "train", n_train["sqa"]), "sqa", "train", drill=True)
     test_items = synth.generate_items("sqa", "test", a.n_test)
     test, test_drill = (encode_items(tok, test_items, "sqa", "test", drill=d) for d in (False, True))
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(step: int) -> None:
         hits, drill_hits = letter_accuracy(model, test, pad), letter_accuracy(model, test_drill, pad)
-        by = {c: round(100 * sum(h for h, k in zip(hits, cats) if k == c) / cats.count(c), 1) for c in sorted(set(cats))}
+        by = {c: round(100 * sum(h for h, k in zip(hits, cats) if k == c) / cats.count(c), 1)
+              for c in sorted(set(cats))}
         evals.append({"step": step, "sqa_text": round(100 * sum(hits) / len(hits), 1),
                       "drill": round(100 * sum(drill_hits) / len(drill_hits), 1), **by})
         print(evals[-1], file=sys.stderr, flush=True)

@@ -86,7 +86,8 @@ def write_benchmark_tree(root: Path, n: int = 6, n_train: int = 24) -> Path:
                     "question": "What colour is the square?", "answer": "red<OR>crimson", "image_source": "web",
                     "capability": "rec" if i % 2 else "rec,spat"} for i in range(n)], MMVET_FEATURES)
     write_parquet(root / "llavabench" / "data" / "train-00000-of-00001.parquet",
-                  [{"question_id": i, "question": "Describe the image in detail.", "image": png(colours[i % 6], size=(24, 24)),
+                  [{"question_id": i, "question": "Describe the image in detail.",
+                    "image": png(colours[i % 6], size=(24, 24)),
                     "caption": "A coloured square.", "gpt_answer": "The image shows a red square.",
                     "category": ("conv", "detail", "complex")[i % 3], "image_id": f"{i:03d}"} for i in range(n)],
                   LLAVA_FEATURES)

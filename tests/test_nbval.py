@@ -11,7 +11,7 @@ import pytest
 
 from ellava_lib.run import pipeline
 
-REFS = pipeline.NBVAL_DIR
+REFS = pipeline.nbval_dir()
 CHECK = "# NBVAL_CHECK_OUTPUT"
 
 
@@ -21,7 +21,7 @@ def _code(nb) -> list[str]:
 
 
 def test_every_notebook_has_a_reference_with_outputs_in_its_checked_cells():
-    sources = sorted(p.name for p in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    sources = sorted(p.name for p in pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     assert sorted(p.name for p in REFS.glob("*.ipynb")) == sources
     for name in sources:
         ref = nbformat.read(REFS / name, as_version=4)
@@ -33,7 +33,7 @@ def test_every_notebook_has_a_reference_with_outputs_in_its_checked_cells():
 
 def test_references_replay_the_current_notebook_code():
     """A notebook edited without regenerating its reference (make nbval-refs) fails here, not silently."""
-    for src in sorted(pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+    for src in sorted(pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
         ref = nbformat.read(REFS / src.name, as_version=4)
         assert _code(ref) == _code(nbformat.read(src, as_version=4)), f"{src.name}: run make nbval-refs"
         injected = [c for c in ref.cells if "injected-parameters" in c.metadata.get("tags", [])]

@@ -14,7 +14,7 @@ def test_profiles_exist_and_unknown_profile_is_named():
 
 
 def test_notebook_parameters_are_filtered_to_what_each_notebook_declares(tmp_path):
-    nb = pipeline.NOTEBOOKS_DIR / "01_tiny_model.ipynb"
+    nb = pipeline.notebooks_dir() / "01_tiny_model.ipynb"
     params = pipeline.notebook_parameters(nb, {"train_preset": "ci", "eval_limit": 3}, tmp_path)
     assert params == {"train_preset": "ci", "run_dir": str(tmp_path)}
 
@@ -23,14 +23,14 @@ def test_every_profile_value_reaches_a_notebook():
     """papermill must parse every parameters cell (a comment it cannot parse silently drops a parameter)."""
     import papermill as pm
 
-    declared = set().union(*(pm.inspect_notebook(str(nb)) for nb in pipeline.NOTEBOOKS_DIR.glob("*.ipynb")))
+    declared = set().union(*(pm.inspect_notebook(str(nb)) for nb in pipeline.notebooks_dir().glob("*.ipynb")))
     for name in pipeline.available_profiles():
         missing = set(pipeline.load_profile(name)) - declared - set(pipeline.PIPELINE_KEYS)
         assert not missing, f"profile {name}: no notebook declares {sorted(missing)}"
 
 
 def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
-    for nb in sorted(pipeline.NOTEBOOKS_DIR.glob("*.ipynb")):
+    for nb in sorted(pipeline.notebooks_dir().glob("*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
         code = [c for c in cells if c["cell_type"] == "code"]
         assert all(not c["outputs"] and c["execution_count"] is None for c in code), nb.name
@@ -65,7 +65,7 @@ def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
                                            "interactive": False})
     assert run == tmp_path / "runs" / "ci"
     executed = sorted(p.name for p in (run / "notebooks").glob("*.ipynb"))
-    assert executed == sorted(p.name for p in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    assert executed == sorted(p.name for p in pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     table = pd.read_csv(run / "tables" / "dense.csv")
     assert list(table["method"]) == ["dense", "magnitude 50%", "magnitude 70%"]
     assert {"sqa", "vizwiz", "mmvet", "llavabench", "mean"} <= set(table.columns)
@@ -92,8 +92,8 @@ def test_a_parameter_of_the_wrong_type_is_named_before_anything_runs(tmp_path):
         pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"sparsity": True})
     assert not any((tmp_path / "ci" / "notebooks").glob("*.ipynb"))
     for name in pipeline.available_profiles():  # the shipped profiles type-check
-        for nb in pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"):
+        for nb in pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb"):
             pipeline.notebook_parameters(nb, pipeline.load_profile(name), tmp_path)
     # ints are fine where a float is declared
-    params = pipeline.notebook_parameters(pipeline.NOTEBOOKS_DIR / "04_search.ipynb", {"sparsity": 1}, tmp_path)
+    params = pipeline.notebook_parameters(pipeline.notebooks_dir() / "04_search.ipynb", {"sparsity": 1}, tmp_path)
     assert params["sparsity"] == 1

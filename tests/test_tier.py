@@ -74,7 +74,7 @@ def test_paper_profile_matches_the_notebooks(tmp_path: Path) -> None:
     tier = Tier.from_dict(params["tier"])
     assert (tier.model, tier.data, tier.judge, tier.device) == ("llava-1.5-7b", "real", "gpt", "cuda")
     declared: set[str] = set()
-    for nb in sorted(pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+    for nb in sorted(pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
         declared |= set(pipeline.notebook_parameters(nb, params, tmp_path)) - {"run_dir"}
     assert set(params) - set(pipeline.PIPELINE_KEYS) <= declared  # no key silently ignored
 
@@ -83,7 +83,8 @@ def test_default_tier_keeps_sweep_digests(micro_model_dir: Path, data_root: Path
     job = Job("sparsegpt", 0.5, 0, 8)
     plain = SweepSpec(str(micro_model_dir), 8)
     assert spec_digest(SweepSpec(str(micro_model_dir), 8, tier=Tier().to_dict()), job) == spec_digest(plain, job)
-    assert spec_digest(SweepSpec(str(micro_model_dir), 8, tier=real(data_root).to_dict()), job) != spec_digest(plain, job)
+    real_spec = SweepSpec(str(micro_model_dir), 8, tier=real(data_root).to_dict())
+    assert spec_digest(real_spec, job) != spec_digest(plain, job)
 
 
 def test_real_calibration_comes_from_the_training_split(data_root: Path) -> None:
@@ -180,7 +181,7 @@ def test_notebooks_run_on_the_real_tier(micro_model_dir: Path, data_root: Path, 
     """Notebooks 01-04 under the ci profile with a real-data tier (micro model folder, fixture benchmarks):
     the run folder records the tier and every table comes from the real data."""
     tier = real(data_root, model=str(micro_model_dir))
-    nbs = sorted(pipeline.NOTEBOOKS_DIR.glob("0[1-4]_*.ipynb"))
+    nbs = sorted(pipeline.notebooks_dir().glob("0[1-4]_*.ipynb"))
     run_dir = pipeline.run_pipeline("ci", tmp_path, nbs, overrides={
         "tier": tier.to_dict(), "eval_limit": 3, "sweep_eval_limit": 3, "calib_n": 6, "n_show": 2,
         "search": {"population": 3, "generations": 2, "offspring": 3, "screen_samples": 0, "survivors": 2},

@@ -169,7 +169,8 @@ def test_drills_name_the_value_and_are_built_for_sqa_only():
     item = next(it for it in synth.generate_items("sqa", "train", 10) if not it.scene.degrade)
     value = item.choices[synth.LETTERS.index(item.answer)]
     text = drill_text(item)
-    assert text.startswith(f"Which option is {value} ?") and all(f"{L}. {c}" in text for L, c in zip(synth.LETTERS, item.choices))
+    assert text.startswith(f"Which option is {value} ?")
+    assert all(f"{L}. {c}" in text for L, c in zip(synth.LETTERS, item.choices))
     assert tok.decode(value_ids(tok, item)).split() == value.split()
     open_item = synth.generate_items("vizwiz", "train", 1)[0]
     assert value_ids(tok, open_item) == []

@@ -16,7 +16,8 @@ def test_units_cover_every_decoder_linear(micro_model):
     lm_linears = [m for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert sum(u.values()) == sum(m.weight.numel() for m in lm_linears)
     with_vision = units.list_units(model, include_vision=True)
-    assert list(with_vision)[0] == "vision.0.attn" and len(with_vision) == len(u) + 2 * model.config.vision_config.num_hidden_layers
+    assert list(with_vision)[0] == "vision.0.attn"
+    assert len(with_vision) == len(u) + 2 * model.config.vision_config.num_hidden_layers
     comp = units.params_by_component(model)
     assert comp["total"] == sum(p.numel() for p in model.parameters())
 

@@ -1,8 +1,10 @@
-"""Token sequences labelled on their answer: encode ``prompt + answer`` and right-pad a batch of them.
+"""Batches labelled on their answer: token sequences, right padding, length-grouped batching, pixel values.
 
-The one encoding and padding routine of the training stages (:mod:`train`, :mod:`lm_tasks`) and of the
-calibration batches (:mod:`calibration`), so the labels the search scores are the labels the model was
-trained on.
+``prompt + answer`` is encoded as one sequence whose labels are the answer tokens (``-100`` elsewhere); a batch
+is right-padded (:func:`pad_right`) and carries CLIP-normalised pixel values ``(x / 255 - mean) / std``
+(:func:`pixel_values`, :func:`collate`). The one encoding and padding routine of the training stages
+(:mod:`ellava_lib.model.train`, :mod:`ellava_lib.model.lm_tasks`) and of the calibration batches
+(:mod:`ellava_lib.data.calibration`), so the labels the search scores are the labels the model was trained on.
 """
 
 from __future__ import annotations

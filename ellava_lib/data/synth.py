@@ -166,11 +166,13 @@ def gen_vizwiz(rng: random.Random) -> Item:
     if kind == "colour":
         scene, t = _unique_shape_scene(rng)
         alts = [c for c in COLOURS if c != t.colour][:2] + [f"{t.colour} colour", f"it is {t.colour}"]
-        return Item(scene, f"What colour is the {t.shape} ?", t.colour, kind, answers=_annotators(rng, t.colour, alts, (5, 10)))
+        return Item(scene, f"What colour is the {t.shape} ?", t.colour, kind,
+                    answers=_annotators(rng, t.colour, alts, (5, 10)))
     if kind == "shape":
         scene, t = _unique_colour_scene(rng)
         alts = [f"{t.shape} shape", f"a {t.shape}", rng.choice([s for s in SHAPES if s != t.shape])]
-        return Item(scene, f"What shape is the {t.colour} object ?", t.shape, kind, answers=_annotators(rng, t.shape, alts, (5, 10)))
+        return Item(scene, f"What shape is the {t.colour} object ?", t.shape, kind,
+                    answers=_annotators(rng, t.shape, alts, (5, 10)))
     if kind == "count":
         scene, what, k = _count_scene(rng, 1, 9)
         alts = [NUMBER_WORDS[k], str(max(k - 1, 0)), str(k + 1)]
@@ -190,8 +192,8 @@ def gen_vizwiz(rng: random.Random) -> Item:
         q = rng.choice([f"What colour is the {rng.choice(SHAPES)} ?", "What word is written here ?",
                         f"What shape is the {rng.choice(list(COLOURS))} object ?"])
     alts = [rng.choice(list(COLOURS)), rng.choice(SHAPES), "nothing"]
-    return Item(scene, q, "unanswerable", f"unanswerable-{how}", answers=_annotators(rng, "unanswerable", alts, (6, 10)),
-                answerable=False)
+    return Item(scene, q, "unanswerable", f"unanswerable-{how}",
+                answers=_annotators(rng, "unanswerable", alts, (6, 10)), answerable=False)
 
 
 def gen_mmvet(rng: random.Random) -> Item:

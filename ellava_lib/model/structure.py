@@ -2,7 +2,8 @@
 
 The 7B model's ``config.json`` is shipped in the package (``ellava_lib/configs/llava-1.5-7b-hf.json``) so that
 layer names, unit counts and parameter counts (and :mod:`ellava_lib.speed.flops`' FLOP counts) are checked offline, on a
-model instantiated on the ``meta`` device (shapes only, no memory, no hub access). Layer names come from :mod:`ellava_lib.core.units`.
+model instantiated on the ``meta`` device (shapes only, no memory, no hub access). Layer names come from
+:mod:`ellava_lib.core.units`.
 
 Sources of the shipped values (checked against public copies of the files):
 

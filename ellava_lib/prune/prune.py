@@ -76,7 +76,8 @@ def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int =
 
 def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict[str, torch.Tensor] | None,
                 *, sequential: bool = True, prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
-                percdamp: float = 0.01, progress: bool = True, device: torch.device | str | None = None) -> pd.DataFrame:
+                percdamp: float = 0.01, progress: bool = True,
+                device: torch.device | str | None = None) -> pd.DataFrame:
     """Prune ``model`` in place under ``policy`` with ``method`` in :data:`METHODS`.
 
     ``device``: run the calibration walk with one decoder block at a time on it (the model stays where it

@@ -30,7 +30,8 @@ def choices(results: pd.DataFrame) -> dict[str, list]:
     """Methods (display name -> key, in table order) and sparsities available among the main-table jobs."""
     rows = plain_rows(results)
     methods = [m for m in LABELS if m in set(rows["method"]) and m != "dense"]
-    return {"methods": methods, "sparsities": sorted(float(s) for s in rows.loc[rows["method"] != "dense", "sparsity"].unique()),
+    sparsities = sorted(float(s) for s in rows.loc[rows["method"] != "dense", "sparsity"].unique())
+    return {"methods": methods, "sparsities": sparsities,
             "seeds": sorted(int(s) for s in rows["seed"].unique())}
 
 
@@ -38,7 +39,8 @@ def scores(results: pd.DataFrame, method: str, sparsity: float) -> pd.DataFrame:
     """Per-suite test score (and mean, calibration score, gap): dense and the chosen method, mean over seeds."""
     rows = plain_rows(results)
     cols = [c for c in (*SUITE_COLUMNS, "mean", "calib_mean", "gap_calib_test") if c in rows.columns]
-    pick = rows[((rows["method"] == method) & ((rows["sparsity"] - sparsity).abs() < 1e-9)) | (rows["method"] == "dense")]
+    at = (rows["method"] == method) & ((rows["sparsity"] - sparsity).abs() < 1e-9)
+    pick = rows[at | (rows["method"] == "dense")]
     if not (pick["method"] == method).any():
         raise ValueError(f"no finished job for {method} at {sparsity:.0%}")
     out = pick.groupby("method", sort=False)[cols].mean()

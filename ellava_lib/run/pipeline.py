@@ -3,6 +3,11 @@
 ``python -m ellava_lib.run.pipeline --profile default`` executes ``notebooks/0*.ipynb`` into
 ``runs/<profile>/notebooks/``, passing each notebook the profile's values for the parameters it declares
 (plus ``run_dir``), and prints the wall time.
+
+The notebooks and profiles live in a project folder (a checkout of the kit), never looked up from the current
+folder: ``--root DIR`` (or ``$ELLAVA_ROOT``) names it; without either, the checkout this package is imported
+from is used (an editable install). A non-editable ``pip install`` therefore runs the pipeline with ``--root``.
+Notebooks execute with that folder as their working directory.
 """
 
 from __future__ import annotations
@@ -15,22 +20,53 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
 # Profile keys the pipeline itself consumes (not notebook parameters).
 PIPELINE_KEYS = ("torch_threads",)
-PROFILES_DIR = REPO / "profiles"
-NOTEBOOKS_DIR = REPO / "notebooks"
+ROOT_ENV = "ELLAVA_ROOT"
 
 
-def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
-    return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+def _is_project(path: Path) -> bool:
+    return (path / "notebooks").is_dir() and (path / "profiles").is_dir()
 
 
-def load_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
+def project_root(root: str | Path | None = None) -> Path:
+    """The project folder (``notebooks/`` + ``profiles/``): ``root``, else ``$ELLAVA_ROOT``, else the checkout
+    holding this package; a ``ValueError`` saying what to pass when none of them is one."""
+    given = root if root is not None else os.environ.get(ROOT_ENV) or None
+    if given is not None:
+        path = Path(given).expanduser().resolve()
+        if not _is_project(path):
+            raise ValueError(f"{path} is not an ellava project folder (it needs notebooks/ and profiles/)")
+        return path
+    checkout = Path(__file__).resolve().parents[2]
+    if _is_project(checkout):
+        return checkout
+    raise ValueError(f"no project folder: ellava_lib is installed at {checkout}, outside a checkout; pass --root DIR "
+                     f"(or set {ROOT_ENV}) naming a folder with the kit's notebooks/ and profiles/")
+
+
+def notebooks_dir(root: str | Path | None = None) -> Path:
+    return project_root(root) / "notebooks"
+
+
+def profiles_dir(root: str | Path | None = None) -> Path:
+    return project_root(root) / "profiles"
+
+
+def nbval_dir(root: str | Path | None = None) -> Path:
+    """Where the nbval reference notebooks live (``tests/nbval``)."""
+    return project_root(root) / "tests" / "nbval"
+
+
+def available_profiles(root: str | Path | None = None) -> list[str]:
+    return sorted(p.stem for p in profiles_dir(root).glob("*.yaml"))
+
+
+def load_profile(name: str, root: str | Path | None = None) -> dict:
     """The parameters of a profile; a clear error naming the known profiles for an unknown one."""
-    path = profiles_dir / f"{name}.yaml"
+    path = profiles_dir(root) / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown profile {name!r}; known profiles: {', '.join(available_profiles(profiles_dir))}")
+        raise ValueError(f"unknown profile {name!r}; known profiles: {', '.join(available_profiles(root))}")
     params = yaml.safe_load(path.read_text()) or {}
     if not isinstance(params, dict):
         raise ValueError(f"profile {path} must be a mapping of parameter names to values")
@@ -77,12 +113,16 @@ def notebook_parameters(notebook: Path, profile: dict, run_dir: Path) -> dict:
     return params
 
 
-def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[Path] | None = None,
-                 kernel: str = "python3", overrides: dict | None = None) -> Path:
-    """Execute the notebooks in order (``overrides`` replace profile values); returns the run folder."""
+def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Path] | None = None,
+                 kernel: str = "python3", overrides: dict | None = None, root: str | Path | None = None) -> Path:
+    """Execute the notebooks of the project folder ``root`` (:func:`project_root`) in order, with ``root`` as
+    their working directory (``overrides`` replace profile values); returns the run folder
+    (``runs_root/<profile>``, ``runs_root`` defaulting to ``root/runs``)."""
     import papermill as pm
 
-    params = {**load_profile(profile), **(overrides or {})}
+    root = project_root(root)
+    runs_root = Path(runs_root) if runs_root is not None else root / "runs"
+    params = {**load_profile(profile, root), **(overrides or {})}
     preflight(params)
     threads = params.pop("torch_threads", None)
     if threads:  # the kernels inherit the environment; one thread is fastest for the tiny tier
@@ -91,30 +131,28 @@ def run_pipeline(profile: str, runs_root: Path = REPO / "runs", notebooks: list[
     run_dir = Path(runs_root) / profile
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    notebooks = notebooks or sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    notebooks = notebooks or sorted(notebooks_dir(root).glob("[0-9][0-9]_*.ipynb"))
     per_notebook = {nb: notebook_parameters(nb, params, run_dir) for nb in notebooks}  # type errors before any run
     t0 = time.time()
     for nb in notebooks:
         t = time.time()
         print(f"[{profile}] {nb.name} ...", flush=True)
         pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=per_notebook[nb],
-                            kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=False)
+                            kernel_name=kernel, cwd=str(root), progress_bar=False, log_output=False)
         print(f"[{profile}] {nb.name} done in {time.time() - t:.0f} s", flush=True)
     print(f"[{profile}] pipeline finished in {time.time() - t0:.0f} s; outputs in {run_dir}", flush=True)
     return run_dir
 
 
-NBVAL_DIR = REPO / "tests" / "nbval"
-
-
-def write_nbval_references(run_dir: Path, out_dir: Path = NBVAL_DIR) -> list[Path]:
+def write_nbval_references(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Copy a run's executed notebooks into ``out_dir`` as nbval reference notebooks (outputs kept on
     purpose): the injected ``run_dir`` parameter is rewritten relative to ``out_dir`` (nbval starts the
     kernel there), pointing at ``runs/nbval`` so replays never touch a real run."""
     import nbformat
 
+    out_dir = Path(out_dir) if out_dir is not None else nbval_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(REPO / "runs" / "nbval", out_dir)
+    target = os.path.relpath(out_dir.parent.parent / "runs" / "nbval", out_dir)
     written = []
     for nb_path in sorted((Path(run_dir) / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(nb_path, as_version=4)
@@ -135,14 +173,16 @@ def write_nbval_references(run_dir: Path, out_dir: Path = NBVAL_DIR) -> list[Pat
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ellava_lib.run.pipeline")
     p.add_argument("--profile", default="default")
-    p.add_argument("--runs", default=str(REPO / "runs"))
+    p.add_argument("--root", default=None,
+                   help=f"the project folder with notebooks/ and profiles/ (default: ${ROOT_ENV}, else this checkout)")
+    p.add_argument("--runs", default=None, help="where run folders go (default: ROOT/runs)")
     p.add_argument("--nbval-refs", action="store_true",
-                   help=f"after the run, store its executed notebooks as nbval references in {NBVAL_DIR}")
+                   help="after the run, store its executed notebooks as nbval references in ROOT/tests/nbval")
     args = p.parse_args(argv)
     try:
-        run_dir = run_pipeline(args.profile, Path(args.runs))
+        run_dir = run_pipeline(args.profile, None if args.runs is None else Path(args.runs), root=args.root)
         if args.nbval_refs:
-            for path in write_nbval_references(run_dir):
+            for path in write_nbval_references(run_dir, nbval_dir(args.root)):
                 print(f"nbval reference: {path}")
     except ValueError as e:
         print(f"pipeline: error: {e}", file=sys.stderr)

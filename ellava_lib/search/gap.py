@@ -91,7 +91,7 @@ def effective_depth_weights(L: int, depth_decay: float = DEFAULT_DEPTH_DECAY) ->
     depth_decay = float(depth_decay)
     if not math.isfinite(depth_decay) or depth_decay < 0:
         raise ValueError(f"depth_decay must be a finite float >= 0; got {depth_decay!r}")
-    return [((L - l) / L) ** depth_decay for l in range(int(L))]
+    return [((L - layer) / L) ** depth_decay for layer in range(int(L))]
 
 
 def effective_capacity(
