@@ -7,11 +7,12 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ellava_lib.core import files
 
 #: Sparsity grid G = (0.0, 0.1, ..., 0.9).
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
@@ -91,20 +92,8 @@ class Policy:
         )
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_dict` as JSON atomically (temp file in the same folder + ``os.replace``)."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write :meth:`to_dict` as indented JSON atomically (:func:`files.write_text`)."""
+        return files.write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Policy:

@@ -69,11 +69,8 @@ def save_projector(path: str | Path, state: Mapping[str, torch.Tensor], prefix: 
                    config: Mapping[str, Any] | None = None) -> Path:
     """Write ``state`` as safetensors with keys ``prefix + key`` (atomically), and ``config`` as JSON beside."""
     path = Path(path)
-    files.ensure_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"prefix": prefix})
-    tmp.replace(path)
+    tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    files.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"prefix": prefix}))
     files.write_json(path.with_suffix(".json"), {"prefix": prefix, **dict(config or {})})
     return path
 
