@@ -103,16 +103,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model (uniform policy, or one allocated by OWL / ECoFLaP) and save it with its policy."""
     import json
     import math
-    import os
-    import shutil
 
-    from ellava_lib.core import files
     from ellava_lib.core.policy import GRID_TOL
-    from ellava_lib.model import loading, losses
+    from ellava_lib.model import losses
     from ellava_lib.prune.masks import parse_nm
     from ellava_lib.prune.prune import measured_mean, prune_model
     from ellava_lib.run.sweep import method_policy, solver_for
     from ellava_lib.run.tier import calibration_samples, encode_calibration, load_model
+    from ellava_lib.speed.export import export_pruned
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
     if n and args.method in ("owl", "ecoflap"):
@@ -150,18 +148,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     base_meta = Path(model_dir) / "ellava.json"
     if base_meta.is_file():
         extra["base_meta"] = json.loads(base_meta.read_text())
-    files.ensure_dir(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        loading.save(model, processor, tmp, extra)
-        policy.to_json(tmp / "policy.json")
-        files.write_csv(tmp / "sparsity.csv", report)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    export_pruned(model, processor, policy, report, out, extra)
     print(f"{args.method}: mean sparsity {measured:.4f} (target {target:g}); "
           f"calibration loss {dense_loss:.4f} -> {loss:.4f}")
     print(f"wrote {out} (model, policy.json, sparsity.csv)")
