@@ -258,8 +258,8 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
         raise ValueError("the Bernstein gap needs at least 2 calibration samples")
 
 
-def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.Tensor], level_db: LevelDB,
-               units: Mapping[str, int], cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
+def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: LevelDB, units: Mapping[str, int],
+               cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
                importance: Mapping[str, float] | None = None) -> SearchResult:
     """Run (or resume) the search of the module docstring in ``out_dir``; returns the best policy.
 
@@ -267,8 +267,8 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
     original one (the dense logits of KL terms come from it). ``importance``: ECoFLaP's unit scores for this model
     and batch when already computed (an ``ecoflap`` start policy needs them). The model is left assembled at the best
     policy with the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
-    ``policy.json``, ``projector.safetensors`` (+ ``.json``, when evolution ran) and, when ``processor`` is given,
-    the final model (:func:`loading.save`) into ``out_dir``.
+    ``policy.json`` and ``projector.safetensors`` (+ ``.json``, when evolution ran) into ``out_dir``; what becomes
+    of the model afterwards (saved as assembled, or re-pruned exactly: :mod:`finalize`) is the caller's.
     """
     wall = time.perf_counter()
     out = files.ensure_dir(Path(out_dir))
@@ -317,7 +317,7 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
         bar.update(1)
         bar.set_postfix(best_j=f"{pop[0].score.j:.4f}")
     bar.close()
-    return _finish(run, pop, processor, max(start, cfg.generations), time.perf_counter() - wall)
+    return _finish(run, pop, max(start, cfg.generations), time.perf_counter() - wall)
 
 
 def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int, context: dict[str, Any]) -> None:
@@ -327,7 +327,7 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
         "projector": run.projector, "timing": run.timing})
 
 
-def _finish(run: _Run, pop: list[Member], processor: Any | None, generations: int, wall_s: float) -> SearchResult:
+def _finish(run: _Run, pop: list[Member], generations: int, wall_s: float) -> SearchResult:
     best, cfg = pop[0], run.cfg
     run.db.assemble(run.model, best.policy, check=False)
     projector_path = None
@@ -340,10 +340,5 @@ def _finish(run: _Run, pop: list[Member], processor: Any | None, generations: in
         "gap": cfg.gap, "lam": cfg.lam, "generations": generations, "config_hash": cfg.digest(),
         "projector": projector_path.name if projector_path else None})
     policy.to_json(run.out / "policy.json")
-    if processor is not None:
-        from ellava_lib.model import loading
-
-        loading.save(run.model, processor, run.out, {"kind": "searched", "policy_id": policy.policy_id(),
-                                                        "search": policy.meta, "config": cfg.to_dict()})
     return SearchResult(policy, best.score, pop, generations, run.rows, dict(run.timing), run.out,
                         projector_path, wall_s)
