@@ -32,13 +32,9 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
+from ellava_lib.model.losses import per_sample_ce
 from ellava_lib.prune.leveldb import LevelDB
-from ellava_lib.search.objective import (
-    model_logits,
-    per_sample_ce,
-    per_sample_kl,
-    subset,
-)
+from ellava_lib.search.objective import model_logits, per_sample_kl, subset
 
 
 def projector_module(model: nn.Module) -> nn.Module:
