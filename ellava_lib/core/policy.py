@@ -127,16 +127,12 @@ class Policy:
         problems = self._check_cover(units)
         if problems:
             raise ValueError("policy does not match units: " + "; ".join(problems))
-        total = 0
-        acc = 0.0
         for u, n_u in units.items():
             if isinstance(n_u, bool) or not isinstance(n_u, numbers.Integral) or n_u <= 0:
                 raise ValueError(f"unit {u!r}: parameter count must be a positive int; got {n_u!r}")
-            total += int(n_u)
-            acc += n_u * self.sparsities[u]
-        if total == 0:
+        if not units:
             raise ValueError("units is empty")
-        return acc / total
+        return weighted_mean(self.sparsities, {u: int(n_u) for u, n_u in units.items()})
 
     def budget_ok(self, units: Mapping[str, int], target: float, tol: float = 1e-9) -> bool:
         """``S(pi) >= target - tol``."""
@@ -153,6 +149,8 @@ class Policy:
         return hashlib.sha1(canon.encode("utf-8")).hexdigest()[:10]
 
 
-def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, int]) -> float:
-    """``sum_u n_u v_u / sum_u n_u``."""
+def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, float]) -> float:
+    """``sum_u n_u v_u / sum_u n_u`` over the units of ``sizes`` (``values`` may hold more), both sums taken
+    left to right in the order of ``sizes``: the budget ``S(pi)`` of a policy (``n_u`` = parameter counts, or
+    the search's budget weights ``w_u``) and every mean the allocators and the search compare with it."""
     return sum(sizes[u] * values[u] for u in sizes) / sum(sizes.values())

@@ -159,5 +159,8 @@ def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 
 
 def measured_mean(report: pd.DataFrame) -> float:
-    """Parameter-weighted mean of the measured sparsity in a sparsity report: ``sum n_l s_l / sum n_l``."""
+    """Parameter-weighted mean of the measured sparsity in a sparsity report: ``sum_l n_l s_l / sum_l n_l`` over
+    its layers ``l``. The quantity of :func:`policy.weighted_mean`, but summed by pandas (numpy's pairwise
+    summation), the order the recorded ``measured`` / ``mean_sparsity`` numbers were made with; a left-to-right
+    sum differs from it in the last bits."""
     return float((report["measured"] * report["params"]).sum() / report["params"].sum())

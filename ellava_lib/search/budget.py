@@ -55,15 +55,11 @@ def in_band(policy: Policy, weights: Mapping[str, float], target: float) -> bool
     return lo - EPS <= s <= hi + EPS
 
 
-def _mean(level: Mapping[str, int], weights: Mapping[str, float], g: list[float]) -> float:
-    return sum(weights[u] * g[level[u]] for u in weights) / sum(weights.values())
-
-
 def _repair(level: dict[str, int], weights: Mapping[str, float], g: list[float], band: tuple[float, float],
             rng: random.Random, keep: tuple[str, ...]) -> bool:
     """Bring ``S`` back into ``band`` with one single-unit step of a unit not in ``keep`` (in place)."""
     lo, hi = band
-    s = _mean(level, weights, g)
+    s = weighted_mean({u: g[level[u]] for u in weights}, weights)
     if lo - EPS <= s <= hi + EPS:
         return True
     way = -1 if s > hi else 1
