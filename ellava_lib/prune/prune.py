@@ -54,6 +54,12 @@ def _bound(method: str, weight: torch.Tensor, blocksize: int, nm: bool) -> float
     return {"magnitude": 0.5, "wanda": 0.5 * rows, "sparsegpt": 0.5 * math.ceil(cols / blocksize)}[method]
 
 
+def _unit_target(sparsity: float, prune_n: int = 0, prune_m: int = 0) -> float:
+    """The sparsity a unit at policy ``sparsity`` is pruned to: ``N / M`` under N:M when ``sparsity > 0``
+    (units at 0 stay dense), else ``sparsity``."""
+    return prune_n / prune_m if (prune_n and sparsity > 0) else sparsity
+
+
 def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int = 0, prune_m: int = 0,
                    blocksize: int = 128) -> None:
     """Post-condition: every pruned layer has at least ``target * numel - bound`` exact zeros (raises
@@ -61,7 +67,7 @@ def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int =
     include_vision = any(u.startswith("vision.") for u in policy.sparsities)
     for unit, lins in unit_linears(model, include_vision).items():
         s = policy.sparsities[unit]
-        target = prune_n / prune_m if (prune_n and s > 0) else s
+        target = _unit_target(s, prune_n, prune_m)
         for name, lin in lins.items():
             zeros = int((lin.weight == 0).sum())
             want = target * lin.weight.numel()
@@ -148,7 +154,7 @@ def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
     rows = []
     for unit, linears in unit_linears(model, include_vision).items():
         s = policy.sparsities.get(unit, 0.0)
-        target = prune_n / prune_m if (prune_n and s > 0) else s
+        target = _unit_target(s, prune_n, prune_m)
         for name, lin in linears.items():
             rows.append({"layer": name, "unit": unit, "target": target,
                          "measured": round(measured_sparsity(lin.weight), 6), "params": lin.weight.numel()})
