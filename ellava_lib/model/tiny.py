@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ellava_lib.core.schema import OPTION_LETTERS
 from ellava_lib.data import scenes, synth
 from ellava_lib.data.encoding import IMAGE_MEAN, IMAGE_STD
 from ellava_lib.data.prompts import CHAT_TEMPLATE, SQA_SUFFIX, VIZWIZ_SUFFIX
@@ -59,7 +60,7 @@ def vocabulary(seed: int = 0, per_suite: int = 1500) -> list[str]:
     """
     words: set[str] = set()
     fixed = [*scenes.COLOURS, *scenes.SHAPES, *scenes.WORDS, *(g.lower() for g in scenes.GLYPHS),
-             *(str(i) for i in range(0, 19)), *synth.NUMBER_WORDS, *synth.LETTERS, "unanswerable"]
+             *(str(i) for i in range(0, 19)), *synth.NUMBER_WORDS, *OPTION_LETTERS, "unanswerable"]
     for w in fixed:
         words.update(_pretokenize(w))
     for text in (SQA_SUFFIX, VIZWIZ_SUFFIX, CHAT_TEMPLATE.replace("{", " ").replace("}", " ")):
