@@ -38,7 +38,7 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy
-from ellava_lib.core.units import list_units, unit_linears
+from ellava_lib.core.units import list_units, names_vision, unit_linears
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.prune.masks import wanda_mask
 from ellava_lib.prune.obs import SparseGPT
@@ -217,7 +217,7 @@ class LevelDB:
         missing = [u for u in levels if u not in self.config["units"]]
         if missing:
             raise ValueError(f"policy units {missing} are not in the level database {self.path}")
-        include_vision = any(u.startswith("vision.") for u in levels)
+        include_vision = names_vision(levels)
         linears = unit_linears(model, include_vision)
         for unit, level in levels.items():
             stored = self.weights(unit, level)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ellava_lib.core.policy import Policy
-from ellava_lib.core.units import list_units, unit_linears
+from ellava_lib.core.units import list_units, names_vision, unit_linears
 from ellava_lib.prune.masks import (
     check_nm,
     magnitude_mask,
@@ -64,7 +64,7 @@ def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int =
                    blocksize: int = 128) -> None:
     """Post-condition: every pruned layer has at least ``target * numel - bound`` exact zeros (raises
     ``RuntimeError``); more than ``target * numel + bound`` only warns."""
-    include_vision = any(u.startswith("vision.") for u in policy.sparsities)
+    include_vision = names_vision(policy.sparsities)
     for unit, lins in unit_linears(model, include_vision).items():
         s = policy.sparsities[unit]
         target = _unit_target(s, prune_n, prune_m)
@@ -126,7 +126,7 @@ def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict
 
 def check_policy(model: nn.Module, policy: Policy) -> bool:
     """Validate ``policy`` against the model's units; returns whether it names vision units."""
-    include_vision = any(u.startswith("vision.") for u in policy.sparsities)
+    include_vision = names_vision(policy.sparsities)
     policy.validate(list_units(model, include_vision))
     return include_vision
 
@@ -150,7 +150,7 @@ def magnitude_prune(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m: int = 0) -> pd.DataFrame:
     """Per linear layer: ``layer, unit, target, measured, params`` (measured = fraction of exact zeros;
     with N:M the target of a unit with sparsity > 0 is ``N / M``)."""
-    include_vision = any(u.startswith("vision.") for u in policy.sparsities)
+    include_vision = names_vision(policy.sparsities)
     rows = []
     for unit, linears in unit_linears(model, include_vision).items():
         s = policy.sparsities.get(unit, 0.0)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import GRID_TOL, Policy, weighted_mean
+from ellava_lib.core.units import names_vision
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.model import structure
 from ellava_lib.prune.allocate import (
@@ -74,7 +75,7 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
     of the zeroth-order importances (``importance`` when already computed for this model and batch, else
     computed with ``cfg.seed``); each through :func:`allocate.round_to_grid` with the budget weights, so
     ``S <= S(pi) <= S + step * max_u w_u / W`` (the budget band). ``model`` must be dense."""
-    vision = any(u.startswith("vision.") for u in weights)
+    vision = names_vision(weights)
     out: list[Policy] = []
     for name in cfg.init:
         if name == "uniform":
