@@ -23,6 +23,11 @@ GRID_TOL: float = 1e-9
 _KEYS = ("sparsities", "grid", "meta")
 
 
+def on_grid(sparsity: float, grid: tuple[float, ...]) -> bool:
+    """Whether ``sparsity`` is a level of ``grid``: ``|sparsity - g| <= GRID_TOL`` for some ``g``."""
+    return any(abs(sparsity - g) <= GRID_TOL for g in grid)
+
+
 @dataclass
 class Policy:
     """``sparsities[u]`` is the fraction of unit ``u``'s weights pruned (in ``[0, 1]``).
@@ -63,7 +68,7 @@ class Policy:
         meta: dict[str, Any] | None = None,
     ) -> Policy:
         """Every unit at the same ``sparsity`` (which must be on ``grid``)."""
-        if not any(abs(float(sparsity) - g) <= GRID_TOL for g in grid):
+        if not on_grid(float(sparsity), grid):
             raise ValueError(f"sparsity {sparsity!r} is not on the grid {tuple(grid)}")
         return cls({u: float(sparsity) for u in units}, tuple(grid), dict(meta or {}))
 
@@ -116,7 +121,7 @@ class Policy:
     def validate(self, units: Mapping[str, int]) -> None:
         """Raise ``ValueError`` listing unknown units, missing units and off-grid sparsities (tol 1e-9)."""
         problems = self._check_cover(units)
-        off = {u: s for u, s in self.sparsities.items() if not any(abs(s - g) <= GRID_TOL for g in self.grid)}
+        off = {u: s for u, s in self.sparsities.items() if not on_grid(s, self.grid)}
         if off:
             problems.append(f"off-grid sparsities {off} (grid {self.grid})")
         if problems:

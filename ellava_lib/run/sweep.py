@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ellava_lib.core import files
-from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy
+from ellava_lib.core.policy import DEFAULT_GRID, Policy, on_grid
 from ellava_lib.core.units import list_units
 from ellava_lib.eval.evaluate import (
     compare,
@@ -88,8 +88,7 @@ def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str,
                               importance=importance)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    on_grid = any(abs(sparsity - g) <= GRID_TOL for g in DEFAULT_GRID)
-    grid = DEFAULT_GRID if on_grid else tuple(sorted((*DEFAULT_GRID, sparsity)))
+    grid = DEFAULT_GRID if on_grid(sparsity, DEFAULT_GRID) else tuple(sorted((*DEFAULT_GRID, sparsity)))
     return Policy.uniform(list_units(model, include_vision), sparsity, grid,
                           meta={"method": method, "target": sparsity})
 

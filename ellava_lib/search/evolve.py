@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ellava_lib.core import files
-from ellava_lib.core.policy import GRID_TOL, Policy, weighted_mean
+from ellava_lib.core.policy import Policy, on_grid, weighted_mean
 from ellava_lib.core.units import names_vision
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.model import structure
@@ -252,7 +252,7 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
     missing = [u for u in units if u not in db.units]
     if missing:
         raise ValueError(f"units {missing} are not in the level database {db.path}")
-    off = [g for g in cfg.grid if not any(abs(g - h) <= GRID_TOL for h in db.grid)]
+    off = [g for g in cfg.grid if not on_grid(g, db.grid)]
     if off:
         raise ValueError(f"grid levels {off} are not in the level database {db.path} (grid {db.grid})")
     if cfg.gap == "bernstein" and n < 2:
@@ -279,7 +279,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     context = search_context(model, batch, units)
     resume = check_resume(out, cfg, context)
     level_db.check_model(model)
-    if any(abs(g) <= GRID_TOL for g in level_db.grid):  # level 0 = the dense weights: make the units dense
+    if on_grid(0.0, level_db.grid):  # level 0 = the dense weights: make the units dense
         level_db.assemble(model, Policy({u: 0.0 for u in units}, level_db.grid), check=False)
     lm_tokens = float(batch["attention_mask"].sum(1).float().mean())
     weights = budget_weights(units, cfg.budget, lm_tokens, structure.vision_tokens_per_image(model.config))
