@@ -5,7 +5,7 @@ driven exactly like a ``llava-hf`` checkpoint (chat prompt, ``<image>`` token ex
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -128,7 +128,3 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast, seed: int =
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
-
-
-def config_dict(cfg: TinyConfig) -> dict:
-    return asdict(cfg)
