@@ -50,6 +50,7 @@ from transformers.models.llama.modeling_llama import (
 from ellava_lib.model import structure
 from ellava_lib.prune.masks import magnitude_mask
 from ellava_lib.speed import flops, sparse
+from ellava_lib.speed.timing import sync
 
 SHAPES = {  # name: (model, hidden, intermediate, heads, kv_heads)
     "smollm2": ("SmolLM2-135M", 576, 1536, 9, 3),
@@ -63,11 +64,6 @@ PATTERNS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.9, "unstructured"),
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def paired_ms(dense: Callable[[], object], pruned: Callable[[], object], device: torch.device, warmup: int,
               repeats: int) -> tuple[float, float]:
     """Median wall times (ms) of ``dense()`` and ``pruned()`` over ``repeats`` runs each, after ``warmup`` runs
@@ -75,10 +71,10 @@ def paired_ms(dense: Callable[[], object], pruned: Callable[[], object], device:
     times: dict[int, list[float]] = {0: [], 1: []}
     for i in range(warmup + repeats):
         for k, fn in enumerate((dense, pruned)):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
@@ -218,16 +214,16 @@ def model_cases(model_dir: Path, device: torch.device, backends: list[str], warm
 
     def one_run(m: nn.Module) -> tuple[float, float]:
         """``(prefill s, decode s per token)`` of one greedy generation."""
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = m(**enc, use_cache=True)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         kv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
             out = m(input_ids=tok, past_key_values=kv, use_cache=True)
             kv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         return t1 - t0, (time.perf_counter() - t1) / new_tokens
 
     def timings(a: nn.Module, b: nn.Module) -> tuple[dict[str, float], dict[str, float]]:

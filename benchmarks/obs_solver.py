@@ -36,6 +36,7 @@ import torch
 from ellava_lib.prune.masks import magnitude_mask
 from ellava_lib.prune.obs import SparseGPT, reconstruction_error
 from ellava_lib.prune.obs_reference import obs_prune_reference
+from ellava_lib.speed.timing import sync
 
 DEFAULT_SHAPES: list[tuple[int, int]] = [(1024, 1024)]
 LARGE_SHAPES: list[tuple[int, int]] = [(4096, 4096), (4096, 11008)]
@@ -102,11 +103,6 @@ def make_problem(
     for chunk in x.split(512):
         solver.add_batch(chunk.to(device))
     return layer, solver
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_shape(shape: tuple[int, int], args: argparse.Namespace) -> list[dict[str, Any]]:

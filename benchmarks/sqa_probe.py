@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ellava_lib.core import files
 from ellava_lib.data import encoding, synth
 from ellava_lib.data.prompts import chat_prompt, question_text
 from ellava_lib.model import lm_tasks, tiny, train
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
               "induction_final_loss": copy_loss[-1] if copy_loss else None, "evals": evals,
               "text_stage_s": round(time.time() - t0, 1), "torch": torch.__version__}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(a.out)
+    files.write_text(a.out, json.dumps(result, indent=1))
     return result
 
 

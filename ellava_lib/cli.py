@@ -103,16 +103,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model (uniform policy, or one allocated by OWL / ECoFLaP) and save it with its policy."""
     import json
     import math
-    import os
-    import shutil
 
-    from ellava_lib.core import files
     from ellava_lib.core.policy import GRID_TOL
-    from ellava_lib.model import loading, losses
+    from ellava_lib.model import losses
     from ellava_lib.prune.masks import parse_nm
     from ellava_lib.prune.prune import measured_mean, prune_model
     from ellava_lib.run.sweep import method_policy, solver_for
     from ellava_lib.run.tier import calibration_samples, encode_calibration, load_model
+    from ellava_lib.speed.export import export_pruned
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
     if n and args.method in ("owl", "ecoflap"):
@@ -150,18 +148,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     base_meta = Path(model_dir) / "ellava.json"
     if base_meta.is_file():
         extra["base_meta"] = json.loads(base_meta.read_text())
-    files.ensure_dir(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        loading.save(model, processor, tmp, extra)
-        policy.to_json(tmp / "policy.json")
-        files.write_csv(tmp / "sparsity.csv", report)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    export_pruned(model, processor, policy, report, out, extra)
     print(f"{args.method}: mean sparsity {measured:.4f} (target {target:g}); "
           f"calibration loss {dense_loss:.4f} -> {loss:.4f}")
     print(f"wrote {out} (model, policy.json, sparsity.csv)")
@@ -178,7 +165,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ellava_lib.data import calibration
     from ellava_lib.model import loading
     from ellava_lib.prune.leveldb import LevelDB, build_level_db
-    from ellava_lib.prune.prune import prune_model
     from ellava_lib.run.tier import (
         calibration_samples,
         encode_calibration,
@@ -187,8 +173,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     from ellava_lib.search.config import SearchConfig
     from ellava_lib.search.evolve import check_resume, run_search, search_context
+    from ellava_lib.search.finalize import exact_reprune
     from ellava_lib.search.objective import per_sample_losses
-    from ellava_lib.search.projector import load_projector, set_projector_state
 
     grid = DEFAULT_GRID
     if not (math.isfinite(args.sparsity) and grid[0] <= args.sparsity <= grid[-1]):
@@ -224,16 +210,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
                    calib_info={"ids": [s.id for s in samples], "seed": args.seed}, device=args.device)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
-    result = run_search(model, None, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet)
+    result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet)
     mode = "assembled"
     if args.exact:
         mode = "exact"
         model, processor = load_model(tier, model_dir)
         model, _ = place(tier, model)
-        if result.projector is not None:
-            set_projector_state(model, load_projector(result.projector)[0])
-        files.write_csv(out / "sparsity.csv", prune_model(model, result.policy, "sparsegpt", batch, sequential=True,
-                                                       progress=not args.quiet))
+        files.write_csv(out / "sparsity.csv", exact_reprune(model, result.policy, result.projector, batch,
+                                                            progress=not args.quiet))
     loss = float(per_sample_losses(model, batch).mean())
     timing = {k: round(v, 4) for k, v in result.timing.items()}
     loading.save(model, processor, out, {

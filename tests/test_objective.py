@@ -8,7 +8,7 @@ import torch
 from ellava_lib.core.policy import Policy
 from ellava_lib.core.units import list_units
 from ellava_lib.data import calibration
-from ellava_lib.model.losses import answer_loss
+from ellava_lib.model.losses import answer_loss, per_sample_ce
 from ellava_lib.model.specs import load_model
 from ellava_lib.prune.prune import magnitude_prune
 from ellava_lib.search import objective
@@ -62,6 +62,21 @@ def test_bad_scores():
 
 
 # --------------------------------------------------------------------------------- per-sample losses
+
+
+def test_per_sample_ce_by_hand_and_answer_loss_is_its_mean():
+    # vocabulary of 2, uniform logits except one position: -log softmax([0, 0])[y] = ln 2,
+    # -log softmax([ln 3, 0])[0] = ln(4/3). Sample 0 answers at positions 1, 2; sample 1 at position 2 only.
+    logits = torch.zeros(2, 3, 2)
+    logits[0, 0, 0] = math.log(3.0)
+    labels = torch.tensor([[-100, 0, 1], [-100, -100, 1]])
+    ce = per_sample_ce(logits.to(torch.bfloat16), labels)
+    assert ce.dtype == torch.float32
+    assert ce.tolist() == pytest.approx([(math.log(4 / 3) + math.log(2)) / 2, math.log(2)], abs=1e-2)
+    exact = per_sample_ce(logits, labels)
+    assert exact.tolist() == pytest.approx([(math.log(4 / 3) + math.log(2)) / 2, math.log(2)], rel=1e-6)
+    assert torch.equal(answer_loss(logits, labels), exact.mean())
+    assert per_sample_ce(logits, torch.full_like(labels, -100)).tolist() == [0.0, 0.0]  # no answer: 0
 
 
 def test_ce_is_the_per_sample_answer_loss(micro_model, batch):

@@ -5,13 +5,24 @@ import os
 
 import pytest
 
-from ellava_lib.core.policy import DEFAULT_GRID, Policy
+from ellava_lib.core.policy import DEFAULT_GRID, Policy, on_grid, weighted_mean
 
 UNITS = {"vision.0.mlp": 100, "lm.0.attn": 300, "lm.0.mlp": 600}
 
 
 def test_default_grid():
     assert DEFAULT_GRID == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def test_on_grid_within_the_tolerance():
+    assert on_grid(0.3, DEFAULT_GRID) and on_grid(0.1 + 0.2, DEFAULT_GRID) and on_grid(0.0, DEFAULT_GRID)
+    assert not on_grid(0.35, DEFAULT_GRID) and not on_grid(0.3 + 1e-8, DEFAULT_GRID) and not on_grid(0.5, ())
+
+
+def test_mean_sparsity_is_the_weighted_mean_to_the_bit():
+    p = Policy({"vision.0.mlp": 0.7, "lm.0.attn": 0.1, "lm.0.mlp": 0.3})
+    assert weighted_mean(p.sparsities, UNITS) == (100 * 0.7 + 300 * 0.1 + 600 * 0.3) / 1000
+    assert p.mean_sparsity(UNITS) == weighted_mean(p.sparsities, UNITS)
 
 
 def test_json_round_trip(tmp_path):

@@ -118,7 +118,7 @@ def setup(micro_model_dir, tmp_path_factory):
 def _run(setup, out, **kw):
     model_dir, batch, db = setup
     model, _ = load_model(model_dir)
-    return evolve.run_search(model, None, batch, leveldb.LevelDB(db), list_units(model),
+    return evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model),
                              SearchConfig(**{**CFG, **kw}), out, progress=False)
 
 

@@ -28,13 +28,14 @@ def test_probe_records_accuracies_per_eval(probe, tmp_path):
 
 
 def test_probe_drill_items_name_the_value_and_aux_loss_targets_it(probe):
+    from ellava_lib.core.schema import OPTION_LETTERS
     from ellava_lib.data import synth
     from ellava_lib.model import tiny
 
     tok = tiny.build_processor(tiny.vocabulary(0)).tokenizer
     items = [it for it in synth.generate_items("sqa", "test", 20) if not it.scene.degrade][:5]
     for it, (ids, n_p, value_ids) in zip(items, probe.encode_items(tok, items, "sqa", "test", drill=True)):
-        value = it.choices[synth.LETTERS.index(it.answer)]
+        value = it.choices[OPTION_LETTERS.index(it.answer)]
         prompt = tok.decode(ids[:n_p])
         assert f"Which option is {value} ?" in prompt
         assert tok.decode(ids[n_p:]).split()[0] == it.answer

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from ellava_lib.core.schema import SUITES
+from ellava_lib.core.schema import MAX_CHOICES, OPTION_LETTERS, SUITES, option_letter
 from ellava_lib.data import scenes, synth
 
 
@@ -39,6 +39,12 @@ def test_sqa_items_are_multiple_choice_with_context():
         assert s.answer in "ABCDE"[: len(s.choices)]
         assert s.context
         assert len(set(s.choices)) == len(s.choices)
+
+
+def test_option_letters_name_options_in_order():
+    assert OPTION_LETTERS == "ABCDE" and MAX_CHOICES == 5
+    assert [option_letter(i) for i in range(MAX_CHOICES)] == list(OPTION_LETTERS)
+    assert option_letter(5) == "F"  # a (real) row with more options still gets a letter; scoring rejects it
 
 
 def test_vizwiz_has_ten_answers_disagreement_and_unanswerables():

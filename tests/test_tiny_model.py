@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ellava_lib.core.schema import SUITES
+from ellava_lib.core.schema import OPTION_LETTERS, SUITES
 from ellava_lib.data import encoding, prompts, scenes, synth
 from ellava_lib.model import losses, specs, tiny, train
 
@@ -167,10 +167,10 @@ def test_drills_name_the_value_and_are_built_for_sqa_only():
     proc = _processor()
     tok = proc.tokenizer
     item = next(it for it in synth.generate_items("sqa", "train", 10) if not it.scene.degrade)
-    value = item.choices[synth.LETTERS.index(item.answer)]
+    value = item.choices[OPTION_LETTERS.index(item.answer)]
     text = drill_text(item)
     assert text.startswith(f"Which option is {value} ?")
-    assert all(f"{L}. {c}" in text for L, c in zip(synth.LETTERS, item.choices))
+    assert all(f"{L}. {c}" in text for L, c in zip(OPTION_LETTERS, item.choices))
     assert tok.decode(value_ids(tok, item)).split() == value.split()
     open_item = synth.generate_items("vizwiz", "train", 1)[0]
     assert value_ids(tok, open_item) == []

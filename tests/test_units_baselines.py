@@ -20,6 +20,8 @@ def test_units_cover_every_decoder_linear(micro_model):
     assert len(with_vision) == len(u) + 2 * model.config.vision_config.num_hidden_layers
     comp = units.params_by_component(model)
     assert comp["total"] == sum(p.numel() for p in model.parameters())
+    assert units.names_vision(with_vision) and not units.names_vision(u) and not units.names_vision([])
+    assert [units.is_vision_unit(n) for n in ("vision.0.mlp", "lm.0.mlp", "lm.vision.x")] == [True, False, False]
 
 
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.7])

@@ -1,15 +1,23 @@
-"""Atomic writes for run-folder artifacts: write to a temp file in the same folder, then rename."""
+"""Atomic writes for run-folder artifacts: every file (and every model folder) is written beside its destination
+under a temporary name, then renamed into place, so a reader never sees half of one.
+
+- :func:`write_atomic`: one file, whatever writes it (text, JSON, CSV, safetensors); :func:`write_text`,
+  :func:`write_json`, :func:`write_jsonl` and :func:`write_csv` are its text forms.
+- :func:`write_dir`: a whole folder (a saved model with its policy and report), replacing what was there.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def ensure_dir(path: Path) -> Path:
@@ -24,14 +32,16 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temp file + ``os.replace``)."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a fresh temp file ``.<name>.<random>.tmp`` in the same
+    folder (``tempfile.mkstemp``: mode 0600), which then replaces ``path`` (``os.replace``). If anything
+    raises (or the process is interrupted), the temp file is removed and ``path`` keeps its old content."""
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,11 +49,18 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, obj: Any) -> Path:
+    """``obj`` as indented JSON with sorted keys (``str`` for what JSON cannot hold), newline-terminated."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    """One compact JSON object (sorted keys) per line."""
     return write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
@@ -52,4 +69,28 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    """``frame`` as CSV without its index."""
     return write_text(path, frame.to_csv(index=False))
+
+
+def write_dir(path: Path, fill: Callable[[Path], object]) -> Path:
+    """Write the folder ``path`` atomically: ``fill(tmp)`` writes into a fresh folder ``.<name>.tmp<pid>`` beside
+    it, which then takes ``path``'s place (a file or folder already there is removed first). If ``fill``
+    raises (or the process is interrupted), the temp folder is removed and ``path`` is left as it was."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.exists():  # left by an interrupted process that had this pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path

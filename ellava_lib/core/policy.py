@@ -7,11 +7,12 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ellava_lib.core import files
 
 #: Sparsity grid G = (0.0, 0.1, ..., 0.9).
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
@@ -20,6 +21,11 @@ DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
 GRID_TOL: float = 1e-9
 
 _KEYS = ("sparsities", "grid", "meta")
+
+
+def on_grid(sparsity: float, grid: tuple[float, ...]) -> bool:
+    """Whether ``sparsity`` is a level of ``grid``: ``|sparsity - g| <= GRID_TOL`` for some ``g``."""
+    return any(abs(sparsity - g) <= GRID_TOL for g in grid)
 
 
 @dataclass
@@ -62,7 +68,7 @@ class Policy:
         meta: dict[str, Any] | None = None,
     ) -> Policy:
         """Every unit at the same ``sparsity`` (which must be on ``grid``)."""
-        if not any(abs(float(sparsity) - g) <= GRID_TOL for g in grid):
+        if not on_grid(float(sparsity), grid):
             raise ValueError(f"sparsity {sparsity!r} is not on the grid {tuple(grid)}")
         return cls({u: float(sparsity) for u in units}, tuple(grid), dict(meta or {}))
 
@@ -91,20 +97,8 @@ class Policy:
         )
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_dict` as JSON atomically (temp file in the same folder + ``os.replace``)."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write :meth:`to_dict` as indented JSON atomically (:func:`files.write_text`)."""
+        return files.write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Policy:
@@ -127,7 +121,7 @@ class Policy:
     def validate(self, units: Mapping[str, int]) -> None:
         """Raise ``ValueError`` listing unknown units, missing units and off-grid sparsities (tol 1e-9)."""
         problems = self._check_cover(units)
-        off = {u: s for u, s in self.sparsities.items() if not any(abs(s - g) <= GRID_TOL for g in self.grid)}
+        off = {u: s for u, s in self.sparsities.items() if not on_grid(s, self.grid)}
         if off:
             problems.append(f"off-grid sparsities {off} (grid {self.grid})")
         if problems:
@@ -138,16 +132,12 @@ class Policy:
         problems = self._check_cover(units)
         if problems:
             raise ValueError("policy does not match units: " + "; ".join(problems))
-        total = 0
-        acc = 0.0
         for u, n_u in units.items():
             if isinstance(n_u, bool) or not isinstance(n_u, numbers.Integral) or n_u <= 0:
                 raise ValueError(f"unit {u!r}: parameter count must be a positive int; got {n_u!r}")
-            total += int(n_u)
-            acc += n_u * self.sparsities[u]
-        if total == 0:
+        if not units:
             raise ValueError("units is empty")
-        return acc / total
+        return weighted_mean(self.sparsities, {u: int(n_u) for u, n_u in units.items()})
 
     def budget_ok(self, units: Mapping[str, int], target: float, tol: float = 1e-9) -> bool:
         """``S(pi) >= target - tol``."""
@@ -164,6 +154,8 @@ class Policy:
         return hashlib.sha1(canon.encode("utf-8")).hexdigest()[:10]
 
 
-def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, int]) -> float:
-    """``sum_u n_u v_u / sum_u n_u``."""
+def weighted_mean(values: Mapping[str, float], sizes: Mapping[str, float]) -> float:
+    """``sum_u n_u v_u / sum_u n_u`` over the units of ``sizes`` (``values`` may hold more), both sums taken
+    left to right in the order of ``sizes``: the budget ``S(pi)`` of a policy (``n_u`` = parameter counts, or
+    the search's budget weights ``w_u``) and every mean the allocators and the search compare with it."""
     return sum(sizes[u] * values[u] for u in sizes) / sum(sizes.values())

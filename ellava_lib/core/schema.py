@@ -7,6 +7,18 @@ from typing import Any
 
 SUITES: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
 
+#: The most options a multiple-choice (``sqa``) item has: ScienceQA items have 2 to 5.
+MAX_CHOICES: int = 5
+
+
+def option_letter(i: int) -> str:
+    """The letter naming option ``i`` (0-based) of a multiple-choice item: ``chr(ord("A") + i)``, so A, B, C, ..."""
+    return chr(ord("A") + i)
+
+
+#: The option letters of an item with :data:`MAX_CHOICES` options, in choice order: ``"ABCDE"``.
+OPTION_LETTERS: str = "".join(option_letter(i) for i in range(MAX_CHOICES))
+
 
 @dataclass
 class Sample:
@@ -24,7 +36,7 @@ class Sample:
     question: str
     answer: str
     image: Any = None
-    choices: list[str] = field(default_factory=list)  # sqa: option texts, in letter order
+    choices: list[str] = field(default_factory=list)  # sqa: option texts, in letter order (OPTION_LETTERS)
     context: str = ""  # sqa: the hint / lecture context
     answers: list[str] = field(default_factory=list)  # vizwiz: the 10 annotator answers
     answerable: bool = True  # vizwiz

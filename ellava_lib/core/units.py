@@ -9,6 +9,7 @@ each is a ``transformers`` ``LlavaForConditionalGeneration``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -16,6 +17,17 @@ LM_GROUPS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
              "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 VISION_GROUPS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
                  "mlp": ("mlp.fc1", "mlp.fc2")}
+
+
+def is_vision_unit(unit: str) -> bool:
+    """Whether ``unit`` names a block of the vision tower (``vision.{i}.attn`` / ``vision.{i}.mlp``)."""
+    return unit.startswith("vision.")
+
+
+def names_vision(units: Iterable[str]) -> bool:
+    """Whether any of the unit names ``units`` (a policy's sparsities, budget weights, ...) is a vision-tower
+    unit, i.e. whether the vision blocks must be walked too (``include_vision``)."""
+    return any(is_vision_unit(u) for u in units)
 
 
 def lm_layers(model: nn.Module) -> nn.ModuleList:

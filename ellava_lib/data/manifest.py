@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ellava_lib.core.schema import SUITES, Sample
+from ellava_lib.core.schema import SUITES, Sample, option_letter
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 BENCHMARKS: dict[str, str] = {"scienceqa": "sqa", "vizwiz": "vizwiz", "mmvet": "mmvet", "llavabench": "llavabench"}
@@ -205,10 +205,5 @@ def render_prompt(manifest: Manifest, sample: Sample) -> str:
     p = manifest.prompt
     context = p.get("context_format", "{context}").format(context=sample.context) if sample.context else ""
     option_format = p.get("option_format", "{letter}. {text}")
-    options = "\n".join(option_format.format(letter=_letter(i), text=c) for i, c in enumerate(sample.choices))
+    options = "\n".join(option_format.format(letter=option_letter(i), text=c) for i, c in enumerate(sample.choices))
     return p["template"].format(context=context, question=sample.question, options=options)
-
-
-def _letter(i: int) -> str:
-    """Option letter for index ``i`` (A, B, ...)."""
-    return chr(ord("A") + i)

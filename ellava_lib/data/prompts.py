@@ -8,12 +8,11 @@ single word or phrase."; MM-Vet and LLaVA-Bench: the question as is. The chat tu
 
 from __future__ import annotations
 
-from ellava_lib.core.schema import Sample
+from ellava_lib.core.schema import OPTION_LETTERS, Sample
 
 SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
 VIZWIZ_SUFFIX = ("When the provided information is insufficient, respond with 'Unanswerable'.\n"
                  "Answer the question using a single word or phrase.")
-LETTERS = "ABCDE"
 # Jinja chat template in the llava-hf layout (a user turn holds an image entry and a text entry).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -27,7 +26,7 @@ CHAT_TEMPLATE = (
 def question_text(sample: Sample) -> str:
     """The benchmark prompt for one sample (without the chat wrapper)."""
     if sample.suite == "sqa":
-        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(sample.choices))
+        options = "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(sample.choices))
         context = f"Context: {sample.context}\n" if sample.context else ""
         return f"{context}{sample.question}\n{options}\n{SQA_SUFFIX}"
     if sample.suite == "vizwiz":

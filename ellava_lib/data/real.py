@@ -21,14 +21,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from ellava_lib.core.schema import Sample
-from ellava_lib.data.manifest import (
-    Manifest,
-    ManifestError,
-    SplitSpec,
-    _letter,
-    load_manifest,
-)
+from ellava_lib.core.schema import Sample, option_letter
+from ellava_lib.data.manifest import Manifest, ManifestError, SplitSpec, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +326,7 @@ def _sqa_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dict[
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise _SkipRow(f"invalid field: answer index {answer!r} for {len(choices)} choices")
     meta["answer_index"] = answer
-    return {"answer": _letter(answer), "choices": choices, "context": str(v.get("context") or "")}
+    return {"answer": option_letter(answer), "choices": choices, "context": str(v.get("context") or "")}
 
 
 def _vizwiz_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ellava_lib.core.schema import SUITES, Sample
+from ellava_lib.core.schema import OPTION_LETTERS, SUITES, Sample
 from ellava_lib.data import scenes as sc
 from ellava_lib.data.scenes import COLOURS, SHAPES, WORDS, Obj, Scene
 
@@ -24,7 +24,6 @@ _BUCKETS = {"test": range(0, 10), "calib": range(10, 20), "train": range(20, 100
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROPERTIES = (("hot", "cold"), ("heavy", "light"), ("soft", "hard"), ("wet", "dry"))
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
-LETTERS = "ABCDE"
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ def _options(rng: random.Random, answer: str, pool: list[str], n: int) -> tuple[
     others = rng.sample([p for p in pool if p != answer], min(n - 1, len(pool) - 1))
     opts = others + [answer]
     rng.shuffle(opts)
-    return tuple(opts), LETTERS[opts.index(answer)]
+    return tuple(opts), OPTION_LETTERS[opts.index(answer)]
 
 
 # --------------------------------------------------------------------------- per-suite generators
@@ -147,7 +146,7 @@ def gen_sqa(rng: random.Random) -> Item:
     opts = near[: n - 1] + extra + [target.name]
     rng.shuffle(opts)
     q = f"Which object is directly {rel} the {anchor.name} ?"
-    return Item(scene, q, LETTERS[opts.index(target.name)], kind, tuple(opts), "Look at where the shapes are .")
+    return Item(scene, q, OPTION_LETTERS[opts.index(target.name)], kind, tuple(opts), "Look at where the shapes are .")
 
 
 def _annotators(rng: random.Random, answer: str, alternatives: list[str], agree: tuple[int, int]) -> tuple[str, ...]:

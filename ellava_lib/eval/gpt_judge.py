@@ -31,6 +31,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -269,27 +270,24 @@ class GPTJudge(Judge):
     # ------------------------------------------------------------------------------------ judgements
 
     def judge_mmvet(self, question: str, gt: str, pred: str) -> Judgement:
-        """The full MM-Vet judgement (cached)."""
+        """The full MM-Vet judgement (cached). Try ``a`` (0-based) asks at temperature ``min(0.5 a, 2)``, retries
+        with :data:`MMVET_RETRY_SUFFIX` appended, 3 tokens."""
         base = mmvet_query(question, gt, pred)
         messages = [{"role": "user", "content": base}]
         sha = prompt_sha256(messages)
         cached = self._cached(sha)
         if cached is not None:
             return cached
-        replies: list[str] = []
-        temps: list[float] = []
-        temperature, score, model_used = 0.0, None, None
-        for attempt in range(self.mmvet_max_tries):
-            msgs = messages if attempt == 0 else [{"role": "user", "content": base + MMVET_RETRY_SUFFIX}]
-            reply, model_used = self._chat(msgs, temperature=temperature, max_tokens=3)
-            replies.append(reply)
-            temps.append(temperature)
-            score = parse_mmvet_score(reply)
-            if score is not None:
-                break
-            log.info("mmvet judge %s: unparsable reply on try %d (temperature %.1f)",
-                     sha[:12], attempt + 1, temperature)
-            temperature = min(temperature + 0.5, 2.0)
+        retry = [{"role": "user", "content": base + MMVET_RETRY_SUFFIX}]
+
+        def ask(attempt: int) -> tuple[list[dict[str, str]], float, int]:
+            return (messages if attempt == 0 else retry), min(0.5 * attempt, 2.0), 3
+
+        def miss(attempt: int, temperature: float) -> None:
+            log.info("mmvet judge %s: unparsable reply on try %d (temperature %.1f)", sha[:12], attempt + 1,
+                     temperature)
+
+        score, replies, temps, model_used = self._ask_until_parsed(self.mmvet_max_tries, ask, parse_mmvet_score, miss)
         failed = score is None
         if failed:
             log.warning("mmvet judge %s: no score after %d tries; scoring 0.0", sha[:12], len(replies))
@@ -300,24 +298,19 @@ class GPTJudge(Judge):
     def judge_llavabench(
         self, question: str, reference: str, answer: str, category: str, *, context: str = ""
     ) -> Judgement:
-        """The full LLaVA-Bench review (cached)."""
+        """The full LLaVA-Bench review (cached): every try asks the same prompt at temperature 0.2, 1024 tokens."""
         content = llavabench_content(question, reference, answer, category, context)
         messages = [{"role": "system", "content": LLAVA_SYSTEM_PROMPT}, {"role": "user", "content": content}]
         sha = prompt_sha256(messages)
         cached = self._cached(sha)
         if cached is not None:
             return cached
-        replies: list[str] = []
-        temps: list[float] = []
-        scores, model_used = None, None
-        for attempt in range(self.llavabench_max_tries):
-            reply, model_used = self._chat(messages, temperature=0.2, max_tokens=1024)
-            replies.append(reply)
-            temps.append(0.2)
-            scores = parse_llavabench_scores(reply)
-            if scores is not None:
-                break
+
+        def miss(attempt: int, temperature: float) -> None:
             log.info("llavabench judge %s: unparsable review on try %d", sha[:12], attempt + 1)
+
+        scores, replies, temps, model_used = self._ask_until_parsed(
+            self.llavabench_max_tries, lambda attempt: (messages, 0.2, 1024), parse_llavabench_scores, miss)
         failed = scores is None
         if failed:
             log.warning("llavabench judge %s: no scores after %d tries; recording (-1, -1)", sha[:12], len(replies))
@@ -325,6 +318,26 @@ class GPTJudge(Judge):
         judgement = Judgement("llavabench", final, replies, temps, failed, model_used)
         self.cache.put(self.name, sha, json.dumps(messages, ensure_ascii=False), judgement)
         return judgement
+
+    def _ask_until_parsed(self, tries: int, ask: Callable[[int], tuple[list[dict[str, str]], float, int]],
+                          parse: Callable[[str], Any], miss: Callable[[int, float], None]
+                          ) -> tuple[Any, list[str], list[float], str | None]:
+        """Up to ``tries`` chat requests, try ``a`` sending ``ask(a) = (messages, temperature, max_tokens)``, until
+        ``parse(reply)`` is not ``None`` (``miss(a, temperature)`` after each reply that does not parse); returns
+        ``(parsed or None, replies, temperatures, model reported by the server)``."""
+        replies: list[str] = []
+        temps: list[float] = []
+        parsed, model_used = None, None
+        for attempt in range(tries):
+            msgs, temperature, max_tokens = ask(attempt)
+            reply, model_used = self._chat(msgs, temperature=temperature, max_tokens=max_tokens)
+            replies.append(reply)
+            temps.append(temperature)
+            parsed = parse(reply)
+            if parsed is not None:
+                break
+            miss(attempt, temperature)
+        return parsed, replies, temps, model_used
 
     def _cached(self, sha: str) -> Judgement | None:
         """A cached judgement for this model and prompt, marked ``cached=True``."""

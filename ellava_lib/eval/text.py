@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from ellava_lib.core.schema import MAX_CHOICES, OPTION_LETTERS
+
 # --------------------------------------------------------------------------------------------------
 # ScienceQA: option-letter extraction
 # --------------------------------------------------------------------------------------------------
-
-_MAX_CHOICES = 5  # ScienceQA items have 2..5 options (A..E)
 
 # The whole (stripped) prediction is a bare label: "B", "b", "B.", "B)", "B:", "(B)".
 _BARE_LABEL = re.compile(r"\(([A-Za-z])\)|([A-Za-z])[.:)]?")
@@ -26,10 +26,10 @@ _ANSWER_IS = re.compile(r"(?i:\b(?:answer|option|choice)\s*(?:is|:))\s*\(?([A-Za
 
 
 def _valid_letters(n_choices: int) -> str:
-    """The option letters of an item with ``n_choices`` options: ``"ABCDE"[:n_choices]``."""
-    if not 1 <= n_choices <= _MAX_CHOICES:
-        raise ValueError(f"n_choices must be in 1..{_MAX_CHOICES}, got {n_choices}")
-    return "ABCDE"[:n_choices]
+    """The option letters of an item with ``n_choices`` options: ``OPTION_LETTERS[:n_choices]``."""
+    if not 1 <= n_choices <= MAX_CHOICES:
+        raise ValueError(f"n_choices must be in 1..{MAX_CHOICES}, got {n_choices}")
+    return OPTION_LETTERS[:n_choices]
 
 
 def _answer_is_letter(text: str) -> str | None:

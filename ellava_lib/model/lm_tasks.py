@@ -16,6 +16,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from ellava_lib.core.schema import OPTION_LETTERS
 from ellava_lib.data import synth
 from ellava_lib.data.encoding import pad_right
 from ellava_lib.data.prompts import SQA_SUFFIX
@@ -44,8 +45,8 @@ def induction_batch(word_ids: list[int], size: int, rng: random.Random, bos: int
 def drill_text(item: synth.Item) -> str:
     """The option-matching drill of a multiple-choice item: the answer's value is given and only its letter is
     asked (``Which option is {value} ?`` + the options + the ScienceQA instruction)."""
-    value = item.choices[synth.LETTERS.index(item.answer)]
-    options = "\n".join(f"{synth.LETTERS[j]}. {c}" for j, c in enumerate(item.choices))
+    value = item.choices[OPTION_LETTERS.index(item.answer)]
+    options = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(item.choices))
     return f"Which option is {value} ?\n{options}\n{SQA_SUFFIX}"
 
 
@@ -53,7 +54,7 @@ def value_ids(tokenizer, item: synth.Item) -> list[int]:
     """Token ids of the correct option's words of a multiple-choice item (``[]`` for an open item)."""
     if not item.choices:
         return []
-    return tokenizer(" " + item.choices[synth.LETTERS.index(item.answer)], add_special_tokens=False)["input_ids"]
+    return tokenizer(" " + item.choices[OPTION_LETTERS.index(item.answer)], add_special_tokens=False)["input_ids"]
 
 
 def value_loss(model, hidden: torch.Tensor, answer_pos: list[int], values: list[list[int]],

@@ -16,6 +16,8 @@ from transformers import (
     LlavaProcessor,
 )
 
+from ellava_lib.core import files
+
 
 def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, extra: dict | None = None) -> None:
     """Save weights (safetensors), config and processor into ``out``; ``extra`` goes to ``ellava.json``."""
@@ -23,7 +25,7 @@ def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: P
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     if extra is not None:
-        (out / "ellava.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
+        files.write_text(out / "ellava.json", json.dumps(extra, indent=2, sort_keys=True))
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,14 +1,19 @@
 """Training and calibration losses of a LLaVA batch.
 
-- :func:`answer_loss`: mean cross-entropy of the answer tokens, ``-1/|A| sum_{t in A} log p(y_t | y_<t)`` with
-  ``A`` the positions whose label is not ``-100``; the logits are upcast to fp32 first.
-- :func:`calibration_loss`: the same quantity computed by the model's own ``labels=`` path (one float).
+- :func:`per_sample_ce`: per-sample answer cross-entropy ``l_b = (1/|A_b|) sum_{t in A_b} -log p(y_t | y_<t)``,
+  ``A_b`` the positions of sample ``b`` whose label is not ``-100``; the logits are upcast to fp32 first.
+- :func:`answer_loss`: its mean over the batch, ``(1/B) sum_b l_b`` (the training loss; a short answer weighs
+  as much as a long one).
+- :func:`calibration_loss`: the model's own ``labels=`` path, the *token* mean over the whole batch,
+  ``sum_b sum_{t in A_b} -log p(y_t | y_<t) / sum_b |A_b|`` (one float).
 - :class:`CellHeads` / :func:`alignment_loss`: the tiny build's vision and alignment stages, per-patch
   cross-entropy of the colour and kind of the object in each 16-pixel cell, ``CE(colour) + CE(kind)``.
 - :func:`model_inputs`: the keys of an encoded batch a LLaVA forward accepts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +24,16 @@ from ellava_lib.data import scenes
 
 @torch.no_grad()
 def calibration_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Mean answer-token cross-entropy of ``model`` on the batch (``labels != -100``)."""
+    """Token-mean answer cross-entropy of ``model`` on the batch, ``sum_b sum_{t in A_b} -log p(y_t | y_<t) /
+    sum_b |A_b|`` over the answer positions (``labels != -100``), by the model's own ``labels=`` loss."""
     model.eval()
     out = model(**model_inputs(batch), labels=batch["labels"], use_cache=False)
     return float(out.loss)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of an encoded batch a LLaVA forward takes (``input_ids``, ``attention_mask``,
+    ``pixel_values``; not ``labels``)."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
 
 
@@ -43,16 +51,26 @@ class CellHeads(torch.nn.Module):
         return lc + lk
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean answer-token cross-entropy, averaged over samples:
-    ``(1/B) sum_b (1/|A_b|) sum_{t in A_b} -log p(y_t | y_<t)`` with ``A_b`` the answer tokens of sample b.
+def answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T-1)`` bool: position ``t`` predicts an answer token (``labels[:, t+1] != -100``)."""
+    return labels[:, 1:] != -100
 
-    Unlike the token mean, a one-word answer weighs as much as a long description.
-    """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # fp32 even when the forward ran in bf16
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    mask = labels != -100
-    return ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` per-sample mean answer-token cross-entropy
+    ``l_b = (1/|A_b|) sum_{t in A_b} -log p(y_{t+1} | y_<=t)``, ``A_b`` = :func:`answer_mask` of sample ``b``
+    (``|A_b|`` clamped to 1: a sample without answer tokens scores 0). Logits in fp32 even when the forward
+    ran in bf16."""
+    logits, target = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    mask = answer_mask(labels)
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(1/B) sum_b l_b``, the batch mean of :func:`per_sample_ce`: unlike the token mean, a one-word answer
+    weighs as much as a long description."""
+    return per_sample_ce(logits, labels).mean()
 
 
 def cell_word_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 from transformers import LlavaForConditionalGeneration
 
+from ellava_lib.core import files
 from ellava_lib.model import loading
 from ellava_lib.model.loading import ModelLoadError, load_folder, load_pretrained
 from ellava_lib.model.train import TrainConfig, train
@@ -30,8 +30,8 @@ def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = 
     """Return the folder of the trained model for ``cfg``, training and caching it if missing.
 
     The folder holds ``model.safetensors``, ``config.json``, the processor files, ``ellava.json``
-    (train config, digest, wall time) and ``train_log.csv``; it is written to a temp folder and renamed,
-    so an interrupted build leaves nothing half-written.
+    (train config, digest, wall time) and ``train_log.csv``; it is written atomically
+    (:func:`files.write_dir`), so an interrupted build leaves nothing half-written.
     """
     cache = Path(cache) if cache is not None else cache_root()
     out = cache / "models" / f"tiny-{cfg.digest()}"
@@ -39,15 +39,14 @@ def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = 
         return out
     t0 = time.time()
     model, processor, log = train(cfg, progress)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     meta = {"kind": "tiny", "train_config": cfg.to_dict(), "digest": cfg.digest(), "train_seconds": time.time() - t0,
             "params": sum(p.numel() for p in model.parameters())}
-    loading.save(model, processor, tmp, meta)
-    pd.DataFrame(log).to_csv(tmp / "train_log.csv", index=False)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+    def fill(tmp: Path) -> None:
+        loading.save(model, processor, tmp, meta)
+        files.write_csv(tmp / "train_log.csv", pd.DataFrame(log))
+
+    return files.write_dir(out, fill)
 
 
 def model_meta(model_dir: Path) -> dict:

@@ -5,7 +5,7 @@ driven exactly like a ``llava-hf`` checkpoint (chat prompt, ``<image>`` token ex
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ellava_lib.core.schema import OPTION_LETTERS
 from ellava_lib.data import scenes, synth
 from ellava_lib.data.encoding import IMAGE_MEAN, IMAGE_STD
 from ellava_lib.data.prompts import CHAT_TEMPLATE, SQA_SUFFIX, VIZWIZ_SUFFIX
@@ -59,7 +60,7 @@ def vocabulary(seed: int = 0, per_suite: int = 1500) -> list[str]:
     """
     words: set[str] = set()
     fixed = [*scenes.COLOURS, *scenes.SHAPES, *scenes.WORDS, *(g.lower() for g in scenes.GLYPHS),
-             *(str(i) for i in range(0, 19)), *synth.NUMBER_WORDS, *synth.LETTERS, "unanswerable"]
+             *(str(i) for i in range(0, 19)), *synth.NUMBER_WORDS, *OPTION_LETTERS, "unanswerable"]
     for w in fixed:
         words.update(_pretokenize(w))
     for text in (SQA_SUFFIX, VIZWIZ_SUFFIX, CHAT_TEMPLATE.replace("{", " ").replace("}", " ")):
@@ -127,7 +128,3 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast, seed: int =
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
-
-
-def config_dict(cfg: TinyConfig) -> dict:
-    return asdict(cfg)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy
-from ellava_lib.core.units import list_units, unit_linears
+from ellava_lib.core.units import list_units, names_vision, unit_linears
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.prune.masks import wanda_mask
 from ellava_lib.prune.obs import SparseGPT
@@ -79,18 +78,6 @@ def _check_config(path: Path, want: dict[str, Any]) -> None:
         if have.get(key) != want[key]:
             raise ValueError(f"level database {path.parent} was built with another {key} "
                              f"({have.get(key)!r} != {want[key]!r}); use a new folder")
-
-
-def _save_unit(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write one unit's safetensors atomically (temp file in the same folder + ``os.replace``)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _prune_levels(lin: nn.Linear, stat: Any, grid: Sequence[float], method: str, blocksize: int,
@@ -153,8 +140,8 @@ def build_level_db(model: nn.Module, calib_batch: dict[str, torch.Tensor], out_d
                     tensors[level_key(name, level)] = w
                 stats[name].free()
             seconds = time.perf_counter() - clock["t"]
-            _save_unit(out / f"{unit}.safetensors", tensors,
-                       {"unit": unit, "method": method, "build_seconds": f"{seconds:.6f}"})
+            meta = {"unit": unit, "method": method, "build_seconds": f"{seconds:.6f}"}
+            files.write_atomic(out / f"{unit}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
             records[unit] = {"unit": unit, "status": "built", "seconds": seconds}
             clock["t"] = time.perf_counter()
         return False
@@ -230,7 +217,7 @@ class LevelDB:
         missing = [u for u in levels if u not in self.config["units"]]
         if missing:
             raise ValueError(f"policy units {missing} are not in the level database {self.path}")
-        include_vision = any(u.startswith("vision.") for u in levels)
+        include_vision = names_vision(levels)
         linears = unit_linears(model, include_vision)
         for unit, level in levels.items():
             stored = self.weights(unit, level)

@@ -96,15 +96,12 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float, prune
     """Bool mask of the weights Wanda zeroes: per output row, the ``round(sparsity * d_in)`` lowest
     ``|W_ij| * ||X_j||_2`` (ties by column order), or the ``prune_n`` lowest of every ``prune_m`` inputs."""
     scores = wanda_scores(weight, norms)
-    rows, cols = scores.shape
+    cols = scores.shape[1]
     if prune_n > 0:
         if cols % prune_m:
             raise ValueError(f"d_in={cols} is not a multiple of prune_m={prune_m}")
-        grouped = scores.reshape(rows, cols // prune_m, prune_m)
-        mask = torch.zeros_like(grouped, dtype=torch.bool)
-        mask.scatter_(-1, torch.argsort(grouped, dim=-1, stable=True)[..., :prune_n], True)
-        return mask.reshape(rows, cols)
-    k = min(cols, max(0, int(round(sparsity * cols))))
+        return nm_mask(scores, prune_n, prune_m)
+    k = num_to_prune(cols, sparsity)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k:
         mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)

@@ -78,8 +78,6 @@ from ellava_lib.prune.masks import (
 __all__ = [
     "PruneStats",
     "SparseGPT",
-    "magnitude_mask",
-    "measured_sparsity",
     "reconstruction_error",
 ]
 

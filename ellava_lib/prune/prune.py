@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ellava_lib.core.policy import Policy
-from ellava_lib.core.units import list_units, unit_linears
+from ellava_lib.core.units import list_units, names_vision, unit_linears
 from ellava_lib.prune.masks import (
     check_nm,
     magnitude_mask,
@@ -54,14 +54,20 @@ def _bound(method: str, weight: torch.Tensor, blocksize: int, nm: bool) -> float
     return {"magnitude": 0.5, "wanda": 0.5 * rows, "sparsegpt": 0.5 * math.ceil(cols / blocksize)}[method]
 
 
+def _unit_target(sparsity: float, prune_n: int = 0, prune_m: int = 0) -> float:
+    """The sparsity a unit at policy ``sparsity`` is pruned to: ``N / M`` under N:M when ``sparsity > 0``
+    (units at 0 stay dense), else ``sparsity``."""
+    return prune_n / prune_m if (prune_n and sparsity > 0) else sparsity
+
+
 def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int = 0, prune_m: int = 0,
                    blocksize: int = 128) -> None:
     """Post-condition: every pruned layer has at least ``target * numel - bound`` exact zeros (raises
     ``RuntimeError``); more than ``target * numel + bound`` only warns."""
-    include_vision = any(u.startswith("vision.") for u in policy.sparsities)
+    include_vision = names_vision(policy.sparsities)
     for unit, lins in unit_linears(model, include_vision).items():
         s = policy.sparsities[unit]
-        target = prune_n / prune_m if (prune_n and s > 0) else s
+        target = _unit_target(s, prune_n, prune_m)
         for name, lin in lins.items():
             zeros = int((lin.weight == 0).sum())
             want = target * lin.weight.numel()
@@ -121,7 +127,7 @@ def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict
 
 def check_policy(model: nn.Module, policy: Policy) -> bool:
     """Validate ``policy`` against the model's units; returns whether it names vision units."""
-    include_vision = any(u.startswith("vision.") for u in policy.sparsities)
+    include_vision = names_vision(policy.sparsities)
     policy.validate(list_units(model, include_vision))
     return include_vision
 
@@ -145,11 +151,11 @@ def magnitude_prune(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m: int = 0) -> pd.DataFrame:
     """Per linear layer: ``layer, unit, target, measured, params`` (measured = fraction of exact zeros;
     with N:M the target of a unit with sparsity > 0 is ``N / M``)."""
-    include_vision = any(u.startswith("vision.") for u in policy.sparsities)
+    include_vision = names_vision(policy.sparsities)
     rows = []
     for unit, linears in unit_linears(model, include_vision).items():
         s = policy.sparsities.get(unit, 0.0)
-        target = prune_n / prune_m if (prune_n and s > 0) else s
+        target = _unit_target(s, prune_n, prune_m)
         for name, lin in linears.items():
             rows.append({"layer": name, "unit": unit, "target": target,
                          "measured": round(measured_sparsity(lin.weight), 6), "params": lin.weight.numel()})
@@ -160,5 +166,8 @@ def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 
 
 def measured_mean(report: pd.DataFrame) -> float:
-    """Parameter-weighted mean of the measured sparsity in a sparsity report: ``sum n_l s_l / sum n_l``."""
+    """Parameter-weighted mean of the measured sparsity in a sparsity report: ``sum_l n_l s_l / sum_l n_l`` over
+    its layers ``l``. The quantity of :func:`policy.weighted_mean`, but summed by pandas (numpy's pairwise
+    summation), the order the recorded ``measured`` / ``mean_sparsity`` numbers were made with; a left-to-right
+    sum differs from it in the last bits."""
     return float((report["measured"] * report["params"]).sum() / report["params"].sum())

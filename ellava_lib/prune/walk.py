@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ellava_lib.core.units import lm_layers, unit_linears, vision_layers
+from ellava_lib.core.units import lm_layers, names_vision, unit_linears, vision_layers
 from ellava_lib.model.losses import model_inputs
 
 # ---------------------------------------------------------------------------------------- block inputs
@@ -193,7 +193,7 @@ def walk_blocks(model: nn.Module, batch: dict[str, torch.Tensor], units: Sequenc
 def _walk(model: nn.Module, batch: dict[str, torch.Tensor], wanted: set[str], make_stat: Callable[[nn.Linear], Any],
           visit: Visit, sequential: bool, progress: bool, desc: str, device: torch.device | str | None,
           home: torch.device | None) -> None:
-    include_vision = any(u.startswith("vision.") for u in wanted)
+    include_vision = names_vision(wanted)
     linears = unit_linears(model, include_vision)
     unknown = sorted(wanted - set(linears))
     if unknown:

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ellava_lib.core import files
-from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy
+from ellava_lib.core.policy import DEFAULT_GRID, Policy, on_grid
 from ellava_lib.core.units import list_units
 from ellava_lib.eval.evaluate import (
     compare,
@@ -88,8 +88,7 @@ def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str,
                               importance=importance)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    on_grid = any(abs(sparsity - g) <= GRID_TOL for g in DEFAULT_GRID)
-    grid = DEFAULT_GRID if on_grid else tuple(sorted((*DEFAULT_GRID, sparsity)))
+    grid = DEFAULT_GRID if on_grid(sparsity, DEFAULT_GRID) else tuple(sorted((*DEFAULT_GRID, sparsity)))
     return Policy.uniform(list_units(model, include_vision), sparsity, grid,
                           meta={"method": method, "target": sparsity})
 
@@ -273,6 +272,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     (also written to ``out_dir/jobs/<name>/row.json``)."""
     from ellava_lib.prune.leveldb import LevelDB
     from ellava_lib.search.evolve import run_search
+    from ellava_lib.search.finalize import exact_reprune
 
     job_dir = Path(out_dir) / "jobs" / job.name()
     digest = spec_digest(spec, job)
@@ -291,19 +291,15 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         units = list_units(model)
         importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
                       if needs_importance(spec, job) else None)
-        result = run_search(model, None, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
+        result = run_search(model, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
                             job_dir / "search", progress=False, importance=importance)
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
                  "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
         if job.exact:
-            from ellava_lib.search.projector import load_projector, set_projector_state
-
             model, processor = load_model(tier, spec.model_dir)
             model, _ = place(tier, model)
-            if result.projector is not None:
-                set_projector_state(model, load_projector(result.projector)[0])
-            measured = measured_mean(prune_model(model, policy, "sparsegpt", batch, sequential=True, progress=False))
+            measured = measured_mean(exact_reprune(model, policy, result.projector, batch))
         else:
             measured = float(policy.meta["mean_sparsity"])
     elif job.method != "dense":

@@ -65,21 +65,6 @@ def method_bars(table: pd.DataFrame):
     return fig
 
 
-def score_vs_sparsity(results: pd.DataFrame, dense_mean: float):
-    """Mean test score against mean language-model sparsity, one line per method, dense as a reference."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, part in results.groupby("method", sort=False):
-        part = part.sort_values("sparsity")
-        ax.plot(part["sparsity"] * 100, part["mean"], marker="o", label=method)
-    ax.axhline(dense_mean, color="k", ls="--", lw=1, label="dense")
-    ax.set_xlabel("mean language-model sparsity (%)")
-    ax.set_ylabel("mean test score (0-100)")
-    ax.set_title("Pruning methods on the tiny model")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def pareto(table: pd.DataFrame, labels: dict[str, str] | None = None):
     """Mean test score (± std over seeds) against mean LM sparsity and against relative prefill FLOPs,
     one line per method; ``table`` is :func:`tables.main_table` joined with ``flops_rel``."""

@@ -25,6 +25,7 @@ import random
 from collections.abc import Mapping
 
 from ellava_lib.core.policy import Policy, weighted_mean
+from ellava_lib.core.units import is_vision_unit
 
 BUDGETS: tuple[str, ...] = ("params", "flops")
 EPS = 1e-9
@@ -38,7 +39,7 @@ def budget_weights(units: Mapping[str, int], kind: str = "params", lm_tokens: fl
         raise ValueError(f"budget must be one of {BUDGETS}, got {kind!r}")
     if kind == "params":
         return {u: float(n) for u, n in units.items()}
-    return {u: float(n) * (vision_tokens if u.startswith("vision.") else lm_tokens) for u, n in units.items()}
+    return {u: float(n) * (vision_tokens if is_vision_unit(u) else lm_tokens) for u, n in units.items()}
 
 
 def budget_band(weights: Mapping[str, float], target: float, grid: tuple[float, ...]) -> tuple[float, float]:
@@ -55,15 +56,11 @@ def in_band(policy: Policy, weights: Mapping[str, float], target: float) -> bool
     return lo - EPS <= s <= hi + EPS
 
 
-def _mean(level: Mapping[str, int], weights: Mapping[str, float], g: list[float]) -> float:
-    return sum(weights[u] * g[level[u]] for u in weights) / sum(weights.values())
-
-
 def _repair(level: dict[str, int], weights: Mapping[str, float], g: list[float], band: tuple[float, float],
             rng: random.Random, keep: tuple[str, ...]) -> bool:
     """Bring ``S`` back into ``band`` with one single-unit step of a unit not in ``keep`` (in place)."""
     lo, hi = band
-    s = _mean(level, weights, g)
+    s = weighted_mean({u: g[level[u]] for u in weights}, weights)
     if lo - EPS <= s <= hi + EPS:
         return True
     way = -1 if s > hi else 1

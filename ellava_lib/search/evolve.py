@@ -31,7 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ellava_lib.core import files
-from ellava_lib.core.policy import GRID_TOL, Policy, weighted_mean
+from ellava_lib.core.policy import Policy, on_grid, weighted_mean
+from ellava_lib.core.units import names_vision
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.model import structure
 from ellava_lib.prune.allocate import (
@@ -74,7 +75,7 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
     of the zeroth-order importances (``importance`` when already computed for this model and batch, else
     computed with ``cfg.seed``); each through :func:`allocate.round_to_grid` with the budget weights, so
     ``S <= S(pi) <= S + step * max_u w_u / W`` (the budget band). ``model`` must be dense."""
-    vision = any(u.startswith("vision.") for u in weights)
+    vision = names_vision(weights)
     out: list[Policy] = []
     for name in cfg.init:
         if name == "uniform":
@@ -251,15 +252,15 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
     missing = [u for u in units if u not in db.units]
     if missing:
         raise ValueError(f"units {missing} are not in the level database {db.path}")
-    off = [g for g in cfg.grid if not any(abs(g - h) <= GRID_TOL for h in db.grid)]
+    off = [g for g in cfg.grid if not on_grid(g, db.grid)]
     if off:
         raise ValueError(f"grid levels {off} are not in the level database {db.path} (grid {db.grid})")
     if cfg.gap == "bernstein" and n < 2:
         raise ValueError("the Bernstein gap needs at least 2 calibration samples")
 
 
-def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.Tensor], level_db: LevelDB,
-               units: Mapping[str, int], cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
+def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: LevelDB, units: Mapping[str, int],
+               cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
                importance: Mapping[str, float] | None = None) -> SearchResult:
     """Run (or resume) the search of the module docstring in ``out_dir``; returns the best policy.
 
@@ -267,8 +268,8 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
     original one (the dense logits of KL terms come from it). ``importance``: ECoFLaP's unit scores for this model
     and batch when already computed (an ``ecoflap`` start policy needs them). The model is left assembled at the best
     policy with the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
-    ``policy.json``, ``projector.safetensors`` (+ ``.json``, when evolution ran) and, when ``processor`` is given,
-    the final model (:func:`loading.save`) into ``out_dir``.
+    ``policy.json`` and ``projector.safetensors`` (+ ``.json``, when evolution ran) into ``out_dir``; what becomes
+    of the model afterwards (saved as assembled, or re-pruned exactly: :mod:`finalize`) is the caller's.
     """
     wall = time.perf_counter()
     out = files.ensure_dir(Path(out_dir))
@@ -278,7 +279,7 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
     context = search_context(model, batch, units)
     resume = check_resume(out, cfg, context)
     level_db.check_model(model)
-    if any(abs(g) <= GRID_TOL for g in level_db.grid):  # level 0 = the dense weights: make the units dense
+    if on_grid(0.0, level_db.grid):  # level 0 = the dense weights: make the units dense
         level_db.assemble(model, Policy({u: 0.0 for u in units}, level_db.grid), check=False)
     lm_tokens = float(batch["attention_mask"].sum(1).float().mean())
     weights = budget_weights(units, cfg.budget, lm_tokens, structure.vision_tokens_per_image(model.config))
@@ -317,7 +318,7 @@ def run_search(model: nn.Module, processor: Any | None, batch: dict[str, torch.T
         bar.update(1)
         bar.set_postfix(best_j=f"{pop[0].score.j:.4f}")
     bar.close()
-    return _finish(run, pop, processor, max(start, cfg.generations), time.perf_counter() - wall)
+    return _finish(run, pop, max(start, cfg.generations), time.perf_counter() - wall)
 
 
 def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int, context: dict[str, Any]) -> None:
@@ -327,7 +328,7 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
         "projector": run.projector, "timing": run.timing})
 
 
-def _finish(run: _Run, pop: list[Member], processor: Any | None, generations: int, wall_s: float) -> SearchResult:
+def _finish(run: _Run, pop: list[Member], generations: int, wall_s: float) -> SearchResult:
     best, cfg = pop[0], run.cfg
     run.db.assemble(run.model, best.policy, check=False)
     projector_path = None
@@ -340,10 +341,5 @@ def _finish(run: _Run, pop: list[Member], processor: Any | None, generations: in
         "gap": cfg.gap, "lam": cfg.lam, "generations": generations, "config_hash": cfg.digest(),
         "projector": projector_path.name if projector_path else None})
     policy.to_json(run.out / "policy.json")
-    if processor is not None:
-        from ellava_lib.model import loading
-
-        loading.save(run.model, processor, run.out, {"kind": "searched", "policy_id": policy.policy_id(),
-                                                        "search": policy.meta, "config": cfg.to_dict()})
     return SearchResult(policy, best.score, pop, generations, run.rows, dict(run.timing), run.out,
                         projector_path, wall_s)

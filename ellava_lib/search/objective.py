@@ -4,7 +4,7 @@ Per-sample losses ``l_i`` (:func:`per_sample_losses`), on the answer positions `
 (positions ``t`` whose next token ``y_{t+1}`` is an answer token, ``labels != -100``):
 
 * ``kind="ce"``: answer cross-entropy ``l_i = (1/|A_i|) sum_{t in A_i} -log p(y_{t+1} | y_<=t)``
-  (the per-sample term of :func:`losses.answer_loss`);
+  (:func:`losses.per_sample_ce`, the per-sample term of :func:`losses.answer_loss`);
 * ``kind="kl"``: ``l_i = (1/|A_i|) sum_{t in A_i} KL(p_dense(. | y_<=t) || p(. | y_<=t))``, the divergence
   from the dense model's next-token distribution (where no reference answer should be trusted).
 
@@ -31,15 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ellava_lib.model.kernels import onednn_linear
+from ellava_lib.model.losses import answer_mask, model_inputs, per_sample_ce
 from ellava_lib.search import gap as gaps
 
 LOSS_KINDS: tuple[str, ...] = ("ce", "kl")
 
 #: Default clip of a per-sample loss (nats): the range ``b`` passed to the Bernstein gap.
 DEFAULT_LOSS_CAP: float = 10.0
-
-_INPUTS = ("input_ids", "attention_mask", "pixel_values")
-
 
 @dataclass(frozen=True)
 class Score:
@@ -71,19 +69,6 @@ def subset(batch: Mapping[str, torch.Tensor], idx: Sequence[int] | None) -> dict
     return rows
 
 
-def answer_mask(labels: torch.Tensor) -> torch.Tensor:
-    """``(B, T-1)`` bool: position ``t`` predicts an answer token (``labels[:, t+1] != -100``)."""
-    return labels[:, 1:] != -100
-
-
-def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` per-sample mean answer-token cross-entropy (``losses.answer_loss`` before its mean over B)."""
-    logits, target = logits[:, :-1], labels[:, 1:]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
-    mask = target != -100
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 def per_sample_kl(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(B,)`` per-sample mean over answer positions of ``KL(p_dense || p) = sum_v p_d (log p_d - log p)``."""
     width = logits.shape[1]
@@ -98,7 +83,7 @@ def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
     """``(B, T, V)`` next-token logits of ``model`` on the batch (no cache; CPU fp32 linears through oneDNN
     where no gradient is needed, :mod:`kernels`)."""
     with onednn_linear():
-        return model(**{k: batch[k] for k in _INPUTS if k in batch}, use_cache=False).logits
+        return model(**model_inputs(batch), use_cache=False).logits
 
 
 @torch.no_grad()

@@ -32,13 +32,9 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
+from ellava_lib.model.losses import per_sample_ce
 from ellava_lib.prune.leveldb import LevelDB
-from ellava_lib.search.objective import (
-    model_logits,
-    per_sample_ce,
-    per_sample_kl,
-    subset,
-)
+from ellava_lib.search.objective import model_logits, per_sample_kl, subset
 
 
 def projector_module(model: nn.Module) -> nn.Module:
@@ -69,11 +65,8 @@ def save_projector(path: str | Path, state: Mapping[str, torch.Tensor], prefix: 
                    config: Mapping[str, Any] | None = None) -> Path:
     """Write ``state`` as safetensors with keys ``prefix + key`` (atomically), and ``config`` as JSON beside."""
     path = Path(path)
-    files.ensure_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"prefix": prefix})
-    tmp.replace(path)
+    tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    files.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"prefix": prefix}))
     files.write_json(path.with_suffix(".json"), {"prefix": prefix, **dict(config or {})})
     return path
 

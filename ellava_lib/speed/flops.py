@@ -221,7 +221,7 @@ def unit_accounting(model: nn.Module, policy: Policy | Mapping[str, float] | Non
     one decode step). Vision units are listed when the policy names one, or if ``include_vision``."""
     sps = _sparsities(policy)
     if include_vision is None:
-        include_vision = any(u.startswith("vision.") for u in sps)
+        include_vision = units.names_vision(sps)
     pre = phase_flops(model, sps, "prefill", n_visual_tokens, n_text_tokens)["units"]
     dec = phase_flops(model, sps, "decode", n_visual_tokens, n_text_tokens, kv_len)["units"]
     rows = []
@@ -247,7 +247,7 @@ def policy_accounting(model: nn.Module, policy: Policy | Mapping[str, float] | N
     names vision units), the convention of ``Policy.mean_sparsity``.
     """
     sps = _sparsities(policy)
-    include_vision = any(u.startswith("vision.") for u in sps)
+    include_vision = units.names_vision(sps)
     sizes = units.list_units(model, include_vision)
     total = units.params_by_component(model)["total"]
     pruned = sum(n * float(sps.get(u, 0.0)) for u, n in sizes.items())

@@ -34,7 +34,7 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
-from ellava_lib.core.units import unit_linears
+from ellava_lib.core.units import names_vision, unit_linears
 from ellava_lib.speed.timing import time_ms
 
 BACKENDS: tuple[str, ...] = ("auto", "csr", "semi", "dense")
@@ -232,7 +232,7 @@ def _targets(model: nn.Module, policy: Policy | Mapping[str, float] | None) -> d
         return {n: (n, m) for n, m in model.named_modules()
                 if type(m) is nn.Linear and not bool(m.weight.all())}
     sps = policy.sparsities if isinstance(policy, Policy) else dict(policy)
-    include_vision = any(u.startswith("vision.") for u in sps)
+    include_vision = names_vision(sps)
     out = {}
     for unit, lins in unit_linears(model, include_vision).items():
         if sps.get(unit, 0.0) > 0:

@@ -1,4 +1,4 @@
-"""Wall-clock timing of small kernels on the CPU or a GPU: device synchronisation before and after, best or
+"""Wall-clock timing of small kernels on the CPU or a GPU: device synchronisation before the clock stops, best or
 median of repeated runs.
 """
 
@@ -12,37 +12,32 @@ from typing import Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (``torch.cuda.synchronize`` on a GPU; nothing on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def best_time(fn, repeats: int, device: torch.device) -> float:
-    """Minimum wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn()``, its kernels on ``device`` finished (:func:`sync`) before the clock stops."""
+    t0 = time.perf_counter()
     fn()
-    _sync(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """``min`` over ``repeats`` timed calls of ``fn()``, in seconds, after one untimed warm-up call
+    (``inf`` when ``repeats`` is 0)."""
+    fn()
+    sync(device)
+    return min((_timed(fn, device) for _ in range(repeats)), default=math.inf)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, min_time_s: float = 0.02, max_repeats: int = 50,
             min_repeats: int = 3) -> float:
-    """Median wall time of ``fn()`` in ms: one warm-up call, then ``clamp(min_time_s / t_warm, min_repeats,
-    max_repeats)`` timed calls."""
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    warm = time.perf_counter() - t0
+    """Median wall time of ``fn()`` in ms: one timed warm-up call (``t_warm``), then
+    ``clamp(ceil(min_time_s / t_warm), min_repeats, max_repeats)`` timed calls."""
+    warm = _timed(fn, device)
     n = int(min(max_repeats, max(min_repeats, math.ceil(min_time_s / max(warm, 1e-7)))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median([_timed(fn, device) for _ in range(n)])
