@@ -47,3 +47,16 @@ def test_write_dir_swaps_in_a_whole_folder(tmp_path):
     blocker.write_text("a file in the way")
     files.write_dir(blocker, fill)
     assert blocker.is_dir() and (blocker / "a.txt").read_text() == "new"
+
+
+def test_written_files_get_the_mode_open_gives(tmp_path):
+    """Atomic writes go through a 0600 temp file; the result has the umask's ordinary mode, as ``open`` gives."""
+    import os
+    import stat
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    for name, write in [("a.txt", lambda p: files.write_text(p, "x")),
+                        ("b.json", lambda p: files.write_json(p, {"a": 1}))]:
+        write(tmp_path / name)
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

@@ -32,16 +32,30 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (read from ``/proc`` where it can
+    be, since ``os.umask`` can only be read by setting it, which races with other threads; else ``0o022``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a fresh temp file ``.<name>.<random>.tmp`` in the same
-    folder (``tempfile.mkstemp``: mode 0600), which then replaces ``path`` (``os.replace``). If anything
-    raises (or the process is interrupted), the temp file is removed and ``path`` keeps its old content."""
+    folder, which gets the mode a plain ``open()`` would give (:func:`_file_mode`; ``mkstemp`` makes it 0600)
+    and then replaces ``path`` (``os.replace``). If anything raises (or the process is interrupted), the temp
+    file is removed and ``path`` keeps its old content."""
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
