@@ -4,7 +4,7 @@
     ellava eval --model tiny --suite all --split test --out DIR [--limit N]
     ellava inspect --model llava-1.5-7b --meta --json
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
-    ellava search --model tiny --sparsity 0.6 --calib 64 --gap bernstein [--no-projector] --seed 0 --out DIR
+    ellava search --model tiny --sparsity 0.6 --calib 64 [--preset ci|default|paper] [--no-projector] --seed 0 --out DIR
 """
 
 from __future__ import annotations
@@ -155,6 +155,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``ellava search`` flags that set a :class:`config.SearchConfig` field (serialised name), None = the preset's.
+SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "lam": "lam", "loss": "loss_kind", "budget": "budget",
+                                "generations": "generations", "population": "population", "offspring": "offspring",
+                                "screen": "screen_samples", "survivors": "survivors", "init": "init",
+                                "projector_every": "projector_every", "projector_steps": "projector_steps"}
+
+
+def search_config(args: argparse.Namespace, extra: dict | None = None):
+    """The :class:`config.SearchConfig` of ``ellava search``: the ``--preset`` with the fields of the flags
+    given (:data:`SEARCH_FLAGS`; ``--no-projector``: ``projector_every=0``), at ``--sparsity`` and ``--seed``."""
+    from ellava_lib.core.policy import DEFAULT_GRID
+    from ellava_lib.search.config import SearchConfig
+
+    overrides = {name: getattr(args, flag) for flag, name in SEARCH_FLAGS.items() if getattr(args, flag) is not None}
+    if "init" in overrides:
+        overrides["init"] = tuple(x.strip() for x in overrides["init"].split(",") if x.strip())
+    if args.no_projector:
+        overrides["projector_every"] = 0
+    return SearchConfig.from_preset(args.preset, target=args.sparsity, grid=DEFAULT_GRID, seed=args.seed,
+                                    extra=dict(extra or {}), **overrides)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """Search a policy (level database -> evolutionary search -> final model) into ``--out`` (resumable)."""
     import math
@@ -171,7 +193,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         load_model,
         place,
     )
-    from ellava_lib.search.config import SearchConfig
     from ellava_lib.search.evolve import check_resume, run_search, search_context
     from ellava_lib.search.finalize import exact_reprune
     from ellava_lib.search.objective import per_sample_losses
@@ -184,14 +205,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     tier = _tier(args)
     if tier.data == "synthetic" and args.calib > calibration.pool_capacity():
         raise CLIError(f"--calib {args.calib} exceeds the calibration pool ({calibration.pool_capacity()} samples)")
-    cfg = SearchConfig(target=args.sparsity, grid=grid, gap=args.gap, lam=args.lam, loss_kind=args.loss,
-                       budget=args.budget, population=args.population, generations=args.generations,
-                       offspring=args.offspring, screen_samples=args.screen, survivors=args.survivors,
-                       seed=args.seed, init=tuple(x.strip() for x in args.init.split(",") if x.strip()),
-                       projector_every=0 if args.no_projector else args.projector_every,
-                       projector_steps=args.projector_steps,
-                       extra={"model": str(args.model), "calib": args.calib, "vision": args.vision,
-                              "db_method": "sparsegpt", **({} if tier.data == "synthetic" else {"data": tier.data})})
+    cfg = search_config(args, extra={"model": str(args.model), "calib": args.calib, "vision": args.vision,
+                                     "db_method": "sparsegpt",
+                                     **({} if tier.data == "synthetic" else {"data": tier.data})})
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "search_config.json").is_file())):
         raise CLIError(f"output {out} exists and is not a search folder (no search_config.json)")
@@ -328,23 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
     s.add_argument("--sparsity", type=float, required=True, help="target mean sparsity (within the grid, 0-0.9)")
     s.add_argument("--calib", type=int, default=64, help="number of calibration samples")
-    s.add_argument("--gap", choices=("none", "capacity", "bernstein"), default="bernstein",
+    s.add_argument("--preset", default="default", metavar="{ci,default,paper}",  # checked by SearchConfig.from_preset
+                   help="search settings: SearchConfig.ci(), .default() or .paper() in ellava_lib/search/config.py "
+                        "(the profiles' of the same names). Each option below replaces one field; left out, the "
+                        "preset's value holds")
+    s.add_argument("--gap", choices=("none", "capacity", "bernstein"), default=None,
                    help="generalization-gap estimator G_hat")
-    s.add_argument("--lam", type=float, default=1.0, help="weight lambda of the gap term")
-    s.add_argument("--loss", choices=("ce", "kl"), default="kl",
-                   help="per-sample loss: KL to the dense model's next-token distribution, or answer CE")
-    s.add_argument("--budget", choices=("params", "flops"), default="params")
+    s.add_argument("--lam", type=float, default=None, help="weight lambda of the gap term")
+    s.add_argument("--loss", choices=("ce", "kl"), default=None,
+                   help="per-sample loss: KL to the dense model's next-token distribution at the answer positions, "
+                        "or answer CE")
+    s.add_argument("--budget", choices=("params", "flops"), default=None)
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
-    s.add_argument("--generations", type=int, default=10)
-    s.add_argument("--population", type=_positive_int, default=8)
-    s.add_argument("--offspring", type=_positive_int, default=16, help="children per generation")
-    s.add_argument("--screen", type=int, default=8, help="screening samples of multi-step selection (0 = off)")
-    s.add_argument("--survivors", type=_positive_int, default=4, help="children scored on all samples")
-    s.add_argument("--init", default="uniform,owl,ecoflap",
+    s.add_argument("--generations", type=int, default=None)
+    s.add_argument("--population", type=_positive_int, default=None)
+    s.add_argument("--offspring", type=_positive_int, default=None, help="children per generation")
+    s.add_argument("--screen", type=int, default=None, help="screening samples of multi-step selection (0 = off)")
+    s.add_argument("--survivors", type=_positive_int, default=None, help="children scored on all samples")
+    s.add_argument("--init", default=None,
                    help="start policies of the search, comma-separated, from uniform, owl, ecoflap")
-    s.add_argument("--no-projector", action="store_true", help="no projector evolution")
-    s.add_argument("--projector-every", type=_positive_int, default=2, help="generations between evolutions")
-    s.add_argument("--projector-steps", type=int, default=20)
+    s.add_argument("--no-projector", action="store_true", help="no projector evolution (projector_every 0)")
+    s.add_argument("--projector-every", type=_positive_int, default=None, help="generations between evolutions")
+    s.add_argument("--projector-steps", type=int, default=None, help="AdamW steps per evolution")
     s.add_argument("--db", default=None, help="level database folder (default OUT/leveldb; built if missing)")
     s.add_argument("--vision", action="store_true", help="search the vision tower's units too")
     s.add_argument("--exact", action="store_true", help="re-prune the final policy sequentially with SparseGPT")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -11,6 +12,7 @@ from ellava_lib import cli
 from ellava_lib.core.policy import Policy
 from ellava_lib.core.units import unit_linears
 from ellava_lib.model.specs import load_model
+from ellava_lib.search.config import PRESETS, SearchConfig
 from ellava_lib.search.projector import load_projector, projector_state
 
 SMALL = ["--calib", "8", "--generations", "2", "--population", "3", "--offspring", "4", "--screen", "4",
@@ -76,6 +78,7 @@ def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
     (["--gap", "vc"], "invalid choice"),
     (["--sparsity", "0.9"], "ECoFLaP start policy cannot reach sparsity 0.9"),
     (["--init", "uniform,random"], "init must name distinct start policies"),
+    (["--preset", "huge"], "unknown search preset 'huge'; choose from ci, default, paper"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(micro_model_dir, tmp_path, capsys, args, needle):
     out = tmp_path / "run"
@@ -100,3 +103,29 @@ def test_a_foreign_output_folder_is_refused(micro_model_dir, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert _search(micro_model_dir, tmp_path, *SMALL) == 2
     assert "not a search folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+def test_search_without_flags_is_the_preset(preset):
+    """Each search flag left out is the preset's value: no flags = ``SearchConfig.<preset>()`` at --sparsity and
+    --seed (``--preset`` left out: the default preset)."""
+    argv = ["search", "--sparsity", "0.5", "--out", "x"] + (["--preset", preset] if preset else [])
+    cfg = cli.search_config(cli.build_parser().parse_args(argv))
+    assert cfg == dataclasses.replace(getattr(SearchConfig, preset or "default")(), target=0.5, seed=0)
+    assert cfg.to_dict() == SearchConfig.from_preset(preset or "default", target=0.5).to_dict()
+
+
+def test_search_flags_replace_single_fields_of_the_preset():
+    args = cli.build_parser().parse_args([
+        "search", "--sparsity", "0.6", "--out", "x", "--preset", "ci", "--seed", "3", "--gap", "capacity",
+        "--lam", "0.5", "--loss", "ce", "--budget", "flops", "--generations", "5", "--population", "6",
+        "--offspring", "7", "--screen", "0", "--survivors", "3", "--init", "uniform, owl", "--projector-every", "2",
+        "--projector-steps", "9"])
+    cfg = cli.search_config(args, extra={"calib": 8})
+    assert cfg == SearchConfig.from_preset("ci", target=0.6, seed=3, gap="capacity", lam=0.5, loss_kind="ce",
+                                           budget="flops", generations=5, population=6, offspring=7,
+                                           screen_samples=0, survivors=3, init=("uniform", "owl"), projector_every=2,
+                                           projector_steps=9, extra={"calib": 8})
+    off = cli.search_config(cli.build_parser().parse_args(["search", "--sparsity", "0.6", "--out", "x",
+                                                           "--preset", "paper", "--no-projector"]))
+    assert off == SearchConfig.from_preset("paper", target=0.6, projector_every=0)

@@ -40,6 +40,34 @@ def test_notebooks_are_stored_without_outputs_and_have_one_parameters_cell():
         assert "\ndef " not in "\n" + src and "\nclass " not in "\n" + src, nb.name
 
 
+def test_searching_notebooks_take_a_preset_and_overrides():
+    """04-06 declare the search settings as a preset name plus override dicts (restating no value) and hand all
+    three to the sweep spec; every profile names a preset."""
+    import papermill as pm
+
+    from ellava_lib.search.config import PRESETS
+
+    for name in ("04_search", "05_main_table", "06_ablations"):
+        nb = pipeline.NOTEBOOKS_DIR / f"{name}.ipynb"
+        declared = pm.inspect_notebook(str(nb))
+        got = {k: (declared[k]["inferred_type_name"], declared[k]["default"])
+               for k in ("search_preset", "search", "ellava")}
+        assert got == {"search_preset": ("str", '"default"'), "search": ("dict", "{}"), "ellava": ("dict", "{}")}, name
+        assert "search_preset=search_preset, search=search, ellava=ellava" in nb.read_text(), name
+    for profile in pipeline.available_profiles():
+        assert pipeline.load_profile(profile).get("search_preset") in PRESETS, profile
+
+
+def test_a_bad_search_preset_or_override_is_named_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, paper"):
+        pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"search_preset": "huge"})
+    with pytest.raises(ValueError, match=r"unknown search config keys \['generation'\]"):
+        pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"search": {"generation": 4}})
+    with pytest.raises(ValueError, match="need population >= 1"):
+        pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"ellava": {"population": 0}})
+    assert not (tmp_path / "ci").exists()
+
+
 def test_missing_artifact_names_the_notebook_that_makes_it(tmp_path):
     run = runs.Run(tmp_path)
     with pytest.raises(runs.MissingArtifact, match="model.json is missing: run notebooks/01_tiny_model.ipynb first"):

@@ -10,6 +10,7 @@ from ellava_lib.core.units import list_units
 from ellava_lib.model.specs import load_model
 from ellava_lib.prune import leveldb
 from ellava_lib.search import objective, projector
+from ellava_lib.search.config import ProjectorConfig, SearchConfig
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def test_a_projector_step_lowers_the_calibration_loss_at_70_percent(setup):
     model = _pruned(setup)
     others = {k: v.clone() for k, v in model.state_dict().items() if "multi_modal_projector" not in k}
     before = float(objective.per_sample_losses(model, batch).mean())
-    state, log = projector.evolve_projector(model, batch, [policy], db, dense, steps=1, lr=1e-3, kl_weight=1.0,
-                                            holdout_frac=0.0, patience=1, seed=0)
+    state, log = projector.evolve_projector(model, batch, [policy], db, dense,
+                                            ProjectorConfig(steps=1, lr=1e-3, kl_weight=1.0, holdout=0.0, patience=1,
+                                                            eval_every=1), seed=0)
     db.assemble(model, policy, check=False)
     after = float(objective.per_sample_losses(model, batch).mean())
     assert after < before, (before, after)
@@ -50,8 +52,8 @@ def test_early_stopping_never_returns_a_worse_holdout_loss(setup):
     start = projector.projector_state(model)
     _, hold = projector.split_holdout(12, 0.25, 7)
     state, log = projector.evolve_projector(model, batch, [policy, Policy.uniform(list_units(model), 0.5)], db,
-                                            dense, steps=6, lr=0.05, kl_weight=0.5, holdout_frac=0.25,
-                                            patience=2, seed=7)
+                                            dense, ProjectorConfig(steps=6, lr=0.05, kl_weight=0.5, holdout=0.25,
+                                                                   patience=2, eval_every=1), seed=7)
     losses = [r["holdout_loss"] for r in log if r["holdout_loss"] is not None]
     assert losses[0] == log[0]["holdout_loss"] and len(log) <= 7
     kept = min(losses)
@@ -62,6 +64,70 @@ def test_early_stopping_never_returns_a_worse_holdout_loss(setup):
     assert check == pytest.approx(kept, rel=1e-6)
     if kept == losses[0]:
         assert all(torch.equal(start[k], state[k]) for k in start)
+
+
+def _loose_argument_evolution(model, batch, policies, db, dense, steps, lr, kl_weight, holdout_frac, patience, seed,
+                              eval_every, grad_clip, ce_weight):
+    """The projector evolution as it ran before ProjectorConfig (its loop with the loose arguments, restated)."""
+    train, hold = projector.split_holdout(int(batch["input_ids"].shape[0]), holdout_frac, seed)
+    proj = projector.projector_module(model)
+    own = {id(p) for p in proj.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
+    best_state = projector.projector_state(model)
+    best = projector._holdout_loss(model, batch, hold, policies, db, dense, kl_weight, ce_weight) if hold else None
+    losses, bad = [], 0
+    model.eval()
+    for step in range(1, steps + 1):
+        db.assemble(model, policies[(step - 1) % len(policies)], check=False)
+        loss = projector.projector_loss(model, batch, train, dense, kl_weight, ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(proj.parameters()), grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if hold and step % eval_every == 0:
+            h = projector._holdout_loss(model, batch, hold, policies, db, dense, kl_weight, ce_weight)
+            if h < best:
+                best, best_state, bad = h, projector.projector_state(model), 0
+            else:
+                bad += 1
+        if hold and bad >= patience:
+            break
+    for p in frozen:
+        p.requires_grad_(True)
+    return (best_state if hold else projector.projector_state(model)), losses
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(steps=4, lr=2e-3, kl_weight=0.5, holdout=0.0, patience=3, eval_every=2, grad_clip=0.5, ce_weight=0.0),
+    dict(steps=6, lr=0.05, kl_weight=1.0, holdout=0.25, patience=2, eval_every=1, grad_clip=1.0, ce_weight=1.0),
+], ids=["no-holdout", "early-stopping"])
+def test_a_projector_config_gives_the_projector_of_the_loose_arguments(setup, knobs):
+    """Every ProjectorConfig field reaches the evolution: the same projector and step losses as the loop run
+    with the same values as loose arguments (the call before ProjectorConfig), and as the search's config."""
+    model_dir, batch, db, policy, dense = setup
+    policies = [policy, Policy.uniform(list_units(load_model(model_dir)[0]), 0.5)]
+    cfg = ProjectorConfig(**knobs)
+    model = _pruned(setup)
+    state, log = projector.evolve_projector(model, batch, policies, db, dense, cfg, seed=5)
+    ref = _pruned(setup)
+    loose = {k: v for k, v in knobs.items() if k != "holdout"}
+    ref_state, ref_losses = _loose_argument_evolution(ref, batch, policies, db, dense, holdout_frac=knobs["holdout"],
+                                                      seed=5, **loose)
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    assert [r["train_loss"] for r in log[1:]] == ref_losses
+    # the search hands its projector fields over as this same config
+    flat = {f"projector_{k}": v for k, v in knobs.items()}
+    assert SearchConfig.from_preset("ci", **flat).projector == ProjectorConfig.from_preset("ci", **knobs) == \
+        ProjectorConfig(every=1, **knobs)
+    again, _ = projector.evolve_projector(_pruned(setup), batch, policies, db, dense,
+                                          SearchConfig.from_preset("ci", **flat).projector, seed=5)
+    assert all(torch.equal(again[k], state[k]) for k in state)
+    with pytest.raises(TypeError, match="ProjectorConfig"):
+        projector.evolve_projector(_pruned(setup), batch, policies, db, dense, knobs, seed=5)
 
 
 def test_distillation_only_projector_loss(setup):

@@ -19,7 +19,7 @@ from ellava_lib.prune.allocate import (
 )
 from ellava_lib.search import budget, checkpoint, evolve
 from ellava_lib.search.budget import budget_band, in_band, mutate
-from ellava_lib.search.config import SearchConfig
+from ellava_lib.search.config import PRESETS, ProjectorConfig, SearchConfig
 from ellava_lib.search.projector import load_projector
 
 # ------------------------------------------------------------------------------------ mutation / budget
@@ -76,7 +76,7 @@ def test_mutation_is_seeded_and_checks_units():
 
 
 def test_config_round_trips_and_validates(tmp_path):
-    cfg = SearchConfig(target=0.5, gap="capacity", lam=0.3, projector_every=2, extra={"calib": 8})
+    cfg = SearchConfig(target=0.5, gap="capacity", lam=0.3, projector=ProjectorConfig(every=2), extra={"calib": 8})
     assert SearchConfig.from_json(cfg.to_json(tmp_path / "c.json")) == cfg
     assert SearchConfig(generations=3).digest() == SearchConfig(generations=7).digest()
     assert SearchConfig(lam=0.5).digest() != SearchConfig(lam=0.6).digest()
@@ -89,8 +89,9 @@ def test_config_round_trips_and_validates(tmp_path):
 
 
 def test_start_policies_config():
-    assert not {"init", "projector_ce_weight"} & set(SearchConfig().to_dict())  # defaults: configs as before
-    assert SearchConfig(projector_ce_weight=0.0).to_dict()["projector_ce_weight"] == 0.0
+    earlier = SearchConfig(init=("uniform",), projector=ProjectorConfig(ce_weight=1.0))
+    assert not {"init", "projector_ce_weight"} & set(earlier.to_dict())  # earlier values: configs as before
+    assert SearchConfig(projector=ProjectorConfig(ce_weight=0.0)).to_dict()["projector_ce_weight"] == 0.0
     cfg = SearchConfig(init=["uniform", "ecoflap"])
     assert cfg.init == ("uniform", "ecoflap") and SearchConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.digest() != SearchConfig().digest()
@@ -102,10 +103,76 @@ def test_start_policies_config():
     assert SearchConfig(target=0.9, init=("uniform", "owl")).target == 0.9
 
 
+#: What the profiles set before the presets existed (their ``search`` / ``ellava`` dicts, applied over the
+#: SearchConfig defaults of then: CE fitness, uniform start, 10 generations, 4 survivors, no projector).
+EARLIER_DEFAULTS = dict(loss_kind="ce", init=("uniform",), generations=10, survivors=4, projector_every=0)
+EARLIER_PROFILES = {
+    "ci": ({"population": 4, "generations": 3, "offspring": 6, "screen_samples": 8, "survivors": 2, "loss_kind": "kl",
+            "init": ["uniform", "owl", "ecoflap"]},
+           {"gap": "bernstein", "lam": 1.0, "projector_every": 1, "projector_steps": 5}),
+    "default": ({"population": 8, "generations": 8, "offspring": 16, "screen_samples": 8, "survivors": 2,
+                 "loss_kind": "kl", "init": ["uniform", "owl", "ecoflap"]},
+                {"gap": "bernstein", "lam": 1.0, "projector_every": 3}),
+    "paper": ({"population": 16, "generations": 100, "offspring": 32, "screen_samples": 16, "survivors": 8,
+               "loss_kind": "kl", "init": ["uniform", "owl", "ecoflap"]},
+              {"gap": "bernstein", "lam": 1.0, "projector_every": 10}),
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_round_trip_and_are_the_class_defaults(name, tmp_path):
+    cfg = getattr(SearchConfig, name)()
+    assert SearchConfig.from_preset(name) == cfg and cfg.projector == getattr(ProjectorConfig, name)()
+    assert ProjectorConfig.from_preset(name) == cfg.projector
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg == SearchConfig.from_json(cfg.to_json(tmp_path / "c.json"))
+    assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).digest() == cfg.digest()
+    # the dataclasses are their documented defaults: the default preset
+    assert SearchConfig() == SearchConfig.default() and ProjectorConfig() == ProjectorConfig.default()
+    # exactly the values the profile of the same name ran before the presets
+    search, ellava = EARLIER_PROFILES[name]
+    assert cfg == SearchConfig.from_preset("default", **{**EARLIER_DEFAULTS, **search, **ellava})
+
+
+def test_preset_overrides_name_single_fields():
+    cfg = SearchConfig.from_preset("ci", generations=5, projector_steps=7, init=["uniform"])
+    assert (cfg.generations, cfg.projector.steps, cfg.init) == (5, 7, ("uniform",))
+    assert cfg.projector.every == ProjectorConfig.ci().every and cfg.population == SearchConfig.ci().population
+    assert SearchConfig.from_preset("paper", projector=ProjectorConfig(steps=2), projector_every=0).projector == \
+        ProjectorConfig(every=0, steps=2)
+    assert SearchConfig.from_preset("default", projector={"lr": 0.01}).projector == ProjectorConfig(lr=0.01)
+    assert SearchConfig.from_preset("default", projector_every=4).to_dict()["projector_every"] == 4
+    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, paper"):
+        SearchConfig.from_preset("huge")
+    with pytest.raises(ValueError, match=r"unknown search config keys \['projector.stepz', 'projector_nope'\]"):
+        SearchConfig.from_preset("ci", projector_nope=1, projector={"stepz": 1})
+    with pytest.raises(ValueError, match="unknown projector config keys"):
+        ProjectorConfig.from_preset("ci", projector_every=1)
+    for bad in ({"every": -1}, {"topk": 0}, {"steps": -1}, {"lr": 0.0}, {"patience": 0}, {"eval_every": 0},
+                {"holdout": 1.0}, {"kl_weight": 0.0, "ce_weight": 0.0}, {"grad_clip": 0.0}):
+        with pytest.raises(ValueError, match="projector"):
+            ProjectorConfig(**bad)
+
+
+def test_serialised_form_is_flat_and_reads_earlier_folders():
+    cfg = SearchConfig.from_preset("ci", target=0.5, projector_ce_weight=0.5, projector_grad_clip=2.0)
+    d = cfg.to_dict()
+    assert "projector" not in d and d["projector_steps"] == 5 and d["projector_grad_clip"] == 2.0
+    keys = list(d)
+    assert keys[keys.index("init") + 1: keys.index("extra")] == [f"projector_{k}" for k in (
+        "every", "topk", "steps", "lr", "kl_weight", "ce_weight", "holdout", "patience", "eval_every", "grad_clip")]
+    assert "projector_grad_clip" not in SearchConfig().to_dict()  # added later: left out at the earlier value
+    # a folder written before init / projector_ce_weight existed: read back at the values it ran with
+    earlier = SearchConfig.from_preset("default", **EARLIER_DEFAULTS).to_dict()
+    assert not {"init", "projector_ce_weight", "projector_grad_clip"} & set(earlier)
+    back = SearchConfig.from_dict(earlier)
+    assert back.init == ("uniform",) and back.projector.ce_weight == 1.0 and back.to_dict() == earlier
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
-CFG = dict(target=0.6, gap="bernstein", lam=1.0, population=4, generations=4, offspring=5, screen_samples=4,
-           survivors=2, seed=0, projector_every=2, projector_steps=3, projector_holdout=0.0)
+CFG = dict(target=0.6, gap="bernstein", lam=1.0, loss_kind="ce", init=("uniform",), population=4, generations=4,
+           offspring=5, screen_samples=4, survivors=2, seed=0, projector_every=2, projector_steps=3,
+           projector_holdout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +186,7 @@ def _run(setup, out, **kw):
     model_dir, batch, db = setup
     model, _ = load_model(model_dir)
     return evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model),
-                             SearchConfig(**{**CFG, **kw}), out, progress=False)
+                             SearchConfig.from_preset("default", **{**CFG, **kw}), out, progress=False)
 
 
 def _files(out):
@@ -191,7 +258,7 @@ def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path)
     with pytest.raises(ValueError, match=r"lam: 1\.0 -> 0\.5.*projector_every: 0 -> 2"):
         _run(setup, tmp_path, lam=0.5)
     with pytest.raises(ValueError, match="another search"):
-        evolve.check_resume(tmp_path, SearchConfig(**{**CFG, "gap": "none"}))
+        evolve.check_resume(tmp_path, SearchConfig.from_preset("default", **{**CFG, "gap": "none"}))
     assert (tmp_path / "history.csv").read_bytes() == before
 
 
@@ -230,7 +297,7 @@ def test_search_starts_from_the_allocation_heuristics(setup, tmp_path):
     model_dir, batch, _ = setup
     model, _ = load_model(model_dir)
     weights = {u: float(n) for u, n in list_units(model).items()}
-    cfg = SearchConfig(**{**CFG, "target": 0.5, "init": ("uniform", "owl", "ecoflap")})
+    cfg = SearchConfig.from_preset("default", **{**CFG, "target": 0.5, "init": ("uniform", "owl", "ecoflap")})
     importance = {u: float(i + 1) ** 3 for i, u in enumerate(sorted(weights))}  # later units far more important
     starts = evolve.start_policies(model, batch, weights, cfg, importance)
     assert starts[0].sparsities == {u: 0.5 for u in weights}

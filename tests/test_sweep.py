@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ellava_lib.run import sweep, tables
+from ellava_lib.run import pipeline, sweep, tables
 from ellava_lib.run.sweep import Job, SweepSpec
+from ellava_lib.search.config import ProjectorConfig, SearchConfig
 
 SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,
-              projector_holdout=0.0)
+              projector_holdout=0.0, loss_kind="ce", init=["uniform"])
 
 
 def test_job_validation_and_names():
@@ -30,11 +31,75 @@ def test_job_validation_and_names():
 def test_search_config_of_each_method():
     spec = SweepSpec("m", search=SEARCH, ellava={"gap": "capacity", "lam": 0.5, "projector_every": 1})
     plain = sweep.search_config(spec, Job("search", 0.6, 2))
-    assert (plain.gap, plain.projector_every, plain.target, plain.seed) == ("none", 0, 0.6, 2)
+    assert (plain.gap, plain.projector.every, plain.target, plain.seed) == ("none", 0, 0.6, 2)
     full = sweep.search_config(spec, Job("ellava", 0.5))
-    assert (full.gap, full.lam, full.projector_every, full.generations) == ("capacity", 0.5, 1, 2)
+    assert (full.gap, full.lam, full.projector.every, full.generations) == ("capacity", 0.5, 1, 2)
     ablated = sweep.search_config(spec, Job("ellava", 0.5, gap="bernstein", projector=False))
-    assert (ablated.gap, ablated.projector_every) == ("bernstein", 0)
+    assert (ablated.gap, ablated.projector.every) == ("bernstein", 0)
+
+
+def _profile_spec(params: dict) -> SweepSpec:
+    """The spec notebooks 04-06 build from a profile's values (model folder aside)."""
+    return SweepSpec("m", None, search_preset=params["search_preset"], search=params.get("search", {}),
+                     ellava=params.get("ellava", {}))
+
+
+#: ``(search config digest, row digest)`` of searched jobs of each profile, computed before the presets existed
+#: (when the profiles listed every value): the presets keep checkpoints resumable and cached sweep rows valid.
+PROFILE_DIGESTS = {
+    "ci": {"ellava-0.60-s0-n32": ("b6aa937b413c", "d67266e81fb7"),
+           "search-0.60-s0-n32": ("78a93136184a", "b29eaec9a9b3"),
+           "ellava-0.60-s0-n32-noproj": ("09c9a8368ebb", "67826def614c"),
+           "ellava-0.60-s0-n32-gap_none": ("8ad8224e01bb", "498c2b5e924d")},
+    "default": {"ellava-0.60-s0-n64": ("e6c50aa56eb6", "e3d083f5ad51"),
+                "search-0.60-s0-n64": ("7430ed6ae9f9", "73488e1a0682"),
+                "ellava-0.60-s0-n64-noproj": ("ba895d47a41b", "50992c8e75eb"),
+                "ellava-0.60-s0-n64-gap_none": ("1752176535b4", "87e16641414e")},
+    "paper": {"ellava-0.60-s0-n64": ("4f700945260d", "5eb36272525a"),
+              "search-0.60-s0-n64": ("86f3653f8f89", "83b9edf04ac6"),
+              "ellava-0.60-s0-n64-noproj": ("d327b74c6da0", "489c46a7352a"),
+              "ellava-0.60-s0-n64-gap_none": ("840cee850807", "c4f03bd0ecb0")},
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_DIGESTS))
+def test_profiles_keep_their_search_digests(profile):
+    params = pipeline.load_profile(profile)
+    spec, n = _profile_spec(params), params["calib_n"]
+    jobs = [Job("ellava", 0.6, 0, n), Job("search", 0.6, 0, n), Job("ellava", 0.6, 0, n, projector=False),
+            Job("ellava", 0.6, 0, n, gap="none")]
+    got = {j.name(): (sweep.search_config(spec, j).digest(), sweep.spec_digest(spec, j)) for j in jobs}
+    assert got == PROFILE_DIGESTS[profile]
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_DIGESTS))
+def test_a_profile_runs_its_preset_with_its_overrides(profile):
+    params = pipeline.load_profile(profile)
+    preset, search, ellava = params["search_preset"], params.get("search", {}), params.get("ellava", {})
+    for key, value in {**search, **ellava}.items():  # an override names a value the preset does not have
+        assert SearchConfig.from_preset(preset, **{key: value}) != SearchConfig.from_preset(preset), (profile, key)
+    spec = _profile_spec(params)
+    for sparsity in params["sparsities"]:
+        for seed in params["seeds"]:
+            extra = {"calib_n": params["calib_n"], "db_method": "sparsegpt"}
+            full = sweep.search_config(spec, Job("ellava", sparsity, seed, params["calib_n"]))
+            assert full == SearchConfig.from_preset(preset, **search, **ellava, target=sparsity, seed=seed, extra=extra)
+            plain = sweep.search_config(spec, Job("search", sparsity, seed, params["calib_n"]))
+            assert plain == SearchConfig.from_preset(preset, projector=ProjectorConfig(every=0), **search,
+                                                     gap="none", target=sparsity, seed=seed, extra=extra)
+
+
+def test_the_plain_search_ignores_the_presets_projector_schedule():
+    for preset in ("ci", "default", "paper"):
+        plain = sweep.search_config(SweepSpec("m", search_preset=preset), Job("search", 0.6))
+        assert plain.gap == "none" and plain.projector == ProjectorConfig(every=0)
+        full = sweep.search_config(SweepSpec("m", search_preset=preset), Job("ellava", 0.6))
+        assert full.projector == getattr(ProjectorConfig, preset)()
+        on = sweep.search_config(SweepSpec("m", search_preset=preset, ellava={"projector_every": 0}),
+                                 Job("ellava", 0.6, projector=True))
+        assert on.projector.every == ProjectorConfig().every  # switched on: the default schedule
+    with pytest.raises(ValueError, match="unknown search preset 'huge'"):
+        SweepSpec("m", search_preset="huge")
 
 
 def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
@@ -106,7 +171,8 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
     monkeypatch.setattr(sweep, "zeroth_order_importance", counting)
     spec = SweepSpec(str(micro_model_dir), eval_limit=2, calib_eval=False,
                      search={"population": 3, "generations": 1, "offspring": 2, "screen_samples": 0,
-                             "init": ["uniform", "ecoflap"]}, ellava={"projector_every": 0})
+                             "init": ["uniform", "ecoflap"], "loss_kind": "ce", "survivors": 4},
+                     ellava={"projector_every": 0})
     jobs = [Job("ecoflap", 0.5, 0, 8), Job("ecoflap", 0.6, 0, 8), Job("ellava", 0.6, 0, 8)]
     sweep.run_sweep(spec, jobs, tmp_path, progress=False)
     assert calls == [0]  # one computation serves both sparsities and the search that starts from ECoFLaP

@@ -121,7 +121,8 @@ def test_real_tier_sweep_jobs(micro_model_dir: Path, data_root: Path, tmp_path: 
     evaluated on the four real fixture benchmarks."""
     tier = real(data_root)
     spec = SweepSpec(str(micro_model_dir), 4, search={"population": 3, "generations": 2, "offspring": 3,
-                                                      "screen_samples": 0, "survivors": 2},
+                                                      "screen_samples": 0, "survivors": 2, "loss_kind": "ce",
+                                                      "init": ["uniform"]},
                      ellava={"gap": "bernstein", "lam": 1.0, "projector_every": 1, "projector_steps": 2},
                      tier=tier.to_dict())
     jobs = [Job("sparsegpt", 0.5, 0, 6), Job("ellava", 0.5, 0, 6)]
@@ -184,7 +185,8 @@ def test_notebooks_run_on_the_real_tier(micro_model_dir: Path, data_root: Path, 
     nbs = sorted(pipeline.notebooks_dir().glob("0[1-4]_*.ipynb"))
     run_dir = pipeline.run_pipeline("ci", tmp_path, nbs, overrides={
         "tier": tier.to_dict(), "eval_limit": 3, "sweep_eval_limit": 3, "calib_n": 6, "n_show": 2,
-        "search": {"population": 3, "generations": 2, "offspring": 3, "screen_samples": 0, "survivors": 2},
+        "search": {"population": 3, "generations": 2, "offspring": 3, "screen_samples": 0, "survivors": 2,
+                   "loss_kind": "ce", "init": ["uniform"]},
         "ellava": {"gap": "bernstein", "lam": 1.0, "projector_every": 1, "projector_steps": 2}})
     model_info = json.loads((run_dir / "model.json").read_text())
     assert Tier.from_dict(model_info["tier"]) == tier and model_info["model_dir"] == str(micro_model_dir)

@@ -75,11 +75,16 @@ def load_profile(name: str, root: str | Path | None = None) -> dict:
 
 def preflight(params: dict) -> None:
     """Checks that need no notebook, before anything runs: the tier's keys and values, that its device
-    exists here (the paper profile on a machine without CUDA stops now), the cost model's GPU name."""
+    exists here (the paper profile on a machine without CUDA stops now), the cost model's GPU name, the search
+    preset and its overrides (``search_preset``, ``search``, ``ellava``: :meth:`config.SearchConfig.from_preset`)."""
     from ellava_lib.run.tier import Tier, check_device
+    from ellava_lib.search.config import SearchConfig
     from ellava_lib.speed.costmodel import get_profile
 
     check_device(Tier.from_dict(params.get("tier")))
+    overrides = [params.get(k) or {} for k in ("search", "ellava")]
+    if isinstance(params.get("search_preset", ""), str) and all(isinstance(o, dict) for o in overrides):
+        SearchConfig.from_preset(params.get("search_preset", "default"), **{**overrides[0], **overrides[1]})
     if "gpu" in params:
         try:
             get_profile(str(params["gpu"]))

@@ -152,17 +152,28 @@ def jobs_grid(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequen
 class SweepSpec:
     """What every job of a sweep shares: the model, the evaluation, the searched methods' configuration.
 
-    ``search``: :class:`config.SearchConfig` fields for both searched methods; ``ellava`` adds the gap
-    term (``gap``, ``lam``) and projector evolution (``projector_every``) on top; ``search`` forces
-    ``gap="none"`` and ``projector_every=0``.
+    The searched methods' configuration is ``search_preset`` (:data:`config.PRESETS`; the full method's
+    settings, :meth:`config.SearchConfig.from_preset`) with the fields named in ``search`` replaced for both
+    searched methods and those named in ``ellava`` for the full method only (override keys as in
+    :meth:`config.SearchConfig.to_dict`: ``projector_every``, ...). The ``search`` method then runs without the
+    gap term and without projector evolution (``gap="none"``, ``projector_every=0``; its unused projector knobs
+    are :class:`config.ProjectorConfig`'s defaults plus those named in ``search``, not the preset's, so its
+    configuration and rows do not depend on the preset's projector schedule).
     """
 
     model_dir: str
     eval_limit: int | None = None
+    search_preset: str = "default"
     search: dict[str, Any] = field(default_factory=dict)
-    ellava: dict[str, Any] = field(default_factory=lambda: {"gap": "bernstein", "lam": 1.0, "projector_every": 3})
+    ellava: dict[str, Any] = field(default_factory=dict)
     calib_eval: bool = True
     tier: dict[str, Any] = field(default_factory=dict)  # :class:`tier.Tier` fields ({} = the embedded default)
+
+    def __post_init__(self) -> None:
+        from ellava_lib.search.config import PRESETS
+
+        if self.search_preset not in PRESETS:
+            raise ValueError(f"unknown search preset {self.search_preset!r}; choose from {', '.join(PRESETS)}")
 
     def get_tier(self) -> Tier:
         return Tier.from_dict(self.tier)
@@ -171,21 +182,30 @@ class SweepSpec:
         return asdict(self)
 
 
-def search_config(spec: SweepSpec, job: Job):
-    """The :class:`config.SearchConfig` of a searched job (method defaults, then the job's overrides)."""
+def full_method_config(spec: SweepSpec, sparsity: float):
+    """The full method's :class:`config.SearchConfig` at ``sparsity`` before a job's own overrides (seed 0)."""
     from ellava_lib.search.config import SearchConfig
+
+    return SearchConfig.from_preset(spec.search_preset, **{**spec.search, **spec.ellava, "target": sparsity})
+
+
+def search_config(spec: SweepSpec, job: Job):
+    """The :class:`config.SearchConfig` of a searched job: the spec's preset and overrides for its method
+    (:class:`SweepSpec`), then the job's own (sparsity, seed, gap / projector ablation, calibration size)."""
+    from ellava_lib.search.config import ProjectorConfig, SearchConfig
 
     cfg = {**spec.search, "target": job.sparsity, "seed": job.seed}
     if job.method == "ellava":
         cfg.update(spec.ellava)
-    else:
-        cfg.update(gap="none", projector_every=0)
+    else:  # no gap term, no projector rounds; the unused projector knobs at their defaults, whatever the preset
+        cfg = {"projector": ProjectorConfig(), **cfg, "gap": "none", "projector_every": 0}
     if job.gap is not None:
         cfg["gap"] = job.gap
-    if job.projector is not None:
-        cfg["projector_every"] = (spec.ellava.get("projector_every") or 3) if job.projector else 0
+    if job.projector is not None:  # on: the full method's schedule (the default preset's when that is off)
+        every = full_method_config(spec, job.sparsity).projector.every or ProjectorConfig().every
+        cfg["projector_every"] = every if job.projector else 0
     cfg["extra"] = {"calib_n": job.calib_n, "db_method": "sparsegpt"}
-    return SearchConfig.from_dict(cfg)
+    return SearchConfig.from_preset(spec.search_preset, **cfg)
 
 
 def level_db_dir(out_dir: Path, seed: int, calib_n: int) -> Path:
@@ -406,7 +426,7 @@ def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int 
     off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the exact
     re-prune. Overrides equal to the method's default are dropped, so these jobs share rows (and folders)
     with the main table's."""
-    default_gap = spec.ellava.get("gap", "bernstein")
+    default_gap = full_method_config(spec, sparsity).gap
     jobs = [Job("ellava", sparsity, seed, calib_n, gap=None if g == default_gap else g) for g in gaps]
     jobs.append(Job("ellava", sparsity, seed, calib_n, projector=False))
     for n in calib_ns:

@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ellava_lib.run.sweep import ALL_METHODS, LABELS, SUITE_COLUMNS, SweepSpec
+from ellava_lib.run.sweep import (
+    ALL_METHODS,
+    LABELS,
+    SUITE_COLUMNS,
+    SweepSpec,
+    full_method_config,
+)
 
 
 def plain_rows(results: pd.DataFrame) -> pd.DataFrame:
@@ -21,9 +27,9 @@ def plain_rows(results: pd.DataFrame) -> pd.DataFrame:
 
 def ablation_label(row: Mapping[str, Any], spec: SweepSpec) -> str:
     """What a row of :func:`ablation_jobs` varies, in words."""
-    default_gap = spec.ellava.get("gap", "bernstein")
     if row["method"] == "search":
         return f"no gap term, no projector, n={row['calib_n']}"
+    default_gap = full_method_config(spec, float(row["sparsity"])).gap
     gap = row["gap"] if isinstance(row.get("gap"), str) else default_gap
     parts = [f"gap={gap}"]
     if row.get("projector") is False or row.get("projector") == 0.0:

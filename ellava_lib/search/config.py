@@ -1,5 +1,14 @@
-"""The search's configuration: :class:`SearchConfig` (fitness, gap term, population, selection, projector
-rounds, start policies), validated, serialisable and hashed into the run's identity.
+"""The search's configuration, and the one home of its defaults.
+
+:class:`ProjectorConfig` (projector evolution: schedule, optimiser, loss weights, early stopping) and
+:class:`SearchConfig` (fitness, gap term, population, selection, start policies, and a ``projector``), validated,
+serialisable and hashed into the run's identity. Each has the named presets :data:`PRESETS` as classmethods
+(``ci()``, ``default()``, ``paper()``: the settings of the pipeline profiles of the same names), and its field
+defaults *are* the ``default`` preset. :meth:`SearchConfig.from_preset` (a preset plus field overrides) is how the
+command line, the sweep and the notebooks build the config of a search.
+
+The serialised form (:meth:`SearchConfig.to_dict`, what checkpoints, resume checks and the sweep's row cache hash)
+is flat: the projector's fields appear as ``projector_<field>``, the names override dicts use as well.
 """
 
 from __future__ import annotations
@@ -7,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +35,131 @@ from ellava_lib.search.objective import (
     LOSS_KINDS,
 )
 
-#: Fields added after search folders existed, with their defaults: left out of ``to_dict`` (and the digest)
-#: at those defaults, so older folders still resume and older sweep rows stay valid.
-_LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0}
+#: Named presets of both configs: ``ci`` (minutes on 2 CPU cores), ``default`` (the embedded default, ``make
+#: reproduce``), ``paper`` (LLaVA-1.5-7B on one GPU). Each is the setting of the pipeline profile of that name.
+PRESETS: tuple[str, ...] = ("ci", "default", "paper")
+
+#: Prefix of the projector's fields in the flat serialised form and in override dicts (``projector_every``).
+PROJECTOR_PREFIX = "projector_"
+
+#: Serialised fields added after search folders existed, with the value every search had before: left out of
+#: ``to_dict`` (and the digest) at that value, so older folders still resume and older sweep rows stay valid, and
+#: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
+_LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0}
+
+
+def _check_preset(name: str) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"unknown search preset {name!r}; choose from {', '.join(PRESETS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Projector evolution (:func:`projector.evolve_projector`) and its schedule inside the search.
+
+    Field defaults are the ``default`` preset; :meth:`ci` and :meth:`paper` change ``every`` / ``steps`` only.
+
+    * ``every``: generations between evolution rounds in the search (round after generation ``g`` when
+      ``g % every == 0``); 0 = no projector evolution.
+    * ``topk``: a round fine-tunes the projector for the search's ``topk`` best policies (round-robin, one per step).
+    * ``steps``: AdamW steps per round (``T``; fewer when early stopping ends the round).
+    * ``lr``: AdamW learning rate (weight decay 0).
+    * ``kl_weight``, ``ce_weight``: the step loss ``ce_weight * CE + kl_weight * KL(dense || pruned)``
+      (per-sample means over the answer positions; ``ce_weight = 0`` distils the dense model only).
+    * ``holdout``: share of the calibration rows held out for early stopping (``[0, 1)``; 0 = no early stopping:
+      every step runs and the last projector is kept).
+    * ``patience``: held-out evaluations without improvement before a round stops.
+    * ``eval_every``: steps between held-out evaluations.
+    * ``grad_clip``: maximal gradient norm of a step.
+    """
+
+    every: int = 3
+    topk: int = 2
+    steps: int = 20
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    holdout: float = 0.25
+    patience: int = 3
+    eval_every: int = 2
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.every >= 0 and self.topk >= 1, f"projector: need every >= 0 and topk >= 1, got {self.every}, "
+                                                  f"{self.topk}"),
+            (self.steps >= 0 and self.patience >= 1 and self.eval_every >= 1 and self.lr > 0,
+             f"projector: need steps >= 0, patience >= 1, eval_every >= 1 and lr > 0; got steps={self.steps}, "
+             f"patience={self.patience}, eval_every={self.eval_every}, lr={self.lr}"),
+            (self.ce_weight >= 0 and self.kl_weight >= 0 and self.ce_weight + self.kl_weight > 0,
+             f"projector: need ce_weight, kl_weight >= 0, not both 0; got {self.ce_weight}, {self.kl_weight}"),
+            (0.0 <= self.holdout < 1.0, f"projector: holdout must lie in [0, 1), got {self.holdout}"),
+            (self.grad_clip > 0, f"projector: grad_clip must be > 0, got {self.grad_clip}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def ci(cls) -> ProjectorConfig:
+        """profiles/ci.yaml: a short round after every generation."""
+        return cls(every=1, steps=5)
+
+    @classmethod
+    def default(cls) -> ProjectorConfig:
+        """profiles/default.yaml (the field defaults): 20 steps every 3 generations."""
+        return cls()
+
+    @classmethod
+    def paper(cls) -> ProjectorConfig:
+        """profiles/paper.yaml: 20 steps every 10 of the 100 generations."""
+        return cls(every=10)
+
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides: Any) -> ProjectorConfig:
+        """The preset ``name`` (:data:`PRESETS`) with the fields named in ``overrides`` replaced."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown projector config keys {unknown}")
+        return replace(getattr(cls, _check_preset(name))(), **overrides)
+
+    def to_flat(self) -> dict[str, Any]:
+        """``{"projector_<field>": value}`` in field order (the serialised form inside a search config)."""
+        return {PROJECTOR_PREFIX + f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
 class SearchConfig:
     """Everything that determines a search's result (``generations`` only decides when it stops).
 
-    Objective: ``target`` mean sparsity on ``grid`` under the ``budget`` weights; ``J = R_hat + lam G_hat``
-    with ``gap`` in :data:`gaps.GAP_ESTIMATORS` (confidence ``delta``; capacity: ``h_scale``, ``depth_decay``),
-    per-sample ``loss_kind`` losses clipped at ``loss_cap`` (:mod:`objective`). Evolution: ``population``,
-    ``offspring`` per generation, 1 to ``mutation_steps`` moves per child, ``tournament`` size, ``elitism``
-    parents kept, multi-step selection ``screen_samples`` -> ``survivors``; ``seed`` drives every draw.
-    ``init``: the start policies of generation 0 (:data:`START_POLICIES`). ``projector_*``: evolution every
-    ``projector_every`` generations (0 = off) for the top ``projector_topk`` (:func:`projector.evolve_projector`;
-    loss ``ce_weight * CE + kl_weight * KL(dense || pruned)``). ``extra``: free-form (e.g. how the calibration
-    set was drawn); compared on resume like the rest.
+    Field defaults are the ``default`` preset (:meth:`default`); :meth:`ci` and :meth:`paper` are the other
+    profiles' settings, :meth:`from_preset` a preset with overrides.
+
+    Objective ``J = R_hat + lam * G_hat`` (:mod:`objective`):
+
+    * ``target``: mean sparsity of the policy under the ``budget`` weights (each job sets its own).
+    * ``grid``: the sparsity levels a unit can take (those of the level database).
+    * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``capacity``, ``bernstein``);
+      ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
+    * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) at the answer positions
+      (as EvoPress), ``ce`` = answer cross-entropy; ``loss_cap``: per-sample losses clipped at this many nats.
+    * ``h_scale``, ``depth_decay``: the capacity gap's scale (None = ``min(gaps.DEFAULT_H_SCALE, n)``) and
+      per-depth decay.
+    * ``budget``: what the mean sparsity weighs units by, ``params`` or ``flops`` (:data:`budget.BUDGETS`).
+
+    Evolution (:mod:`evolve`):
+
+    * ``population`` policies; ``generations`` to run; ``offspring`` children per generation, each 1 to
+      ``mutation_steps`` budget-keeping moves from a ``tournament``-size tournament winner; ``elitism`` parents
+      always kept.
+    * Multi-step selection: children are scored on ``screen_samples`` fixed calibration rows first (0 = off) and
+      the best ``survivors`` on all of them.
+    * ``eval_batch_size``: rows per forward pass (0 = all at once); ``seed``: drives every draw (each job sets its
+      own).
+    * ``init``: the start policies of generation 0 (:data:`START_POLICIES`).
+    * ``projector``: projector evolution (:class:`ProjectorConfig`; ``projector.every = 0``: none).
+    * ``extra``: free-form (e.g. how the calibration set was drawn); compared on resume like the rest.
     """
 
     target: float = 0.6
@@ -51,37 +167,33 @@ class SearchConfig:
     gap: str = "bernstein"
     lam: float = 1.0
     delta: float = 0.05
-    loss_kind: str = "ce"
+    loss_kind: str = "kl"
     loss_cap: float = DEFAULT_LOSS_CAP
-    h_scale: float | None = None  # capacity gap; None = min(gaps.DEFAULT_H_SCALE, n)
+    h_scale: float | None = None
     depth_decay: float = gaps.DEFAULT_DEPTH_DECAY
     budget: str = "params"
     population: int = 8
-    generations: int = 10
+    generations: int = 8
     offspring: int = 16
     mutation_steps: int = 3
     tournament: int = 2
     elitism: int = 2
-    screen_samples: int = 8  # 0 = no screening
-    survivors: int = 4
-    eval_batch_size: int = 0  # rows per forward pass; 0 = all
+    screen_samples: int = 8
+    survivors: int = 2
+    eval_batch_size: int = 0
     seed: int = 0
-    init: tuple[str, ...] = ("uniform",)
-    projector_every: int = 0  # K generations between projector evolutions; 0 = off
-    projector_topk: int = 2
-    projector_steps: int = 20
-    projector_lr: float = 1e-3
-    projector_kl_weight: float = 1.0
-    projector_ce_weight: float = 1.0
-    projector_holdout: float = 0.25
-    projector_patience: int = 3
-    projector_eval_every: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, compared on resume
+    init: tuple[str, ...] = ("uniform", "owl", "ecoflap")
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.grid = tuple(sorted(float(g) for g in self.grid))
         self.init = tuple(self.init)
+        if isinstance(self.projector, Mapping):
+            self.projector = ProjectorConfig(**self.projector)
         checks = [
+            (isinstance(self.projector, ProjectorConfig),
+             f"projector must be a ProjectorConfig, got {self.projector!r}"),
             (len(self.grid) >= 2 and self.grid[0] >= 0 and self.grid[-1] < 1,
              f"grid levels must be >= 2 values in [0, 1), got {self.grid}"),
             (self.grid[0] - GRID_TOL <= self.target <= self.grid[-1] + GRID_TOL,
@@ -101,27 +213,73 @@ class SearchConfig:
             ("ecoflap" not in self.init or self.target <= ecoflap_cap(self.grid) + GRID_TOL,
              f"the ECoFLaP start policy cannot reach sparsity {self.target} (it keeps at least "
              f"{1 - ecoflap_cap(self.grid):g} of every unit); leave ecoflap out of init"),
-            (self.eval_batch_size >= 0 and self.projector_every >= 0 and self.projector_topk >= 1,
-             "need eval_batch_size >= 0, projector_every >= 0, projector_topk >= 1"),
+            (self.eval_batch_size >= 0, f"need eval_batch_size >= 0, got {self.eval_batch_size}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
+    # ------------------------------------------------------------------------------------------ presets
+
+    @classmethod
+    def ci(cls) -> SearchConfig:
+        """profiles/ci.yaml: 4 policies, 3 generations of 6 children; a 5-step projector round every generation."""
+        return cls(population=4, generations=3, offspring=6, projector=ProjectorConfig.ci())
+
+    @classmethod
+    def default(cls) -> SearchConfig:
+        """profiles/default.yaml (the field defaults): 8 policies, 8 generations of 16 children (8 screening
+        samples, 2 survivors), KL fitness from the uniform, OWL and ECoFLaP starts, Bernstein gap with lambda 1,
+        a 20-step projector round every 3 generations."""
+        return cls()
+
+    @classmethod
+    def paper(cls) -> SearchConfig:
+        """profiles/paper.yaml: 16 policies, 100 generations of 32 children (16 screening samples, 8 survivors),
+        a projector round every 10 generations."""
+        return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8,
+                   projector=ProjectorConfig.paper())
+
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides: Any) -> SearchConfig:
+        """The preset ``name`` (:data:`PRESETS`) with the fields named in ``overrides`` replaced.
+
+        Overrides use the serialised names: search fields as they are, projector fields as ``projector_<field>``
+        (``projector_every=0``). ``projector=`` (a :class:`ProjectorConfig` or a mapping of its fields) replaces
+        the preset's projector first; ``projector_*`` keys then apply on top. Unknown keys: ``ValueError``.
+        """
+        base = getattr(cls, _check_preset(name))()
+        top, projector, proj = _split(overrides, base.projector)
+        return replace(base, **top, projector=replace(projector, **proj))
+
+    # ---------------------------------------------------------------------------------- serialisation
+
     def to_dict(self) -> dict[str, Any]:
-        d = json.loads(json.dumps({**asdict(self), "grid": list(self.grid), "init": list(self.init)}))
-        for k, default in _LATER_FIELDS.items():  # at their defaults: configs (and digests) as before they existed
-            if d[k] == default:
+        """The flat serialised form (JSON types; projector fields as ``projector_<field>``, in field order), minus
+        :data:`_LATER_FIELDS` at their earlier value."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "projector":
+                d.update(value.to_flat())
+            else:
+                d[f.name] = list(value) if f.name in ("grid", "init") else value
+        d = json.loads(json.dumps(d))
+        for k, earlier in _LATER_FIELDS.items():  # at their earlier value: configs (and digests) as before
+            if d[k] == earlier:
                 d.pop(k)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown search config keys {unknown}")
-        return cls(**{**d, "grid": tuple(d.get("grid", DEFAULT_GRID))})
+        """Read the serialised form back (``from_dict(c.to_dict()) == c``): an absent :data:`_LATER_FIELDS` key
+        is the value searches had before it existed, any other absent key the field default."""
+        later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
+        n = len(PROJECTOR_PREFIX)
+        base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})
+        top, projector, proj = _split({**{k: v for k, v in later.items() if not k.startswith(PROJECTOR_PREFIX)}, **d},
+                                      base)
+        return cls(**{**top, "grid": tuple(top.get("grid", DEFAULT_GRID))}, projector=replace(projector, **proj))
 
     def to_json(self, path: str | Path) -> Path:
         return files.write_json(Path(path), self.to_dict())
@@ -134,6 +292,36 @@ class SearchConfig:
         """12 hex chars of sha1 over the config minus :data:`checkpoint.RESUMABLE_FIELDS`."""
         d = {k: v for k, v in self.to_dict().items() if k not in ckpt.RESUMABLE_FIELDS}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _split(d: Mapping[str, Any], projector: ProjectorConfig) -> tuple[dict[str, Any], ProjectorConfig, dict[str, Any]]:
+    """``(search fields, base projector, projector fields)`` of a flat mapping. ``projector_<field>`` keys are
+    projector fields (prefix dropped); a ``projector`` key replaces the base ``projector`` when it is a
+    :class:`ProjectorConfig` and adds fields below the flat keys when it is a mapping. ``ValueError`` naming any
+    unknown key."""
+    search_names = {f.name for f in fields(SearchConfig)} - {"projector"}
+    projector_names = {f.name for f in fields(ProjectorConfig)}
+    top: dict[str, Any] = {}
+    proj: dict[str, Any] = {}
+    unknown = []
+    for k, v in d.items():
+        if k in search_names:
+            top[k] = v
+        elif k.startswith(PROJECTOR_PREFIX) and k[len(PROJECTOR_PREFIX):] in projector_names:
+            proj[k[len(PROJECTOR_PREFIX):]] = v
+        elif k != "projector":
+            unknown.append(k)
+    given = d.get("projector")
+    if isinstance(given, ProjectorConfig):
+        projector = given
+    elif given is not None:
+        if not isinstance(given, Mapping):
+            raise ValueError(f"projector must be a ProjectorConfig or a mapping of its fields, got {given!r}")
+        unknown += [f"projector.{k}" for k in given if k not in projector_names]
+        proj = {**given, **proj}
+    if unknown:
+        raise ValueError(f"unknown search config keys {sorted(unknown)}")
+    return top, projector, proj
 
 
 #: Start policies of generation 0 (``SearchConfig.init``): the uniform policy, OWL's outlier-weighted and

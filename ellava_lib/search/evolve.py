@@ -11,10 +11,11 @@ Each generation: ``offspring`` children, each a mutant of a tournament winner (`
 ``J``), new to the population and the generation; multi-step selection scores them on ``screen_samples`` fixed
 calibration rows first and only the best ``survivors`` on all n (``screen_samples = 0`` or ``>= n``: all on
 n); the next population is the best ``elitism`` parents plus the best fully scored children (topped up with
-parents). Ties break by policy id. Every ``projector_every`` generations the projector is evolved for the top
-``projector_topk`` (:mod:`projector`) and the population rescored with it. Candidates are *assembled* from the
-level database (no solver in the loop). Each generation ends with an atomic checkpoint (:mod:`checkpoint`); a
-run resumes from it and produces exactly the result and history of an uninterrupted run.
+parents). Ties break by policy id. Every ``projector.every`` generations the projector is evolved for the top
+``projector.topk`` (:mod:`projector`, :class:`config.ProjectorConfig`) and the population rescored with it.
+Candidates are *assembled* from the level database (no solver in the loop). Each generation ends with an
+atomic checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the result and history of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -216,11 +217,8 @@ def _evolve(run: _Run, pop: list[Member], gen: int) -> list[Member]:
     """Evolve the projector for the top-k, save it, rescore the population with it."""
     cfg = run.cfg
     tick = time.perf_counter()
-    top = [m.policy for m in pop[: cfg.projector_topk]]
-    state, log = evolve_projector(run.model, run.batch, top, run.db, run.dense, cfg.projector_steps,
-                                  cfg.projector_lr, cfg.projector_kl_weight, cfg.projector_holdout,
-                                  cfg.projector_patience, cfg.seed * 100003 + gen, eval_every=cfg.projector_eval_every,
-                                  ce_weight=cfg.projector_ce_weight)
+    top = [m.policy for m in pop[: cfg.projector.topk]]
+    state, log = evolve_projector(run.model, run.batch, top, run.db, run.dense, cfg.projector, cfg.seed * 100003 + gen)
     rnd = (run.projector or {}).get("round", 0) + 1
     name = f"projector_rounds/round-{rnd:03d}.safetensors"
     holdout = [r["holdout_loss"] for r in log if r["holdout_loss"] is not None]
@@ -285,7 +283,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     weights = budget_weights(units, cfg.budget, lm_tokens, structure.vision_tokens_per_image(model.config))
     timing = {"assemble": 0.0, "evaluate": 0.0, "projector": 0.0, "dense": 0.0, "n_assembled": 0}
     tick = time.perf_counter()
-    need_dense = cfg.loss_kind == "kl" or (cfg.projector_every > 0 and cfg.projector_kl_weight > 0)
+    need_dense = cfg.loss_kind == "kl" or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
     dense = dense_logits_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
     timing["dense"] = time.perf_counter() - tick
     screen = (sorted(random.Random(f"screen/{cfg.seed}").sample(range(n), cfg.screen_samples))
@@ -312,7 +310,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)
     for gen in range(start + 1, cfg.generations + 1):
         pop = _generation(run, pop, rng, gen)
-        if cfg.projector_every and gen % cfg.projector_every == 0:
+        if cfg.projector.every and gen % cfg.projector.every == 0:
             pop = _evolve(run, pop, gen)
         _save_checkpoint(run, pop, rng, gen, context)
         bar.update(1)

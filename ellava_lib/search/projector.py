@@ -6,10 +6,11 @@ only ``P``'s parameters take an AdamW step on the training part of the calibrati
     L(P; pi) = ce_weight * mean_i CE_i(P, pi) + kl_weight * mean_i KL(p_dense,i || p_{P,pi},i)
 
 (per-sample means over answer positions, :mod:`objective`). Early stopping: a held-out part of the
-calibration set (``holdout_frac``, drawn with ``seed``) is scored, averaged over all k policies, before
+calibration set (``holdout``, drawn with ``seed``) is scored, averaged over all k policies, before
 training and every ``eval_every`` steps; training stops after ``patience`` evaluations without
 improvement and the best projector is kept (the starting one if nothing helped). With
-``holdout_frac = 0`` every step runs and the last projector is kept.
+``holdout = 0`` every step runs and the last projector is kept. The knobs (``T = steps``, ``lr``, the loss
+weights, ``holdout``, ``patience``, ``eval_every``, ``grad_clip``) come in one :class:`config.ProjectorConfig`.
 
 Saved projectors (:func:`save_projector`) are safetensors whose keys are the model's own state-dict keys
 (``model.multi_modal_projector.linear_1.weight``, ...), so a model folder holding one still loads, with
@@ -34,6 +35,7 @@ from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
 from ellava_lib.model.losses import per_sample_ce
 from ellava_lib.prune.leveldb import LevelDB
+from ellava_lib.search.config import ProjectorConfig
 from ellava_lib.search.objective import model_logits, per_sample_kl, subset
 
 
@@ -120,28 +122,28 @@ def _holdout_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], hold: lis
 
 
 def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], policies: Sequence[Policy],
-                     level_db: LevelDB, dense_logits: torch.Tensor | None, steps: int, lr: float,
-                     kl_weight: float, holdout_frac: float, patience: int, seed: int, *, eval_every: int = 1,
-                     grad_clip: float = 1.0,
-                     ce_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+                     level_db: LevelDB, dense_logits: torch.Tensor | None, config: ProjectorConfig,
+                     seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Fine-tune the projector for ``policies`` (see the module docstring); returns ``(state, log)``.
 
-    The kept projector (best on the held-out rows) is loaded into ``model`` and returned (relative keys);
-    the model's units are left at whatever policy was assembled last. ``log`` has one row per step
-    (``step, policy_id, train_loss, holdout_loss, seconds``; step 0 = the starting projector).
+    ``config``: steps, learning rate, loss weights, held-out share, patience, evaluation interval and gradient
+    clip (:class:`config.ProjectorConfig`; its ``every`` / ``topk`` are the search's schedule, unused here).
+    ``seed`` draws the held-out rows. The kept projector (best on the held-out rows) is loaded into ``model`` and
+    returned (relative keys); the model's units are left at whatever policy was assembled last. ``log`` has one
+    row per step (``step, policy_id, train_loss, holdout_loss, seconds``; step 0 = the starting projector).
     """
     if not policies:
         raise ValueError("projector evolution needs at least one policy")
-    if steps < 0 or patience < 1 or eval_every < 1 or lr <= 0:
-        raise ValueError(f"need steps >= 0, patience >= 1, eval_every >= 1 and lr > 0; got steps={steps}, "
-                         f"patience={patience}, eval_every={eval_every}, lr={lr}")
-    train, hold = split_holdout(int(batch["input_ids"].shape[0]), holdout_frac, seed)
+    if not isinstance(config, ProjectorConfig):
+        raise TypeError(f"config must be a ProjectorConfig, got {type(config).__name__}")
+    steps, kl_weight, ce_weight = config.steps, config.kl_weight, config.ce_weight
+    train, hold = split_holdout(int(batch["input_ids"].shape[0]), config.holdout, seed)
     proj = projector_module(model)
     own = {id(p) for p in proj.parameters()}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     for p in frozen:
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(proj.parameters(), lr=config.lr, weight_decay=0.0)
     tick = time.perf_counter()
     best_state = projector_state(model)
     best = _holdout_loss(model, batch, hold, policies, level_db, dense_logits, kl_weight, ce_weight) if hold else None
@@ -156,11 +158,11 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
             loss = projector_loss(model, batch, train, dense_logits, kl_weight, ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(proj.parameters()), grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(proj.parameters()), config.grad_clip)
             opt.step()
             row = {"step": step, "policy_id": pol.policy_id(), "train_loss": float(loss.detach()),
                    "holdout_loss": None}
-            if hold and step % eval_every == 0:
+            if hold and step % config.eval_every == 0:
                 row["holdout_loss"] = h = _holdout_loss(model, batch, hold, policies, level_db, dense_logits,
                                                         kl_weight, ce_weight)
                 if h < best:
@@ -169,7 +171,7 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
                     bad += 1
             row["seconds"] = time.perf_counter() - tick
             log.append(row)
-            if hold and bad >= patience:
+            if hold and bad >= config.patience:
                 break
         if not hold:
             best_state = projector_state(model)
