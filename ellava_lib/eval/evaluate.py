@@ -6,8 +6,10 @@ suite's headline number is its ``overall`` row.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,19 +96,30 @@ def _real_split(benchmark: str, limit: int | None, data_dir: str | None):
     return load_real_suite(benchmark, limit=limit, data_dir=benchmark_dir(data_dir, benchmark))
 
 
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    """``tokenizer.padding_side = side`` within the block; the previous side is restored on exit (also on an
+    exception)."""
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
+
+
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[Sample], max_new_tokens: int, batch_size: int = 32,
                      progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy answers for ``samples``: left-padded batches through the processor, the model's CPU fp32 linears
-    through oneDNN (:func:`kernels.onednn_linears`)."""
+    """Greedy answers for ``samples``: left-padded batches through the processor (the tokenizer's padding side
+    is restored afterwards), the model's CPU fp32 linears through oneDNN (:func:`kernels.onednn_linears`)."""
     model.eval()
     tok = processor.tokenizer
-    tok.padding_side = "left"
     prompts = [sample_prompt(s) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     answers: dict[int, str] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    with onednn_linears(model):
+    with padding_side(tok, "left"), onednn_linears(model):
         for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
             enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
                             return_tensors="pt", padding=True).to(model.device)
