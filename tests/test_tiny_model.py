@@ -265,3 +265,39 @@ def test_bf16_training_keeps_fp32_weights_and_losses():
     assert any(abs(a - b) > 1e-6 for a, b in zip(answers, as_bf16))
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+def test_build_model_is_seeded_and_leaves_the_global_rngs_alone():
+    """The same seed gives the same weights whatever the global state before; another seed other weights; torch's
+    global generator and Python's ``random`` are as they were."""
+    import random
+
+    from ellava_lib.model.train import TrainConfig
+
+    tok = _processor().tokenizer
+    torch.manual_seed(5)
+    random.seed(5)
+    before_torch, before_py = torch.get_rng_state(), random.getstate()
+    a = tiny.build_model(TrainConfig.micro().model, tok, 0).state_dict()
+    assert torch.equal(torch.get_rng_state(), before_torch) and random.getstate() == before_py
+    torch.rand(3)
+    b = tiny.build_model(TrainConfig.micro().model, tok, 0).state_dict()
+    c = tiny.build_model(TrainConfig.micro().model, tok, 1).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_leaves_the_global_rngs_alone():
+    """A short micro build draws its initialisation from a forked, seeded torch generator and its batches from
+    generators of its own: torch's global generator and Python's ``random`` are untouched afterwards."""
+    import random
+    from dataclasses import replace
+
+    from ellava_lib.model.train import TrainConfig, train
+
+    torch.manual_seed(7)
+    random.seed(7)
+    before_torch, before_py = torch.get_rng_state(), random.getstate()
+    cfg = replace(TrainConfig.micro(), text_steps=2, vision_steps=1, align_steps=1, joint_steps=2)
+    train(cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), before_torch) and random.getstate() == before_py

@@ -256,13 +256,21 @@ def train(cfg: TrainConfig, progress: bool = True):
 def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1):
     """The training loop of one process. Every process draws the same global batch indices from the same
     generator and keeps the ``rank``-th share (``idx[rank::world]``), so the averaged gradient is the
-    gradient of the global batch."""
+    gradient of the global batch. The model's initialisation and every later draw from torch's global
+    generator (the cell heads' initialisation) run under :func:`tiny.torch_seeded` ``(cfg.seed)``: the draws
+    of ``torch.manual_seed(cfg.seed)``, with the caller's generator state restored afterwards; the batches
+    come from generators of their own."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
-    model = tiny.build_model(cfg.model, processor.tokenizer, cfg.seed)
+    with tiny.torch_seeded(cfg.seed):
+        return _fit(cfg, processor, progress, rank, world)
+
+
+def _fit(cfg: TrainConfig, processor, progress: bool, rank: int, world: int):
+    """:func:`_train` after the processor: initialise the model from torch's global generator as it stands,
+    then run the stages."""
+    model = tiny.init_model(cfg.model, processor.tokenizer)
     attn = model.config.text_config._attn_implementation
     if cfg.precision == "bf16":  # CPU SDPA's bfloat16 backward is slower than eager attention's two matmuls
         model.set_attn_implementation("eager")
