@@ -35,7 +35,8 @@ def _suites(value: str) -> tuple[str, ...]:
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [n for n in names if n not in SUITES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown suite {','.join(bad) or value!r}; choose from all, {', '.join(SUITES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown suite {','.join(bad) or value!r}; choose from all, {', '.join(SUITES)}")
     return names
 
 

@@ -90,3 +90,33 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
         files.write_text(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_evaluation_restores_the_tokenizers_padding_side(micro_model, monkeypatch):
+    """Generation pads on the left but hands the caller's tokenizer back with the padding side it had (also
+    when generation fails), and the answers do not depend on the side the tokenizer started with."""
+    from ellava_lib.data import synth
+
+    model, proc = micro_model
+    tok = proc.tokenizer
+    items = synth.generate("sqa", "test", 3)
+    start = tok.padding_side
+    try:
+        tok.padding_side = "left"
+        from_left = evaluate.generate_answers(model, proc, items, 4, batch_size=2, progress=False)
+        tok.padding_side = "right"
+        from_right = evaluate.generate_answers(model, proc, items, 4, batch_size=2, progress=False)
+        assert tok.padding_side == "right" and from_right == from_left
+        frame, preds = evaluate.evaluate_samples(model, proc, {"sqa": items}, batch_size=2, progress=False)
+        assert tok.padding_side == "right" and [p["prediction"] for p in preds] == from_left
+
+        def boom(*a, **k):
+            assert tok.padding_side == "left"
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(model, "generate", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            evaluate.generate_answers(model, proc, items, 4, progress=False)
+        assert tok.padding_side == "right"
+    finally:
+        tok.padding_side = start

@@ -6,8 +6,10 @@ suite's headline number is its ``overall`` row.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from ellava_lib.data import synth
 from ellava_lib.data.prompts import sample_prompt
 from ellava_lib.eval import metrics
 from ellava_lib.eval.judge import Judge, LocalJudge
-from ellava_lib.model.kernels import onednn_linear
+from ellava_lib.model.kernels import onednn_linears
 
 MAX_NEW_TOKENS = {"sqa": 4, "vizwiz": 6, "mmvet": 8, "llavabench": 64}
 #: Real benchmarks: a letter / a word or phrase for ScienceQA and VizWiz; open answers up to 1024 new tokens for
@@ -94,26 +96,38 @@ def _real_split(benchmark: str, limit: int | None, data_dir: str | None):
     return load_real_suite(benchmark, limit=limit, data_dir=benchmark_dir(data_dir, benchmark))
 
 
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    """``tokenizer.padding_side = side`` within the block; the previous side is restored on exit (also on an
+    exception)."""
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
+
+
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[Sample], max_new_tokens: int, batch_size: int = 32,
                      progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy answers for ``samples`` (left-padded batches through the processor)."""
+    """Greedy answers for ``samples``: left-padded batches through the processor (the tokenizer's padding side
+    is restored afterwards), the model's CPU fp32 linears through oneDNN (:func:`kernels.onednn_linears`)."""
     model.eval()
     tok = processor.tokenizer
-    tok.padding_side = "left"
     prompts = [sample_prompt(s) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     answers: dict[int, str] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
-        enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
-                        return_tensors="pt", padding=True).to(model.device)
-        with onednn_linear():
+    with padding_side(tok, "left"), onednn_linears(model):
+        for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
+            enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
+                            return_tensors="pt", padding=True).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, t in zip(idx, texts):
-            answers[i] = t.strip()
+            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                answers[i] = t.strip()
     return [answers[i] for i in range(len(samples))]
 
 

@@ -5,6 +5,8 @@ driven exactly like a ``llava-hf`` checkpoint (chat prompt, ``<image>`` token ex
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,9 +110,27 @@ def build_processor(vocab: list[str]) -> LlavaProcessor:
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE)
 
 
+@contextlib.contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """Within the block, torch's global CPU generator starts from ``seed`` (the state ``torch.manual_seed(seed)``
+    gives it, so the draws are the same); on exit its previous state is restored (``torch.random.fork_rng``
+    over the CPU generator only), so code outside the block sees no change. Module initialisation on the CPU
+    draws from this generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A randomly initialised tiny LLaVA (seeded)."""
-    torch.manual_seed(seed)
+    """A randomly initialised tiny LLaVA: :func:`init_model` under :func:`torch_seeded` ``(seed)``, so the same
+    seed gives the same weights and torch's global generator is left as it was."""
+    with torch_seeded(seed):
+        return init_model(cfg, tokenizer)
+
+
+def init_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    """A randomly initialised tiny LLaVA drawn from torch's global CPU generator as it stands: the caller seeds
+    it (:func:`build_model`; training, which keeps drawing from the same stream after the model)."""
     vision = CLIPVisionConfig(hidden_size=cfg.vit_hidden, intermediate_size=cfg.vit_mlp,
                               num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
                               image_size=scenes.IMAGE_SIZE, patch_size=scenes.CELL, projection_dim=cfg.vit_hidden)

@@ -23,8 +23,9 @@ suite's dense score, ``sqa`` included, in the build that tried it).
 All stages use AdamW with linear warm-up and cosine decay; everything is seeded. The forward passes run under
 CPU bfloat16 autocast (``precision``; weights, optimizer state and losses stay fp32) with eager attention,
 and the text and joint batches are drawn in length-sorted groups (``length_group``, less padding): together
-1.56x the steps/s of the fp32 two-process recipe on the build machine (``benchmarks/cpu_speed.py``,
-``benchmarks/results/cpu_speed.json``), which pays for the 1000 text-stage steps.
+1.56x the steps/s of the former fp32 recipe (two data-parallel processes of one thread each, since removed) on
+the build machine (``benchmarks/cpu_speed.py``, ``benchmarks/results/cpu_speed.json``), which pays for the 1000
+text-stage steps. Training runs in one process with ``threads`` intra-op threads.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import random
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -73,7 +73,11 @@ PRECISIONS = ("bf16", "fp32")
 
 @dataclass
 class TrainConfig:
-    """Everything that determines the trained model (its hash names the cache entry)."""
+    """Everything that determines the trained model (its hash names the cache entry).
+
+    ``processes`` is kept only so the digests (cache names) of existing configs stay what they were: training
+    runs in one process, and :func:`train` refuses any other value.
+    """
 
     model: TinyConfig = field(default_factory=TinyConfig)
     seed: int = 0
@@ -98,9 +102,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     precision: str = "bf16"  # "bf16": matmuls under CPU autocast (fp32 master weights); "fp32": none
     length_group: int = 8  # text and joint batches drawn in groups of this many, sorted by length (1 = off)
-    threads: int = 2  # intra-op threads per process (0 = torch default)
-    processes: int = 1  # data-parallel training processes (gloo all-reduce); one process with two threads
-    # was faster than two processes with one thread each on the 2-core machine this kit is built on
+    threads: int = 2  # intra-op threads of the training process (0 = torch default)
+    processes: int = 1  # must be 1 (hashed, see above); one process with two threads was faster than the
+    # former two data-parallel processes with one thread each on the 2-core machine this kit is built on
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -133,14 +137,14 @@ class TrainConfig:
     def micro(cls) -> "TrainConfig":
         """A model trained in seconds, for tests (it learns little)."""
         return cls(model=TinyConfig.micro(), n_train={s: 64 for s in SUITES}, induction_steps=0, text_steps=5,
-                   vision_steps=10, align_steps=5, joint_steps=20, batch_size=16, warmup=5, processes=1,
+                   vision_steps=10, align_steps=5, joint_steps=20, batch_size=16, warmup=5,
                    drill_frac=0.0, value_layer=0)
 
     @classmethod
     def ci(cls) -> "TrainConfig":
         """The tiny architecture trained briefly (about a minute): for the CI profile of the notebooks."""
         return cls(n_train={s: 600 for s in SUITES}, induction_steps=0, text_steps=40, vision_steps=40, align_steps=30,
-                   joint_steps=120, warmup=20, processes=1, drill_frac=0.0, value_layer=0)
+                   joint_steps=120, warmup=20, drill_frac=0.0, value_layer=0)
 
 
 # switch field -> the fields it makes meaningful (dropped from the digest when the switch is off)
@@ -199,26 +203,11 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over the data-parallel processes (one flat gloo all-reduce)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: str, log: list[dict],
-               progress: bool, world: int = 1) -> None:
+               progress: bool) -> None:
     """AdamW + warm-up/cosine schedule + gradient clipping at 1. With ``cfg.precision == "bf16"`` the forward
     pass runs under CPU autocast (matmuls in bfloat16, about 4x the fp32 matmul throughput on CPUs with
-    AVX512-BF16 or AMX; weights, optimizer state and losses stay fp32). With ``world > 1`` processes, each computes
-    the gradient of its share of the batch and the gradients (and logged losses) are averaged across
-    processes before the step, so every process takes the same step."""
+    AVX512-BF16 or AMX; weights, optimizer state and losses stay fp32)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, cfg.warmup))
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
@@ -229,13 +218,6 @@ def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: s
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            values = torch.stack([v.detach() for v in losses.values()])
-            _all_reduce_mean([p.grad for p in params] + [values])
-            losses = dict(zip(losses, values))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -246,23 +228,25 @@ def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: s
 
 
 def train(cfg: TrainConfig, progress: bool = True):
-    """Train a tiny LLaVA from scratch; returns (model, processor, log rows). With ``cfg.processes > 1`` the
-    training runs in that many data-parallel processes (:func:`_train_parallel`)."""
-    if cfg.processes > 1:
-        return _train_parallel(cfg, progress)
-    return _train(cfg, progress)
-
-
-def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1):
-    """The training loop of one process. Every process draws the same global batch indices from the same
-    generator and keeps the ``rank``-th share (``idx[rank::world]``), so the averaged gradient is the
-    gradient of the global batch."""
+    """Train a tiny LLaVA from scratch in this process (``cfg.threads`` intra-op threads); returns (model,
+    processor, log rows). The model's initialisation and every later draw from torch's global generator (the
+    cell heads' initialisation) run under :func:`tiny.torch_seeded` ``(cfg.seed)``: the draws of
+    ``torch.manual_seed(cfg.seed)``, with the caller's generator state restored afterwards; the batches come
+    from generators of their own. ``cfg.processes`` other than 1 is a ``ValueError``."""
+    if cfg.processes != 1:
+        raise ValueError(f"training runs in one process (the data-parallel path was removed); got processes="
+                         f"{cfg.processes}: use threads instead")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
-    model = tiny.build_model(cfg.model, processor.tokenizer, cfg.seed)
+    with tiny.torch_seeded(cfg.seed):
+        return _fit(cfg, processor, progress)
+
+
+def _fit(cfg: TrainConfig, processor, progress: bool):
+    """:func:`train` after the processor: initialise the model from torch's global generator as it stands,
+    then run the stages."""
+    model = tiny.init_model(cfg.model, processor.tokenizer)
     attn = model.config.text_config._attn_implementation
     if cfg.precision == "bf16":  # CPU SDPA's bfloat16 backward is slower than eager attention's two matmuls
         model.set_attn_implementation("eager")
@@ -275,29 +259,26 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
     model.train()
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
 
-    def _value_term(out, answer_pos: list[int], values: list[list[int]], n_global: int,
-                    weight: float) -> dict[str, torch.Tensor]:
-        """``{"value": value_weight x value_loss}`` over this process's rows, normalised by the ``n_global``
-        value rows of the whole batch times ``world`` so the all-reduce mean is the global batch's loss; every
-        process reports the term (zero when its share has no sqa row) so the all-reduce sees the same keys."""
+    def _value_term(out, answer_pos: list[int], values: list[list[int]], weight: float) -> dict[str, torch.Tensor]:
+        """``{"value": weight x value_loss}`` over the batch's rows (zero when the batch has no sqa row, so every
+        logged row of the stage has the same keys); ``{}`` when the value loss is off."""
         if not cfg.value_layer or not weight:
             return {}
-        v = value_loss(model, out.hidden_states[cfg.value_layer], answer_pos, values, norm=max(n_global, 1) / world)
+        v = value_loss(model, out.hidden_states[cfg.value_layer], answer_pos, values)
         return {"value": weight * v if v is not None else out.logits.new_zeros(())}
 
     if cfg.induction_steps:
         words = content_word_ids(processor.tokenizer)
-        rng = random.Random(f"induction/{cfg.seed}")  # same draws in every process; each keeps its share
+        rng = random.Random(f"induction/{cfg.seed}")
         bos = processor.tokenizer.bos_token_id
 
         def induction_step(step: int) -> dict[str, torch.Tensor]:
             batch = induction_batch(words, cfg.batch_size, rng, bos, pad)
-            batch = {k: v[rank::world] for k, v in batch.items()}
             labels = batch.pop("labels")
             return {"copy": answer_loss(model(**batch).logits, labels)}
 
         _run_stage(lm_params, cfg.induction_steps, cfg.induction_lr, cfg, induction_step, "induction", log,
-                   progress and rank == 0, world)
+                   progress)
 
     text_batches = LengthGroupedBatches([len(t) for t in data.text_ids], cfg.batch_size, cfg.length_group, gen)
 
@@ -309,46 +290,42 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
             didx = torch.randint(0, len(data.drill_ids), (cfg.batch_size,), generator=gen).tolist()
             rows = [(data.drill_ids[j], data.drill_n_prompt[j], data.drill_value[j]) if d else r
                     for r, d, j in zip(rows, is_drill, didx)]
-        n_value = sum(bool(r[2]) for r in rows)
-        rows = rows[rank::world]
         batch = pad_right([r[0] for r in rows], [r[1] for r in rows], pad)
         labels = batch.pop("labels")
         out = model(**batch, output_hidden_states=bool(cfg.value_layer and cfg.value_weight))
         return {"text": answer_loss(out.logits, labels),
-                **_value_term(out, [r[1] - 1 for r in rows], [r[2] for r in rows], n_value, cfg.value_weight)}
+                **_value_term(out, [r[1] - 1 for r in rows], [r[2] for r in rows], cfg.value_weight)}
 
-    _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress and rank == 0, world)
+    _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress)
 
     def vision_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()[rank::world]
+        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
         feats = patch_features(model, pixel_values(data.images[idx]))
         return {"cells": heads.loss(feats, data.colour[idx], data.kind[idx])}
 
     vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress and rank == 0, world)
+    _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress)
 
     words = cell_word_ids(processor.tokenizer)
 
     def align_step(step: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()[rank::world]
+        idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
         with torch.no_grad():
             feats = patch_features(model, pixel_values(data.images[idx]))
         return {"align": alignment_loss(model, feats, data.colour[idx], data.kind[idx], words)}
 
     align_params = list(model.model.multi_modal_projector.parameters()) + [model.get_input_embeddings().weight]
-    _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress and rank == 0, world)
+    _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress)
 
     joint_batches = LengthGroupedBatches([len(t) for t in data.ids], cfg.batch_size, cfg.length_group, gen)
 
     def joint_step(step: int) -> dict[str, torch.Tensor]:
         idx = joint_batches.next()
-        n_value = sum(bool(data.value[i]) for i in idx)
-        idx = idx[rank::world]
         batch = collate(data, idx, pad)
         labels = batch.pop("labels")
         out = model(**batch, output_hidden_states=bool(cfg.value_layer and cfg.joint_value_weight))
         losses = {"answer": answer_loss(out.logits, labels),
-                  **_value_term(out, [data.n_prompt[i] - 1 for i in idx], [data.value[i] for i in idx], n_value,
+                  **_value_term(out, [data.n_prompt[i] - 1 for i in idx], [data.value[i] for i in idx],
                                 cfg.joint_value_weight)}
         if cfg.aux_weight > 0:
             feats = patch_features(model, batch["pixel_values"])
@@ -358,41 +335,7 @@ def _train(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 
         return losses
 
     all_params = list(model.parameters()) + list(heads.parameters())
-    _run_stage(all_params, cfg.joint_steps, cfg.lr, cfg, joint_step, "joint", log, progress and rank == 0, world)
+    _run_stage(all_params, cfg.joint_steps, cfg.lr, cfg, joint_step, "joint", log, progress)
     model.set_attn_implementation(attn)
-    model.eval()
-    return model, processor, log
-
-
-def _parallel_worker(rank: int, cfg: TrainConfig, progress: bool, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.processes)
-    try:
-        model, _, log = _train(cfg, progress, rank, cfg.processes)
-        if rank == 0:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/state.safetensors")
-            pd.DataFrame(log).to_csv(f"{out}/log.csv", index=False)
-    finally:
-        dist.destroy_process_group()
-
-
-def _train_parallel(cfg: TrainConfig, progress: bool):
-    """Run :func:`_train` in ``cfg.processes`` spawned processes (gloo over a file store); returns rank 0's
-    model (all ranks hold identical weights), the processor and rank 0's log (losses averaged over ranks)."""
-    import tempfile
-
-    import torch.multiprocessing as tmp_mp
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory(prefix="ellava-ddp-") as tmp:
-        tmp_mp.spawn(_parallel_worker, args=(cfg, progress, f"{tmp}/store", tmp), nprocs=cfg.processes, join=True)
-        state = load_file(f"{tmp}/state.safetensors")
-        log = pd.read_csv(f"{tmp}/log.csv").to_dict("records")
-    processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
-    model = tiny.build_model(cfg.model, processor.tokenizer, cfg.seed)
-    model.load_state_dict(state)
     model.eval()
     return model, processor, log

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ellava_lib.model.kernels import onednn_linear
+from ellava_lib.model.kernels import onednn_linears
 from ellava_lib.model.losses import answer_mask, model_inputs, per_sample_ce
 from ellava_lib.search import gap as gaps
 
@@ -80,9 +80,9 @@ def per_sample_kl(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torc
 
 
 def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(B, T, V)`` next-token logits of ``model`` on the batch (no cache; CPU fp32 linears through oneDNN
-    where no gradient is needed, :mod:`kernels`)."""
-    with onednn_linear():
+    """``(B, T, V)`` next-token logits of ``model`` on the batch (no cache; ``model``'s CPU fp32 linears through
+    oneDNN where no gradient is needed, :func:`kernels.onednn_linears`)."""
+    with onednn_linears(model):
         return model(**model_inputs(batch), use_cache=False).logits
 
 
