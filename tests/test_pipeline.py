@@ -48,7 +48,7 @@ def test_searching_notebooks_take_a_preset_and_overrides():
     from ellava_lib.search.config import PRESETS
 
     for name in ("04_search", "05_main_table", "06_ablations"):
-        nb = pipeline.NOTEBOOKS_DIR / f"{name}.ipynb"
+        nb = pipeline.notebooks_dir() / f"{name}.ipynb"
         declared = pm.inspect_notebook(str(nb))
         got = {k: (declared[k]["inferred_type_name"], declared[k]["default"])
                for k in ("search_preset", "search", "ellava")}
