@@ -81,3 +81,14 @@ def test_config_accepts_every_gap_and_keeps_its_serialised_form():
         cfg = SearchConfig(gap=name)
         assert cfg.to_dict()["gap"] == name and SearchConfig.from_dict(cfg.to_dict()) == cfg
     assert set(SearchConfig().to_dict()) == set(SearchConfig(gap="norm").to_dict())  # no new fields
+
+
+def test_changed_estimators_carry_a_revision_in_the_serialised_config():
+    for name in ("bernstein", "capacity"):
+        d = SearchConfig(gap=name).to_dict()
+        assert d["gap_revision"] == gaps.GAP_REVISION[name] == 2
+        old = {k: v for k, v in d.items() if k != "gap_revision"}  # as written before the formula changed
+        assert SearchConfig.from_dict(old) == SearchConfig.from_dict(d) == SearchConfig(gap=name)
+        assert old != SearchConfig.from_dict(old).to_dict()  # so an old checkpoint's config does not match
+    for name in ("none", "norm"):
+        assert "gap_revision" not in SearchConfig(gap=name).to_dict()

@@ -257,7 +257,7 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat serialised form (JSON types; projector fields as ``projector_<field>``, in field order), minus
-        :data:`_LATER_FIELDS` at their earlier value."""
+        :data:`_LATER_FIELDS` at their earlier value, plus ``gap_revision`` for a gap in :data:`gaps.GAP_REVISION`."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -265,6 +265,8 @@ class SearchConfig:
                 d.update(value.to_flat())
             else:
                 d[f.name] = list(value) if f.name in ("grid", "init") else value
+        if self.gap in gaps.GAP_REVISION:  # its formula changed: not the digest of searches with the old one
+            d["gap_revision"] = gaps.GAP_REVISION[self.gap]
         d = json.loads(json.dumps(d))
         for k, earlier in _LATER_FIELDS.items():  # at their earlier value: configs (and digests) as before
             if d[k] == earlier:
@@ -275,6 +277,7 @@ class SearchConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
         """Read the serialised form back (``from_dict(c.to_dict()) == c``): an absent :data:`_LATER_FIELDS` key
         is the value searches had before it existed, any other absent key the field default."""
+        d = {k: v for k, v in d.items() if k != "gap_revision"}  # derived from ``gap`` (:data:`gaps.GAP_REVISION`)
         later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
         n = len(PROJECTOR_PREFIX)
         base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})

@@ -406,6 +406,13 @@ GAP_ESTIMATORS: dict[str, Callable[..., float]] = {
 }
 
 
+#: Revision of an estimator whose formula changed after searches were run with it (issue 17: ``bernstein`` lost
+#: its policy-independent range term, ``capacity`` is divided by its dense value). A search config with such a
+#: gap serialises it (``gap_revision``), so checkpoints and sweep rows made with the old formula are not reused;
+#: configs with the other gaps keep their digests.
+GAP_REVISION: dict[str, int] = {"bernstein": 2, "capacity": 2}
+
+
 def gap(
     kind: str,
     *,
