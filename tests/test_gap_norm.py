@@ -93,3 +93,33 @@ def test_changed_estimators_carry_a_revision_in_the_serialised_config():
         assert old != SearchConfig.from_dict(old).to_dict()  # so an old checkpoint's config does not match
     for name in ("none", "norm"):
         assert "gap_revision" not in SearchConfig(gap=name).to_dict()
+
+
+def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_dir, calib, tmp_path):
+    import pandas as pd
+
+    from ellava_lib.model.specs import load_model
+    from ellava_lib.search import evolve
+    from ellava_lib.search.config import ProjectorConfig
+
+    lvl, names = db
+    model, _ = load_model(micro_model_dir)
+    sizes = {u: n for u, n in units.list_units(model).items() if u in names}
+    cfg = SearchConfig(target=0.5, grid=GRID, gap="norm", lam=1.0, loss_kind="ce", init=("uniform",), population=2,
+                       generations=1, offspring=2, screen_samples=0, survivors=1, projector=ProjectorConfig(every=0))
+    result = evolve.run_search(model, calib, lvl, sizes, cfg, tmp_path, progress=False)
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert len(hist) >= 1 and (hist["g_hat"] > 0).all()
+    frob = {u: lvl.frobenius_sq(u) for u in names}
+    want = gaps.gap("norm", sparsities=result.policy.sparsities, n=16, frob_sq=frob)
+    assert result.score.g_hat == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_takes_the_norm_gap_and_refuses_a_negative_lambda():
+    from ellava_lib import cli
+
+    parse = cli.build_parser().parse_args
+    base = ["search", "--sparsity", "0.6", "--out", "x"]
+    assert cli.search_config(parse([*base, "--gap", "norm"])).gap == "norm"
+    with pytest.raises(ValueError, match="lam >= 0"):  # the CLI turns it into exit 2
+        cli.search_config(parse([*base, "--lam", "-1"]))
