@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search settings: SearchConfig.ci(), .default() or .paper() in ellava_lib/search/config.py "
                         "(the profiles' of the same names). Each option below replaces one field; left out, the "
                         "preset's value holds")
-    s.add_argument("--gap", choices=("none", "capacity", "bernstein"), default=None,
+    s.add_argument("--gap", choices=("none", "capacity", "bernstein", "norm"), default=None,
                    help="generalization-gap estimator G_hat")
     s.add_argument("--lam", type=float, default=None, help="weight lambda of the gap term")
     s.add_argument("--loss", choices=("ce", "kl"), default=None,

@@ -25,21 +25,23 @@ def batch(micro_model):
 
 def test_j_by_hand_with_the_bernstein_gap():
     # losses 1, 2, 3, 4: mean 2.5, Var (ddof 1) = 5/3, ln(2/0.05) = ln 40 = 3.6888794541139363
-    # sqrt(2 * 5/3 * ln40 / 4) = 1.753301517640823 ; 7 * 10 * ln40 / (3 * 3) = 28.691284643108393
-    # G = 30.444586160749218 ; J = 2.5 + 0.5 * G = 17.72229308037461
+    # G = sqrt(2 * 5/3 * ln40 / 4) = 1.753301517640823 (the range term is not part of J) ;
+    # J = 2.5 + 0.5 * G = 3.3766507588204115
     s = objective.score_losses([1.0, 2.0, 3.0, 4.0], gap="bernstein", lam=0.5, delta=0.05, loss_cap=10.0)
     assert s.r_hat == pytest.approx(2.5, abs=1e-12)
-    assert s.g_hat == pytest.approx(30.444586160749218, rel=1e-12)
-    assert s.j == pytest.approx(17.72229308037461, rel=1e-12)
+    assert s.g_hat == pytest.approx(1.753301517640823, rel=1e-12)
+    assert s.j == pytest.approx(3.3766507588204115, rel=1e-12)
     assert (s.n_used, s.n_clipped) == (4, 0)
 
 
-def test_losses_are_clipped_at_the_cap_and_the_gap_uses_that_range():
+def test_losses_are_clipped_at_the_cap_and_the_gap_uses_them():
     s = objective.score_losses([1.0, 12.0], gap="none", lam=3.0, loss_cap=10.0)
     assert (s.r_hat, s.g_hat, s.j, s.n_clipped) == (5.5, 0.0, 5.5, 1)
-    # range = loss_cap: the second term is 7 * cap * ln(2/delta) / (3 (n - 1))
-    s = objective.score_losses([0.0, 0.0], gap="bernstein", lam=1.0, loss_cap=2.0)
-    assert s.g_hat == pytest.approx(7 * 2.0 * 3.6888794541139363 / 3, rel=1e-12)
+    # clipped losses 1, 10: Var = 40.5 ; G = sqrt(2 * 40.5 * ln 40 / 2)
+    s = objective.score_losses([1.0, 12.0], gap="bernstein", lam=1.0, loss_cap=10.0)
+    assert s.g_hat == pytest.approx(math.sqrt(40.5 * 3.6888794541139363), rel=1e-12)
+    # equal losses: no variance, no gap
+    assert objective.score_losses([0.0, 0.0], gap="bernstein", lam=1.0, loss_cap=2.0).g_hat == 0.0
 
 
 def test_capacity_gap_uses_the_full_n():
@@ -47,8 +49,9 @@ def test_capacity_gap_uses_the_full_n():
     sp = {"lm.0.attn": 0.5, "lm.0.mlp": 0.5}
     s = objective.score_losses([1.0, 1.0], gap="capacity", lam=2.0, units=units, sparsities=sp, n_capacity=1000,
                                gap_kw={"h_scale": 10.0})
-    # h = 0.5 * 10 = 5: sqrt((5 (ln(2000/5) + 1) + ln 80) / 1000)
-    want = math.sqrt((5 * (math.log(400) + 1) + math.log(80)) / 1000)
+    # h = 0.5 * 10 = 5: sqrt((5 (ln(2000/5) + 1) + ln 80) / 1000), over its dense value at h = 10
+    want = math.sqrt((5 * (math.log(400) + 1) + math.log(80)) / 1000) / math.sqrt(
+        (10 * (math.log(200) + 1) + math.log(80)) / 1000)
     assert s.g_hat == pytest.approx(want, rel=1e-12) and s.j == pytest.approx(1.0 + 2 * want, rel=1e-12)
 
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -68,16 +66,32 @@ def test_earlier_units_count_more():
     assert gaps.capacity_gap(units, first, n=1000) < gaps.capacity_gap(units, last, n=1000)
 
 
-def test_capacity_gap_dense_is_h_scale():
+def test_capacity_gap_is_normalised_to_dense():
     for h_scale in (5.0, 100.0):
-        assert gaps.capacity_gap(UNITS, dense(UNITS), n=500, h_scale=h_scale) == pytest.approx(
-            gaps.vapnik_bound(h_scale, 500, 0.05)
-        )
-    # default h_scale = 100 -> h = 100
-    assert gaps.capacity_gap(UNITS, dense(UNITS), n=500, delta=0.1) == pytest.approx(gaps.vapnik_bound(100, 500, 0.1))
-    # h for a pruned policy: 100/150 * 100
+        assert gaps.capacity_gap(UNITS, dense(UNITS), n=500, h_scale=h_scale) == pytest.approx(1.0, rel=1e-12)
+    # h for a pruned policy: 100/150 * 100, divided by the dense value V(100, 500)
     g = gaps.capacity_gap(UNITS, {"lm.0.attn": 0.5, "lm.0.mlp": 0.0}, n=500)
-    assert g == pytest.approx(gaps.vapnik_bound(100.0 / 150.0 * 100.0, 500, 0.05))
+    assert g == pytest.approx(gaps.vapnik_bound(100.0 / 150.0 * 100.0, 500, 0.05) / gaps.vapnik_bound(100, 500, 0.05))
+    # by hand: h = 66.667, n = 500: ln(1000/66.667) = ln 15 = 2.70805 ; (3.70805 * 66.667 + ln 80) / 500
+    #   = (247.2036 + 4.38203) / 500 = 0.503171 -> sqrt 0.709346 ; dense h = 100: ln 10 = 2.302585,
+    #   (330.2585 + 4.38203) / 500 = 0.669281 -> sqrt 0.818096 ; ratio 0.867069
+    assert g == pytest.approx(0.867069, abs=2e-6)
+
+
+def test_capacity_move_changes_g_by_at_most_the_documented_bound():
+    # 12 equal units (as the ci model): move 0.1 of sparsity from the last unit to the first, from uniform 0.6
+    units = {f"lm.{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}": 1000 for i in range(12)}
+    n, h_scale, ds = 64, 64.0, 0.1
+    uniform = {u: 0.6 for u in units}
+    moved = dict(uniform, **{"lm.0.attn": 0.7, "lm.5.mlp": 0.5})
+    g0, g1 = (gaps.capacity_gap(units, p, n=n, h_scale=h_scale) for p in (uniform, moved))
+    c_dense = gaps.effective_capacity(units, dense(units))
+    c0, c1 = (gaps.effective_capacity(units, p) / c_dense for p in (uniform, moved))
+    assert abs(c1 - c0) <= ds * 1000 / c_dense  # |dc| <= ds * max(n_u, n_v) / C(dense)
+    bound = gaps.capacity_move_bound(ds * 1000 / c_dense, min(c0, c1) * h_scale, n, 0.05, h_scale)
+    assert 0 < abs(g1 - g0) <= bound
+    assert g1 < g0  # sparsity moved into the earlier unit still lowers the capacity (Bartlett et al.)
+    assert bound < 0.02  # a 0.1 move changes the dense-normalised G by under 2% of its dense value
 
 
 def test_capacity_gap_monotone_in_sparsity():
@@ -118,18 +132,30 @@ def test_capacity_gap_bad_input():
 
 def test_bernstein_by_hand():
     # losses [0,1,0,1]: mean 0.5, unbiased var = 4 * 0.25 / 3 = 1/3 ; ln(2/0.05) = ln(40) = 3.6888794541139363
-    # sqrt(2 * (1/3) * 3.68888 / 4) = sqrt(0.6148132423523227) = 0.7841002756996854
-    # 7 * 3.68888 / (3 * 3) = 2.869128464310839 ; total 3.6532287400105243
-    assert gaps.bernstein_gap([0, 1, 0, 1]) == pytest.approx(3.6532287400105243, rel=1e-12)
-    # constant losses: variance 0 -> only the range term 7 ln(40) / (3 * 4)
-    assert gaps.bernstein_gap([0.3] * 5) == pytest.approx(7 * math.log(40) / 12, rel=1e-12)
+    # variance term sqrt(2 * (1/3) * 3.68888 / 4) = sqrt(0.6148132423523227) = 0.7841002756996854
+    assert gaps.bernstein_gap([0, 1, 0, 1]) == pytest.approx(0.7841002756996854, rel=1e-12)
+    # constant losses: variance 0 -> no gap (the policy-independent range term is not part of G)
+    assert gaps.bernstein_gap([0.3] * 5) == 0.0
+    # shift-invariant, scales with the losses
+    assert gaps.bernstein_gap([5, 7, 5, 7]) == pytest.approx(2 * 0.7841002756996854, rel=1e-12)
 
 
-def test_bernstein_loss_range_scales_linearly():
-    # losses in [0, 2]: gap = 2 * gap of the [0, 1]-scaled losses
-    assert gaps.bernstein_gap([0, 2, 0, 2], loss_range=2.0) == pytest.approx(2 * gaps.bernstein_gap([0, 1, 0, 1]))
-    # shift-invariant: losses in [5, 7]
-    assert gaps.bernstein_gap([5, 7, 5, 7], loss_range=2.0) == pytest.approx(2 * gaps.bernstein_gap([0, 1, 0, 1]))
+def test_bernstein_bound_by_hand():
+    # full bound, observed range 1: 0.7841002756996854 + 7 * 1 * ln 40 / (3 * 3) = 0.78410 + 2.869128464310839
+    assert gaps.bernstein_bound([0, 1, 0, 1]) == pytest.approx(3.6532287400105243, rel=1e-12)
+    # an a-priori range b - a = 2: range term doubles
+    assert gaps.bernstein_bound([0, 1, 0, 1], loss_range=2.0) == pytest.approx(
+        0.7841002756996854 + 2 * 2.869128464310839, rel=1e-12)
+    assert gaps.bernstein_bound([0.3] * 5) == 0.0  # observed range 0, variance 0
+    with pytest.raises(ValueError, match="loss_range"):
+        gaps.bernstein_bound([0, 2], loss_range=1.0)
+
+
+def test_bernstein_gap_does_not_carry_a_constant():
+    # two policies with the same variance but different means: same G, so J ranks them by R_hat only
+    a, b = [0.01, 0.03, 0.01, 0.03], [0.11, 0.13, 0.11, 0.13]
+    assert gaps.bernstein_gap(a) == pytest.approx(gaps.bernstein_gap(b), rel=1e-9)
+    assert gaps.bernstein_gap(a) == pytest.approx(0.01 * 2 * 0.7841002756996854, rel=1e-9)
 
 
 def test_bernstein_shrinks_with_n():
@@ -141,30 +167,116 @@ def test_bernstein_shrinks_with_n():
 
 @pytest.mark.parametrize(
     "losses,kw",
-    [([0.5], {}), ([], {}), ([0, 1], {"delta": 0.0}), ([0, 1], {"delta": 1.2}), ([0, 2], {}),
-     ([0, float("nan")], {}), ([[0, 1], [1, 0]], {}), ([0, 1], {"loss_range": 0.0})],
+    [([0.5], {}), ([], {}), ([0, 1], {"delta": 0.0}), ([0, 1], {"delta": 1.2}),
+     ([0, float("nan")], {}), ([[0, 1], [1, 0]], {}), (None, {})],
 )
 def test_bernstein_bad_input(losses, kw):
     with pytest.raises(ValueError):
         gaps.bernstein_gap(losses, **kw)
+    with pytest.raises(ValueError):
+        gaps.bernstein_bound(losses, **kw)
+
+
+# ---------------------------------------------------------------------------------------- norm_gap
+
+
+def test_norm_gap_by_hand():
+    # two units, rho = sqrt(0.64) = 0.8 and sqrt(0.25 / 1) = 0.5 ; geometric mean sqrt(0.4) = 0.6324555320336759
+    # L = 2: sqrt(2 ln 2 * 2) + 1 = sqrt(2.772588722239781) + 1 = 2.6651092223153956 ; n = 16: / 4
+    # G = 2.6651092223153956 / 4 * 0.6324555320336759 = 0.42139076778183493
+    pruned, dense_sq = {"a": 6.4, "b": 0.25}, {"a": 10.0, "b": 1.0}
+    assert gaps.norm_ratios(pruned, dense_sq) == pytest.approx({"a": 0.8, "b": 0.5})
+    assert gaps.norm_gap(pruned, dense_sq, 16) == pytest.approx(0.42139076778183493, rel=1e-12)
+    assert gaps.norm_gap(pruned, dense_sq, 16, scale=2.0) == pytest.approx(2 * 0.42139076778183493, rel=1e-12)
+    # dense: every rho = 1 -> (sqrt(2 ln 2 L) + 1) / sqrt(n)
+    assert gaps.norm_gap(dense_sq, dense_sq, 16) == pytest.approx(2.6651092223153956 / 4, rel=1e-12)
+
+
+def test_norm_gap_strictly_decreasing_in_every_unit():
+    dense_sq = {f"u{i}": float(i + 1) for i in range(5)}
+    base = {u: 0.9 * d for u, d in dense_sq.items()}
+    g0 = gaps.norm_gap(base, dense_sq, 64)
+    for u in dense_sq:
+        assert gaps.norm_gap(dict(base, **{u: 0.8 * dense_sq[u]}), dense_sq, 64) < g0
+    assert gaps.norm_gap(base, dense_sq, 256) < g0  # and in n
+
+
+def test_norm_gap_through_level_table_and_registry():
+    frob = {"a": {0.0: 10.0, 0.5: 6.4, 0.7: 4.0}, "b": {0.0: 1.0, 0.5: 0.25, 0.7: 0.16}}
+    sp = {"a": 0.5, "b": 0.5}
+    assert gaps.level_norms(frob, sp) == ({"a": 6.4, "b": 0.25}, {"a": 10.0, "b": 1.0})
+    assert gaps.gap("norm", sparsities=sp, n=16, frob_sq=frob) == pytest.approx(0.42139076778183493, rel=1e-12)
+    # more sparsity in a unit: lower G
+    assert gaps.gap("norm", sparsities={"a": 0.7, "b": 0.5}, n=16, frob_sq=frob) < 0.42139076778183493
+    with pytest.raises(ValueError, match="level 0.3"):
+        gaps.level_norms(frob, {"a": 0.3, "b": 0.5})
+    with pytest.raises(ValueError, match="frob_sq"):
+        gaps.gap("norm", sparsities=sp, n=16)
+
+
+@pytest.mark.parametrize(
+    "pruned,dense_sq,n",
+    [({"a": 1.0}, {"a": 1.0}, 0), ({"a": 0.0}, {"a": 1.0}, 4), ({"a": 2.0}, {"a": 1.0}, 4),
+     ({"a": 1.0}, {"b": 1.0}, 4), ({}, {}, 4), ({"a": 1.0}, {"a": 0.0}, 4), ({"a": float("nan")}, {"a": 1.0}, 4)],
+)
+def test_norm_gap_bad_input(pruned, dense_sq, n):
+    with pytest.raises(ValueError):
+        gaps.norm_gap(pruned, dense_sq, n)
+
+
+# ----------------------------------------------------------------------------------- select_lambda
+
+
+def test_select_lambda_by_hand():
+    r_search = [0.10, 0.12, 0.20]
+    g = [1.00, 0.50, 0.00]
+    r_select = [0.30, 0.15, 0.25]
+    # lambda 0: J = r_search -> i 0 (r_select 0.30); lambda 0.1: J = .20, .17, .20 -> i 1 (0.15);
+    # lambda 1: J = 1.10, .62, .20 -> i 2 (0.25). Best r_select: 0.15 at lambda 0.1.
+    assert gaps.select_lambda(r_search, g, r_select, [0.0, 0.1, 1.0]) == (0.1, 1)
+    # order of the grid does not matter
+    assert gaps.select_lambda(r_search, g, r_select, [1.0, 0.1, 0.0]) == (0.1, 1)
+    # ties in r_select: the smaller lambda (lambda 0.1 picks i 1, lambda 1 picks i 2, both r_select 0.15)
+    assert gaps.select_lambda(r_search, g, [0.3, 0.15, 0.15], [1.0, 0.1]) == (0.1, 1)
+    # ties in J: lowest index (exact binary floats; lambda 0.5: J = 1.0, 1.0, 1.0 -> i 0)
+    assert gaps.select_lambda([0.5, 0.75, 1.0], [1.0, 0.5, 0.0], [0.3, 0.1, 0.2], [0.5]) == (0.5, 0)
+    # one candidate
+    assert gaps.select_lambda([1.0], [2.0], [3.0], gaps.DEFAULT_LAMBDAS) == (0.0, 0)
+    assert gaps.DEFAULT_LAMBDAS[0] == 0.0 and list(gaps.DEFAULT_LAMBDAS) == sorted(gaps.DEFAULT_LAMBDAS)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [(([0.1, 0.2], [1.0], [0.1, 0.2], [0.0]), "equal lengths"),
+     (([], [], [], [0.0]), "non-empty"),
+     (([0.1], [1.0], [0.1], []), "non-empty"),
+     (([0.1], [1.0], [0.1], [-0.1]), ">= 0"),
+     (([0.1], [float("nan")], [0.1], [0.0]), "NaN or inf"),
+     (([0.1], [1.0], [0.1], [float("inf")]), "NaN or inf"),
+     (([0.1], [1.0], ["x"], [0.0]), "sequence of numbers")],
+)
+def test_select_lambda_bad_input(args, match):
+    with pytest.raises(ValueError, match=match) as err:
+        gaps.select_lambda(*args)
+    assert "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- registry / objective
 
 
 def test_gap_dispatch():
-    assert set(gaps.GAP_ESTIMATORS) == {"none", "capacity", "bernstein"}
+    assert set(gaps.GAP_ESTIMATORS) == {"none", "capacity", "bernstein", "norm"}
     assert gaps.gap("none", units=UNITS, sparsities=dense(UNITS), losses=[0, 1], n=2, delta=0.05) == 0.0
     assert gaps.gap("none") == 0.0
     assert gaps.gap("capacity", units=UNITS, sparsities=dense(UNITS), n=1000, delta=0.05, h_scale=10.0) == (
-        pytest.approx(gaps.vapnik_bound(10.0, 1000, 0.05))
+        pytest.approx(1.0)
     )
-    assert gaps.gap("bernstein", losses=[0, 1, 0, 1], n=4) == pytest.approx(3.6532287400105243)
-    assert gaps.gap("bernstein", losses=[0, 2, 0, 2], loss_range=2.0) == pytest.approx(2 * 3.6532287400105243)
+    assert gaps.gap("bernstein", losses=[0, 1, 0, 1], n=4) == pytest.approx(0.7841002756996854)
+    assert gaps.gap("bernstein", losses=[0, 2, 0, 2]) == pytest.approx(2 * 0.7841002756996854)
 
 
 def test_gap_errors():
-    with pytest.raises(ValueError, match="bernstein, capacity, none"):
+    with pytest.raises(ValueError, match="bernstein, capacity, none, norm"):
         gaps.gap("vc")
     with pytest.raises(ValueError, match="losses"):
         gaps.gap("bernstein", units=UNITS, n=10)

@@ -164,6 +164,7 @@ class LevelDB:
         self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
         self.grid: tuple[float, ...] = tuple(self.config["grid"])
         self._handles: dict[str, Any] = {}
+        self._frob: dict[str, dict[float, float]] = {}
         self.last_assemble_seconds: float | None = None
 
     @property
@@ -191,6 +192,22 @@ class LevelDB:
         handle, level = self._open(unit), self.level_of(level)
         suffix = level_key("", level)
         return {k[: -len(suffix)]: handle.get_tensor(k) for k in handle.keys() if k.endswith(suffix)}
+
+    def frobenius_sq(self, unit: str) -> dict[float, float]:
+        """``{level: ||W * M(level)||_F^2}`` of ``unit`` (summed over its matrices), cached: ``W`` the dense
+        (level 0) weights, ``M(level)`` the nonzero pattern of the stored weights at ``level``; level 0 gives
+        the dense squared norm. For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`). ``ValueError``
+        if the grid has no level 0 (no dense weights stored)."""
+        if unit not in self._frob:
+            if not any(abs(g) <= GRID_TOL for g in self.grid):
+                raise ValueError(f"level database {self.path} has no level 0 (dense weights): no Frobenius norms")
+            dense = {k: w.double() for k, w in self.weights(unit, 0.0).items()}
+            table: dict[float, float] = {}
+            for level in self.grid:
+                stored = self.weights(unit, level)
+                table[float(level)] = float(sum((dense[k] * (stored[k] != 0)).pow(2).sum() for k in dense))
+            self._frob[unit] = table
+        return dict(self._frob[unit])
 
     def build_seconds(self) -> pd.DataFrame:
         """``unit, build_seconds`` from each unit file's metadata."""

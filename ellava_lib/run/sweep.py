@@ -420,7 +420,7 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
 
 
 def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int = 64,
-                  gaps: Sequence[str] = ("none", "capacity", "bernstein"),
+                  gaps: Sequence[str] = ("none", "capacity", "bernstein", "norm"),
                   calib_ns: Sequence[int] = (16, 32, 64, 128), exact: bool = True) -> list[Job]:
     """The ablations of the full method at one (sparsity, seed): each gap estimator; projector evolution
     off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the exact

@@ -140,8 +140,8 @@ class SearchConfig:
 
     * ``target``: mean sparsity of the policy under the ``budget`` weights (each job sets its own).
     * ``grid``: the sparsity levels a unit can take (those of the level database).
-    * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``capacity``, ``bernstein``);
-      ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
+    * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``norm``, ``capacity``,
+      ``bernstein``); ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
     * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) at the answer positions
       (as EvoPress), ``ce`` = answer cross-entropy; ``loss_cap``: per-sample losses clipped at this many nats.
     * ``h_scale``, ``depth_decay``: the capacity gap's scale (None = ``min(gaps.DEFAULT_H_SCALE, n)``) and
@@ -199,7 +199,8 @@ class SearchConfig:
             (self.grid[0] - GRID_TOL <= self.target <= self.grid[-1] + GRID_TOL,
              f"target sparsity {self.target} is outside the grid range [{self.grid[0]}, {self.grid[-1]}]"),
             (self.gap in gaps.GAP_ESTIMATORS, f"gap must be one of {sorted(gaps.GAP_ESTIMATORS)}, got {self.gap!r}"),
-            (self.lam >= 0 and 0 < self.delta < 1, f"need lam >= 0 and 0 < delta < 1, got {self.lam}, {self.delta}"),
+            (0 <= self.lam < float("inf") and 0 < self.delta < 1,
+             f"need finite lam >= 0 and 0 < delta < 1, got {self.lam}, {self.delta}"),
             (self.loss_kind in LOSS_KINDS and self.loss_cap > 0, f"loss_kind in {LOSS_KINDS} and loss_cap > 0"),
             (self.budget in BUDGETS, f"budget must be one of {BUDGETS}, got {self.budget!r}"),
             (self.population >= 1 and self.offspring >= 1 and self.generations >= 0,
@@ -256,7 +257,7 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat serialised form (JSON types; projector fields as ``projector_<field>``, in field order), minus
-        :data:`_LATER_FIELDS` at their earlier value."""
+        :data:`_LATER_FIELDS` at their earlier value, plus ``gap_revision`` for a gap in :data:`gaps.GAP_REVISION`."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -264,6 +265,8 @@ class SearchConfig:
                 d.update(value.to_flat())
             else:
                 d[f.name] = list(value) if f.name in ("grid", "init") else value
+        if self.gap in gaps.GAP_REVISION:  # its formula changed: not the digest of searches with the old one
+            d["gap_revision"] = gaps.GAP_REVISION[self.gap]
         d = json.loads(json.dumps(d))
         for k, earlier in _LATER_FIELDS.items():  # at their earlier value: configs (and digests) as before
             if d[k] == earlier:
@@ -274,6 +277,7 @@ class SearchConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
         """Read the serialised form back (``from_dict(c.to_dict()) == c``): an absent :data:`_LATER_FIELDS` key
         is the value searches had before it existed, any other absent key the field default."""
+        d = {k: v for k, v in d.items() if k != "gap_revision"}  # derived from ``gap`` (:data:`gaps.GAP_REVISION`)
         later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
         n = len(PROJECTOR_PREFIX)
         base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})

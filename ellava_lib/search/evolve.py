@@ -175,7 +175,8 @@ def _score(run: _Run, policy: Policy, generation: int, phase: str, screen: bool 
     losses = per_sample_losses(run.model, run.batch, cfg.loss_kind, run.dense, run.screen if screen else None,
                                cfg.eval_batch_size or None)
     gap_kw = ({"depth_decay": cfg.depth_decay, "h_scale": cfg.h_scale or min(gaps.DEFAULT_H_SCALE, run.n)}
-              if cfg.gap == "capacity" else None)
+              if cfg.gap == "capacity" else
+              {"frob_sq": {u: run.db.frobenius_sq(u) for u in run.units}} if cfg.gap == "norm" else None)
     score = score_losses(losses, gap=cfg.gap, lam=cfg.lam, delta=cfg.delta, loss_cap=cfg.loss_cap,
                          units=run.units, sparsities=policy.sparsities, n_capacity=run.n, gap_kw=gap_kw)
     run.timing["evaluate"] += time.perf_counter() - tick

@@ -8,16 +8,14 @@ Per-sample losses ``l_i`` (:func:`per_sample_losses`), on the answer positions `
 * ``kind="kl"``: ``l_i = (1/|A_i|) sum_{t in A_i} KL(p_dense(. | y_<=t) || p(. | y_<=t))``, the divergence
   from the dense model's next-token distribution (where no reference answer should be trusted).
 
-Bounded losses: the empirical Bernstein gap (:func:`gaps.bernstein_gap`) holds for losses in a known range
-``[0, b]``. Both kinds are ``>= 0``, and :func:`score_losses` clips them at ``loss_cap``:
-``l~_i = min(max(l_i, 0), loss_cap)``, so ``l~_i in [0, loss_cap]`` and the gap is called with
-``loss_range = loss_cap``. ``R_hat = mean_i l~_i`` uses the same clipped losses, so ``J`` bounds the expected
-*clipped* loss ``E[min(l, loss_cap)]`` (with probability ``1 - delta`` for the Bernstein gap). The default
-cap (10 nats) is above ``ln |V|`` of the tiny vocabulary, so it only bites on models worse than uniform;
-:class:`Score` reports how many samples were clipped.
+Bounded losses: :func:`score_losses` clips the per-sample losses at ``loss_cap``:
+``l~_i = min(max(l_i, 0), loss_cap)`` (both kinds are ``>= 0``); ``R_hat = mean_i l~_i`` and the Bernstein gap
+use the same clipped losses. The default cap (10 nats) is above ``ln |V|`` of the tiny vocabulary, so it only
+bites on models worse than uniform; :class:`Score` reports how many samples were clipped.
 
-``G_hat`` comes from :func:`gaps.gap`: ``"capacity"`` from the policy's sparsities and unit sizes,
-``"bernstein"`` from the clipped losses, ``"none"`` = 0.
+``G_hat`` comes from :func:`gaps.gap`: ``"norm"`` from the policy's per-unit Frobenius norms (``gap_kw``
+``frob_sq``), ``"capacity"`` from its sparsities and unit sizes, ``"bernstein"`` from the sample variance of the
+clipped losses (the policy-independent range term of the bound is left out of ``J``), ``"none"`` = 0.
 """
 
 from __future__ import annotations
@@ -144,9 +142,9 @@ def score_losses(losses: torch.Tensor | Sequence[float], *, gap: str, lam: float
     """``Score`` of per-sample losses: ``l~ = clip(l, 0, loss_cap)``, ``R_hat = mean(l~)``,
     ``G_hat = gaps.gap(gap, ...)``, ``J = R_hat + lam * G_hat``.
 
-    The Bernstein gap gets the clipped losses and ``loss_range = loss_cap``; the capacity gap gets
-    ``units``, ``sparsities`` and ``n = n_capacity`` (default: the number of losses). ``gap_kw`` is passed on
-    (``depth_decay``, ``h_scale`` for capacity).
+    The Bernstein gap gets the clipped losses; the capacity and norm gaps get ``units``, ``sparsities`` and
+    ``n = n_capacity`` (default: the number of losses). ``gap_kw`` is passed on (``depth_decay``, ``h_scale``
+    for capacity; ``frob_sq``, ``scale`` for norm).
     """
     x = torch.as_tensor(losses, dtype=torch.float64).flatten()
     if x.numel() == 0:
@@ -158,9 +156,7 @@ def score_losses(losses: torch.Tensor | Sequence[float], *, gap: str, lam: float
     clipped = x.clamp(0.0, float(loss_cap))
     r_hat = float(clipped.mean())
     kw = dict(gap_kw or {})
-    if gap == "bernstein":
-        kw.setdefault("loss_range", float(loss_cap))
-    n = n_capacity if (gap == "capacity" and n_capacity is not None) else int(x.numel())
+    n = n_capacity if (gap in ("capacity", "norm") and n_capacity is not None) else int(x.numel())
     g_hat = gaps.gap(gap, units=units, sparsities=sparsities, losses=clipped.numpy() if gap == "bernstein" else None,
                     n=n, delta=delta, **kw)
     return Score(r_hat, g_hat, gaps.objective(r_hat, g_hat, lam), int(x.numel()), int((x > loss_cap).sum()))

@@ -1,0 +1,125 @@
+"""The ``norm`` gap end to end: Frobenius norms from a level database, J through ``score_losses``, the config's
+validation of the gap name and lambda (one-line ``ValueError``s)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ellava_lib.core import units
+from ellava_lib.prune import leveldb
+from ellava_lib.search import gap as gaps
+from ellava_lib.search.config import SearchConfig
+from ellava_lib.search.objective import score_losses
+
+GRID = (0.0, 0.5, 0.8)
+
+
+@pytest.fixture(scope="module")
+def db(micro_model_dir, calib, tmp_path_factory):
+    from ellava_lib.model.specs import load_model
+
+    model, _ = load_model(micro_model_dir)
+    names = list(units.list_units(model))[:2]
+    out = tmp_path_factory.mktemp("leveldb_norm")
+    leveldb.build_level_db(model, calib, out, grid=GRID, units=names, progress=False)
+    return leveldb.LevelDB(out), names
+
+
+def test_frobenius_sq_by_hand_and_monotone(db):
+    lvl, names = db
+    for u in names:
+        table = lvl.frobenius_sq(u)
+        assert sorted(table) == list(GRID)
+        dense = lvl.weights(u, 0.0)
+        for level in GRID:  # by hand: sum over the unit's matrices of ||W_dense * (W_level != 0)||_F^2
+            stored = lvl.weights(u, level)
+            want = sum(float((dense[k].double() * (stored[k] != 0)).pow(2).sum()) for k in dense)
+            assert table[level] == pytest.approx(want, rel=1e-12)
+        assert table[0.0] > table[0.5] > table[0.8] > 0
+        assert lvl.frobenius_sq(u) == table  # cached, a copy
+        lvl.frobenius_sq(u).clear()
+        assert lvl.frobenius_sq(u) == table
+
+
+def test_norm_gap_in_score_losses(db):
+    lvl, names = db
+    frob = {u: lvl.frobenius_sq(u) for u in names}
+    sp = {names[0]: 0.5, names[1]: 0.8}
+    losses = torch.tensor([0.1, 0.3])
+    s = score_losses(losses, gap="norm", lam=2.0, units={u: 1 for u in names}, sparsities=sp, n_capacity=16,
+                     gap_kw={"frob_sq": frob})
+    rho = [math.sqrt(frob[u][sp[u]] / frob[u][0.0]) for u in names]
+    want = (math.sqrt(2 * math.log(2) * 2) + 1) / math.sqrt(16) * math.sqrt(rho[0] * rho[1])
+    assert s.r_hat == pytest.approx(0.2) and s.g_hat == pytest.approx(want, rel=1e-12)
+    assert s.j == pytest.approx(s.r_hat + 2 * want, rel=1e-12)
+    denser = score_losses(losses, gap="norm", lam=2.0, sparsities={names[0]: 0.5, names[1]: 0.5}, n_capacity=16,
+                          gap_kw={"frob_sq": frob})
+    assert denser.g_hat > s.g_hat
+
+
+def test_bernstein_in_score_losses_has_no_range_constant():
+    # losses 1, 2, 3, 4: Var (ddof 1) = 5/3 ; sqrt(2 * 5/3 * ln 40 / 4) = 1.753301517640823 ; J = 2.5 + 0.5 G
+    s = score_losses([1.0, 2.0, 3.0, 4.0], gap="bernstein", lam=0.5, loss_cap=10.0)
+    assert s.g_hat == pytest.approx(1.753301517640823, rel=1e-12)
+    assert s.j == pytest.approx(2.5 + 0.5 * 1.753301517640823, rel=1e-12)
+    assert score_losses([0.0, 0.0], gap="bernstein", lam=1.0, loss_cap=2.0).g_hat == 0.0
+
+
+@pytest.mark.parametrize("bad,match", [({"gap": "vc"}, "gap must be one of"), ({"lam": -0.1}, "lam >= 0"),
+                                       ({"lam": float("nan")}, "lam >= 0"), ({"lam": float("inf")}, "lam >= 0")])
+def test_config_rejects_bad_gap_and_lambda(bad, match):
+    with pytest.raises(ValueError, match=match) as err:
+        SearchConfig(**bad)
+    assert "\n" not in str(err.value)
+
+
+def test_config_accepts_every_gap_and_keeps_its_serialised_form():
+    for name in gaps.GAP_ESTIMATORS:
+        cfg = SearchConfig(gap=name)
+        assert cfg.to_dict()["gap"] == name and SearchConfig.from_dict(cfg.to_dict()) == cfg
+    # no new fields: norm's serialised form has the keys of a no-gap config
+    assert set(SearchConfig(gap="none").to_dict()) == set(SearchConfig(gap="norm").to_dict())
+
+
+def test_changed_estimators_carry_a_revision_in_the_serialised_config():
+    for name in ("bernstein", "capacity"):
+        d = SearchConfig(gap=name).to_dict()
+        assert d["gap_revision"] == gaps.GAP_REVISION[name] == 2
+        old = {k: v for k, v in d.items() if k != "gap_revision"}  # as written before the formula changed
+        assert SearchConfig.from_dict(old) == SearchConfig.from_dict(d) == SearchConfig(gap=name)
+        assert old != SearchConfig.from_dict(old).to_dict()  # so an old checkpoint's config does not match
+    for name in ("none", "norm"):
+        assert "gap_revision" not in SearchConfig(gap=name).to_dict()
+
+
+def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_dir, calib, tmp_path):
+    import pandas as pd
+
+    from ellava_lib.model.specs import load_model
+    from ellava_lib.search import evolve
+    from ellava_lib.search.config import ProjectorConfig
+
+    lvl, names = db
+    model, _ = load_model(micro_model_dir)
+    sizes = {u: n for u, n in units.list_units(model).items() if u in names}
+    cfg = SearchConfig(target=0.5, grid=GRID, gap="norm", lam=1.0, loss_kind="ce", init=("uniform",), population=2,
+                       generations=1, offspring=2, screen_samples=0, survivors=1, projector=ProjectorConfig(every=0))
+    result = evolve.run_search(model, calib, lvl, sizes, cfg, tmp_path, progress=False)
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert len(hist) >= 1 and (hist["g_hat"] > 0).all()
+    frob = {u: lvl.frobenius_sq(u) for u in names}
+    want = gaps.gap("norm", sparsities=result.policy.sparsities, n=16, frob_sq=frob)
+    assert result.score.g_hat == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_takes_the_norm_gap_and_refuses_a_negative_lambda():
+    from ellava_lib import cli
+
+    parse = cli.build_parser().parse_args
+    base = ["search", "--sparsity", "0.6", "--out", "x"]
+    assert cli.search_config(parse([*base, "--gap", "norm"])).gap == "norm"
+    with pytest.raises(ValueError, match="lam >= 0"):  # the CLI turns it into exit 2
+        cli.search_config(parse([*base, "--lam", "-1"]))
