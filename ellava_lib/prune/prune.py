@@ -8,7 +8,7 @@ pruned weights, so the next block sees the outputs of the already pruned ones.
 
 * **magnitude**: zero the ``round(s * numel)`` smallest ``|W_ij|`` of each layer (data-free).
 * **Wanda** (Sun et al. 2023): score ``S_ij = |W_ij| * ||X_j||_2`` (``X_j`` = input feature ``j``
-  over all calibration tokens); in every output row ``i`` zero the ``round(s * d_in)`` lowest scores
+  over all calibration tokens); in every output row ``i`` zero the ``int(d_in * s)`` (floor) lowest scores
   (N:M: the ``N`` lowest of every ``M`` consecutive inputs of the row). No weight update.
 * **SparseGPT**: ``H = 2 X X^T / N`` per layer, then the OBS column-block solver
   (:class:`obs.SparseGPT`), which also updates the surviving weights.
@@ -18,7 +18,7 @@ N:M (``prune_n, prune_m > 0``): every unit whose policy sparsity is > 0 gets the
 
 Post-condition (:func:`check_sparsity`), in weights counted exactly, ``k = zeros`` of a ``d_out x d_in``
 layer at target ``s``: ``k >= s * numel - b`` (raises otherwise) with the rounding bound ``b``:
-magnitude ``0.5``; Wanda ``0.5 * d_out`` (one rounding per row); SparseGPT
+magnitude ``0.5``; Wanda ``d_out`` (one floor per row, short by less than 1 each); SparseGPT
 ``0.5 * ceil(d_in / blocksize)`` (one per column block, see :mod:`obs`); N:M ``0``.
 More zeros than ``s * numel + b`` (weights that were already zero, dead inputs) only warn.
 """
@@ -51,7 +51,7 @@ def _bound(method: str, weight: torch.Tensor, blocksize: int, nm: bool) -> float
     if nm:
         return 0.0
     rows, cols = weight.shape
-    return {"magnitude": 0.5, "wanda": 0.5 * rows, "sparsegpt": 0.5 * math.ceil(cols / blocksize)}[method]
+    return {"magnitude": 0.5, "wanda": float(rows), "sparsegpt": 0.5 * math.ceil(cols / blocksize)}[method]
 
 
 def _unit_target(sparsity: float, prune_n: int = 0, prune_m: int = 0) -> float:

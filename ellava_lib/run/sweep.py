@@ -72,8 +72,9 @@ LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "
                           "ellava": "EfficientLLaVA"}
 SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
 #: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
-#: (2: OWL prunes its continuous allocation instead of the grid-rounded one).
-METHOD_REVISION: dict[str, int] = {"owl": 2}
+#: (2: OWL prunes its continuous allocation instead of the grid-rounded one; 3: OWL one ratio per decoder
+#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts).
+METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2}
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
@@ -236,7 +237,8 @@ def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, pr
 
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
     """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
-    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n}
+    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n,
+         "revision": METHOD_REVISION["ecoflap"]}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
