@@ -393,14 +393,31 @@ def main(argv: list[str] | None = None) -> int:
     from ellava_lib.eval.gpt_judge import JudgeError
     from ellava_lib.model.loading import ModelLoadError
 
+    out = Path(args.out) if getattr(args, "out", None) else None
+    created = out is not None and not out.exists()  # a failed command removes only a folder it made
     try:
         return args.func(args)
     except (CLIError, ModelLoadError, DataLoadError, JudgeError, ValueError, OSError) as e:
+        _remove_if_created(out, created)
         print(f"ellava: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # kept: an interrupted search resumes from its folder
         print("ellava: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        _remove_if_created(out, created)
+        raise
+
+
+def _remove_if_created(out: Path | None, created: bool) -> None:
+    """No half-written output: remove ``--out`` when this command created it and then failed."""
+    import shutil
+
+    if created and out is not None and out.exists():
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
