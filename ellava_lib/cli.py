@@ -114,7 +114,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ellava_lib.speed.export import export_pruned
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
-    if n and args.method in ("owl", "ecoflap"):
+    if n and args.method in ("owl", "ecoflap", "llm_pruner"):
         raise CLIError(f"--nm applies to magnitude, wanda and sparsegpt, not to {args.method}")
     if args.sparsity is None and not n:
         raise CLIError("give --sparsity S (in [0, 1)) or --nm N:M")
@@ -326,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("prune", help="prune a model's language model (calibrated on the calib split)")
     r.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
-    r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "owl", "ecoflap"), default="sparsegpt",
-                   help="owl / ecoflap allocate a non-uniform policy, then prune it with SparseGPT")
+    r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "llm_pruner"),
+                   default="sparsegpt",
+                   help="owl / ecoflap allocate a non-uniform policy, then prune it with SparseGPT; "
+                        "llm_pruner zeroes whole heads / MLP channels (Taylor importance)")
     r.add_argument("--sparsity", type=float, default=None, help="mean sparsity in [0, 1)")
     r.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 (magnitude, wanda, sparsegpt)")
     r.add_argument("--calib", type=int, default=64, help="number of calibration samples")
@@ -393,14 +395,31 @@ def main(argv: list[str] | None = None) -> int:
     from ellava_lib.eval.gpt_judge import JudgeError
     from ellava_lib.model.loading import ModelLoadError
 
+    out = Path(args.out) if getattr(args, "out", None) else None
+    created = out is not None and not out.exists()  # a failed command removes only a folder it made
     try:
         return args.func(args)
     except (CLIError, ModelLoadError, DataLoadError, JudgeError, ValueError, OSError) as e:
+        _remove_if_created(out, created)
         print(f"ellava: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # kept: an interrupted search resumes from its folder
         print("ellava: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        _remove_if_created(out, created)
+        raise
+
+
+def _remove_if_created(out: Path | None, created: bool) -> None:
+    """No half-written output: remove ``--out`` when this command created it and then failed."""
+    import shutil
+
+    if created and out is not None and out.exists():
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -45,28 +45,52 @@ def test_round_to_grid_by_hand():
 
 
 def test_owl_allocation_by_hand():
+    """luuyin/OWL: a_l = (D_l - min) / (max - min) * 2 lam, s_l = S + mean(a) - a_l (one value per layer)."""
     sizes = {"a": 10, "b": 10}
     raw = allocate.owl_allocation({"a": 0.0, "b": 0.02}, sizes, 0.5, lam=0.08)
     assert raw == pytest.approx({"a": 0.58, "b": 0.42})  # more outliers -> lower sparsity
     flat = allocate.owl_allocation({"a": 0.01, "b": 0.01}, sizes, 0.5, lam=0.08)
     assert flat == pytest.approx({"a": 0.5, "b": 0.5})
-    # unequal sizes: the shift makes the weighted mean exact, the clip keeps [S - lam, S + lam]
+    # unequal sizes: a = (0, .08, .16), weighted mean(a) = 1.36 / 10, so c = 0.736 (no clip: OWL has none)
     skew = allocate.owl_allocation({"a": 0.0, "b": 0.01, "c": 0.02}, {"a": 1, "b": 1, "c": 8}, 0.6, lam=0.08)
+    assert skew == pytest.approx({"a": 0.736, "b": 0.656, "c": 0.576})
     assert policy.weighted_mean(skew, {"a": 1, "b": 1, "c": 8}) == pytest.approx(0.6)
-    assert all(0.52 - 1e-9 <= v <= 0.68 + 1e-9 for v in skew.values())
+
+
+def test_owl_allocation_is_per_layer():
+    """Both units of a decoder layer get the layer's sparsity; the layer ratio pools its units by size."""
+    sizes = {"lm.0.attn": 1, "lm.0.mlp": 3, "lm.1.attn": 1, "lm.1.mlp": 3}
+    ratios = {"lm.0.attn": 0.0, "lm.0.mlp": 0.04, "lm.1.attn": 0.0, "lm.1.mlp": 0.0}  # D_0 = 0.03, D_1 = 0
+    raw = allocate.owl_allocation(ratios, sizes, 0.5, lam=0.08)
+    assert raw == pytest.approx({"lm.0.attn": 0.42, "lm.0.mlp": 0.42, "lm.1.attn": 0.58, "lm.1.mlp": 0.58})
 
 
 def test_ecoflap_allocation_by_hand():
+    """ylsung/ECoFLaP: every block keeps n_B (1 - s_max), s_max = S + 0.1, the rest in proportion to I_B."""
     sizes = {"a": 100, "b": 100}
     assert allocate.ecoflap_allocation({"a": 1.0, "b": 1.0}, sizes, 0.5) == pytest.approx({"a": 0.5, "b": 0.5})
-    # keep = floor + t * I: with I_b = 3 I_a, b keeps 0.2 + 3x and a 0.2 + x, x = 0.15
-    out = allocate.ecoflap_allocation({"a": 1.0, "b": 3.0}, sizes, 0.5, floor=0.2)
-    assert out == pytest.approx({"a": 0.65, "b": 0.35})
-    # an unimportant unit sits at the floor (sparsity 1 - floor)
-    out = allocate.ecoflap_allocation({"a": 0.0, "b": 1.0}, sizes, 0.5, floor=0.2)
-    assert out["a"] == pytest.approx(0.8, abs=1e-4) and out["b"] == pytest.approx(0.2, abs=1e-4)
-    with pytest.raises(ValueError, match="cap"):
-        allocate.ecoflap_allocation({"a": 1.0, "b": 1.0}, sizes, 0.85, floor=0.2)
+    # keep = 0.4 + t * I / n: with I_b = 3 I_a, a keeps 0.4 + x and b 0.4 + 3x, x = 0.05
+    out = allocate.ecoflap_allocation({"a": 1.0, "b": 3.0}, sizes, 0.5)
+    assert out == pytest.approx({"a": 0.55, "b": 0.45})
+    # an unimportant block sits at the cap s_max = S + 0.1
+    out = allocate.ecoflap_allocation({"a": 0.0, "b": 1.0}, sizes, 0.5)
+    assert out["a"] == pytest.approx(0.6, abs=1e-4) and out["b"] == pytest.approx(0.4, abs=1e-4)
+    # the cap is clipped to the grid's top level
+    out = allocate.ecoflap_allocation({"a": 0.0, "b": 1.0}, sizes, 0.85)
+    assert out["a"] == pytest.approx(0.9, abs=1e-4) and out["b"] == pytest.approx(0.8, abs=1e-4)
+    assert allocate.ecoflap_cap() == 0.9
+    with pytest.raises(ValueError, match="grid range"):
+        allocate.ecoflap_allocation({"a": 1.0, "b": 1.0}, sizes, 0.95)
+
+
+def test_ecoflap_allocation_is_per_block():
+    """The block score is the sum of its units' scores (``_sum``); both units get the block's sparsity."""
+    sizes = {"lm.0.attn": 50, "lm.0.mlp": 50, "lm.1.attn": 50, "lm.1.mlp": 50}
+    imp = {"lm.0.attn": 1.5, "lm.0.mlp": 0.5, "lm.1.attn": 0.25, "lm.1.mlp": 0.75}  # I_0 = 2, I_1 = 1
+    out = allocate.ecoflap_allocation(imp, sizes, 0.5)
+    # keep_0 = 0.4 + 2x, keep_1 = 0.4 + x, mean 0.5 -> x = 0.2 / 3
+    assert out["lm.0.attn"] == out["lm.0.mlp"] == pytest.approx(1 - 0.4 - 0.4 / 3)
+    assert out["lm.1.attn"] == out["lm.1.mlp"] == pytest.approx(1 - 0.4 - 0.2 / 3)
 
 
 # ------------------------------------------------------------------------------- on the micro model
@@ -81,7 +105,8 @@ def test_owl_policy_meets_budget_bounds_and_is_deterministic(micro_model, calib,
     p.validate(sizes)
     assert S - 1e-9 <= p.mean_sparsity(sizes) < S + _budget_tol(sizes)
     raw = p.meta["continuous"]
-    assert all(S - lam - 1e-9 <= raw[u] <= S + lam + 1e-9 for u in sizes)
+    assert max(raw.values()) - min(raw.values()) <= 2 * lam + 1e-9  # OWL's range 2 lam
+    assert all(raw[f"lm.{i}.attn"] == raw[f"lm.{i}.mlp"] for i in range(len(sizes) // 2))  # one per layer
     assert all(p.sparsities[u] in (_grid_floor(raw[u]), _grid_ceil(raw[u])) for u in sizes)
     ratios = p.meta["outlier_ratio"]
     order = sorted(sizes, key=lambda u: ratios[u])
@@ -94,15 +119,15 @@ def test_ecoflap_policy_meets_budget_bounds_and_is_deterministic(micro_model, ca
     model, _ = micro_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sizes = units.list_units(model)
-    p = allocate.ecoflap_policy(model, calib, S, floor=0.2, seed=0, draws=2)
+    p = allocate.ecoflap_policy(model, calib, S, seed=0, draws=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored exactly
     p.validate(sizes)
     assert S - 1e-9 <= p.mean_sparsity(sizes) < S + _budget_tol(sizes)
     raw = p.meta["continuous"]
-    assert all(0.0 <= raw[u] <= 0.8 + 1e-9 for u in sizes)
+    assert all(0.0 <= raw[u] <= S + 0.1 + 1e-9 for u in sizes)  # ECoFLaP's cap S + 0.1
     assert all(p.sparsities[u] in (_grid_floor(raw[u]), _grid_ceil(raw[u])) for u in sizes)
     assert all(v > 0 for v in p.meta["importance"].values())
-    again = allocate.ecoflap_policy(model, calib, S, floor=0.2, seed=0, draws=2)
+    again = allocate.ecoflap_policy(model, calib, S, seed=0, draws=2)
     assert again.sparsities == p.sparsities and again.meta["importance"] == p.meta["importance"]
 
 
@@ -132,4 +157,5 @@ def test_owl_rows_carry_a_revision_in_the_sweep_spec():
 
     spec = SweepSpec("m")
     assert spec_digest(spec, Job("owl", 0.6)) != spec_digest(spec, Job("sparsegpt", 0.6))
-    assert spec_digest(spec, Job("sparsegpt", 0.6)) == spec_digest(spec, Job("wanda", 0.6))
+    assert spec_digest(spec, Job("sparsegpt", 0.6)) == spec_digest(spec, Job("magnitude", 0.6))
+    assert spec_digest(spec, Job("wanda", 0.6)) != spec_digest(spec, Job("magnitude", 0.6))

@@ -132,7 +132,15 @@ def test_wanda_per_row_sparsity_is_exact(micro_model_dir, calib):
     for unit, lins in units.unit_linears(model).items():
         for lin in lins.values():
             per_row = (lin.weight == 0).sum(1)
-            assert (per_row == round(policy.sparsities[unit] * lin.weight.shape[1])).all()
+            assert (per_row == int(lin.weight.shape[1] * policy.sparsities[unit])).all()  # floor, as Wanda
+
+
+def test_wanda_count_is_the_floor():
+    """locuslab/wanda prunes ``int(d_in * s)`` per row: 0.29 * 100 = 28.999... -> 28 (round() would say 29)."""
+    w = torch.arange(1.0, 201.0).reshape(2, 100)
+    mask = masks.wanda_mask(w, torch.ones(100), 0.29)
+    assert mask.sum(1).tolist() == [28, 28]
+    assert masks.wanda_mask(w, torch.ones(100), 0.5).sum(1).tolist() == [50, 50]
 
 
 def test_wanda_mask_follows_the_score():

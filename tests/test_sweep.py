@@ -154,8 +154,28 @@ def test_main_table_mean_std_and_margin():
     assert ell["gap_calib_test"] == pytest.approx(2.0) and ell["seeds"] == 3
     shown = tables.format_main_table(table)
     assert shown.loc[2, "mean (test)"] == "56.0 ± 1.0" and shown.loc[2, "method"] == "EfficientLLaVA"
-    margin = tables.best_baseline_margin(table, baselines=("wanda",)).iloc[0]
-    assert margin["margin"] == pytest.approx(5.0) and margin["share_of_dense_%"] == pytest.approx(56 / 60 * 100)
+    margin = tables.paired_margins(_results(), baselines=("wanda",)).iloc[0]
+    assert margin["mean_diff"] == pytest.approx(5.0) and margin["share_of_dense_%"] == pytest.approx(56 / 60 * 100)
+    assert margin["k"] == 3 and margin["se"] == pytest.approx(0.0) and margin["ours_std"] == pytest.approx(1.0)
+
+
+def test_paired_margins_by_hand():
+    """d = (3, 1, 2) over seeds 0..2 (seed 3 has no wanda row: unpaired, left out): mean 2, sd 1, se 1/sqrt 3."""
+    rows = [{"method": "dense", "sparsity": 0.0, "seed": 0, "mean": 80.0}]
+    for seed, (ours, theirs) in enumerate([(53.0, 50.0), (51.0, 50.0), (56.0, 54.0)]):
+        rows += [{"method": "ellava", "sparsity": 0.6, "seed": seed, "mean": ours},
+                 {"method": "wanda", "sparsity": 0.6, "seed": seed, "mean": theirs},
+                 {"method": "owl", "sparsity": 0.6, "seed": seed, "mean": ours}]
+    rows.append({"method": "ellava", "sparsity": 0.6, "seed": 3, "mean": 60.0})
+    out = tables.paired_margins(pd.DataFrame(rows), baselines=("wanda", "owl", "ecoflap")).set_index("baseline")
+    assert list(out.index) == ["Wanda", "OWL"]  # no ecoflap rows: no margin
+    w = out.loc["Wanda"]
+    assert w["k"] == 3 and w["mean_diff"] == pytest.approx(2.0) and w["se"] == pytest.approx(1 / np.sqrt(3))
+    assert w["ours"] == pytest.approx(55.0) and w["baseline_score"] == pytest.approx(154 / 3)
+    assert w["sparsity"] == "60%" and w["share_of_dense_%"] == pytest.approx(55.0 / 80 * 100)
+    assert out.loc["OWL", "mean_diff"] == 0.0 and out.loc["OWL", "se"] == 0.0
+    one = tables.paired_margins(pd.DataFrame(rows[:3]), baselines=("wanda",)).iloc[0]
+    assert one["k"] == 1 and np.isnan(one["se"])
 
 
 def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, tmp_path, monkeypatch):

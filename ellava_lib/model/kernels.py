@@ -3,7 +3,8 @@
 PyTorch's x86 CPU wheels run an fp32 ``nn.Linear`` through MKL's ``sgemm``. On CPUs MKL does not recognise
 (AMD's among them) that path stays on AVX2 code; oneDNN's fp32 matmul (the kernel ``torch.compile`` emits for
 CPU linears) uses AVX-512 and ran at about twice the throughput on the 2-core AMD EPYC this kit was built on
-(``benchmarks/cpu_speed.py`` -> ``benchmarks/results/cpu_speed.json``: 88 vs 191 GFLOP/s at 1088 x 128 x 352).
+(88 vs 191 GFLOP/s at 1088 x 128 x 352 by ``benchmarks/cpu_speed.py``; its results file was not kept, so
+not measured in this version).
 Still fp32 throughout: outputs agree with ``sgemm``'s to rounding (the two sum in different orders), not bit
 for bit.
 

@@ -24,8 +24,8 @@ All stages use AdamW with linear warm-up and cosine decay; everything is seeded.
 CPU bfloat16 autocast (``precision``; weights, optimizer state and losses stay fp32) with eager attention,
 and the text and joint batches are drawn in length-sorted groups (``length_group``, less padding): together
 1.56x the steps/s of the former fp32 recipe (two data-parallel processes of one thread each, since removed) on
-the build machine (``benchmarks/cpu_speed.py``, ``benchmarks/results/cpu_speed.json``), which pays for the 1000
-text-stage steps. Training runs in one process with ``threads`` intra-op threads.
+the build machine (``benchmarks/cpu_speed.py``; its results file was not kept: not measured in this
+version), which pays for the 1000 text-stage steps. Training runs in one process with ``threads`` intra-op threads.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Non-uniform policy allocation under a budget: OWL and ECoFLaP, and rounding a continuous allocation to the grid.
+"""Non-uniform policy allocation under a budget: OWL and ECoFLaP (one sparsity per decoder layer, as their
+reference code), and rounding a continuous allocation to the grid.
 
 Budget: the parameter-weighted mean sparsity ``S(pi) = sum_u n_u s_u / N`` must reach the target ``S``.
 Both allocators compute a continuous allocation with weighted mean exactly ``S`` and then round it to
@@ -71,23 +72,51 @@ def _grid_range(grid: tuple[float, ...], target: float) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------- OWL
 
-#: OWL's default band ``lam`` around the target (units move by at most this much).
+#: OWL's default range ``lam`` (layer sparsities span ``2 lam``; luuyin/OWL ``--Lamda 0.08``).
 OWL_LAMBDA: float = 0.08
-#: ECoFLaP's default kept-weight floor (a unit keeps at least this share, so ``S <= 1 - floor``).
-ECOFLAP_FLOOR: float = 0.2
+#: ECoFLaP's per-layer sparsity cap above the target (ylsung/ECoFLaP scripts: ``max_sparsity_per_layer =
+#: 1 - keep_ratio + 0.1``, i.e. ``S + 0.1``).
+ECOFLAP_MAX_OFFSET: float = 0.1
+#: ECoFLaP's calibration samples for the importance scores (its ``--num_data_first_stage``, default 32).
+ECOFLAP_SAMPLES: int = 32
+
+
+def block_of(unit: str) -> str:
+    """The decoder (or vision) block a unit belongs to: ``lm.3.attn`` -> ``lm.3`` (a name without a dot is its
+    own block)."""
+    return unit.rsplit(".", 1)[0]
+
+
+def _by_block(values: Mapping[str, float], sizes: Mapping[str, int]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per block: the size-weighted mean of ``values`` over its units, and its size."""
+    tot: dict[str, float] = {}
+    n: dict[str, int] = {}
+    for u, size in sizes.items():
+        b = block_of(u)
+        tot[b] = tot.get(b, 0.0) + float(values[u]) * size
+        n[b] = n.get(b, 0) + size
+    return {b: tot[b] / n[b] for b in n}, n
 
 
 def outlier_ratios(model: nn.Module, calib_batch: dict[str, torch.Tensor], M: float = 5.0,
                    include_vision: bool = False, progress: bool = False) -> dict[str, float]:
-    """OWL's layerwise outlier distribution per unit: ``D_u = #{S_ij > M * mean(S)} / #S`` over the
-    Wanda scores ``S_ij = |W_ij| * ||X_j||_2`` of all the unit's linears pooled (dense-model inputs)."""
+    """OWL's outlier ratio per decoder layer, given to each of the layer's units: ``D_l = #{S_ij > M * mean_l(S)}
+    / #S_l`` over the Wanda scores ``S_ij = |W_ij| * ||X_j||_2`` of *all* the layer's linears pooled, ``mean_l``
+    their mean, dense-model inputs (luuyin/OWL ``lib/prune_all.py``: ``check_outlier_mean(torch.cat(
+    layer_wmetric), Hyper_m)``, ``Hyper_m = 5``; OWL reports it in percent, which the min-max scaling of
+    :func:`owl_allocation` cancels)."""
     units = list(list_units(model, include_vision))
     ratios: dict[str, float] = {}
 
     def visit(block: str, block_units: dict[str, dict[str, nn.Linear]], stats: dict) -> bool:
-        for unit, lins in block_units.items():
-            scores = torch.cat([wanda_scores(lin.weight, stats[n].norms()).flatten() for n, lin in lins.items()])
-            ratios[unit] = float((scores > M * scores.mean()).double().mean())
+        layers: dict[str, list[str]] = {}
+        for unit in block_units:
+            layers.setdefault(block_of(unit), []).append(unit)
+        for members in layers.values():
+            scores = torch.cat([wanda_scores(lin.weight, stats[n].norms()).flatten()
+                                for u in members for n, lin in block_units[u].items()])
+            r = float((scores > M * scores.mean()).double().mean())
+            ratios.update({u: r for u in members})
         return False
 
     walk_blocks(model, calib_batch, units, InputNorms, visit, sequential=False, progress=progress, desc="owl")
@@ -96,25 +125,26 @@ def outlier_ratios(model: nn.Module, calib_batch: dict[str, torch.Tensor], M: fl
 
 def owl_allocation(ratios: Mapping[str, float], sizes: Mapping[str, int], sparsity: float, lam: float,
                    grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
-    """Continuous OWL sparsities (Yin et al. 2024) from outlier ratios ``D_u``::
+    """Continuous OWL sparsities (Yin et al. 2024; luuyin/OWL ``lib/prune_all.py``), one per decoder layer::
 
-        D~_u = (D_u - min D) / (max D - min D)          (all 1/2 when every D_u is equal)
-        s_u  = clip(S - lam + 2 lam (1 - D~_u) + c, max(S - lam, g_min), min(S + lam, g_max))
+        D_l  = size-weighted mean of the ratios of layer l's units   (= the pooled ratio of its linears)
+        a_l  = (D_l - min D) / (max D - min D) * 2 lam              (0 for every layer when all D_l are equal)
+        1 - s_l = a_l - mean(a) + (1 - S)        i.e.   s_l = c - a_l,   c = S + mean(a)
 
-    with the shift ``c`` solved (bisection) so the weighted mean is exactly ``S``: more outliers ->
-    lower sparsity. (OWL sets the keep ratio ``1 - s_l = 2 lam D~_l - mean + (1 - S)``; the same
-    allocation up to the clip, which keeps it in OWL's ``[S - lam, S + lam]``.)
+    and every unit of layer ``l`` gets ``s_l`` (more outliers -> lower sparsity). OWL takes the plain mean over
+    layers (all its layers have one size); here ``c`` makes the *parameter-weighted* mean exactly ``S`` (the
+    same when the layers have one size), found by bisection with ``s_l`` clipped to the grid's range (OWL has
+    no clip; it only binds when ``S +- 2 lam`` leaves the grid).
     """
     gmin, gmax = _grid_range(grid, sparsity)
-    lo, hi = max(sparsity - lam, gmin), min(sparsity + lam, gmax)
-    dmin, dmax = min(ratios.values()), max(ratios.values())
-    norm = {u: (d - dmin) / (dmax - dmin) if dmax > dmin else 0.5 for u, d in ratios.items()}
-    base = {u: sparsity - lam + 2 * lam * (1 - norm[u]) for u in sizes}
+    layer_ratio, _ = _by_block(ratios, sizes)
+    dmin, dmax = min(layer_ratio.values()), max(layer_ratio.values())
+    a = {b: (d - dmin) / (dmax - dmin) * 2 * lam if dmax > dmin else 0.0 for b, d in layer_ratio.items()}
 
     def alloc(c: float) -> dict[str, float]:
-        return {u: min(max(base[u] + c, lo), hi) for u in sizes}
+        return {u: min(max(c - a[block_of(u)], gmin), gmax) for u in sizes}
 
-    c = _bisect(lambda c: weighted_mean(alloc(c), sizes), sparsity, -2 * lam - 1, 2 * lam + 1)
+    c = _bisect(lambda c: weighted_mean(alloc(c), sizes), sparsity, gmin - 1.0, gmax + 2 * lam + 1.0)
     return alloc(c)
 
 
@@ -123,8 +153,8 @@ def owl_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity:
                progress: bool = False, on_grid: bool = True) -> Policy:
     """OWL policy at mean sparsity ``sparsity``: :func:`outlier_ratios` -> :func:`owl_allocation`, then
     :func:`round_to_grid` when ``on_grid`` (a policy the level database can assemble), else the continuous
-    allocation itself, as OWL prunes (its levels are added to the policy's grid). OWL moves every unit by at
-    most ``lam`` around the target, so on a grid coarser than ``lam`` the rounded policy can be uniform.
+    allocation itself, as OWL prunes (its levels are added to the policy's grid). OWL's layer sparsities span
+    ``2 lam``, so on a grid coarser than that the rounded policy can be nearly uniform.
     ``meta`` keeps the ratios and the continuous allocation."""
     sizes = list_units(model, include_vision)
     ratios = outlier_ratios(model, calib_batch, M, include_vision, progress)
@@ -138,89 +168,113 @@ def owl_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity:
 # --------------------------------------------------------------------------------------------- ECoFLaP
 
 
+def _rows(batch: Mapping[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    n = batch["input_ids"].shape[0]
+    return {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tensor], eps: float = 1e-3,
-                            draws: int = 4, seed: int = 0, include_vision: bool = False,
-                            progress: bool = False) -> dict[str, float]:
-    """ECoFLaP's zeroth-order importance of each unit (two-point estimate of the directional derivative)::
+                            draws: int = 1, seed: int = 0, include_vision: bool = False,
+                            progress: bool = False, samples: int = ECOFLAP_SAMPLES) -> dict[str, float]:
+    """ECoFLaP's zeroth-order importance of each unit (ylsung/ECoFLaP ``layer_single_base_pruner.py``,
+    ``compute_importance_scores_mezo_layer_one``, score method ``olmezo-gradient_sum``)::
 
-        I_u = 1/D sum_d |L(w_u + eps z_d) - L(w_u - eps z_d)| / (2 eps),    z_d ~ N(0, I)
+        g_{l,b,d} = (L_b(W_l + eps z) - L_b(W_l - eps z)) / (2 eps),   z ~ N(0, I)   (one weight matrix l)
+        I_l = sum_b | sum_d |g_{l,b,d}| |,     I_u = sum_{l in u} I_l
 
-    ``L`` = calibration loss (:func:`losses.calibration_loss`), only unit ``u``'s weights perturbed,
-    ``z_d`` drawn from ``torch.Generator().manual_seed(seed * 100003 + 1009 * k + d)`` for unit ``k``;
-    the dense weights are restored exactly after each unit.
-    """
+    per weight matrix ``l`` (only it perturbed), per calibration sample ``b`` (the first ``samples`` rows, one
+    sample per forward, as a batch of one), ``draws`` noise draws (ECoFLaP's ``num_noise``, default 1);
+    ``L_b`` = the answer cross-entropy of sample ``b`` (:func:`losses.calibration_loss`; ECoFLaP's
+    ``loss_language`` is the LM loss on the target text). The unit score is the *sum* over its matrices
+    (``_sum`` aggregation). ``z`` comes from ``torch.Generator().manual_seed(seed * 100003 + 1009 * k)`` for
+    unit ``k``, drawn in order; the dense weights are restored exactly after each matrix."""
     from tqdm.auto import tqdm
 
+    n = min(int(samples), calib_batch["input_ids"].shape[0])
+    rows = [_rows(calib_batch, b, b + 1) for b in range(n)]
     out: dict[str, float] = {}
     units = unit_linears(model, include_vision)
     for k, (unit, lins) in enumerate(tqdm(units.items(), desc="ecoflap", disable=not progress)):
-        dense = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+        gen = torch.Generator().manual_seed(seed * 100003 + 1009 * k)
         total = 0.0
-        for d in range(draws):
-            gen = torch.Generator().manual_seed(seed * 100003 + 1009 * k + d)
-            z = {n: torch.randn(w.shape, generator=gen).to(w) for n, w in dense.items()}
-            losses = []
-            for sign in (1.0, -1.0):
-                for n, lin in lins.items():
-                    lin.weight.copy_(dense[n] + sign * eps * z[n])
-                losses.append(calibration_loss(model, calib_batch))
-            total += abs(losses[0] - losses[1]) / (2 * eps)
-        for n, lin in lins.items():
-            lin.weight.copy_(dense[n])
-        out[unit] = total / draws
+        for lin in lins.values():
+            dense = lin.weight.detach().clone()
+            for row in rows:
+                acc = 0.0
+                for _ in range(draws):
+                    z = torch.randn(dense.shape, generator=gen).to(dense)
+                    lin.weight.copy_(dense + eps * z)
+                    up = calibration_loss(model, row)
+                    lin.weight.copy_(dense - eps * z)
+                    down = calibration_loss(model, row)
+                    acc += abs(up - down) / (2 * eps)
+                total += abs(acc)
+            lin.weight.copy_(dense)
+        out[unit] = total
     return out
 
 
-def ecoflap_cap(grid: tuple[float, ...] = DEFAULT_GRID, floor: float = ECOFLAP_FLOOR) -> float:
-    """The highest mean sparsity ECoFLaP can allocate: ``1 - f``, ``f = max(floor, 1 - max(grid))`` (every
-    unit keeps at least the share ``f``)."""
-    return 1 - max(floor, 1 - max(grid))
+def ecoflap_cap(grid: tuple[float, ...] = DEFAULT_GRID) -> float:
+    """The highest mean sparsity ECoFLaP can allocate on ``grid``: its largest level (the per-layer cap
+    ``min(S + 0.1, max(grid))`` must be at least ``S``)."""
+    return max(grid)
 
 
 def ecoflap_allocation(importance: Mapping[str, float], sizes: Mapping[str, int], sparsity: float,
-                       floor: float = ECOFLAP_FLOOR, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
-    """Continuous ECoFLaP-style sparsities: kept weights proportional to importance above a floor::
+                       max_offset: float = ECOFLAP_MAX_OFFSET,
+                       grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, float]:
+    """Continuous ECoFLaP sparsities, one per decoder block (ylsung/ECoFLaP ``LayerSparsity.return_sparsity``,
+    ``compute_the_sparsity_per_group`` with ``sparsity_ratio_granularity = block``)::
 
-        k_u = clip(f n_u + t I_u, f n_u, (1 - g_min) n_u),   f = max(floor, 1 - g_max)
-        t solved (bisection) so that sum_u k_u = (1 - S) N;   s_u = 1 - k_u / n_u
+        I_B = sum_{u in B} I_u,   n_B = sum_{u in B} n_u,   s_max = min(S + max_offset, g_max)
+        k_B = clip(n_B (1 - s_max) + t I_B,  n_B (1 - s_max),  n_B (1 - g_min))
+        t solved (bisection) so that sum_B k_B = (1 - S) N;   every unit of B gets s_B = 1 - k_B / n_B
 
-    (ECoFLaP's water-filling: every unit first keeps the floor, the rest of the keep budget is shared in
-    proportion to the scores, units that are full drop out). Needs ``S <= 1 - f``.
+    (ECoFLaP's water-filling: every block first keeps ``ceil(n_B (1 - s_max))``, the rest of the keep budget
+    is shared in proportion to the block scores -- not per parameter --, full blocks drop out; here continuous,
+    without its ``ceil`` counts, then rounded to the grid by the caller).
     """
     gmin, gmax = _grid_range(grid, sparsity)
-    f = 1 - ecoflap_cap(grid, floor)
-    if sparsity > 1 - f + GRID_TOL:
-        raise ValueError(f"sparsity {sparsity} is above the ECoFLaP cap 1 - floor = {1 - f:.3g}")
-    top = max(importance.values())
-    imp = {u: max(importance[u], 1e-6 * top) if top > 0 else 1.0 for u in sizes}
+    smax = min(sparsity + max_offset, gmax)
+    if sparsity > smax + GRID_TOL:
+        raise ValueError(f"sparsity {sparsity} is above the ECoFLaP cap {smax:.3g}")
+    f = 1 - smax
+    score: dict[str, float] = {}
+    n: dict[str, int] = {}
+    for u, size in sizes.items():
+        score[block_of(u)] = score.get(block_of(u), 0.0) + float(importance[u])
+        n[block_of(u)] = n.get(block_of(u), 0) + size
+    top = max(score.values())
+    imp = {b: max(v, 1e-6 * top) if top > 0 else 1.0 for b, v in score.items()}
 
     def alloc(t: float) -> dict[str, float]:
-        return {u: 1 - min(max(f + t * imp[u] / sizes[u], f), 1 - gmin) for u in sizes}
+        kept = {b: min(max(f + t * imp[b] / n[b], f), 1 - gmin) for b in n}
+        return {u: 1 - kept[block_of(u)] for u in sizes}
 
-    t_hi = max((1 - gmin - f) * sizes[u] / imp[u] for u in sizes) + 1.0
+    t_hi = max((1 - gmin - f) * n[b] / imp[b] for b in n) + 1.0
     # mean sparsity decreases in t: bisect on its negative
     t = _bisect(lambda t: -weighted_mean(alloc(t), sizes), -sparsity, 0.0, t_hi)
     return alloc(t)
 
 
 def ecoflap_policy(model: nn.Module, calib_batch: dict[str, torch.Tensor], sparsity: float,
-                   floor: float = ECOFLAP_FLOOR, eps: float = 1e-3, seed: int = 0, draws: int = 4,
+                   max_offset: float = ECOFLAP_MAX_OFFSET, eps: float = 1e-3, seed: int = 0, draws: int = 1,
                    grid: tuple[float, ...] = DEFAULT_GRID, include_vision: bool = False, progress: bool = False,
-                   importance: Mapping[str, float] | None = None) -> Policy:
-    """ECoFLaP-style policy: :func:`zeroth_order_importance` -> :func:`ecoflap_allocation` ->
-    :func:`round_to_grid`. ``meta`` keeps the importances and the continuous allocation.
+                   importance: Mapping[str, float] | None = None, samples: int = ECOFLAP_SAMPLES) -> Policy:
+    """ECoFLaP policy: :func:`zeroth_order_importance` -> :func:`ecoflap_allocation` -> :func:`round_to_grid`.
+    ``meta`` keeps the importances and the continuous allocation.
 
     ``importance``: scores already computed for this model and calibration batch (they do not depend on the
     sparsity, so one computation serves every sparsity); must name every unit."""
     sizes = list_units(model, include_vision)
     if importance is None:
-        importance = zeroth_order_importance(model, calib_batch, eps, draws, seed, include_vision, progress)
+        importance = zeroth_order_importance(model, calib_batch, eps, draws, seed, include_vision, progress, samples)
     missing = sorted(set(sizes) - set(importance))
     if missing:
         raise ValueError(f"importance misses units {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     importance = {u: float(importance[u]) for u in sizes}
-    raw = ecoflap_allocation(importance, sizes, sparsity, floor, grid)
-    meta = {"method": "ecoflap", "target": sparsity, "floor": floor, "eps": eps, "draws": draws, "seed": seed,
-            "importance": importance, "continuous": raw}
+    raw = ecoflap_allocation(importance, sizes, sparsity, max_offset, grid)
+    meta = {"method": "ecoflap", "target": sparsity, "max_offset": max_offset, "eps": eps, "draws": draws,
+            "samples": samples, "seed": seed, "importance": importance, "continuous": raw}
     return Policy(round_to_grid(raw, sizes, sparsity, grid), tuple(grid), meta)

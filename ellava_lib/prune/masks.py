@@ -5,7 +5,8 @@ For a ``d_out x d_in`` weight ``W`` and a target sparsity ``s``:
 - unstructured: zero the ``k = round(s * numel)`` lowest scores (:func:`lowest_k_mask`; ties broken by index);
 - N:M: in every group of ``M`` consecutive inputs of a row, zero the ``N`` lowest scores (:func:`nm_mask`);
 - magnitude: scores ``|W_ij|`` over the whole layer (:func:`magnitude_mask`);
-- Wanda (Sun et al. 2023): scores ``|W_ij| * ||X_j||_2``, compared within each output row (:func:`wanda_mask`).
+- Wanda (Sun et al. 2023): scores ``|W_ij| * ||X_j||_2``, compared within each output row, ``int(s * d_in)``
+  (floor, as locuslab/wanda ``int(W_metric.shape[1] * sparsity_ratio)``) per row (:func:`wanda_mask`).
 
 ``True`` in a mask marks a weight to remove.
 """
@@ -93,15 +94,16 @@ def magnitude_mask(
 
 def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float, prune_n: int = 0,
                prune_m: int = 0) -> torch.Tensor:
-    """Bool mask of the weights Wanda zeroes: per output row, the ``round(sparsity * d_in)`` lowest
-    ``|W_ij| * ||X_j||_2`` (ties by column order), or the ``prune_n`` lowest of every ``prune_m`` inputs."""
+    """Bool mask of the weights Wanda zeroes: per output row, the ``int(d_in * sparsity)`` (floor, as the
+    reference locuslab/wanda ``lib/prune.py``) lowest ``|W_ij| * ||X_j||_2`` (ties by column order), or the
+    ``prune_n`` lowest of every ``prune_m`` inputs."""
     scores = wanda_scores(weight, norms)
     cols = scores.shape[1]
     if prune_n > 0:
         if cols % prune_m:
             raise ValueError(f"d_in={cols} is not a multiple of prune_m={prune_m}")
         return nm_mask(scores, prune_n, prune_m)
-    k = num_to_prune(cols, sparsity)
+    k = min(cols, max(0, int(cols * sparsity)))
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k:
         mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)

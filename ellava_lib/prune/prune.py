@@ -8,17 +8,19 @@ pruned weights, so the next block sees the outputs of the already pruned ones.
 
 * **magnitude**: zero the ``round(s * numel)`` smallest ``|W_ij|`` of each layer (data-free).
 * **Wanda** (Sun et al. 2023): score ``S_ij = |W_ij| * ||X_j||_2`` (``X_j`` = input feature ``j``
-  over all calibration tokens); in every output row ``i`` zero the ``round(s * d_in)`` lowest scores
+  over all calibration tokens); in every output row ``i`` zero the ``int(d_in * s)`` (floor) lowest scores
   (N:M: the ``N`` lowest of every ``M`` consecutive inputs of the row). No weight update.
 * **SparseGPT**: ``H = 2 X X^T / N`` per layer, then the OBS column-block solver
   (:class:`obs.SparseGPT`), which also updates the surviving weights.
+* **llm_pruner**: structured, whole attention heads and MLP channels zeroed by Taylor importance
+  (:mod:`structured`; the policy from :func:`structured.structured_policy`).
 
 N:M (``prune_n, prune_m > 0``): every unit whose policy sparsity is > 0 gets the N:M pattern
 (target ``N / M``); units at 0 stay dense.
 
 Post-condition (:func:`check_sparsity`), in weights counted exactly, ``k = zeros`` of a ``d_out x d_in``
 layer at target ``s``: ``k >= s * numel - b`` (raises otherwise) with the rounding bound ``b``:
-magnitude ``0.5``; Wanda ``0.5 * d_out`` (one rounding per row); SparseGPT
+magnitude and llm_pruner ``0.5``; Wanda ``d_out`` (one floor per row, short by less than 1 each); SparseGPT
 ``0.5 * ceil(d_in / blocksize)`` (one per column block, see :mod:`obs`); N:M ``0``.
 More zeros than ``s * numel + b`` (weights that were already zero, dead inputs) only warn.
 """
@@ -43,7 +45,7 @@ from ellava_lib.prune.masks import (
 from ellava_lib.prune.obs import SparseGPT
 from ellava_lib.prune.walk import InputNorms, walk_blocks
 
-METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "llm_pruner")
 
 
 def _bound(method: str, weight: torch.Tensor, blocksize: int, nm: bool) -> float:
@@ -51,7 +53,8 @@ def _bound(method: str, weight: torch.Tensor, blocksize: int, nm: bool) -> float
     if nm:
         return 0.0
     rows, cols = weight.shape
-    return {"magnitude": 0.5, "wanda": 0.5 * rows, "sparsegpt": 0.5 * math.ceil(cols / blocksize)}[method]
+    return {"magnitude": 0.5, "llm_pruner": 0.5, "wanda": float(rows),
+            "sparsegpt": 0.5 * math.ceil(cols / blocksize)}[method]
 
 
 def _unit_target(sparsity: float, prune_n: int = 0, prune_m: int = 0) -> float:
@@ -97,7 +100,14 @@ def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict
     check_nm(prune_n, prune_m)
     check_policy(model, policy)
     errors: dict[str, float] = {}
-    if method == "magnitude":
+    if method == "llm_pruner":  # structured: whole heads / MLP channels zeroed (:mod:`structured`)
+        from ellava_lib.prune.structured import structured_prune
+
+        if prune_n or names_vision(policy.sparsities) or calib_batch is None:
+            raise ValueError("llm_pruner prunes the language model's heads and channels from a calibration batch "
+                             "(no N:M, no vision units)")
+        structured_prune(model, policy, calib_batch)
+    elif method == "magnitude":
         magnitude_prune(model, policy, prune_n, prune_m)
     else:
         if calib_batch is None:

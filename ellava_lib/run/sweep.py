@@ -52,6 +52,7 @@ from ellava_lib.prune.allocate import (
     zeroth_order_importance,
 )
 from ellava_lib.prune.prune import measured_mean, prune_model
+from ellava_lib.prune.structured import structured_policy
 from ellava_lib.run.tier import (
     Tier,
     calibration_samples,
@@ -63,17 +64,19 @@ from ellava_lib.run.tier import (
 )
 from ellava_lib.speed.flops import flop_ratio
 
-METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap")
+METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "llm_pruner")
 SEARCH_METHODS: tuple[str, ...] = ("search", "ellava")
 ALL_METHODS: tuple[str, ...] = ("dense", *METHODS, *SEARCH_METHODS)
 #: Display names of the methods in the tables and figures.
 LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-                          "owl": "OWL", "ecoflap": "ECoFLaP", "search": "search (no gap)",
+                          "owl": "OWL", "ecoflap": "ECoFLaP", "llm_pruner": "LLM-Pruner (structured)",
+                          "search": "search (no gap)",
                           "ellava": "EfficientLLaVA"}
 SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
 #: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
-#: (2: OWL prunes its continuous allocation instead of the grid-rounded one).
-METHOD_REVISION: dict[str, int] = {"owl": 2}
+#: (2: OWL prunes its continuous allocation instead of the grid-rounded one; 3: OWL one ratio per decoder
+#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts).
+METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2}
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
@@ -86,6 +89,8 @@ def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str,
     if method == "ecoflap":
         return ecoflap_policy(model, batch, sparsity, seed=seed, include_vision=include_vision, progress=progress,
                               importance=importance)
+    if method == "llm_pruner":  # whole heads / channels: the realised per-unit ratios (structured.py)
+        return structured_policy(model, sparsity)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     grid = DEFAULT_GRID if on_grid(sparsity, DEFAULT_GRID) else tuple(sorted((*DEFAULT_GRID, sparsity)))
@@ -236,7 +241,8 @@ def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, pr
 
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
     """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
-    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n}
+    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n,
+         "revision": METHOD_REVISION["ecoflap"]}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -1,5 +1,6 @@
 """Tables from sweep rows (:mod:`sweep`): the main table (mean ± std over seeds), its display form,
-the margins against the issue's targets, and the ablations' labels."""
+the margins against each baseline (paired mean differences over seeds ± standard error), and the ablations'
+labels."""
 
 from __future__ import annotations
 
@@ -68,20 +69,43 @@ def format_main_table(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     return out.rename(columns={"mean": "mean (test)", "calib_mean": "calib", "gap_calib_test": "gap"})
 
 
-def best_baseline_margin(table: pd.DataFrame, method: str = "ellava",
-                         baselines: Sequence[str] = ("sparsegpt", "wanda", "owl", "ecoflap", "search")) -> pd.DataFrame:
-    """Per sparsity: ``method``'s mean test score minus the best of ``baselines`` (the issue's +2 target), and
-    its share of the dense score (the >= 95% target at 50%)."""
-    dense = table.loc[table["method"] == "dense", "mean"]
-    dense_mean = float(dense.iloc[0]) if len(dense) else float("nan")
-    rows = []
-    for s, part in table[table["sparsity"] > 0].groupby("sparsity"):
-        ours = part.loc[part["method"] == method, "mean"]
-        base = part[part["method"].isin(baselines)]
-        if ours.empty or base.empty:
+#: The baselines :func:`paired_margins` compares against by default.
+MARGIN_BASELINES: tuple[str, ...] = ("sparsegpt", "wanda", "owl", "ecoflap", "search")
+
+
+def paired_margins(results: pd.DataFrame, method: str = "ellava", baselines: Sequence[str] = MARGIN_BASELINES,
+                   column: str = "mean") -> pd.DataFrame:
+    """Per sparsity and baseline ``b``: the paired mean difference over seeds of ``column`` (the mean test score)
+    and its standard error, from the per-seed rows of a sweep::
+
+        d_i = x_{method, i} - x_{b, i}    over the k seeds i both ran (same seed = same calibration draw)
+        diff = mean(d),   se = sd(d) / sqrt(k)   (sample sd, ddof 1; NaN when k < 2)
+
+    next to each side's mean and sample std over its seeds (``ours`` / ``ours_std``, ``baseline`` /
+    ``baseline_std``) and ``method``'s share of the dense score (the >= 95% target at 50%). Rows pair on
+    ``seed`` (and ``calib_n`` when present); only plain rows (:func:`plain_rows`) when the ablation columns exist.
+    """
+    rows_in = plain_rows(results) if {"gap", "projector", "exact"} <= set(results.columns) else results
+    keys = ["seed", *(["calib_n"] if "calib_n" in rows_in.columns else [])]
+    dense = rows_in.loc[rows_in["method"] == "dense", column]
+    dense_mean = float(dense.mean()) if len(dense) else float("nan")
+    out = []
+    for s, part in rows_in[rows_in["sparsity"] > 0].groupby("sparsity"):
+        ours = part[part["method"] == method].groupby(keys)[column].mean()
+        if ours.empty:
             continue
-        best = base.loc[base["mean"].idxmax()]
-        rows.append({"sparsity": f"{s:.0%}", "ours": float(ours.iloc[0]), "best_baseline": LABELS.get(best["method"]),
-                     "best_baseline_score": float(best["mean"]), "margin": float(ours.iloc[0]) - float(best["mean"]),
-                     "share_of_dense_%": 100 * float(ours.iloc[0]) / dense_mean})
-    return pd.DataFrame(rows)
+        for b in baselines:
+            theirs = part[part["method"] == b].groupby(keys)[column].mean()
+            pairs = pd.concat([ours.rename("a"), theirs.rename("b")], axis=1, join="inner").dropna()
+            if pairs.empty:
+                continue
+            d = pairs["a"] - pairs["b"]
+            k = len(d)
+            se = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+            out.append({"sparsity": f"{s:.0%}", "baseline": LABELS.get(b, b), "k": k,
+                        "ours": float(ours.mean()), "ours_std": float(ours.std(ddof=1)) if len(ours) > 1 else np.nan,
+                        "baseline_score": float(theirs.mean()),
+                        "baseline_std": float(theirs.std(ddof=1)) if len(theirs) > 1 else np.nan,
+                        "mean_diff": float(d.mean()), "se": se,
+                        "share_of_dense_%": 100 * float(ours.mean()) / dense_mean})
+    return pd.DataFrame(out)
