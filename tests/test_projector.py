@@ -17,7 +17,7 @@ from ellava_lib.search.config import ProjectorConfig, SearchConfig
 def setup(micro_model_dir, tmp_path_factory):
     """Calibration batch (12 samples), a level database, the 70% uniform policy and the dense logits."""
     model, batch, out = build_micro_level_db(micro_model_dir, tmp_path_factory, n_calib=12)
-    dense = objective.dense_logits_of(model, batch)
+    dense = objective.dense_logprobs_of(model, batch)
     return micro_model_dir, batch, leveldb.LevelDB(out), Policy.uniform(list_units(model), 0.7), dense
 
 

@@ -55,8 +55,9 @@ from ellava_lib.search.budget import (
 )
 from ellava_lib.search.config import SearchConfig
 from ellava_lib.search.objective import (
+    KL_KINDS,
     Score,
-    dense_logits_of,
+    dense_logprobs_of,
     per_sample_losses,
     score_losses,
 )
@@ -283,8 +284,8 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     weights = budget_weights(units, cfg.budget, lm_tokens, structure.vision_tokens_per_image(model.config))
     timing = {"assemble": 0.0, "evaluate": 0.0, "projector": 0.0, "dense": 0.0, "n_assembled": 0}
     tick = time.perf_counter()
-    need_dense = cfg.loss_kind == "kl" or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
-    dense = dense_logits_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
+    need_dense = cfg.loss_kind in KL_KINDS or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
+    dense = dense_logprobs_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
     timing["dense"] = time.perf_counter() - tick
     screen = (sorted(random.Random(f"screen/{cfg.seed}").sample(range(n), cfg.screen_samples))
               if 0 < cfg.screen_samples < n else None)
