@@ -20,7 +20,7 @@ from typing import Any
 
 from ellava_lib.core import files
 
-FORMAT = 1
+FORMAT = 2  # 2: ranked population, stage rows from the run's rng, selection rows in the context
 CHECKPOINT = "checkpoint.json"
 HISTORY = "history.csv"
 HISTORY_COLUMNS: tuple[str, ...] = ("generation", "policy_id", "r_hat", "g_hat", "j", "budget", "n_samples",

@@ -260,3 +260,22 @@ def objective(r_hat: float, g_hat: float, lam: float) -> float:
     if g_hat < 0:
         raise ValueError(f"g_hat must be >= 0; got {g_hat!r}")
     return r_hat + lam * g_hat
+
+
+def select_lambda(r_search: Sequence[float], g: Sequence[float], r_select: Sequence[float],
+                  lambdas: Sequence[float]) -> tuple[float, int]:
+    """``lambda`` chosen on held-out rows: for each ``lambda`` in ``lambdas`` the candidate
+    ``i(lambda) = argmin_i r_search[i] + lambda * g[i]`` (ties: smaller index); returns the
+    ``(lambda, i(lambda))`` whose pick has the lowest ``r_select`` (ties: smaller ``lambda``).
+    (Stand-in of the search branch; the gap branch owns this function.)"""
+    n = len(r_search)
+    if n == 0 or len(g) != n or len(r_select) != n:
+        raise ValueError(f"need equally long, non-empty r_search, g, r_select; got {n}, {len(g)}, {len(r_select)}")
+    if not lambdas:
+        raise ValueError("lambdas is empty")
+    best: tuple[float, float, int] | None = None
+    for lam in sorted(float(x) for x in lambdas):
+        i = min(range(n), key=lambda k: (float(r_search[k]) + lam * float(g[k]), k))
+        if best is None or float(r_select[i]) < best[0]:
+            best = (float(r_select[i]), lam, i)
+    return best[1], best[2]
