@@ -9,7 +9,7 @@ import torch
 from helpers import build_micro_level_db
 
 from ellava_lib.core.policy import DEFAULT_GRID, Policy, weighted_mean
-from ellava_lib.core.units import list_units
+from ellava_lib.core.units import list_units, unit_linears
 from ellava_lib.model.specs import load_model
 from ellava_lib.prune import leveldb
 from ellava_lib.prune.allocate import (
@@ -17,7 +17,7 @@ from ellava_lib.prune.allocate import (
     round_to_grid,
     zeroth_order_importance,
 )
-from ellava_lib.search import budget, checkpoint, evolve
+from ellava_lib.search import budget, checkpoint, evolve, gap
 from ellava_lib.search.budget import budget_band, in_band, mutate
 from ellava_lib.search.config import PRESETS, ProjectorConfig, SearchConfig
 from ellava_lib.search.projector import load_projector
@@ -349,3 +349,59 @@ def test_assembly_is_a_small_fraction_of_evaluation(reference):
     timing = reference[0].timing
     assert timing["n_assembled"] == reference[0].evaluations
     assert timing["assemble"] < 0.5 * timing["evaluate"], timing
+
+
+# ------------------------------------------------------------------------- held-out selection (issue 17)
+
+
+def test_split_rows_is_seeded_stratified_and_needs_two_selection_rows():
+    search, select = evolve.split_rows(12, 0.25, 0)
+    assert len(select) == 3 and sorted(search + select) == list(range(12))
+    assert evolve.split_rows(12, 0.25, 0) == (search, select) and evolve.split_rows(12, 0.25, 1) != (search, select)
+    groups = ["a"] * 8 + ["b"] * 4
+    _, sel = evolve.split_rows(12, 0.25, 0, groups)
+    assert sum(i < 8 for i in sel) == 2 and sum(i >= 8 for i in sel) == 1  # per suite
+    with pytest.raises(ValueError, match="leaves 1 selection and 5 search rows; need at least 2"):
+        evolve.split_rows(6, 0.2, 0)
+    with pytest.raises(ValueError, match="select_frac"):
+        SearchConfig(select_frac=1.0)
+
+
+def test_stage_plan_grows_rows_and_shrinks_entrants():
+    assert evolve.stage_plan(18, 48, 8, 2) == [(8, 18), (16, 6), (48, 2)]
+    assert evolve.stage_plan(18, 24, 8, 2) == [(8, 18), (16, 6), (24, 2)]
+    assert evolve.stage_plan(7, 5, 0, 2) == [(5, 7)] == evolve.stage_plan(7, 5, 8, 2)
+    assert evolve.stage_plan(48, 48, 4, 8) == [(4, 48), (8, 20), (48, 8)]  # at most three stages
+
+
+def test_select_lambda_stand_in():
+    # lambda 0 picks 0 (r_select 5), lambda 1 picks 1 (r_select 1), lambda 10 picks 2 (r_select 1): smaller lambda
+    assert gap.select_lambda([1.0, 2.0, 3.0], [5.0, 1.0, 0.0], [5.0, 1.0, 1.0], [10.0, 0.0, 1.0]) == (1.0, 1)
+
+
+def _measured(model, units):
+    zeros = total = 0
+    for lins in unit_linears(model, False).values():
+        for lin in lins.values():
+            zeros += int((lin.weight == 0).sum())
+            total += lin.weight.numel()
+    return zeros / total
+
+
+@pytest.mark.parametrize("kw", [{}, {"gap": "none", "projector_every": 0, "loss_kind": "kl", "generations": 2}],
+                         ids=["ellava", "search"])
+def test_returned_policy_never_loses_to_a_start_on_the_selection_rows(setup, tmp_path, kw):
+    model_dir, batch, db = setup
+    model, _ = load_model(model_dir)
+    cfg = SearchConfig.from_preset("default", **{**CFG, "init": ("uniform", "owl", "ecoflap"), **kw})
+    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, tmp_path, progress=False)
+    sel = result.selection
+    starts = sel["r_select"][len(sel["candidates"]) - sel["n_starts"]:]
+    assert sel["n_starts"] >= 2 and result.score.r_hat <= min(starts)
+    if cfg.gap == "none":  # the best of all candidates on the selection rows
+        assert result.score.r_hat == min(sel["r_select"])
+    else:
+        assert sel["lam"] in cfg.lam_grid and result.policy.meta["lam"] == sel["lam"]
+    # measured sparsity of the searched (assembled) model equals the target within the tolerance
+    assert abs(_measured(model, list_units(model)) - 0.6) <= budget.BUDGET_TOL
+    assert abs(result.policy.meta["mean_sparsity"] - 0.6) <= budget.BUDGET_TOL

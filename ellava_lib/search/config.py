@@ -242,21 +242,23 @@ class SearchConfig:
 
     @classmethod
     def ci(cls) -> SearchConfig:
-        """profiles/ci.yaml: 4 policies, 3 generations of 6 children; a 5-step projector round every generation."""
-        return cls(population=4, generations=3, offspring=6, projector=ProjectorConfig.ci())
+        """profiles/ci.yaml: 4 policies, 3 generations of 6 children; a 5-step projector round every generation;
+        a quarter of the calibration rows held out for selection."""
+        return cls(population=4, generations=3, offspring=6, select_frac=0.25, projector=ProjectorConfig.ci())
 
     @classmethod
     def default(cls) -> SearchConfig:
         """profiles/default.yaml (the field defaults): 8 policies, 8 generations of 16 children (8 screening
-        samples, 2 survivors), KL fitness from the uniform, OWL and ECoFLaP starts, Bernstein gap with lambda 1,
-        a 20-step projector round every 3 generations."""
+        samples, 2 survivors), KL fitness over every position from the uniform, OWL and ECoFLaP starts, Bernstein
+        gap with lambda 1 in the evolution and lambda chosen on the selection rows (a quarter of the calibration
+        rows), a 20-step projector round every 3 generations on half the search rows."""
         return cls()
 
     @classmethod
     def paper(cls) -> SearchConfig:
         """profiles/paper.yaml: 16 policies, 100 generations of 32 children (16 screening samples, 8 survivors),
-        a projector round every 10 generations."""
-        return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8,
+        a projector round every 10 generations; a quarter of the calibration rows held out for selection."""
+        return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8, select_frac=0.25,
                    projector=ProjectorConfig.paper())
 
     @classmethod

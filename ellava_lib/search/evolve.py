@@ -88,23 +88,28 @@ from ellava_lib.search.projector import (
 
 # ------------------------------------------------------------------------------------------------ rows
 
+#: Most selection stages of a generation (:func:`stage_plan`).
+MAX_STAGES: int = 3
+
 
 def split_rows(n: int, select_frac: float, seed: int,
                groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """``(search rows, selection rows)`` of ``n`` calibration rows, both sorted.
 
-    Stratified: the rows of each group (suite; all rows one group when ``groups`` is None) are shuffled with
-    ``random.Random(f"select/{seed}/{group}")`` and the first ``round(select_frac * n_group)`` are selection rows.
+    Stratified: ``k = round(select_frac * n)`` rows (halves up) are selection rows, taken round-robin over the
+    groups (suites, in sorted order; all rows one group when ``groups`` is None), each group's rows shuffled with
+    ``random.Random(f"select/{seed}/{group}")``: every suite gets ``k / n_groups`` rows, give or take one.
     ``ValueError`` when fewer than 2 selection rows or fewer than 2 search rows result."""
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} entries for {n} rows")
     labels = [str(g) for g in groups] if groups is not None else ["all"] * n
-    select: list[int] = []
+    queues = []
     for group in sorted(set(labels)):
         rows = [i for i in range(n) if labels[i] == group]
         random.Random(f"select/{seed}/{group}").shuffle(rows)
-        select += rows[: int(math.floor(select_frac * len(rows) + 0.5))]
-    select = sorted(select)
+        queues.append(rows)
+    order = [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
+    select = sorted(order[: int(math.floor(select_frac * n + 0.5))])
     search = [i for i in range(n) if i not in set(select)]
     if len(select) < 2 or len(search) < 2:
         raise ValueError(f"select_frac {select_frac} of {n} calibration rows leaves {len(select)} selection and "
@@ -127,13 +132,14 @@ def score_rows(search: Sequence[int], cfg: SearchConfig) -> tuple[list[int], lis
 def stage_plan(candidates: int, rows: int, screen: int, survivors: int) -> list[tuple[int, int]]:
     """``[(rows scored, candidates entering), ...]`` of one generation's multi-step selection.
 
-    Rows: ``screen, 2 screen, 4 screen, ...`` while below ``rows``, then ``rows`` (all scoring rows); one stage
+    Rows: ``screen`` and ``2 screen`` (each while below ``rows``), then ``rows`` (all scoring rows): at most
+    three stages, so a generation costs about what the former two (8 screening rows, then all) did; one stage
     on all rows when ``screen`` is 0 or at least ``rows``. Entrants: all ``candidates`` at the first stage,
     ``s = min(survivors, candidates)`` at the last, geometric in between
     (``round(candidates * (s / candidates) ** (k / (K - 1)))``)."""
     sizes = []
     r = screen
-    while 0 < r < rows:
+    while 0 < r < rows and len(sizes) < MAX_STAGES - 1:
         sizes.append(r)
         r *= 2
     sizes.append(rows)
@@ -379,7 +385,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     scoring, projector_rows = score_rows(search, cfg)
     _check_inputs(cfg, units, level_db, len(scoring))
     out = files.ensure_dir(Path(out_dir))
-    context = {**search_context(model, batch, units), "selection_rows": selection}
+    context = search_context(model, batch, units)  # the split follows from the batch and the config
     resume = check_resume(out, cfg, context)
     level_db.check_model(model)
     if on_grid(0.0, level_db.grid):  # level 0 = the dense weights: make the units dense
