@@ -17,7 +17,7 @@ floats, as many as the logits it replaces); the KL is computed ``kl_chunk`` posi
 memory of a candidate's KL is ``rows * kl_chunk * V`` floats whatever the sequence length.
 
 Bounded losses: the empirical Bernstein gap (:func:`gaps.bernstein_gap`) holds for losses in a known range
-``[0, b]``. Both kinds are ``>= 0``, and :func:`score_losses` clips them at ``loss_cap``:
+``[0, b]``. All kinds are ``>= 0``, and :func:`score_losses` clips them at ``loss_cap``:
 ``l~_i = min(max(l_i, 0), loss_cap)``, so ``l~_i in [0, loss_cap]`` and the gap is called with
 ``loss_range = loss_cap``. ``R_hat = mean_i l~_i`` uses the same clipped losses, so ``J`` bounds the expected
 *clipped* loss ``E[min(l, loss_cap)]`` (with probability ``1 - delta`` for the Bernstein gap). The default
