@@ -3,8 +3,8 @@
 
 A checkpoint holds the finished generation, the population with its scores, the state of the search's
 ``random.Random``, the number of history rows that belong to the finished generations, the projector
-file of the latest evolution round (if any), accumulated timings, the search config and the *context*
-(calibration fingerprint, model identity, units). Resuming truncates ``history.csv`` to the recorded
+file of the latest evolution round (if any), accumulated timings, the start policies, the search config
+and the *context* (calibration fingerprint, model identity, units). Resuming truncates ``history.csv`` to the recorded
 row count (rows of a generation that was killed half-way are recomputed identically), so a resumed run
 writes exactly the history of an uninterrupted one.
 """

@@ -253,6 +253,7 @@ class _Run:
     timing: dict[str, float]
     rows: int = 0
     projector: dict[str, Any] | None = None
+    starts: list[Policy] | None = None
 
     @property
     def n(self) -> int:
@@ -399,13 +400,14 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     timing["dense"] = time.perf_counter() - tick
     run = _Run(model, batch, level_db, units, weights, cfg, out, dense, scoring, selection, projector_rows, timing)
     cfg.to_json(out / "search_config.json")
-    starts = start_policies(model, batch, weights, cfg, importance)
     if resume:
         state = ckpt.read_checkpoint(out)
+        starts = [Policy(sp, cfg.grid, {"target": cfg.target}) for sp in state["starts"]]
         ckpt.truncate_history(out / ckpt.HISTORY, state["history_rows"])
         run.rows, run.projector, start = state["history_rows"], state["projector"], state["generation"]
         run.timing.update({k: v for k, v in state["timing"].items() if k != "dense"})
         rng = ckpt.rng_from_state(state["rng"])
+        run.starts = starts
         pop = [Member(Policy(m["sparsities"], cfg.grid, {"target": cfg.target}), Score.from_dict(m["score"]))
                for m in state["population"]]
         if run.projector:
@@ -413,6 +415,8 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     else:
         ckpt.start_history(out / ckpt.HISTORY)
         rng, start = random.Random(cfg.seed), 0
+        starts = start_policies(model, batch, weights, cfg, importance)
+        run.starts = starts
         pop = sorted((Member(p, _score(run, p, 0, "init", scoring))
                       for p in initial_population(weights, cfg, rng, starts)), key=Member.key)
         _save_checkpoint(run, pop, rng, 0, context)
@@ -432,7 +436,8 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
     ckpt.write_checkpoint(run.out, {
         "generation": gen, "config": run.cfg.to_dict(), "config_hash": run.cfg.digest(), "context": context,
         "population": [m.to_dict() for m in pop], "rng": ckpt.rng_state(rng), "history_rows": run.rows,
-        "projector": run.projector, "timing": run.timing})
+        "projector": run.projector, "timing": run.timing,
+        "starts": [p.sparsities for p in run.starts or []]})
 
 
 def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int) -> tuple[int, Score, dict]:
