@@ -44,21 +44,22 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile, computed before the presets existed
-#: (when the profiles listed every value): the presets keep checkpoints resumable and cached sweep rows valid.
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for issue 17 (full-position
+#: KL, held-out selection rows, EvoPress-style stages: a searched job's result changed, so its rows must be
+#: recomputed); before that they were the digests from before the presets existed.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("b6aa937b413c", "d67266e81fb7"),
-           "search-0.60-s0-n32": ("78a93136184a", "b29eaec9a9b3"),
-           "ellava-0.60-s0-n32-noproj": ("09c9a8368ebb", "67826def614c"),
-           "ellava-0.60-s0-n32-gap_none": ("8ad8224e01bb", "498c2b5e924d")},
-    "default": {"ellava-0.60-s0-n64": ("e6c50aa56eb6", "e3d083f5ad51"),
-                "search-0.60-s0-n64": ("7430ed6ae9f9", "73488e1a0682"),
-                "ellava-0.60-s0-n64-noproj": ("ba895d47a41b", "50992c8e75eb"),
-                "ellava-0.60-s0-n64-gap_none": ("1752176535b4", "87e16641414e")},
-    "paper": {"ellava-0.60-s0-n64": ("4f700945260d", "5eb36272525a"),
-              "search-0.60-s0-n64": ("86f3653f8f89", "83b9edf04ac6"),
-              "ellava-0.60-s0-n64-noproj": ("d327b74c6da0", "489c46a7352a"),
-              "ellava-0.60-s0-n64-gap_none": ("840cee850807", "c4f03bd0ecb0")},
+    "ci": {"ellava-0.60-s0-n32": ("54fde8762171", "2d5a7dab6b4c"),
+           "search-0.60-s0-n32": ("330e99262ebb", "7fc48b24dddd"),
+           "ellava-0.60-s0-n32-noproj": ("100bdbac6ede", "4630f9463a01"),
+           "ellava-0.60-s0-n32-gap_none": ("da5fd9cff608", "0569d49fd0bd")},
+    "default": {"ellava-0.60-s0-n64": ("5fc98c951158", "7b4ff430b7c7"),
+                "search-0.60-s0-n64": ("ead6273b205e", "a3b8f7354f38"),
+                "ellava-0.60-s0-n64-noproj": ("be43621431c5", "c1dd758336ae"),
+                "ellava-0.60-s0-n64-gap_none": ("d90d6942c969", "cbe9f9b5b904")},
+    "paper": {"ellava-0.60-s0-n64": ("afedcad8005d", "740f8ff3b6b0"),
+              "search-0.60-s0-n64": ("cd7cf03f7fca", "6a1fbac3e044"),
+              "ellava-0.60-s0-n64-noproj": ("16f75225ecae", "6437c0555d1f"),
+              "ellava-0.60-s0-n64-gap_none": ("88c6e632d42a", "6b07c7e807dc")},
 }
 
 
