@@ -227,7 +227,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
                    calib_info={"ids": [s.id for s in samples], "seed": args.seed}, device=args.device)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
-    result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet)
+    result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet,
+                        groups=[s.suite for s in samples])
     mode = "assembled"
     if args.exact:
         mode = "exact"

@@ -38,7 +38,7 @@ def test_search_writes_a_loadable_model_with_its_policy_and_projector(searched, 
     meta = json.loads((searched / "ellava.json").read_text())
     assert meta["kind"] == "searched" and meta["policy_id"] == policy.policy_id() and meta["mode"] == "assembled"
     hist = pd.read_csv(searched / "history.csv")
-    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "screen", "full", "rescore"}
+    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "screen", "full", "select", "select-search"}
     model, _ = load_model(searched)
     evolved, _ = load_projector(searched / "projector.safetensors")
     assert all(torch.equal(projector_state(model)[k], v) for k, v in evolved.items())

@@ -96,7 +96,7 @@ def test_ce_is_the_per_sample_answer_loss(micro_model, batch):
 
 def test_kl_is_zero_for_the_dense_model_and_positive_when_pruned(micro_model_dir, batch):
     model, _ = load_model(micro_model_dir)
-    dense = objective.dense_logits_of(model, batch, batch_size=4)
+    dense = objective.dense_logprobs_of(model, batch, batch_size=4)
     kl = objective.per_sample_losses(model, batch, "kl", dense, batch_size=4)
     assert kl.shape == (8,) and float(kl.abs().max()) < 1e-6
     magnitude_prune(model, Policy.uniform(list_units(model), 0.9))
@@ -110,3 +110,47 @@ def test_kl_needs_dense_logits(micro_model, batch):
         objective.per_sample_losses(model, batch, "kl")
     with pytest.raises(ValueError, match="unknown loss kind"):
         objective.per_sample_losses(model, batch, "mse")
+
+
+def test_full_position_kl_is_the_hand_computation():
+    """Two rows, V = 2, the second right-padded: KL over t predicting t+1 where both are real tokens."""
+    logits = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]],
+                           [[0.0, 1.0], [2.0, 0.0], [9.0, 9.0], [9.0, 9.0]]])
+    dense = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]],
+                          [[0.0, 0.0], [0.0, 3.0], [7.0, 0.0]]])
+    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    mask = objective.position_mask(attention)
+    assert mask.tolist() == [[True, True, True], [True, True, False]]
+    logq = torch.log_softmax(dense, -1)
+
+    def kl(d, c):
+        p, q = [math.exp(x) for x in d], [math.exp(x) for x in torch.log_softmax(c, -1).tolist()]
+        return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+    want = [sum(kl(logq[0, t].tolist(), logits[0, t]) for t in range(3)) / 3,
+            sum(kl(logq[1, t].tolist(), logits[1, t]) for t in range(2)) / 2]
+    got = objective.per_sample_kl(logits, logq, mask, chunk=None)
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    for chunk in (1, 2, 5):  # chunked equals unchunked
+        assert torch.allclose(objective.per_sample_kl(logits, logq, mask, chunk=chunk), got, atol=1e-7)
+    answer = torch.tensor([[False, False, True], [False, True, False]])
+    assert objective.per_sample_kl(logits, logq, answer).tolist() == pytest.approx(
+        [kl(logq[0, 2].tolist(), logits[0, 2]), kl(logq[1, 1].tolist(), logits[1, 1])], rel=1e-6)
+
+
+def test_kl_kinds_chunked_and_answer_only(micro_model_dir, batch):
+    model, _ = load_model(micro_model_dir)
+    dense = objective.dense_logprobs_of(model, batch, batch_size=3)
+    magnitude_prune(model, Policy.uniform(list_units(model), 0.7))
+    full = objective.per_sample_losses(model, batch, "kl", dense)
+    assert torch.allclose(objective.per_sample_losses(model, batch, "kl", dense, batch_size=3), full, atol=1e-6)
+    assert torch.allclose(objective.per_sample_losses(model, batch, "kl", dense, idx=[5, 2]), full[[5, 2]], atol=1e-6)
+    old = objective.KL_CHUNK
+    try:
+        objective.KL_CHUNK = 3
+        chunked = objective.per_sample_losses(model, batch, "kl", dense)
+    finally:
+        objective.KL_CHUNK = old
+    assert torch.allclose(chunked, full, atol=1e-6)
+    answer = objective.per_sample_losses(model, batch, "kl_answer", dense)
+    assert answer.shape == full.shape and not torch.allclose(answer, full)

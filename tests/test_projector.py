@@ -17,7 +17,7 @@ from ellava_lib.search.config import ProjectorConfig, SearchConfig
 def setup(micro_model_dir, tmp_path_factory):
     """Calibration batch (12 samples), a level database, the 70% uniform policy and the dense logits."""
     model, batch, out = build_micro_level_db(micro_model_dir, tmp_path_factory, n_calib=12)
-    dense = objective.dense_logits_of(model, batch)
+    dense = objective.dense_logprobs_of(model, batch)
     return micro_model_dir, batch, leveldb.LevelDB(out), Policy.uniform(list_units(model), 0.7), dense
 
 
@@ -35,7 +35,7 @@ def test_a_projector_step_lowers_the_calibration_loss_at_70_percent(setup):
     before = float(objective.per_sample_losses(model, batch).mean())
     state, log = projector.evolve_projector(model, batch, [policy], db, dense,
                                             ProjectorConfig(steps=1, lr=1e-3, kl_weight=1.0, holdout=0.0, patience=1,
-                                                            eval_every=1), seed=0)
+                                                            eval_every=1, ce_weight=1.0), seed=0)
     db.assemble(model, policy, check=False)
     after = float(objective.per_sample_losses(model, batch).mean())
     assert after < before, (before, after)
@@ -53,7 +53,8 @@ def test_early_stopping_never_returns_a_worse_holdout_loss(setup):
     _, hold = projector.split_holdout(12, 0.25, 7)
     state, log = projector.evolve_projector(model, batch, [policy, Policy.uniform(list_units(model), 0.5)], db,
                                             dense, ProjectorConfig(steps=6, lr=0.05, kl_weight=0.5, holdout=0.25,
-                                                                   patience=2, eval_every=1), seed=7)
+                                                                   patience=2, eval_every=1, ce_weight=1.0),
+                                            seed=7)
     losses = [r["holdout_loss"] for r in log if r["holdout_loss"] is not None]
     assert losses[0] == log[0]["holdout_loss"] and len(log) <= 7
     kept = min(losses)

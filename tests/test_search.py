@@ -9,7 +9,7 @@ import torch
 from helpers import build_micro_level_db
 
 from ellava_lib.core.policy import DEFAULT_GRID, Policy, weighted_mean
-from ellava_lib.core.units import list_units
+from ellava_lib.core.units import list_units, unit_linears
 from ellava_lib.model.specs import load_model
 from ellava_lib.prune import leveldb
 from ellava_lib.prune.allocate import (
@@ -17,7 +17,7 @@ from ellava_lib.prune.allocate import (
     round_to_grid,
     zeroth_order_importance,
 )
-from ellava_lib.search import budget, checkpoint, evolve
+from ellava_lib.search import budget, checkpoint, evolve, gap
 from ellava_lib.search.budget import budget_band, in_band, mutate
 from ellava_lib.search.config import PRESETS, ProjectorConfig, SearchConfig
 from ellava_lib.search.projector import load_projector
@@ -33,18 +33,23 @@ RANDOM = {f"u{i}": random.Random(i).randint(50, 5000) for i in range(9)}
 
 @pytest.mark.parametrize("sizes", [LLAVA_7B, MICRO, EQUAL, RANDOM], ids=["7b", "micro", "equal", "random"])
 @pytest.mark.parametrize("target", [0.3, 0.6, 0.75])
-def test_mutation_never_breaks_the_budget(sizes, target):
+def test_mutation_keeps_the_exact_budget(sizes, target):
+    """(Was: never leaves the budget band.) The snapped start and every mutant are within BUDGET_TOL of the
+    target (mutations keep MOVE_TOL)."""
     weights = {u: float(n) for u, n in sizes.items()}
     rng = random.Random(f"{len(sizes)}/{target}")
-    start = Policy(round_to_grid({u: target for u in sizes}, weights, target), DEFAULT_GRID, {"target": target})
+    rounded = Policy(round_to_grid({u: target for u in sizes}, weights, target), DEFAULT_GRID, {"target": target})
     lo, hi = budget_band(weights, target, DEFAULT_GRID)
-    assert in_band(start, weights, target) and hi - lo == pytest.approx(0.1 * max(sizes.values()) / sum(sizes.values()))
+    assert in_band(rounded, weights, target)
+    assert hi - lo == pytest.approx(0.1 * max(sizes.values()) / sum(sizes.values()))
+    start = budget.snap_to_budget(rounded, weights, target)
+    assert start is not None and budget.budget_error(start, weights, target) <= budget.MOVE_TOL + 1e-12
     p, changed = start, 0
     for _ in range(300 if len(sizes) > 10 else 1000):
         q = mutate(p, weights, rng, rng.randint(1, 4))
         q.validate(sizes)
         s = weighted_mean(q.sparsities, weights)
-        assert lo - 1e-9 <= s <= hi + 1e-9, (s, lo, hi)
+        assert abs(s - target) <= budget.MOVE_TOL + 1e-9 <= budget.BUDGET_TOL, (s, target)
         if len(set(sizes.values())) == 1:
             assert s == pytest.approx(weighted_mean(start.sparsities, weights), abs=1e-12)  # equal sizes: exact
         changed += q.sparsities != p.sparsities
@@ -105,7 +110,8 @@ def test_start_policies_config():
 
 #: What the profiles set before the presets existed (their ``search`` / ``ellava`` dicts, applied over the
 #: SearchConfig defaults of then: CE fitness, uniform start, 10 generations, 4 survivors, no projector).
-EARLIER_DEFAULTS = dict(loss_kind="ce", init=("uniform",), generations=10, survivors=4, projector_every=0)
+EARLIER_DEFAULTS = dict(loss_kind="ce", init=("uniform",), generations=10, survivors=4, projector_every=0,
+                        projector_ce_weight=1.0)
 EARLIER_PROFILES = {
     "ci": ({"population": 4, "generations": 3, "offspring": 6, "screen_samples": 8, "survivors": 2, "loss_kind": "kl",
             "init": ["uniform", "owl", "ecoflap"]},
@@ -130,7 +136,9 @@ def test_presets_round_trip_and_are_the_class_defaults(name, tmp_path):
     assert SearchConfig() == SearchConfig.default() and ProjectorConfig() == ProjectorConfig.default()
     # exactly the values the profile of the same name ran before the presets
     search, ellava = EARLIER_PROFILES[name]
-    assert cfg == SearchConfig.from_preset("default", **{**EARLIER_DEFAULTS, **search, **ellava})
+    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional)
+    assert cfg == SearchConfig.from_preset("default", **{**EARLIER_DEFAULTS, **search, **ellava,
+                                                         "projector_ce_weight": 0.0})
 
 
 def test_preset_overrides_name_single_fields():
@@ -159,7 +167,8 @@ def test_serialised_form_is_flat_and_reads_earlier_folders():
     assert "projector" not in d and d["projector_steps"] == 5 and d["projector_grad_clip"] == 2.0
     keys = list(d)
     assert keys[keys.index("init") + 1: keys.index("extra")] == [f"projector_{k}" for k in (
-        "every", "topk", "steps", "lr", "kl_weight", "ce_weight", "holdout", "patience", "eval_every", "grad_clip")]
+        "every", "topk", "steps", "lr", "kl_weight", "ce_weight", "rows", "holdout", "patience", "eval_every",
+        "grad_clip")]
     assert "projector_grad_clip" not in SearchConfig().to_dict()  # added later: left out at the earlier value
     # a folder written before init / projector_ce_weight existed: read back at the values it ran with
     earlier = SearchConfig.from_preset("default", **EARLIER_DEFAULTS).to_dict()
@@ -204,9 +213,12 @@ def reference(setup, tmp_path_factory):
 def test_search_result_is_in_budget_and_written(setup, reference):
     result, out = reference
     units = dict(MICRO)
-    assert in_band(result.policy, {u: float(n) for u, n in units.items()}, 0.6)
+    assert budget.budget_error(result.policy, {u: float(n) for u, n in units.items()}, 0.6) <= budget.BUDGET_TOL
     assert Policy.from_json(out / "policy.json").sparsities == result.policy.sparsities
-    assert result.score == min((m.score for m in result.population), key=lambda s: s.j)
+    # (was: the best J of the population) the returned policy is the best of the selection on the selection rows
+    sel = result.selection
+    assert result.score.n_used == 3 and result.score.r_hat == sel["r_select"][sel["index"]]
+    assert sel["policy_id"] == result.policy.policy_id() and sel["lam"] in SearchConfig().lam_grid
     assert result.generations == 4 and result.projector == out / "projector.safetensors"
     state = json.loads((out / "checkpoint.json").read_text())
     assert state["generation"] == 4 and state["projector"]["round"] == 2
@@ -234,11 +246,12 @@ def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
 
 def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypatch):
     real, calls = evolve._score, {"n": 0}
-    total = len(pd.read_csv(reference[1] / "history.csv"))
+    hist = pd.read_csv(reference[1] / "history.csv")
+    kill = int((hist["generation"] < 3).sum()) + 3  # inside generation 3
 
     def dying(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == total - 3:
+        if calls["n"] == kill:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -263,24 +276,40 @@ def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path)
 
 
 def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatch):
-    real, seen = evolve._score, []
+    real, seen, rows = evolve._score, [], {}
 
-    def counting(run, policy, generation, phase, screen=False):
+    def counting(run, policy, generation, phase, screen_rows, lam=None):
         seen.append((generation, policy.policy_id(), phase))
-        return real(run, policy, generation, phase, screen)
+        rows.setdefault((generation, phase), set()).add(tuple(screen_rows))
+        return real(run, policy, generation, phase, screen_rows, lam)
 
     monkeypatch.setattr(evolve, "_score", counting)
-    result = _run(setup, tmp_path, generations=3, projector_every=3)
+    result = _run(setup, tmp_path, generations=3, projector_every=0)
     hist = pd.read_csv(tmp_path / "history.csv", dtype={"policy_id": str})
     assert list(hist.columns) == list(checkpoint.HISTORY_COLUMNS)
     assert list(zip(hist["generation"], hist["policy_id"], hist["phase"])) == seen
     assert result.evaluations == len(hist) == result.timing["n_assembled"]
     counts = hist.groupby("phase").size().to_dict()
-    assert counts["init"] == 4 and counts["rescore"] == 4 and counts["full"] == 3 * 2
-    assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {4}
-    assert set(hist.loc[hist["phase"] != "screen", "n_samples"]) == {12}
-    assert (hist["j"] - hist["r_hat"] - hist["g_hat"]).abs().max() < 1e-9  # lam = 1
-    assert hist["budget"].between(0.6 - 1e-9, 0.6 + 0.1 * 13824 / 46080 + 1e-9).all()
+    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows.) 12 rows = 9 search + 3 selection; 2 elites + 5
+    # children screened on 4 fresh search rows, the best 4 on 8 fresh ones, 2 on all 9; the final population and
+    # the start are scored on the selection rows (and, for lambda, on the search rows)
+    assert evolve.stage_plan(7, 9, 4, 2) == [(4, 7), (8, 4), (9, 2)]
+    n_cand = len(result.selection["candidates"])
+    assert counts == {"init": 4, "screen": 3 * (7 + 4), "full": 3 * 2, "select": n_cand, "select-search": n_cand}
+    assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {4, 8}
+    assert set(hist.loc[hist["phase"].isin(["init", "full", "select-search"]), "n_samples"]) == {9}
+    assert set(hist.loc[hist["phase"] == "select", "n_samples"]) == {3}
+    # every stage scores its candidates on the same rows; screening rows are drawn afresh at every stage
+    assert all(len(r) == 1 or p == "screen" for (g, p), r in rows.items())
+    screens = [rows[(g, "screen")] for g in (1, 2, 3)]
+    assert all(len(r) == 2 for r in screens)  # two screening stages a generation, each on its own rows
+    assert len({t for r in screens for t in r if len(t) == 4}) > 1  # first stages differ across generations
+    (select,), (scoring,) = rows[(4, "select")], rows[(1, "full")]
+    assert len(scoring) == 9 and not set(select) & set(scoring)
+    assert not set(select) & {i for r in screens for t in r for i in t}
+    train = hist["phase"].isin(["init", "screen", "full"])
+    assert (hist.loc[train, "j"] - hist.loc[train, "r_hat"] - hist.loc[train, "g_hat"]).abs().max() < 1e-9  # lam 1
+    assert (hist["budget"] - 0.6).abs().max() <= budget.BUDGET_TOL
 
 
 def test_kl_loss_and_flops_budget(setup, tmp_path):
@@ -301,7 +330,7 @@ def test_search_starts_from_the_allocation_heuristics(setup, tmp_path):
     importance = {u: float(i + 1) ** 3 for i, u in enumerate(sorted(weights))}  # later units far more important
     starts = evolve.start_policies(model, batch, weights, cfg, importance)
     assert starts[0].sparsities == {u: 0.5 for u in weights}
-    assert all(in_band(p, weights, 0.5) for p in starts)
+    assert all(budget.budget_error(p, weights, 0.5) <= budget.MOVE_TOL + 1e-12 for p in starts)
     assert len({p.policy_id() for p in starts}) == len(starts) >= 2
     eco = starts[-1].sparsities
     assert eco["lm.1.mlp"] < eco["lm.0.attn"]  # the most important unit is pruned least
@@ -310,13 +339,69 @@ def test_search_starts_from_the_allocation_heuristics(setup, tmp_path):
     assert len(pop) == cfg.population and len({p.policy_id() for p in pop}) == len(pop)
     result = _run(setup, tmp_path, target=0.5, init=("uniform", "ecoflap"), generations=1, projector_every=0)
     hist = pd.read_csv(tmp_path / "history.csv")
-    eco_id = Policy(round_to_grid(ecoflap_allocation(zeroth_order_importance(model, batch, seed=0),
-                                                    weights, 0.5), weights, 0.5), DEFAULT_GRID).policy_id()
+    eco_id = budget.snap_to_budget(Policy(round_to_grid(ecoflap_allocation(zeroth_order_importance(
+        model, batch, seed=0), weights, 0.5), weights, 0.5), DEFAULT_GRID), weights, 0.5).policy_id()
     assert eco_id in set(hist.loc[hist["phase"] == "init", "policy_id"])
-    assert in_band(result.policy, weights, 0.5)
+    assert budget.budget_error(result.policy, weights, 0.5) <= budget.BUDGET_TOL
 
 
 def test_assembly_is_a_small_fraction_of_evaluation(reference):
     timing = reference[0].timing
     assert timing["n_assembled"] == reference[0].evaluations
     assert timing["assemble"] < 0.5 * timing["evaluate"], timing
+
+
+# ------------------------------------------------------------------------- held-out selection (issue 17)
+
+
+def test_split_rows_is_seeded_stratified_and_needs_two_selection_rows():
+    search, select = evolve.split_rows(12, 0.25, 0)
+    assert len(select) == 3 and sorted(search + select) == list(range(12))
+    assert evolve.split_rows(12, 0.25, 0) == (search, select) and evolve.split_rows(12, 0.25, 1) != (search, select)
+    groups = ["a"] * 8 + ["b"] * 4
+    _, sel = evolve.split_rows(12, 0.25, 0, groups)
+    assert sum(i < 8 for i in sel) == 2 and sum(i >= 8 for i in sel) == 1  # per suite
+    with pytest.raises(ValueError, match="leaves 1 selection and 5 search rows; need at least 2"):
+        evolve.split_rows(6, 0.2, 0)
+    with pytest.raises(ValueError, match="select_frac"):
+        SearchConfig(select_frac=1.0)
+
+
+def test_stage_plan_grows_rows_and_shrinks_entrants():
+    assert evolve.stage_plan(18, 48, 8, 2) == [(8, 18), (16, 6), (48, 2)]
+    assert evolve.stage_plan(18, 24, 8, 2) == [(8, 18), (16, 6), (24, 2)]
+    assert evolve.stage_plan(7, 5, 0, 2) == [(5, 7)] == evolve.stage_plan(7, 5, 8, 2)
+    assert evolve.stage_plan(48, 48, 4, 8) == [(4, 48), (8, 20), (48, 8)]  # at most three stages
+
+
+def test_select_lambda_stand_in():
+    # lambda 0 picks 0 (r_select 5), lambda 1 picks 1 (r_select 1), lambda 10 picks 2 (r_select 1): smaller lambda
+    assert gap.select_lambda([1.0, 2.0, 3.0], [5.0, 1.0, 0.0], [5.0, 1.0, 1.0], [10.0, 0.0, 1.0]) == (1.0, 1)
+
+
+def _measured(model, units):
+    zeros = total = 0
+    for lins in unit_linears(model, False).values():
+        for lin in lins.values():
+            zeros += int((lin.weight == 0).sum())
+            total += lin.weight.numel()
+    return zeros / total
+
+
+@pytest.mark.parametrize("kw", [{}, {"gap": "none", "projector_every": 0, "loss_kind": "kl", "generations": 2}],
+                         ids=["ellava", "search"])
+def test_returned_policy_never_loses_to_a_start_on_the_selection_rows(setup, tmp_path, kw):
+    model_dir, batch, db = setup
+    model, _ = load_model(model_dir)
+    cfg = SearchConfig.from_preset("default", **{**CFG, "init": ("uniform", "owl", "ecoflap"), **kw})
+    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, tmp_path, progress=False)
+    sel = result.selection
+    starts = sel["r_select"][len(sel["candidates"]) - sel["n_starts"]:]
+    assert sel["n_starts"] >= 2 and result.score.r_hat <= min(starts)
+    if cfg.gap == "none":  # the best of all candidates on the selection rows
+        assert result.score.r_hat == min(sel["r_select"])
+    else:
+        assert sel["lam"] in cfg.lam_grid and result.policy.meta["lam"] == sel["lam"]
+    # measured sparsity of the searched (assembled) model equals the target within the tolerance
+    assert abs(_measured(model, list_units(model)) - 0.6) <= budget.BUDGET_TOL
+    assert abs(result.policy.meta["mean_sparsity"] - 0.6) <= budget.BUDGET_TOL

@@ -44,23 +44,23 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile, computed before the presets existed
-#: (when the profiles listed every value): the presets keep checkpoints resumable and cached sweep rows valid.
-#: The Bernstein-gap jobs (``ellava``) changed with the estimator's formula (issue 17, ``gap_revision`` 2);
-#: the others kept theirs.
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for issue 17 (full-position
+#: KL, held-out selection rows, EvoPress-style stages, the revised gap estimators and the lambda grid: a searched
+#: job's result changed, so its rows must be recomputed); before that they were the digests from before the
+#: presets existed.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("41eb709b94fa", "aa228a3293e7"),
-           "search-0.60-s0-n32": ("78a93136184a", "b29eaec9a9b3"),
-           "ellava-0.60-s0-n32-noproj": ("6cec9f77eef8", "9b3940a71e07"),
-           "ellava-0.60-s0-n32-gap_none": ("8ad8224e01bb", "498c2b5e924d")},
-    "default": {"ellava-0.60-s0-n64": ("c5f15afe6ae3", "bc4b2fe46a31"),
-                "search-0.60-s0-n64": ("7430ed6ae9f9", "73488e1a0682"),
-                "ellava-0.60-s0-n64-noproj": ("724f3dcfaf59", "65a0229d0960"),
-                "ellava-0.60-s0-n64-gap_none": ("1752176535b4", "87e16641414e")},
-    "paper": {"ellava-0.60-s0-n64": ("e9805c3379e7", "11798abc00f6"),
-              "search-0.60-s0-n64": ("86f3653f8f89", "83b9edf04ac6"),
-              "ellava-0.60-s0-n64-noproj": ("1f88b472ee48", "0f86257f3784"),
-              "ellava-0.60-s0-n64-gap_none": ("840cee850807", "c4f03bd0ecb0")},
+    "ci": {"ellava-0.60-s0-n32": ("31e3ae8c89c2", "4dbe0448f4d1"),
+           "search-0.60-s0-n32": ("18922d754f71", "ae72876bdbe8"),
+           "ellava-0.60-s0-n32-noproj": ("ee2914a2239c", "787e86f6c048"),
+           "ellava-0.60-s0-n32-gap_none": ("e3294db1a1cb", "ed057b98bc56")},
+    "default": {"ellava-0.60-s0-n64": ("edc238474b03", "02d413c7b361"),
+                "search-0.60-s0-n64": ("b3af1c292dd7", "ef6282963946"),
+                "ellava-0.60-s0-n64-noproj": ("6f826be8d4f4", "8d636aacc507"),
+                "ellava-0.60-s0-n64-gap_none": ("df6ff4f77feb", "b6e49bd8a678")},
+    "paper": {"ellava-0.60-s0-n64": ("9ec6d64e42b9", "9976819e7ece"),
+              "search-0.60-s0-n64": ("bdca9ed2f00f", "6c98a57ada07"),
+              "ellava-0.60-s0-n64-noproj": ("3c6b6bd5b3d2", "4d624389767e"),
+              "ellava-0.60-s0-n64-gap_none": ("9e25dbcca3be", "876094bd5329")},
 }
 
 

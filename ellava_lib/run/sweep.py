@@ -9,7 +9,9 @@ EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projecto
 Every job draws its own calibration set (``calib_n`` samples with its ``seed``, :mod:`calibration`), so
 the seed changes the calibration data of every calibration-based method and the search's random draws.
 Each job reports the test score of every suite and their mean, the **calibration score** (the same metrics
-on its calibration samples), the **generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill
+on its calibration *selection rows*, :func:`calib_rows`: the rows no stage of any method trains on; the searched
+methods choose their returned policy on them, so for those the score is selected on, not trained on), the
+**generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill
 FLOPs of the whole model relative to dense, :mod:`flops`).
 
 Tables made from the rows: :mod:`tables`.
@@ -213,6 +215,15 @@ def search_config(spec: SweepSpec, job: Job):
     return SearchConfig.from_preset(spec.search_preset, **cfg)
 
 
+def calib_rows(spec: SweepSpec, job: Job, samples: Sequence[Any]) -> list[int]:
+    """The selection rows of the job's calibration samples (:func:`evolve.split_rows` with the full method's
+    ``select_frac``, the job's seed, stratified by suite): where every method's ``calib`` score is measured."""
+    from ellava_lib.search.evolve import split_rows
+
+    frac = full_method_config(spec, job.sparsity).select_frac
+    return split_rows(len(samples), frac, job.seed, [s.suite for s in samples])[1]
+
+
 def level_db_dir(out_dir: Path, seed: int, calib_n: int) -> Path:
     return Path(out_dir) / "leveldb" / f"s{seed}-n{calib_n}"
 
@@ -318,7 +329,8 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
                       if needs_importance(spec, job) else None)
         result = run_search(model, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
-                            job_dir / "search", progress=False, importance=importance)
+                            job_dir / "search", progress=False, importance=importance,
+                            groups=[s.suite for s in samples])
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
                  "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
@@ -345,8 +357,8 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
                            **{s: float(test[s]) for s in SUITE_COLUMNS if s in test}, "mean": float(test["mean"])}
     if spec.calib_eval:
         by_suite: dict[str, list] = {}
-        for s in samples:
-            by_suite.setdefault(s.suite, []).append(s)
+        for i in calib_rows(spec, job, samples):
+            by_suite.setdefault(samples[i].suite, []).append(samples[i])
         frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
                                     max_new_tokens=generation_budget(tier.data))
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])

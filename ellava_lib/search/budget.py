@@ -7,16 +7,20 @@ proportional) and ``S(pi) = sum_u w_u s_u / W``, ``W = sum_u w_u``. Every policy
 widest grid gap): at least the target, and at most one grid step of the largest unit above it -- the same
 band :func:`allocate.round_to_grid` (hence OWL / ECoFLaP) lands in. Checks use a 1e-9 tolerance.
 
-**Mutation** (:func:`mutate`). One step moves one grid step of sparsity from a donor unit ``d`` to a
-receiver ``r != d`` (``s_d`` down one grid level, ``s_r`` up one; both drawn uniformly among the units that
-can move): ``S`` changes by ``(w_r step_r - w_d step_d) / W``, which is exactly zero when ``w_r = w_d`` (on
-LLaVA every ``lm.i.attn`` weighs the same, and every ``lm.i.mlp``). A move between units of different
-weight may leave the band; it is then *repaired* by one more single-unit step (down if ``S`` is above the
-band, up if below) of a third unit, drawn uniformly among those whose step lands ``S`` back in the band;
-with no such unit the move is redrawn (at most ``tries`` times; then the step is skipped). So the
-invariant -- every policy on the grid and in the band -- holds after every step, equal-weight moves keep
-``S`` exactly, and sparsity can still flow between attention and MLP units (a band that only allowed
-equal-weight swaps would freeze the attention/MLP split of the start policy).
+**Exact budget.** The search's policies keep ``|S(pi) - target| <= BUDGET_TOL`` (0.002): :func:`snap_to_budget`
+brings a start policy there, :func:`mutate` keeps it there.
+
+**Mutation** (:func:`mutate`, budget-exact, EvoPress-style: steps sized in weights). One step moves sparsity from
+a donor unit ``d`` to a receiver ``r != d``: ``s_r`` up ``i`` grid levels and ``s_d`` down ``j`` levels,
+``i, j in 1..MAX_LEVELS``, the pair ``(i, j)`` chosen so the weights pruned in ``r`` and restored in ``d``
+balance best (smallest ``|S - target|``, then fewest levels): equal-weight units swap one level each (``S``
+unchanged exactly), an attention and an MLP unit of LLaVA trade 2:1 levels (``4 d^2`` vs ``3 d d_ff``). The pair
+``(r, d)`` is drawn uniformly (all pairs in a seeded random order; the first whose best move keeps
+``|S - target| <= max(MOVE_TOL, |S_before - target|)`` is taken; none: the step is skipped). So every mutant of
+a policy within ``MOVE_TOL`` stays within it.
+
+The budget band (:func:`budget_band`, ``target <= S <= target + step * max_u w_u / W``) is where
+:func:`allocate.round_to_grid` lands; :func:`snap_to_budget` takes a policy from there to the exact budget.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from ellava_lib.core.units import is_vision_unit
 
 BUDGETS: tuple[str, ...] = ("params", "flops")
 EPS = 1e-9
+
+#: The search's budget tolerance: every searched policy has ``|S(pi) - target| <= BUDGET_TOL``.
+BUDGET_TOL: float = 0.002
+
+#: What a mutation keeps (half the tolerance: room for float sums).
+MOVE_TOL: float = BUDGET_TOL / 2
+
+#: Most grid levels one unit moves in one mutation step.
+MAX_LEVELS: int = 3
 
 
 def budget_weights(units: Mapping[str, int], kind: str = "params", lm_tokens: float = 1.0,
@@ -56,45 +69,81 @@ def in_band(policy: Policy, weights: Mapping[str, float], target: float) -> bool
     return lo - EPS <= s <= hi + EPS
 
 
-def _repair(level: dict[str, int], weights: Mapping[str, float], g: list[float], band: tuple[float, float],
-            rng: random.Random, keep: tuple[str, ...]) -> bool:
-    """Bring ``S`` back into ``band`` with one single-unit step of a unit not in ``keep`` (in place)."""
-    lo, hi = band
-    s = weighted_mean({u: g[level[u]] for u in weights}, weights)
-    if lo - EPS <= s <= hi + EPS:
-        return True
-    way = -1 if s > hi else 1
-    total = sum(weights.values())
-    fits = [u for u in weights if u not in keep and 0 <= level[u] + way < len(g)
-            and lo - EPS <= s + weights[u] * (g[level[u] + way] - g[level[u]]) / total <= hi + EPS]
-    if not fits:
-        return False
-    level[rng.choice(fits)] += way
-    return True
+def budget_error(policy: Policy, weights: Mapping[str, float], target: float) -> float:
+    """``|S(pi) - target|`` under the budget ``weights``."""
+    return abs(weighted_mean(policy.sparsities, weights) - float(target))
+
+
+def _levels(policy: Policy, units: Mapping[str, float]) -> tuple[list[float], dict[str, int]]:
+    g = sorted(policy.grid)
+    return g, {u: min(range(len(g)), key=lambda i: abs(g[i] - policy.sparsities[u])) for u in units}
+
+
+def _best_pair(level: dict[str, int], units: Mapping[str, float], g: list[float], r: str, d: str, dev: float,
+               total: float) -> tuple[float, int, int] | None:
+    """``(new deviation, i, j)`` of the best ``r`` up ``i`` / ``d`` down ``j`` move, or None if none exists."""
+    best = None
+    for i in range(1, min(MAX_LEVELS, len(g) - 1 - level[r]) + 1):
+        up = units[r] * (g[level[r] + i] - g[level[r]]) / total
+        for j in range(1, min(MAX_LEVELS, level[d]) + 1):
+            new = dev + up - units[d] * (g[level[d]] - g[level[d] - j]) / total
+            key = (abs(new), i + j)
+            if best is None or key < (abs(best[0]), best[1] + best[2]):
+                best = (new, i, j)
+    return best
 
 
 def mutate(policy: Policy, units: Mapping[str, float], rng: random.Random, steps: int, *,
-           target: float | None = None, tries: int = 20) -> Policy:
-    """``steps`` budget-keeping moves (module docstring); ``units`` = budget weights, ``target`` defaults
+           target: float | None = None) -> Policy:
+    """``steps`` budget-exact moves (module docstring); ``units`` = budget weights, ``target`` defaults
     to ``policy.meta["target"]``. The result keeps the grid and meta of ``policy``."""
     target = float(policy.meta["target"] if target is None else target)
     if set(units) != set(policy.sparsities):
         raise ValueError(f"policy units {sorted(policy.sparsities)} differ from the budget's {sorted(units)}")
-    g = sorted(policy.grid)
-    level = {u: min(range(len(g)), key=lambda i: abs(g[i] - policy.sparsities[u])) for u in units}
-    band = budget_band(units, target, policy.grid)
+    g, level = _levels(policy, units)
+    total = sum(units.values())
+    names = list(units)
     for _ in range(steps):
-        for _ in range(tries):
-            ups = [u for u in units if level[u] < len(g) - 1]
-            if not ups:
-                break
-            r = rng.choice(ups)
-            downs = [u for u in units if u != r and level[u] > 0]
-            if not downs:
-                break
-            d = rng.choice(downs)
-            trial = {**level, r: level[r] + 1, d: level[d] - 1}
-            if _repair(trial, units, g, band, rng, (r, d)):
-                level = trial
+        dev = weighted_mean({u: g[level[u]] for u in units}, units) - target
+        limit = max(MOVE_TOL, abs(dev)) + EPS
+        pairs = [(r, d) for r in names if level[r] < len(g) - 1 for d in names if d != r and level[d] > 0]
+        rng.shuffle(pairs)
+        for r, d in pairs:
+            best = _best_pair(level, units, g, r, d, dev, total)
+            if best is not None and abs(best[0]) <= limit:
+                level[r] += best[1]
+                level[d] -= best[2]
                 break
     return Policy({u: g[level[u]] for u in policy.sparsities}, policy.grid, dict(policy.meta))
+
+
+def snap_to_budget(policy: Policy, units: Mapping[str, float], target: float,
+                   tol: float = MOVE_TOL, max_moves: int = 64) -> Policy | None:
+    """``policy`` moved to ``|S - target| <= tol`` by greedy deterministic moves (each the single-unit step or
+    budget-exact pair move of :func:`mutate` that lowers ``|S - target|`` most; ties: fewest levels, then unit
+    order), or None when no sequence of at most ``max_moves`` such moves gets there."""
+    g, level = _levels(policy, units)
+    total = sum(units.values())
+    names = list(units)
+    for _ in range(max_moves + 1):
+        dev = weighted_mean({u: g[level[u]] for u in units}, units) - float(target)
+        if abs(dev) <= tol + EPS:
+            return Policy({u: g[level[u]] for u in policy.sparsities}, policy.grid, dict(policy.meta))
+        best: tuple[float, int, dict[str, int]] | None = None
+        for u in names:
+            for way in (-1, 1):
+                if 0 <= level[u] + way < len(g):
+                    new = dev + units[u] * (g[level[u] + way] - g[level[u]]) / total
+                    if best is None or (abs(new), 1) < (abs(best[0]), best[1]):
+                        best = (new, 1, {u: way})
+        for r in names:
+            for d in names:
+                if d != r and level[r] < len(g) - 1 and level[d] > 0:
+                    pair = _best_pair(level, units, g, r, d, dev, total)
+                    if pair is not None and (abs(pair[0]), pair[1] + pair[2]) < (abs(best[0]), best[1]):
+                        best = (pair[0], pair[1] + pair[2], {r: pair[1], d: -pair[2]})
+        if best is None or abs(best[0]) >= abs(dev) - EPS:
+            return None
+        for u, k in best[2].items():
+            level[u] += k
+    return None

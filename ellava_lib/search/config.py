@@ -66,8 +66,12 @@ class ProjectorConfig:
     * ``steps``: AdamW steps per round (``T``; fewer when early stopping ends the round).
     * ``lr``: AdamW learning rate (weight decay 0).
     * ``kl_weight``, ``ce_weight``: the step loss ``ce_weight * CE + kl_weight * KL(dense || pruned)``
-      (per-sample means over the answer positions; ``ce_weight = 0`` distils the dense model only).
-    * ``holdout``: share of the calibration rows held out for early stopping (``[0, 1)``; 0 = no early stopping:
+      (per-sample means: CE over the answer positions, KL over every real position; the default ``ce_weight = 0``
+      distils the dense model only, CE of the calibration answers is optional).
+    * ``rows``: share of the search rows the projector trains on (``(0, 1)``); the other search rows are the only
+      rows candidates are scored on while the projector evolves (:mod:`evolve`), so no candidate is scored on a
+      row the projector trained on.
+    * ``holdout``: share of the projector's rows held out for early stopping (``[0, 1)``; 0 = no early stopping:
       every step runs and the last projector is kept).
     * ``patience``: held-out evaluations without improvement before a round stops.
     * ``eval_every``: steps between held-out evaluations.
@@ -79,7 +83,8 @@ class ProjectorConfig:
     steps: int = 20
     lr: float = 1e-3
     kl_weight: float = 1.0
-    ce_weight: float = 1.0
+    ce_weight: float = 0.0
+    rows: float = 0.5
     holdout: float = 0.25
     patience: int = 3
     eval_every: int = 2
@@ -95,6 +100,7 @@ class ProjectorConfig:
             (self.ce_weight >= 0 and self.kl_weight >= 0 and self.ce_weight + self.kl_weight > 0,
              f"projector: need ce_weight, kl_weight >= 0, not both 0; got {self.ce_weight}, {self.kl_weight}"),
             (0.0 <= self.holdout < 1.0, f"projector: holdout must lie in [0, 1), got {self.holdout}"),
+            (0.0 < self.rows < 1.0, f"projector: rows must lie in (0, 1), got {self.rows}"),
             (self.grad_clip > 0, f"projector: grad_clip must be > 0, got {self.grad_clip}"),
         ]
         for ok, message in checks:
@@ -142,8 +148,9 @@ class SearchConfig:
     * ``grid``: the sparsity levels a unit can take (those of the level database).
     * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``norm``, ``capacity``,
       ``bernstein``); ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
-    * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) at the answer positions
-      (as EvoPress), ``ce`` = answer cross-entropy; ``loss_cap``: per-sample losses clipped at this many nats.
+    * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) over every real
+      next-token position (as EvoPress), ``kl_answer`` = the same at the answer positions only, ``ce`` = answer
+      cross-entropy; ``loss_cap``: per-sample losses clipped at this many nats.
     * ``h_scale``, ``depth_decay``: the capacity gap's scale (None = ``min(gaps.DEFAULT_H_SCALE, n)``) and
       per-depth decay.
     * ``budget``: what the mean sparsity weighs units by, ``params`` or ``flops`` (:data:`budget.BUDGETS`).
@@ -153,8 +160,14 @@ class SearchConfig:
     * ``population`` policies; ``generations`` to run; ``offspring`` children per generation, each 1 to
       ``mutation_steps`` budget-keeping moves from a ``tournament``-size tournament winner; ``elitism`` parents
       always kept.
-    * Multi-step selection: children are scored on ``screen_samples`` fixed calibration rows first (0 = off) and
-      the best ``survivors`` on all of them.
+    * Rows: ``select_frac`` of the calibration rows are *selection* rows (:func:`evolve.split_rows`: seeded,
+      stratified by suite when suites are given), never used by the evolution; the rest are *search* rows.
+      The returned policy is the best on the selection rows among the final population and the start policies.
+    * ``lam_grid``: the lambdas tried when choosing lambda on the selection rows (:func:`gap.select_lambda`;
+      only when ``gap != "none"``; ``lam`` is the lambda of ``J`` during the evolution).
+    * Multi-step selection (EvoPress-style): the ``elitism`` best parents and the children are scored on
+      ``screen_samples`` fresh random search rows, then the best of them on twice as many fresh rows, ..., and
+      the best ``survivors`` on all scoring rows (0 = one stage on all of them).
     * ``eval_batch_size``: rows per forward pass (0 = all at once); ``seed``: drives every draw (each job sets its
       own).
     * ``init``: the start policies of generation 0 (:data:`START_POLICIES`).
@@ -180,6 +193,8 @@ class SearchConfig:
     elitism: int = 2
     screen_samples: int = 8
     survivors: int = 2
+    select_frac: float = 0.25
+    lam_grid: tuple[float, ...] = gaps.DEFAULT_LAMBDAS
     eval_batch_size: int = 0
     seed: int = 0
     init: tuple[str, ...] = ("uniform", "owl", "ecoflap")
@@ -189,6 +204,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         self.grid = tuple(sorted(float(g) for g in self.grid))
         self.init = tuple(self.init)
+        self.lam_grid = tuple(float(x) for x in self.lam_grid)
         if isinstance(self.projector, Mapping):
             self.projector = ProjectorConfig(**self.projector)
         checks = [
@@ -215,6 +231,9 @@ class SearchConfig:
              f"the ECoFLaP start policy cannot reach sparsity {self.target} (it keeps at least "
              f"{1 - ecoflap_cap(self.grid):g} of every unit); leave ecoflap out of init"),
             (self.eval_batch_size >= 0, f"need eval_batch_size >= 0, got {self.eval_batch_size}"),
+            (0.0 < self.select_frac < 1.0, f"select_frac must lie in (0, 1), got {self.select_frac}"),
+            (len(self.lam_grid) >= 1 and all(x >= 0 for x in self.lam_grid),
+             f"lam_grid must hold lambdas >= 0, got {list(self.lam_grid)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -224,21 +243,23 @@ class SearchConfig:
 
     @classmethod
     def ci(cls) -> SearchConfig:
-        """profiles/ci.yaml: 4 policies, 3 generations of 6 children; a 5-step projector round every generation."""
-        return cls(population=4, generations=3, offspring=6, projector=ProjectorConfig.ci())
+        """profiles/ci.yaml: 4 policies, 3 generations of 6 children; a 5-step projector round every generation;
+        a quarter of the calibration rows held out for selection."""
+        return cls(population=4, generations=3, offspring=6, select_frac=0.25, projector=ProjectorConfig.ci())
 
     @classmethod
     def default(cls) -> SearchConfig:
         """profiles/default.yaml (the field defaults): 8 policies, 8 generations of 16 children (8 screening
-        samples, 2 survivors), KL fitness from the uniform, OWL and ECoFLaP starts, Bernstein gap with lambda 1,
-        a 20-step projector round every 3 generations."""
+        samples, 2 survivors), KL fitness over every position from the uniform, OWL and ECoFLaP starts, Bernstein
+        gap with lambda 1 in the evolution and lambda chosen on the selection rows (a quarter of the calibration
+        rows), a 20-step projector round every 3 generations on half the search rows."""
         return cls()
 
     @classmethod
     def paper(cls) -> SearchConfig:
         """profiles/paper.yaml: 16 policies, 100 generations of 32 children (16 screening samples, 8 survivors),
-        a projector round every 10 generations."""
-        return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8,
+        a projector round every 10 generations; a quarter of the calibration rows held out for selection."""
+        return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8, select_frac=0.25,
                    projector=ProjectorConfig.paper())
 
     @classmethod
@@ -264,7 +285,7 @@ class SearchConfig:
             if f.name == "projector":
                 d.update(value.to_flat())
             else:
-                d[f.name] = list(value) if f.name in ("grid", "init") else value
+                d[f.name] = list(value) if f.name in ("grid", "init", "lam_grid") else value
         if self.gap in gaps.GAP_REVISION:  # its formula changed: not the digest of searches with the old one
             d["gap_revision"] = gaps.GAP_REVISION[self.gap]
         d = json.loads(json.dumps(d))

@@ -1,28 +1,44 @@
 """Evolutionary search for a per-unit sparsity policy that minimizes ``J(pi) = R_hat(pi) + lambda G_hat(pi)``.
 
-Budget and mutation: :mod:`budget` (every policy stays in the budget band
-``target <= S(pi) <= target + step * max_u w_u / W``).
+Budget and mutation: :mod:`budget` (every policy keeps ``|S(pi) - target| <= budget.BUDGET_TOL``; mutations are
+budget-exact moves between two units).
+
+**Rows** (:func:`split_rows`, :func:`score_rows`). The n calibration rows are split once, seeded and
+deterministically, into *selection* rows (``select_frac`` of them, stratified by suite when ``groups`` are given)
+and *search* rows. With projector evolution, ``projector.rows`` of the search rows are the projector's (it trains
+and early-stops on them only) and the rest are the *scoring* rows; without it every search row scores. The
+evolution scores candidates on scoring rows only, so no candidate is scored on a row the projector trained on,
+and nothing in the evolution sees a selection row.
 
 **Loop** (:func:`run_search`). Generation 0: the start policies named by ``init`` (:data:`START_POLICIES`: the
-grid-rounded uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded to the
-grid with :func:`allocate.round_to_grid`, so the search begins where the one-shot allocation heuristics end)
-plus mutants of them in turn (1 to ``mutation_steps`` steps each), all scored on the n calibration samples.
-Each generation: ``offspring`` children, each a mutant of a tournament winner (``tournament`` entrants, best
-``J``), new to the population and the generation; multi-step selection scores them on ``screen_samples`` fixed
-calibration rows first and only the best ``survivors`` on all n (``screen_samples = 0`` or ``>= n``: all on
-n); the next population is the best ``elitism`` parents plus the best fully scored children (topped up with
-parents). Ties break by policy id. Every ``projector.every`` generations the projector is evolved for the top
-``projector.topk`` (:mod:`projector`, :class:`config.ProjectorConfig`) and the population rescored with it.
-Candidates are *assembled* from the level database (no solver in the loop). Each generation ends with an
-atomic checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the result and history of an
+uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded to the grid with
+:func:`allocate.round_to_grid` and moved to the exact budget with :func:`budget.snap_to_budget`; a start that
+cannot be is left out) plus mutants of them in turn, all scored on every scoring row. Each generation:
+``offspring`` children, each a mutant of a tournament winner (``tournament`` entrants, best rank), new to the
+population and the generation; then EvoPress-style multi-step selection (:func:`stage_plan`): the ``elitism``
+best parents and the children are scored on ``screen_samples`` *fresh* random scoring rows (drawn with the run's
+seeded ``random.Random``), the best of them go on to twice as many fresh rows, and so on, and the best
+``survivors`` are scored on all scoring rows; parents and children always compete on the same rows. The next
+population ranks the candidates by the stage they reached (last first), then by ``J`` there (ties by policy id).
+Every ``projector.every`` generations the projector is evolved for the top ``projector.topk``
+(:mod:`projector`, :class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it in
+the next generation's stages. Candidates are *assembled* from the level database (no solver in the loop).
+
+**Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows;
+with ``gap = "none"`` the one with the lowest ``R_hat`` there is returned; otherwise they are also scored on all
+scoring rows and lambda is chosen on the selection rows (:func:`gap.select_lambda` over ``lam_grid``), and if the
+pick is worse on the selection rows than the best start policy, that start is returned instead. Either way the
+returned policy's selection-row ``R_hat`` is at most every start policy's. Each generation ends with an atomic
+checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the result and history of an
 uninterrupted run.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,15 +64,17 @@ from ellava_lib.prune.leveldb import LevelDB, model_identity
 from ellava_lib.search import checkpoint as ckpt
 from ellava_lib.search import gap as gaps
 from ellava_lib.search.budget import (
-    budget_band,
+    BUDGET_TOL,
+    budget_error,
     budget_weights,
-    in_band,
     mutate,
+    snap_to_budget,
 )
 from ellava_lib.search.config import SearchConfig
 from ellava_lib.search.objective import (
+    KL_KINDS,
     Score,
-    dense_logits_of,
+    dense_logprobs_of,
     per_sample_losses,
     score_losses,
 )
@@ -68,14 +86,83 @@ from ellava_lib.search.projector import (
     set_projector_state,
 )
 
+# ------------------------------------------------------------------------------------------------ rows
+
+#: Most selection stages of a generation (:func:`stage_plan`).
+MAX_STAGES: int = 3
+
+
+def split_rows(n: int, select_frac: float, seed: int,
+               groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+    """``(search rows, selection rows)`` of ``n`` calibration rows, both sorted.
+
+    Stratified: ``k = round(select_frac * n)`` rows (halves up) are selection rows, taken round-robin over the
+    groups (suites, in sorted order; all rows one group when ``groups`` is None), each group's rows shuffled with
+    ``random.Random(f"select/{seed}/{group}")``: every suite gets ``k / n_groups`` rows, give or take one.
+    ``ValueError`` when fewer than 2 selection rows or fewer than 2 search rows result."""
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} rows")
+    labels = [str(g) for g in groups] if groups is not None else ["all"] * n
+    queues = []
+    for group in sorted(set(labels)):
+        rows = [i for i in range(n) if labels[i] == group]
+        random.Random(f"select/{seed}/{group}").shuffle(rows)
+        queues.append(rows)
+    order = [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
+    select = sorted(order[: int(math.floor(select_frac * n + 0.5))])
+    search = [i for i in range(n) if i not in set(select)]
+    if len(select) < 2 or len(search) < 2:
+        raise ValueError(f"select_frac {select_frac} of {n} calibration rows leaves {len(select)} selection and "
+                         f"{len(search)} search rows; need at least 2 of each (more samples or another select_frac)")
+    return search, select
+
+
+def score_rows(search: Sequence[int], cfg: SearchConfig) -> tuple[list[int], list[int]]:
+    """``(scoring rows, projector rows)`` of the search rows: with projector evolution ``projector.rows`` of
+    them (at least 1, leaving at least 1) drawn with ``random.Random(f"projector-rows/{seed}")`` are the
+    projector's; without it every search row scores and there are no projector rows."""
+    search = list(search)
+    if cfg.projector.every == 0:
+        return search, []
+    k = min(max(1, round(cfg.projector.rows * len(search))), len(search) - 1)
+    proj = sorted(random.Random(f"projector-rows/{cfg.seed}").sample(search, k))
+    return [i for i in search if i not in set(proj)], proj
+
+
+def stage_plan(candidates: int, rows: int, screen: int, survivors: int) -> list[tuple[int, int]]:
+    """``[(rows scored, candidates entering), ...]`` of one generation's multi-step selection.
+
+    Rows: ``screen`` and ``2 screen`` (each while below ``rows``), then ``rows`` (all scoring rows): at most
+    three stages, so a generation costs about what the former two (8 screening rows, then all) did; one stage
+    on all rows when ``screen`` is 0 or at least ``rows``. Entrants: all ``candidates`` at the first stage,
+    ``s = min(survivors, candidates)`` at the last, geometric in between
+    (``round(candidates * (s / candidates) ** (k / (K - 1)))``)."""
+    sizes = []
+    r = screen
+    while 0 < r < rows and len(sizes) < MAX_STAGES - 1:
+        sizes.append(r)
+        r *= 2
+    sizes.append(rows)
+    s = min(survivors, candidates)
+    k_last = len(sizes) - 1
+    enter = [candidates if k == 0 else max(s, round(candidates * (s / candidates) ** (k / k_last)))
+             for k in range(len(sizes))]
+    if k_last:
+        enter[-1] = s
+    return list(zip(sizes, enter))
+
+
+# ------------------------------------------------------------------------------------- start policies
+
 
 def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights: Mapping[str, float],
                    cfg: SearchConfig, importance: Mapping[str, float] | None = None) -> list[Policy]:
     """The distinct grid policies named by ``cfg.init``, in order. ``uniform``: ``s_u = S``; ``owl``:
     :func:`allocate.owl_allocation` of the outlier ratios; ``ecoflap``: :func:`allocate.ecoflap_allocation`
     of the zeroth-order importances (``importance`` when already computed for this model and batch, else
-    computed with ``cfg.seed``); each through :func:`allocate.round_to_grid` with the budget weights, so
-    ``S <= S(pi) <= S + step * max_u w_u / W`` (the budget band). ``model`` must be dense."""
+    computed with ``cfg.seed``); each through :func:`allocate.round_to_grid` with the budget weights, then
+    :func:`budget.snap_to_budget` (``|S(pi) - S| <= budget.MOVE_TOL``); one that cannot reach the exact budget
+    is left out. ``model`` must be dense."""
     vision = names_vision(weights)
     out: list[Policy] = []
     for name in cfg.init:
@@ -87,9 +174,13 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
         else:
             scores = importance or zeroth_order_importance(model, dict(batch), seed=cfg.seed, include_vision=vision)
             raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.grid)
-        policy = Policy(round_to_grid(raw, weights, cfg.target, cfg.grid), cfg.grid, {"target": cfg.target})
-        if policy.policy_id() not in {p.policy_id() for p in out}:
+        policy = snap_to_budget(Policy(round_to_grid(raw, weights, cfg.target, cfg.grid), cfg.grid,
+                                       {"target": cfg.target}), weights, cfg.target)
+        if policy is not None and policy.policy_id() not in {p.policy_id() for p in out}:
             out.append(policy)
+    if not out:
+        raise ValueError(f"no start policy of {list(cfg.init)} reaches the budget {cfg.target} within "
+                         f"{BUDGET_TOL} on the grid {cfg.grid}")
     return out
 
 
@@ -126,10 +217,13 @@ class Member:
 
 @dataclass
 class SearchResult:
-    """The best policy and its score, the final population (best first) and the run's bookkeeping.
+    """The returned policy and its score on the selection rows, the final population (best rank first) and the
+    run's bookkeeping.
 
-    ``timing``: accumulated seconds of ``assemble``, ``evaluate`` (forward passes and scoring), ``projector``
-    and ``dense`` (the dense logits), and ``n_assembled`` (assemblies for scoring)."""
+    ``selection``: how the policy was chosen (``lam`` chosen on the selection rows or None, ``index`` and
+    ``policy_id`` of the pick, ``fallback`` when a start policy replaced it, and every candidate's
+    ``r_select`` / ``r_search`` / ``g``). ``timing``: accumulated seconds of ``assemble``, ``evaluate`` (forward
+    passes and scoring), ``projector`` and ``dense`` (the dense log-probabilities), and ``n_assembled``."""
 
     policy: Policy
     score: Score
@@ -140,6 +234,7 @@ class SearchResult:
     out_dir: Path
     projector: Path | None
     wall_s: float
+    selection: dict[str, Any]
 
 
 @dataclass
@@ -152,33 +247,37 @@ class _Run:
     cfg: SearchConfig
     out: Path
     dense: torch.Tensor | None
-    screen: list[int] | None
+    scoring: list[int]
+    selection: list[int]
+    projector_rows: list[int]
     timing: dict[str, float]
     rows: int = 0
     projector: dict[str, Any] | None = None
+    starts: list[Policy] | None = None
 
     @property
     def n(self) -> int:
         return int(self.batch["input_ids"].shape[0])
 
 
-def _score(run: _Run, policy: Policy, generation: int, phase: str, screen: bool = False) -> Score:
-    """Assemble ``policy``, score it (on the screening rows when ``screen``), append its history row."""
+def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequence[int],
+           lam: float | None = None) -> Score:
+    """Assemble ``policy``, score it on ``rows`` (``lam``: the config's when None), append its history row."""
     cfg = run.cfg
-    if not in_band(policy, run.weights, cfg.target):  # the invariant of :mod:`budget`
-        band = budget_band(run.weights, cfg.target, cfg.grid)
-        raise RuntimeError(f"policy {policy.policy_id()} left the budget band {band}: "
+    if budget_error(policy, run.weights, cfg.target) > BUDGET_TOL:  # the invariant of :mod:`budget`
+        raise RuntimeError(f"policy {policy.policy_id()} left the budget {cfg.target} +- {BUDGET_TOL}: "
                            f"S = {weighted_mean(policy.sparsities, run.weights)}")
     run.timing["assemble"] += run.db.assemble(run.model, policy, check=False)
     run.timing["n_assembled"] += 1
     tick = time.perf_counter()
-    losses = per_sample_losses(run.model, run.batch, cfg.loss_kind, run.dense, run.screen if screen else None,
-                               cfg.eval_batch_size or None)
-    gap_kw = ({"depth_decay": cfg.depth_decay, "h_scale": cfg.h_scale or min(gaps.DEFAULT_H_SCALE, run.n)}
+    losses = per_sample_losses(run.model, run.batch, cfg.loss_kind, run.dense, list(rows), cfg.eval_batch_size or None)
+    n_fit = len(run.scoring)
+    gap_kw = ({"depth_decay": cfg.depth_decay, "h_scale": cfg.h_scale or min(gaps.DEFAULT_H_SCALE, n_fit)}
               if cfg.gap == "capacity" else
               {"frob_sq": {u: run.db.frobenius_sq(u) for u in run.units}} if cfg.gap == "norm" else None)
-    score = score_losses(losses, gap=cfg.gap, lam=cfg.lam, delta=cfg.delta, loss_cap=cfg.loss_cap,
-                         units=run.units, sparsities=policy.sparsities, n_capacity=run.n, gap_kw=gap_kw)
+    score = score_losses(losses, gap=cfg.gap, lam=cfg.lam if lam is None else lam, delta=cfg.delta,
+                         loss_cap=cfg.loss_cap, units=run.units, sparsities=policy.sparsities, n_capacity=n_fit,
+                         gap_kw=gap_kw)
     run.timing["evaluate"] += time.perf_counter() - tick
     ckpt.append_history(run.out / ckpt.HISTORY, [{
         "generation": generation, "policy_id": policy.policy_id(), "r_hat": score.r_hat, "g_hat": score.g_hat,
@@ -189,7 +288,8 @@ def _score(run: _Run, policy: Policy, generation: int, phase: str, screen: bool 
 
 
 def _tournament(pop: list[Member], rng: random.Random, size: int) -> Member:
-    return min((pop[rng.randrange(len(pop))] for _ in range(size)), key=Member.key)
+    """The best-ranked (lowest index) of ``size`` uniform draws from the ranked population."""
+    return pop[min(rng.randrange(len(pop)) for _ in range(size))]
 
 
 def _generation(run: _Run, pop: list[Member], rng: random.Random, gen: int) -> list[Member]:
@@ -204,22 +304,31 @@ def _generation(run: _Run, pop: list[Member], rng: random.Random, gen: int) -> l
                 seen.add(child.policy_id())
                 children.append(child)
                 break
-    if run.screen is not None and len(children) > cfg.survivors:
-        screened = [Member(c, _score(run, c, gen, "screen", screen=True)) for c in children]
-        children = [m.policy for m in sorted(screened, key=Member.key)[: cfg.survivors]]
-    scored = sorted((Member(c, _score(run, c, gen, "full")) for c in children), key=Member.key)
-    parents = sorted(pop, key=Member.key)
-    nxt = parents[: cfg.elitism] + scored[: cfg.population - cfg.elitism]
-    nxt += parents[cfg.elitism: cfg.elitism + cfg.population - len(nxt)]
-    return sorted(nxt, key=Member.key)
+    alive = [m.policy for m in pop[: cfg.elitism]] + children
+    plan = stage_plan(len(alive), len(run.scoring), cfg.screen_samples, cfg.survivors)
+    out: list[Member] = []  # eliminated, latest stage first
+    for k, (n_rows, enter) in enumerate(plan):
+        rows = run.scoring if n_rows >= len(run.scoring) else sorted(rng.sample(run.scoring, n_rows))
+        phase = "full" if k == len(plan) - 1 else "screen"
+        ranked = sorted((Member(p, _score(run, p, gen, phase, rows)) for p in alive[:enter]), key=Member.key)
+        if k + 1 < len(plan):
+            out = ranked[plan[k + 1][1]:] + out
+            alive = [m.policy for m in ranked[: plan[k + 1][1]]]
+        else:
+            out = ranked + out
+    ids = {m.policy.policy_id() for m in out}
+    out += [m for m in pop if m.policy.policy_id() not in ids]  # fewer candidates than places: older parents
+    return out[: cfg.population]
 
 
-def _evolve(run: _Run, pop: list[Member], gen: int) -> list[Member]:
-    """Evolve the projector for the top-k, save it, rescore the population with it."""
+def _evolve(run: _Run, pop: list[Member], gen: int) -> None:
+    """Evolve the projector for the top-k on the projector rows and save it (the parents are rescored with it
+    in the next generation's stages)."""
     cfg = run.cfg
     tick = time.perf_counter()
     top = [m.policy for m in pop[: cfg.projector.topk]]
-    state, log = evolve_projector(run.model, run.batch, top, run.db, run.dense, cfg.projector, cfg.seed * 100003 + gen)
+    state, log = evolve_projector(run.model, run.batch, top, run.db, run.dense, cfg.projector,
+                                  cfg.seed * 100003 + gen, rows=run.projector_rows)
     rnd = (run.projector or {}).get("round", 0) + 1
     name = f"projector_rounds/round-{rnd:03d}.safetensors"
     holdout = [r["holdout_loss"] for r in log if r["holdout_loss"] is not None]
@@ -229,7 +338,6 @@ def _evolve(run: _Run, pop: list[Member], gen: int) -> list[Member]:
                     "holdout_best": min(holdout) if holdout else None, "config": cfg.to_dict()})
     run.projector = {"file": name, "round": rnd, "generation": gen}
     run.timing["projector"] += time.perf_counter() - tick
-    return sorted((Member(m.policy, _score(run, m.policy, gen, "rescore")) for m in pop), key=Member.key)
 
 
 def search_context(model: nn.Module, batch: Mapping[str, torch.Tensor], units: Mapping[str, int]) -> dict[str, Any]:
@@ -260,22 +368,26 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
 
 def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: LevelDB, units: Mapping[str, int],
                cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
-               importance: Mapping[str, float] | None = None) -> SearchResult:
-    """Run (or resume) the search of the module docstring in ``out_dir``; returns the best policy.
+               importance: Mapping[str, float] | None = None, groups: Sequence[str] | None = None) -> SearchResult:
+    """Run (or resume) the search of the module docstring in ``out_dir``; returns the selected policy.
 
     ``model``'s units are reset to the database's level 0 (its dense weights) on entry; its projector must be the
-    original one (the dense logits of KL terms come from it). ``importance``: ECoFLaP's unit scores for this model
-    and batch when already computed (an ``ecoflap`` start policy needs them). The model is left assembled at the best
+    original one (the dense log-probabilities of KL terms come from it). ``importance``: ECoFLaP's unit scores for
+    this model and batch when already computed (an ``ecoflap`` start policy needs them). ``groups``: each row's
+    suite, to stratify the selection rows (:func:`split_rows`). The model is left assembled at the returned
     policy with the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
     ``policy.json`` and ``projector.safetensors`` (+ ``.json``, when evolution ran) into ``out_dir``; what becomes
     of the model afterwards (saved as assembled, or re-pruned exactly: :mod:`finalize`) is the caller's.
+    ``ValueError`` when the split leaves fewer than 2 selection or search rows.
     """
     wall = time.perf_counter()
-    out = files.ensure_dir(Path(out_dir))
     units = dict(units)
     n = int(batch["input_ids"].shape[0])
-    _check_inputs(cfg, units, level_db, n)
-    context = search_context(model, batch, units)
+    search, selection = split_rows(n, cfg.select_frac, cfg.seed, groups)
+    scoring, projector_rows = score_rows(search, cfg)
+    _check_inputs(cfg, units, level_db, len(scoring))
+    out = files.ensure_dir(Path(out_dir))
+    context = search_context(model, batch, units)  # the split follows from the batch and the config
     resume = check_resume(out, cfg, context)
     level_db.check_model(model)
     if on_grid(0.0, level_db.grid):  # level 0 = the dense weights: make the units dense
@@ -284,19 +396,19 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     weights = budget_weights(units, cfg.budget, lm_tokens, structure.vision_tokens_per_image(model.config))
     timing = {"assemble": 0.0, "evaluate": 0.0, "projector": 0.0, "dense": 0.0, "n_assembled": 0}
     tick = time.perf_counter()
-    need_dense = cfg.loss_kind == "kl" or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
-    dense = dense_logits_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
+    need_dense = cfg.loss_kind in KL_KINDS or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
+    dense = dense_logprobs_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
     timing["dense"] = time.perf_counter() - tick
-    screen = (sorted(random.Random(f"screen/{cfg.seed}").sample(range(n), cfg.screen_samples))
-              if 0 < cfg.screen_samples < n else None)
-    run = _Run(model, batch, level_db, units, weights, cfg, out, dense, screen, timing)
+    run = _Run(model, batch, level_db, units, weights, cfg, out, dense, scoring, selection, projector_rows, timing)
     cfg.to_json(out / "search_config.json")
     if resume:
         state = ckpt.read_checkpoint(out)
+        starts = [Policy(sp, cfg.grid, {"target": cfg.target}) for sp in state["starts"]]
         ckpt.truncate_history(out / ckpt.HISTORY, state["history_rows"])
         run.rows, run.projector, start = state["history_rows"], state["projector"], state["generation"]
         run.timing.update({k: v for k, v in state["timing"].items() if k != "dense"})
         rng = ckpt.rng_from_state(state["rng"])
+        run.starts = starts
         pop = [Member(Policy(m["sparsities"], cfg.grid, {"target": cfg.target}), Score.from_dict(m["score"]))
                for m in state["population"]]
         if run.projector:
@@ -305,40 +417,81 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         ckpt.start_history(out / ckpt.HISTORY)
         rng, start = random.Random(cfg.seed), 0
         starts = start_policies(model, batch, weights, cfg, importance)
-        pop = sorted((Member(p, _score(run, p, 0, "init")) for p in initial_population(weights, cfg, rng, starts)),
-                     key=Member.key)
+        run.starts = starts
+        pop = sorted((Member(p, _score(run, p, 0, "init", scoring))
+                      for p in initial_population(weights, cfg, rng, starts)), key=Member.key)
         _save_checkpoint(run, pop, rng, 0, context)
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)
     for gen in range(start + 1, cfg.generations + 1):
         pop = _generation(run, pop, rng, gen)
         if cfg.projector.every and gen % cfg.projector.every == 0:
-            pop = _evolve(run, pop, gen)
+            _evolve(run, pop, gen)
         _save_checkpoint(run, pop, rng, gen, context)
         bar.update(1)
         bar.set_postfix(best_j=f"{pop[0].score.j:.4f}")
     bar.close()
-    return _finish(run, pop, max(start, cfg.generations), time.perf_counter() - wall)
+    return _finish(run, pop, starts, max(start, cfg.generations), time.perf_counter() - wall)
 
 
 def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int, context: dict[str, Any]) -> None:
     ckpt.write_checkpoint(run.out, {
         "generation": gen, "config": run.cfg.to_dict(), "config_hash": run.cfg.digest(), "context": context,
         "population": [m.to_dict() for m in pop], "rng": ckpt.rng_state(rng), "history_rows": run.rows,
-        "projector": run.projector, "timing": run.timing})
+        "projector": run.projector, "timing": run.timing,
+        "starts": [p.sparsities for p in run.starts or []]})
 
 
-def _finish(run: _Run, pop: list[Member], generations: int, wall_s: float) -> SearchResult:
-    best, cfg = pop[0], run.cfg
-    run.db.assemble(run.model, best.policy, check=False)
+def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int) -> tuple[int, Score, dict]:
+    """Score ``candidates`` (the final population, then the ``n_starts`` start policies) on the selection rows
+    (and, with a gap term, on all scoring rows for lambda); the index of the returned one, its selection-row
+    score and the record of the choice (module docstring)."""
+    cfg, g = run.cfg, generations + 1
+    select = [_score(run, p, g, "select", run.selection) for p in candidates]
+    r_select = [s.r_hat for s in select]
+    record: dict[str, Any] = {"lam": None, "fallback": False, "r_select": r_select,
+                              "candidates": [p.policy_id() for p in candidates], "n_starts": n_starts}
+    if cfg.gap == "none":
+        idx = min(range(len(candidates)), key=lambda i: (r_select[i], i))
+        lam = cfg.lam
+    else:
+        fit = [_score(run, p, g, "select-search", run.scoring) for p in candidates]
+        r_search, g_hat = [s.r_hat for s in fit], [s.g_hat for s in fit]
+        lam, idx = gaps.select_lambda(r_search, g_hat, r_select, cfg.lam_grid)
+        record.update({"lam": lam, "r_search": r_search, "g": g_hat})
+        start_idx = min(range(len(candidates) - n_starts, len(candidates)), key=lambda i: (r_select[i], i))
+        if r_select[start_idx] < r_select[idx]:
+            idx, record["fallback"] = start_idx, True
+    s = select[idx]
+    score = Score(s.r_hat, s.g_hat, gaps.objective(s.r_hat, s.g_hat, lam), s.n_used, s.n_clipped)
+    record.update({"index": idx, "policy_id": candidates[idx].policy_id()})
+    return idx, score, record
+
+
+def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int, wall_s: float) -> SearchResult:
+    cfg = run.cfg
+    seen = {m.policy.policy_id() for m in pop}
+    extra = [p for p in starts if p.policy_id() not in seen]
+    candidates = [m.policy for m in pop] + extra
+    n_starts = len(extra)
+    if n_starts < len(starts):  # a start still in the population is scored once, as a start
+        ids = {p.policy_id() for p in starts}
+        candidates = [p for p in candidates if p.policy_id() not in ids] + list(starts)
+        n_starts = len(starts)
+    idx, score, record = _select(run, candidates, n_starts, generations)
+    best = candidates[idx]
+    run.db.assemble(run.model, best, check=False)
     projector_path = None
     if run.projector:
         state, config = load_projector(run.out / run.projector["file"])
         projector_path = save_projector(run.out / "projector.safetensors", state, projector_prefix(run.model), config)
-    policy = Policy(best.policy.sparsities, cfg.grid, {
+    policy = Policy(best.sparsities, cfg.grid, {
         "method": "ellava-search", "target": cfg.target, "budget": cfg.budget,
-        "mean_sparsity": weighted_mean(best.policy.sparsities, run.weights), "score": best.score.to_dict(),
-        "gap": cfg.gap, "lam": cfg.lam, "generations": generations, "config_hash": cfg.digest(),
+        "mean_sparsity": weighted_mean(best.sparsities, run.weights), "score": score.to_dict(),
+        "gap": cfg.gap, "lam": record["lam"] if record["lam"] is not None else cfg.lam,
+        "lam_selected": record["lam"] is not None, "fallback_to_start": record["fallback"],
+        "selection_rows": len(run.selection), "generations": generations, "config_hash": cfg.digest(),
         "projector": projector_path.name if projector_path else None})
     policy.to_json(run.out / "policy.json")
-    return SearchResult(policy, best.score, pop, generations, run.rows, dict(run.timing), run.out,
-                        projector_path, wall_s)
+    files.write_json(run.out / "selection.json", record)
+    return SearchResult(policy, score, pop, generations, run.rows, dict(run.timing), run.out,
+                        projector_path, wall_s, record)

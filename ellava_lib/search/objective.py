@@ -1,12 +1,20 @@
 """The search objective ``J(pi) = R_hat(pi) + lambda * G_hat(pi)`` of a candidate (pruned) model.
 
-Per-sample losses ``l_i`` (:func:`per_sample_losses`), on the answer positions ``A_i`` of sample ``i``
-(positions ``t`` whose next token ``y_{t+1}`` is an answer token, ``labels != -100``):
+Per-sample losses ``l_i`` (:func:`per_sample_losses`). ``M_i`` = the next-token positions of sample ``i``:
+positions ``t`` (predicting token ``t+1``) where both ``t`` and ``t+1`` are real tokens (``attention_mask`` 1);
+``A_i`` = its answer positions (``labels[t+1] != -100``):
 
+* ``kind="kl"`` (the default fitness, EvoPress's): the divergence from the dense model's next-token
+  distribution over every real position,
+  ``l_i = (1/|M_i|) sum_{t in M_i} KL(p_dense(. | y_<=t) || p(. | y_<=t))``,
+  ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` (:func:`per_sample_kl`);
+* ``kind="kl_answer"``: the same divergence averaged over the answer positions ``A_i`` only;
 * ``kind="ce"``: answer cross-entropy ``l_i = (1/|A_i|) sum_{t in A_i} -log p(y_{t+1} | y_<=t)``
-  (:func:`losses.per_sample_ce`, the per-sample term of :func:`losses.answer_loss`);
-* ``kind="kl"``: ``l_i = (1/|A_i|) sum_{t in A_i} KL(p_dense(. | y_<=t) || p(. | y_<=t))``, the divergence
-  from the dense model's next-token distribution (where no reference answer should be trusted).
+  (:func:`losses.per_sample_ce`, the per-sample term of :func:`losses.answer_loss`).
+
+The dense side is cached once as fp32 **log-probabilities** (:func:`dense_logprobs_of`, on the CPU; ``n * T * V``
+floats, as many as the logits it replaces); the KL is computed ``kl_chunk`` positions at a time, so the extra
+memory of a candidate's KL is ``rows * kl_chunk * V`` floats whatever the sequence length.
 
 Bounded losses: :func:`score_losses` clips the per-sample losses at ``loss_cap``:
 ``l~_i = min(max(l_i, 0), loss_cap)`` (both kinds are ``>= 0``); ``R_hat = mean_i l~_i`` and the Bernstein gap
@@ -32,7 +40,13 @@ from ellava_lib.model.kernels import onednn_linears
 from ellava_lib.model.losses import answer_mask, model_inputs, per_sample_ce
 from ellava_lib.search import gap as gaps
 
-LOSS_KINDS: tuple[str, ...] = ("ce", "kl")
+LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "kl_answer")
+
+#: Loss kinds that need the dense model's log-probabilities.
+KL_KINDS: tuple[str, ...] = ("kl", "kl_answer")
+
+#: Positions per KL chunk (bounds the temporaries of :func:`per_sample_kl` to ``rows * KL_CHUNK * V`` floats).
+KL_CHUNK: int = 128
 
 #: Default clip of a per-sample loss (nats): the range ``b`` passed to the Bernstein gap.
 DEFAULT_LOSS_CAP: float = 10.0
@@ -67,14 +81,44 @@ def subset(batch: Mapping[str, torch.Tensor], idx: Sequence[int] | None) -> dict
     return rows
 
 
-def per_sample_kl(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` per-sample mean over answer positions of ``KL(p_dense || p) = sum_v p_d (log p_d - log p)``."""
-    width = logits.shape[1]
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    logq = F.log_softmax(dense_logits[:, : width - 1].to(logits.device).float(), dim=-1)
-    kl = (logq.exp() * (logq - logp)).sum(-1)
-    mask = answer_mask(labels)
-    return (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
+def position_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T-1)`` bool: position ``t`` predicts a real token from a real token (``attention_mask[t]`` and
+    ``attention_mask[t+1]`` both 1)."""
+    m = attention_mask.bool()
+    return m[:, :-1] & m[:, 1:]
+
+
+def per_sample_kl(logits: torch.Tensor, dense_logprobs: torch.Tensor, mask: torch.Tensor,
+                  chunk: int | None = KL_CHUNK) -> torch.Tensor:
+    """``(B,)`` per-sample mean over the positions of ``mask`` of ``KL(p_dense || p) = sum_v p_d (log p_d - log p)``.
+
+    ``logits``: ``(B, T, V)`` of the candidate; ``dense_logprobs``: ``(B, >= T-1, V)`` log-softmax of the dense
+    model (:func:`dense_logprobs_of`); ``mask``: ``(B, T-1)`` bool (:func:`position_mask` for every real position,
+    :func:`losses.answer_mask` for the answer positions); position ``t`` compares the distributions of token
+    ``t+1``. Computed ``chunk`` positions at a time (None: all at once); differentiable in ``logits``.
+    Rows with an empty mask get 0."""
+    width = logits.shape[1] - 1
+    step = width if not chunk else int(chunk)
+    total = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for a in range(0, width, step):
+        b = min(a + step, width)
+        m = mask[:, a:b].to(logits.device)
+        if not bool(m.any()):
+            continue
+        logp = F.log_softmax(logits[:, a:b].float(), dim=-1)
+        logq = dense_logprobs[:, a:b].to(logits.device).float()
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+        total = total + (kl * m).sum(1)
+    return total / mask.to(logits.device).sum(1).clamp(min=1)
+
+
+def loss_mask(kind: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The positions a KL kind averages over: every real position (``kl``) or the answer positions
+    (``kl_answer``)."""
+    if kind == "kl_answer":
+        return answer_mask(batch["labels"])
+    return position_mask(batch["attention_mask"] if "attention_mask" in batch
+                         else torch.ones_like(batch["input_ids"]))
 
 
 def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -85,18 +129,23 @@ def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
 
 
 @torch.no_grad()
-def dense_logits_of(model: nn.Module, batch: Mapping[str, torch.Tensor], batch_size: int | None = None) -> torch.Tensor:
-    """``(n, T, V)`` fp32 logits (on the CPU) of the (dense) model on every row of the batch, computed in
-    chunks of ``batch_size`` rows exactly as :func:`per_sample_losses` chunks (so ``KL(dense || dense) = 0``).
-    Memory: ``n * T * V`` floats (about 5 GB for 64 LLaVA-1.5 samples of ~650 tokens, V = 32064)."""
+def dense_logprobs_of(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                      batch_size: int | None = None) -> torch.Tensor:
+    """``(n, T-1, V)`` fp32 log-softmax (on the CPU) of the (dense) model's next-token logits at positions
+    ``0..T-2`` of every row, computed in chunks of ``batch_size`` rows exactly as :func:`per_sample_losses`
+    chunks (so ``KL(dense || dense) = 0``). Memory: ``n * (T-1) * V`` floats (about 5 GB for 64 LLaVA-1.5
+    samples of ~650 tokens, V = 32064); positions past a row's padding are zeros, never read (masked)."""
     model.eval()
     n, width = batch["input_ids"].shape
     out = None
     for idx in _chunks(n, batch_size):
-        logits = model_logits(model, subset(batch, idx)).float()
+        logits = model_logits(model, subset(batch, idx))
         if out is None:
-            out = torch.zeros(n, width, logits.shape[-1])
-        out[idx[0]: idx[-1] + 1, : logits.shape[1]] = logits.cpu()
+            out = torch.zeros(n, max(width - 1, 0), logits.shape[-1])
+        w = logits.shape[1] - 1
+        for a in range(0, w, KL_CHUNK):
+            b = min(a + KL_CHUNK, w)
+            out[idx[0]: idx[-1] + 1, a:b] = F.log_softmax(logits[:, a:b].float(), dim=-1).cpu()
     return out
 
 
@@ -111,13 +160,14 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
                       batch_size: int | None = None) -> torch.Tensor:
     """``(n,)`` raw per-sample losses (see the module docstring) on rows ``idx`` of the batch (all if None).
 
-    ``kind="kl"`` needs ``dense_logits`` of the *whole* batch (:func:`dense_logits_of`), indexed by ``idx``.
+    The KL kinds need ``dense_logits``: the dense log-probabilities of the *whole* batch (:func:`dense_logprobs_of`),
+    indexed by ``idx``.
     Rows are run in chunks of ``batch_size`` (all at once when None).
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose from {', '.join(LOSS_KINDS)}")
-    if kind == "kl" and dense_logits is None:
-        raise ValueError("loss kind 'kl' needs the dense model's logits (dense_logits_of)")
+    if kind in KL_KINDS and dense_logits is None:
+        raise ValueError(f"loss kind {kind!r} needs the dense model's log-probabilities (dense_logprobs_of)")
     model.eval()
     rows = list(range(batch["input_ids"].shape[0])) if idx is None else [int(i) for i in idx]
     out = []
@@ -128,7 +178,7 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
         if kind == "ce":
             out.append(per_sample_ce(logits, part["labels"]))
         else:
-            out.append(per_sample_kl(logits, dense_logits[sel], part["labels"]))
+            out.append(per_sample_kl(logits, dense_logits[sel], loss_mask(kind, part), KL_CHUNK))
     return torch.cat(out).float().cpu()
 
 

@@ -5,8 +5,9 @@ only ``P``'s parameters take an AdamW step on the training part of the calibrati
 
     L(P; pi) = ce_weight * mean_i CE_i(P, pi) + kl_weight * mean_i KL(p_dense,i || p_{P,pi},i)
 
-(per-sample means over answer positions, :mod:`objective`). Early stopping: a held-out part of the
-calibration set (``holdout``, drawn with ``seed``) is scored, averaged over all k policies, before
+(per-sample means: CE over the answer positions, KL over every real position, :mod:`objective`). The rows
+are the ones the caller passes (the search passes its projector rows only, :mod:`evolve`). Early stopping:
+a held-out part of those rows (``holdout``, drawn with ``seed``) is scored, averaged over all k policies, before
 training and every ``eval_every`` steps; training stops after ``patience`` evaluations without
 improvement and the best projector is kept (the starting one if nothing helped). With
 ``holdout = 0`` every step runs and the last projector is kept. The knobs (``T = steps``, ``lr``, the loss
@@ -36,7 +37,7 @@ from ellava_lib.core.policy import Policy
 from ellava_lib.model.losses import per_sample_ce
 from ellava_lib.prune.leveldb import LevelDB
 from ellava_lib.search.config import ProjectorConfig
-from ellava_lib.search.objective import model_logits, per_sample_kl, subset
+from ellava_lib.search.objective import loss_mask, model_logits, per_sample_kl, subset
 
 
 def projector_module(model: nn.Module) -> nn.Module:
@@ -96,7 +97,9 @@ def split_holdout(n: int, holdout_frac: float, seed: int) -> tuple[list[int], li
 
 def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Sequence[int],
                    dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
-    """``ce_weight * mean CE + kl_weight * mean KL(dense || model)`` on rows ``idx`` (a differentiable scalar).
+    """``ce_weight * mean CE + kl_weight * mean KL(dense || model)`` on rows ``idx`` (a differentiable scalar;
+    CE over the answer positions, KL over every real position as the search's ``kl`` fitness; ``dense_logits``:
+    the dense log-probabilities of :func:`objective.dense_logprobs_of`).
     ``ce_weight = 0`` distils the dense model only: the projector cannot learn the calibration answers beyond
     what the dense model predicts."""
     if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight <= 0:
@@ -107,7 +110,7 @@ def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Seq
     if kl_weight > 0:
         if dense_logits is None:
             raise ValueError("kl_weight > 0 needs the dense model's logits")
-        loss = loss + kl_weight * per_sample_kl(logits, dense_logits[list(idx)], part["labels"]).mean()
+        loss = loss + kl_weight * per_sample_kl(logits, dense_logits[list(idx)], loss_mask("kl", part)).mean()
     return loss
 
 
@@ -123,12 +126,15 @@ def _holdout_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], hold: lis
 
 def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], policies: Sequence[Policy],
                      level_db: LevelDB, dense_logits: torch.Tensor | None, config: ProjectorConfig,
-                     seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+                     seed: int, rows: Sequence[int] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Fine-tune the projector for ``policies`` (see the module docstring); returns ``(state, log)``.
 
     ``config``: steps, learning rate, loss weights, held-out share, patience, evaluation interval and gradient
     clip (:class:`config.ProjectorConfig`; its ``every`` / ``topk`` are the search's schedule, unused here).
-    ``seed`` draws the held-out rows. The kept projector (best on the held-out rows) is loaded into ``model`` and
+    ``rows``: the batch rows the round may use (all when None; the search passes its projector rows, never the
+    rows candidates are scored on); ``seed`` draws the held-out (early-stopping) rows among them. The kept
+    projector (best on the held-out rows) is loaded into ``model`` and
     returned (relative keys); the model's units are left at whatever policy was assembled last. ``log`` has one
     row per step (``step, policy_id, train_loss, holdout_loss, seconds``; step 0 = the starting projector).
     """
@@ -137,7 +143,9 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
     if not isinstance(config, ProjectorConfig):
         raise TypeError(f"config must be a ProjectorConfig, got {type(config).__name__}")
     steps, kl_weight, ce_weight = config.steps, config.kl_weight, config.ce_weight
-    train, hold = split_holdout(int(batch["input_ids"].shape[0]), config.holdout, seed)
+    allowed = list(range(int(batch["input_ids"].shape[0]))) if rows is None else [int(r) for r in rows]
+    train, hold = split_holdout(len(allowed), config.holdout, seed)
+    train, hold = [allowed[i] for i in train], [allowed[i] for i in hold]
     proj = projector_module(model)
     own = {id(p) for p in proj.parameters()}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
