@@ -35,6 +35,7 @@ nbval: $(STAMP)
 
 # Regenerates the references after a deliberate change to the notebooks or to what they print.
 nbval-refs: $(STAMP)
+	rm -rf runs/nbval-refs
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ellava_lib.run.pipeline --root . --profile ci --runs runs/nbval-refs --nbval-refs
 
 clean-notebooks: $(STAMP)

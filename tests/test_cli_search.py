@@ -76,7 +76,7 @@ def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
     (["--calib", "1"], "at least 2"),
     (["--generations", "-1"], "generations >= 0"),
     (["--gap", "vc"], "invalid choice"),
-    (["--lam", "-1"], "need lam >= 0"),
+    (["--lam", "-1"], "need finite lam >= 0"),
     (["--init", "uniform,random"], "init must name distinct start policies"),
     (["--preset", "huge"], "unknown search preset 'huge'; choose from ci, default, paper"),
 ])

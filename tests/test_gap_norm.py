@@ -111,7 +111,8 @@ def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_
     hist = pd.read_csv(tmp_path / "history.csv")
     assert len(hist) >= 1 and (hist["g_hat"] > 0).all()
     frob = {u: lvl.frobenius_sq(u) for u in names}
-    want = gaps.gap("norm", sparsities=result.policy.sparsities, n=16, frob_sq=frob)
+    n_search = len(evolve.split_rows(16, cfg.select_frac, cfg.seed)[0])  # the gap's n: the rows the search fits on
+    want = gaps.gap("norm", sparsities=result.policy.sparsities, n=n_search, frob_sq=frob)
     assert result.score.g_hat == pytest.approx(want, rel=1e-12)
 
 

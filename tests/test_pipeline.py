@@ -88,7 +88,7 @@ def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path / "cache"))
     run = pipeline.run_pipeline("ci", runs_root=tmp_path / "runs",
                                 overrides={"train_preset": "micro", "eval_limit": 3, "n_show": 2, "sweep_eval_limit": 2,
-                                           "sparsities": [0.5], "sparsity": 0.5, "calib_n": 8, "calib_ns": [4, 8],
+                                           "sparsities": [0.5], "sparsity": 0.5, "calib_n": 8, "calib_ns": [8, 12],
                                            "table_methods": ["dense", "owl", "search", "ellava"], "gaps": ["none"],
                                            "interactive": False})
     assert run == tmp_path / "runs" / "ci"

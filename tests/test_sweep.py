@@ -49,18 +49,18 @@ def _profile_spec(params: dict) -> SweepSpec:
 #: job's result changed, so its rows must be recomputed); before that they were the digests from before the
 #: presets existed.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("31e3ae8c89c2", "4dbe0448f4d1"),
-           "search-0.60-s0-n32": ("18922d754f71", "ae72876bdbe8"),
-           "ellava-0.60-s0-n32-noproj": ("ee2914a2239c", "787e86f6c048"),
-           "ellava-0.60-s0-n32-gap_none": ("e3294db1a1cb", "ed057b98bc56")},
-    "default": {"ellava-0.60-s0-n64": ("edc238474b03", "02d413c7b361"),
-                "search-0.60-s0-n64": ("b3af1c292dd7", "ef6282963946"),
-                "ellava-0.60-s0-n64-noproj": ("6f826be8d4f4", "8d636aacc507"),
-                "ellava-0.60-s0-n64-gap_none": ("df6ff4f77feb", "b6e49bd8a678")},
-    "paper": {"ellava-0.60-s0-n64": ("9ec6d64e42b9", "9976819e7ece"),
-              "search-0.60-s0-n64": ("bdca9ed2f00f", "6c98a57ada07"),
-              "ellava-0.60-s0-n64-noproj": ("3c6b6bd5b3d2", "4d624389767e"),
-              "ellava-0.60-s0-n64-gap_none": ("9e25dbcca3be", "876094bd5329")},
+    "ci": {"ellava-0.60-s0-n32": ("31e3ae8c89c2", "7d303affc3c6"),
+           "search-0.60-s0-n32": ("18922d754f71", "bb6e70166048"),
+           "ellava-0.60-s0-n32-noproj": ("ee2914a2239c", "d381453f2eb8"),
+           "ellava-0.60-s0-n32-gap_none": ("e3294db1a1cb", "7723b3e9ad41")},
+    "default": {"ellava-0.60-s0-n64": ("edc238474b03", "dc606d7fc51b"),
+                "search-0.60-s0-n64": ("b3af1c292dd7", "1a6b1a921cbd"),
+                "ellava-0.60-s0-n64-noproj": ("6f826be8d4f4", "7ab3f6186989"),
+                "ellava-0.60-s0-n64-gap_none": ("df6ff4f77feb", "a7cf5f417a9d")},
+    "paper": {"ellava-0.60-s0-n64": ("9ec6d64e42b9", "99324b3d885c"),
+              "search-0.60-s0-n64": ("bdca9ed2f00f", "e4cc96655e2a"),
+              "ellava-0.60-s0-n64-noproj": ("3c6b6bd5b3d2", "65bf66eb9148"),
+              "ellava-0.60-s0-n64-gap_none": ("9e25dbcca3be", "39eb247f934c")},
 }
 
 

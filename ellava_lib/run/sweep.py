@@ -375,7 +375,8 @@ def _init_worker(threads: int) -> None:
 
 def spec_digest(spec: SweepSpec, job: Job) -> str:
     """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
-    searched methods the resolved search configuration, and the method's :data:`METHOD_REVISION`."""
+    searched methods the resolved search configuration, the method's :data:`METHOD_REVISION`, and the rows the
+    ``calib`` score is measured on."""
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     tier = spec.get_tier()
     if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
@@ -384,6 +385,8 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
         d["search"] = search_config(spec, job).to_dict()
     if job.method in METHOD_REVISION:
         d["revision"] = METHOD_REVISION[job.method]
+    # every row's ``calib`` is measured on the selection rows (:func:`calib_rows`), no longer on all of them
+    d["calib_rows"] = {"split": "selection", "select_frac": full_method_config(spec, job.sparsity).select_frac}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
