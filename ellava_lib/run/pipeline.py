@@ -149,15 +149,15 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
     return run_dir
 
 
-def write_nbval_references(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    """Copy a run's executed notebooks into ``out_dir`` as nbval reference notebooks (outputs kept on
-    purpose): the injected ``run_dir`` parameter is rewritten relative to ``out_dir`` (nbval starts the
-    kernel there), pointing at ``runs/nbval`` so replays never touch a real run."""
+def write_nbval_references(run_dir: Path, root: str | Path | None = None) -> list[Path]:
+    """Copy a run's executed notebooks into the project's ``tests/nbval`` (:func:`nbval_dir`) as nbval reference
+    notebooks (outputs kept on purpose): the injected ``run_dir`` parameter is rewritten relative to that folder
+    (nbval starts the kernel there), pointing at ``ROOT/runs/nbval`` so replays never touch a real run."""
     import nbformat
 
-    out_dir = Path(out_dir) if out_dir is not None else nbval_dir()
+    out_dir = nbval_dir(root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(out_dir.parent.parent / "runs" / "nbval", out_dir)
+    target = os.path.relpath(project_root(root) / "runs" / "nbval", out_dir)
     written = []
     for nb_path in sorted((Path(run_dir) / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(nb_path, as_version=4)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_dir = run_pipeline(args.profile, None if args.runs is None else Path(args.runs), root=args.root)
         if args.nbval_refs:
-            for path in write_nbval_references(run_dir, nbval_dir(args.root)):
+            for path in write_nbval_references(run_dir, args.root):
                 print(f"nbval reference: {path}")
     except ValueError as e:
         print(f"pipeline: error: {e}", file=sys.stderr)

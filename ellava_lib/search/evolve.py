@@ -469,15 +469,9 @@ def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int
 
 def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int, wall_s: float) -> SearchResult:
     cfg = run.cfg
-    seen = {m.policy.policy_id() for m in pop}
-    extra = [p for p in starts if p.policy_id() not in seen]
-    candidates = [m.policy for m in pop] + extra
-    n_starts = len(extra)
-    if n_starts < len(starts):  # a start still in the population is scored once, as a start
-        ids = {p.policy_id() for p in starts}
-        candidates = [p for p in candidates if p.policy_id() not in ids] + list(starts)
-        n_starts = len(starts)
-    idx, score, record = _select(run, candidates, n_starts, generations)
+    start_ids = {p.policy_id() for p in starts}  # a start still in the population is scored once, as a start
+    candidates = [m.policy for m in pop if m.policy.policy_id() not in start_ids] + list(starts)
+    idx, score, record = _select(run, candidates, len(starts), generations)
     best = candidates[idx]
     run.db.assemble(run.model, best, check=False)
     projector_path = None
