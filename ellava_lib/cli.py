@@ -160,6 +160,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "lam": "lam", "loss": "loss_kind", "budget": "budget",
                                 "generations": "generations", "population": "population", "offspring": "offspring",
                                 "screen": "screen_samples", "survivors": "survivors", "init": "init",
+                                "fine_step": "fine_step",
                                 "projector_every": "projector_every", "projector_steps": "projector_steps"}
 
 
@@ -187,7 +188,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ellava_lib.core.units import list_units
     from ellava_lib.data import calibration
     from ellava_lib.model import loading
-    from ellava_lib.prune.leveldb import LevelDB, build_level_db
+    from ellava_lib.prune.leveldb import LevelDB, build_level_db, covering_grid
     from ellava_lib.run.tier import (
         calibration_samples,
         encode_calibration,
@@ -224,7 +225,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     files.ensure_dir(out)
     cfg.to_json(out / "search_config.json")
     db_dir = Path(args.db) if args.db else out / "leveldb"
-    build_level_db(model, batch, db_dir, grid, "sparsegpt", units=list(units), progress=not args.quiet,
+    build_level_db(model, batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt", units=list(units),
+                   progress=not args.quiet,
                    calib_info={"ids": [s.id for s in samples], "seed": args.seed}, device=args.device)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
     result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet,
@@ -365,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offspring", type=_positive_int, default=None, help="children per generation")
     s.add_argument("--screen", type=int, default=None, help="screening samples of multi-step selection (0 = off)")
     s.add_argument("--survivors", type=_positive_int, default=None, help="children scored on all samples")
+    s.add_argument("--fine-step", type=float, default=None,
+                   help="step of the finer levels within 0.15 of the target (default 0.05; 0 = the 0.1 grid only)")
     s.add_argument("--init", default=None,
                    help="start policies of the search, comma-separated, from uniform, owl, ecoflap")
     s.add_argument("--no-projector", action="store_true", help="no projector evolution (projector_every 0)")

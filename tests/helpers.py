@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+from ellava_lib.core.policy import search_grid
 from ellava_lib.data import calibration
 from ellava_lib.model.specs import load_model
 from ellava_lib.prune import leveldb
@@ -35,9 +36,10 @@ def exit_code(fn) -> int:
 
 def build_micro_level_db(model_dir, tmp_path_factory, n_calib: int):
     """Load the model in ``model_dir``, encode ``n_calib`` calibration samples (seed 0) with its processor and
-    build a level database of it in a fresh temporary folder. Returns ``(model, batch, folder)``."""
+    build a level database of it in a fresh temporary folder, holding the search grids of targets 0.5 and 0.6
+    (:func:`policy.search_grid`). Returns ``(model, batch, folder)``."""
     model, proc = load_model(model_dir)
     batch = calibration.encode_calibration(calibration.draw_calibration(n_calib, 0), proc)
     out = tmp_path_factory.mktemp("db")
-    leveldb.build_level_db(model, batch, out, progress=False)
+    leveldb.build_level_db(model, batch, out, search_grid([0.5, 0.6]), progress=False)
     return model, batch, out

@@ -78,6 +78,7 @@ def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
     (["--gap", "vc"], "invalid choice"),
     (["--lam", "-1"], "need finite lam >= 0"),
     (["--init", "uniform,random"], "init must name distinct start policies"),
+    (["--fine-step", "-0.05"], "fine_step must lie in [0, 0.5)"),
     (["--preset", "huge"], "unknown search preset 'huge'; choose from ci, default, paper"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(micro_model_dir, tmp_path, capsys, args, needle):
@@ -120,12 +121,13 @@ def test_search_flags_replace_single_fields_of_the_preset():
         "search", "--sparsity", "0.6", "--out", "x", "--preset", "ci", "--seed", "3", "--gap", "capacity",
         "--lam", "0.5", "--loss", "ce", "--budget", "flops", "--generations", "5", "--population", "6",
         "--offspring", "7", "--screen", "0", "--survivors", "3", "--init", "uniform, owl", "--projector-every", "2",
-        "--projector-steps", "9"])
+        "--projector-steps", "9", "--fine-step", "0"])
     cfg = cli.search_config(args, extra={"calib": 8})
     assert cfg == SearchConfig.from_preset("ci", target=0.6, seed=3, gap="capacity", lam=0.5, loss_kind="ce",
                                            budget="flops", generations=5, population=6, offspring=7,
                                            screen_samples=0, survivors=3, init=("uniform", "owl"), projector_every=2,
-                                           projector_steps=9, extra={"calib": 8})
+                                           projector_steps=9, fine_step=0.0, extra={"calib": 8})
+    assert cfg.levels == cfg.grid
     off = cli.search_config(cli.build_parser().parse_args(["search", "--sparsity", "0.6", "--out", "x",
                                                            "--preset", "paper", "--no-projector"]))
     assert off == SearchConfig.from_preset("paper", target=0.6, projector_every=0)

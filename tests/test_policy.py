@@ -103,3 +103,36 @@ def test_policy_id():
     assert Policy({"a": 0.2, "b": 0.1}).policy_id() != pid
     assert Policy({"a": 0.1, "c": 0.2}).policy_id() != pid
     assert Policy.uniform(UNITS, 0.0).policy_id() != Policy.uniform(UNITS, 0.1).policy_id()
+
+
+def test_search_grid_adds_half_steps_around_each_target():
+    from ellava_lib.core.policy import search_grid
+
+    assert search_grid([0.6]) == (0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
+    assert search_grid([0.6], step=0) == DEFAULT_GRID
+    # two targets: the union; levels past the base range are dropped (0.95 at target 0.8)
+    assert search_grid([0.5, 0.8]) == (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
+                                       0.85, 0.9)
+    # an off-grid target becomes a level itself; nothing is duplicated within the tolerance
+    levels = search_grid([0.63], span=0.05)
+    assert 0.63 in levels and 0.58 in levels and 0.68 in levels and len(levels) == len(set(levels)) == 13
+
+
+def test_search_config_levels_follow_its_own_target():
+    import dataclasses
+
+    from ellava_lib.search.config import SearchConfig
+
+    cfg = SearchConfig(target=0.6)
+    assert cfg.grid == DEFAULT_GRID and cfg.levels == (0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
+                                                        0.8, 0.9)
+    moved = dataclasses.replace(cfg, target=0.7)  # no 0.45 left over from the 0.6 levels
+    assert 0.45 not in moved.levels and 0.85 in moved.levels
+    assert SearchConfig(fine_step=0).levels == DEFAULT_GRID
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg
+    # a config saved before fine levels existed reads back without them (its searches used the 0.1 grid)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "fine_step"}
+    assert SearchConfig.from_dict(old).levels == DEFAULT_GRID
+    for bad in (-0.05, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="fine_step"):
+            SearchConfig(fine_step=bad)

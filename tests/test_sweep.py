@@ -44,24 +44,24 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for issue 17 (full-position
-#: KL, held-out selection rows, EvoPress-style stages, the revised gap estimators and the lambda grid: a searched
-#: job's result changed, so its rows must be recomputed); before that they were the digests from before the
-#: presets existed.
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for issue 17's finer levels
+#: around the target (``fine_step`` 0.05: a searched job's result changed, so its rows must be recomputed); before
+#: that for the full-position KL, held-out selection rows, EvoPress-style stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("31e3ae8c89c2", "7d303affc3c6"),
-           "search-0.60-s0-n32": ("18922d754f71", "bb6e70166048"),
-           "ellava-0.60-s0-n32-noproj": ("ee2914a2239c", "d381453f2eb8"),
-           "ellava-0.60-s0-n32-gap_none": ("e3294db1a1cb", "7723b3e9ad41")},
-    "default": {"ellava-0.60-s0-n64": ("edc238474b03", "dc606d7fc51b"),
-                "search-0.60-s0-n64": ("b3af1c292dd7", "1a6b1a921cbd"),
-                "ellava-0.60-s0-n64-noproj": ("6f826be8d4f4", "7ab3f6186989"),
-                "ellava-0.60-s0-n64-gap_none": ("df6ff4f77feb", "a7cf5f417a9d")},
-    "paper": {"ellava-0.60-s0-n64": ("9ec6d64e42b9", "99324b3d885c"),
-              "search-0.60-s0-n64": ("bdca9ed2f00f", "e4cc96655e2a"),
-              "ellava-0.60-s0-n64-noproj": ("3c6b6bd5b3d2", "65bf66eb9148"),
-              "ellava-0.60-s0-n64-gap_none": ("9e25dbcca3be", "39eb247f934c")},
+    "ci": {"ellava-0.60-s0-n32": ("6391e3c52002", "42f84bfe7097"),
+           "search-0.60-s0-n32": ("e3e189aeb287", "02f83d8f9561"),
+           "ellava-0.60-s0-n32-noproj": ("5157eb83fb5e", "97949d376e68"),
+           "ellava-0.60-s0-n32-gap_none": ("248a782c2584", "dd7b104bfc66")},
+    "default": {"ellava-0.60-s0-n64": ("ebc5210ceb09", "d7c87e4cddc8"),
+                "search-0.60-s0-n64": ("a35e33849aec", "d1b3db9d8d91"),
+                "ellava-0.60-s0-n64-noproj": ("eaf5d4a8e6aa", "a578e2d21418"),
+                "ellava-0.60-s0-n64-gap_none": ("df5779ba7f5a", "65362861a577")},
+    "paper": {"ellava-0.60-s0-n64": ("90bbc5ee4b53", "de49b61803e0"),
+              "search-0.60-s0-n64": ("8b598f91529a", "655cae9e30e2"),
+              "ellava-0.60-s0-n64-noproj": ("64c30739743a", "aa0d4e4d5e94"),
+              "ellava-0.60-s0-n64-gap_none": ("bc69db30f268", "a2452a77fdf7")},
 }
+
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILE_DIGESTS))
@@ -214,3 +214,19 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
     assert calls == [0, 0] and json.loads(cache.read_text())["key"] == stored["key"]
     with pytest.raises(ValueError, match="importance misses units"):
         allocate.ecoflap_policy(model, batch, 0.6, importance={"nope": 1.0})
+
+
+def test_level_databases_hold_the_levels_of_every_search_on_them(tmp_path):
+    spec = SweepSpec("m", search=SEARCH)
+    jobs = [Job("wanda", 0.5), Job("search", 0.5), Job("ellava", 0.7)]
+    grid = sweep.level_grid(spec, jobs)
+    assert set(grid) == set(sweep.search_config(spec, jobs[1]).levels) | set(sweep.search_config(spec, jobs[2]).levels)
+    assert 0.35 in grid and 0.85 in grid and sweep.level_grid(spec, jobs[:1]) == sweep.DEFAULT_GRID
+    db = tmp_path / "db"
+    assert sweep.db_build_grid(db, grid) == grid  # nothing there yet
+    db.mkdir()
+    (db / "config.json").write_text(json.dumps({"grid": list(grid)}))
+    (db / "lm.0.attn.safetensors").write_text("kept")
+    assert sweep.db_build_grid(db, sweep.DEFAULT_GRID) == grid and (db / "lm.0.attn.safetensors").exists()
+    # a database without some wanted levels is the sweep's cache: removed, rebuilt with the union
+    assert sweep.db_build_grid(db, (0.0, 0.25, 0.9)) == tuple(sorted({*grid, 0.25})) and not db.exists()

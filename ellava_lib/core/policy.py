@@ -7,7 +7,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,37 @@ DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
 #: Tolerance for "sparsity is on the grid".
 GRID_TOL: float = 1e-9
 
+#: The finer step of the levels around a search's target (:func:`search_grid`), and how far from it they reach.
+FINE_STEP: float = 0.05
+FINE_SPAN: float = 0.15
+
 _KEYS = ("sparsities", "grid", "meta")
 
 
 def on_grid(sparsity: float, grid: tuple[float, ...]) -> bool:
     """Whether ``sparsity`` is a level of ``grid``: ``|sparsity - g| <= GRID_TOL`` for some ``g``."""
     return any(abs(sparsity - g) <= GRID_TOL for g in grid)
+
+
+def search_grid(targets: Sequence[float], step: float = FINE_STEP, span: float = FINE_SPAN,
+                base: Sequence[float] = DEFAULT_GRID) -> tuple[float, ...]:
+    """The levels a search at ``targets`` uses: ``base`` plus, for every target ``t``, the finer levels
+    ``t + k * step`` for the integers ``|k| <= span / step``, kept inside ``[min(base), max(base)]``.
+
+    So at ``t = 0.6`` with the 0.1 grid, step 0.05 and span 0.15 the levels are ``0.0, 0.1, ..., 0.4, 0.45, 0.5,
+    0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9``: half-steps where the search moves most (a move of one level
+    near the target is 0.05 instead of 0.1), the coarse grid elsewhere. ``step <= 0``: ``base`` alone.
+    Levels are rounded to 6 decimals (0.45, not 0.45000000000000007)."""
+    levels = {round(float(g), 6) for g in base}
+    if step > 0:
+        lo, hi = min(levels), max(levels)
+        k_max = int(math.floor(span / step + 1e-9))
+        for t in targets:
+            for k in range(-k_max, k_max + 1):
+                level = round(float(t) + k * step, 6)
+                if lo - GRID_TOL <= level <= hi + GRID_TOL and not on_grid(level, tuple(levels)):
+                    levels.add(level)
+    return tuple(sorted(levels))
 
 
 @dataclass

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ellava_lib.core import files
-from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy
+from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy, on_grid
 from ellava_lib.core.units import list_units, names_vision, unit_linears
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.prune.masks import wanda_mask
@@ -95,6 +95,19 @@ def _prune_levels(lin: nn.Linear, stat: Any, grid: Sequence[float], method: str,
         out[level] = lin.weight.detach().cpu().clone().contiguous()
     lin.weight.copy_(dense)
     return out
+
+
+def covering_grid(out_dir: str | os.PathLike[str], grid: Sequence[float]) -> tuple[float, ...]:
+    """The grid to build (or resume) ``out_dir`` with so it holds every level of ``grid``: the database's own
+    when one there already covers ``grid``, else ``grid`` (a database there without some of those levels then
+    fails :func:`build_level_db`'s config check, naming the grids)."""
+    want = tuple(sorted({float(g) for g in grid}))
+    config = Path(out_dir) / "config.json"
+    if config.is_file():
+        have = tuple(float(g) for g in json.loads(config.read_text()).get("grid", ()))
+        if all(on_grid(g, have) for g in want):
+            return have
+    return want
 
 
 @torch.no_grad()

@@ -241,12 +241,42 @@ def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int):
     return model, processor, samples, batch
 
 
-def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False) -> None:
-    """Build (or resume) the level database of one (seed, calib_n)."""
+def level_grid(spec: SweepSpec, jobs: Sequence[Job]) -> tuple[float, ...]:
+    """The levels a level database must hold for ``jobs``: the union of their searches' grids
+    (:func:`policy.search_grid` around each target); the 0.1 grid when none of them searches."""
+    levels = set(DEFAULT_GRID)
+    for job in jobs:
+        if job.method in SEARCH_METHODS:
+            levels |= set(search_config(spec, job).levels)
+    return tuple(sorted(levels))
+
+
+def db_build_grid(db_dir: Path, grid: Sequence[float]) -> tuple[float, ...]:
+    """The grid to build ``db_dir`` with so it holds ``grid`` (:func:`leveldb.covering_grid`); a database there
+    that lacks some of those levels is removed and rebuilt with the union of both (a sweep's databases are its
+    cache)."""
+    from ellava_lib.prune.leveldb import covering_grid
+
+    want = covering_grid(db_dir, grid)
+    config = Path(db_dir) / "config.json"
+    if not config.is_file():
+        return want
+    have = tuple(float(g) for g in json.loads(config.read_text()).get("grid", ()))
+    if want == have:
+        return have
+    shutil.rmtree(db_dir)
+    return tuple(sorted(set(have) | set(want)))
+
+
+def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False,
+                     grid: Sequence[float] = DEFAULT_GRID) -> None:
+    """Build (or resume) the level database of one (seed, calib_n), holding at least the levels of ``grid``
+    (:func:`level_grid`, :func:`db_build_grid`)."""
     from ellava_lib.prune.leveldb import build_level_db
 
+    db_dir = level_db_dir(out_dir, seed, calib_n)
     model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
-    build_level_db(model, batch, level_db_dir(out_dir, seed, calib_n), DEFAULT_GRID, "sparsegpt",
+    build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid), "sparsegpt",
                    progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
 
 
@@ -298,7 +328,8 @@ def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[
     importances, one per (seed, calib_n)."""
     tasks: list[tuple[Callable, tuple]] = []
     for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS}):
-        tasks.append((prepare_level_db, (spec, seed, n, out_dir)))
+        grid = level_grid(spec, [j for j in jobs if (j.seed, j.calib_n) == (seed, n)])
+        tasks.append((prepare_level_db, (spec, seed, n, out_dir, False, grid)))
     for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)}):
         tasks.append((ecoflap_importance, (spec, seed, n, out_dir)))
     return tasks

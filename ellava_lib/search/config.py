@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ellava_lib.core import files
-from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL
+from ellava_lib.core.policy import DEFAULT_GRID, FINE_STEP, GRID_TOL, search_grid
 from ellava_lib.prune.allocate import (
     ecoflap_cap,
 )
@@ -45,7 +46,8 @@ PROJECTOR_PREFIX = "projector_"
 #: Serialised fields added after search folders existed, with the value every search had before: left out of
 #: ``to_dict`` (and the digest) at that value, so older folders still resume and older sweep rows stay valid, and
 #: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
-_LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0}
+_LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
+                                  "fine_step": 0.0}
 
 
 def _check_preset(name: str) -> str:
@@ -145,7 +147,9 @@ class SearchConfig:
     Objective ``J = R_hat + lam * G_hat`` (:mod:`objective`):
 
     * ``target``: mean sparsity of the policy under the ``budget`` weights (each job sets its own).
-    * ``grid``: the sparsity levels a unit can take (those of the level database).
+    * ``grid``: the base sparsity levels; ``fine_step``: levels this far apart added within ``policy.FINE_SPAN``
+      of the target (0 = none). A unit takes the levels of :attr:`levels` (:func:`policy.search_grid`; all must be
+      in the level database): the default 0.05 adds 0.45, 0.55, 0.65, 0.75 to the 0.1 grid at target 0.6.
     * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``norm``, ``capacity``,
       ``bernstein``); ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
     * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) over every real
@@ -177,6 +181,7 @@ class SearchConfig:
 
     target: float = 0.6
     grid: tuple[float, ...] = DEFAULT_GRID
+    fine_step: float = FINE_STEP
     gap: str = "bernstein"
     lam: float = 1.0
     delta: float = 0.05
@@ -214,6 +219,8 @@ class SearchConfig:
              f"grid levels must be >= 2 values in [0, 1), got {self.grid}"),
             (self.grid[0] - GRID_TOL <= self.target <= self.grid[-1] + GRID_TOL,
              f"target sparsity {self.target} is outside the grid range [{self.grid[0]}, {self.grid[-1]}]"),
+            (math.isfinite(self.fine_step) and 0 <= self.fine_step < 0.5,
+             f"fine_step must lie in [0, 0.5), got {self.fine_step}"),
             (self.gap in gaps.GAP_ESTIMATORS, f"gap must be one of {sorted(gaps.GAP_ESTIMATORS)}, got {self.gap!r}"),
             (0 <= self.lam < float("inf") and 0 < self.delta < 1,
              f"need finite lam >= 0 and 0 < delta < 1, got {self.lam}, {self.delta}"),
@@ -238,6 +245,12 @@ class SearchConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """The levels a unit takes in this search: ``grid`` plus the ``fine_step`` levels around ``target``
+        (:func:`policy.search_grid`)."""
+        return search_grid([self.target], self.fine_step, base=self.grid)
 
     # ------------------------------------------------------------------------------------------ presets
 

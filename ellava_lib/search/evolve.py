@@ -170,17 +170,17 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
             raw = {u: cfg.target for u in weights}
         elif name == "owl":
             raw = owl_allocation(outlier_ratios(model, dict(batch), include_vision=vision), weights, cfg.target,
-                                 lam=OWL_LAMBDA, grid=cfg.grid)
+                                 lam=OWL_LAMBDA, grid=cfg.levels)
         else:
             scores = importance or zeroth_order_importance(model, dict(batch), seed=cfg.seed, include_vision=vision)
-            raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.grid)
-        policy = snap_to_budget(Policy(round_to_grid(raw, weights, cfg.target, cfg.grid), cfg.grid,
+            raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.levels)
+        policy = snap_to_budget(Policy(round_to_grid(raw, weights, cfg.target, cfg.levels), cfg.levels,
                                        {"target": cfg.target}), weights, cfg.target)
         if policy is not None and policy.policy_id() not in {p.policy_id() for p in out}:
             out.append(policy)
     if not out:
         raise ValueError(f"no start policy of {list(cfg.init)} reaches the budget {cfg.target} within "
-                         f"{BUDGET_TOL} on the grid {cfg.grid}")
+                         f"{BUDGET_TOL} on the grid {cfg.levels}")
     return out
 
 
@@ -359,7 +359,7 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
     missing = [u for u in units if u not in db.units]
     if missing:
         raise ValueError(f"units {missing} are not in the level database {db.path}")
-    off = [g for g in cfg.grid if not on_grid(g, db.grid)]
+    off = [g for g in cfg.levels if not on_grid(g, db.grid)]
     if off:
         raise ValueError(f"grid levels {off} are not in the level database {db.path} (grid {db.grid})")
     if cfg.gap == "bernstein" and n < 2:
@@ -403,13 +403,13 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     cfg.to_json(out / "search_config.json")
     if resume:
         state = ckpt.read_checkpoint(out)
-        starts = [Policy(sp, cfg.grid, {"target": cfg.target}) for sp in state["starts"]]
+        starts = [Policy(sp, cfg.levels, {"target": cfg.target}) for sp in state["starts"]]
         ckpt.truncate_history(out / ckpt.HISTORY, state["history_rows"])
         run.rows, run.projector, start = state["history_rows"], state["projector"], state["generation"]
         run.timing.update({k: v for k, v in state["timing"].items() if k != "dense"})
         rng = ckpt.rng_from_state(state["rng"])
         run.starts = starts
-        pop = [Member(Policy(m["sparsities"], cfg.grid, {"target": cfg.target}), Score.from_dict(m["score"]))
+        pop = [Member(Policy(m["sparsities"], cfg.levels, {"target": cfg.target}), Score.from_dict(m["score"]))
                for m in state["population"]]
         if run.projector:
             set_projector_state(model, load_projector(out / run.projector["file"])[0])
@@ -478,7 +478,7 @@ def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int
     if run.projector:
         state, config = load_projector(run.out / run.projector["file"])
         projector_path = save_projector(run.out / "projector.safetensors", state, projector_prefix(run.model), config)
-    policy = Policy(best.sparsities, cfg.grid, {
+    policy = Policy(best.sparsities, cfg.levels, {
         "method": "ellava-search", "target": cfg.target, "budget": cfg.budget,
         "mean_sparsity": weighted_mean(best.sparsities, run.weights), "score": score.to_dict(),
         "gap": cfg.gap, "lam": record["lam"] if record["lam"] is not None else cfg.lam,
