@@ -230,3 +230,22 @@ def test_level_databases_hold_the_levels_of_every_search_on_them(tmp_path):
     assert sweep.db_build_grid(db, sweep.DEFAULT_GRID) == grid and (db / "lm.0.attn.safetensors").exists()
     # a database without some wanted levels is the sweep's cache: removed, rebuilt with the union
     assert sweep.db_build_grid(db, (0.0, 0.25, 0.9)) == tuple(sorted({*grid, 0.25})) and not db.exists()
+
+
+def test_search_against_its_best_start_and_the_gap_check_by_hand():
+    rows = []
+    for seed, (s, o, e, srch, ell) in enumerate([(60, 61, 62, 61.5, 63), (61, 60, 63, 62.0, 64), (59, 62, 64, 63.5, 65)]):
+        for method, mean, calib in (("sparsegpt", s, s + 1), ("owl", o, o - 1), ("ecoflap", e, e), ("search", srch, 0),
+                                    ("ellava", ell, ell + 2.5), ("dense", 70, 70)):
+            rows.append({"method": method, "sparsity": 0.0 if method == "dense" else 0.6, "seed": seed,
+                         "mean": float(mean), "calib_mean": float(calib), "gap_calib_test": float(calib - mean)})
+    res = pd.DataFrame(rows)
+    starts = tables.search_vs_starts(res)
+    assert len(starts) == 1 and starts.loc[0, "best_start"] == "ECoFLaP"  # mean 63 beats 60 and 61
+    d = np.array([61.5 - 62, 62.0 - 63, 63.5 - 64])
+    assert starts.loc[0, "mean_diff"] == pytest.approx(d.mean())
+    assert starts.loc[0, "se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert not starts.loc[0, "holds"]  # -0.667 below, se 0.167
+    gap = tables.gap_vs_baselines(res)  # ours +2.5; baselines' mean gaps: +1, -1, 0
+    assert (gap.loc[0, "gap"], gap.loc[0, "baselines_min"], gap.loc[0, "baselines_max"]) == (2.5, -1.0, 1.0)
+    assert gap.loc[0, "holds"] and not tables.gap_vs_baselines(res, tolerance=1.0).loc[0, "holds"]

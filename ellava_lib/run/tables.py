@@ -109,3 +109,46 @@ def paired_margins(results: pd.DataFrame, method: str = "ellava", baselines: Seq
                         "mean_diff": float(d.mean()), "se": se,
                         "share_of_dense_%": 100 * float(ours.mean()) / dense_mean})
     return pd.DataFrame(out)
+
+
+#: The baselines whose allocations start the search (uniform SparseGPT, OWL, ECoFLaP: ``SearchConfig.init``).
+START_BASELINES: tuple[str, ...] = ("sparsegpt", "owl", "ecoflap")
+
+#: Baselines whose calib - test gap EfficientLLaVA's is compared with (the methods that select nothing on calib).
+GAP_BASELINES: tuple[str, ...] = ("sparsegpt", "wanda", "owl", "ecoflap")
+
+
+def search_vs_starts(results: pd.DataFrame, method: str = "search",
+                     starts: Sequence[str] = START_BASELINES) -> pd.DataFrame:
+    """Per sparsity: ``method`` against the best of its start baselines (the one with the highest mean test
+    score over seeds), paired over seeds (:func:`paired_margins`): ``mean_diff ± se``, and ``holds`` =
+    ``mean_diff >= -se`` (never below the best start by more than the paired standard error)."""
+    margins = paired_margins(results, method, starts)
+    out = []
+    for s, part in margins.groupby("sparsity", sort=False):
+        best = part.loc[part["baseline_score"].idxmax()]
+        out.append({"sparsity": s, "method": LABELS.get(method, method), "best_start": best["baseline"],
+                    "k": int(best["k"]), "ours": best["ours"], "best_start_score": best["baseline_score"],
+                    "mean_diff": best["mean_diff"], "se": best["se"],
+                    "holds": bool(best["mean_diff"] >= -best["se"]) if np.isfinite(best["se"])
+                    else bool(best["mean_diff"] >= 0)})
+    return pd.DataFrame(out)
+
+
+def gap_vs_baselines(results: pd.DataFrame, method: str = "ellava", baselines: Sequence[str] = GAP_BASELINES,
+                     column: str = "gap_calib_test", tolerance: float = 2.0) -> pd.DataFrame:
+    """Per sparsity: ``method``'s mean calib - test gap over seeds next to the range ``[lo, hi]`` of the
+    baselines' mean gaps; ``holds`` = ``lo - tolerance <= gap <= hi + tolerance`` (within ``tolerance`` points
+    of the baselines' gaps)."""
+    rows_in = plain_rows(results) if {"gap", "projector", "exact"} <= set(results.columns) else results
+    out = []
+    for s, part in rows_in[rows_in["sparsity"] > 0].groupby("sparsity"):
+        ours = part.loc[part["method"] == method, column]
+        theirs = part[part["method"].isin(baselines)].groupby("method")[column].mean()
+        if ours.empty or theirs.empty:
+            continue
+        gap, lo, hi = float(ours.mean()), float(theirs.min()), float(theirs.max())
+        out.append({"sparsity": f"{s:.0%}", "method": LABELS.get(method, method), "gap": gap,
+                    "baselines_min": lo, "baselines_max": hi,
+                    "holds": bool(lo - tolerance <= gap <= hi + tolerance)})
+    return pd.DataFrame(out)
