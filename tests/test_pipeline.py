@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -125,3 +126,13 @@ def test_a_parameter_of_the_wrong_type_is_named_before_anything_runs(tmp_path):
     # ints are fine where a float is declared
     params = pipeline.notebook_parameters(pipeline.notebooks_dir() / "04_search.ipynb", {"sparsity": 1}, tmp_path)
     assert params["sparsity"] == 1
+
+
+def test_timing_report_lists_each_notebook_the_total_and_the_recorded_build(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"train_seconds": 536.4}))
+    body = pipeline.timing_report({"01_tiny_model": 12.4, "05_main_table": 300.2}, tmp_path, threads=1)
+    lines = body.splitlines()
+    assert lines[2:5] == ["| 01_tiny_model | 12 |", "| 05_main_table | 300 |", "| total | 313 |"]
+    assert "recorded when it was built: 536 s" in body and "1 torch thread(s)" in body
+    assert f"{os.cpu_count()} logical CPUs" in pipeline.machine_line()
+    assert "recorded" not in pipeline.timing_report({"a": 1.0}, tmp_path / "nowhere")

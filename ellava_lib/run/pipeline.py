@@ -13,12 +13,18 @@ Notebooks execute with that folder as their working directory.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
+
+from ellava_lib.core import files
+from ellava_lib.run import report
 
 # Profile keys the pipeline itself consumes (not notebook parameters).
 PIPELINE_KEYS = ("torch_threads",)
@@ -139,14 +145,51 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
     notebooks = notebooks or sorted(notebooks_dir(root).glob("[0-9][0-9]_*.ipynb"))
     per_notebook = {nb: notebook_parameters(nb, params, run_dir) for nb in notebooks}  # type errors before any run
     t0 = time.time()
+    seconds: dict[str, float] = {}
     for nb in notebooks:
         t = time.time()
         print(f"[{profile}] {nb.name} ...", flush=True)
         pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=per_notebook[nb],
                             kernel_name=kernel, cwd=str(root), progress_bar=False, log_output=False)
-        print(f"[{profile}] {nb.name} done in {time.time() - t:.0f} s", flush=True)
+        seconds[nb.stem] = time.time() - t
+        print(f"[{profile}] {nb.name} done in {seconds[nb.stem]:.0f} s", flush=True)
     print(f"[{profile}] pipeline finished in {time.time() - t0:.0f} s; outputs in {run_dir}", flush=True)
+    body = timing_report(seconds, run_dir, threads)
+    files.write_text(run_dir / "tables" / "pipeline_timing.md", body + "\n")
+    if params.get("update_readme") and (root / "README.md").is_file():
+        report.update_readme(root / "README.md", "timing", body)
     return run_dir
+
+
+def machine_line(threads: int | None = None) -> str:
+    """``<CPU model>, <n> logical CPUs[, torch threads per kernel]`` (from ``/proc/cpuinfo`` where present)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    extra = f", {threads} torch thread(s) per notebook kernel" if threads else ""
+    return f"{model}, {os.cpu_count()} logical CPUs{extra}"
+
+
+def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None = None) -> str:
+    """A Markdown table of each notebook's wall time in this run and their total, with the machine, and the
+    model build's own wall time as recorded when the cached model was built (``model.json``:
+    ``train_seconds``; the first notebook includes it only on a cold cache)."""
+    from ellava_lib.run.runs import markdown_table
+
+    frame = pd.DataFrame([{"notebook": k, "seconds": round(v)} for k, v in seconds.items()]
+                         + [{"notebook": "total", "seconds": round(sum(seconds.values()))}])
+    record = Path(run_dir) / "model.json"
+    built = json.loads(record.read_text()).get("train_seconds") if record.is_file() else None
+    note = f"*Wall time of this run on {machine_line(threads)}."
+    if built is not None:
+        note += f" The model build, as recorded when it was built: {float(built):.0f} s.*"
+    else:
+        note += "*"
+    return markdown_table(frame, ".0f") + "\n\n" + note
 
 
 def write_nbval_references(run_dir: Path, root: str | Path | None = None) -> list[Path]:
