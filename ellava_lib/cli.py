@@ -326,8 +326,7 @@ def sweep_jobs(spec, params: dict, what: str) -> list:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run notebook 05's and / or 06's sweep jobs into ``--out``/sweep (the run folder the notebooks share)."""
-    from ellava_lib.run import backends, pipeline, runs, sweep
-    from ellava_lib.run.tier import Tier, check_device, model_record
+    from ellava_lib.run import backends, pipeline
 
     params = sweep_params(args)
     _check_sweep_params(params)
@@ -336,6 +335,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.backend == "ray":
         backends.import_ray()  # not installed: a one-line error before any work
     pipeline.preflight(params)  # tier keys and device, search preset and overrides
+    ray = None
+    if args.backend == "ray" and backends.connect_ray(args.address, params["workers"]):  # before any work
+        ray = backends.import_ray()
+    try:
+        return _sweep(args, params)
+    finally:
+        if ray is not None:
+            ray.shutdown()
+
+
+def _sweep(args: argparse.Namespace, params: dict) -> int:
+    """``cmd_sweep`` once its input is checked: the model record, the spec, the jobs, the sweep."""
+    from ellava_lib.run import backends, runs, sweep
+    from ellava_lib.run.tier import Tier, check_device, model_record
+
     run = runs.Run(Path(args.out))  # created (and checked writable) here
     if run.path("model.json").is_file():
         model_info = run.read_json("model.json")

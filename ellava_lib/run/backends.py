@@ -253,15 +253,21 @@ def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
 
 
-def _connect(ray, address: str | None, workers: int) -> bool:
-    """Connect to the cluster at ``address``, or start a local Ray (``workers`` CPUs; on a CUDA tier its GPUs
-    too), unless this process is connected already. True when this call connected (then it disconnects)."""
+def connect_ray(address: str | None, workers: int) -> bool:
+    """Connect to the Ray cluster at ``address`` (``auto``: the one this node belongs to), or start a local Ray
+    of ``workers`` CPUs (and this machine's GPUs), unless this process is connected already. True when this
+    call connected: the caller then disconnects (``ray.shutdown()``). A ``ValueError`` (one line) when it cannot."""
+    ray = import_ray()
     if ray.is_initialized():
         return False
-    if address is not None:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        if address is not None:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address!r}" if address is not None else "a local Ray"
+        raise ValueError(f"cannot start or join {where}: {one_line(e)}") from None
     return True
 
 
@@ -276,7 +282,7 @@ def run_ray(shared: Sequence[Task], jobs: Sequence[Task], done: Done, failed: Fa
     token = uuid.uuid4().hex
     probe = Path(shared_dir) / PROBE.format(token=token)
     files.write_text(probe, token)  # also: the driver can write the run folder
-    started = _connect(ray, address, workers)
+    started = connect_ray(address, workers)
     try:
         options: dict[str, Any] = {**task_resources(device), "max_retries": retries,
                                    "retry_exceptions": True}
