@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -81,7 +82,7 @@ def test_resources_and_the_missing_ray_message(monkeypatch):
     assert backends.task_resources("cuda") == {"num_cpus": 1, "num_gpus": 1}
     assert backends.task_resources("cuda:1")["num_gpus"] == 1
     assert backends.task_resources("cpu") == {"num_cpus": 1}
-    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(ValueError, match=r'needs Ray: pip install "ellava\[ray\]"'):
         backends.import_ray()
     failure = Failure("j", "E: x", "tb")
@@ -131,9 +132,22 @@ def test_unknown_backend_and_negative_retries(tmp_path):
 # ------------------------------------------------------------------------------------------------ ray
 
 @pytest.fixture(scope="module")
-def local_rows(micro_model_dir, tmp_path_factory):
-    """Every job of :data:`JOBS` by the local backend (this process)."""
-    return sweep.run_sweep(_spec(micro_model_dir), JOBS, tmp_path_factory.mktemp("local"), progress=False)
+def local_sweep(micro_model_dir, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """Every job of :data:`JOBS` by the local backend (this process): its folder and rows."""
+    out = tmp_path_factory.mktemp("local")
+    return out, sweep.run_sweep(_spec(micro_model_dir), JOBS, out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_rows(local_sweep) -> pd.DataFrame:
+    return local_sweep[1]
+
+
+def test_a_finished_sweep_starts_no_ray(micro_model_dir, local_sweep, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray would fail
+    out, rows = local_sweep
+    again = sweep.run_sweep(_spec(micro_model_dir), JOBS, out, progress=False, backend="ray")
+    pd.testing.assert_frame_equal(again, rows)
 
 
 @pytest.fixture(scope="module")

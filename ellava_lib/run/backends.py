@@ -230,7 +230,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ValueError('--backend ray needs Ray: pip install "ellava[ray]" (or pip install ray)') from None
+        raise ValueError('the Ray backend needs Ray: pip install "ellava[ray]" (or pip install ray)') from None
     return ray
 
 

@@ -472,10 +472,11 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
         bar.update(int(task.name in job_names))  # a shared task is not a job
         tqdm.write(f"sweep: failed: {failure.line()}", file=sys.stderr)
 
-    if backend == "ray":
+    failures: dict[str, backends.Failure] = {}  # every row done: no worker process, no Ray
+    if tasks and backend == "ray":
         failures = backends.run_ray(shared, tasks, done, failed, out_dir, workers, threads, retries, address,
                                     spec.get_tier().device)
-    else:
+    elif tasks:
         failures = backends.run_local(shared, tasks, done, failed, workers, threads, retries)
     bar.close()
     rows = [row for row in (_done(out_dir, j, spec) for j in jobs) if row is not None]
