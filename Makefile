@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[notebook,dev]"
+	$(PY) -m pip install -q -e ".[notebook,dev,ray]"
 	touch $(STAMP)
 
 reproduce: $(STAMP)

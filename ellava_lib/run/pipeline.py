@@ -79,6 +79,20 @@ def load_profile(name: str, root: str | Path | None = None) -> dict:
     return params
 
 
+def notebook_defaults(notebook: str | Path) -> dict:
+    """The values a notebook's ``parameters`` cell assigns (``name: type = value``, literals only), read without
+    running it: what the notebook uses for a parameter its profile leaves out."""
+    import ast
+
+    nb = json.loads(Path(notebook).read_text())
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(source).body
+                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None}
+    return {}
+
+
 def preflight(params: dict) -> None:
     """Checks that need no notebook, before anything runs: the tier's keys and values, that its device
     exists here (the paper profile on a machine without CUDA stops now), the cost model's GPU name, the search

@@ -17,19 +17,19 @@ FLOPs of the whole model relative to dense, :mod:`flops`).
 Tables made from the rows: :mod:`tables`.
 
 Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (atomically) and is
-skipped on a re-run; jobs are independent and run in ``workers`` processes (one torch thread each; the
-level databases they share are built first, in the parent). Results do not depend on ``workers``.
+skipped on a re-run; jobs are independent and run in ``workers`` processes (one torch thread each) or as tasks
+of a Ray cluster (:mod:`backends`), after the level databases and importances they share. Results do not depend
+on ``workers`` or on the backend. A failed job is reported (``failed.json``) without stopping the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from ellava_lib.prune.allocate import (
 )
 from ellava_lib.prune.prune import measured_mean, prune_model
 from ellava_lib.prune.structured import structured_policy
+from ellava_lib.run import backends
 from ellava_lib.run.tier import (
     Tier,
     calibration_samples,
@@ -323,16 +324,23 @@ def needs_importance(spec: SweepSpec, job: Job) -> bool:
     return job.method == "ecoflap" or (job.method in SEARCH_METHODS and "ecoflap" in search_config(spec, job).init)
 
 
-def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[Callable, tuple]]:
-    """What several jobs share, to compute before them: level databases (searched methods) and ECoFLaP
-    importances, one per (seed, calib_n)."""
-    tasks: list[tuple[Callable, tuple]] = []
+def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[str, Callable, tuple]]:
+    """What several jobs share, to compute before them, as ``(name, fn, args)``: level databases (searched
+    methods) and ECoFLaP importances, one per (seed, calib_n) (names: :func:`_needs`)."""
+    tasks: list[tuple[str, Callable, tuple]] = []
     for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS}):
         grid = level_grid(spec, [j for j in jobs if (j.seed, j.calib_n) == (seed, n)])
-        tasks.append((prepare_level_db, (spec, seed, n, out_dir, False, grid)))
+        tasks.append((f"leveldb/s{seed}-n{n}", prepare_level_db, (spec, seed, n, out_dir, False, grid)))
     for seed, n in sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)}):
-        tasks.append((ecoflap_importance, (spec, seed, n, out_dir)))
+        tasks.append((f"ecoflap/s{seed}-n{n}", ecoflap_importance, (spec, seed, n, out_dir)))
     return tasks
+
+
+def _needs(spec: SweepSpec, job: Job) -> tuple[str, ...]:
+    """The names of the :func:`_prepare_tasks` a job reads."""
+    draw = f"s{job.seed}-n{job.calib_n}"
+    return ((f"leveldb/{draw}",) if job.method in SEARCH_METHODS else ()) + \
+        ((f"ecoflap/{draw}",) if needs_importance(spec, job) else ())
 
 
 def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
@@ -350,6 +358,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     files.write_text(stamp, digest + "\n")
     tier = spec.get_tier()
     model, processor, samples, batch = _load(tier, spec, job.seed, job.calib_n)
+    backends.test_failure_hook(job.name(), job_dir)  # tests only: ELLAVA_TEST_FAIL_JOB
     judge = make_judge(tier, Path(out_dir) / "judge")
     t0 = time.time()
     extra: dict[str, Any] = {}
@@ -400,10 +409,6 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
     return row
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def spec_digest(spec: SweepSpec, job: Job) -> str:
     """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
     searched methods the resolved search configuration, the method's :data:`METHOD_REVISION`, and the rows the
@@ -431,43 +436,57 @@ def _done(out_dir: Path, job: Job, spec: SweepSpec) -> dict[str, Any] | None:
 
 
 def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers: int = 1, threads: int = 1,
-              progress: bool = True, on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """Run every job not finished yet (``workers`` processes), then return all rows in job order and write
-    them to ``out_dir/results.csv``. ``workers=1`` runs in this process. A row made under another spec
-    (:func:`spec_digest`: other model, evaluation size or search configuration) is re-run, never mixed in."""
+              progress: bool = True, on_row: Callable[[dict], None] | None = None, backend: str = "local",
+              address: str | None = None, retries: int = 0) -> pd.DataFrame:
+    """Run every job not finished yet, then return all rows in job order and write them to
+    ``out_dir/results.csv``. A row made under another spec (:func:`spec_digest`: other model, evaluation size or
+    search configuration) is re-run, never mixed in.
+
+    ``backend`` (:mod:`backends`): ``local`` runs ``workers`` processes of ``threads`` torch threads
+    (``workers=1``: this process); ``ray`` runs each job as a Ray task on the cluster at ``address`` (None: a
+    local Ray with ``workers`` CPUs), ``out_dir`` on storage every node sees. A failing job is re-run up to
+    ``retries`` times, then reported at once; the others go on. If any failed, the finished rows are still
+    written (``results.csv``) with the failures in ``out_dir/failed.json``, and :class:`backends.SweepFailed`
+    is raised."""
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(backends.BACKENDS)}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
     out_dir = files.ensure_dir(Path(out_dir))
     names = [j.name() for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate jobs in the sweep")
     todo = [j for j in jobs if _done(out_dir, j, spec) is None]
-    prep = _prepare_tasks(spec, todo, out_dir)
+    shared = [backends.Task(name, fn, args) for name, fn, args in _prepare_tasks(spec, todo, out_dir)]
+    tasks = [backends.Task(j.name(), run_job, (j, spec, out_dir), _needs(spec, j)) for j in todo]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
-    if workers <= 1 or len(todo) <= 1:
-        for fn, args in prep:
-            fn(*args)
-        for job in todo:
-            row = run_job(job, spec, out_dir)
-            bar.update(1)
-            bar.set_postfix_str(job.name())
-            if on_row:
-                on_row(row)
-    else:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            for fut in [pool.submit(fn, *args) for fn, args in prep]:  # shared inputs first, in parallel
-                fut.result()
-            futures = {pool.submit(run_job, job, spec, out_dir): job for job in todo}
-            for fut in as_completed(futures):
-                row = fut.result()
-                bar.update(1)
-                bar.set_postfix_str(futures[fut].name())
-                if on_row:
-                    on_row(row)
+    job_names = {t.name for t in tasks}
+
+    def done(task: backends.Task, row: dict) -> None:
+        bar.update(1)
+        bar.set_postfix_str(task.name)
+        if on_row:
+            on_row(row)
+
+    def failed(task: backends.Task, failure: backends.Failure) -> None:
+        bar.update(int(task.name in job_names))  # a shared task is not a job
+        tqdm.write(f"sweep: failed: {failure.line()}", file=sys.stderr)
+
+    failures: dict[str, backends.Failure] = {}  # every row done: no worker process, no Ray
+    if tasks and backend == "ray":
+        failures = backends.run_ray(shared, tasks, done, failed, out_dir, workers, threads, retries, address,
+                                    spec.get_tier().device)
+    elif tasks:
+        failures = backends.run_local(shared, tasks, done, failed, workers, threads, retries)
     bar.close()
-    rows = [_done(out_dir, j, spec) for j in jobs]
+    rows = [row for row in (_done(out_dir, j, spec) for j in jobs) if row is not None]
     frame = pd.DataFrame(rows)
     files.write_csv(out_dir / "results.csv", frame)
+    report = out_dir / "failed.json"
+    if failures:
+        files.write_json(report, [f.to_dict() for f in failures.values()])
+        raise backends.SweepFailed(list(failures.values()), frame, report)
+    report.unlink(missing_ok=True)
     return frame
 
 
