@@ -99,12 +99,24 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` positions of :func:`pack_bits`'s bytes as a flat boolean tensor (on ``packed``'s device)."""
+    """The first ``n`` positions of :func:`pack_bits`'s bytes as a flat boolean tensor (on ``packed``'s device):
+    each byte looks up the 8 bytes of its bits (:func:`_bit_table`), read back as booleans."""
     if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
         raise ValueError(f"a packed mask of {n} positions is {(n + 7) // 8} uint8 bytes, "
                          f"got {packed.numel()} {packed.dtype}")
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).view(-1)[:n].bool()
+    bits = _bit_table(packed.device).index_select(0, packed.reshape(-1).int())
+    return bits.view(torch.uint8).view(torch.bool)[:n]
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """256 ``int64`` whose 8 bytes in memory are the bits 0..7 of their index as 0 / 1 (made once per device)."""
+    if device not in _BIT_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _BIT_TABLES[device] = bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)
+    return _BIT_TABLES[device]
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def dense_bytes(n: int, b: int) -> int:
@@ -128,14 +140,22 @@ def encode_weights(w: torch.Tensor, dtype: torch.dtype, key: str) -> dict[str, t
     return {key: v}
 
 
+def unpack_into(out: torch.Tensor, values: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Write the packed form of :func:`encode_weights` into the contiguous tensor ``out`` in place: zeros, then
+    ``values`` (converted to ``out``'s dtype) in row-major order where the mask is set. Returns ``out``."""
+    mask = unpack_bits(packed.to(out.device), out.numel())
+    out.zero_().view(-1).masked_scatter_(mask, values.to(out.device, out.dtype))
+    return out
+
+
 def unpack_weights(values: torch.Tensor, packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of the packed form of :func:`encode_weights`: zeros of ``shape`` (``values``' dtype and device)
-    with ``values`` scattered in row-major order where the mask is set. ``ValueError`` when the counts differ."""
-    n = math.prod(shape)
-    mask = unpack_bits(packed.to(values.device), n)
-    if int(mask.sum()) != values.numel():
-        raise ValueError(f"packed weights hold {values.numel()} values for a mask of {int(mask.sum())} positions")
-    return values.new_zeros(n).masked_scatter_(mask, values).view(*shape)
+    """Inverse of the packed form of :func:`encode_weights`: a tensor of ``shape`` (``values``' dtype and device)
+    holding ``values`` in row-major order where the mask is set, zeros elsewhere (:func:`unpack_into`).
+    ``ValueError`` when the number of values and of set positions differ."""
+    nnz = int(unpack_bits(packed, math.prod(shape)).sum())
+    if nnz != values.numel():
+        raise ValueError(f"packed weights hold {values.numel()} values for a mask of {nnz} positions")
+    return unpack_into(values.new_empty(tuple(shape)), values, packed)
 
 
 def estimate_bytes(units_sizes: Mapping[str, int], grid: Sequence[float], store_dtype_bytes: int) -> int:
@@ -507,11 +527,17 @@ class LevelDB:
                                  f"{tuple(lin.weight.shape)} for {name}@{level}")
         if unit not in self._dense:
             self._snapshot(unit, lins)
+        handle, keys = self._open(unit), self._info(unit)["keys"]
         for name, lin in lins.items():
+            w, key = lin.weight, level_key(name, level)
             if level <= GRID_TOL:
-                lin.weight.copy_(self._dense[unit][name])
+                w.copy_(self._dense[unit][name])
+            elif key in keys:
+                w.copy_(handle.get_tensor(key))
+            elif w.is_contiguous():  # decoded straight into the weights, on their device
+                unpack_into(w, *(handle.get_tensor(key + s).to(w.device) for s in PACKED_SUFFIXES))
             else:
-                lin.weight.copy_(self._stored(unit, name, level, lin.weight.device))
+                w.copy_(self._stored(unit, name, level, w.device))
 
     @torch.no_grad()
     def assemble(self, model: nn.Module, policy: Policy, *, check: bool = True) -> float:
