@@ -269,9 +269,10 @@ def test_sixteen_bit_storage_assembles_the_rounded_weights(micro_model_dir, cali
         leveldb.build_level_db(model, batch, tmp_path / "x", grid, progress=False, store_dtype="int8")
 
 
-def test_delta_assembly_copies_only_changed_units(built, micro_model_dir):
+@pytest.mark.parametrize("cache_bytes", [leveldb.DECODE_CACHE_BYTES, 0, 200_000], ids=["cache", "none", "evicting"])
+def test_delta_assembly_copies_only_changed_units(built, micro_model_dir, cache_bytes):
     out, _, _ = built
-    db = leveldb.LevelDB(out)
+    db = leveldb.LevelDB(out, cache_bytes=cache_bytes)
     walker, _ = load_model(micro_model_dir)
     full, _ = load_model(micro_model_dir)
     names = list(units.list_units(walker))
@@ -301,6 +302,18 @@ def test_delta_assembly_copies_only_changed_units(built, micro_model_dir):
     db.forget(walker)
     db.assemble(walker, Policy(sp), check=False)
     assert db.last_assemble_units == len(names)
+    assert db._cache_used <= cache_bytes and (len(db._cache) > 0) is (cache_bytes > 0)
+
+
+def test_another_database_on_an_assembled_model_reuses_its_snapshot(built, micro_model_dir):
+    out, _, _ = built
+    model, _ = load_model(micro_model_dir)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    names = list(units.list_units(model))
+    leveldb.LevelDB(out).assemble(model, Policy.uniform(names, 0.5))
+    again = leveldb.LevelDB(out)  # e.g. a second search on the same model object
+    again.assemble(model, Policy.uniform(names, 0.0))
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
 
 def test_a_pruned_model_is_refused_for_the_snapshot(built, micro_model_dir, calib):

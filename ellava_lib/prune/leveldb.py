@@ -19,7 +19,9 @@ Storage of one matrix of ``n`` weights, ``nnz`` of them nonzero, ``b`` bytes per
 and every level is stored the smaller way (packed wins from sparsity ``1 / (8 b)`` on: 6.25% in 16-bit). Level 0
 (the dense weights) is never stored: assembling it restores the dense weights from a snapshot the :class:`LevelDB`
 takes of each unit the first time it writes that unit into a model (on the CPU, in the model's dtype), after
-checking the weights against the digest ``dense_sha1`` recorded at build time, so a pruned model is refused. The
+checking the weights against the digest ``dense_sha1`` recorded at build time, so a pruned model is refused
+(snapshots are kept per model object, so another database opened on the same, by then assembled, model reuses
+them). The
 norm gap's table ``frobenius_sq`` (``||W * M(s)||_F^2`` per level, level 0 = ``||W||_F^2``) is computed at build
 time from the dense weights and stored in the unit file's metadata.
 
@@ -48,6 +50,7 @@ import os
 import shutil
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,10 @@ STORE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": to
 #: solvers' rounding of the pruned count (at most one weight per row and level above ``floor(s n)``: 0.8 MB for a
 #: LLaVA-1.5-7B MLP unit in 16-bit on 15 levels).
 UNIT_FILE_SLACK = 1 << 20
+#: Default bytes of decoded unit levels a :class:`LevelDB` keeps (least recently used dropped first), on the device
+#: and in the dtype of the weights they were written into: a search revisits the levels near its target, and
+#: decoding a packed level costs more than copying it (CPU: ~4 ns per weight, a dense copy ~0.2 ns).
+DECODE_CACHE_BYTES = 256 << 20
 PACKED_SUFFIXES = (".values", ".mask")
 
 
@@ -392,6 +399,11 @@ def build_level_db(model: nn.Module, calib_batch: dict[str, torch.Tensor], out_d
     return pd.DataFrame([records[u] for u in units])
 
 
+#: Dense snapshots per model object (weakly referenced): ``{unit: (weights digest, {layer: CPU weights})}``.
+_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[str, dict[str, torch.Tensor]]]] = \
+    weakref.WeakKeyDictionary()
+
+
 def _signature(lins: Mapping[str, nn.Linear]) -> tuple[tuple[int, int, int], ...]:
     """What changes when a unit's weights are replaced or changed in place: per linear the weight's object id,
     data pointer and version counter (bumped by every in-place write, ``copy_`` included)."""
@@ -405,11 +417,15 @@ class LevelDB:
     unit's :func:`_signature` after the copy; :meth:`assemble` skips a unit whose level and signature are
     unchanged, so any write to a unit's weights outside the database (an in-place change, new tensors) makes
     it copy that unit again. :meth:`forget` drops what it remembers of a model outright. The dense snapshot
-    (level 0) is one per database: each unit's dense weights, taken from the first model it is written into.
+    (level 0) is one per database: each unit's dense weights, taken from the first model it is written into
+    (:meth:`_snapshot`).
+    Decoded levels are kept up to ``cache_bytes`` (:data:`DECODE_CACHE_BYTES`; 0 = none), least recently used
+    dropped first.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], cache_bytes: int = DECODE_CACHE_BYTES) -> None:
         self.path = Path(out_dir)
+        self.cache_bytes = int(cache_bytes)
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{self.path} is not a level database (no config.json)")
         self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
@@ -422,6 +438,8 @@ class LevelDB:
             weakref.WeakKeyDictionary()
         self.last_assemble_seconds: float | None = None
         self.last_assemble_units: int | None = None
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_used = 0
 
     @property
     def units(self) -> list[str]:
@@ -507,37 +525,69 @@ class LevelDB:
         it after changing unit weights outside the database (pruning, loading a state dict) when in doubt."""
         self._held.pop(model, None)
 
-    def _snapshot(self, unit: str, lins: Mapping[str, nn.Linear]) -> None:
-        """Keep ``unit``'s dense weights (CPU copies, the model's dtype) after checking them against the digest
-        recorded at build time: a one-line ``ValueError`` for weights that are not the dense ones."""
+    def _snapshot(self, model: nn.Module, unit: str, lins: Mapping[str, nn.Linear]) -> None:
+        """Keep ``unit``'s dense weights (CPU copies, the model's dtype): the ones an earlier :class:`LevelDB`
+        took of this model object when their digest is the one recorded at build time, else copies of the
+        model's weights after checking them against that digest (a one-line ``ValueError`` for weights that are
+        not the dense ones, e.g. a pruned model). Snapshots are registered per model object (weakly), so
+        another database of the same dense model reuses them instead of refusing the then assembled model."""
+        want = self._info(unit)["dense_sha1"]
+        taken = _SNAPSHOTS.setdefault(model, {})
+        if unit in taken and taken[unit][0] == want:
+            self._dense[unit] = taken[unit][1]
+            return
         dense = {name: lin.weight.detach().to("cpu", copy=True) for name, lin in lins.items()}
-        have, want = weights_digest(dense), self._info(unit)["dense_sha1"]
+        have = weights_digest(dense)
         if have != want:
             raise ValueError(f"unit {unit} of this model is not the dense one level database {self.path} was built "
                              f"from (weights digest {have[:12]} != {want[:12]}); assemble into a freshly loaded "
                              "dense model")
+        taken[unit] = (have, dense)
         self._dense[unit] = dense
 
-    def _write(self, unit: str, level: float, lins: Mapping[str, nn.Linear]) -> None:
-        """Copy ``unit`` at ``level`` into its linears ``lins`` (the snapshot first, when none was taken yet)."""
+    def _write(self, model: nn.Module, unit: str, level: float, lins: Mapping[str, nn.Linear]) -> None:
+        """Copy ``unit`` at ``level`` into its linears ``lins`` (the snapshot first, when none was taken yet): level
+        0 from the snapshot, a level in the decode cache from there, else from the unit file (then cached)."""
         shapes = self._info(unit)["shapes"]
         for name, lin in lins.items():
             if shapes.get(name) != tuple(lin.weight.shape):
                 raise ValueError(f"level database {self.path} has no weight of shape "
                                  f"{tuple(lin.weight.shape)} for {name}@{level}")
         if unit not in self._dense:
-            self._snapshot(unit, lins)
+            self._snapshot(model, unit, lins)
+        if level <= GRID_TOL:
+            for name, lin in lins.items():
+                lin.weight.copy_(self._dense[unit][name])
+            return
+        first = next(iter(lins.values())).weight
+        slot = (unit, level, str(first.device), first.dtype)
+        if slot in self._cache:
+            self._cache.move_to_end(slot)
+            for name, lin in lins.items():
+                lin.weight.copy_(self._cache[slot][name])
+            return
         handle, keys = self._open(unit), self._info(unit)["keys"]
         for name, lin in lins.items():
             w, key = lin.weight, level_key(name, level)
-            if level <= GRID_TOL:
-                w.copy_(self._dense[unit][name])
-            elif key in keys:
+            if key in keys:
                 w.copy_(handle.get_tensor(key))
             elif w.is_contiguous():  # decoded straight into the weights, on their device
                 unpack_into(w, *(handle.get_tensor(key + s).to(w.device) for s in PACKED_SUFFIXES))
             else:
                 w.copy_(self._stored(unit, name, level, w.device))
+        self._remember(slot, lins)
+
+    def _remember(self, slot: tuple, lins: Mapping[str, nn.Linear]) -> None:
+        """Keep copies of the unit's weights just written under ``slot`` in the decode cache, dropping the least
+        recently used entries beyond :attr:`cache_bytes` (a unit larger than that is not kept)."""
+        size = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins.values())
+        if size > self.cache_bytes:
+            return
+        self._cache[slot] = {name: lin.weight.detach().clone() for name, lin in lins.items()}
+        self._cache_used += size
+        while self._cache_used > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cache_used -= sum(t.numel() * t.element_size() for t in old.values())
 
     @torch.no_grad()
     def assemble(self, model: nn.Module, policy: Policy, *, check: bool = True) -> float:
@@ -563,7 +613,7 @@ class LevelDB:
             if held.get(unit) == (level, _signature(lins)):
                 continue
             held.pop(unit, None)
-            self._write(unit, level, lins)
+            self._write(model, unit, level, lins)
             held[unit] = (level, _signature(lins))
             copied += 1
         self.last_assemble_units = copied
