@@ -21,9 +21,8 @@ and every level is stored the smaller way (packed wins from sparsity ``1 / (8 b)
 takes of each unit the first time it writes that unit into a model (on the CPU, in the model's dtype), after
 checking the weights against the digest ``dense_sha1`` recorded at build time, so a pruned model is refused
 (snapshots are kept per model object, so another database opened on the same, by then assembled, model reuses
-them). The
-norm gap's table ``frobenius_sq`` (``||W * M(s)||_F^2`` per level, level 0 = ``||W||_F^2``) is computed at build
-time from the dense weights and stored in the unit file's metadata.
+them). The norm gap's table ``frobenius_sq`` (``||W * M(s)||_F^2`` per level, level 0 = ``||W||_F^2``) is
+computed at build time from the dense weights and stored in the unit file's metadata.
 
 Build (:func:`build_level_db`): a disk preflight first (:func:`estimate_bytes` against the free space; nothing is
 written when short); then the dense model is run block by block on the calibration batch (inputs of every block
@@ -33,9 +32,10 @@ and pruned, and the unit's file is written atomically (temp file + rename). Only
 memory. A unit whose file exists is skipped, so a killed build resumes.
 
 Assembly (:meth:`LevelDB.assemble`): for each unit whose level (or weights) changed since the database last wrote
-it into this model object, copy its stored weights at its policy level into the model, in place; no solver in the
-loop. The model identity is the sha1 of the unit names and sizes and of the embedding and LM-head weights (which
-pruning and projector training never touch), so the same model can be assembled into over and over.
+it into this model object, copy its stored weights at its policy level into the model, in place (packed levels are
+decoded on the weights' device; recently decoded levels are cached); no solver in the loop. The model identity
+is the sha1 of the unit names and sizes and of the embedding and LM-head weights (which pruning and projector
+training never touch), so the same model can be assembled into over and over.
 
 Formats: 1 stored every level densely in the model's dtype, level 0 included; 3 is the layout above. A database of
 another format is refused with a one-line error telling to rebuild it.
@@ -418,9 +418,8 @@ class LevelDB:
     unchanged, so any write to a unit's weights outside the database (an in-place change, new tensors) makes
     it copy that unit again. :meth:`forget` drops what it remembers of a model outright. The dense snapshot
     (level 0) is one per database: each unit's dense weights, taken from the first model it is written into
-    (:meth:`_snapshot`).
-    Decoded levels are kept up to ``cache_bytes`` (:data:`DECODE_CACHE_BYTES`; 0 = none), least recently used
-    dropped first.
+    (:meth:`_snapshot`). Decoded levels are kept up to ``cache_bytes`` (:data:`DECODE_CACHE_BYTES`; 0 = none),
+    least recently used dropped first.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], cache_bytes: int = DECODE_CACHE_BYTES) -> None:
