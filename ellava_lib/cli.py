@@ -237,8 +237,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg.to_json(out / "search_config.json")
     db_dir = Path(args.db) if args.db else out / "leveldb"
     build_level_db(model, batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt", units=list(units),
-                   progress=not args.quiet,
-                   calib_info={"ids": [s.id for s in samples], "seed": args.seed}, device=args.device)
+                   progress=not args.quiet, calib_info={"ids": [s.id for s in samples], "seed": args.seed},
+                   device=args.device, store_dtype=args.db_dtype)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
     result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet,
                         groups=[s.suite for s in samples])
@@ -493,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--projector-every", type=_positive_int, default=None, help="generations between evolutions")
     s.add_argument("--projector-steps", type=int, default=None, help="AdamW steps per evolution")
     s.add_argument("--db", default=None, help="level database folder (default OUT/leveldb; built if missing)")
+    s.add_argument("--db-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="storage dtype of the level database (auto: the model weights' own)")
     s.add_argument("--vision", action="store_true", help="search the vision tower's units too")
     s.add_argument("--exact", action="store_true", help="re-prune the final policy sequentially with SparseGPT")
     s.add_argument("--device", default=None, help="build the level database one decoder block at a time on this "

@@ -28,14 +28,17 @@ def db(micro_model_dir, calib, tmp_path_factory):
     return leveldb.LevelDB(out), names
 
 
-def test_frobenius_sq_by_hand_and_monotone(db):
+def test_frobenius_sq_by_hand_and_monotone(db, micro_model_dir):
+    from ellava_lib.model.specs import load_model
+
     lvl, names = db
+    model, _ = load_model(micro_model_dir)
     for u in names:
-        table = lvl.frobenius_sq(u)
+        table = lvl.frobenius_sq(u)  # stored at build time: no dense weights needed
         assert sorted(table) == list(GRID)
-        dense = lvl.weights(u, 0.0)
+        dense = {k: lin.weight.detach() for k, lin in units.unit_linears(model)[u].items()}
         for level in GRID:  # by hand: sum over the unit's matrices of ||W_dense * (W_level != 0)||_F^2
-            stored = lvl.weights(u, level)
+            stored = dense if level == 0 else lvl.weights(u, level)
             want = sum(float((dense[k].double() * (stored[k] != 0)).pow(2).sum()) for k in dense)
             assert table[level] == pytest.approx(want, rel=1e-12)
         assert table[0.0] > table[0.5] > table[0.8] > 0

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ellava_lib.prune.leveldb import FORMAT
 from ellava_lib.run import pipeline, sweep, tables
 from ellava_lib.run.sweep import Job, SweepSpec
 from ellava_lib.search.config import ProjectorConfig, SearchConfig
@@ -225,11 +226,17 @@ def test_level_databases_hold_the_levels_of_every_search_on_them(tmp_path):
     db = tmp_path / "db"
     assert sweep.db_build_grid(db, grid) == grid  # nothing there yet
     db.mkdir()
-    (db / "config.json").write_text(json.dumps({"grid": list(grid)}))
+    (db / "config.json").write_text(json.dumps({"grid": list(grid), "format": FORMAT, "store_dtype": "float32"}))
     (db / "lm.0.attn.safetensors").write_text("kept")
     assert sweep.db_build_grid(db, sweep.DEFAULT_GRID) == grid and (db / "lm.0.attn.safetensors").exists()
+    assert sweep.db_build_grid(db, sweep.DEFAULT_GRID, "float32") == grid and db.exists()
     # a database without some wanted levels is the sweep's cache: removed, rebuilt with the union
     assert sweep.db_build_grid(db, (0.0, 0.25, 0.9)) == tuple(sorted({*grid, 0.25})) and not db.exists()
+    # one of another format or storage dtype: removed, built afresh with the wanted levels
+    for stale in ({"format": 1, "store_dtype": "float32"}, {"format": FORMAT, "store_dtype": "bfloat16"}):
+        db.mkdir()
+        (db / "config.json").write_text(json.dumps({"grid": list(grid), **stale}))
+        assert sweep.db_build_grid(db, sweep.DEFAULT_GRID, "float32") == sweep.DEFAULT_GRID and not db.exists()
 
 
 def test_search_against_its_best_start_and_the_gap_check_by_hand():

@@ -1,32 +1,57 @@
-"""The level database: every unit pruned once at every sparsity level of the grid, from dense inputs.
+"""The level database (format 3): every unit pruned once at every non-zero level of the grid, from dense inputs,
+stored compactly; a candidate is assembled by copying in only the units whose level changed.
 
 Layout of ``out_dir``::
 
-    config.json              grid, method, solver settings, calibration (fingerprint, ids, seed),
-                             model identity hash and unit sizes
-    {unit}.safetensors       keys "{layer_name}@{level}" (e.g. "lm.0.self_attn.q_proj@0.5"); metadata:
-                             unit, method, build_seconds
+    config.json              format, grid, method, solver settings, storage dtype, calibration (fingerprint, ids,
+                             seed), model identity hash and unit sizes
+    {unit}.safetensors       for every linear ``name`` of the unit and every level ``s > 0`` of the grid either
+                             "{name}@{s}" (its weights, dense, in the storage dtype) or "{name}@{s}.values" (its
+                             nonzero weights in row-major order, storage dtype) + "{name}@{s}.mask" (the nonzero
+                             pattern, :func:`pack_bits`), e.g. "lm.0.self_attn.q_proj@0.5.values"; metadata: unit,
+                             method, build_seconds, format, store_dtype, shapes, dense_sha1, frobenius_sq
 
-Build (:func:`build_level_db`): the dense model is run block by block on the calibration batch (inputs
-of every block come from the dense model, see :func:`walk.walk_blocks` with
-``sequential=False``); for each unit still missing, the calibration statistics of its linears are
-collected once, then for every level the dense weights are restored and pruned (level 0 stores the
-dense weights), and the unit's file is written atomically (temp file + rename). Only one unit's
-levels are held in memory. A unit whose file exists is skipped, so a killed build resumes.
+Storage of one matrix of ``n`` weights, ``nnz`` of them nonzero, ``b`` bytes per stored value (2 in fp16 / bf16,
+4 in fp32)::
 
-Assembly (:meth:`LevelDB.assemble`): copy the stored weights of each unit at its policy level into
-the model, in place; no solver in the loop. The model identity is the sha1 of the unit names and
-sizes and of the embedding and LM-head weights (which pruning and projector training never touch),
-so the same model can be assembled into over and over.
+    dense  = n * b                        packed = nnz * b + ceil(n / 8)
+
+and every level is stored the smaller way (packed wins from sparsity ``1 / (8 b)`` on: 6.25% in 16-bit). Level 0
+(the dense weights) is never stored: assembling it restores the dense weights from a snapshot the :class:`LevelDB`
+takes of each unit the first time it writes that unit into a model (on the CPU, in the model's dtype), after
+checking the weights against the digest ``dense_sha1`` recorded at build time, so a pruned model is refused
+(snapshots are kept per model object, so another database opened on the same, by then assembled, model reuses
+them). The norm gap's table ``frobenius_sq`` (``||W * M(s)||_F^2`` per level, level 0 = ``||W||_F^2``) is
+computed at build time from the dense weights and stored in the unit file's metadata.
+
+Build (:func:`build_level_db`): a disk preflight first (:func:`estimate_bytes` against the free space; nothing is
+written when short); then the dense model is run block by block on the calibration batch (inputs of every block
+come from the dense model, see :func:`walk.walk_blocks` with ``sequential=False``); for each unit still missing,
+the calibration statistics of its linears are collected once, then for every level the dense weights are restored
+and pruned, and the unit's file is written atomically (temp file + rename). Only one unit's levels are held in
+memory. A unit whose file exists is skipped, so a killed build resumes.
+
+Assembly (:meth:`LevelDB.assemble`): for each unit whose level (or weights) changed since the database last wrote
+it into this model object, copy its stored weights at its policy level into the model, in place (packed levels are
+decoded on the weights' device; recently decoded levels are cached); no solver in the loop. The model identity
+is the sha1 of the unit names and sizes and of the embedding and LM-head weights (which pruning and projector
+training never touch), so the same model can be assembled into over and over.
+
+Formats: 1 stored every level densely in the model's dtype, level 0 included; 3 is the layout above. A database of
+another format is refused with a one-line error telling to rebuild it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import time
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +69,122 @@ from ellava_lib.prune.masks import wanda_mask
 from ellava_lib.prune.obs import SparseGPT
 from ellava_lib.prune.walk import InputNorms, walk_blocks
 
-FORMAT = 1
+FORMAT = 3
 DB_METHODS = ("sparsegpt", "wanda")
+#: Storage dtypes of :func:`build_level_db` (``"auto"``: the model weights' own).
+STORE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                                        "float32": torch.float32}
+#: Per unit file, added to :func:`estimate_bytes`: the safetensors header (keys, shapes, metadata) and the
+#: solvers' rounding of the pruned count (at most one weight per row and level above ``floor(s n)``: 0.8 MB for a
+#: LLaVA-1.5-7B MLP unit in 16-bit on 15 levels).
+UNIT_FILE_SLACK = 1 << 20
+#: Default bytes of decoded unit levels a :class:`LevelDB` keeps (least recently used dropped first), on the device
+#: and in the dtype of the weights they were written into: a search revisits the levels near its target, and
+#: decoding a packed level costs more than copying it (CPU: ~4 ns per weight, a dense copy ~0.2 ns).
+DECODE_CACHE_BYTES = 256 << 20
+PACKED_SUFFIXES = (".values", ".mask")
 
 
 def level_key(layer: str, level: float) -> str:
     """``"{layer}@{level}"`` with the level printed shortest (``0``, ``0.1``, ``0.55``)."""
     return f"{layer}@{round(float(level), 6):g}"
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as ``uint8`` bytes, 8 positions per byte: position ``8 k + j`` of the row-major
+    (flattened) mask is bit ``j`` (value ``2^j``, little-endian bit order) of byte ``k``; the last byte is padded
+    with zeros. ``ceil(n / 8)`` bytes for ``n`` positions."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` positions of :func:`pack_bits`'s bytes as a flat boolean tensor (on ``packed``'s device):
+    each byte looks up the 8 bytes of its bits (:func:`_bit_table`), read back as booleans."""
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"a packed mask of {n} positions is {(n + 7) // 8} uint8 bytes, "
+                         f"got {packed.numel()} {packed.dtype}")
+    bits = _bit_table(packed.device).index_select(0, packed.reshape(-1).int())
+    return bits.view(torch.uint8).view(torch.bool)[:n]
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """256 ``int64`` whose 8 bytes in memory are the bits 0..7 of their index as 0 / 1 (made once per device)."""
+    if device not in _BIT_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _BIT_TABLES[device] = bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)
+    return _BIT_TABLES[device]
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def dense_bytes(n: int, b: int) -> int:
+    """Bytes of ``n`` weights stored densely at ``b`` bytes each: ``n * b``."""
+    return n * b
+
+
+def packed_bytes(n: int, nnz: int, b: int) -> int:
+    """Bytes of ``n`` weights stored packed, ``nnz`` of them nonzero: ``nnz * b + ceil(n / 8)``."""
+    return nnz * b + (n + 7) // 8
+
+
+def encode_weights(w: torch.Tensor, dtype: torch.dtype, key: str) -> dict[str, torch.Tensor]:
+    """``w`` in ``dtype`` the smaller way: ``{key: w}`` dense, or ``{key + ".values": nonzeros (row-major),
+    key + ".mask": pack_bits(w != 0)}`` when ``packed_bytes < dense_bytes`` (CPU tensors)."""
+    v = w.detach().to("cpu", dtype).contiguous()
+    mask = v != 0
+    n, nnz, b = v.numel(), int(mask.sum()), v.element_size()
+    if packed_bytes(n, nnz, b) < dense_bytes(n, b):
+        return {key + ".values": v.reshape(-1)[mask.reshape(-1)], key + ".mask": pack_bits(mask)}
+    return {key: v}
+
+
+def unpack_into(out: torch.Tensor, values: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Write the packed form of :func:`encode_weights` into the contiguous tensor ``out`` in place: zeros, then
+    ``values`` (converted to ``out``'s dtype) in row-major order where the mask is set. Returns ``out``."""
+    mask = unpack_bits(packed.to(out.device), out.numel())
+    out.zero_().view(-1).masked_scatter_(mask, values.to(out.device, out.dtype))
+    return out
+
+
+def unpack_weights(values: torch.Tensor, packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of the packed form of :func:`encode_weights`: a tensor of ``shape`` (``values``' dtype and device)
+    holding ``values`` in row-major order where the mask is set, zeros elsewhere (:func:`unpack_into`).
+    ``ValueError`` when the number of values and of set positions differ."""
+    nnz = int(unpack_bits(packed, math.prod(shape)).sum())
+    if nnz != values.numel():
+        raise ValueError(f"packed weights hold {values.numel()} values for a mask of {nnz} positions")
+    return unpack_into(values.new_empty(tuple(shape)), values, packed)
+
+
+def estimate_bytes(units_sizes: Mapping[str, int], grid: Sequence[float], store_dtype_bytes: int) -> int:
+    """Upper bound of the bytes :func:`build_level_db` writes for units of ``units_sizes`` (``{unit: n_u}``)::
+
+        sum_u [ UNIT_FILE_SLACK + sum_{s in grid, s > 0} min(n_u b, (n_u - floor(s n_u)) b + ceil(n_u / 8)) ]
+
+    with ``b = store_dtype_bytes`` (level 0 is not stored). LLaVA-1.5-7B's language model (64 units, 32 of
+    67,108,864 and 32 of 135,266,304 weights, 6.48e9 in all) at fp16 on the 16-level grid of a 0.5 / 0.6 / 0.7
+    sweep (``policy.search_grid([0.5, 0.6, 0.7])``): 101,578,493,952 bytes (101.6 GB; format 1 stored
+    207.2 GB there); on the 0.1 grid (``DEFAULT_GRID``, 10 levels): 65,636,663,808 bytes (65.6 GB)."""
+    total = 0
+    levels = [float(s) for s in grid if s > GRID_TOL]
+    for n in units_sizes.values():
+        total += UNIT_FILE_SLACK
+        for s in levels:
+            total += min(dense_bytes(n, store_dtype_bytes),
+                         packed_bytes(n, n - math.floor(s * n), store_dtype_bytes))
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ identity
 
 
 def model_identity(model: nn.Module) -> str:
@@ -61,40 +195,131 @@ def model_identity(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """sha1 (hex) over the layers in name order of ``name|dtype|shape|`` and the weights' raw bytes (exact: any
+    changed weight changes it; the same on every device)."""
+    h = hashlib.sha1()
+    for name in sorted(weights):
+        w = weights[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(w.dtype).removeprefix('torch.')}|{tuple(w.shape)}|".encode())
+        h.update(w.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def resolve_store_dtype(model: nn.Module, store_dtype: str, units: Sequence[str] | None = None) -> str:
+    """The storage dtype's name: ``store_dtype``, or for ``"auto"`` the dtype of the first unit's weights
+    (``ValueError`` when that is none of :data:`STORE_DTYPES`)."""
+    if store_dtype != "auto":
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be 'auto' or one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
+        return store_dtype
+    lins = unit_linears(model, include_vision=True)
+    unit = units[0] if units else next(iter(lins))
+    dtype = next(iter(lins[unit].values())).weight.dtype
+    names = {d: k for k, d in STORE_DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"the model's weights are {dtype}: pass store_dtype (one of {', '.join(STORE_DTYPES)})")
+    return names[dtype]
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
 def _db_config(model: nn.Module, calib_batch: dict[str, torch.Tensor], grid: Sequence[float], method: str,
-               blocksize: int, percdamp: float, calib_info: dict | None) -> dict[str, Any]:
+               blocksize: int, percdamp: float, calib_info: dict | None, store_dtype: str) -> dict[str, Any]:
     return {"format": FORMAT, "grid": [float(g) for g in grid], "method": method, "blocksize": blocksize,
-            "percdamp": percdamp, "model": {"identity": model_identity(model),
-                                            "units": dict(list_units(model, include_vision=True))},
+            "percdamp": percdamp, "store_dtype": store_dtype,
+            "model": {"identity": model_identity(model), "units": dict(list_units(model, include_vision=True))},
             "calibration": {"fingerprint": calibration_fingerprint(calib_batch), **(calib_info or {})}}
 
 
+def check_format(path: Path, config: Mapping[str, Any]) -> None:
+    """One-line ``ValueError`` unless the database in ``path`` (its ``config.json`` read as ``config``) has
+    format :data:`FORMAT`."""
+    if config.get("format") != FORMAT:
+        raise ValueError(f"level database {path} has format {config.get('format')!r}, this version reads format "
+                         f"{FORMAT}: rebuild it (delete the folder, or build into a new one)")
+
+
 def _check_config(path: Path, want: dict[str, Any]) -> None:
-    """A resumed build must use the same grid, method, solver settings, model and calibration."""
+    """A resumed build must use the same format, grid, method, solver settings, storage dtype, model and
+    calibration."""
     have = json.loads(path.read_text())
+    check_format(path.parent, have)
     have["calibration"] = have.get("calibration", {}).get("fingerprint")
     want = {**want, "calibration": want["calibration"]["fingerprint"]}
-    for key in ("format", "grid", "method", "blocksize", "percdamp", "model", "calibration"):
+    for key in ("format", "grid", "method", "blocksize", "percdamp", "store_dtype", "model", "calibration"):
         if have.get(key) != want[key]:
             raise ValueError(f"level database {path.parent} was built with another {key} "
                              f"({have.get(key)!r} != {want[key]!r}); use a new folder")
 
 
+def _iter_levels(lin: nn.Linear, stat: Any, grid: Sequence[float], method: str, blocksize: int,
+                 percdamp: float) -> Iterator[tuple[float, torch.Tensor]]:
+    """``(level, the layer's weights at level)`` for every level of ``grid`` (CPU copies; level 0 = dense); the
+    dense weights are restored afterwards."""
+    dense = lin.weight.detach().clone()
+    try:
+        for level in grid:
+            lin.weight.copy_(dense)
+            if level > 0:
+                if method == "sparsegpt":
+                    stat.prune(level, 0, 0, blocksize, percdamp)
+                else:
+                    lin.weight[wanda_mask(lin.weight, stat.norms(), level)] = 0
+            yield level, lin.weight.detach().cpu().clone().contiguous()
+    finally:
+        lin.weight.copy_(dense)
+
+
 def _prune_levels(lin: nn.Linear, stat: Any, grid: Sequence[float], method: str, blocksize: int,
                   percdamp: float) -> dict[float, torch.Tensor]:
-    """The layer's weights at every level (its dense weights are restored afterwards)."""
-    dense = lin.weight.detach().clone()
-    out: dict[float, torch.Tensor] = {}
-    for level in grid:
-        lin.weight.copy_(dense)
-        if level > 0:
-            if method == "sparsegpt":
-                stat.prune(level, 0, 0, blocksize, percdamp)
-            else:
-                lin.weight[wanda_mask(lin.weight, stat.norms(), level)] = 0
-        out[level] = lin.weight.detach().cpu().clone().contiguous()
-    lin.weight.copy_(dense)
-    return out
+    """The layer's weights at every level (its dense weights are restored afterwards); format 1 stored these."""
+    return dict(_iter_levels(lin, stat, grid, method, blocksize, percdamp))
+
+
+def _frobenius_terms(dense: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``||W * M||_F^2`` of one matrix in fp64 (0-d): ``W`` the dense weights, ``M = (w != 0)``."""
+    return (dense.double() * (w != 0)).pow(2).sum()
+
+
+def _encode_unit(lins: Mapping[str, nn.Linear], stats: Mapping[str, Any], grid: Sequence[float], method: str,
+                 blocksize: int, percdamp: float, dtype: torch.dtype
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One unit's stored tensors (levels ``> 0``, :func:`encode_weights`) and its metadata (shapes, dense digest,
+    Frobenius table ``{level: sum over matrices in name order of ||W * M(level)||_F^2}``, level 0 included)."""
+    tensors: dict[str, torch.Tensor] = {}
+    terms: dict[float, dict[str, torch.Tensor]] = {0.0: {}}
+    digest = weights_digest({name: lin.weight for name, lin in lins.items()})
+    for name, lin in lins.items():
+        dense = lin.weight.detach().cpu().clone()
+        terms[0.0][name] = _frobenius_terms(dense, dense)
+        for level, w in _iter_levels(lin, stats[name], grid, method, blocksize, percdamp):
+            if level > GRID_TOL:
+                terms.setdefault(float(level), {})[name] = _frobenius_terms(dense, w)
+                tensors.update(encode_weights(w, dtype, level_key(name, level)))
+        stats[name].free()
+    frob = [[level, float(sum(t[k] for k in sorted(t)))] for level, t in sorted(terms.items())]
+    meta = {"format": str(FORMAT), "shapes": json.dumps({n: list(lin.weight.shape) for n, lin in lins.items()}),
+            "dense_sha1": digest, "frobenius_sq": json.dumps(frob)}
+    return tensors, meta
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem of ``path`` (its nearest existing ancestor when it does not exist yet)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return int(shutil.disk_usage(path).free)
+
+
+def _preflight(out: Path, sizes: Mapping[str, int], grid: Sequence[float], store_dtype: str) -> None:
+    """One-line ``OSError`` when :func:`estimate_bytes` of the units ``sizes`` exceeds the free space at ``out``."""
+    need = estimate_bytes(sizes, grid, torch.empty((), dtype=STORE_DTYPES[store_dtype]).element_size())
+    free = _free_bytes(out)
+    if need > free:
+        raise OSError(f"not enough disk space for the level database {out}: {need:,} bytes ({need / 1e9:.2f} GB) "
+                      f"needed for {len(sizes)} units in {store_dtype}, {free:,} bytes ({free / 1e9:.2f} GB) free")
 
 
 def covering_grid(out_dir: str | os.PathLike[str], grid: Sequence[float]) -> tuple[float, ...]:
@@ -115,45 +340,52 @@ def build_level_db(model: nn.Module, calib_batch: dict[str, torch.Tensor], out_d
                    grid: Sequence[float] = DEFAULT_GRID, method: str = "sparsegpt",
                    units: Sequence[str] | None = None, progress: bool = True, *, blocksize: int = 128,
                    percdamp: float = 0.01, calib_info: dict | None = None,
-                   device: torch.device | str | None = None) -> pd.DataFrame:
-    """Build (or resume) the level database of ``units`` (default: every language-model unit).
+                   device: torch.device | str | None = None, store_dtype: str = "auto") -> pd.DataFrame:
+    """Build (or resume) the level database of ``units`` (default: every language-model unit) from the dense
+    ``model``.
 
     ``calib_info`` (e.g. sample ids and seed) is recorded in ``config.json`` beside the calibration
     fingerprint. ``device``: one decoder block at a time on it (:func:`walk.walk_blocks`); the stored
-    weights are on the CPU either way. The model is left dense. Returns one row per unit: ``unit, status`` (``built`` /
-    ``skipped``), ``seconds`` (this call's wall time for the unit, statistics included).
+    weights are on the CPU either way. ``store_dtype``: ``"auto"`` (the model weights' own dtype: a fp32 model
+    assembles bit-identically to its pruned weights) or one of :data:`STORE_DTYPES`. Before any work the bytes
+    to write (:func:`estimate_bytes` of the units not built yet) are compared with the free space of
+    ``out_dir``'s filesystem: a one-line ``OSError`` when short, nothing written. A folder holding a database
+    of another format: a one-line ``ValueError`` (rebuild it). The model is left dense. Returns one row per unit:
+    ``unit, status`` (``built`` / ``skipped``), ``seconds`` (this call's wall time for the unit, statistics
+    included).
     """
     if method not in DB_METHODS:
         raise ValueError(f"level database method must be one of {DB_METHODS}, got {method!r}")
     grid = tuple(sorted(set(float(g) for g in grid)))
     if not grid or grid[0] < 0 or grid[-1] >= 1:
         raise ValueError(f"grid levels must lie in [0, 1), got {grid}")
+    sizes = list_units(model, include_vision=True)
     units = list(units) if units is not None else list(list_units(model))
-    unknown = [u for u in units if u not in list_units(model, include_vision=True)]
+    unknown = [u for u in units if u not in sizes]
     if unknown or not units:
         raise ValueError(f"unknown units {unknown} for this model" if unknown else "no units to build")
-    out = files.ensure_dir(Path(out_dir))
-    config = _db_config(model, calib_batch, grid, method, blocksize, percdamp, calib_info)
+    store_dtype = resolve_store_dtype(model, store_dtype, units)
+    out = Path(out_dir)
+    config = _db_config(model, calib_batch, grid, method, blocksize, percdamp, calib_info, store_dtype)
     if (out / "config.json").exists():
         _check_config(out / "config.json", config)
         known = json.loads((out / "config.json").read_text())
         config = {**known, "units": known["units"] + [u for u in units if u not in known["units"]]}
     else:
         config = {**config, "units": units}
-    files.write_json(out / "config.json", config)
     todo = [u for u in units if not (out / f"{u}.safetensors").exists()]
+    _preflight(out, {u: sizes[u] for u in todo}, grid, store_dtype)
+    files.ensure_dir(out)
+    files.write_json(out / "config.json", config)
     records = {u: {"unit": u, "status": "skipped", "seconds": 0.0} for u in units}
     clock = {"t": time.perf_counter()}
 
     def visit(block: str, block_units: dict[str, dict[str, nn.Linear]], stats: dict) -> bool:
         for unit, lins in block_units.items():
-            tensors = {}
-            for name, lin in lins.items():
-                for level, w in _prune_levels(lin, stats[name], grid, method, blocksize, percdamp).items():
-                    tensors[level_key(name, level)] = w
-                stats[name].free()
+            tensors, meta = _encode_unit(lins, stats, grid, method, blocksize, percdamp, STORE_DTYPES[store_dtype])
             seconds = time.perf_counter() - clock["t"]
-            meta = {"unit": unit, "method": method, "build_seconds": f"{seconds:.6f}"}
+            meta = {"unit": unit, "method": method, "build_seconds": f"{seconds:.6f}", "store_dtype": store_dtype,
+                    **meta}
             files.write_atomic(out / f"{unit}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
             records[unit] = {"unit": unit, "status": "built", "seconds": seconds}
             clock["t"] = time.perf_counter()
@@ -167,23 +399,55 @@ def build_level_db(model: nn.Module, calib_batch: dict[str, torch.Tensor], out_d
     return pd.DataFrame([records[u] for u in units])
 
 
-class LevelDB:
-    """A built level database, opened lazily: a unit's file is opened (memory-mapped) on first use."""
+#: Dense snapshots per model object (weakly referenced): ``{unit: (weights digest, {layer: CPU weights})}``.
+_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[str, dict[str, torch.Tensor]]]] = \
+    weakref.WeakKeyDictionary()
 
-    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+
+def _signature(lins: Mapping[str, nn.Linear]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when a unit's weights are replaced or changed in place: per linear the weight's object id,
+    data pointer and version counter (bumped by every in-place write, ``copy_`` included)."""
+    return tuple((id(lin.weight), lin.weight.data_ptr(), lin.weight._version) for lin in lins.values())
+
+
+class LevelDB:
+    """A built level database, opened lazily: a unit's file is opened (memory-mapped) on first use.
+
+    Per model object it assembles into (weakly referenced) it remembers the level each unit holds and the
+    unit's :func:`_signature` after the copy; :meth:`assemble` skips a unit whose level and signature are
+    unchanged, so any write to a unit's weights outside the database (an in-place change, new tensors) makes
+    it copy that unit again. :meth:`forget` drops what it remembers of a model outright. The dense snapshot
+    (level 0) is one per database: each unit's dense weights, taken from the first model it is written into
+    (:meth:`_snapshot`). Decoded levels are kept up to ``cache_bytes`` (:data:`DECODE_CACHE_BYTES`; 0 = none),
+    least recently used dropped first.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], cache_bytes: int = DECODE_CACHE_BYTES) -> None:
         self.path = Path(out_dir)
+        self.cache_bytes = int(cache_bytes)
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{self.path} is not a level database (no config.json)")
         self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
+        check_format(self.path, self.config)
         self.grid: tuple[float, ...] = tuple(self.config["grid"])
         self._handles: dict[str, Any] = {}
-        self._frob: dict[str, dict[float, float]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._dense: dict[str, dict[str, torch.Tensor]] = {}
+        self._held: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[float, tuple]]] = \
+            weakref.WeakKeyDictionary()
         self.last_assemble_seconds: float | None = None
+        self.last_assemble_units: int | None = None
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_used = 0
 
     @property
     def units(self) -> list[str]:
         """Units whose file is present."""
         return [u for u in self.config["units"] if (self.path / f"{u}.safetensors").is_file()]
+
+    def disk_bytes(self) -> int:
+        """Bytes of the unit files present."""
+        return sum((self.path / f"{u}.safetensors").stat().st_size for u in self.units)
 
     def _open(self, unit: str) -> Any:
         if unit not in self._handles:
@@ -193,6 +457,16 @@ class LevelDB:
             self._handles[unit] = safe_open(str(f), framework="pt")
         return self._handles[unit]
 
+    def _info(self, unit: str) -> dict[str, Any]:
+        """The unit file's parsed metadata: ``shapes``, ``dense_sha1``, ``frobenius_sq``, ``keys``."""
+        if unit not in self._meta:
+            handle = self._open(unit)
+            meta = handle.metadata()
+            self._meta[unit] = {"shapes": {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()},
+                                "dense_sha1": meta["dense_sha1"], "keys": set(handle.keys()),
+                                "frobenius_sq": {float(s): float(v) for s, v in json.loads(meta["frobenius_sq"])}}
+        return self._meta[unit]
+
     def level_of(self, sparsity: float) -> float:
         """The grid level equal to ``sparsity`` (tolerance 1e-9), else ``ValueError``."""
         for g in self.grid:
@@ -200,27 +474,38 @@ class LevelDB:
                 return g
         raise ValueError(f"sparsity {sparsity} is not a level of this database (grid {self.grid})")
 
+    def _stored(self, unit: str, name: str, level: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The stored weights of layer ``name`` at a level ``> 0``, decoded on ``device`` (storage dtype)."""
+        key, info = level_key(name, level), self._info(unit)
+        handle = self._open(unit)
+        if key in info["keys"]:
+            return handle.get_tensor(key).to(device)
+        values, packed = (handle.get_tensor(key + s).to(device) for s in PACKED_SUFFIXES)
+        return unpack_weights(values, packed, info["shapes"][name])
+
     def weights(self, unit: str, level: float) -> dict[str, torch.Tensor]:
-        """``{layer name: weight}`` of ``unit`` at ``level``."""
-        handle, level = self._open(unit), self.level_of(level)
-        suffix = level_key("", level)
-        return {k[: -len(suffix)]: handle.get_tensor(k) for k in handle.keys() if k.endswith(suffix)}
+        """``{layer name: weight}`` of ``unit`` at ``level`` (CPU; storage dtype; level 0: the dense snapshot,
+        in the model's dtype, shared, not to be modified; ``ValueError`` before one was taken)."""
+        level = self.level_of(level)
+        if level <= GRID_TOL:
+            return self.dense_weights(unit)
+        return {name: self._stored(unit, name, level) for name in self._info(unit)["shapes"]}
+
+    def dense_weights(self, unit: str) -> dict[str, torch.Tensor]:
+        """The dense snapshot of ``unit`` (``ValueError`` before the database wrote the unit into a model)."""
+        if unit not in self._dense:
+            self._info(unit)  # KeyError for a unit not in the database
+            raise ValueError(f"level database {self.path} stores no dense weights (format {FORMAT}): they are "
+                             f"taken from the model the first time {unit} is assembled into it")
+        return self._dense[unit]
 
     def frobenius_sq(self, unit: str) -> dict[float, float]:
-        """``{level: ||W * M(level)||_F^2}`` of ``unit`` (summed over its matrices), cached: ``W`` the dense
-        (level 0) weights, ``M(level)`` the nonzero pattern of the stored weights at ``level``; level 0 gives
-        the dense squared norm. For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`). ``ValueError``
-        if the grid has no level 0 (no dense weights stored)."""
-        if unit not in self._frob:
-            if not any(abs(g) <= GRID_TOL for g in self.grid):
-                raise ValueError(f"level database {self.path} has no level 0 (dense weights): no Frobenius norms")
-            dense = {k: w.double() for k, w in self.weights(unit, 0.0).items()}
-            table: dict[float, float] = {}
-            for level in self.grid:
-                stored = self.weights(unit, level)
-                table[float(level)] = float(sum((dense[k] * (stored[k] != 0)).pow(2).sum() for k in dense))
-            self._frob[unit] = table
-        return dict(self._frob[unit])
+        """``{level: ||W * M(level)||_F^2}`` of ``unit`` (summed over its matrices in name order) for level 0
+        and every level of the grid: ``W`` the dense weights, ``M(level)`` the nonzero pattern of the pruned
+        weights at ``level``; level 0 gives the dense squared norm. Computed at build time (no dense weights
+        needed here). For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`)."""
+        table = self._info(unit)["frobenius_sq"]
+        return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
 
     def build_seconds(self) -> pd.DataFrame:
         """``unit, build_seconds`` from each unit file's metadata."""
@@ -234,11 +519,83 @@ class LevelDB:
             raise ValueError(f"level database {self.path} was built for another model "
                              f"(identity {self.config['model']['identity']}, this model {have})")
 
+    def forget(self, model: nn.Module) -> None:
+        """Forget which levels ``model``'s units hold: the next :meth:`assemble` into it copies every unit. Call
+        it after changing unit weights outside the database (pruning, loading a state dict) when in doubt."""
+        self._held.pop(model, None)
+
+    def _snapshot(self, model: nn.Module, unit: str, lins: Mapping[str, nn.Linear]) -> None:
+        """Keep ``unit``'s dense weights (CPU copies, the model's dtype): the ones an earlier :class:`LevelDB`
+        took of this model object when their digest is the one recorded at build time, else copies of the
+        model's weights after checking them against that digest (a one-line ``ValueError`` for weights that are
+        not the dense ones, e.g. a pruned model). Snapshots are registered per model object (weakly), so
+        another database of the same dense model reuses them instead of refusing the then assembled model."""
+        want = self._info(unit)["dense_sha1"]
+        taken = _SNAPSHOTS.setdefault(model, {})
+        if unit in taken and taken[unit][0] == want:
+            self._dense[unit] = taken[unit][1]
+            return
+        dense = {name: lin.weight.detach().to("cpu", copy=True) for name, lin in lins.items()}
+        have = weights_digest(dense)
+        if have != want:
+            raise ValueError(f"unit {unit} of this model is not the dense one level database {self.path} was built "
+                             f"from (weights digest {have[:12]} != {want[:12]}); assemble into a freshly loaded "
+                             "dense model")
+        taken[unit] = (have, dense)
+        self._dense[unit] = dense
+
+    def _write(self, model: nn.Module, unit: str, level: float, lins: Mapping[str, nn.Linear]) -> None:
+        """Copy ``unit`` at ``level`` into its linears ``lins`` (the snapshot first, when none was taken yet): level
+        0 from the snapshot, a level in the decode cache from there, else from the unit file (then cached)."""
+        shapes = self._info(unit)["shapes"]
+        for name, lin in lins.items():
+            if shapes.get(name) != tuple(lin.weight.shape):
+                raise ValueError(f"level database {self.path} has no weight of shape "
+                                 f"{tuple(lin.weight.shape)} for {name}@{level}")
+        if unit not in self._dense:
+            self._snapshot(model, unit, lins)
+        if level <= GRID_TOL:
+            for name, lin in lins.items():
+                lin.weight.copy_(self._dense[unit][name])
+            return
+        first = next(iter(lins.values())).weight
+        slot = (unit, level, str(first.device), first.dtype)
+        if slot in self._cache:
+            self._cache.move_to_end(slot)
+            for name, lin in lins.items():
+                lin.weight.copy_(self._cache[slot][name])
+            return
+        handle, keys = self._open(unit), self._info(unit)["keys"]
+        for name, lin in lins.items():
+            w, key = lin.weight, level_key(name, level)
+            if key in keys:
+                w.copy_(handle.get_tensor(key))
+            elif w.is_contiguous():  # decoded straight into the weights, on their device
+                unpack_into(w, *(handle.get_tensor(key + s).to(w.device) for s in PACKED_SUFFIXES))
+            else:
+                w.copy_(self._stored(unit, name, level, w.device))
+        self._remember(slot, lins)
+
+    def _remember(self, slot: tuple, lins: Mapping[str, nn.Linear]) -> None:
+        """Keep copies of the unit's weights just written under ``slot`` in the decode cache, dropping the least
+        recently used entries beyond :attr:`cache_bytes` (a unit larger than that is not kept)."""
+        size = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins.values())
+        if size > self.cache_bytes:
+            return
+        self._cache[slot] = {name: lin.weight.detach().clone() for name, lin in lins.items()}
+        self._cache_used += size
+        while self._cache_used > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cache_used -= sum(t.numel() * t.element_size() for t in old.values())
+
     @torch.no_grad()
     def assemble(self, model: nn.Module, policy: Policy, *, check: bool = True) -> float:
-        """Copy each unit's stored weights at its policy level into ``model`` (in place); returns seconds.
+        """Bring each unit of ``policy`` to its policy level in ``model`` (in place); returns seconds.
 
-        ``check`` verifies the model identity first (skip it in a tight search loop once checked).
+        Copies only the units whose level (or weights, :class:`LevelDB`) changed since the database last wrote
+        them into this model object; the first assembly into a model copies every unit of the policy. The number
+        copied is kept in :attr:`last_assemble_units`. ``check`` verifies the model identity first (skip it in a
+        tight search loop once checked).
         """
         tick = time.perf_counter()
         if check:
@@ -247,14 +604,17 @@ class LevelDB:
         missing = [u for u in levels if u not in self.config["units"]]
         if missing:
             raise ValueError(f"policy units {missing} are not in the level database {self.path}")
-        include_vision = names_vision(levels)
-        linears = unit_linears(model, include_vision)
+        linears = unit_linears(model, names_vision(levels))
+        held = self._held.setdefault(model, {})
+        copied = 0
         for unit, level in levels.items():
-            stored = self.weights(unit, level)
-            for name, lin in linears[unit].items():
-                if name not in stored or stored[name].shape != lin.weight.shape:
-                    raise ValueError(f"level database {self.path} has no weight of shape "
-                                     f"{tuple(lin.weight.shape)} for {name}@{level}")
-                lin.weight.copy_(stored[name])
+            lins = linears[unit]
+            if held.get(unit) == (level, _signature(lins)):
+                continue
+            held.pop(unit, None)
+            self._write(model, unit, level, lins)
+            held[unit] = (level, _signature(lins))
+            copied += 1
+        self.last_assemble_units = copied
         self.last_assemble_seconds = time.perf_counter() - tick
         return self.last_assemble_seconds

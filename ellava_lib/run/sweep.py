@@ -252,14 +252,19 @@ def level_grid(spec: SweepSpec, jobs: Sequence[Job]) -> tuple[float, ...]:
     return tuple(sorted(levels))
 
 
-def db_build_grid(db_dir: Path, grid: Sequence[float]) -> tuple[float, ...]:
-    """The grid to build ``db_dir`` with so it holds ``grid`` (:func:`leveldb.covering_grid`); a database there
-    that lacks some of those levels is removed and rebuilt with the union of both (a sweep's databases are its
-    cache)."""
-    from ellava_lib.prune.leveldb import covering_grid
+def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None = None) -> tuple[float, ...]:
+    """The grid to build ``db_dir`` with so it holds ``grid`` (:func:`leveldb.covering_grid`). A sweep's databases
+    are its cache: one there of another format (:data:`leveldb.FORMAT`) or, when ``store_dtype`` is given, of
+    another storage dtype is removed (built afresh with ``grid``), and one that lacks some of ``grid``'s levels is
+    removed and rebuilt with the union of both."""
+    from ellava_lib.prune.leveldb import FORMAT, covering_grid
 
-    want = covering_grid(db_dir, grid)
     config = Path(db_dir) / "config.json"
+    if config.is_file():
+        known = json.loads(config.read_text())
+        if known.get("format") != FORMAT or (store_dtype is not None and known.get("store_dtype") != store_dtype):
+            shutil.rmtree(db_dir)
+    want = covering_grid(db_dir, grid)
     if not config.is_file():
         return want
     have = tuple(float(g) for g in json.loads(config.read_text()).get("grid", ()))
@@ -272,13 +277,16 @@ def db_build_grid(db_dir: Path, grid: Sequence[float]) -> tuple[float, ...]:
 def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False,
                      grid: Sequence[float] = DEFAULT_GRID) -> None:
     """Build (or resume) the level database of one (seed, calib_n), holding at least the levels of ``grid``
-    (:func:`level_grid`, :func:`db_build_grid`)."""
-    from ellava_lib.prune.leveldb import build_level_db
+    (:func:`level_grid`, :func:`db_build_grid`), stored in the tier's ``db_dtype``."""
+    from ellava_lib.prune.leveldb import build_level_db, resolve_store_dtype
 
+    tier = spec.get_tier()
     db_dir = level_db_dir(out_dir, seed, calib_n)
-    model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
-    build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid), "sparsegpt",
-                   progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed})
+    model, _, samples, batch = _load(tier, spec, seed, calib_n)
+    store_dtype = resolve_store_dtype(model, tier.db_dtype)
+    build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid, store_dtype), "sparsegpt",
+                   progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed},
+                   store_dtype=store_dtype)
 
 
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:

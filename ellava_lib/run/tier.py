@@ -29,6 +29,10 @@ class Tier:
     local parquet copies in the upstream schema under ``data_dir/<benchmark>/``. ``calib_benchmarks``: the
     manifests whose ``calibration_split`` (a training split) the real calibration samples are drawn from.
     ``device``: where solver blocks, the search and evaluation run; ``dtype``: weights of hub models.
+    ``db_dtype``: how level databases store the pruned weights (``store_dtype`` of
+    :func:`leveldb.build_level_db`: ``auto`` = the weights' own dtype, else ``float16`` / ``bfloat16`` /
+    ``float32``; a model held in fp32 stores 16-bit databases with ``bfloat16``); left out of :meth:`to_dict`
+    at ``auto``, so the tiers before it keep their digests.
     """
 
     model: str = "tiny"
@@ -38,10 +42,12 @@ class Tier:
     device: str = "cpu"
     dtype: str = "float32"
     calib_benchmarks: tuple[str, ...] = ("scienceqa",)
+    db_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         from ellava_lib.data.manifest import BENCHMARKS
         from ellava_lib.model.loading import DTYPES
+        from ellava_lib.prune.leveldb import STORE_DTYPES
 
         self.calib_benchmarks = tuple(self.calib_benchmarks)
         if self.data not in DATA_KINDS:
@@ -54,6 +60,8 @@ class Tier:
         if unknown or not self.calib_benchmarks:
             raise ValueError(f"tier calib_benchmarks must name benchmarks of {', '.join(sorted(BENCHMARKS))}, "
                              f"got {list(self.calib_benchmarks)}")
+        if self.db_dtype != "auto" and self.db_dtype not in STORE_DTYPES:
+            raise ValueError(f"tier db_dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {self.db_dtype!r}")
         if self.data_dir is not None and self.data != "real":
             raise ValueError("tier data_dir is only used with data: real")
 
@@ -70,6 +78,8 @@ class Tier:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["calib_benchmarks"] = list(self.calib_benchmarks)
+        if self.db_dtype == "auto":
+            del d["db_dtype"]
         return d
 
     @property

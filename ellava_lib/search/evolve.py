@@ -223,7 +223,9 @@ class SearchResult:
     ``selection``: how the policy was chosen (``lam`` chosen on the selection rows or None, ``index`` and
     ``policy_id`` of the pick, ``fallback`` when a start policy replaced it, and every candidate's
     ``r_select`` / ``r_search`` / ``g``). ``timing``: accumulated seconds of ``assemble``, ``evaluate`` (forward
-    passes and scoring), ``projector`` and ``dense`` (the dense log-probabilities), and ``n_assembled``."""
+    passes and scoring), ``projector`` and ``dense`` (the dense log-probabilities), ``n_assembled`` and
+    ``n_units_copied`` (units the level database copied for them: only those that changed since the candidate
+    before, :meth:`LevelDB.assemble`)."""
 
     policy: Policy
     score: Score
@@ -269,6 +271,7 @@ def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequenc
                            f"S = {weighted_mean(policy.sparsities, run.weights)}")
     run.timing["assemble"] += run.db.assemble(run.model, policy, check=False)
     run.timing["n_assembled"] += 1
+    run.timing["n_units_copied"] += run.db.last_assemble_units or 0
     tick = time.perf_counter()
     losses = per_sample_losses(run.model, run.batch, cfg.loss_kind, run.dense, list(rows), cfg.eval_batch_size or None)
     n_fit = len(run.scoring)
@@ -390,11 +393,12 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     context = search_context(model, batch, units)  # the split follows from the batch and the config
     resume = check_resume(out, cfg, context)
     level_db.check_model(model)
-    if on_grid(0.0, level_db.grid):  # level 0 = the dense weights: make the units dense
+    level_db.forget(model)  # what the model's units hold is unknown: the first assembly copies every unit
+    if on_grid(0.0, level_db.grid):  # level 0 = the dense weights (the database's snapshot): make the units dense
         level_db.assemble(model, Policy({u: 0.0 for u in units}, level_db.grid), check=False)
     lm_tokens = float(batch["attention_mask"].sum(1).float().mean())
     weights = budget_weights(units, cfg.budget, lm_tokens, structure.vision_tokens_per_image(model.config))
-    timing = {"assemble": 0.0, "evaluate": 0.0, "projector": 0.0, "dense": 0.0, "n_assembled": 0}
+    timing = {"assemble": 0.0, "evaluate": 0.0, "projector": 0.0, "dense": 0.0, "n_assembled": 0, "n_units_copied": 0}
     tick = time.perf_counter()
     need_dense = cfg.loss_kind in KL_KINDS or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
     dense = dense_logprobs_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
@@ -417,6 +421,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         ckpt.start_history(out / ckpt.HISTORY)
         rng, start = random.Random(cfg.seed), 0
         starts = start_policies(model, batch, weights, cfg, importance)
+        level_db.forget(model)  # ECoFLaP's importances perturb and restore unit weights in place
         run.starts = starts
         pop = sorted((Member(p, _score(run, p, 0, "init", scoring))
                       for p in initial_population(weights, cfg, rng, starts)), key=Member.key)
