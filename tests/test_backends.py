@@ -157,7 +157,7 @@ def ray_session():
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([old] if old else [])])
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")

@@ -264,7 +264,8 @@ def connect_ray(address: str | None, workers: int) -> bool:
         if address is not None:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            # "local": always a new local instance, never a cluster left in /tmp/ray/ray_current_cluster
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address is not None else "a local Ray"
         raise ValueError(f"cannot start or join {where}: {one_line(e)}") from None
