@@ -244,6 +244,22 @@ def test_smol_alignment_trains_the_projector_only():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_joint_stage_gives_the_decoder_its_own_learning_rate():
+    """With ``lm_lr`` the joint stage has two parameter groups: the decoder (its tied embedding once) at
+    ``lm_lr``, everything else at ``lr``; without it one list, as the tiny recipe has it."""
+    _, _, model = _micro()
+    heads = losses.CellHeads(8)
+    lm_params = train._unique(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
+    all_params = train._unique(list(model.parameters()) + list(heads.parameters()))
+    cfg = TrainConfig.smol_micro()
+    groups = train._joint_params(all_params, lm_params, cfg)
+    assert [g.get("lr") for g in groups] == [cfg.lm_lr, None]
+    assert len(lm_params) == len(list(model.model.language_model.parameters()))  # lm_head is the embedding
+    assert {id(q) for g in groups for q in g["params"]} == {id(q) for q in all_params}
+    assert sum(len(g["params"]) for g in groups) == len(all_params)
+    assert train._joint_params(all_params, lm_params, replace(cfg, lm_lr=0.0)) == all_params
+
+
 def test_killed_build_resumes_to_the_same_weights(smol_micro_dir, tmp_path, monkeypatch):
     """A build killed in the joint stage continues from its last checkpoint (every 3 steps here) and ends with
     the uninterrupted build's weights and log, bit for bit; the work folder is removed at the end."""
