@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             labels = b.pop("labels")
             return {"copy": answer_loss(model(**b).logits, labels)}
 
-        train._run_stage(params, a.induction, cfg.induction_lr, cfg, copy_step, "induction", log, True)
+        train._run_stage(train.Stage("induction", a.induction, params, cfg.induction_lr, copy_step), cfg, log, True)
     rng = random.Random(a.seed + 1)
     evals: list[dict] = []
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         return losses
 
     t0 = time.time()
-    train._run_stage(params, a.steps, cfg.lr, cfg, text_step, "text", log, True)
+    train._run_stage(train.Stage("text", a.steps, params, cfg.lr, text_step), cfg, log, True)
     record(a.steps)
     copy_loss = [r["copy"] for r in log if r["stage"] == "induction"]
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

@@ -1,6 +1,6 @@
 """The ``ellava`` command line: thin wrappers that build the same config objects the notebooks use.
 
-    ellava build [--preset tiny] [--seed N] [--force]   train (or find cached) the tiny model, print its folder
+    ellava build [--preset tiny|smol] [--seed N] [--force]   train (or find cached) a built-in model, print its folder
     ellava eval --model tiny --suite all --split test --out DIR [--limit N]
     ellava inspect --model llava-1.5-7b --meta --json
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
@@ -418,14 +418,19 @@ def _data_args(parser: argparse.ArgumentParser, judge: bool = False) -> None:
                                  "OPENAI_API_KEY, ELLAVA_JUDGE_MODEL from the environment)")
 
 
+#: ``ellava build --preset`` choices: the keys of ``model.train.PRESETS`` (not imported here: parsing stays fast).
+BUILD_PRESETS = ("tiny", "ci", "micro", "smol", "smol-micro")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ellava", description="EfficientLLaVA reproducibility kit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    b = sub.add_parser("build", help="train the tiny model (cached) and print its folder")
+    b = sub.add_parser("build", help="train a built-in model (cached) and print its folder")
     b.add_argument("--force", action="store_true", help="retrain even if cached")
-    b.add_argument("--preset", choices=("tiny", "ci", "micro"), default="tiny",
-                   help="train recipe: tiny (the embedded default), ci (about a minute), micro (seconds)")
+    b.add_argument("--preset", choices=BUILD_PRESETS, default="tiny",
+                   help="train recipe: tiny (the embedded default), ci (about a minute), micro (seconds), smol "
+                        "(SmolLM2-135M, about an hour on 2 cores; a killed build resumes), smol-micro (seconds)")
     b.add_argument("--seed", type=int, default=None,
                    help="build seed (weights init and batch order); default: the preset's. Another seed is "
                         "another model, cached beside the default")

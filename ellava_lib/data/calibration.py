@@ -61,9 +61,9 @@ def draw_calibration(n: int, seed: int, suites: Sequence[str] = SUITES, pool_siz
 def encode_calibration(samples: Sequence[Sample], processor) -> dict[str, torch.Tensor]:
     """One right-padded batch: ``input_ids, attention_mask, labels, pixel_values``.
 
-    Each row is ``sample_prompt(s) + " " + answer + " </s>"`` with ``<image>`` expanded; ``labels``
-    are the answer tokens (and ``</s>``), ``-100`` elsewhere. Same encoding as the trainer
-    (:func:`encoding.encode_pair`, :func:`encoding.collate`).
+    Each row is ``sample_prompt(s) + " " + answer + eos`` with ``<image>`` expanded (``eos`` = the tokenizer's
+    end token, ``</s>`` for the tiny model); ``labels`` are the answer tokens and ``eos``, ``-100`` elsewhere.
+    Same encoding as the trainer (:func:`encoding.encode_pair`, :func:`encoding.collate`).
     """
     if not samples:
         raise ValueError("no calibration samples to encode")

@@ -17,11 +17,15 @@ from ellava_lib.data import scenes
 
 
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[torch.Tensor, int]:
-    """Token ids of ``prompt + " " + answer + " </s>"`` (``<image>`` expanded to one token per patch) and the
-    number of prompt tokens (labels start there)."""
+    """Token ids of ``prompt + " " + answer + eos`` (``eos`` = ``tokenizer.eos_token``, right after the answer;
+    ``<image>`` expanded to one token per patch) and the number of prompt tokens (labels start there).
+
+    The end marker is the tokenizer's own: ``</s>`` for the tiny word-level tokenizer (whose pre-tokenizer drops
+    the spaces, so this equals the former ``" {answer} </s>"`` token for token), ``<|im_end|>`` for SmolLM2, whose
+    byte-level BPE would turn a space before it into a token of its own."""
     prompt = prompt.replace("<image>", "<image>" * (scenes.GRID * scenes.GRID))
     p = tokenizer(prompt)["input_ids"]
-    a = tokenizer(f" {answer} </s>", add_special_tokens=False)["input_ids"]
+    a = tokenizer(f" {answer}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
     return torch.tensor(p + a), len(p)
 
 
@@ -62,6 +66,14 @@ class LengthGroupedBatches:
             order = torch.randperm(self.group, generator=self.gen).tolist()
             self._queue = [batches[i].tolist() for i in reversed(order)]
         return self._queue.pop()
+
+    def state_dict(self) -> dict[str, list[list[int]]]:
+        """The batches drawn but not yet served (the generator's state is its owner's to save)."""
+        return {"queue": [list(b) for b in self._queue]}
+
+    def load_state_dict(self, state: dict[str, list[list[int]]]) -> None:
+        """Serve ``state["queue"]`` next, as the batcher that saved it would have."""
+        self._queue = [[int(i) for i in b] for b in state["queue"]]
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalization, as llava-hf uses
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -73,8 +73,10 @@ def load_folder(path: Path) -> tuple[LlavaForConditionalGeneration, object]:
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f"corrupted weights file {w}: {e}") from None
     model = LlavaForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(_remap(state, model), strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    state = _remap(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = _shared_keys(model)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq") and not shared.get(m, set()) & set(state)]
     if missing or unexpected:
         raise ModelLoadError(f"weights in {path} do not match its config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
@@ -84,6 +86,16 @@ def load_folder(path: Path) -> tuple[LlavaForConditionalGeneration, object]:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the processor in {path}: {e}") from None
     return model, processor
+
+
+def _shared_keys(model) -> dict[str, set[str]]:
+    """For each state-dict key whose tensor another key shares (tied weights, such as SmolLM2's output head and
+    input embeddings, which ``save_pretrained`` writes once), the other keys; loading one of them loads it."""
+    by_storage: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            by_storage.setdefault(tensor.data_ptr(), []).append(key)
+    return {k: set(keys) - {k} for keys in by_storage.values() if len(keys) > 1 for k in keys}
 
 
 # transformers 5 ``save_pretrained`` writes LLaVA in the legacy 4.x key layout: map those prefixes back.

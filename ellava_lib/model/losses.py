@@ -76,11 +76,17 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def cell_word_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Lookup tables from cell labels (see ``scenes.cell_labels``) to the token id of the word naming them:
     colour label -> colour word (glyphs -> "white"), kind label -> shape word or the glyph's character;
-    the empty label maps to -100 (ignored)."""
-    to_id = tokenizer.convert_tokens_to_ids
-    colour = [-100] + [to_id(c) for c in scenes.COLOURS] + [to_id("white")]
-    kind = [-100] + [to_id(s) for s in scenes.SHAPES] + [to_id(g.lower()) for g in scenes.GLYPHS]
+    the empty label maps to -100 (ignored). A word's id is the first token of ``" " + word`` (:func:`word_id`)."""
+    colour = [-100] + [word_id(tokenizer, c) for c in scenes.COLOURS] + [word_id(tokenizer, "white")]
+    kind = [-100] + [word_id(tokenizer, s) for s in scenes.SHAPES] + [word_id(tokenizer, g.lower())
+                                                                      for g in scenes.GLYPHS]
     return torch.tensor(colour), torch.tensor(kind)
+
+
+def word_id(tokenizer, word: str) -> int:
+    """The id of the first token of ``" " + word``, the form the word takes inside an answer: the word itself for
+    the tiny word-level tokenizer, ``"Ġred"`` (not ``"red"``) for a byte-level BPE such as SmolLM2's."""
+    return tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]
 
 
 def alignment_loss(model, feats: torch.Tensor, colour: torch.Tensor, kind: torch.Tensor,

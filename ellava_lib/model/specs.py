@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers import LlavaForConditionalGeneration
 from ellava_lib.core import files
 from ellava_lib.model import loading
 from ellava_lib.model.loading import ModelLoadError, load_folder, load_pretrained
-from ellava_lib.model.train import TrainConfig, train
+from ellava_lib.model.train import CHECKPOINT_EVERY, TrainConfig, train
 
 
 def cache_root() -> Path:
@@ -26,27 +27,37 @@ def cache_root() -> Path:
     return Path(os.environ.get("ELLAVA_CACHE", Path.home() / ".cache" / "ellava"))
 
 
-def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = True, force: bool = False) -> Path:
+def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = True, force: bool = False,
+                  checkpoint_every: int = CHECKPOINT_EVERY) -> Path:
     """Return the folder of the trained model for ``cfg``, training and caching it if missing.
 
-    The folder holds ``model.safetensors``, ``config.json``, the processor files, ``ellava.json``
-    (train config, digest, wall time) and ``train_log.csv``; it is written atomically
-    (:func:`files.write_dir`), so an interrupted build leaves nothing half-written.
+    The folder is ``<cache>/models/<kind>-<digest>`` (``tiny`` or ``smol``, :meth:`TrainConfig.kind`) and holds
+    ``model.safetensors``, ``config.json``, the processor files, ``ellava.json`` (train config, digest, wall
+    time) and ``train_log.csv``; it is written atomically (:func:`files.write_dir`), so an interrupted build
+    leaves nothing half-written there. While training, the build saves its state every ``checkpoint_every``
+    steps and at each stage's end into the work folder ``<cache>/models/.building-<kind>-<digest>`` (see
+    :func:`train`); a build that was killed continues from there on the next call, to the same weights, and
+    the work folder is removed once the model folder is in place (``force`` discards a saved state too).
     """
     cache = Path(cache) if cache is not None else cache_root()
-    out = cache / "models" / f"tiny-{cfg.digest()}"
+    out = cache / "models" / f"{cfg.kind()}-{cfg.digest()}"
+    work = out.with_name(f".building-{out.name}")
     if (out / "ellava.json").exists() and not force:
         return out
+    if force and work.exists():
+        shutil.rmtree(work)
     t0 = time.time()
-    model, processor, log = train(cfg, progress)
-    meta = {"kind": "tiny", "train_config": cfg.to_dict(), "digest": cfg.digest(), "train_seconds": time.time() - t0,
-            "params": sum(p.numel() for p in model.parameters())}
+    model, processor, log = train(cfg, progress, work_dir=work, checkpoint_every=checkpoint_every)
+    meta = {"kind": cfg.kind(), "train_config": cfg.to_dict(), "digest": cfg.digest(),
+            "train_seconds": time.time() - t0, "params": sum(p.numel() for p in model.parameters())}
 
     def fill(tmp: Path) -> None:
         loading.save(model, processor, tmp, meta)
         files.write_csv(tmp / "train_log.csv", pd.DataFrame(log))
 
-    return files.write_dir(out, fill)
+    files.write_dir(out, fill)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def model_meta(model_dir: Path) -> dict:
@@ -56,13 +67,15 @@ def model_meta(model_dir: Path) -> dict:
         raise FileNotFoundError(f"{path} is missing: not a model built by ellava")
     return json.loads(path.read_text())
 
-BUILTIN = {"tiny": TrainConfig}
+#: Models the kit trains itself, by name: the tiny default and the smol tier (SmolLM2-135M).
+BUILTIN = {"tiny": TrainConfig, "smol": TrainConfig.smol}
 #: Hub checkpoints the kit knows by a short name (the paper tier).
 HUB_MODELS = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf": "llava-hf/llava-1.5-7b-hf"}
 
 
 def resolve_model_dir(spec: str | Path, progress: bool = True) -> Path:
-    """``tiny`` -> the cached tiny model (built if missing); anything else must be a model folder."""
+    """``tiny`` / ``smol`` -> the cached model of that name (built if missing); anything else must be a model
+    folder."""
     if str(spec) in BUILTIN:
         return build_or_load(BUILTIN[str(spec)](), progress=progress)
     path = Path(spec)

@@ -80,14 +80,25 @@ def vocabulary(seed: int = 0, per_suite: int = 1500) -> list[str]:
 def build_tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
     """Word-level fast tokenizer: whitespace/punctuation pre-tokenizer, ``<s>`` prepended, ``<image>`` kept
     as one special token; decoding joins words with single spaces."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab.index(BOS))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
-                                   extra_special_tokens={"image_token": IMAGE},
-                                   clean_up_tokenization_spaces=False, padding_side="left")
+    fast = word_tokenizer(vocab, unk=UNK, pad=PAD, bos=BOS, eos=EOS, prepend_bos=True)
     fast.add_special_tokens({"additional_special_tokens": [IMAGE]})
     return fast
+
+
+def word_tokenizer(vocab: list[str], *, unk: str, pad: str, bos: str, eos: str, prepend_bos: bool,
+                   extra_special: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over ``vocab`` (id = position) with the given special tokens: whitespace and
+    punctuation pre-tokenizer; ``bos`` prepended to every encoded text when ``prepend_bos``; ``extra_special``
+    names further special tokens (default ``{"image_token": "<image>"}``, as the tiny LLaVA has it)."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if prepend_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, vocab.index(bos))])
+    extra = {"image_token": IMAGE} if extra_special is None else extra_special
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, bos_token=bos, eos_token=eos,
+                                   extra_special_tokens=extra, clean_up_tokenization_spaces=False,
+                                   padding_side="left")
 
 
 def build_image_processor():
@@ -105,7 +116,15 @@ def build_image_processor():
 
 def build_processor(vocab: list[str]) -> LlavaProcessor:
     """A ``LlavaProcessor`` wired like llava-hf's: one ``<image>`` expands to (size/patch)^2 tokens."""
-    return LlavaProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(vocab),
+    return llava_processor(build_tokenizer(vocab))
+
+
+def llava_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """``tokenizer`` (which holds ``<image>`` as a special token) in a ``LlavaProcessor`` wired like llava-hf's:
+    the CLIP image processor at the scene size (:func:`build_image_processor`), one ``<image>`` expanded to
+    (size/patch)^2 tokens (patch = one scene cell; the CLS token counted by ``num_additional_image_tokens`` and
+    dropped by the ``default`` feature strategy), the kit's LLaVA-1.5 chat template."""
+    return LlavaProcessor(image_processor=build_image_processor(), tokenizer=tokenizer,
                           patch_size=scenes.CELL, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE)
 
@@ -131,14 +150,27 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast, seed: int =
 def init_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     """A randomly initialised tiny LLaVA drawn from torch's global CPU generator as it stands: the caller seeds
     it (:func:`build_model`; training, which keeps drawing from the same stream after the model)."""
-    vision = CLIPVisionConfig(hidden_size=cfg.vit_hidden, intermediate_size=cfg.vit_mlp,
-                              num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
-                              image_size=scenes.IMAGE_SIZE, patch_size=scenes.CELL, projection_dim=cfg.vit_hidden)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden, intermediate_size=cfg.lm_mlp,
                        num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
                        num_key_value_heads=cfg.lm_heads, max_position_embeddings=cfg.max_positions,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    return init_llava(vision_config(cfg), text, tokenizer)
+
+
+def vision_config(cfg: TinyConfig) -> CLIPVisionConfig:
+    """The CLIP vision tower of ``cfg`` (``vit_*`` sizes): one patch per scene cell, the scene size as image."""
+    return CLIPVisionConfig(hidden_size=cfg.vit_hidden, intermediate_size=cfg.vit_mlp,
+                            num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
+                            image_size=scenes.IMAGE_SIZE, patch_size=scenes.CELL, projection_dim=cfg.vit_hidden)
+
+
+def init_llava(vision: CLIPVisionConfig, text: LlamaConfig,
+               tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    """A randomly initialised ``LlavaForConditionalGeneration`` (drawn from torch's global CPU generator) with the
+    vision tower ``vision``, the decoder ``text`` and a 2-layer GELU projector between them, wired like llava-hf's
+    (patch features of the last layer without the CLS token, ``<image>`` = one token per patch); the pad, bos
+    and eos ids of ``tokenizer`` go into the config and the generation config."""
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
                          projector_hidden_act="gelu", vision_feature_select_strategy="default",
                          vision_feature_layer=-1, image_seq_length=scenes.GRID * scenes.GRID,

@@ -26,15 +26,30 @@ and the text and joint batches are drawn in length-sorted groups (``length_group
 1.56x the steps/s of the former fp32 recipe (two data-parallel processes of one thread each, since removed) on
 the build machine (``benchmarks/cpu_speed.py``; its results file was not kept: not measured in this
 version), which pays for the 1000 text-stage steps. Training runs in one process with ``threads`` intra-op threads.
+
+The smol recipe (``lm`` set: a pretrained decoder, :mod:`ellava_lib.model.smol`) keeps the language model's
+pretraining, so it has no induction or text stage: the vision stage as above; the alignment stage trains the
+projector alone (``align_embeddings=False``: the decoder, its embeddings included, stays frozen, as in LLaVA's
+stage 1); the joint stage is the instruction tuning, the decoder at ``lm_lr`` and the new parts (vision tower,
+projector, cell heads) at ``lr``. The decoder is fully fine-tuned, not through LoRA adapters: 135M parameters
+with fp32 master weights and AdamW take about 2.2 GB, the pruning that follows acts on the plain dense weights
+(adapters would have to be merged first), and no adapter library is needed.
+
+A build is resumable (:mod:`ellava_lib.model.train_state`): given a work folder, :func:`train` saves its whole
+state every ``checkpoint_every`` steps and at each stage's end, and continues from a saved state to the same
+final weights, bit for bit, as a build that never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,7 +66,7 @@ from ellava_lib.data.encoding import (
     pixel_values,
 )
 from ellava_lib.data.prompts import chat_prompt, question_text
-from ellava_lib.model import tiny
+from ellava_lib.model import smol, tiny
 from ellava_lib.model.lm_tasks import (
     content_word_ids,
     drill_text,
@@ -67,6 +82,7 @@ from ellava_lib.model.losses import (
     patch_features,
 )
 from ellava_lib.model.tiny import TinyConfig
+from ellava_lib.model.train_state import Checkpointer, Position, Resumable
 
 PRECISIONS = ("bf16", "fp32")
 
@@ -77,6 +93,12 @@ class TrainConfig:
 
     ``processes`` is kept only so the digests (cache names) of existing configs stay what they were: training
     runs in one process, and :func:`train` refuses any other value.
+
+    ``lm`` picks the decoder: ``""`` the tiny Llama of ``model`` trained from scratch (the ``lm_*`` sizes), or a
+    pretrained one (:data:`smol.LMS`: ``"smollm2"`` from its GGUF, ``"micro-llama"`` its test-size stand-in) with
+    the vision tower of ``model`` (``vit_*``). ``lm_lr`` is the decoder's learning rate in the joint stage
+    (0 = ``lr``, one rate for everything as the tiny recipe has it); ``align_embeddings`` whether the alignment
+    stage trains the input embeddings beside the projector.
     """
 
     model: TinyConfig = field(default_factory=TinyConfig)
@@ -105,10 +127,15 @@ class TrainConfig:
     threads: int = 2  # intra-op threads of the training process (0 = torch default)
     processes: int = 1  # must be 1 (hashed, see above); one process with two threads was faster than the
     # former two data-parallel processes with one thread each on the 2-core machine this kit is built on
+    lm: str = ""  # "" = the tiny decoder from scratch; "smollm2" / "micro-llama" = a pretrained one (smol.LMS)
+    lm_lr: float = 0.0  # the decoder's learning rate in the joint stage; 0 = lr
+    align_embeddings: bool = True  # the alignment stage trains the input embeddings too (False: projector only)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown training precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.lm and self.lm not in smol.LMS:
+            raise ValueError(f"unknown language model {self.lm!r}; choose from \"\" (tiny), {', '.join(smol.LMS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,12 +148,12 @@ class TrainConfig:
 
     def digest(self) -> str:
         """Short stable hash of the config (names the cache folder). A disabled lever (induction stage,
-        drills, value loss) trains exactly as before it existed, so it hashes as before."""
+        drills, value loss) or an option at its neutral value (:data:`_NEUTRAL`) trains exactly as before it
+        existed, so it hashes as before."""
         d = self.to_dict()
-        if d["precision"] == "fp32":  # full precision trains exactly as before the option existed
-            d.pop("precision")
-        if d["length_group"] == 1:  # so do ungrouped batches
-            d.pop("length_group")
+        for name, neutral in _NEUTRAL.items():
+            if d[name] == neutral:
+                d.pop(name)
         for switch, fields in _OPTIONAL_LEVERS.items():
             if not d[switch]:
                 for f in fields:
@@ -146,26 +173,65 @@ class TrainConfig:
         return cls(n_train={s: 600 for s in SUITES}, induction_steps=0, text_steps=40, vision_steps=40, align_steps=30,
                    joint_steps=120, warmup=20, drill_frac=0.0, value_layer=0)
 
+    @classmethod
+    def smol(cls) -> "TrainConfig":
+        """SmolLM2-135M-Instruct with the tiny tier's vision tower (:mod:`ellava_lib.model.smol`): vision stage,
+        projector alignment with the decoder frozen, then instruction tuning of everything (decoder at ``lm_lr``
+        = 1e-4, the new parts at ``lr`` = 1e-3) for 1200 steps of 16 rows (about 0.75 epoch of the 26,000-item
+        train split; rows are 47 tokens on average, at most 77). The vision and alignment stages draw 32 images
+        per step, so they get twice the tiny recipe's steps (300 each; under 0.1 s and 0.5 s a step).
+
+        Build time on the 2-core machine (``threads=2``, bf16 autocast), measured nice'd while other jobs shared
+        the cores (load average 1.5 to 8), so the relative numbers are the solid ones. At load average about 2,
+        a joint step took 2.1 to 5.3 s of wall time (median 3.7 s; rows of different lengths), as long as the
+        reference forward+backward of SmolLM2 on 8 x 128 tokens run just before it (median ratio 0.81; that
+        reference takes 2.65 s on idle cores); under heavier load the steps took 4.4 to 42 s at a median ratio
+        of 1.09, and single-threaded 6.4 s of CPU time per step against 7.4 to 10.5 s for the reference. Hence
+        2.1 to 3.7 s per joint step on idle cores, about 3 s: a build of about 65 minutes (1200 x 3 s, plus
+        loading, 25 s, encoding the train split, the vision and alignment stages, and the checkpoints, 1.6 GB
+        every 50 steps, a few seconds each).
+        """
+        return cls(lm="smollm2", induction_steps=0, text_steps=0, drill_frac=0.0, value_layer=0,
+                   vision_steps=300, vision_lr=2e-3, align_steps=300, joint_steps=1200, lr=1e-3, lm_lr=1e-4,
+                   batch_size=16, warmup=50, align_embeddings=False)
+
+    @classmethod
+    def smol_micro(cls) -> "TrainConfig":
+        """The smol recipe on the micro Llama (:func:`smol.micro_llama`) with the micro vision tower: trains in
+        seconds, for tests."""
+        return replace(cls.smol(), lm="micro-llama", model=TinyConfig.micro(), n_train={s: 64 for s in SUITES},
+                       vision_steps=6, align_steps=4, joint_steps=10, batch_size=8, warmup=3)
+
+    def kind(self) -> str:
+        """The model tier the config builds: ``tiny`` (its own decoder) or ``smol`` (a pretrained one)."""
+        return "smol" if self.lm else "tiny"
+
 
 # switch field -> the fields it makes meaningful (dropped from the digest when the switch is off)
 _OPTIONAL_LEVERS = {"induction_steps": ("induction_steps", "induction_lr"), "drill_frac": ("drill_frac",),
                     "value_layer": ("value_layer", "value_weight", "joint_value_weight")}
+# field -> the value at which it trains exactly as before the field existed (dropped from the digest there):
+# full precision, ungrouped batches, the tiny decoder, one learning rate, embeddings trained in the alignment
+_NEUTRAL = {"precision": "fp32", "length_group": 1, "lm": "", "lm_lr": 0.0, "align_embeddings": True}
 
 
-PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro}
+PRESETS = {"tiny": TrainConfig, "ci": TrainConfig.ci, "micro": TrainConfig.micro, "smol": TrainConfig.smol,
+           "smol-micro": TrainConfig.smol_micro}
 
 
 def preset(name: str) -> TrainConfig:
-    """The train config of a named preset: ``tiny`` (the embedded default), ``ci`` or ``micro``."""
+    """The train config of a named preset: ``tiny`` (the embedded default), ``ci``, ``micro``, ``smol``
+    (SmolLM2-135M) or ``smol-micro`` (the smol recipe on a test-size Llama)."""
     if name not in PRESETS:
         raise ValueError(f"unknown train preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
 def encode_train(cfg: TrainConfig, processor) -> Batchable:
-    """Generate, render and tokenise the train split: ``prompt + answer + </s>``, ``<image>`` expanded; the
-    described-scene text items and the ``sqa`` drills beside them."""
+    """Generate, render and tokenise the train split: ``prompt + answer + eos``, ``<image>`` expanded; the
+    described-scene text items and the ``sqa`` drills beside them when the build has a text stage."""
     tok = processor.tokenizer
+    with_text = cfg.text_steps > 0
     out = Batchable(torch.empty(0), [], [], torch.empty(0), torch.empty(0))
     images, colour, kind = [], [], []
     for suite in SUITES:
@@ -176,7 +242,7 @@ def encode_train(cfg: TrainConfig, processor) -> Batchable:
             out.ids.append(seq)
             out.n_prompt.append(n_p)
             out.value.append(value)
-            if not item.scene.degrade:
+            if with_text and not item.scene.degrade:
                 text = f"{synth.describe(item.scene)}\n{question_text(sample)}"
                 seq, n_p = encode_pair(tok, chat_prompt(text, with_image=False), item.answer)
                 out.text_ids.append(seq)
@@ -203,50 +269,130 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _run_stage(params, steps: int, lr: float, cfg: TrainConfig, step_fn, desc: str, log: list[dict],
-               progress: bool) -> None:
+StepFn = Callable[[int], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Stage:
+    """One training stage: AdamW over ``params`` (parameters, or parameter groups that may carry their own
+    ``lr``) for ``steps`` steps of ``step_fn(step) -> {name: loss}`` at peak learning rate ``lr``. The
+    ``frozen`` parameters have ``requires_grad`` off during the stage, so no gradient is computed for them."""
+
+    name: str
+    steps: int
+    params: list
+    lr: float
+    step_fn: StepFn
+    frozen: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+def _flat(params: list) -> list[torch.nn.Parameter]:
+    """The parameters of a parameter list or of a list of parameter groups, in order."""
+    return [q for g in params for q in g["params"]] if params and isinstance(params[0], dict) else list(params)
+
+
+def _unique(params) -> list[torch.nn.Parameter]:
+    """``params`` without repeats (a tied output head is the input embedding), first occurrence kept."""
+    seen: set[int] = set()
+    return [q for q in params if not (id(q) in seen or seen.add(id(q)))]
+
+
+@contextlib.contextmanager
+def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` off for ``params`` within the block, restored on exit."""
+    before = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q, b in zip(params, before):
+            q.requires_grad_(b)
+
+
+SaveFn = Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None]
+
+
+def _run_stage(stage: Stage, cfg: TrainConfig, log: list[dict], progress: bool, start: Position | None = None,
+               save: SaveFn | None = None) -> None:
     """AdamW + warm-up/cosine schedule + gradient clipping at 1. With ``cfg.precision == "bf16"`` the forward
     pass runs under CPU autocast (matmuls in bfloat16, about 4x the fp32 matmul throughput on CPUs with
-    AVX512-BF16 or AMX; weights, optimizer state and losses stay fp32)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, cfg.warmup))
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
-    for step in bar:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            losses = step_fn(step)
-        losses = {k: v.float() for k, v in losses.items()}  # a zero placeholder term may still be bf16
-        total = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        row = {"stage": desc, "step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
-        log.append(row)
-        if step % 20 == 0:
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in losses})
+    AVX512-BF16 or AMX; weights, optimizer state and losses stay fp32). ``start`` (a restored mid-stage
+    position) sets the optimizer and scheduler state and the first step; ``save(steps_done, opt, sched)`` is
+    called after every step."""
+    opt = torch.optim.AdamW(stage.params, lr=stage.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, stage.steps, cfg.warmup))
+    first = 0
+    if start is not None:
+        opt.load_state_dict(start.optimizer)
+        sched.load_state_dict(start.scheduler)
+        first = start.step
+    params = _flat(stage.params)
+    bar = tqdm(range(first, stage.steps), initial=first, total=stage.steps, desc=stage.name, disable=not progress,
+               mininterval=2.0)
+    with _frozen(stage.frozen):
+        for step in bar:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                losses = stage.step_fn(step)
+            losses = {k: v.float() for k, v in losses.items()}  # a zero placeholder term may still be bf16
+            total = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            row = {"stage": stage.name, "step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
+            log.append(row)
+            if step % 20 == 0:
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in losses})
+            if save is not None:
+                save(step + 1, opt, sched)
 
 
-def train(cfg: TrainConfig, progress: bool = True):
-    """Train a tiny LLaVA from scratch in this process (``cfg.threads`` intra-op threads); returns (model,
-    processor, log rows). The model's initialisation and every later draw from torch's global generator (the
-    cell heads' initialisation) run under :func:`tiny.torch_seeded` ``(cfg.seed)``: the draws of
-    ``torch.manual_seed(cfg.seed)``, with the caller's generator state restored afterwards; the batches come
-    from generators of their own. ``cfg.processes`` other than 1 is a ``ValueError``."""
+#: Steps between two mid-stage checkpoints of a resumable build (stage ends are always saved).
+CHECKPOINT_EVERY = 50
+
+
+def train(cfg: TrainConfig, progress: bool = True, work_dir: Path | None = None,
+          checkpoint_every: int = CHECKPOINT_EVERY):
+    """Train a LLaVA in this process (``cfg.threads`` intra-op threads); returns (model, processor, log rows).
+
+    ``cfg.lm == ""``: the tiny LLaVA from scratch. Otherwise the pretrained decoder ``cfg.lm``
+    (:func:`smol.load_lm`; for ``smollm2`` the GGUF, the loaders and the machine's memory are checked first,
+    :func:`smol.preflight`, each failure a one-line :class:`ModelLoadError`) in a LLaVA with new vision tower
+    and projector (:func:`smol.init_smol_model`). The model's random initialisation and every later draw from
+    torch's global generator (the cell heads' initialisation) run under :func:`tiny.torch_seeded` ``(cfg.seed)``:
+    the draws of ``torch.manual_seed(cfg.seed)``, with the caller's generator state restored afterwards; the
+    batches come from generators of their own. ``cfg.processes`` other than 1 is a ``ValueError``.
+
+    With ``work_dir``, the build saves its state there every ``checkpoint_every`` steps and at each stage's end
+    (:class:`train_state.Checkpointer`) and, if a state is saved there already, continues from it: the result
+    equals an uninterrupted build's bit for bit. The caller removes ``work_dir`` once the model is saved."""
     if cfg.processes != 1:
         raise ValueError(f"training runs in one process (the data-parallel path was removed); got processes="
                          f"{cfg.processes}: use threads instead")
+    if cfg.lm == "smollm2":
+        smol.preflight(cfg.batch_size, smol.TRAIN_TOKENS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
+    lm = None
+    if cfg.lm:
+        lm, tokenizer = smol.load_lm(cfg.lm)
+        processor = smol.smol_processor(tokenizer)
+    else:
+        processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
     with tiny.torch_seeded(cfg.seed):
-        return _fit(cfg, processor, progress)
+        if lm is None:
+            model = tiny.init_model(cfg.model, processor.tokenizer)
+        else:
+            model = smol.init_smol_model(lm, processor.tokenizer, cfg.model)
+            del lm  # its weights are in the LLaVA now
+        return _fit(cfg, model, processor, progress, work_dir, checkpoint_every)
 
 
-def _fit(cfg: TrainConfig, processor, progress: bool):
-    """:func:`train` after the processor: initialise the model from torch's global generator as it stands,
-    then run the stages."""
-    model = tiny.init_model(cfg.model, processor.tokenizer)
+def _fit(cfg: TrainConfig, model, processor, progress: bool, work_dir: Path | None, checkpoint_every: int):
+    """:func:`train` after the model: draw the cell heads from torch's global generator as it stands, encode the
+    train split, then run the stages (from the state saved in ``work_dir``, if there is one)."""
     attn = model.config.text_config._attn_implementation
     if cfg.precision == "bf16":  # CPU SDPA's bfloat16 backward is slower than eager attention's two matmuls
         model.set_attn_implementation("eager")
@@ -257,7 +403,12 @@ def _fit(cfg: TrainConfig, processor, progress: bool):
     pad = processor.tokenizer.pad_token_id
     log: list[dict] = []
     model.train()
-    lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    lm_params = _unique(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
+    induction_rng = random.Random(f"induction/{cfg.seed}")
+    induction_words = content_word_ids(processor.tokenizer) if cfg.induction_steps else []
+    text_batches = LengthGroupedBatches([len(t) for t in data.text_ids], cfg.batch_size, cfg.length_group, gen)
+    joint_batches = LengthGroupedBatches([len(t) for t in data.ids], cfg.batch_size, cfg.length_group, gen)
+    words = cell_word_ids(processor.tokenizer)
 
     def _value_term(out, answer_pos: list[int], values: list[list[int]], weight: float) -> dict[str, torch.Tensor]:
         """``{"value": weight x value_loss}`` over the batch's rows (zero when the batch has no sqa row, so every
@@ -267,20 +418,11 @@ def _fit(cfg: TrainConfig, processor, progress: bool):
         v = value_loss(model, out.hidden_states[cfg.value_layer], answer_pos, values)
         return {"value": weight * v if v is not None else out.logits.new_zeros(())}
 
-    if cfg.induction_steps:
-        words = content_word_ids(processor.tokenizer)
-        rng = random.Random(f"induction/{cfg.seed}")
-        bos = processor.tokenizer.bos_token_id
-
-        def induction_step(step: int) -> dict[str, torch.Tensor]:
-            batch = induction_batch(words, cfg.batch_size, rng, bos, pad)
-            labels = batch.pop("labels")
-            return {"copy": answer_loss(model(**batch).logits, labels)}
-
-        _run_stage(lm_params, cfg.induction_steps, cfg.induction_lr, cfg, induction_step, "induction", log,
-                   progress)
-
-    text_batches = LengthGroupedBatches([len(t) for t in data.text_ids], cfg.batch_size, cfg.length_group, gen)
+    def induction_step(step: int) -> dict[str, torch.Tensor]:
+        batch = induction_batch(induction_words, cfg.batch_size, induction_rng, processor.tokenizer.bos_token_id,
+                                pad)
+        labels = batch.pop("labels")
+        return {"copy": answer_loss(model(**batch).logits, labels)}
 
     def text_step(step: int) -> dict[str, torch.Tensor]:
         idx = text_batches.next()
@@ -296,28 +438,16 @@ def _fit(cfg: TrainConfig, processor, progress: bool):
         return {"text": answer_loss(out.logits, labels),
                 **_value_term(out, [r[1] - 1 for r in rows], [r[2] for r in rows], cfg.value_weight)}
 
-    _run_stage(lm_params, cfg.text_steps, cfg.lr, cfg, text_step, "text", log, progress)
-
     def vision_step(step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
         feats = patch_features(model, pixel_values(data.images[idx]))
         return {"cells": heads.loss(feats, data.colour[idx], data.kind[idx])}
-
-    vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    _run_stage(vision_params, cfg.vision_steps, cfg.vision_lr, cfg, vision_step, "vision", log, progress)
-
-    words = cell_word_ids(processor.tokenizer)
 
     def align_step(step: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, n, (cfg.batch_size * 2,), generator=gen).tolist()
         with torch.no_grad():
             feats = patch_features(model, pixel_values(data.images[idx]))
         return {"align": alignment_loss(model, feats, data.colour[idx], data.kind[idx], words)}
-
-    align_params = list(model.model.multi_modal_projector.parameters()) + [model.get_input_embeddings().weight]
-    _run_stage(align_params, cfg.align_steps, cfg.lr, cfg, align_step, "align", log, progress)
-
-    joint_batches = LengthGroupedBatches([len(t) for t in data.ids], cfg.batch_size, cfg.length_group, gen)
 
     def joint_step(step: int) -> dict[str, torch.Tensor]:
         idx = joint_batches.next()
@@ -334,8 +464,44 @@ def _fit(cfg: TrainConfig, processor, progress: bool):
             losses["align"] = cfg.aux_weight * alignment_loss(model, feats, colour, kind, words)
         return losses
 
-    all_params = list(model.parameters()) + list(heads.parameters())
-    _run_stage(all_params, cfg.joint_steps, cfg.lr, cfg, joint_step, "joint", log, progress)
+    embeddings = model.get_input_embeddings().weight
+    projector = list(model.model.multi_modal_projector.parameters())
+    all_params = _unique(list(model.parameters()) + list(heads.parameters()))
+    stages = [
+        Stage("induction", cfg.induction_steps, lm_params, cfg.induction_lr, induction_step),
+        Stage("text", cfg.text_steps, lm_params, cfg.lr, text_step),
+        Stage("vision", cfg.vision_steps, list(model.model.vision_tower.parameters()) + list(heads.parameters()),
+              cfg.vision_lr, vision_step),
+        Stage("align", cfg.align_steps, projector + [embeddings] if cfg.align_embeddings else projector, cfg.lr,
+              align_step, frozen=[] if cfg.align_embeddings else [embeddings]),
+        Stage("joint", cfg.joint_steps, _joint_params(all_params, lm_params, cfg), cfg.lr, joint_step),
+    ]
+    stages = [s for s in stages if s.steps > 0]
+    parts = Resumable({"model": model, "heads": heads}, {"batches": gen},
+                      {"text": text_batches, "joint": joint_batches}, {"induction": induction_rng}, log)
+    ckpt = Checkpointer(work_dir, parts, {"digest": cfg.digest()}, checkpoint_every)
+    at = ckpt.restore()
+    for i, stage in enumerate(stages):
+        if at is not None and i < at.stage:
+            continue
+        start = at if at is not None and i == at.stage and at.step else None
+
+        def save(done: int, opt, sched, i: int = i, total: int = stage.steps) -> None:
+            if ckpt.due(done, total):
+                ckpt.save(i, done, opt, sched)
+
+        _run_stage(stage, cfg, log, progress, start, save)
+        ckpt.save(i + 1, 0)
     model.set_attn_implementation(attn)
     model.eval()
     return model, processor, log
+
+
+def _joint_params(all_params: list, lm_params: list, cfg: TrainConfig) -> list:
+    """The joint stage's parameters: one list at ``cfg.lr``, or with ``cfg.lm_lr`` two groups, the decoder's
+    (embeddings and output head included) at ``lm_lr`` and the rest (vision tower, projector, cell heads) at
+    ``lr``."""
+    if not cfg.lm_lr:
+        return all_params
+    lm_ids = {id(q) for q in lm_params}
+    return [{"params": lm_params, "lr": cfg.lm_lr}, {"params": [q for q in all_params if id(q) not in lm_ids]}]
