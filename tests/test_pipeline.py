@@ -136,3 +136,24 @@ def test_timing_report_lists_each_notebook_the_total_and_the_recorded_build(tmp_
     assert "recorded when it was built: 536 s" in body and "1 torch thread(s)" in body
     assert f"{os.cpu_count()} logical CPUs" in pipeline.machine_line()
     assert "recorded" not in pipeline.timing_report({"a": 1.0}, tmp_path / "nowhere")
+
+
+def test_the_smol_profile_runs_end_to_end_on_the_micro_llama(tmp_path, monkeypatch):
+    """profiles/smol.yaml with its model swapped for the micro Llama shaped like SmolLM2 (smol-micro): every
+    notebook runs the smol code path (pretrained-decoder build, bf16 level database, sweeps, tables)."""
+    import pandas as pd
+
+    monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path / "cache"))
+    run = pipeline.run_pipeline("smol", runs_root=tmp_path / "runs", overrides={
+        "train_preset": "smol-micro", "eval_limit": 4, "sweep_eval_limit": 2, "seeds": [0], "sparsities": [0.5],
+        "sparsity": 0.5, "calib_n": 12, "calib_ns": [12], "gaps": ["none"], "search_preset": "ci",
+        "table_methods": ["dense", "sparsegpt", "search", "ellava"], "torch_threads": 1})
+    record = json.loads((run / "model.json").read_text())
+    assert record["kind"] == "smol" and record["preset"] == "smol-micro" and record["tier"]["db_dtype"] == "bfloat16"
+    dbs = list((run / "sweep" / "leveldb").glob("*/config.json"))
+    assert dbs and all(json.loads(p.read_text())["store_dtype"] == "bfloat16" for p in dbs)
+    main = pd.read_csv(run / "tables" / "main.csv")
+    assert list(main["method"]) == ["dense", "SparseGPT", "search (no gap)", "EfficientLLaVA"]
+    results = pd.read_csv(run / "sweep" / "results.csv")
+    searched = results[results["method"].isin(["search", "ellava"])]
+    assert len(searched) >= 1 and (abs(searched["measured"] - 0.5) <= 0.002).all()
