@@ -57,10 +57,11 @@ PROFILE_DIGESTS = {
                 "search-0.60-s0-n64": ("a35e33849aec", "d1b3db9d8d91"),
                 "ellava-0.60-s0-n64-noproj": ("eaf5d4a8e6aa", "a578e2d21418"),
                 "ellava-0.60-s0-n64-gap_none": ("df5779ba7f5a", "65362861a577")},
-    "paper": {"ellava-0.60-s0-n64": ("90bbc5ee4b53", "de49b61803e0"),
-              "search-0.60-s0-n64": ("8b598f91529a", "655cae9e30e2"),
-              "ellava-0.60-s0-n64-noproj": ("64c30739743a", "aa0d4e4d5e94"),
-              "ellava-0.60-s0-n64-gap_none": ("bc69db30f268", "a2452a77fdf7")},
+    # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml), so its digests are those from before fine_step
+    "paper": {"ellava-0.60-s0-n64": ("9ec6d64e42b9", "99324b3d885c"),
+              "search-0.60-s0-n64": ("bdca9ed2f00f", "e4cc96655e2a"),
+              "ellava-0.60-s0-n64-noproj": ("3c6b6bd5b3d2", "65bf66eb9148"),
+              "ellava-0.60-s0-n64-gap_none": ("9e25dbcca3be", "39eb247f934c")},
 }
 
 
