@@ -14,7 +14,7 @@ from ellava_lib.core import units
 from ellava_lib.core.policy import DEFAULT_GRID, Policy, search_grid
 from ellava_lib.data import calibration
 from ellava_lib.model.specs import load_model
-from ellava_lib.prune import leveldb, prune, walk
+from ellava_lib.prune import leveldb, packing, prune, walk
 from ellava_lib.prune.obs import SparseGPT
 
 
@@ -150,10 +150,10 @@ def test_clear_errors(built, micro_model_dir, calib):
 def test_pack_bits_is_little_endian_row_major():
     mask = torch.tensor([[True, False, False, False, False, False, False, False, False, True],
                          [False] * 9 + [True]])  # width 10: rows straddle bytes
-    packed = leveldb.pack_bits(mask)
+    packed = packing.pack_bits(mask)
     # positions 0, 9, 19 set: byte 0 bit 0, byte 1 bit 1 (9 = 8 + 1), byte 2 bit 3 (19 = 16 + 3)
     assert packed.dtype == torch.uint8 and packed.tolist() == [1, 2, 8]
-    assert torch.equal(leveldb.unpack_bits(packed, 20), mask.reshape(-1))
+    assert torch.equal(packing.unpack_bits(packed, 20), mask.reshape(-1))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (4, 8), (16, 33)])
@@ -164,19 +164,19 @@ def test_packing_round_trip_is_exact(shape, sparsity):
     w[torch.rand(shape, generator=g) < sparsity] = 0
     w[0] = 0  # an all-zero row
     n = w.numel()
-    packed = leveldb.pack_bits(w != 0)
-    assert packed.numel() == (n + 7) // 8 and torch.equal(leveldb.unpack_bits(packed, n), (w != 0).reshape(-1))
+    packed = packing.pack_bits(w != 0)
+    assert packed.numel() == (n + 7) // 8 and torch.equal(packing.unpack_bits(packed, n), (w != 0).reshape(-1))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         values = w.to(dtype).reshape(-1)[(w != 0).reshape(-1)]
-        back = leveldb.unpack_weights(values, packed, shape)
+        back = packing.unpack_weights(values, packed, shape)
         assert back.dtype == dtype and torch.equal(back, w.to(dtype))
-        enc = leveldb.encode_weights(w, dtype, "x@0.5")
+        enc = packing.encode_weights(w, dtype, "x@0.5")
         if set(enc) == {"x@0.5.values", "x@0.5.mask"}:
-            assert torch.equal(leveldb.unpack_weights(enc["x@0.5.values"], enc["x@0.5.mask"], shape), w.to(dtype))
+            assert torch.equal(packing.unpack_weights(enc["x@0.5.values"], enc["x@0.5.mask"], shape), w.to(dtype))
         else:
             assert torch.equal(enc["x@0.5"], w.to(dtype))
     with pytest.raises(ValueError, match="values for a mask"):
-        leveldb.unpack_weights(torch.ones(int((w != 0).sum()) + 1), packed, shape)
+        packing.unpack_weights(torch.ones(int((w != 0).sum()) + 1), packed, shape)
 
 
 @pytest.mark.parametrize("dtype,b", [(torch.float32, 4), (torch.float16, 2), (torch.bfloat16, 2)])
@@ -186,10 +186,10 @@ def test_storage_picks_the_smaller_representation(dtype, b):
     for nnz, packed in ((border - 1, True), (border, False), (0, True), (n, False)):
         w = torch.zeros(8, 8)
         w.view(-1)[torch.randperm(n, generator=torch.Generator().manual_seed(nnz))[:nnz]] = 1.5
-        enc = leveldb.encode_weights(w, dtype, "k")
+        enc = packing.encode_weights(w, dtype, "k")
         assert (set(enc) == {"k.values", "k.mask"}) is packed, (nnz, packed)
         stored = sum(t.numel() * t.element_size() for t in enc.values())
-        assert stored == min(leveldb.packed_bytes(n, nnz, b), leveldb.dense_bytes(n, b))
+        assert stored == min(packing.packed_bytes(n, nnz, b), packing.dense_bytes(n, b))
         assert stored == (nnz * b + 8 if packed else n * b)
 
 

@@ -67,6 +67,14 @@ from ellava_lib.core.units import list_units, names_vision, unit_linears
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.prune.masks import wanda_mask
 from ellava_lib.prune.obs import SparseGPT
+from ellava_lib.prune.packing import (
+    PACKED_SUFFIXES,
+    dense_bytes,
+    encode_weights,
+    packed_bytes,
+    unpack_into,
+    unpack_weights,
+)
 from ellava_lib.prune.walk import InputNorms, walk_blocks
 
 FORMAT = 3
@@ -82,87 +90,11 @@ UNIT_FILE_SLACK = 1 << 20
 #: and in the dtype of the weights they were written into: a search revisits the levels near its target, and
 #: decoding a packed level costs more than copying it (CPU: ~4 ns per weight, a dense copy ~0.2 ns).
 DECODE_CACHE_BYTES = 256 << 20
-PACKED_SUFFIXES = (".values", ".mask")
 
 
 def level_key(layer: str, level: float) -> str:
     """``"{layer}@{level}"`` with the level printed shortest (``0``, ``0.1``, ``0.55``)."""
     return f"{layer}@{round(float(level), 6):g}"
-
-
-# ------------------------------------------------------------------------------------------------ packing
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as ``uint8`` bytes, 8 positions per byte: position ``8 k + j`` of the row-major
-    (flattened) mask is bit ``j`` (value ``2^j``, little-endian bit order) of byte ``k``; the last byte is padded
-    with zeros. ``ceil(n / 8)`` bytes for ``n`` positions."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` positions of :func:`pack_bits`'s bytes as a flat boolean tensor (on ``packed``'s device):
-    each byte looks up the 8 bytes of its bits (:func:`_bit_table`), read back as booleans."""
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise ValueError(f"a packed mask of {n} positions is {(n + 7) // 8} uint8 bytes, "
-                         f"got {packed.numel()} {packed.dtype}")
-    bits = _bit_table(packed.device).index_select(0, packed.reshape(-1).int())
-    return bits.view(torch.uint8).view(torch.bool)[:n]
-
-
-def _bit_table(device: torch.device) -> torch.Tensor:
-    """256 ``int64`` whose 8 bytes in memory are the bits 0..7 of their index as 0 / 1 (made once per device)."""
-    if device not in _BIT_TABLES:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _BIT_TABLES[device] = bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)
-    return _BIT_TABLES[device]
-
-
-_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def dense_bytes(n: int, b: int) -> int:
-    """Bytes of ``n`` weights stored densely at ``b`` bytes each: ``n * b``."""
-    return n * b
-
-
-def packed_bytes(n: int, nnz: int, b: int) -> int:
-    """Bytes of ``n`` weights stored packed, ``nnz`` of them nonzero: ``nnz * b + ceil(n / 8)``."""
-    return nnz * b + (n + 7) // 8
-
-
-def encode_weights(w: torch.Tensor, dtype: torch.dtype, key: str) -> dict[str, torch.Tensor]:
-    """``w`` in ``dtype`` the smaller way: ``{key: w}`` dense, or ``{key + ".values": nonzeros (row-major),
-    key + ".mask": pack_bits(w != 0)}`` when ``packed_bytes < dense_bytes`` (CPU tensors)."""
-    v = w.detach().to("cpu", dtype).contiguous()
-    mask = v != 0
-    n, nnz, b = v.numel(), int(mask.sum()), v.element_size()
-    if packed_bytes(n, nnz, b) < dense_bytes(n, b):
-        return {key + ".values": v.reshape(-1)[mask.reshape(-1)], key + ".mask": pack_bits(mask)}
-    return {key: v}
-
-
-def unpack_into(out: torch.Tensor, values: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Write the packed form of :func:`encode_weights` into the contiguous tensor ``out`` in place: zeros, then
-    ``values`` (converted to ``out``'s dtype) in row-major order where the mask is set. Returns ``out``."""
-    mask = unpack_bits(packed.to(out.device), out.numel())
-    out.zero_().view(-1).masked_scatter_(mask, values.to(out.device, out.dtype))
-    return out
-
-
-def unpack_weights(values: torch.Tensor, packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of the packed form of :func:`encode_weights`: a tensor of ``shape`` (``values``' dtype and device)
-    holding ``values`` in row-major order where the mask is set, zeros elsewhere (:func:`unpack_into`).
-    ``ValueError`` when the number of values and of set positions differ."""
-    nnz = int(unpack_bits(packed, math.prod(shape)).sum())
-    if nnz != values.numel():
-        raise ValueError(f"packed weights hold {values.numel()} values for a mask of {nnz} positions")
-    return unpack_into(values.new_empty(tuple(shape)), values, packed)
 
 
 def estimate_bytes(units_sizes: Mapping[str, int], grid: Sequence[float], store_dtype_bytes: int) -> int:
