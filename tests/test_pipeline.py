@@ -147,7 +147,8 @@ def test_the_smol_profile_runs_end_to_end_on_the_micro_llama(tmp_path, monkeypat
     run = pipeline.run_pipeline("smol", runs_root=tmp_path / "runs", overrides={
         "train_preset": "smol-micro", "eval_limit": 4, "sweep_eval_limit": 2, "seeds": [0], "sparsities": [0.5],
         "sparsity": 0.5, "calib_n": 12, "calib_ns": [12], "gaps": ["none"], "search_preset": "ci",
-        "table_methods": ["dense", "sparsegpt", "search", "ellava"], "torch_threads": 1})
+        "table_methods": ["dense", "sparsegpt", "search", "ellava"], "torch_threads": 1, "update_readme": False,
+        "figures_dir": ""})
     record = json.loads((run / "model.json").read_text())
     assert record["kind"] == "smol" and record["preset"] == "smol-micro" and record["tier"]["db_dtype"] == "bfloat16"
     dbs = list((run / "sweep" / "leveldb").glob("*/config.json"))
@@ -157,3 +158,25 @@ def test_the_smol_profile_runs_end_to_end_on_the_micro_llama(tmp_path, monkeypat
     results = pd.read_csv(run / "sweep" / "results.csv")
     searched = results[results["method"].isin(["search", "ellava"])]
     assert len(searched) >= 1 and (abs(searched["measured"] - 0.5) <= 0.002).all()
+
+
+def test_every_readme_marker_the_pipeline_writes_exists_for_each_profile_prefix():
+    """The notebooks and the pipeline splice into ``<readme_prefix><name>``: the README has each block for every
+    profile that updates it (the embedded default: no prefix; smol: ``smol-``)."""
+    import re
+
+    names = set()
+    for nb in pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb"):
+        text = nb.read_text()
+        if "report.update_readme(" in text:
+            assert 'readme_prefix: str = \\"\\"' in text, nb.name
+            names |= set(re.findall(r'readme_prefix \+ \\"(\w+)\\"', text))
+    names.add("timing")  # pipeline.run_pipeline
+    assert names == {"results", "leveldb", "main", "ablations", "timing"}
+    readme = (pipeline.project_root() / "README.md").read_text()
+    for profile in pipeline.available_profiles():
+        params = pipeline.load_profile(profile)
+        if params.get("update_readme"):
+            prefix = params.get("readme_prefix") or ""
+            for name in names:
+                assert f"<!-- {prefix}{name}:start -->" in readme, (profile, name)

@@ -171,7 +171,7 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
     body = timing_report(seconds, run_dir, threads)
     files.write_text(run_dir / "tables" / "pipeline_timing.md", body + "\n")
     if params.get("update_readme") and (root / "README.md").is_file():
-        report.update_readme(root / "README.md", "timing", body)
+        report.update_readme(root / "README.md", str(params.get("readme_prefix") or "") + "timing", body)
     return run_dir
 
 
