@@ -25,17 +25,18 @@ import numpy as np
 import pandas as pd
 
 from ellava_lib.core import files
-from ellava_lib.run import pipeline, report, sweep
+from ellava_lib.run import pipeline, report, sweep, tables
 from ellava_lib.run.sweep import Job, SweepSpec
 
 
 def paired(fine: pd.Series, coarse: pd.Series) -> dict[str, float]:
-    """``mean(d)`` and ``sd(d) / sqrt(k)`` of ``d = fine - coarse`` over the seeds both have."""
-    pairs = pd.concat([fine.rename("f"), coarse.rename("c")], axis=1, join="inner").dropna()
-    d = pairs["f"] - pairs["c"]
-    k = len(d)
-    return {"k": k, "fine": float(pairs["f"].mean()), "coarse": float(pairs["c"].mean()), "diff": float(d.mean()),
-            "se": float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")}
+    """``mean(d)`` and ``sd(d) / sqrt(k)`` of ``d = fine - coarse`` over the seeds (the index) both have:
+    :func:`tables.paired_margins` on the two as methods of one sparsity."""
+    frame = pd.concat([pd.DataFrame({"method": name, "sparsity": 1.0, "seed": x.index, "v": x.values})
+                       for name, x in (("fine", fine), ("coarse", coarse))])
+    m = tables.paired_margins(frame, "fine", ("coarse",), column="v").iloc[0]
+    return {"k": int(m["k"]), "fine": float(m["ours"]), "coarse": float(m["baseline_score"]),
+            "diff": float(m["mean_diff"]), "se": float(m["se"])}
 
 
 def markdown(rows: list[dict]) -> str:
