@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -91,8 +92,10 @@ def test_pipeline_runs_the_notebooks_end_to_end(tmp_path, monkeypatch):
                                 overrides={"train_preset": "micro", "eval_limit": 3, "n_show": 2, "sweep_eval_limit": 2,
                                            "sparsities": [0.5], "sparsity": 0.5, "calib_n": 8, "calib_ns": [8, 12],
                                            "table_methods": ["dense", "owl", "search", "ellava"], "gaps": ["none"],
-                                           "interactive": False})
+                                           "interactive": False, "overlap": True})
     assert run == tmp_path / "runs" / "ci"
+    timing = (run / "tables" / "pipeline_timing.md").read_text()  # 02 ran in the overlap lane, beside 03 and 04
+    assert "| 02_dense_eval |" in timing and "02_dense_eval ran in a second process" in timing
     executed = sorted(p.name for p in (run / "notebooks").glob("*.ipynb"))
     assert executed == sorted(p.name for p in pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     table = pd.read_csv(run / "tables" / "dense.csv")
@@ -136,6 +139,31 @@ def test_timing_report_lists_each_notebook_the_total_and_the_recorded_build(tmp_
     assert "recorded when it was built: 536 s" in body and "1 torch thread(s)" in body
     assert f"{os.cpu_count()} logical CPUs" in pipeline.machine_line()
     assert "recorded" not in pipeline.timing_report({"a": 1.0}, tmp_path / "nowhere")
+    overlapped = pipeline.timing_report({"01_tiny_model": 10.0, "02_dense_eval": 50.0, "03_search_space": 60.0},
+                                        tmp_path, wall=71.0)
+    assert "| total | 71 |" in overlapped and "02_dense_eval ran in a second process" in overlapped
+
+
+def _splice_many(readme: str, marker: str, n: int) -> None:
+    for i in range(n):
+        report.update_readme(Path(readme), marker, f"{marker} {i}")
+
+
+def test_readme_splices_from_two_processes_lose_nothing(tmp_path):
+    """The overlap lane splices the README from two processes at once: the lock keeps both blocks' last bodies."""
+    import multiprocessing as mp
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- a:start -->\n<!-- a:end -->\nmiddle\n<!-- b:start -->\n<!-- b:end -->\n")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_splice_many, args=(str(readme), m, 60)) for m in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    text = readme.read_text()
+    assert "<!-- a:start -->\na 59\n<!-- a:end -->" in text and "<!-- b:start -->\nb 59\n<!-- b:end -->" in text
 
 
 def test_the_smol_profile_runs_end_to_end_on_the_micro_llama(tmp_path, monkeypatch):

@@ -102,3 +102,21 @@ def test_rendering_and_cell_labels():
 def test_unknown_suite_or_split_is_a_clear_error(suite, split):
     with pytest.raises(ValueError, match="unknown (suite|split)"):
         synth.generate(suite, split, 1)
+
+
+def test_cached_streams_give_the_items_of_a_fresh_iteration():
+    """generate_items / generate share one item stream per (suite, split, seed): a short draw, then a longer one,
+    then a fresh uncached iteration all agree item for item, and the caller's list is its own."""
+    import itertools
+
+    synth._STREAMS.clear()
+    short = synth.generate_items("mmvet", "calib", 5, seed=7)
+    longer = synth.generate_items("mmvet", "calib", 12, seed=7)
+    fresh = list(itertools.islice(synth.iter_items("mmvet", "calib", 7), 12))
+    assert longer == fresh and longer[:5] == short
+    short.clear()
+    assert synth.generate_items("mmvet", "calib", 5, seed=7) == fresh[:5]
+    first = synth.generate("sqa", "test", 6, seed=2)
+    again = synth.generate("sqa", "test", 6, seed=2)
+    assert first is not again and [s.id for s in first] == [s.id for s in again]
+    assert _digest(first) == _digest(again)

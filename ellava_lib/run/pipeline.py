@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +29,12 @@ from ellava_lib.core import files
 from ellava_lib.run import report
 
 # Profile keys the pipeline itself consumes (not notebook parameters).
-PIPELINE_KEYS = ("torch_threads",)
+PIPELINE_KEYS = ("torch_threads", "overlap")
+#: The overlap lane (profile ``overlap: true``): a notebook here runs in a second process beside the notebooks
+#: that follow it, and must have finished before the notebook it maps to starts. ``02_dense_eval`` only reads
+#: the model that 01 built and writes its own tables, so it runs on the second core beside 03 and 04 (one torch
+#: thread each); 05 and 06 use both cores through their sweep workers.
+OVERLAP: dict[str, str] = {"02_dense_eval": "05_main_table"}
 ROOT_ENV = "ELLAVA_ROOT"
 
 
@@ -143,13 +150,12 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
     """Execute the notebooks of the project folder ``root`` (:func:`project_root`) in order, with ``root`` as
     their working directory (``overrides`` replace profile values); returns the run folder
     (``runs_root/<profile>``, ``runs_root`` defaulting to ``root/runs``)."""
-    import papermill as pm
-
     root = project_root(root)
     runs_root = Path(runs_root) if runs_root is not None else root / "runs"
     params = {**load_profile(profile, root), **(overrides or {})}
     preflight(params)
     threads = params.pop("torch_threads", None)
+    overlap = bool(params.pop("overlap", False))
     if threads:  # the kernels inherit the environment; one thread is fastest for the tiny tier
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
@@ -160,19 +166,45 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
     per_notebook = {nb: notebook_parameters(nb, params, run_dir) for nb in notebooks}  # type errors before any run
     t0 = time.time()
     seconds: dict[str, float] = {}
-    for nb in notebooks:
-        t = time.time()
-        print(f"[{profile}] {nb.name} ...", flush=True)
-        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=per_notebook[nb],
-                            kernel_name=kernel, cwd=str(root), progress_bar=False, log_output=False)
-        seconds[nb.stem] = time.time() - t
-        print(f"[{profile}] {nb.name} done in {seconds[nb.stem]:.0f} s", flush=True)
-    print(f"[{profile}] pipeline finished in {time.time() - t0:.0f} s; outputs in {run_dir}", flush=True)
-    body = timing_report(seconds, run_dir, threads)
+    side: dict[str, tuple[str, Future]] = {}  # join-before notebook -> (side notebook, its future)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as lane:
+        for nb in notebooks:
+            if nb.stem in side:
+                _join(profile, *side.pop(nb.stem), seconds)
+            args = (str(nb), str(out_dir / nb.name), per_notebook[nb], kernel, str(root))
+            if overlap and nb.stem in OVERLAP:
+                print(f"[{profile}] {nb.name} ... (beside the next notebooks)", flush=True)
+                side[OVERLAP[nb.stem]] = (nb.stem, lane.submit(execute, *args))
+                continue
+            print(f"[{profile}] {nb.name} ...", flush=True)
+            seconds[nb.stem] = execute(*args)
+            print(f"[{profile}] {nb.name} done in {seconds[nb.stem]:.0f} s", flush=True)
+        for name, future in side.values():
+            _join(profile, name, future, seconds)
+    wall = time.time() - t0
+    print(f"[{profile}] pipeline finished in {wall:.0f} s; outputs in {run_dir}", flush=True)
+    body = timing_report(seconds, run_dir, threads, wall if overlap else None)
     files.write_text(run_dir / "tables" / "pipeline_timing.md", body + "\n")
     if params.get("update_readme") and (root / "README.md").is_file():
         report.update_readme(root / "README.md", str(params.get("readme_prefix") or "") + "timing", body)
     return run_dir
+
+
+def execute(notebook: str, out: str, parameters: dict, kernel: str, cwd: str) -> float:
+    """Execute one notebook with papermill into ``out``; returns its wall seconds (runs in the overlap lane's
+    process too, so it takes only picklable arguments)."""
+    import papermill as pm
+
+    t = time.time()
+    pm.execute_notebook(notebook, out, parameters=parameters, kernel_name=kernel, cwd=cwd, progress_bar=False,
+                        log_output=False)
+    return time.time() - t
+
+
+def _join(profile: str, name: str, future: Future, seconds: dict[str, float]) -> None:
+    """Wait for a notebook of the overlap lane (its error, if any, is raised here) and record its seconds."""
+    seconds[name] = future.result()
+    print(f"[{profile}] {name}.ipynb done in {seconds[name]:.0f} s (beside the others)", flush=True)
 
 
 def machine_line(threads: int | None = None) -> str:
@@ -188,17 +220,24 @@ def machine_line(threads: int | None = None) -> str:
     return f"{model}, {os.cpu_count()} logical CPUs{extra}"
 
 
-def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None = None) -> str:
+def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None = None,
+                  wall: float | None = None) -> str:
     """A Markdown table of each notebook's wall time in this run and their total, with the machine, and the
     model build's own wall time as recorded when the cached model was built (``model.json``:
-    ``train_seconds``; the first notebook includes it only on a cold cache)."""
+    ``train_seconds``; the first notebook includes it only on a cold cache). With ``wall`` (an overlapped run)
+    the total row is the pipeline's wall time, less than the notebooks' sum since the overlap lane's notebooks
+    (:data:`OVERLAP`) ran beside the others."""
     from ellava_lib.run.runs import markdown_table
 
-    frame = pd.DataFrame([{"notebook": k, "seconds": round(v)} for k, v in seconds.items()]
-                         + [{"notebook": "total", "seconds": round(sum(seconds.values()))}])
+    total = round(wall if wall is not None else sum(seconds.values()))
+    frame = pd.DataFrame([{"notebook": k, "seconds": round(v)} for k, v in sorted(seconds.items())]
+                         + [{"notebook": "total", "seconds": total}])
     record = Path(run_dir) / "model.json"
     built = json.loads(record.read_text()).get("train_seconds") if record.is_file() else None
+    lane = [k for k in OVERLAP if k in seconds]
     note = f"*Wall time of this run on {machine_line(threads)}."
+    if wall is not None and lane:
+        note += f" {', '.join(lane)} ran in a second process beside the notebooks after it; the total is wall time."
     if built is not None:
         note += f" The model build, as recorded when it was built: {float(built):.0f} s.*"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
 from pathlib import Path
 
@@ -18,10 +19,14 @@ def splice(text: str, marker: str, body: str) -> str:
 
 
 def update_readme(readme: Path, marker: str, body: str) -> bool:
-    """Splice ``body`` into the README block ``marker``; returns whether the file changed."""
+    """Splice ``body`` into the README block ``marker``; returns whether the file changed. The read-splice-write
+    holds an exclusive lock on ``<readme>.lock``, so notebooks running side by side (the pipeline's overlap lane)
+    never lose each other's blocks."""
     readme = Path(readme)
-    old = readme.read_text()
-    new = splice(old, marker, body)
-    if new != old:
-        files.write_text(readme, new)
+    with open(readme.with_name(readme.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = readme.read_text()
+        new = splice(old, marker, body)
+        if new != old:
+            files.write_text(readme, new)
     return new != old
