@@ -47,6 +47,7 @@ from ellava_lib.eval.evaluate import (
     evaluate,
     evaluate_samples,
     generation_budget,
+    input_format,
 )
 from ellava_lib.prune.allocate import (
     ecoflap_policy,
@@ -408,7 +409,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         for i in calib_rows(spec, job, samples):
             by_suite.setdefault(samples[i].suite, []).append(samples[i])
         frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
-                                    max_new_tokens=generation_budget(tier.data))
+                                    max_new_tokens=generation_budget(tier.data), **input_format(tier.data))
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
