@@ -462,10 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-seed", type=int, default=0)
     e.add_argument("--device", default=None, help="evaluate on this device (e.g. cuda)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.add_argument("--prompt-format", choices=("vicuna_v1", "llava_v1", "hf"), default=None,
+    from ellava_lib.data.prompts import PROMPT_FORMATS
+    from ellava_lib.data.real_image import IMAGE_MODES
+
+    e.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
                    help="conversation format (default: vicuna_v1, LLaVA-1.5's, with --data real; else hf, the "
                         "llava-hf chat template)")
-    e.add_argument("--image-mode", choices=("pad", "crop"), default=None,
+    e.add_argument("--image-mode", choices=IMAGE_MODES, default=None,
                    help="pad to square in the processor's mean colour (LLaVA-1.5; default with --data real) or "
                         "crop (the processor's own centre crop; default on synthetic data)")
     e.add_argument("--vizwiz-testdev-out", default=None, metavar="FILE",
