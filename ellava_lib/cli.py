@@ -1,7 +1,7 @@
 """The ``ellava`` command line: thin wrappers that build the same config objects the notebooks use.
 
     ellava build [--preset tiny|smol] [--seed N] [--force]   train (or find cached) a built-in model, print its folder
-    ellava eval --model tiny --suite all --split test --out DIR [--limit N]
+    ellava eval --model tiny --suite all --split test --out DIR [--limit N] [--vizwiz-testdev-out FILE]
     ellava inspect --model llava-1.5-7b --meta --json
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
     ellava search --model tiny --sparsity 0.6 --calib 64 [--preset ci|default|paper] [--no-projector] --seed 0 --out DIR
@@ -100,14 +100,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tier = _tier(args)
     cfg = eval_config(tier, args.limit, suites=args.suite, split=args.split, batch_size=args.batch_size,
-                      data_seed=args.data_seed)
+                      data_seed=args.data_seed, prompt_format=args.prompt_format, image_mode=args.image_mode)
+    testdev = Path(args.vizwiz_testdev_out) if args.vizwiz_testdev_out else None
+    if testdev is not None and (tier.data != "real" or testdev.is_dir()):
+        raise CLIError("--vizwiz-testdev-out needs --data real and a file path")
     out = files.ensure_dir(Path(args.out))  # fail before any work if the folder is unusable
     judge = make_judge(tier, out / "judge")
     model, processor = load_model(tier, _model_dir(args.model, args.quiet), progress=not args.quiet)
     model, _ = place(tier, model)
     frame = evaluate(model, processor, cfg, out, judge, progress=not args.quiet)
     print(headline(frame).round(2).to_string())
+    top = frame[frame["metric"] == "overall"]
+    print("splits: " + ", ".join(f"{s} {sp}" for s, sp in zip(top["suite"], top["split"])))
     print(f"wrote {out / 'metrics.csv'} and {out / 'predictions.jsonl'}")
+    if testdev is not None:
+        import json
+
+        from ellava_lib.eval.vizwiz_testdev import write_testdev
+
+        summary = write_testdev(model, processor, testdev, data_dir=tier.data_dir, limit=cfg.limit,
+                                batch_size=cfg.batch_size, progress=not args.quiet, **cfg.input_format())
+        record = json.loads((out / "eval.json").read_text())
+        files.write_json(out / "eval.json", {**record, "vizwiz_testdev": summary})
+        print(f"wrote {testdev}: {summary['questions']} VizWiz test-dev answers for EvalAI (not scored here)")
     return 0
 
 
@@ -447,6 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-seed", type=int, default=0)
     e.add_argument("--device", default=None, help="evaluate on this device (e.g. cuda)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    from ellava_lib.data.prompts import PROMPT_FORMATS
+    from ellava_lib.data.real_image import IMAGE_MODES
+
+    e.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                   help="conversation format (default: vicuna_v1, LLaVA-1.5's, with --data real; else hf, the "
+                        "llava-hf chat template)")
+    e.add_argument("--image-mode", choices=IMAGE_MODES, default=None,
+                   help="pad to square in the processor's mean colour (LLaVA-1.5; default with --data real) or "
+                        "crop (the processor's own centre crop; default on synthetic data)")
+    e.add_argument("--vizwiz-testdev-out", default=None, metavar="FILE",
+                   help="with --data real: also answer VizWiz test-dev and write FILE, the EvalAI upload "
+                        "(JSON list of {image, answer}); the VizWiz score reported is on val")
     _data_args(e, judge=True)
     e.set_defaults(func=cmd_eval)
 

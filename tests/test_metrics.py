@@ -249,7 +249,8 @@ class _StubJudge(Judge):
     def score_mmvet(self, question: str, gt: str, pred: str) -> float:
         return 1.0
 
-    def score_llavabench(self, question: str, reference: str, answer: str, category: str) -> tuple[float, float]:
+    def score_llavabench(self, question: str, reference: str, answer: str, category: str, *,
+                         context: str = "") -> tuple[float, float]:
         return 8.0, float(answer)
 
 
@@ -292,7 +293,7 @@ def test_suite_metrics_errors() -> None:
 def test_rows_to_frame() -> None:
     rows = [MetricRow("sqa", "overall", 75.0, 4, "exact"), MetricRow("sqa", "social", 50.0, 2, "exact")]
     frame = rows_to_frame(rows)
-    assert list(frame.columns) == ["suite", "metric", "score", "n", "judge"]
-    assert frame.shape == (2, 5)
+    assert list(frame.columns) == ["suite", "metric", "score", "n", "judge", "judge_model", "split"]
+    assert frame.shape == (2, 7)
     assert frame.loc[1, "metric"] == "social"
     assert frame.loc[0, "score"] == 75.0

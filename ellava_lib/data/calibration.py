@@ -20,6 +20,7 @@ from ellava_lib.core.schema import SUITES, Sample
 from ellava_lib.data import synth
 from ellava_lib.data.encoding import Batchable, collate, encode_pair, pad_right
 from ellava_lib.data.prompts import sample_prompt
+from ellava_lib.data.real_image import prepare_image
 
 #: Per-suite pool the calibration samples are drawn from (the first items of each ``calib`` split).
 POOL_SIZE = 256
@@ -79,11 +80,15 @@ def encode_calibration(samples: Sequence[Sample], processor) -> dict[str, torch.
     return collate(data, list(range(len(samples))), processor.tokenizer.pad_token_id)
 
 
-def encode_with_processor(samples: Sequence[Sample], processor) -> dict[str, torch.Tensor]:
+def encode_with_processor(samples: Sequence[Sample], processor, prompt_format: str = "vicuna_v1",
+                          image_mode: str = "pad") -> dict[str, torch.Tensor]:
     """The same batch as :func:`encode_calibration` for any LLaVA processor (hub checkpoints, real images).
 
-    Each row is the processor's encoding of ``sample_prompt(s)`` (its ``<image>`` expansion and pixel
-    preprocessing) followed by the tokens of the answer and ``eos``; ``labels`` are those answer tokens.
+    Each row is the processor's encoding of ``sample_prompt(s, prompt_format)`` (its ``<image>`` expansion and pixel
+    preprocessing of the image prepared by ``image_mode``) followed by the tokens of the answer and ``eos``;
+    ``labels`` are those answer tokens. The defaults are the real benchmarks' evaluation inputs (LLaVA-1.5's
+    ``vicuna_v1`` conversation, pad-to-square: ``evaluate.input_format("real")``), so calibration sees what the
+    evaluation will.
     """
     if not samples:
         raise ValueError("no calibration samples to encode")
@@ -92,7 +97,8 @@ def encode_with_processor(samples: Sequence[Sample], processor) -> dict[str, tor
     for s in samples:
         if s.image is None:
             raise ValueError(f"calibration sample {s.id} has no image")
-        enc = processor(text=sample_prompt(s), images=s.image.convert("RGB"), return_tensors="pt")
+        image = prepare_image(s.image.convert("RGB"), processor, image_mode)
+        enc = processor(text=sample_prompt(s, prompt_format), images=image, return_tensors="pt")
         prompt = enc["input_ids"][0]
         answer = torch.tensor(tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
         seqs.append(torch.cat([prompt, answer.to(prompt.dtype)]))

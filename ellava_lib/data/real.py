@@ -16,13 +16,13 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from io import BytesIO
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ellava_lib.core.schema import Sample, option_letter
 from ellava_lib.data.manifest import Manifest, ManifestError, SplitSpec, load_manifest
+from ellava_lib.data.real_image import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def load_real_suite(
     cache_dir: str | Path | None = None,
     hub_loader: HubLoader | None = None,
     rows: Sequence[int] | None = None,
+    unlabelled: bool = False,
 ) -> LoadReport:
     """Load a benchmark split and map every row into a :class:`Sample`.
 
@@ -96,8 +97,15 @@ def load_real_suite(
     ids keep the upstream index, so they equal the ids :func:`draw_calibration_ids` returns.
     Otherwise the primary repo is tried, then the fallback; ``source`` says which one was used and
     ``revision`` the resolved commit. Memory: images are decoded eagerly (VizWiz val is ~2 GB of JPEGs).
+    ``unlabelled`` (VizWiz only: its test-dev split, whose answers are withheld for EvalAI) keeps rows without
+    annotator answers, as samples with ``answers == []`` and ``meta["unlabelled"] = True``; they cannot be scored.
     """
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    if unlabelled:
+        if man.suite != "vizwiz":
+            raise ValueError(f"{man.name}: unlabelled loading is only for VizWiz's test-dev split")
+        label_columns = {c for c, dest in man.fields.items() if dest in ("answer", "answers")}
+        man = replace(man, required=tuple(c for c in man.required if c not in label_columns))
     spec = _select_spec(man, split)
     ds, source, revision = _open_split(spec, data_dir, local_files_only, cache_dir, hub_loader)
     warnings = _check_columns(ds, man)
@@ -117,7 +125,7 @@ def load_real_suite(
     elif rows is None and data_dir is None and spec.expected_rows is not None and total != spec.expected_rows:
         warnings.append(f"{source} {spec.split}: {total} rows, manifest expects {spec.expected_rows}")
     ds = _raw_images(ds, man)
-    samples, skipped = _map_rows(man, spec.split, ds, total, indices)
+    samples, skipped = _map_rows(man, spec.split, ds, total, indices, unlabelled)
     for w in warnings:
         log.warning(w)
     if skipped:
@@ -234,7 +242,8 @@ def _raw_images(ds: Any, man: Manifest) -> Any:
 
 
 def _map_rows(
-    man: Manifest, split: str, rows: Iterable[dict[str, Any]], total: int, indices: Sequence[int] | None = None
+    man: Manifest, split: str, rows: Iterable[dict[str, Any]], total: int, indices: Sequence[int] | None = None,
+    unlabelled: bool = False,
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Map upstream rows to samples; collect (id, reason) for rows that cannot be used. ``indices``: the
     upstream row index of each row (default: their position)."""
@@ -245,7 +254,7 @@ def _map_rows(
         index = indices[pos] if indices is not None else pos
         sid = _row_id(man, split, index, row, width)
         try:
-            samples.append(_build_sample(man, split, sid, index, row))
+            samples.append(_build_sample(man, split, sid, index, row, unlabelled))
         except _SkipRow as skip:
             skipped.append((sid, str(skip)))
     return samples, skipped
@@ -264,14 +273,15 @@ def _row_id(man: Manifest, split: str, index: int, row: Mapping[str, Any], width
     return str(value)
 
 
-def _build_sample(man: Manifest, split: str, sid: str, index: int, row: Mapping[str, Any]) -> Sample:
+def _build_sample(man: Manifest, split: str, sid: str, index: int, row: Mapping[str, Any],
+                  unlabelled: bool = False) -> Sample:
     """Generic column mapping, then the suite-specific conversions."""
     for column in man.required:
         value = row.get(column)
         if value is None or (isinstance(value, (str, list)) and len(value) == 0):
             raise _SkipRow(f"missing field: {column}")
     values: dict[str, Any] = {}
-    meta: dict[str, Any] = {"row_index": index}
+    meta: dict[str, Any] = {"row_index": index, **({"unlabelled": True} if unlabelled else {})}
     for column, dest in man.fields.items():
         value = row.get(column)
         if dest.startswith("meta."):
@@ -279,44 +289,13 @@ def _build_sample(man: Manifest, split: str, sid: str, index: int, row: Mapping[
                 meta[dest[5:]] = value
         else:
             values[dest] = value
-    values["image"] = decode_image(values.get("image"))
+    try:
+        values["image"] = decode_image(values.get("image"))
+    except ImageDecodeError as bad:
+        raise _SkipRow(str(bad)) from None
     kwargs = _SUITE_BUILDERS[man.suite](man, values, meta)
     return Sample(id=sid, suite=man.suite, split=split, question=str(values["question"]), image=values["image"],
                   meta=meta, **kwargs)
-
-
-def decode_image(value: Any) -> Any:
-    """An upstream image (``{"bytes", "path"}`` struct, raw bytes, or PIL image) as an RGB PIL image.
-
-    Mirrors ``datasets.Image.decode_example`` (full decode, EXIF orientation) but never fetches remote
-    paths. Raises ``_SkipRow("undecodable image: ...")`` on any failure.
-    """
-    import PIL.Image
-    import PIL.ImageOps
-
-    if value is None:
-        raise _SkipRow("missing field: image")
-    try:
-        if isinstance(value, PIL.Image.Image):
-            image = value
-        else:
-            if isinstance(value, (bytes, bytearray)):
-                data, path = bytes(value), None
-            else:
-                data, path = value.get("bytes"), value.get("path")
-            if data is None:
-                if not path or not Path(path).is_file():
-                    raise _SkipRow(f"undecodable image: no bytes and no local file (path={path!r})")
-                data = Path(path).read_bytes()
-            image = PIL.Image.open(BytesIO(data))
-            image.load()
-            if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
-                image = PIL.ImageOps.exif_transpose(image)
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except _SkipRow:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        raise _SkipRow(f"undecodable image: {type(exc).__name__}: {exc}") from None
 
 
 def _sqa_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -332,6 +311,8 @@ def _sqa_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dict[
 def _vizwiz_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """VizWiz: the annotator answers, their majority answer, and answerability."""
     answers = [str(a) for a in v.get("answers") or []]
+    if not answers and meta.get("unlabelled"):  # test-dev: answers withheld, the item is predicted, not scored
+        return {"answers": [], "answer": "", "answerable": True}
     if not answers:
         raise _SkipRow("missing field: answers")
     majority = majority_answer(answers)
@@ -361,10 +342,17 @@ def _mmvet_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dic
 
 
 def _llavabench_fields(man: Manifest, v: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """LLaVA-Bench: GPT-4 reference answer and category (conv / detail / complex)."""
+    """LLaVA-Bench: GPT-4 reference answer and category (conv / detail / complex). The caption (the reviewer's
+    ``[Context]``, never shown to the evaluated model) is kept in ``meta["caption"]`` as one string: a list of
+    captions is joined with newlines, as LLaVA's ``eval_gpt_review_bench.py`` and lmms-eval join them."""
     category = str(v.get("category") or "")
     if man.labels and category not in man.labels:
         raise _SkipRow(f"invalid field: category {category!r} not in {list(man.labels)}")
+    caption = meta.get("caption")
+    if isinstance(caption, (list, tuple)):
+        meta["caption"] = "\n".join(str(c) for c in caption)
+    elif caption is not None:
+        meta["caption"] = str(caption)
     return {"answer": str(v["answer"]), "category": category}
 
 

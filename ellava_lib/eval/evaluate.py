@@ -1,7 +1,13 @@
 """Dense (or pruned) evaluation: batched greedy generation, predictions as JSONL, metrics as CSV.
 
-``metrics.csv`` has the columns ``suite,metric,score,n,judge``; ``score`` is on a 0-100 scale and each
-suite's headline number is its ``overall`` row.
+``metrics.csv`` has the columns ``suite,metric,score,n,judge,judge_model,split``; ``score`` is on a 0-100 scale and
+each suite's headline number is its ``overall`` row; ``judge`` is the judge requested, ``judge_model`` the model(s)
+that answered (the GPT server's reply), ``split`` the split scored (VizWiz: ``val``). ``predictions.jsonl`` holds one
+record per item with its score and, for judged suites, the model that answered.
+
+Inputs: each sample becomes ``prompts.sample_prompt(sample, prompt_format)`` and
+``real_image.prepare_image(image, processor, image_mode)``; :class:`EvalConfig` defaults both by data kind (real:
+LLaVA-1.5's ``vicuna_v1`` conversation and pad-to-square; synthetic: the ``hf`` template, images unchanged).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from tqdm.auto import tqdm
 from ellava_lib.core import files
 from ellava_lib.core.schema import SUITES, Sample
 from ellava_lib.data import synth
-from ellava_lib.data.prompts import sample_prompt
+from ellava_lib.data.prompts import PROMPT_FORMATS, default_prompt_format, sample_prompt
+from ellava_lib.data.real_image import IMAGE_MODES, default_image_mode, prepare_image
 from ellava_lib.eval import metrics
 from ellava_lib.eval.judge import Judge, LocalJudge
 from ellava_lib.model.kernels import onednn_linears
@@ -40,6 +47,8 @@ class EvalConfig:
 
     ``data="real"`` reads the real benchmarks through ``ellava_lib/data/manifests/`` (their evaluation split; ``split``
     is then ignored) from the hub, or from local parquet copies under ``data_dir/<benchmark>/``.
+    ``prompt_format`` (:data:`prompts.PROMPT_FORMATS`) and ``image_mode`` (:data:`real_image.IMAGE_MODES`): ``None``
+    = the data kind's default (:meth:`input_format`).
     """
 
     suites: tuple[str, ...] = SUITES
@@ -50,8 +59,14 @@ class EvalConfig:
     batch_size: int = 32
     data: str = "synthetic"
     data_dir: str | None = None
+    prompt_format: str | None = None
+    image_mode: str | None = None
 
     def __post_init__(self) -> None:
+        if self.prompt_format is not None and self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+        if self.image_mode is not None and self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {self.image_mode!r}")
         self.suites = tuple(self.suites)
         if self.data not in DATA_KINDS:
             raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}, got {self.data!r}")
@@ -67,6 +82,16 @@ class EvalConfig:
 
     def size(self) -> int:
         return min(self.n_items, self.limit) if self.limit is not None else self.n_items
+
+    def input_format(self) -> dict[str, str]:
+        """``{"prompt_format", "image_mode"}``: the fields, or the data kind's defaults where ``None``."""
+        return {"prompt_format": self.prompt_format or default_prompt_format(self.data),
+                "image_mode": self.image_mode or default_image_mode(self.data)}
+
+
+def input_format(data: str) -> dict[str, str]:
+    """The default ``{"prompt_format", "image_mode"}`` of a data kind (``real``: vicuna_v1 + pad)."""
+    return EvalConfig(suites=(), data=data).input_format()
 
 
 def generation_budget(data: str) -> dict[str, int]:
@@ -110,18 +135,21 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
 
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[Sample], max_new_tokens: int, batch_size: int = 32,
-                     progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy answers for ``samples``: left-padded batches through the processor (the tokenizer's padding side
-    is restored afterwards), the model's CPU fp32 linears through oneDNN (:func:`kernels.onednn_linears`)."""
+                     progress: bool = True, desc: str = "generate", prompt_format: str = "hf",
+                     image_mode: str = "crop") -> list[str]:
+    """Greedy answers for ``samples``: prompts in ``prompt_format``, images prepared by ``image_mode``, left-padded
+    batches through the processor (the tokenizer's padding side is restored afterwards), the model's CPU fp32
+    linears through oneDNN (:func:`kernels.onednn_linears`)."""
     model.eval()
     tok = processor.tokenizer
-    prompts = [sample_prompt(s) for s in samples]
+    prompts = [sample_prompt(s, prompt_format) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     answers: dict[int, str] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with padding_side(tok, "left"), onednn_linears(model):
         for idx in tqdm(batches, desc=desc, disable=not progress, mininterval=2.0):
-            enc = processor(text=[prompts[i] for i in idx], images=[samples[i].image for i in idx],
+            images = [prepare_image(samples[i].image, processor, image_mode) for i in idx]
+            enc = processor(text=[prompts[i] for i in idx], images=images,
                             return_tensors="pt", padding=True).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -133,9 +161,11 @@ def generate_answers(model, processor, samples: list[Sample], max_new_tokens: in
 
 def evaluate_samples(model, processor, samples: dict[str, list[Sample]], judge: Judge | None = None,
                      batch_size: int = 32, progress: bool = True,
-                     max_new_tokens: dict[str, int] | None = None) -> tuple[pd.DataFrame, list[dict]]:
+                     max_new_tokens: dict[str, int] | None = None, prompt_format: str = "hf",
+                     image_mode: str = "crop") -> tuple[pd.DataFrame, list[dict]]:
     """Score given samples (suite -> samples): the metric rows of every suite and one prediction record
-    per sample (``id, suite, category, question, answer, prediction``). ``max_new_tokens`` per suite
+    per sample (``id, suite, split, category, question, answer, prediction, score`` and, judged suites,
+    ``judge, judge_model, judge_failed``; llavabench also ``reference_score``). ``max_new_tokens`` per suite
     defaults to :data:`MAX_NEW_TOKENS` (the synthetic suites)."""
     judge = judge or LocalJudge()
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
@@ -143,10 +173,13 @@ def evaluate_samples(model, processor, samples: dict[str, list[Sample]], judge: 
     preds_out: list[dict] = []
     for suite, items in samples.items():
         preds = generate_answers(model, processor, items, max_new_tokens[suite], batch_size, progress,
-                                 desc=f"eval {suite}")
-        rows += metrics.suite_metrics(suite, items, preds, judge)
-        preds_out += [{"id": s.id, "suite": suite, "category": s.category, "question": s.question,
-                       "answer": s.answer, "prediction": p} for s, p in zip(items, preds)]
+                                 desc=f"eval {suite}", prompt_format=prompt_format, image_mode=image_mode)
+        suite_rows, item_scores = metrics.suite_scores(suite, items, preds, judge)
+        rows += suite_rows
+        judged = {"judge": judge.name} if suite in metrics.JUDGED_SUITES else {}
+        preds_out += [{"id": s.id, "suite": suite, "split": s.split, "category": s.category, "question": s.question,
+                       "answer": s.answer, "prediction": p, **judged, **scored}
+                      for s, p, scored in zip(items, preds, item_scores)]
     return metrics.rows_to_frame(rows), preds_out
 
 
@@ -157,14 +190,19 @@ def evaluate(model, processor, cfg: EvalConfig, out_dir: Path | None = None, jud
     t0 = time.time()
     reports: dict[str, dict] = {}
     samples = {suite: load_samples(cfg, suite, reports) for suite in cfg.suites}
+    fmt = cfg.input_format()
     frame, preds_out = evaluate_samples(model, processor, samples, judge, cfg.batch_size, progress,
-                                        generation_budget(cfg.data))
+                                        generation_budget(cfg.data), **fmt)
     if out_dir is not None:
         out_dir = Path(out_dir)
         files.write_jsonl(out_dir / "predictions.jsonl", preds_out)
         files.write_csv(out_dir / "metrics.csv", frame)
-        record = {"config": {**cfg.__dict__, "suites": list(cfg.suites)}, "seconds": round(time.time() - t0, 2),
-                  "judge": judge.name}
+        top = frame[frame["metric"] == "overall"].set_index("suite")
+        record = {"config": {**cfg.__dict__, "suites": list(cfg.suites), **fmt},
+                  "seconds": round(time.time() - t0, 2), "judge": judge.name,
+                  "judge_models": {s: str(top.loc[s, "judge_model"]) for s in top.index
+                                   if s in metrics.JUDGED_SUITES},
+                  "splits": {s: str(top.loc[s, "split"]) for s in top.index}}
         if reports:
             record["data"] = reports
         files.write_json(out_dir / "eval.json", record)

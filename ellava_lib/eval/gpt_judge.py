@@ -12,6 +12,11 @@ content ``[Context] / [Question] / [Assistant 1] ... [System] <rule for the cate
 ``max_tokens=1024``; the two scores are parsed from the first line. Unparsable (or outside 1..10): retried
 up to ``llavabench_max_tries`` (3) tries, then ``(-1, -1)`` recorded as a failure.
 
+The ``model`` field of the server's reply (the model that answered: an alias may resolve to a dated snapshot,
+a proxy may serve another model) is kept in every judgement, cached with it, and reported beside each judged
+number (:meth:`GPTJudge.mmvet_verdict`, :meth:`GPTJudge.llavabench_verdict`; ``"unreported"`` when the reply has
+none); ``name`` stays the model requested.
+
 Every judgement is cached in ``<cache_dir>/gpt_judge_cache.sqlite`` keyed by (judge model, sha256 of the
 full first prompt, i.e. the canonical JSON of its messages); a cached judgement sends no request. Transport
 errors (network, HTTP 429/5xx after retries, other HTTP errors at once) raise :class:`JudgeError` and are
@@ -36,13 +41,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ellava_lib.eval.judge import Judge
+from ellava_lib.eval.judge import Judge, Verdict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4-0613"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 CACHE_FILENAME = "gpt_judge_cache.sqlite"
+#: Recorded as the answering model when the server's replies carried no ``model`` field.
+UNREPORTED = "unreported"
 
 # yuweihao/MM-Vet mm-vet_evaluator.py (the lmms-eval copy names the first column "gpt_query_prompt").
 MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
@@ -266,6 +273,18 @@ class GPTJudge(Judge):
         ``context`` is the image caption shown to the reviewer (upstream ``[Context]``)."""
         j = self.judge_llavabench(question, reference, answer, category, context=context)
         return j.scores[0], j.scores[1]
+
+    def mmvet_verdict(self, question: str, gt: str, pred: str) -> Verdict:
+        """The MM-Vet score with the model the server said answered (:data:`UNREPORTED` if its replies had none)."""
+        j = self.judge_mmvet(question, gt, pred)
+        return Verdict((j.scores[0],), j.response_model or UNREPORTED, j.failed)
+
+    def llavabench_verdict(
+        self, question: str, reference: str, answer: str, category: str, *, context: str = ""
+    ) -> Verdict:
+        """The LLaVA-Bench scores with the model the server said answered (:data:`UNREPORTED` if none)."""
+        j = self.judge_llavabench(question, reference, answer, category, context=context)
+        return Verdict((j.scores[0], j.scores[1]), j.response_model or UNREPORTED, j.failed)
 
     # ------------------------------------------------------------------------------------ judgements
 

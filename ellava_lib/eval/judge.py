@@ -1,14 +1,21 @@
 """Judges for the open-ended suites (MM-Vet, LLaVA-Bench).
 
-:class:`Judge` is the interface every judge implements (a GPT-backed one lives elsewhere);
+:class:`Judge` is the interface every judge implements (a GPT-backed one lives in ``gpt_judge.py``);
 :class:`LocalJudge` is a deterministic, offline, pure-Python lexical stand-in used only for the
 synthetic look-alike suites. Its numbers are not comparable to GPT-4-judged published numbers.
+
+LLaVA-Bench judges receive ``context``: the image caption(s) the upstream GPT reviewer reads in its
+``[Context]`` block (the evaluated model never sees them). The GPT judge sends it; the local judge accepts
+and ignores it (a lexical overlap with the reference has no use for a caption). A :class:`Verdict` carries
+the scores together with the model that produced them (for a GPT judge: the ``model`` field of the server's
+reply, which may differ from the model requested, e.g. a dated snapshot behind an alias).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from dataclasses import dataclass
 
 from ellava_lib.eval.text import normalize_vqa_answer
 
@@ -27,8 +34,19 @@ STOPWORDS: frozenset[str] = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One judgement: ``scores`` (MM-Vet: ``(correctness,)``; LLaVA-Bench: ``(reference, answer)``), the model that
+    produced them, and whether the judge gave up (no parsable reply: the fallback scores are recorded)."""
+
+    scores: tuple[float, ...]
+    model: str
+    failed: bool = False
+
+
 class Judge(ABC):
-    """Scores open-ended answers. ``name`` goes into the ``judge`` column of the metric table."""
+    """Scores open-ended answers. ``name`` (the judge or judge model requested) goes into the ``judge`` column of
+    the metric table; the model that actually answered comes with each :class:`Verdict`."""
 
     name: str = "abstract"
 
@@ -38,9 +56,21 @@ class Judge(ABC):
 
     @abstractmethod
     def score_llavabench(
-        self, question: str, reference: str, answer: str, category: str
+        self, question: str, reference: str, answer: str, category: str, *, context: str = ""
     ) -> tuple[float, float]:
-        """(reference_score, answer_score), each on the 1..10 scale of the LLaVA-Bench reviewer."""
+        """(reference_score, answer_score), each on the 1..10 scale of the LLaVA-Bench reviewer; ``context`` is
+        the image caption(s) of the reviewer's ``[Context]`` block."""
+
+    def mmvet_verdict(self, question: str, gt: str, pred: str) -> Verdict:
+        """:meth:`score_mmvet` with the model that answered (default: :attr:`name`)."""
+        return Verdict((self.score_mmvet(question, gt, pred),), self.name)
+
+    def llavabench_verdict(
+        self, question: str, reference: str, answer: str, category: str, *, context: str = ""
+    ) -> Verdict:
+        """:meth:`score_llavabench` with the model that answered (default: :attr:`name`)."""
+        return Verdict(tuple(self.score_llavabench(question, reference, answer, category, context=context)),
+                       self.name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,11 +144,12 @@ class LocalJudge(Judge):
         return _plain_mmvet(_tokens(gt), pred_tokens)
 
     def score_llavabench(
-        self, question: str, reference: str, answer: str, category: str
+        self, question: str, reference: str, answer: str, category: str, *, context: str = ""
     ) -> tuple[float, float]:
         """``(10.0, round(1 + 9 * F1, 1))`` with F1 = multiset F1 of the content tokens (normalized words
         minus :data:`STOPWORDS`) of ``answer`` vs ``reference``. A lexical stand-in for the GPT-4
-        reviewer, used only for the synthetic suites; ``question`` and ``category`` are ignored."""
+        reviewer, used only for the synthetic suites; ``question``, ``category`` and ``context`` (the caption)
+        are accepted for the interface and ignored."""
         f1 = token_f1(_content(_tokens(answer)), _content(_tokens(reference)))
         return 10.0, round(1.0 + 9.0 * f1, 1)
 

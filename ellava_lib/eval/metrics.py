@@ -99,31 +99,48 @@ def llavabench_relative(
 # --------------------------------------------------------------------------------------------------
 
 RULE_JUDGE = "exact"  # judge column value for rule-based suites (sqa, vizwiz)
+#: The suites scored by a :class:`~ellava_lib.eval.judge.Judge`.
+JUDGED_SUITES: tuple[str, ...] = ("mmvet", "llavabench")
+#: The columns of ``metrics.csv``.
+FRAME_COLUMNS: tuple[str, ...] = ("suite", "metric", "score", "n", "judge", "judge_model", "split")
 
 
 @dataclass
 class MetricRow:
-    """One reported number: ``score`` (0-100) of ``metric`` on ``suite`` over ``n`` items, scored by ``judge``."""
+    """One reported number: ``score`` (0-100) of ``metric`` on ``suite`` over ``n`` items of ``split``, scored by
+    ``judge`` (the judge requested); ``judge_model``: the model(s) that answered those items' judgements, ``+``-joined
+    when several did (``judge`` again for rule-based and local scores)."""
 
     suite: str
     metric: str
     score: float
     n: int
     judge: str
+    judge_model: str = ""
+    split: str = ""
+
+
+def _joined(values: list[str]) -> str:
+    """The distinct values, sorted, joined by ``+``."""
+    return "+".join(sorted(set(values)))
 
 
 def _group_rows(
-    suite: str, item_scores: list[float], groups: list[tuple[str, list[bool]]], judge: str
+    suite: str, item_scores: list[float], groups: list[tuple[str, list[bool]]], judge: str,
+    models: list[str] | None = None, split: str = "",
 ) -> list[MetricRow]:
-    """``overall`` row plus one row per (name, mask) group: ``100 * mean(item scores in group)``.
+    """``overall`` row plus one row per (name, mask) group: ``100 * mean(item scores in group)``; each row's
+    ``judge_model`` joins the answering ``models`` of its items (default: ``judge``).
 
     Empty groups are skipped.
     """
-    rows = [MetricRow(suite, "overall", 100.0 * _mean(item_scores), len(item_scores), judge)]
+    models = models if models is not None else [judge] * len(item_scores)
+    rows = [MetricRow(suite, "overall", 100.0 * _mean(item_scores), len(item_scores), judge, _joined(models), split)]
     for name, mask in groups:
         picked = [s for s, keep in zip(item_scores, mask) if keep]
         if picked:
-            rows.append(MetricRow(suite, name, 100.0 * _mean(picked), len(picked), judge))
+            rows.append(MetricRow(suite, name, 100.0 * _mean(picked), len(picked), judge,
+                                  _joined([m for m, keep in zip(models, mask) if keep]), split))
     return rows
 
 
@@ -133,17 +150,22 @@ def _category_groups(samples: list[Sample]) -> list[tuple[str, list[bool]]]:
     return [(c, [s.category == c for s in samples]) for c in cats]
 
 
-def _sqa_rows(samples: list[Sample], preds: list[str]) -> list[MetricRow]:
+ItemRecords = list[dict]
+
+
+def _sqa_rows(samples: list[Sample], preds: list[str], split: str) -> tuple[list[MetricRow], ItemRecords]:
     """sqa: accuracy (%) overall and per category."""
     scores = [sqa_score(p, s.answer, len(s.choices)) for s, p in zip(samples, preds)]
-    return _group_rows("sqa", scores, _category_groups(samples), RULE_JUDGE)
+    rows = _group_rows("sqa", scores, _category_groups(samples), RULE_JUDGE, split=split)
+    return rows, [{"score": x} for x in scores]
 
 
-def _vizwiz_rows(samples: list[Sample], preds: list[str]) -> list[MetricRow]:
+def _vizwiz_rows(samples: list[Sample], preds: list[str], split: str) -> tuple[list[MetricRow], ItemRecords]:
     """vizwiz: VQA accuracy (%) overall, per category, answerable and unanswerable.
 
     Raises ValueError for an item without annotator answers (``sample.answers``): a single reference
-    would score 0 under the leave-one-out rule, so there is no silent fallback.
+    would score 0 under the leave-one-out rule, so there is no silent fallback (test-dev items, whose
+    answers are withheld, are predicted for EvalAI, never scored here).
     """
     missing = [s.id for s in samples if not s.answers]
     if missing:
@@ -153,27 +175,68 @@ def _vizwiz_rows(samples: list[Sample], preds: list[str]) -> list[MetricRow]:
         ("answerable", [s.answerable for s in samples]),
         ("unanswerable", [not s.answerable for s in samples]),
     ]
-    return _group_rows("vizwiz", scores, groups, RULE_JUDGE)
+    return _group_rows("vizwiz", scores, groups, RULE_JUDGE, split=split), [{"score": x} for x in scores]
 
 
-def _mmvet_rows(samples: list[Sample], preds: list[str], judge: Judge) -> list[MetricRow]:
+def _mmvet_rows(samples: list[Sample], preds: list[str], judge: Judge,
+                split: str) -> tuple[list[MetricRow], ItemRecords]:
     """mmvet: judge score per item, :func:`mmvet_aggregate` overall and per capability."""
-    scores = [judge.score_mmvet(s.question, s.answer, p) for s, p in zip(samples, preds)]
+    verdicts = [judge.mmvet_verdict(s.question, s.answer, p) for s, p in zip(samples, preds)]
+    scores = [v.scores[0] for v in verdicts]
     caps = [list(s.capabilities) for s in samples]
     agg = mmvet_aggregate(scores, caps)
-    counts = {k: sum(k in c for c in caps) for k in agg if k != "overall"}
-    counts["overall"] = len(samples)
-    return [MetricRow("mmvet", k, v, counts[k], judge.name) for k, v in agg.items()]
+    rows = []
+    for k, v in agg.items():
+        mask = [True] * len(samples) if k == "overall" else [k in c for c in caps]
+        rows.append(MetricRow("mmvet", k, v, sum(mask), judge.name,
+                              _joined([x.model for x, keep in zip(verdicts, mask) if keep]), split))
+    items = [{"score": v.scores[0], "judge_model": v.model, "judge_failed": v.failed} for v in verdicts]
+    return rows, items
 
 
-def _llavabench_rows(samples: list[Sample], preds: list[str], judge: Judge) -> list[MetricRow]:
-    """llavabench: judge (reference, answer) scores per item, :func:`llavabench_relative` by category."""
-    pairs = [judge.score_llavabench(s.question, s.answer, p, s.category) for s, p in zip(samples, preds)]
+def _llavabench_rows(samples: list[Sample], preds: list[str], judge: Judge,
+                     split: str) -> tuple[list[MetricRow], ItemRecords]:
+    """llavabench: judge (reference, answer) scores per item, the item's caption (``meta["caption"]``, real data) as
+    the reviewer's context, :func:`llavabench_relative` by category."""
+    verdicts = [judge.llavabench_verdict(s.question, s.answer, p, s.category, context=str(s.meta.get("caption", "")))
+                for s, p in zip(samples, preds)]
     cats = [s.category for s in samples]
-    rel = llavabench_relative([r for r, _ in pairs], [a for _, a in pairs], cats)
-    counts = {k: cats.count(k) for k in rel if k != "overall"}
-    counts["overall"] = len(samples)
-    return [MetricRow("llavabench", k, v, counts[k], judge.name) for k, v in rel.items()]
+    rel = llavabench_relative([v.scores[0] for v in verdicts], [v.scores[1] for v in verdicts], cats)
+    rows = []
+    for k, v in rel.items():
+        mask = [True] * len(samples) if k == "overall" else [c == k for c in cats]
+        rows.append(MetricRow("llavabench", k, v, sum(mask), judge.name,
+                              _joined([x.model for x, keep in zip(verdicts, mask) if keep]), split))
+    items = [{"reference_score": v.scores[0], "score": v.scores[1], "judge_model": v.model, "judge_failed": v.failed}
+             for v in verdicts]
+    return rows, items
+
+
+def suite_scores(
+    suite: str, samples: list[Sample], preds: list[str], judge: Judge | None = None
+) -> tuple[list[MetricRow], ItemRecords]:
+    """Metric rows (see :func:`suite_metrics`) and one record per item: its ``score`` (0-1 for sqa / vizwiz /
+    mmvet, 1-10 for llavabench, with ``reference_score``) and, for the judged suites, ``judge_model`` (the model
+    that answered) and ``judge_failed``."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    if not samples:
+        raise ValueError("no samples")
+    if len(samples) != len(preds):
+        raise ValueError(f"{len(samples)} samples but {len(preds)} predictions")
+    wrong = [s.id for s in samples if s.suite != suite]
+    if wrong:
+        raise ValueError(f"samples of another suite passed for {suite!r}: {wrong[:5]}")
+    split = _joined([s.split for s in samples])
+    if suite == "sqa":
+        return _sqa_rows(samples, preds, split)
+    if suite == "vizwiz":
+        return _vizwiz_rows(samples, preds, split)
+    if judge is None:
+        raise ValueError(f"suite {suite!r} is judge-scored; pass a Judge")
+    if suite == "mmvet":
+        return _mmvet_rows(samples, preds, judge, split)
+    return _llavabench_rows(samples, preds, judge, split)
 
 
 def suite_metrics(
@@ -184,32 +247,16 @@ def suite_metrics(
     sqa: option accuracy overall + per category; vizwiz: VQA accuracy overall + per category +
     answerable/unanswerable; mmvet: judge scores aggregated with :func:`mmvet_aggregate` (metric names are
     capabilities); llavabench: judge scores, :func:`llavabench_relative` per category. The ``judge``
-    column is ``"exact"`` for sqa/vizwiz and ``judge.name`` otherwise (a judge is required there).
+    column is ``"exact"`` for sqa/vizwiz and ``judge.name`` otherwise (a judge is required there);
+    ``judge_model`` names the model(s) that answered, ``split`` the samples' split(s).
     Raises ValueError on an unknown suite, empty or mismatched inputs, or a sample of another suite.
     """
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
-    if not samples:
-        raise ValueError("no samples")
-    if len(samples) != len(preds):
-        raise ValueError(f"{len(samples)} samples but {len(preds)} predictions")
-    wrong = [s.id for s in samples if s.suite != suite]
-    if wrong:
-        raise ValueError(f"samples of another suite passed for {suite!r}: {wrong[:5]}")
-    if suite == "sqa":
-        return _sqa_rows(samples, preds)
-    if suite == "vizwiz":
-        return _vizwiz_rows(samples, preds)
-    if judge is None:
-        raise ValueError(f"suite {suite!r} is judge-scored; pass a Judge")
-    if suite == "mmvet":
-        return _mmvet_rows(samples, preds, judge)
-    return _llavabench_rows(samples, preds, judge)
+    return suite_scores(suite, samples, preds, judge)[0]
 
 
 def rows_to_frame(rows: list[MetricRow]) -> pd.DataFrame:
-    """A pandas DataFrame with columns ``suite, metric, score, n, judge``, one line per row."""
+    """A pandas DataFrame with the columns of :data:`FRAME_COLUMNS`, one line per row."""
     import pandas as pd  # local import: pandas is only needed for reporting
 
-    columns = ["suite", "metric", "score", "n", "judge"]
+    columns = list(FRAME_COLUMNS)
     return pd.DataFrame([[getattr(r, c) for c in columns] for r in rows], columns=columns)

@@ -47,6 +47,7 @@ from ellava_lib.eval.evaluate import (
     evaluate,
     evaluate_samples,
     generation_budget,
+    input_format,
 )
 from ellava_lib.prune.allocate import (
     ecoflap_policy,
@@ -408,7 +409,7 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         for i in calib_rows(spec, job, samples):
             by_suite.setdefault(samples[i].suite, []).append(samples[i])
         frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
-                                    max_new_tokens=generation_budget(tier.data))
+                                    max_new_tokens=generation_budget(tier.data), **input_format(tier.data))
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
@@ -419,12 +420,14 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
 
 def spec_digest(spec: SweepSpec, job: Job) -> str:
     """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
-    searched methods the resolved search configuration, the method's :data:`METHOD_REVISION`, and the rows the
-    ``calib`` score is measured on."""
+    searched methods the resolved search configuration, the method's :data:`METHOD_REVISION`, the rows the
+    ``calib`` score is measured on, and on real data the evaluation inputs (:func:`evaluate.input_format`)."""
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     tier = spec.get_tier()
     if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
         d["tier"] = tier.to_dict()
+    if tier.data == "real":  # real rows depend on the evaluation inputs (LLaVA-1.5's prompt and pad-to-square)
+        d["inputs"] = input_format(tier.data)
     if job.method in SEARCH_METHODS:
         d["search"] = search_config(spec, job).to_dict()
     if job.method in METHOD_REVISION:

@@ -232,7 +232,8 @@ def _calibration_manifest(name: str):
 
 def encode_calibration(tier: Tier, samples: list[Sample], processor):
     """The calibration batch: the trainer's encoding for synthetic samples (bit-identical to training),
-    the processor's own encoding for real images (:func:`calibration.encode_with_processor`)."""
+    the processor's encoding of the evaluation's inputs for real images (LLaVA-1.5's vicuna_v1 prompt, images padded
+    to square: :func:`calibration.encode_with_processor`)."""
     from ellava_lib.data.calibration import encode_calibration as synthetic
     from ellava_lib.data.calibration import encode_with_processor
 
