@@ -47,7 +47,8 @@ PROJECTOR_PREFIX = "projector_"
 #: ``to_dict`` (and the digest) at that value, so older folders still resume and older sweep rows stay valid, and
 #: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
-                                  "fine_step": 0.0}
+                                  "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
+                                  "projector_fp32_master": True}
 
 
 def _check_preset(name: str) -> str:
@@ -78,6 +79,19 @@ class ProjectorConfig:
     * ``patience``: held-out evaluations without improvement before a round stops.
     * ``eval_every``: steps between held-out evaluations.
     * ``grad_clip``: maximal gradient norm of a step.
+    * ``micro_batch``: rows per forward / backward pass of a step (gradients accumulated over the micro-batches,
+      each weighted by its share of the rows, so a step's gradient is that of all rows at once); 0 = all rows at
+      once. Also the rows per pass of the held-out evaluations.
+    * ``checkpointing``: recompute each language-model decoder block's activations in the backward pass instead
+      of keeping them (:func:`projector.checkpointed_blocks`; about one more forward per step, the activations
+      of one block instead of all).
+    * ``fp32_master``: AdamW steps an fp32 copy of a half-precision projector and copies it back into the model's
+      dtype after each step (no effect on an fp32 projector; off: AdamW steps the half-precision weights, whose
+      rounding swallows updates below half an ulp).
+
+    ``micro_batch`` and ``checkpointing`` change memory, not the mathematics (results agree to rounding);
+    :mod:`ellava_lib.speed.memory` chooses them for a GPU size. Earlier searches ran with ``micro_batch = 0``,
+    ``checkpointing = False`` and (fp32 models) the equivalent of ``fp32_master = True``.
     """
 
     every: int = 3
@@ -91,6 +105,9 @@ class ProjectorConfig:
     patience: int = 3
     eval_every: int = 2
     grad_clip: float = 1.0
+    micro_batch: int = 0
+    checkpointing: bool = False
+    fp32_master: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +121,7 @@ class ProjectorConfig:
             (0.0 <= self.holdout < 1.0, f"projector: holdout must lie in [0, 1), got {self.holdout}"),
             (0.0 < self.rows < 1.0, f"projector: rows must lie in (0, 1), got {self.rows}"),
             (self.grad_clip > 0, f"projector: grad_clip must be > 0, got {self.grad_clip}"),
+            (self.micro_batch >= 0, f"projector: micro_batch must be >= 0, got {self.micro_batch}"),
         ]
         for ok, message in checks:
             if not ok:
