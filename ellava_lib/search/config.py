@@ -139,8 +139,9 @@ class ProjectorConfig:
 
     @classmethod
     def paper(cls) -> ProjectorConfig:
-        """profiles/paper.yaml: 20 steps every 10 of the 100 generations."""
-        return cls(every=10)
+        """profiles/paper.yaml: 20 steps every 10 of the 100 generations, 4 rows per forward / backward pass (what
+        :func:`ellava_lib.speed.memory.choose` picks for LLaVA-1.5-7B in fp16 on a 40 GB GPU: ``ellava plan``)."""
+        return cls(every=10, micro_batch=4)
 
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Any) -> ProjectorConfig:
@@ -289,9 +290,11 @@ class SearchConfig:
     @classmethod
     def paper(cls) -> SearchConfig:
         """profiles/paper.yaml: 16 policies, 100 generations of 32 children (16 screening samples, 8 survivors),
-        a projector round every 10 generations; a quarter of the calibration rows held out for selection."""
+        a projector round every 10 generations; a quarter of the calibration rows held out for selection;
+        candidates scored 24 rows per forward pass (the batch ``ellava plan --profile paper`` chooses for a 40 GB
+        GPU)."""
         return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8, select_frac=0.25,
-                   projector=ProjectorConfig.paper())
+                   eval_batch_size=24, projector=ProjectorConfig.paper())
 
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Any) -> SearchConfig:
