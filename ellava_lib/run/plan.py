@@ -265,7 +265,7 @@ STAGE_NOTES: dict[str, str] = {
 
 def markdown(plan: Plan) -> str:
     """The plan as a markdown table plus a summary line (what :func:`splice_readme` writes)."""
-    head = (f"| stage | peak GPU | fits {plan.gpu_gb:g} GB | memory knob | disk | time per run | runs | "
+    head = (f"| stage | peak GPU | fits {plan.gpu_gb:g} GB | memory knob | disk (all runs) | time per run | runs | "
             "total time |\n|---|---:|:-:|---|---:|---:|---:|---:|")
     lines = [head]
     for s in plan.stages:
