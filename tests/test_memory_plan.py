@@ -148,3 +148,18 @@ def test_tier_memory_fields():
     assert eval_config(Tier(eval_batch_size=5), batch_size=7).batch_size == 7
     with pytest.raises(ValueError, match="eval_batch_size"):
         Tier(eval_batch_size=-1)
+
+
+def test_batch_sizes_are_not_part_of_a_search_identity(tmp_path):
+    """A search moved to another GPU (other batch sizes) keeps its digest, its sweep rows and its folder."""
+    from ellava_lib.search import checkpoint as ckpt
+
+    cfg = SearchConfig.paper()
+    other = SearchConfig.from_preset("paper", eval_batch_size=3, projector_micro_batch=1,
+                                     projector_checkpointing=True)
+    assert other.to_dict() != cfg.to_dict() and other.digest() == cfg.digest()
+    baseline = SearchConfig.from_dict({**cfg.to_dict(), **ckpt.MEMORY_FIELDS})
+    assert other.identity() == cfg.identity() == baseline.to_dict()
+    ckpt.check_compatible({"config": cfg.to_dict()}, other.to_dict(), None, tmp_path)  # resumes
+    with pytest.raises(ValueError, match="population"):
+        ckpt.check_compatible({"config": cfg.to_dict()}, replace(other, population=3).to_dict(), None, tmp_path)

@@ -436,7 +436,7 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
     if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
         d["tier"] = tier.to_dict()
     if job.method in SEARCH_METHODS:
-        d["search"] = search_config(spec, job).to_dict()
+        d["search"] = search_config(spec, job).identity()  # batch sizes aside (checkpoint.MEMORY_FIELDS)
     if job.method in METHOD_REVISION:
         d["revision"] = METHOD_REVISION[job.method]
     # every row's ``calib`` is measured on the selection rows (:func:`calib_rows`), no longer on all of them

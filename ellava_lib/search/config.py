@@ -90,7 +90,8 @@ class ProjectorConfig:
       rounding swallows updates below half an ulp).
 
     ``micro_batch`` and ``checkpointing`` change memory, not the mathematics (results agree to rounding);
-    :mod:`ellava_lib.speed.memory` chooses them for a GPU size. Earlier searches ran with ``micro_batch = 0``,
+    :mod:`ellava_lib.speed.memory` chooses them for a GPU size, and a search's identity reads them at their
+    baselines (:meth:`SearchConfig.identity`, :data:`checkpoint.MEMORY_FIELDS`). Earlier searches ran with ``micro_batch = 0``,
     ``checkpointing = False`` and (fp32 models) the equivalent of ``fp32_master = True``.
     """
 
@@ -347,9 +348,16 @@ class SearchConfig:
     def from_json(cls, path: str | Path) -> SearchConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the memory knobs (:data:`checkpoint.MEMORY_FIELDS`) at their baseline values
+        (dropped where :data:`_LATER_FIELDS` drops them): what a search's result depends on, for digests and the
+        sweep's rows."""
+        return replace(self, eval_batch_size=0,
+                       projector=replace(self.projector, micro_batch=0, checkpointing=False)).to_dict()
+
     def digest(self) -> str:
-        """12 hex chars of sha1 over the config minus :data:`checkpoint.RESUMABLE_FIELDS`."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ckpt.RESUMABLE_FIELDS}
+        """12 hex chars of sha1 over :meth:`identity` minus :data:`checkpoint.RESUMABLE_FIELDS`."""
+        d = {k: v for k, v in self.identity().items() if k not in ckpt.RESUMABLE_FIELDS}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -277,8 +277,9 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
                      ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Fine-tune the projector for ``policies`` (see the module docstring); returns ``(state, log)``.
 
-    ``config``: steps, learning rate, loss weights, held-out share, patience, evaluation interval and gradient
-    clip (:class:`config.ProjectorConfig`; its ``every`` / ``topk`` are the search's schedule, unused here).
+    ``config``: steps, learning rate, loss weights, held-out share, patience, evaluation interval, gradient
+    clip, micro-batch, checkpointing and fp32 master (:class:`config.ProjectorConfig`; its ``every`` / ``topk`` are
+    the search's schedule, unused here).
     ``rows``: the batch rows the round may use (all when None; the search passes its projector rows, never the
     rows candidates are scored on); ``seed`` draws the held-out (early-stopping) rows among them. The kept
     projector (best on the held-out rows) is loaded into ``model`` and
