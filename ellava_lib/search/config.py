@@ -91,8 +91,8 @@ class ProjectorConfig:
 
     ``micro_batch`` and ``checkpointing`` change memory, not the mathematics (results agree to rounding);
     :mod:`ellava_lib.speed.memory` chooses them for a GPU size, and a search's identity reads them at their
-    baselines (:meth:`SearchConfig.identity`, :data:`checkpoint.MEMORY_FIELDS`). Earlier searches ran with ``micro_batch = 0``,
-    ``checkpointing = False`` and (fp32 models) the equivalent of ``fp32_master = True``.
+    baselines (:meth:`SearchConfig.identity`, :data:`checkpoint.MEMORY_FIELDS`). Earlier searches ran with
+    ``micro_batch = 0``, ``checkpointing = False`` and (fp32 models) the equivalent of ``fp32_master = True``.
     """
 
     every: int = 3
