@@ -163,3 +163,13 @@ def test_batch_sizes_are_not_part_of_a_search_identity(tmp_path):
     ckpt.check_compatible({"config": cfg.to_dict()}, other.to_dict(), None, tmp_path)  # resumes
     with pytest.raises(ValueError, match="population"):
         ckpt.check_compatible({"config": cfg.to_dict()}, replace(other, population=3).to_dict(), None, tmp_path)
+
+
+def test_tier_memory_knobs_keep_the_sweep_rows(micro_model_dir):
+    from ellava_lib.run.sweep import Job, SweepSpec, spec_digest
+
+    job = Job("sparsegpt", 0.5, 0, 8)
+    plain = SweepSpec(str(micro_model_dir), 8, tier=Tier(device="cuda").to_dict())
+    moved = SweepSpec(str(micro_model_dir), 8, tier=Tier(device="cuda", offload=True, eval_batch_size=4).to_dict())
+    assert spec_digest(plain, job) == spec_digest(moved, job)
+    assert spec_digest(plain, job) != spec_digest(SweepSpec(str(micro_model_dir), 8, tier=Tier().to_dict()), job)

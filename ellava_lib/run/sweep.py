@@ -296,7 +296,7 @@ def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, pr
 
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
     """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
-    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n,
+    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().identity(), "seed": seed, "calib_n": calib_n,
          "revision": METHOD_REVISION["ecoflap"]}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -434,7 +434,7 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     tier = spec.get_tier()
     if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
-        d["tier"] = tier.to_dict()
+        d["tier"] = tier.identity()  # batch sizes and offloading aside
     if job.method in SEARCH_METHODS:
         d["search"] = search_config(spec, job).identity()  # batch sizes aside (checkpoint.MEMORY_FIELDS)
     if job.method in METHOD_REVISION:

@@ -93,6 +93,11 @@ class Tier:
                 del d[key]
         return d
 
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the memory knobs (``offload``, ``eval_batch_size``): what a sweep row and a
+        cache depend on, so a run moved to a GPU of another size keeps its rows."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("offload", "eval_batch_size")}
+
     @property
     def is_default(self) -> bool:
         """The embedded default (its runs keep the identifiers they had before tiers existed)."""
