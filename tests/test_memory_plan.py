@@ -133,6 +133,7 @@ def test_dryrun_of_a_shrunken_llava_on_the_cpu(tmp_path, capsys):
     assert [s["name"] for s in record["stages"]] == ["dense_eval", "leveldb", "search", "projector", "final_eval"]
     for s in record["stages"]:
         assert s["seconds"] > 0 and s["peak_gb_measured"] is None and s["peak_gb_predicted"] > 0
+        assert s["seconds_predicted"] > 0
     assert record["dtype"] == "float16" and record["plan"]["profile"] == "paper"
     assert (out / "leveldb" / "config.json").is_file()
 

@@ -15,9 +15,10 @@ Nothing is downloaded. The model is the profile's model config with random weigh
 * ``projector``: one step of :func:`projector.evolve_projector` on the training rows with the profile's micro-batch
   and checkpointing.
 
-Per stage the JSON (``dryrun.json``) records the wall time, the measured peak GPU memory
+Per stage the JSON (``dryrun.json``) records the wall time and the measured peak GPU memory
 (``torch.cuda.max_memory_allocated`` since the stage began; None on the CPU, where only time is recorded) beside
-the memory model's prediction for the same shapes and batch sizes. On a GPU:
+the memory model's prediction and the cost model's seconds (:func:`predicted_seconds`, on the profile's ``gpu``
+preset) for the same work, shapes and batch sizes. On a GPU:
 ``ellava dryrun --profile paper --random-weights --out runs/dryrun-7b`` (see the README).
 """
 
@@ -90,18 +91,43 @@ def _measure(device: torch.device, fn: Callable[[], Any]) -> tuple[float, float 
     return time.perf_counter() - tick, None
 
 
+def predicted_seconds(config: LlavaConfig, wl: memory.Workload, batches: memory.Batches, cfg, db_blocks: int,
+                      prof) -> dict[str, float]:
+    """The cost model's seconds for exactly the dry run's work on the device profile ``prof`` (its rooflines:
+    :mod:`costmodel`, :mod:`plan`): one ``generate`` batch; the level database's share ``db_blocks / L`` of
+    :func:`costmodel.estimate_level_db`; one dense pass and one scoring pass (:func:`costmodel.estimate_search`);
+    one projector step (``3`` forward-equivalents, ``4`` with checkpointing)."""
+    from ellava_lib.run import plan
+    from ellava_lib.speed import costmodel
+
+    dm = memory.Dims.of(config)
+    gen = plan.generate_seconds(config, dm, wl, prof, batches.eval_batch, wl.max_new_tokens)
+    levels = len([g for g in cfg.levels if g > 0])
+    db = costmodel.estimate_level_db(config, prof, levels, wl.calib_n, n_visual_tokens=dm.image_tokens,
+                                     n_text_tokens=wl.text_tokens).seconds * db_blocks / dm.layers
+    rows = min(wl.score_rows, wl.calib_n)
+    search = sum(costmodel.estimate_search(config, prof, 1, 1, wl.calib_n, n, n_visual_tokens=dm.image_tokens,
+                                           n_text_tokens=wl.text_tokens, batch_size=batches.score_batch).seconds
+                 for n in (wl.calib_n, rows))
+    proj = plan.projector_pass_seconds(config, dm, wl, prof, min(wl.projector_rows, wl.calib_n),
+                                       batches.micro_batch, 3 + int(batches.checkpointing))
+    return {"dense_eval": gen, "leveldb": db, "search": search, "projector": proj, "final_eval": gen}
+
+
 def run_dryrun(config: LlavaConfig, out_dir: str | Path, device: str = "cuda", gpu_gb: float = memory.DEFAULT_GPU_GB,
                search_cfg=None, workload: memory.Workload | None = None, db_blocks: int = 1, seed: int = 0,
-               dtype: str = "float16", name: str = "") -> dict[str, Any]:
+               dtype: str = "float16", name: str = "", device_profile: str = "h100") -> dict[str, Any]:
     """Run every stage (module docstring) into ``out_dir``; returns (and writes to ``out_dir/dryrun.json``) the
     record. ``search_cfg``: the profile's :class:`config.SearchConfig` (grid, loss, projector settings);
-    ``workload``: the shapes (:class:`memory.Workload`)."""
+    ``workload``: the shapes (:class:`memory.Workload`); ``device_profile``: the cost-model preset the predicted
+    seconds are for (:func:`predicted_seconds`)."""
     from ellava_lib.core.policy import Policy
     from ellava_lib.core.units import list_units
     from ellava_lib.model.loading import DTYPES, random_weights
     from ellava_lib.prune.leveldb import LevelDB, build_level_db
     from ellava_lib.search import objective, projector
     from ellava_lib.search.config import SearchConfig
+    from ellava_lib.speed.costmodel import get_profile
 
     cfg = search_cfg or SearchConfig.paper()
     wl = workload or memory.Workload()
@@ -111,13 +137,15 @@ def run_dryrun(config: LlavaConfig, out_dir: str | Path, device: str = "cuda", g
     batches, predicted, fits = memory.choose(dm, wl, gpu_gb * memory.GB_BYTES)
     record: dict[str, Any] = {"model": name, "device": str(dev), "dtype": dtype, "gpu_gb": gpu_gb, "seed": seed,
                               "batches": batches.to_dict(), "predicted_fits": fits, "workload": vars(wl),
-                              "stages": []}
+                              "device_profile": device_profile, "stages": []}
     stages = record["stages"]
+    times: dict[str, float] = {}
 
     def stage(key: str, work: str, fn: Callable[[], Any], predicted_bytes: float) -> None:
         seconds, peak = _measure(dev, fn)
         stages.append({"name": key, "work": work, "seconds": round(seconds, 3), "peak_gb_measured": peak,
-                       "peak_gb_predicted": round(predicted_bytes / memory.GB_BYTES, 3)})
+                       "peak_gb_predicted": round(predicted_bytes / memory.GB_BYTES, 3),
+                       "seconds_predicted": round(times.get(key, float("nan")), 3)})
         files.write_json(out / "dryrun.json", record)  # a stage that dies still leaves the ones before
 
     model = random_weights(config, dev, dtype, seed)
@@ -130,11 +158,12 @@ def run_dryrun(config: LlavaConfig, out_dir: str | Path, device: str = "cuda", g
             model.generate(**prompts, max_new_tokens=wl.max_new_tokens, min_new_tokens=wl.max_new_tokens,
                            do_sample=False, pad_token_id=config.text_config.pad_token_id)
 
-    stage("dense_eval", f"generate {batches.eval_batch} x {wl.max_new_tokens} new tokens", generate,
-          predicted["dense_eval"])
     layers = [f"lm.{i}." for i in range(db_blocks)]
     units = [u for u in list_units(model) if any(u.startswith(p) for p in layers)]
     db_dir = out / "leveldb"
+    times.update(predicted_seconds(config, wl, batches, cfg, db_blocks, get_profile(device_profile)))
+    stage("dense_eval", f"generate {batches.eval_batch} x {wl.max_new_tokens} new tokens", generate,
+          predicted["dense_eval"])
 
     def build() -> None:
         if batches.offload:
@@ -192,7 +221,8 @@ def profile_dryrun(profile: str, out_dir: str | Path, device: str | None = None,
     name = setup.tier.model + (" (shrunk stand-in)" if shrink else "")
     workload = shrunk_workload(setup.workload) if shrink else setup.workload
     record = run_dryrun(config, out_dir, device, gpu_gb, setup.search, workload,
-                        min(db_blocks, config.text_config.num_hidden_layers), dtype=setup.tier.dtype, name=name)
+                        min(db_blocks, config.text_config.num_hidden_layers), dtype=setup.tier.dtype, name=name,
+                        device_profile=str(setup.params.get("gpu", "h100")))
     full = plans.make_plan(profile, gpu_gb, root)
     record["plan"] = full.to_dict()  # the full run's predictions (per run of each stage), for comparison
     files.write_json(Path(out_dir) / "dryrun.json", record)
@@ -205,6 +235,7 @@ def format_record(record: dict[str, Any]) -> str:
              f"{record['batches']}"]
     for s in record["stages"]:
         measured = "n/a (CPU)" if s["peak_gb_measured"] is None else f"{s['peak_gb_measured']:.2f} GB"
-        lines.append(f"  {s['name']:<11} {s['seconds']:>9.2f} s  peak {measured:>10} (predicted "
-                     f"{s['peak_gb_predicted']:.2f} GB)  {s['work']}")
+        lines.append(f"  {s['name']:<11} {s['seconds']:>9.2f} s (predicted {s['seconds_predicted']:.2f} s on "
+                     f"{record['device_profile']})  peak {measured:>10} (predicted {s['peak_gb_predicted']:.2f} GB)"
+                     f"  {s['work']}")
     return "\n".join(lines)

@@ -92,20 +92,36 @@ def profile_params(name: str, root: str | Path | None = None) -> dict[str, Any]:
     return params
 
 
+def generate_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, new: int) -> float:
+    """One ``generate`` batch: ``roofline(B F_prefill, W) + G roofline(B F_tok, W + KV)`` (module docstring)."""
+    b = wl.dtype_bytes
+    lm = dm.layers * dm.block_params + dm.d * dm.vocab
+    f_prefill = flops.flops_per_token(config, dm.image_tokens, wl.prompt_tokens, logits_tokens=1)["total"]
+    kv = 2 * dm.layers * batch * (dm.image_tokens + wl.prompt_tokens + new / 2) * dm.d_kv * b
+    step = costmodel.roofline(batch * 2.0 * lm, dm.params * b + kv, prof)
+    return costmodel.roofline(batch * f_prefill, dm.params * b, prof) + new * step
+
+
 def _eval_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, data: str, limit: int) -> float:
     from ellava_lib.data.manifest import SUITE_BENCHMARKS, load_manifest
     from ellava_lib.eval.evaluate import generation_budget
 
-    b = wl.dtype_bytes
-    lm = dm.layers * dm.block_params + dm.d * dm.vocab
-    f_prefill = flops.flops_per_token(config, dm.image_tokens, wl.prompt_tokens, logits_tokens=1)["total"]
     total = 0.0
     for suite, new in generation_budget(data).items():
         n = limit or ((load_manifest(SUITE_BENCHMARKS[suite]).expected_rows or 0) if data == "real" else 500)
-        kv = 2 * dm.layers * batch * (dm.image_tokens + wl.prompt_tokens + new / 2) * dm.d_kv * b
-        step = costmodel.roofline(batch * 2.0 * lm, dm.params * b + kv, prof)
-        total += math.ceil(n / batch) * (costmodel.roofline(batch * f_prefill, dm.params * b, prof) + new * step)
+        total += math.ceil(n / batch) * generate_seconds(config, dm, wl, prof, batch, new)
     return total
+
+
+def projector_pass_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, n_rows: int, micro: int,
+                           factor: float) -> float:
+    """``factor`` forward-equivalents over ``n_rows`` rows, ``micro`` rows per pass: each pass
+    ``roofline(factor m F_sample, factor W)``."""
+    f_sample = flops.flops_per_token(config, dm.image_tokens, wl.text_tokens)["total"]
+    full, rest = divmod(n_rows, micro)
+    w = factor * dm.params * wl.dtype_bytes
+    return (full * costmodel.roofline(factor * micro * f_sample, w, prof)
+            + (costmodel.roofline(factor * rest * f_sample, w, prof) if rest else 0.0))
 
 
 def _projector_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, cfg, rows: dict[str, int],
@@ -113,17 +129,11 @@ def _projector_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, cfg, 
     p = cfg.projector
     if p.every == 0:
         return 0.0
-    f_sample = flops.flops_per_token(config, dm.image_tokens, wl.text_tokens)["total"]
     m = batches.micro_batch
-
-    def pass_s(n_rows: int, factor: float) -> float:
-        full, rest = divmod(n_rows, m)
-        t = full * costmodel.roofline(factor * m * f_sample, factor * dm.params * wl.dtype_bytes, prof)
-        return t + (costmodel.roofline(factor * rest * f_sample, factor * dm.params * wl.dtype_bytes, prof)
-                    if rest else 0.0)
-
-    per_round = (p.steps * pass_s(rows["train"], 3 + int(batches.checkpointing))
-                 + (p.steps // p.eval_every + 1) * p.topk * pass_s(rows["holdout"], 1))
+    per_round = (p.steps * projector_pass_seconds(config, dm, wl, prof, rows["train"], m,
+                                                  3 + int(batches.checkpointing))
+                 + (p.steps // p.eval_every + 1) * p.topk * projector_pass_seconds(config, dm, wl, prof,
+                                                                                  rows["holdout"], m, 1))
     return (cfg.generations // p.every) * per_round
 
 
