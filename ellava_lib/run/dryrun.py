@@ -145,7 +145,7 @@ def run_dryrun(config: LlavaConfig, out_dir: str | Path, device: str = "cuda", g
         seconds, peak = _measure(dev, fn)
         stages.append({"name": key, "work": work, "seconds": round(seconds, 3), "peak_gb_measured": peak,
                        "peak_gb_predicted": round(predicted_bytes / memory.GB_BYTES, 3),
-                       "seconds_predicted": round(times.get(key, float("nan")), 3)})
+                       "seconds_predicted": float(f"{times.get(key, float('nan')):.4g}")})
         files.write_json(out / "dryrun.json", record)  # a stage that dies still leaves the ones before
 
     model = random_weights(config, dev, dtype, seed)
