@@ -417,8 +417,8 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         by_suite: dict[str, list] = {}
         for i in calib_rows(spec, job, samples):
             by_suite.setdefault(samples[i].suite, []).append(samples[i])
-        frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
-                                    max_new_tokens=generation_budget(tier.data))
+        frame, _ = evaluate_samples(model, processor, by_suite, judge, batch_size=cfg_eval.batch_size,
+                                    progress=False, max_new_tokens=generation_budget(tier.data))
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
