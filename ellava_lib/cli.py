@@ -6,6 +6,8 @@
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
     ellava search --model tiny --sparsity 0.6 --calib 64 [--preset ci|default|paper] [--no-projector] --seed 0 --out DIR
     ellava sweep --profile default --out runs/default [--what main|ablations|all] [--backend local|ray] [--retries N]
+    ellava plan --profile paper [--gpu-mem GB] [--json] [--readme README.md]   predicted memory / disk / time
+    ellava dryrun --profile paper --random-weights --out DIR [--shrink]        every stage on random weights
 """
 
 from __future__ import annotations
@@ -569,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--vision", action="store_true", help="include the vision tower's units")
     i.add_argument("--json", action="store_true", help="print a JSON object")
     i.set_defaults(func=cmd_inspect)
+    from ellava_lib.cli_plan import add_parsers  # plan, dryrun
+
+    add_parsers(sub)
     return p
 
 

@@ -59,3 +59,49 @@ def test_hub_model_without_the_hub_is_a_one_line_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
     assert out.startswith("ERR cannot load 'llava-hf/llava-1.5-7b-hf' (needs the Hugging Face hub or a local copy)")
     assert out.count("\n") == 1
+
+
+def test_place_moves_the_model_placed_before_back_to_the_cpu(monkeypatch):
+    """One model on a device at a time: placing another releases the earlier one (notebook 02's dense model
+    before its magnitude copies, the sweep's searched model before the exact re-prune)."""
+    from ellava_lib.run import tier as tiers
+
+    released = []
+    monkeypatch.setattr(tiers, "release", lambda m: released.append(m))
+    t = tiers.Tier(device="cpu:0")  # not "cpu": goes through the placement path without a GPU
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    tiers.place(t, a)
+    tiers.place(t, a)
+    assert released == []
+    tiers.place(t, b)
+    assert released == [a]
+    tiers.place(t, b)
+    assert released == [a]
+    tiers.place(tiers.Tier(), a)  # the CPU tier places nothing
+    assert released == [a]
+
+
+def test_the_sweep_builds_level_databases_one_block_at_a_time_with_tier_offload(micro_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from ellava_lib.prune import leveldb
+    from ellava_lib.run import sweep
+    from ellava_lib.run.tier import Tier
+
+    seen = {}
+    real_build, real_prune = leveldb.build_level_db, sweep.prune_model
+
+    def build(*args, **kw):
+        seen["db_device"] = kw.get("device")
+        return real_build(*args, **kw)
+
+    def prune(*args, **kw):
+        seen["prune_device"] = kw.get("device")
+        return real_prune(*args, **kw)
+    monkeypatch.setattr(leveldb, "build_level_db", build)
+    monkeypatch.setattr(sweep, "prune_model", prune)
+    for offload, want in ((False, None), (True, "cpu")):
+        spec = sweep.SweepSpec(str(micro_model_dir), eval_limit=1, calib_eval=False,
+                               tier=Tier(offload=offload).to_dict())
+        sweep.prepare_level_db(spec, 0, 8, tmp_path / f"o{offload}", grid=(0.0, 0.5))
+        sweep.run_job(sweep.Job("wanda", 0.5, 0, 8), spec, tmp_path / f"o{offload}")
+        assert seen == {"db_device": want, "prune_device": want}

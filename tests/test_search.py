@@ -136,9 +136,11 @@ def test_presets_round_trip_and_are_the_class_defaults(name, tmp_path):
     assert SearchConfig() == SearchConfig.default() and ProjectorConfig() == ProjectorConfig.default()
     # exactly the values the profile of the same name ran before the presets
     search, ellava = EARLIER_PROFILES[name]
-    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional)
+    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional), and the
+    # paper preset carries the batch sizes of the 40 GB memory plan (issue 19: tests/test_memory_plan.py)
+    memory_knobs = {"eval_batch_size": 24, "projector_micro_batch": 4} if name == "paper" else {}
     assert cfg == SearchConfig.from_preset("default", **{**EARLIER_DEFAULTS, **search, **ellava,
-                                                         "projector_ce_weight": 0.0})
+                                                         "projector_ce_weight": 0.0, **memory_knobs})
 
 
 def test_preset_overrides_name_single_fields():

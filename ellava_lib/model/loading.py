@@ -117,3 +117,24 @@ def _remap(state: dict, model) -> dict:
         else:
             out[k] = v
     return out
+
+
+def random_weights(config: LlavaConfig, device: str | torch.device = "cpu", dtype: str = "float16",
+                   seed: int = 0) -> LlavaForConditionalGeneration:
+    """A LLaVA of ``config`` with random weights (``transformers``' own initialisation, drawn with ``seed``), built
+    directly on ``device`` in ``dtype``: for dry runs that must not download anything.
+
+    Every parameter is allocated and initialised on ``device`` in ``dtype`` (construction under
+    ``torch.device(device)`` with the default dtype set to ``dtype``), so no full-size copy of the model, fp32 or
+    otherwise, ever exists in host RAM. (Building on the ``meta`` device and calling ``to_empty`` would leave the
+    non-persistent buffers, the rotary frequencies and CLIP's position ids, uninitialised.) Eval mode."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=DTYPES[dtype])
+    model.eval()
+    return model

@@ -59,12 +59,14 @@ from ellava_lib.prune.structured import structured_policy
 from ellava_lib.run import backends
 from ellava_lib.run.tier import (
     Tier,
+    block_device,
     calibration_samples,
     encode_calibration,
     eval_config,
     load_model,
     make_judge,
     place,
+    release,
 )
 from ellava_lib.speed.flops import flop_ratio
 
@@ -235,11 +237,13 @@ def _calibration(tier: Tier, processor, seed: int, n: int):
     return samples, encode_calibration(tier, samples, processor)
 
 
-def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int):
-    """The dense model, its processor, the job's calibration samples and batch, all on the tier's device."""
+def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int, on_device: bool = True):
+    """The dense model, its processor, the job's calibration samples and batch, all on the tier's device
+    (``on_device=False``: left on the CPU)."""
     model, processor = load_model(tier, spec.model_dir)
     samples, batch = _calibration(tier, processor, batch_seed, calib_n)
-    model, batch = place(tier, model, batch)
+    if on_device:
+        model, batch = place(tier, model, batch)
     return model, processor, samples, batch
 
 
@@ -278,21 +282,22 @@ def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None =
 def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False,
                      grid: Sequence[float] = DEFAULT_GRID) -> None:
     """Build (or resume) the level database of one (seed, calib_n), holding at least the levels of ``grid``
-    (:func:`level_grid`, :func:`db_build_grid`), stored in the tier's ``db_dtype``."""
+    (:func:`level_grid`, :func:`db_build_grid`), stored in the tier's ``db_dtype``. With ``tier.offload`` the
+    model stays on the CPU and one decoder block at a time goes to the tier's device (:func:`tier.block_device`)."""
     from ellava_lib.prune.leveldb import build_level_db, resolve_store_dtype
 
     tier = spec.get_tier()
     db_dir = level_db_dir(out_dir, seed, calib_n)
-    model, _, samples, batch = _load(tier, spec, seed, calib_n)
+    model, _, samples, batch = _load(tier, spec, seed, calib_n, on_device=not tier.offload)
     store_dtype = resolve_store_dtype(model, tier.db_dtype)
     build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid, store_dtype), "sparsegpt",
                    progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed},
-                   store_dtype=store_dtype)
+                   device=block_device(tier), store_dtype=store_dtype)
 
 
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
     """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
-    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().to_dict(), "seed": seed, "calib_n": calib_n,
+    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().identity(), "seed": seed, "calib_n": calib_n,
          "revision": METHOD_REVISION["ecoflap"]}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -391,7 +396,12 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
             measured = float(policy.meta["mean_sparsity"])
     elif job.method != "dense":
         policy = job_policy(job, spec, out_dir, model, batch)
-        measured = measured_mean(prune_model(model, policy, solver_for(job.method), batch, progress=False))
+        device = block_device(tier)
+        if device is not None:  # tier.offload: the model waits on the CPU, one block at a time on the device
+            release(model)
+        measured = measured_mean(prune_model(model, policy, solver_for(job.method), batch, progress=False,
+                                             device=device))
+        model, _ = place(tier, model)
     else:
         policy = None
     seconds = time.time() - t0
@@ -408,8 +418,9 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         by_suite: dict[str, list] = {}
         for i in calib_rows(spec, job, samples):
             by_suite.setdefault(samples[i].suite, []).append(samples[i])
-        frame, _ = evaluate_samples(model, processor, by_suite, judge, progress=False,
-                                    max_new_tokens=generation_budget(tier.data), **input_format(tier.data))
+        frame, _ = evaluate_samples(model, processor, by_suite, judge, batch_size=cfg_eval.batch_size,
+                                    progress=False, max_new_tokens=generation_budget(tier.data),
+                                    **input_format(tier.data))
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
@@ -425,11 +436,11 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     tier = spec.get_tier()
     if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
-        d["tier"] = tier.to_dict()
+        d["tier"] = tier.identity()  # batch sizes and offloading aside
     if tier.data == "real":  # real rows depend on the evaluation inputs (LLaVA-1.5's prompt and pad-to-square)
         d["inputs"] = input_format(tier.data)
     if job.method in SEARCH_METHODS:
-        d["search"] = search_config(spec, job).to_dict()
+        d["search"] = search_config(spec, job).identity()  # batch sizes aside (checkpoint.MEMORY_FIELDS)
     if job.method in METHOD_REVISION:
         d["revision"] = METHOD_REVISION[job.method]
     # every row's ``calib`` is measured on the selection rows (:func:`calib_rows`), no longer on all of them

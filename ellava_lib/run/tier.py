@@ -9,6 +9,7 @@ judges, on one GPU. The notebooks (notebook 01 records the tier in ``model.json`
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ class Tier:
     :func:`leveldb.build_level_db`: ``auto`` = the weights' own dtype, else ``float16`` / ``bfloat16`` /
     ``float32``; a model held in fp32 stores 16-bit databases with ``bfloat16``); left out of :meth:`to_dict`
     at ``auto``, so the tiers before it keep their digests.
+    ``offload``: prune and build level databases with one decoder block at a time on ``device`` while the model
+    stays on the CPU (:func:`block_device`, ``device=`` of :func:`walk.walk_blocks`); the sweep and the CLI honour
+    it. ``eval_batch_size``: prompts per ``generate`` batch of the evaluations (0: :class:`EvalConfig`'s default);
+    :mod:`ellava_lib.speed.memory` chooses it for a GPU size. Both are left out of :meth:`to_dict` at their
+    defaults (``False``, 0).
     """
 
     model: str = "tiny"
@@ -43,6 +49,8 @@ class Tier:
     dtype: str = "float32"
     calib_benchmarks: tuple[str, ...] = ("scienceqa",)
     db_dtype: str = "auto"
+    offload: bool = False
+    eval_batch_size: int = 0
 
     def __post_init__(self) -> None:
         from ellava_lib.data.manifest import BENCHMARKS
@@ -62,6 +70,8 @@ class Tier:
                              f"got {list(self.calib_benchmarks)}")
         if self.db_dtype != "auto" and self.db_dtype not in STORE_DTYPES:
             raise ValueError(f"tier db_dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {self.db_dtype!r}")
+        if self.eval_batch_size < 0:
+            raise ValueError(f"tier eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if self.data_dir is not None and self.data != "real":
             raise ValueError("tier data_dir is only used with data: real")
 
@@ -78,9 +88,15 @@ class Tier:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["calib_benchmarks"] = list(self.calib_benchmarks)
-        if self.db_dtype == "auto":
-            del d["db_dtype"]
+        for key, default in (("db_dtype", "auto"), ("offload", False), ("eval_batch_size", 0)):
+            if d[key] == default:
+                del d[key]
         return d
+
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the memory knobs (``offload``, ``eval_batch_size``): what a sweep row and a
+        cache depend on, so a run moved to a GPU of another size keeps its rows."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("offload", "eval_batch_size")}
 
     @property
     def is_default(self) -> bool:
@@ -136,14 +152,43 @@ def load_model(tier: Tier, model_dir: str | Path, progress: bool = False):
     return _load(model_dir, progress=progress, dtype=tier.dtype)
 
 
+#: The model :func:`place` last put on each device (weakly held): placing another one moves it back to the CPU.
+_PLACED: dict[str, weakref.ref] = {}
+
+
 def place(tier: Tier, model, batch: dict | None = None):
-    """Move the model (and a calibration batch) to ``tier.device`` for the search and evaluation."""
+    """Move the model (and a calibration batch) to ``tier.device`` for the search and evaluation.
+
+    One model on the device at a time: a model placed earlier on the same device and still alive is moved back
+    to the CPU first (:func:`release`), so a dense model and its pruned copy (notebook 02's magnitude rows, the
+    sweep's exact re-prune) never share the GPU (two fp16 7B models: 27 GB of weights)."""
     if tier.device != "cpu":
         check_device(tier)
+        ref = _PLACED.get(tier.device)
+        previous = ref() if ref is not None else None
+        if previous is not None and previous is not model:
+            release(previous)
         model.to(tier.device)
+        _PLACED[tier.device] = weakref.ref(model)
         if batch is not None:
             batch = {k: v.to(tier.device) for k, v in batch.items()}
     return model, batch
+
+
+def release(model) -> None:
+    """Move ``model`` back to the CPU and return the freed blocks of CUDA's caching allocator to the driver."""
+    import torch
+
+    model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def block_device(tier: Tier) -> str | None:
+    """Where pruning and level-database building bring one decoder block at a time (``device=`` of
+    :func:`prune.prune_model` and :func:`leveldb.build_level_db`): ``tier.device`` when ``tier.offload``,
+    else None (they run wherever the model is)."""
+    return tier.device if tier.offload else None
 
 
 def calibration_samples(tier: Tier, n: int, seed: int) -> list[Sample]:
@@ -241,7 +286,10 @@ def encode_calibration(tier: Tier, samples: list[Sample], processor):
 
 
 def eval_config(tier: Tier, limit: int | None = None, **kw: Any) -> EvalConfig:
-    """The :class:`EvalConfig` of the tier's test data (``limit`` items per suite; ``None`` or 0: all)."""
+    """The :class:`EvalConfig` of the tier's test data (``limit`` items per suite; ``None`` or 0: all), with the
+    tier's ``eval_batch_size`` unless ``kw`` names a batch size."""
+    if tier.eval_batch_size:
+        kw.setdefault("batch_size", tier.eval_batch_size)
     return EvalConfig(limit=limit or None, data=tier.data, data_dir=tier.data_dir, **kw)
 
 

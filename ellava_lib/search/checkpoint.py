@@ -28,6 +28,11 @@ HISTORY_COLUMNS: tuple[str, ...] = ("generation", "policy_id", "r_hat", "g_hat",
 
 #: Config fields a resumed run may change: they decide when to stop, not what is computed.
 RESUMABLE_FIELDS: tuple[str, ...] = ("generations",)
+#: Serialised config fields that set memory use, not what is computed (rows per forward pass, projector
+#: micro-batches, checkpointing; :mod:`ellava_lib.speed.memory` chooses them per GPU), with their baseline values:
+#: a search's identity (digest, sweep rows) reads them at the baseline and a resumed run may change them, so a run
+#: moved to a GPU of another size keeps its folder. Results then agree to floating-point rounding, not bit for bit.
+MEMORY_FIELDS: dict[str, Any] = {"eval_batch_size": 0, "projector_micro_batch": 0, "projector_checkpointing": False}
 
 
 # ------------------------------------------------------------------------------------------- history
@@ -107,8 +112,8 @@ def differences(have: Mapping[str, Any], want: Mapping[str, Any], ignore: Sequen
 def check_compatible(state: Mapping[str, Any], config: Mapping[str, Any], context: Mapping[str, Any] | None,
                      where: Path) -> None:
     """``ValueError`` naming every difference between the checkpoint's config (and context, when given)
-    and the requested one; fields in :data:`RESUMABLE_FIELDS` may differ."""
-    diffs = differences(state.get("config", {}), config, RESUMABLE_FIELDS)
+    and the requested one; fields in :data:`RESUMABLE_FIELDS` and :data:`MEMORY_FIELDS` may differ."""
+    diffs = differences(state.get("config", {}), config, (*RESUMABLE_FIELDS, *MEMORY_FIELDS))
     if context is not None:
         diffs += differences(state.get("context", {}), context)
     if diffs:

@@ -47,7 +47,8 @@ PROJECTOR_PREFIX = "projector_"
 #: ``to_dict`` (and the digest) at that value, so older folders still resume and older sweep rows stay valid, and
 #: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
-                                  "fine_step": 0.0}
+                                  "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
+                                  "projector_fp32_master": True}
 
 
 def _check_preset(name: str) -> str:
@@ -78,6 +79,20 @@ class ProjectorConfig:
     * ``patience``: held-out evaluations without improvement before a round stops.
     * ``eval_every``: steps between held-out evaluations.
     * ``grad_clip``: maximal gradient norm of a step.
+    * ``micro_batch``: rows per forward / backward pass of a step (gradients accumulated over the micro-batches,
+      each weighted by its share of the rows, so a step's gradient is that of all rows at once); 0 = all rows at
+      once. Also the rows per pass of the held-out evaluations.
+    * ``checkpointing``: recompute each language-model decoder block's activations in the backward pass instead
+      of keeping them (:func:`projector.checkpointed_blocks`; about one more forward per step, the activations
+      of one block instead of all).
+    * ``fp32_master``: AdamW steps an fp32 copy of a half-precision projector and copies it back into the model's
+      dtype after each step (no effect on an fp32 projector; off: AdamW steps the half-precision weights, whose
+      rounding swallows updates below half an ulp).
+
+    ``micro_batch`` and ``checkpointing`` change memory, not the mathematics (results agree to rounding);
+    :mod:`ellava_lib.speed.memory` chooses them for a GPU size, and a search's identity reads them at their
+    baselines (:meth:`SearchConfig.identity`, :data:`checkpoint.MEMORY_FIELDS`). Earlier searches ran with
+    ``micro_batch = 0``, ``checkpointing = False`` and (fp32 models) the equivalent of ``fp32_master = True``.
     """
 
     every: int = 3
@@ -91,6 +106,9 @@ class ProjectorConfig:
     patience: int = 3
     eval_every: int = 2
     grad_clip: float = 1.0
+    micro_batch: int = 0
+    checkpointing: bool = False
+    fp32_master: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +122,7 @@ class ProjectorConfig:
             (0.0 <= self.holdout < 1.0, f"projector: holdout must lie in [0, 1), got {self.holdout}"),
             (0.0 < self.rows < 1.0, f"projector: rows must lie in (0, 1), got {self.rows}"),
             (self.grad_clip > 0, f"projector: grad_clip must be > 0, got {self.grad_clip}"),
+            (self.micro_batch >= 0, f"projector: micro_batch must be >= 0, got {self.micro_batch}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,8 +140,9 @@ class ProjectorConfig:
 
     @classmethod
     def paper(cls) -> ProjectorConfig:
-        """profiles/paper.yaml: 20 steps every 10 of the 100 generations."""
-        return cls(every=10)
+        """profiles/paper.yaml: 20 steps every 10 of the 100 generations, 4 rows per forward / backward pass (what
+        :func:`ellava_lib.speed.memory.choose` picks for LLaVA-1.5-7B in fp16 on a 40 GB GPU: ``ellava plan``)."""
+        return cls(every=10, micro_batch=4)
 
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Any) -> ProjectorConfig:
@@ -271,9 +291,11 @@ class SearchConfig:
     @classmethod
     def paper(cls) -> SearchConfig:
         """profiles/paper.yaml: 16 policies, 100 generations of 32 children (16 screening samples, 8 survivors),
-        a projector round every 10 generations; a quarter of the calibration rows held out for selection."""
+        a projector round every 10 generations; a quarter of the calibration rows held out for selection;
+        candidates scored 24 rows per forward pass (the batch ``ellava plan --profile paper`` chooses for a 40 GB
+        GPU)."""
         return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8, select_frac=0.25,
-                   projector=ProjectorConfig.paper())
+                   eval_batch_size=24, projector=ProjectorConfig.paper())
 
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Any) -> SearchConfig:
@@ -326,9 +348,16 @@ class SearchConfig:
     def from_json(cls, path: str | Path) -> SearchConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the memory knobs (:data:`checkpoint.MEMORY_FIELDS`) at their baseline values
+        (dropped where :data:`_LATER_FIELDS` drops them): what a search's result depends on, for digests and the
+        sweep's rows."""
+        return replace(self, eval_batch_size=0,
+                       projector=replace(self.projector, micro_batch=0, checkpointing=False)).to_dict()
+
     def digest(self) -> str:
-        """12 hex chars of sha1 over the config minus :data:`checkpoint.RESUMABLE_FIELDS`."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ckpt.RESUMABLE_FIELDS}
+        """12 hex chars of sha1 over :meth:`identity` minus :data:`checkpoint.RESUMABLE_FIELDS`."""
+        d = {k: v for k, v in self.identity().items() if k not in ckpt.RESUMABLE_FIELDS}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -201,7 +201,7 @@ def _linears(config: LlavaConfig, include_vision: bool) -> list[tuple[str, int, 
     return out
 
 
-def _roofline(flops: float, bytes_moved: float, profile: DeviceProfile) -> float:
+def roofline(flops: float, bytes_moved: float, profile: DeviceProfile) -> float:
     """``max(flops / (F eff), bytes / (BW eff))`` seconds of one forward batch."""
     return max(flops / profile.eff(profile.matmul_flops), bytes_moved / profile.eff(profile.mem_bandwidth))
 
@@ -235,7 +235,7 @@ def estimate_level_db(config: LlavaConfig, profile: DeviceProfile, levels: int =
     fwd = flops.flops_per_token(config, n_visual_tokens, n_text_tokens)["total"] * n_samples
     params = structure.meta_model(config).num_parameters()
     fb = profile.forward_bytes
-    detail = {"calibration_forward": _roofline(fwd, params * fb, profile), "hessian": hess / solver,
+    detail = {"calibration_forward": roofline(fwd, params * fb, profile), "hessian": hess / solver,
               "inverse": inv / solver, "sweep": sweep / solver,
               "column_steps": steps * OPS_PER_COLUMN * profile.op_latency_s}
     t = config.text_config
@@ -276,7 +276,7 @@ def estimate_search(config: LlavaConfig, profile: DeviceProfile, generations: in
     prunable = sum(o * i for _, o, i in _linears(config, include_vision))
     batches = math.ceil(S / batch_size) if S else 0
     b = min(batch_size, S) if S else 0
-    per_batch = _roofline(b * f_sample, params * fb, profile)
+    per_batch = roofline(b * f_sample, params * fb, profile)
     detail = {"forward": C * batches * per_batch,
               "assemble": C * changed_fraction * prunable * fb / profile.eff(profile.link_bandwidth)}
     t = config.text_config

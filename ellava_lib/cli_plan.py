@@ -1,0 +1,60 @@
+"""``ellava plan`` and ``ellava dryrun`` (kept out of :mod:`ellava_lib.cli`, which registers them): the predicted
+memory / disk / time of a profile's stages (:mod:`ellava_lib.run.plan`) and the random-weight dry run that measures
+them (:mod:`ellava_lib.run.dryrun`).
+
+    ellava plan --profile paper [--gpu-mem GB] [--json] [--readme README.md]
+    ellava dryrun --profile paper --random-weights --out DIR [--device cuda] [--gpu-mem GB] [--shrink]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Predicted peak GPU memory, disk and time per stage of a profile, and the batch sizes that fit
+    (:mod:`ellava_lib.run.plan`); ``--readme`` splices the table into the README's ``paper-plan`` block."""
+    import json
+
+    from ellava_lib.run import plan
+
+    result = plan.make_plan(args.profile, args.gpu_mem, args.root)
+    if args.readme:
+        plan.splice_readme(args.readme, result)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else plan.format_plan(result))
+    return 0
+
+
+def cmd_dryrun(args: argparse.Namespace) -> int:
+    """Every stage of a profile on random weights and synthetic data, measured (:mod:`ellava_lib.run.dryrun`)."""
+    from ellava_lib.run import dryrun
+
+    if not args.random_weights:
+        raise ValueError("dryrun downloads nothing: pass --random-weights (random fp16 weights built on the device)")
+    record = dryrun.profile_dryrun(args.profile, args.out, args.device, args.gpu_mem, args.shrink, args.db_blocks,
+                                   args.root)
+    print(dryrun.format_record(record))
+    print(f"wrote {Path(args.out) / 'dryrun.json'}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """``ellava plan`` and ``ellava dryrun``."""
+    for name, func, text in (("plan", cmd_plan, "predicted peak GPU memory, disk and time per stage of a profile"),
+                             ("dryrun", cmd_dryrun, "run every stage of a profile on random weights (no download) "
+                                                    "and record measured time and peak memory")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--profile", required=True, help="profiles/NAME.yaml (its model needs a shipped config)")
+        c.add_argument("--gpu-mem", type=float, default=40.0, metavar="GB", help="GPU memory to fit (default 40)")
+        c.add_argument("--root", default=None, help="project folder with notebooks/ and profiles/")
+        c.set_defaults(func=func)
+        if name == "plan":
+            c.add_argument("--json", action="store_true", help="print a JSON object")
+            c.add_argument("--readme", default=None, help="splice the table into this README's paper-plan block")
+            continue
+        c.add_argument("--random-weights", action="store_true", help="random fp16 weights built on the device")
+        c.add_argument("--out", required=True, help="output folder (dryrun.json, the partial level database)")
+        c.add_argument("--device", default=None, help="default: the profile's tier device")
+        c.add_argument("--shrink", action="store_true", help="a 2-layer, hidden-64 stand-in of the model (CPU tests)")
+        c.add_argument("--db-blocks", type=int, default=1, help="decoder blocks of the level database built")
