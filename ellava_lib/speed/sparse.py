@@ -11,6 +11,8 @@ This module turns masked weights into sparse kernels and keeps them only where t
 - :class:`SemiStructuredLinear`: 2:4 weights on a CUDA GPU via ``torch.sparse.to_sparse_semi_structured``
   (cuSPARSELt / CUTLASS). It refuses, with :class:`SemiStructuredUnsupported` and the reason, anything those
   kernels cannot compute exactly: a CPU tensor, a mask that is not 2:4, an unsupported dtype or shape.
+- :class:`~ellava_lib.speed.bitmask.BitmaskLinear` (backend ``bitmask``): packed nonzeros + a 1-bit mask per
+  row, a C++ AVX-512 kernel (float32 / bfloat16, CPU) compiled at first use; see :mod:`ellava_lib.speed.bitmask`.
 - :func:`sparsify_model`: per pruned linear, time dense vs sparse once on representative row counts (cached per
   shape, density bucket, backend, device, dtype, threads), check the sparse output against the dense one, and
   swap only where the sparse module is at least ``min_speedup`` times faster on the weighted row counts.
@@ -35,9 +37,10 @@ from torch import nn
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
 from ellava_lib.core.units import names_vision, unit_linears
+from ellava_lib.speed import bitmask
 from ellava_lib.speed.timing import time_ms
 
-BACKENDS: tuple[str, ...] = ("auto", "csr", "semi", "dense")
+BACKENDS: tuple[str, ...] = ("auto", "bitmask", "csr", "semi", "dense")
 #: Row counts timed when no example inputs are given: one decode token, and a LLaVA-1.5 prefill
 #: (576 visual + 24 text tokens).
 DEFAULT_ROWS: tuple[int, ...] = (1, 600)
@@ -198,10 +201,16 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def densify_model(model: nn.Module) -> int:
     """Swap every :class:`SparseLinear` / :class:`SemiStructuredLinear` back to ``nn.Linear`` (in place);
     returns how many were swapped."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (SparseLinear, SemiStructuredLinear))]
+    names = [n for n, m in model.named_modules() if isinstance(m, SPARSE_TYPES)]
     for n in names:
         model.set_submodule(n, model.get_submodule(n).to_linear())
     return len(names)
+
+
+#: Sparse module classes by backend name.
+MODULES: dict[str, type[nn.Module]] = {"csr": SparseLinear, "semi": SemiStructuredLinear,
+                                       "bitmask": bitmask.BitmaskLinear}
+SPARSE_TYPES = tuple(MODULES.values())
 
 
 def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str) -> str:
@@ -292,8 +301,8 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
     ``(module, timing, "")`` or ``(None, None | timing, why not)``."""
     w = lin.weight
     try:
-        module = (SparseLinear if cand == "csr" else SemiStructuredLinear).from_linear(lin)
-    except (SemiStructuredUnsupported, ValueError, RuntimeError) as e:
+        module = MODULES[cand].from_linear(lin)
+    except (SemiStructuredUnsupported, bitmask.BitmaskUnavailable, ValueError, RuntimeError) as e:
         return None, None, str(e)
     probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
     if not _check_close(F.linear(probe, w, lin.bias), module(probe)):
@@ -311,8 +320,10 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                    min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
-    Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``auto`` -> both
-    (``semi`` only where :func:`semi_structured_problem` allows it); ``dense`` -> none (a table of densities).
+    Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``bitmask`` ->
+    :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto`` -> all three (``semi`` only where
+    :func:`semi_structured_problem` allows it, ``bitmask`` only where :func:`bitmask.supported` does: its
+    extension built, a float32/bfloat16 CPU weight); ``dense`` -> none (a table of densities).
     A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and
     ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` over the timed row counts ``r``
     (``w_r = row_weights.get(r, 1)``, e.g. ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0``
@@ -321,14 +332,14 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
     density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums,
     ``sparse_ms`` of the fastest candidate, ``speedup = dense_ms / sparse_ms``; ``per_rows`` =
     ``rows:dense/sparse`` ms each; ``note`` says why a layer stayed dense). Asking for ``semi`` where it
-    cannot run warns once with the reason and keeps the layers dense.
+    cannot run (or ``bitmask`` / ``csr`` where they cannot) warns once with the reason and keeps the layers dense.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     targets = _targets(model, policy)
     rows_of = _layer_rows(model, targets, example_inputs) if backend != "dense" else {}
     store, path = _load_cache(cache)
-    candidates = {"auto": ("semi", "csr"), "csr": ("csr",), "semi": ("semi",), "dense": ()}[backend]
+    candidates = {"auto": ("semi", "bitmask", "csr"), "dense": ()}.get(backend, (backend,))
     table, refusal = [], None
     for mod_path, (name, lin) in targets.items():
         w = lin.weight
@@ -337,12 +348,13 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
         timed: list[tuple] = []  # (dense ms, sparse ms, backend, module if kept, per-rows text)
         notes = ["backend=dense"] if backend == "dense" else []
         for cand in candidates:
-            if cand == "semi" and backend == "auto" and semi_structured_problem(w) is not None:
+            if backend == "auto" and ((cand == "semi" and semi_structured_problem(w) is not None) or
+                                      (cand == "bitmask" and not bitmask.supported(w))):
                 continue
             module, t, why = _try(cand, lin, density, rows, store, min_time_s)
             if t is None:
                 notes.append(why)
-                refusal = refusal or (why if cand == "semi" else None)
+                refusal = refusal or (why if backend != "auto" else None)
                 continue
             wts = [float((row_weights or {}).get(r, 1.0)) for r in rows]
             dense_ms = sum(wi * d for wi, d in zip(wts, t["dense_ms"]))
@@ -362,7 +374,7 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                       "rows": ",".join(map(str, rows)), "per_rows": pick[4],
                       "note": "" if kept else "; ".join(notes)})
     if refusal is not None:
-        warnings.warn(f"{refusal} (semi-structured backend; the layers stay dense)", UserWarning, stacklevel=2)
+        warnings.warn(f"{refusal} ({backend} backend; the layers stay dense)", UserWarning, stacklevel=2)
     if path is not None:
         files.write_json(path, store)
     return pd.DataFrame(table, columns=["layer", "module", "shape", "density", "backend_chosen", "dense_ms",
