@@ -163,3 +163,26 @@ def test_fallback_when_the_extension_cannot_build(monkeypatch):
     with pytest.warns(UserWarning, match="bitmask backend; the layers stay dense"):
         table = sparse.sparsify_model(seq, backend="bitmask", example_inputs=[1], min_time_s=0.0)
     assert list(table["backend_chosen"]) == ["dense"] and type(seq[0]) is nn.Linear
+
+
+def test_auto_keeps_a_dense_copy_where_only_prefill_is_slower(ext):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    with torch.no_grad():
+        lin.weight[magnitude_mask(lin.weight, 0.7)] = 0
+    density = float(torch.count_nonzero(lin.weight)) / lin.weight.numel()
+    cache = {sparse._cache_key(lin, density, (1, 600), "bitmask"): {"dense_ms": [1.0, 10.0], "sparse_ms": [0.5, 12.0]},
+             sparse._cache_key(lin, density, (1, 600), "csr"): {"dense_ms": [1.0, 10.0], "sparse_ms": [2.0, 20.0]}}
+    seq = nn.Sequential(copy.deepcopy(lin))
+    table = sparse.sparsify_model(seq, backend="auto", example_inputs=[1, 600], cache=cache)
+    mod = seq[0]
+    assert table.loc[0, "backend_chosen"] == "bitmask" and table.loc[0, "sparse_ms"] == pytest.approx(10.5)
+    assert mod.dense_from_rows == 600 and "dense from 600 rows" in table.loc[0, "per_rows"]
+    x = torch.randn(600, 48)
+    with torch.no_grad():
+        assert torch.equal(mod(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # the dense path, exactly
+        _check(mod(x[:1]), x[:1], lin.weight, lin.bias)
+    plain = nn.Sequential(copy.deepcopy(lin))
+    sparse.sparsify_model(plain, backend="auto", example_inputs=[1, 600], cache=cache, keep_dense=False,
+                          row_weights={1: 10})  # 10 decode steps per prefill: 17 ms bitmask vs 20 ms dense
+    assert isinstance(plain[0], bitmask.BitmaskLinear) and plain[0].dense_weight is None

@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CSRC = Path(__file__).with_name("csrc") / "bitmask.cpp"
@@ -157,9 +158,11 @@ def offsets_of(mask: torch.Tensor) -> torch.Tensor:
 class BitmaskLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` as packed nonzeros + per-row bitmask (float32 or bfloat16, CPU, inference).
 
-    Up to :data:`MAX_KERNEL_ROWS` rows of ``x``: the row kernel (float32 accumulation, rounded to the dtype);
+    Up to :data:`MAX_KERNEL_ROWS` rows of ``x``: the row kernel (float32 accumulation from the bias, rounded
+    once to the dtype);
     more rows: tiles of :data:`TILE_ROWS` decoded rows times ``x^T`` with ``torch.mm``. ``path`` 0 forces the
-    scalar kernels (1: AVX-512 where the CPU has it). Buffers ``values, mask, offsets, bias`` (state_dict).
+    scalar kernels (1: AVX-512 where the CPU has it). Buffers ``values, mask, offsets, bias`` (state_dict), and
+    ``dense_weight`` after :meth:`keep_dense_from` (row counts from ``dense_from_rows`` on run ``F.linear`` on it).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, path: int | None = None) -> None:
@@ -174,7 +177,15 @@ class BitmaskLinear(nn.Module):
         for k, v in packed.items():
             self.register_buffer(k, v)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("dense_weight", None)
+        self.dense_from_rows: int | None = None
         self.path = path
+
+    def keep_dense_from(self, rows: int) -> None:
+        """Run inputs of ``rows`` or more rows densely (``F.linear`` on a kept dense copy of ``W``): for row counts
+        where the dense GEMM was measured faster (prefill), at the memory cost of the dense weight."""
+        self.dense_weight = self.weight_dense()
+        self.dense_from_rows = int(rows)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, path: int | None = None) -> BitmaskLinear:
@@ -192,9 +203,10 @@ class BitmaskLinear(nn.Module):
         ext = extension()
         path = _path() if self.path is None else self.path
         rows = x.reshape(-1, self.in_features).to(self.values.dtype).contiguous()
-        if rows.shape[0] <= MAX_KERNEL_ROWS:
-            y = ext.spmm_rows(rows, self.values, self.mask, self.offsets, path)
-            y = (y if self.bias is None else y + self.bias.float()).to(self.values.dtype)
+        if self.dense_weight is not None and rows.shape[0] >= self.dense_from_rows:
+            y = F.linear(rows, self.dense_weight, self.bias)
+        elif rows.shape[0] <= MAX_KERNEL_ROWS:
+            y = ext.spmm_rows(rows, self.values, self.mask, self.offsets, self.bias, path)
         else:
             y = self._tiled(ext, rows, path).t()
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -225,4 +237,5 @@ class BitmaskLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
                 f"density={self.density:.3f}, dtype={str(self.values.dtype).replace('torch.', '')}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (f", dense_from_rows={self.dense_from_rows}"
+                                                   if self.dense_weight is not None else ""))

@@ -84,7 +84,8 @@ def save_sparse(model: nn.Module, out_dir: str | Path, processor=None, policy: P
     "out_features", "dtype"}}}``, and ``sparse.safetensors`` = the model's ``state_dict`` (a tensor shared by
     several keys, such as tied embeddings, stored once under its first key). A ``bitmask`` layer's tensors are
     ``<path>.values`` (nonzeros, row-major), ``<path>.mask`` (uint8, per-row bitmask), ``<path>.offsets`` and
-    ``<path>.bias`` (see :mod:`ellava_lib.speed.bitmask`); a ``csr`` layer's are ``crow_indices``,
+    ``<path>.bias`` (see :mod:`ellava_lib.speed.bitmask`), plus ``<path>.dense_weight`` where ``auto`` kept a
+    dense copy for large row counts (``dense_from_rows`` in the entry); a ``csr`` layer's are ``crow_indices``,
     ``col_indices``, ``values`` and ``bias``; a ``semi`` layer is written as a dense ``nn.Linear``. Optional
     ``processor`` files and ``policy.json``. Read it back with :func:`load_sparse`."""
     from safetensors.torch import save_file
@@ -98,7 +99,8 @@ def save_sparse(model: nn.Module, out_dir: str | Path, processor=None, policy: P
             model.set_submodule(name, model.get_submodule(name).to_linear())
     kinds = {BitmaskLinear: "bitmask", SparseLinear: "csr"}
     layers = {name: {"kind": kinds[type(m)], "in_features": m.in_features, "out_features": m.out_features,
-                     "dtype": str(m.values.dtype).replace("torch.", "")}
+                     "dtype": str(m.values.dtype).replace("torch.", ""),
+                     "dense_from_rows": getattr(m, "dense_from_rows", None)}
               for name, m in model.named_modules() if type(m) in kinds}
     state, seen = {}, set()
     for key, t in model.state_dict().items():
@@ -152,6 +154,8 @@ def load_sparse(path: str | Path, model_class=None) -> nn.Module:
         else:
             dense = bitmask.unpack(state[p + "values"], state[p + "mask"], spec["in_features"])
             mod = bitmask.BitmaskLinear(dense, bias) if bitmask.supported(dense) else _dense_linear(dense, bias)
+            if spec.get("dense_from_rows") and isinstance(mod, bitmask.BitmaskLinear):
+                mod.keep_dense_from(spec["dense_from_rows"])
         model.set_submodule(name, mod)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k, v in model.state_dict(keep_vars=True).items()

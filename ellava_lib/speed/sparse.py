@@ -273,6 +273,16 @@ def _layer_rows(model: nn.Module, targets: Mapping[str, tuple[str, nn.Linear]],
     return {p: tuple(sorted(s | {batch})) if s else DEFAULT_ROWS for p, s in seen.items()}
 
 
+def _dense_from(rows: Sequence[int], t: Mapping[str, list[float]]) -> int | None:
+    """The smallest row count ``r_0`` such that the sparse module is slower than dense at every timed ``r >= r_0``
+    and faster at every ``r < r_0`` (at least one such), or ``None`` (no slower row count, or no such split)."""
+    slow = [r for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]) if x > d]
+    fast = [r for r in rows if r not in slow]
+    if not slow or not fast or min(slow) < max(fast):
+        return None
+    return min(slow)
+
+
 def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
     """``|y_s - y_d| <= atol * scale + rtol * |y_d|`` elementwise, ``scale = max(1, max |y_d|)``, ``(rtol, atol)``
     from :data:`TOLERANCE` (exact equality for other dtypes)."""
@@ -317,7 +327,8 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
 def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None = None, backend: str = "auto",
                    example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
                    min_speedup: float = 1.0, cache: dict | str | Path | None = None,
-                   min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None) -> pd.DataFrame:
+                   min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None,
+                   keep_dense: bool = True) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
     Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``bitmask`` ->
@@ -327,7 +338,11 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
     A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and
     ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` over the timed row counts ``r``
     (``w_r = row_weights.get(r, 1)``, e.g. ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0``
-    forces the swap); among kept candidates the lowest weighted time wins. Timings are cached in ``cache``
+    forces the swap); among kept candidates the lowest weighted time wins. Under ``auto`` with ``keep_dense``, a
+    bitmask candidate slower than dense only at its largest row counts (``r >= r_0``, e.g. prefill) keeps a dense
+    copy of the weight for those (:meth:`~ellava_lib.speed.bitmask.BitmaskLinear.keep_dense_from`; its time
+    there is the dense time, at the memory cost of the dense weight), so ``auto`` is never slower than dense
+    at any timed row count. Timings are cached in ``cache``
     (a dict, or a JSON file read and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape,
     density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums,
     ``sparse_ms`` of the fastest candidate, ``speedup = dense_ms / sparse_ms``; ``per_rows`` =
@@ -357,10 +372,17 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                 refusal = refusal or (why if backend != "auto" else None)
                 continue
             wts = [float((row_weights or {}).get(r, 1.0)) for r in rows]
+            from_rows = (_dense_from(rows, t) if backend == "auto" and keep_dense and hasattr(module, "keep_dense_from")
+                         else None)
+            eff = [d if from_rows is not None and r >= from_rows else x
+                   for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"])]
             dense_ms = sum(wi * d for wi, d in zip(wts, t["dense_ms"]))
-            sparse_ms = sum(wi * x for wi, x in zip(wts, t["sparse_ms"]))
+            sparse_ms = sum(wi * x for wi, x in zip(wts, eff))
             faster = dense_ms >= min_speedup * sparse_ms
             per = ",".join(f"{r}:{d:.4g}/{x:.4g}" for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]))
+            if faster and from_rows is not None:
+                module.keep_dense_from(from_rows)
+                per += f" (dense from {from_rows} rows)"
             timed.append((dense_ms, sparse_ms, cand, module if faster else None, per))
             if not faster:
                 notes.append(f"{cand} not {min_speedup:g}x faster ({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)")

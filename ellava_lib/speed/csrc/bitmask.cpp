@@ -72,10 +72,15 @@ ELLAVA_AVX512 void row_avx512_f32(const float* v, const uint8_t* mrow, int64_t w
     const uint32_t m = load_word(mrow + 4 * w);
     const __mmask16 lo = static_cast<__mmask16>(m), hi = static_cast<__mmask16>(m >> 16);
     const int64_t col = 32 * w;
+    const int c0 = __builtin_popcount(lo), c1 = __builtin_popcount(hi);
+#ifdef ELLAVA_EXPAND_MEM
     const __m512 w0 = _mm512_maskz_expandloadu_ps(lo, v);
-    v += __builtin_popcount(lo);
-    const __m512 w1 = _mm512_maskz_expandloadu_ps(hi, v);
-    v += __builtin_popcount(hi);
+    const __m512 w1 = _mm512_maskz_expandloadu_ps(hi, v + c0);
+#else  // a masked load of the next popcount values, then the register-form expand (vexpandps zmm, zmm)
+    const __m512 w0 = _mm512_maskz_expand_ps(lo, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << c0) - 1), v));
+    const __m512 w1 = _mm512_maskz_expand_ps(hi, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << c1) - 1), v + c0));
+#endif
+    v += c0 + c1;
     for (int64_t r = 0; r < nx; ++r) {
       a0[r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(lo, xs[r] + col), a0[r]);
       a1[r] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(hi, xs[r] + col + 16), a1[r]);
@@ -171,24 +176,32 @@ void check_args(const at::Tensor& values, const at::Tensor& mask, const at::Tens
 
 }  // namespace
 
-// y (n, d_out) float32 accumulators = x (n, d_in) W^T, x in the values' dtype; `path`: 0 scalar, 1 AVX-512 when
-// the CPU has it. Parallel over output rows (at::parallel_for, torch's intra-op threads).
+// y (n, d_out) = x (n, d_in) W^T + bias, accumulated in float32 and written in the values' dtype (x and bias in
+// that dtype too); `path`: 0 scalar, 1 AVX-512 when the CPU has it. Parallel over output rows
+// (at::parallel_for, torch's intra-op threads), in tasks of at least 2^16 weight positions (small layers run inline).
 at::Tensor spmm_rows(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
-                     int64_t path) {
+                     const c10::optional<at::Tensor>& bias, int64_t path) {
   const int64_t d_in = x.size(1), n = x.size(0), d_out = mask.size(0), words = mask.size(1) / 4;
   check_args(values, mask, offsets, d_in);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == values.scalar_type(), "x: contiguous 2-D");
-  at::Tensor y = at::zeros({n, d_out}, x.options().dtype(at::kFloat));
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == mask.size(0) &&
+                            bias->scalar_type() == values.scalar_type(), "bias: contiguous (d_out,) in W's dtype");
+  at::Tensor y = at::empty({n, d_out}, x.options());
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* op = offsets.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
   const bool f32 = values.scalar_type() == at::kFloat;
   const bool simd = path != 0 && (f32 ? cpu_has_avx512() : cpu_has_avx512_bf16());
-  at::parallel_for(0, d_out, kGrain, [&](int64_t o0, int64_t o1) {
+  const int64_t grain = std::max<int64_t>(kGrain, (int64_t{1} << 16) / std::max<int64_t>(d_in, 1));
+  at::parallel_for(0, d_out, grain, [&](int64_t o0, int64_t o1) {
     for (int64_t r0 = 0; r0 < n; r0 += kMaxRows) {
       const int64_t nx = std::min(kMaxRows, n - r0);
       for (int64_t o = o0; o < o1; ++o) {
         float acc[kMaxRows] = {0.f, 0.f, 0.f, 0.f};
+        if (has_bias) {
+          const float b = f32 ? bias->data_ptr<float>()[o] : static_cast<float>(bias->data_ptr<c10::BFloat16>()[o]);
+          for (int64_t r = 0; r < nx; ++r) acc[r] = b;
+        }
         const uint8_t* mrow = mp + o * words * 4;
         if (f32) {
           const float* xs[kMaxRows];
@@ -232,7 +245,11 @@ at::Tensor spmm_rows(const at::Tensor& x, const at::Tensor& values, const at::Te
             }
           }
         }
-        for (int64_t r = 0; r < nx; ++r) yp[(r0 + r) * d_out + o] = acc[r];
+        if (f32) {
+          for (int64_t r = 0; r < nx; ++r) y.data_ptr<float>()[(r0 + r) * d_out + o] = acc[r];
+        } else {
+          for (int64_t r = 0; r < nx; ++r) y.data_ptr<c10::BFloat16>()[(r0 + r) * d_out + o] = c10::BFloat16(acc[r]);
+        }
       }
     }
   });
@@ -277,7 +294,7 @@ std::vector<std::string> simd_paths() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("spmm_rows", &spmm_rows, "y = x W^T (float32 out) from a bitmask-packed W");
+  m.def("spmm_rows", &spmm_rows, "y = x W^T + b from a bitmask-packed W (float32 accumulation)");
   m.def("unpack_rows", &unpack_rows, "dense rows [o0, o1) of a bitmask-packed W into out");
   m.def("simd_paths", &simd_paths, "the path taken by path=1 for float32 and bfloat16");
 }
