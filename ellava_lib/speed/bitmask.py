@@ -27,8 +27,8 @@ Where the extension cannot be built (no compiler, no ninja), :func:`extension` w
 :class:`BitmaskLinear` raises :class:`BitmaskUnavailable`; ``sparsify_model`` then keeps csr / dense.
 
 Why not a PyPI library: ``deepsparse`` (unstructured sparse CPU inference) is deprecated and runs whole ONNX
-graphs, not torch layers; ``sparse_dot_mkl`` and torch's CSR call the same MKL CSR kernels (1.08x / 0.88x decode
-at 50 / 70% on the 7B MLP here: index bytes); ``torchao``'s sparsity kernels are 2:4 on CUDA;
+graphs, not torch layers; ``sparse_dot_mkl`` and torch's CSR call the same MKL CSR kernels (the ``csr`` rows of
+benchmarks/results/latency.json: 4 index bytes per kept weight); ``torchao``'s sparsity kernels are 2:4 on CUDA;
 ``intel-extension-for-pytorch`` has no unstructured sparse linear and no build for torch 2.13.
 """
 
