@@ -199,7 +199,7 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def densify_model(model: nn.Module) -> int:
-    """Swap every :class:`SparseLinear` / :class:`SemiStructuredLinear` back to ``nn.Linear`` (in place);
+    """Swap every sparse module (:data:`SPARSE_TYPES`: CSR, 2:4, bitmask) back to ``nn.Linear`` (in place);
     returns how many were swapped."""
     names = [n for n, m in model.named_modules() if isinstance(m, SPARSE_TYPES)]
     for n in names:
