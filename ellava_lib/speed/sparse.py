@@ -44,6 +44,9 @@ BACKENDS: tuple[str, ...] = ("auto", "bitmask", "csr", "semi", "dense")
 #: Row counts timed when no example inputs are given: one decode token, and a LLaVA-1.5 prefill
 #: (576 visual + 24 text tokens).
 DEFAULT_ROWS: tuple[int, ...] = (1, 600)
+#: A sparse module counts as slower than dense at a row count unless ``(1 + DENSE_MARGIN) sparse_ms <= dense_ms``
+#: there (the ``auto`` split of :func:`_dense_from`: a tie within timing noise keeps the dense path).
+DENSE_MARGIN = 0.05
 #: Density buckets of the timing cache (two layers of the same shape within 1% density share a timing).
 DENSITY_DECIMALS = 2
 #: Tolerance ``(rtol, atol)`` of the sparse-vs-dense output check per dtype (see :func:`_check_close`): float32
@@ -275,8 +278,9 @@ def _layer_rows(model: nn.Module, targets: Mapping[str, tuple[str, nn.Linear]],
 
 def _dense_from(rows: Sequence[int], t: Mapping[str, list[float]]) -> int | None:
     """The smallest row count ``r_0`` such that the sparse module is slower than dense at every timed ``r >= r_0``
-    and faster at every ``r < r_0`` (at least one such), or ``None`` (no slower row count, or no such split)."""
-    slow = [r for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]) if x > d]
+    and faster at every ``r < r_0`` (at least one such), or ``None`` (no slower row count, or no such split).
+    Slower at ``r``: ``(1 + DENSE_MARGIN) sparse_ms(r) > dense_ms(r)``."""
+    slow = [r for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]) if x * (1 + DENSE_MARGIN) > d]
     fast = [r for r in rows if r not in slow]
     if not slow or not fast or min(slow) < max(fast):
         return None
