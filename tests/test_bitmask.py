@@ -182,7 +182,8 @@ def test_auto_keeps_a_dense_copy_where_only_prefill_is_slower(ext):
     with torch.no_grad():
         assert torch.equal(mod(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # the dense path, exactly
         _check(mod(x[:1]), x[:1], lin.weight, lin.bias)
-    tie = {k: {"dense_ms": [1.0, 10.0], "sparse_ms": [0.5, 9.8]} for k in cache}  # 2% faster at 600: noise
+    tie = {k: {"dense_ms": [1.0, 10.0], "sparse_ms": [0.5, 9.8] if "|bitmask|" in k else [2.0, 20.0]}
+           for k in cache}  # bitmask 2% faster at 600 rows: within noise, the dense copy is kept
     near = nn.Sequential(copy.deepcopy(lin))
     sparse.sparsify_model(near, backend="auto", example_inputs=[1, 600], cache=tie)
     assert near[0].dense_from_rows == 600
