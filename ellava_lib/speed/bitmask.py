@@ -7,8 +7,8 @@ Format of a ``d_out x d_in`` weight ``W`` with ``nnz`` nonzeros (:func:`pack`), 
     offsets  (d_out + 1,) int64 offsets[o] = nonzeros of rows < o (a prefix sum of the mask's popcounts)
 
 Bytes read per weight at sparsity ``s`` (decode, one token): ``(1 - s) b + 1/8`` against ``b`` dense, so the
-memory-bound limit of the speedup is ``b / ((1 - s) b + 1/8)``: 1.88x at 50% and 2.91x at 70% in float32,
-1.78x and 2.58x in bfloat16 (a CSR with int32 indices needs ``(1 - s)(b + 4)`` bytes: no gain above 50% density).
+memory-bound limit of the speedup is ``b / ((1 - s) b + 1/8)``: 1.88x at 50% and 3.02x at 70% in float32,
+1.78x and 2.76x in bfloat16 (a CSR with int32 indices needs ``(1 - s)(b + 4)`` bytes: no gain above 50% density).
 
 Kernels (``csrc/bitmask.cpp``, compiled at first use by ``torch.utils.cpp_extension.load`` into
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/ellava/torch_extensions``):
