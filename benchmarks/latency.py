@@ -12,16 +12,27 @@ Cases:
   (default 600 = 576 visual + 24 text), causal; decode = one token over a KV cache of ``--tokens`` entries.
 - ``model``: the tiny LLaVA given with ``--model DIR``: prefill of one encoded sample, then greedy decode steps.
 
-Masks: magnitude, unstructured at 50/70/90%, and 2:4 (both on all seven linears). Backends: ``dense`` (the
-masked weights run as dense matmuls: what a pruned checkpoint gives as is), ``csr`` (every pruned linear a
-:class:`~ellava_lib.speed.sparse.SparseLinear`), ``auto``
-(:func:`~ellava_lib.speed.sparse.sparsify_model`: CSR only where
-measured faster), and ``semi`` (2:4 on CUDA only).
+Masks: magnitude, unstructured at 50/70/90%, and 2:4 (both on all seven linears; ``--patterns`` picks).
+Backends: ``dense`` (the masked weights run as dense matmuls: what a pruned checkpoint gives as is), ``csr``
+(every pruned linear a :class:`~ellava_lib.speed.sparse.SparseLinear`), ``bitmask`` (every pruned linear a
+:class:`~ellava_lib.speed.bitmask.BitmaskLinear`, CPU), ``auto``
+(:func:`~ellava_lib.speed.sparse.sparsify_model`: per layer the fastest of bitmask / CSR / dense measured on
+one decode row and the prefill rows), and ``semi`` (2:4 on CUDA only). ``--dtypes float32,bfloat16`` repeats
+the layer cases per dtype (the tiny model runs in float32).
+
+Memory bandwidth: :func:`read_bandwidth` (the faster of a sum and a dot product over a 512 MiB tensor, bytes
+read / time, best of 9) and the copy rate of the same tensor (read + write bytes / time), same threads. Each
+decode record of a layer case has ``bytes_read`` (weights bytes the kernels read: :func:`weight_bytes`) and
+``bw_fraction = bytes_read / time / read bandwidth``: how close the decode step runs to the machine's
+memory-bandwidth limit.
 
 Usage::
 
     python benchmarks/latency.py --out benchmarks/results/latency_quick.json --quick
     python benchmarks/latency.py --out benchmarks/results/latency.json --model ~/.cache/ellava/models/tiny-...
+    python benchmarks/latency.py --out benchmarks/results/latency.json --threads 2 --cases llava7b:mlp \
+        --patterns 0.5:unstructured,0.7:unstructured,0.5:2:4 --dtypes float32,bfloat16 --tiny-untrained \
+        --readme README.md                                                     # the README's table
     python benchmarks/latency.py --results benchmarks/results/latency.json --markdown latency.md  # table only
 
 ``--markdown FILE`` writes :func:`to_markdown` of the records (this script holds the table function).
@@ -32,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import statistics
 import sys
@@ -49,7 +61,7 @@ from transformers.models.llama.modeling_llama import (
 
 from ellava_lib.model import structure
 from ellava_lib.prune.masks import magnitude_mask
-from ellava_lib.speed import flops, sparse
+from ellava_lib.speed import bitmask, flops, sparse
 from ellava_lib.speed.timing import sync
 
 SHAPES = {  # name: (model, hidden, intermediate, heads, kv_heads)
@@ -59,6 +71,48 @@ SHAPES = {  # name: (model, hidden, intermediate, heads, kv_heads)
 #: Prefill tokens of the 7B MLP under ``--quick`` (600 tokens take ~2 s per dense MLP call on 2 cores).
 QUICK_7B_TOKENS = 64
 PATTERNS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.9, "unstructured"), (0.5, "2:4")]
+#: The paper's headline speedup over dense LLaVA-1.5-7B (abstract; hardware and runtime not stated).
+PAPER_SPEEDUP = 1.8
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------- bandwidth
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 9) -> dict[str, float]:
+    """``{"read_gbs", "copy_gbs"}`` in GB/s (1e9 bytes), best of ``repeats`` (the capacity, not a typical run), over
+    a ``mib`` MiB float32 tensor ``t`` with torch's threads: read = bytes read / time, the faster of ``t.sum()``
+    and ``torch.dot(t, t)`` (each element read once); copy = (read + write bytes) / time of ``u.copy_(t)``."""
+    t = torch.ones(mib * 2**20 // 4)
+    u = torch.empty_like(t)
+    n = t.numel() * 4
+    read = min(_best_s(lambda: t.sum(), repeats), _best_s(lambda: torch.dot(t, t), repeats))
+    return {"read_gbs": n / read / 1e9, "copy_gbs": 2 * n / _best_s(lambda: u.copy_(t), repeats) / 1e9}
+
+
+def _best_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of weights (and sparse index data) a forward reads from memory, summed over the linears:
+    dense ``n b``; CSR ``nnz (b + i) + (d_out + 1) i`` (``i`` index bytes); bitmask ``nnz b + d_out R +
+    8 (d_out + 1)`` (``R`` mask bytes per row, :func:`bitmask.row_bytes`). Biases are left out (``d_out b``)."""
+    total = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, sparse.SparseLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.values, m.col_indices, m.crow_indices))
+        elif isinstance(m, bitmask.BitmaskLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.values, m.mask, m.offsets))
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -105,7 +159,7 @@ def apply_backend(module: nn.Module, backend: str, rows: list[int], cache: dict,
     if backend == "dense":
         n = len(sparse._targets(out, policy))
         return out, 0, n
-    force = {"csr": 0.0, "semi": 0.0}.get(backend, 1.0)
+    force = {"csr": 0.0, "semi": 0.0, "bitmask": 0.0}.get(backend, 1.0)
     table = sparse.sparsify_model(out, policy, backend="auto" if backend == "auto" else backend,
                                   example_inputs=rows, min_speedup=force, cache=cache, min_time_s=0.0)
     return out, int((table["backend_chosen"] != "dense").sum()), len(table)
@@ -139,7 +193,8 @@ def meta_llava(text: LlamaConfig) -> nn.Module:
 
 
 def layer_cases(name: str, component: str, tokens: int, device: torch.device, dtype: torch.dtype,
-                backends: list[str], warmup: int, repeats: int, cache: dict) -> list[dict]:
+                backends: list[str], warmup: int, repeats: int, cache: dict, patterns: list | None = None,
+                bandwidth: float | None = None) -> list[dict]:
     """Records of one decoder layer (``component='layer'``) or its MLP alone (``'mlp'``)."""
     model_name, hidden, inter, heads, kv_heads = SHAPES[name]
     cfg = layer_config(hidden, inter, heads, kv_heads)
@@ -167,14 +222,17 @@ def layer_cases(name: str, component: str, tokens: int, device: torch.device, dt
     scope = "units" if component == "mlp" else "decoder"
     shape = f"d={hidden},ff={inter},h={heads},kv={kv_heads}"
     records = []
+    dense_bytes = weight_bytes(module)
     with torch.no_grad():
         base = runners(module)
-        for sparsity, pattern in PATTERNS:
+        for sparsity, pattern in patterns or PATTERNS:
             masked = copy.deepcopy(module)
             mask_linears(masked, sparsity, pattern)
             for backend in backends:
                 if backend == "semi" and (pattern != "2:4" or device.type != "cuda"):
                     continue
+                if backend == "csr" and device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+                    continue  # torch's CPU CSR matmul is float32/float64 only
                 run_mod, swapped, n_lin = apply_backend(masked, backend, [1, tokens], cache)
                 for phase, fn in runners(run_mod).items():
                     dense_ms, ms = paired_ms(base[phase], fn, device, warmup, repeats)
@@ -186,18 +244,42 @@ def layer_cases(name: str, component: str, tokens: int, device: torch.device, dt
                                     "sparsity": sparsity, "pattern": pattern, "backend": backend,
                                     "swapped": f"{swapped}/{n_lin}", "dense_ms": dense_ms, "pruned_ms": ms,
                                     "tokens_per_s": 1e3 / ms if phase == "decode" else None,
-                                    "flop_ratio": fr, "measured_ratio": dense_ms / ms})
+                                    "flop_ratio": fr, "measured_ratio": dense_ms / ms,
+                                    **_bytes_fields(phase, dense_bytes, weight_bytes(run_mod), dense_ms, ms,
+                                                    bandwidth)})
                 del run_mod
             del masked
             print(f"  {model_name} {component} {sparsity:.0%} {pattern}", file=sys.stderr, flush=True)
     return records
 
 
+def _bytes_fields(phase: str, dense_bytes: int, pruned_bytes: int, dense_ms: float, ms: float,
+                  bandwidth: float | None) -> dict:
+    """Decode only: bytes read, the memory-bound limit ``dense bytes / pruned bytes`` and the fraction of the
+    read bandwidth reached (``bytes / time / bandwidth``), dense and pruned."""
+    if phase != "decode" or not bandwidth:
+        return {}
+    return {"bytes_read": pruned_bytes, "bw_limit_ratio": dense_bytes / pruned_bytes,
+            "bw_fraction": pruned_bytes / (ms * 1e-3) / (bandwidth * 1e9),
+            "dense_bw_fraction": dense_bytes / (dense_ms * 1e-3) / (bandwidth * 1e9)}
+
+
 # ----------------------------------------------------------------------------------------- tiny LLaVA
 
 
+def untrained_tiny(out: Path) -> Path:
+    """The tiny tier's architecture (:class:`~ellava_lib.model.tiny.TinyConfig` defaults) with its processor and
+    random weights (seed 0), saved into ``out``: decode time does not depend on the weights' values, and this
+    takes seconds instead of the trained build."""
+    from ellava_lib.model import loading, tiny
+
+    proc = tiny.build_processor(tiny.vocabulary())
+    loading.save(tiny.build_model(tiny.TinyConfig(), proc.tokenizer, seed=0), proc, out)
+    return out
+
+
 def model_cases(model_dir: Path, device: torch.device, backends: list[str], warmup: int, repeats: int,
-                new_tokens: int, cache: dict) -> list[dict]:
+                new_tokens: int, cache: dict, patterns: list | None = None) -> list[dict]:
     """Records of a built tiny LLaVA: prefill of one sample, then ``new_tokens`` greedy decode steps."""
     from ellava_lib.core import units
     from ellava_lib.core.policy import Policy
@@ -239,7 +321,7 @@ def model_cases(model_dir: Path, device: torch.device, backends: list[str], warm
 
     records = []
     with torch.no_grad():
-        for sparsity, pattern in PATTERNS:
+        for sparsity, pattern in patterns or PATTERNS:
             policy = Policy.uniform(units.list_units(model), sparsity)
             masked = copy.deepcopy(model)
             for lins in units.unit_linears(masked).values():
@@ -268,29 +350,95 @@ def model_cases(model_dir: Path, device: torch.device, backends: list[str], warm
 # -------------------------------------------------------------------------------------------- report
 
 
+def _pct(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"
+
+
 def to_markdown(records: list[dict]) -> str:
-    """One row per (model, component, phase, sparsity, pattern, backend): FLOP ratio and measured ratio side
-    by side (``measured / FLOP`` = the fraction of the counted speedup that was delivered)."""
-    head = ("| model | component | phase | sparsity | pattern | backend | swapped | dense ms | pruned ms | "
-            "FLOP ratio | measured ratio | delivered |")
-    lines = [head, "|" + "---|" * 12]
+    """One row per (model, component, dtype, phase, sparsity, pattern, backend): FLOP ratio and measured ratio
+    side by side (``measured / FLOP`` = the fraction of the counted speedup that was delivered); for decode of
+    the layer cases also the memory-bound limit (dense bytes / pruned bytes) and the fraction of the read
+    bandwidth reached."""
+    head = ("| model | component | dtype | phase | sparsity | pattern | backend | swapped | dense ms | pruned ms | "
+            "FLOP ratio | measured ratio | delivered | bandwidth limit | of read bandwidth |")
+    lines = [head, "|" + "---|" * 15]
     for r in records:
-        lines.append(f"| {r['model']} | {r['component']} | {r['phase']} | {r['sparsity']:.0%} | {r['pattern']} | "
-                     f"{r['backend']} | {r.get('swapped', '')} | {r['dense_ms']:.3f} | {r['pruned_ms']:.3f} | "
-                     f"{r['flop_ratio']:.2f}x | {r['measured_ratio']:.2f}x | "
-                     f"{r['measured_ratio'] / r['flop_ratio']:.0%} |")
+        limit = f"{r['bw_limit_ratio']:.2f}x" if r.get("bw_limit_ratio") else ""
+        lines.append(f"| {r['model']} | {r['component']} | {r.get('dtype', '')} | {r['phase']} | "
+                     f"{r['sparsity']:.0%} | {r['pattern']} | {r['backend']} | {r.get('swapped', '')} | "
+                     f"{r['dense_ms']:.3f} | {r['pruned_ms']:.3f} | {r['flop_ratio']:.2f}x | "
+                     f"{r['measured_ratio']:.2f}x | {r['measured_ratio'] / r['flop_ratio']:.0%} | {limit} | "
+                     f"{_pct(r.get('bw_fraction'))} |")
+    return "\n".join(lines) + "\n"
+
+
+#: Tiers with no measurement in the records, and why (shown as rows of the summary).
+NOT_MEASURED = {
+    "smol (SmolLM2-135M LLaVA)": "not measured: its build trains for about an hour on 2 cores (TrainConfig.smol)",
+    "GPU 2:4 (semi-structured)": "not measured: no GPU",
+}
+
+
+def summary_markdown(records: list[dict]) -> str:
+    """Per tier and sparsity: the FLOP ratio (counted), the measured ratio (timed here) and the paper's claimed
+    speedup, three different things side by side. Rows: the tiny model end to end (``auto`` and ``bitmask``,
+    decode tokens/s), the 7B-shaped MLP (decode with ``bitmask``, prefill with ``auto``), and the tiers not
+    measured (:data:`NOT_MEASURED`)."""
+    head = ("| tier | what is timed | dtype | phase | sparsity | backend | FLOP ratio (counted) | "
+            "measured ratio (this CPU) | tokens/s dense -> pruned | paper's claim | bandwidth limit | "
+            "of read bandwidth |")
+    lines = [head, "|" + "---|" * 12]
+    keep = [r for r in records if (r["component"] == "model" and r["backend"] in ("auto", "bitmask")) or
+            (r["component"] == "mlp" and ((r["phase"] == "decode" and r["backend"] == "bitmask") or
+                                          (r["phase"] == "prefill" and r["backend"] == "auto")))]
+    for r in keep:
+        tier, timed = (("tiny (untrained weights)" if "untrained" in str(r.get("shape")) else "tiny", "whole model")
+                       if r["component"] == "model" else ("paper (LLaVA-1.5-7B shapes)", "MLP layers"))
+        tps = (f"{1e3 / r['dense_ms']:.1f} -> {1e3 / r['pruned_ms']:.1f}" if r["phase"] == "decode" and
+               r["component"] == "model" else "")
+        limit = f"{r['bw_limit_ratio']:.2f}x" if r.get("bw_limit_ratio") else ""
+        lines.append(f"| {tier} | {timed} | {r.get('dtype', '')} | {r['phase']} | {r['sparsity']:.0%} "
+                     f"{r['pattern']} | {r['backend']} ({r.get('swapped', '')}) | {r['flop_ratio']:.2f}x | "
+                     f"**{r['measured_ratio']:.2f}x** | {tps} | x{PAPER_SPEEDUP} | {limit} | "
+                     f"{_pct(r.get('bw_fraction'))} |")
+    for tier, why in NOT_MEASURED.items():
+        lines.append(f"| {tier} | {why} | | | | | | | | x{PAPER_SPEEDUP} | | |")
     return "\n".join(lines) + "\n"
 
 
 def splice_readme(readme: Path, records: list[dict], source: Path) -> None:
-    """Put :func:`to_markdown` of ``records`` into ``readme`` (``latency`` markers), with the setup line."""
+    """Put :func:`summary_markdown`, the setup line and :func:`to_markdown` of ``records`` into ``readme``
+    (``latency`` markers)."""
     from ellava_lib.run.report import update_readme
 
     r = records[0] if records else {}
+    bw = (f" Memory bandwidth {r['read_gbs']:.1f} GB/s read (sum / dot), {r['copy_gbs']:.1f} GB/s copy "
+          f"(read + write), best of 9."
+          if r.get("read_gbs") else "")
+    build = (f" Bitmask kernel: {r['bitmask_paths']} path, extension loaded in {r['bitmask_load_s']:.1f} s."
+             if r.get("bitmask_paths") else "")
     setup = (f"*Generated by `python benchmarks/latency.py` from `{source}`: device {r.get('device')}, "
-             f"{r.get('dtype')}, {r.get('threads')} torch thread(s), torch {r.get('torch')}, median of "
-             f"{r.get('repeats')} runs after {r.get('warmup')} warm-up{' (--quick)' if r.get('quick') else ''}.*")
-    update_readme(readme, "latency", to_markdown(records) + "\n" + setup)
+             f"{r.get('threads')} torch thread(s), torch {r.get('torch')}, median of "
+             f"{r.get('repeats')} runs after {r.get('warmup')} warm-up{' (--quick)' if r.get('quick') else ''}, "
+             f"dense timed in the same process, alternating with the pruned module.{bw}{build}*")
+    note = (f"FLOP ratio = dense FLOPs / pruned FLOPs (counted); measured ratio = dense time / pruned time "
+            f"(timed here); paper's claim = the x{PAPER_SPEEDUP} over dense LLaVA-1.5-7B in EfficientLLaVA's "
+            f"abstract (whole model, its hardware and runtime not stated): a different quantity, shown for "
+            f"reference. Bandwidth limit = dense weight bytes / pruned weight bytes (the best a memory-bound "
+            f"decode can do); of read bandwidth = bytes read / time / measured read bandwidth.")
+    update_readme(readme, "latency", summary_markdown(records) + "\n" + note + "\n\n" + setup + "\n\n"
+                  + to_markdown(records))
+
+
+def _patterns(text: str | None) -> list[tuple[float, str]] | None:
+    """``"0.5:unstructured,0.5:2:4"`` -> ``[(0.5, "unstructured"), (0.5, "2:4")]``."""
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        s, _, pattern = item.partition(":")
+        out.append((float(s), pattern))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,17 +447,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help=f"SmolLM2 layer + the 7B MLP at {QUICK_7B_TOKENS} prefill tokens, 3 repeats (< 2 min)")
     ap.add_argument("--model", type=Path, help="a built tiny LLaVA folder to time end to end")
+    ap.add_argument("--tiny-untrained", action="store_true",
+                    help="time the tiny architecture end to end with random weights (untrained_tiny)")
     ap.add_argument("--tokens", type=int, default=600, help="prefill tokens / KV length (576 visual + 24 text)")
     ap.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per run (--model)")
     ap.add_argument("--repeats", type=int, help="timed runs (default 10, --quick 3)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", help="comma list of layer-case dtypes (default: float16 on CUDA, float32 on CPU)")
+    ap.add_argument("--patterns", help="comma list of SPARSITY:PATTERN, e.g. 0.5:unstructured,0.5:2:4 "
+                                       "(default: 50/70/90%% unstructured and 50%% 2:4)")
     ap.add_argument("--cases", help="comma list of SHAPE:layer|mlp[:TOKENS] (default: smollm2:layer,llava7b:layer; "
                     "--quick: smollm2:layer,llava7b:mlp:64)")
     ap.add_argument("--markdown", type=Path, help="also write the Markdown table (to_markdown) here")
     ap.add_argument("--results", type=Path, help="make the Markdown table of an existing JSON; time nothing")
-    ap.add_argument("--readme", type=Path, help="splice the table (with its measurement setup) into this README "
+    ap.add_argument("--readme", type=Path, help="splice the tables (with the measurement setup) into this README "
                                                 "between the <!-- latency:start/end --> markers")
     args = ap.parse_args(argv)
     if args.results is not None:
@@ -323,12 +476,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
+    try:
+        patterns = _patterns(args.patterns)
+        dtypes = [DTYPES[d] for d in (args.dtypes or "").split(",") if d]
+    except (ValueError, KeyError) as e:
+        ap.error(f"bad --patterns or --dtypes: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = dtypes or [torch.float16 if device.type == "cuda" else torch.float32]
     repeats = args.repeats or (3 if args.quick else 10)
-    backends = ["dense", "csr", "auto"] + (["semi"] if device.type == "cuda" else [])
+    info = bitmask.extension_info() if device.type == "cpu" else {"available": False}
+    backends = (["dense", "csr"] + (["bitmask"] if info["available"] else []) + ["auto"]
+                + (["semi"] if device.type == "cuda" else []))
     if args.cases:
         cases = [tuple(c.split(":")) for c in args.cases.split(",")]
         bad = [c for c in cases if len(c) not in (2, 3) or c[0] not in SHAPES or c[1] not in ("layer", "mlp")]
@@ -338,19 +498,31 @@ def main(argv: list[str] | None = None) -> int:
         cases = [("smollm2", "layer"), ("llava7b", "mlp", str(QUICK_7B_TOKENS))]
     else:
         cases = [("smollm2", "layer"), ("llava7b", "layer")]
+    bw = read_bandwidth() if device.type == "cpu" else {}
+    print(f"bandwidth {bw}, bitmask {info}", file=sys.stderr, flush=True)
     cache: dict = {}
     records: list[dict] = []
     t0 = time.time()
-    if args.model is not None:
-        records += model_cases(args.model, device, backends, args.warmup, repeats, args.new_tokens, cache)
-    for name, component, *tok in cases:
-        records += layer_cases(name, component, int(tok[0]) if tok else args.tokens, device, dtype, backends,
-                               args.warmup, repeats, cache)
-        print(f"[{time.time() - t0:.0f} s] {name} {component} done", file=sys.stderr, flush=True)
+    model_dirs = [args.model] if args.model is not None else []
+    if args.tiny_untrained:
+        import tempfile
+
+        model_dirs.append(untrained_tiny(Path(tempfile.mkdtemp()) / "tiny-untrained"))
+    for model_dir in model_dirs:
+        records += [{**r, "dtype": "float32"} for r in
+                    model_cases(model_dir, device, backends, args.warmup, repeats, args.new_tokens, cache, patterns)]
+    for dtype in dtypes:
+        for name, component, *tok in cases:
+            recs = layer_cases(name, component, int(tok[0]) if tok else args.tokens, device, dtype, backends,
+                               args.warmup, repeats, cache, patterns, bw.get("read_gbs"))
+            records += [{**r, "dtype": str(dtype).replace("torch.", "")} for r in recs]
+            print(f"[{time.time() - t0:.0f} s] {name} {component} {dtype} done", file=sys.stderr, flush=True)
     seconds = round(time.time() - t0, 1)
-    env = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "repeats": repeats, "warmup": args.warmup, "quick": args.quick}
+    env = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "machine": platform.machine(), "repeats": repeats,
+           "warmup": args.warmup, "quick": args.quick, **bw,
+           "bitmask_paths": "/".join(info.get("paths") or []) or None, "bitmask_load_s": info.get("seconds"),
+           "seconds": seconds}
     records = [{**r, **env} for r in records]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
@@ -358,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(to_markdown(records))
     if args.readme is not None:
         splice_readme(args.readme, records, args.out)
+    print(summary_markdown(records))
     print(to_markdown(records))
     print(f"{len(records)} records in {seconds} s ({env['threads']} threads, torch {env['torch']}) -> {args.out}",
           file=sys.stderr)

@@ -1,5 +1,6 @@
 """Export of a pruned model: plain ``transformers`` loads it back (no ellava code) with identical logits and
-evaluation scores; policy and sparsity report travel with it."""
+evaluation scores; policy and sparsity report travel with it. A sparse folder (save_sparse) keeps bitmask and
+CSR layers sparse and loads back exactly."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from ellava_lib.core.policy import Policy
 from ellava_lib.eval.evaluate import EvalConfig, evaluate
 from ellava_lib.model.specs import load_model
 from ellava_lib.prune.prune import prune_model
-from ellava_lib.speed import sparse
-from ellava_lib.speed.export import export_pruned
+from ellava_lib.speed import bitmask, sparse
+from ellava_lib.speed.export import export_pruned, load_sparse, save_sparse
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,28 @@ def test_sparse_modules_export_dense_and_stale_reports_are_refused(pruned, tmp_p
     stale = report.assign(measured=report["measured"] * 0.5)
     with pytest.raises(ValueError, match="does not match"):
         export_pruned(model, proc, policy, stale, tmp_path / "stale")
+
+
+def test_sparse_folder_round_trip_is_exact(pruned, exported, tmp_path, calib):
+    if bitmask.extension() is None:
+        pytest.skip("bitmask extension not built here")
+    model, proc, policy, _ = pruned
+    fast = copy.deepcopy(model)
+    sparse.sparsify_model(fast, policy, backend="bitmask", example_inputs=[1], min_speedup=0.0, min_time_s=0.0)
+    names = [n for n, m in fast.named_modules() if isinstance(m, bitmask.BitmaskLinear)]
+    for n in names[:3]:  # some layers as CSR: both sparse kinds in one folder
+        fast.set_submodule(n, sparse.SparseLinear.from_linear(fast.get_submodule(n).to_linear()))
+    out = save_sparse(fast, tmp_path / "sparse", proc, policy)
+    entry = json.loads((out / "config.json").read_text())["ellava_sparse"]
+    kinds = [spec["kind"] for spec in entry["layers"].values()]
+    assert entry["format"] == "ellava-sparse-v1"
+    assert kinds.count("csr") == 3 and kinds.count("bitmask") == len(names) - 3
+    back = load_sparse(out)
+    mods = dict(back.named_modules())
+    assert all(type(mods[n]) is type(m) for n, m in fast.named_modules())
+    ours, theirs = fast.state_dict(), back.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.equal(back(**_inputs(calib)).logits, fast(**_inputs(calib)).logits)
+    with pytest.raises(ValueError, match="ellava_sparse"):
+        load_sparse(exported)  # a plain (dense) export is not a sparse folder

@@ -30,6 +30,7 @@ def installed(tmp_path_factory) -> Path:
                     "--target", str(target), str(src)], check=True, capture_output=True, text=True, cwd=src,
                    env={**os.environ, "PIP_NO_INPUT": "1"})
     assert (target / "ellava_lib" / "data" / "manifests" / "scienceqa.yaml").is_file()
+    assert (target / "ellava_lib" / "speed" / "csrc" / "bitmask.cpp").is_file()  # the kernel source ships
     assert not (target / "ellava_lib" / "__editable__").exists()
     return target
 

@@ -11,6 +11,8 @@ This module turns masked weights into sparse kernels and keeps them only where t
 - :class:`SemiStructuredLinear`: 2:4 weights on a CUDA GPU via ``torch.sparse.to_sparse_semi_structured``
   (cuSPARSELt / CUTLASS). It refuses, with :class:`SemiStructuredUnsupported` and the reason, anything those
   kernels cannot compute exactly: a CPU tensor, a mask that is not 2:4, an unsupported dtype or shape.
+- :class:`~ellava_lib.speed.bitmask.BitmaskLinear` (backend ``bitmask``): packed nonzeros + a 1-bit mask per
+  row, a C++ AVX-512 kernel (float32 / bfloat16, CPU) compiled at first use; see :mod:`ellava_lib.speed.bitmask`.
 - :func:`sparsify_model`: per pruned linear, time dense vs sparse once on representative row counts (cached per
   shape, density bucket, backend, device, dtype, threads), check the sparse output against the dense one, and
   swap only where the sparse module is at least ``min_speedup`` times faster on the weighted row counts.
@@ -35,12 +37,16 @@ from torch import nn
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
 from ellava_lib.core.units import names_vision, unit_linears
+from ellava_lib.speed import bitmask
 from ellava_lib.speed.timing import time_ms
 
-BACKENDS: tuple[str, ...] = ("auto", "csr", "semi", "dense")
+BACKENDS: tuple[str, ...] = ("auto", "bitmask", "csr", "semi", "dense")
 #: Row counts timed when no example inputs are given: one decode token, and a LLaVA-1.5 prefill
 #: (576 visual + 24 text tokens).
 DEFAULT_ROWS: tuple[int, ...] = (1, 600)
+#: A sparse module counts as slower than dense at a row count unless ``(1 + DENSE_MARGIN) sparse_ms <= dense_ms``
+#: there (the ``auto`` split of :func:`_dense_from`: a tie within timing noise keeps the dense path).
+DENSE_MARGIN = 0.05
 #: Density buckets of the timing cache (two layers of the same shape within 1% density share a timing).
 DENSITY_DECIMALS = 2
 #: Tolerance ``(rtol, atol)`` of the sparse-vs-dense output check per dtype (see :func:`_check_close`): float32
@@ -196,12 +202,18 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def densify_model(model: nn.Module) -> int:
-    """Swap every :class:`SparseLinear` / :class:`SemiStructuredLinear` back to ``nn.Linear`` (in place);
+    """Swap every sparse module (:data:`SPARSE_TYPES`: CSR, 2:4, bitmask) back to ``nn.Linear`` (in place);
     returns how many were swapped."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (SparseLinear, SemiStructuredLinear))]
+    names = [n for n, m in model.named_modules() if isinstance(m, SPARSE_TYPES)]
     for n in names:
         model.set_submodule(n, model.get_submodule(n).to_linear())
     return len(names)
+
+
+#: Sparse module classes by backend name.
+MODULES: dict[str, type[nn.Module]] = {"csr": SparseLinear, "semi": SemiStructuredLinear,
+                                       "bitmask": bitmask.BitmaskLinear}
+SPARSE_TYPES = tuple(MODULES.values())
 
 
 def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str) -> str:
@@ -264,6 +276,17 @@ def _layer_rows(model: nn.Module, targets: Mapping[str, tuple[str, nn.Linear]],
     return {p: tuple(sorted(s | {batch})) if s else DEFAULT_ROWS for p, s in seen.items()}
 
 
+def _dense_from(rows: Sequence[int], t: Mapping[str, list[float]]) -> int | None:
+    """The smallest row count ``r_0`` such that the sparse module is slower than dense at every timed ``r >= r_0``
+    and faster at every ``r < r_0`` (at least one such), or ``None`` (no slower row count, or no such split).
+    Slower at ``r``: ``(1 + DENSE_MARGIN) sparse_ms(r) > dense_ms(r)``."""
+    slow = [r for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]) if x * (1 + DENSE_MARGIN) > d]
+    fast = [r for r in rows if r not in slow]
+    if not slow or not fast or min(slow) < max(fast):
+        return None
+    return min(slow)
+
+
 def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
     """``|y_s - y_d| <= atol * scale + rtol * |y_d|`` elementwise, ``scale = max(1, max |y_d|)``, ``(rtol, atol)``
     from :data:`TOLERANCE` (exact equality for other dtypes)."""
@@ -292,8 +315,8 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
     ``(module, timing, "")`` or ``(None, None | timing, why not)``."""
     w = lin.weight
     try:
-        module = (SparseLinear if cand == "csr" else SemiStructuredLinear).from_linear(lin)
-    except (SemiStructuredUnsupported, ValueError, RuntimeError) as e:
+        module = MODULES[cand].from_linear(lin)
+    except (SemiStructuredUnsupported, bitmask.BitmaskUnavailable, ValueError, RuntimeError) as e:
         return None, None, str(e)
     probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
     if not _check_close(F.linear(probe, w, lin.bias), module(probe)):
@@ -308,27 +331,34 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
 def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None = None, backend: str = "auto",
                    example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
                    min_speedup: float = 1.0, cache: dict | str | Path | None = None,
-                   min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None) -> pd.DataFrame:
+                   min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None,
+                   keep_dense: bool = True) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
-    Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``auto`` -> both
-    (``semi`` only where :func:`semi_structured_problem` allows it); ``dense`` -> none (a table of densities).
+    Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``bitmask`` ->
+    :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto`` -> all three (``semi`` only where
+    :func:`semi_structured_problem` allows it, ``bitmask`` only where :func:`bitmask.supported` does: its
+    extension built, a float32/bfloat16 CPU weight); ``dense`` -> none (a table of densities).
     A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and
     ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` over the timed row counts ``r``
     (``w_r = row_weights.get(r, 1)``, e.g. ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0``
-    forces the swap); among kept candidates the lowest weighted time wins. Timings are cached in ``cache``
+    forces the swap); among kept candidates the lowest weighted time wins. Under ``auto`` with ``keep_dense``, a
+    bitmask candidate slower than dense only at its largest row counts (``r >= r_0``, e.g. prefill) keeps a dense
+    copy of the weight for those (:meth:`~ellava_lib.speed.bitmask.BitmaskLinear.keep_dense_from`; its time
+    there is the dense time, at the memory cost of the dense weight), so ``auto`` is never slower than dense
+    at any timed row count. Timings are cached in ``cache``
     (a dict, or a JSON file read and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape,
     density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums,
     ``sparse_ms`` of the fastest candidate, ``speedup = dense_ms / sparse_ms``; ``per_rows`` =
     ``rows:dense/sparse`` ms each; ``note`` says why a layer stayed dense). Asking for ``semi`` where it
-    cannot run warns once with the reason and keeps the layers dense.
+    cannot run (or ``bitmask`` / ``csr`` where they cannot) warns once with the reason and keeps the layers dense.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     targets = _targets(model, policy)
     rows_of = _layer_rows(model, targets, example_inputs) if backend != "dense" else {}
     store, path = _load_cache(cache)
-    candidates = {"auto": ("semi", "csr"), "csr": ("csr",), "semi": ("semi",), "dense": ()}[backend]
+    candidates = {"auto": ("semi", "bitmask", "csr"), "dense": ()}.get(backend, (backend,))
     table, refusal = [], None
     for mod_path, (name, lin) in targets.items():
         w = lin.weight
@@ -337,18 +367,26 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
         timed: list[tuple] = []  # (dense ms, sparse ms, backend, module if kept, per-rows text)
         notes = ["backend=dense"] if backend == "dense" else []
         for cand in candidates:
-            if cand == "semi" and backend == "auto" and semi_structured_problem(w) is not None:
+            if backend == "auto" and ((cand == "semi" and semi_structured_problem(w) is not None) or
+                                      (cand == "bitmask" and not bitmask.supported(w))):
                 continue
             module, t, why = _try(cand, lin, density, rows, store, min_time_s)
             if t is None:
                 notes.append(why)
-                refusal = refusal or (why if cand == "semi" else None)
+                refusal = refusal or (why if backend != "auto" else None)
                 continue
             wts = [float((row_weights or {}).get(r, 1.0)) for r in rows]
+            from_rows = (_dense_from(rows, t) if backend == "auto" and keep_dense and hasattr(module, "keep_dense_from")
+                         else None)
+            eff = [d if from_rows is not None and r >= from_rows else x
+                   for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"])]
             dense_ms = sum(wi * d for wi, d in zip(wts, t["dense_ms"]))
-            sparse_ms = sum(wi * x for wi, x in zip(wts, t["sparse_ms"]))
+            sparse_ms = sum(wi * x for wi, x in zip(wts, eff))
             faster = dense_ms >= min_speedup * sparse_ms
             per = ",".join(f"{r}:{d:.4g}/{x:.4g}" for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]))
+            if faster and from_rows is not None:
+                module.keep_dense_from(from_rows)
+                per += f" (dense from {from_rows} rows)"
             timed.append((dense_ms, sparse_ms, cand, module if faster else None, per))
             if not faster:
                 notes.append(f"{cand} not {min_speedup:g}x faster ({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)")
@@ -362,7 +400,7 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                       "rows": ",".join(map(str, rows)), "per_rows": pick[4],
                       "note": "" if kept else "; ".join(notes)})
     if refusal is not None:
-        warnings.warn(f"{refusal} (semi-structured backend; the layers stay dense)", UserWarning, stacklevel=2)
+        warnings.warn(f"{refusal} ({backend} backend; the layers stay dense)", UserWarning, stacklevel=2)
     if path is not None:
         files.write_json(path, store)
     return pd.DataFrame(table, columns=["layer", "module", "shape", "density", "backend_chosen", "dense_ms",
