@@ -135,3 +135,18 @@ def test_smol_plan_cli(capsys, tmp_path):
         assert cli.main(["plan", *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("ellava: error:") and err.count("\n") == 1, err
+
+
+def test_llava_config_is_the_config_of_a_built_smol_llava():
+    """smol.llava_config (no GGUF needed) describes what init_smol_model builds, checked on the micro Llama."""
+    from ellava_lib.model.tiny import TinyConfig
+
+    lm, tok = smol.micro_llama(0)
+    shape = smol.LlamaShape(params=lm.num_parameters(), layers=2, hidden=48, mlp=96, heads=3,
+                            vocab=lm.config.vocab_size, kv_heads=1)
+    config = smol.llava_config(shape, TinyConfig.micro())
+    built = smol.init_smol_model(lm, smol.smol_processor(tok).tokenizer, TinyConfig.micro())
+    assert config.image_token_id == built.config.image_token_id
+    assert structure.meta_model(config).num_parameters() == built.num_parameters()
+    dims, real = smolplan.memory.Dims.of(config), smolplan.memory.Dims.of(built.config)
+    assert dims == real
