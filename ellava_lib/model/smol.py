@@ -57,10 +57,11 @@ class LlamaShape:
     mlp: int
     heads: int
     vocab: int
+    kv_heads: int = 0  # 0 = heads (no grouped-query attention)
 
 
-#: SmolLM2-135M-Instruct as loaded from the GGUF (tied embeddings counted once).
-SMOLLM2 = LlamaShape(params=134_515_008, layers=30, hidden=576, mlp=1536, heads=9, vocab=49152)
+#: SmolLM2-135M-Instruct as loaded from the GGUF (tied embeddings counted once; 3 key/value heads for 9 queries).
+SMOLLM2 = LlamaShape(params=134_515_008, layers=30, hidden=576, mlp=1536, heads=9, vocab=49152, kv_heads=3)
 #: The length the memory preflight assumes for every row of a batch: the synthetic train split in SmolLM2's tokens
 #: (prompt, 9 image tokens, answer, eos) measured at most 77, mean 46.6, over 8000 items; with margin.
 TRAIN_TOKENS = 96
@@ -242,6 +243,26 @@ def smol_processor(tokenizer) -> LlavaProcessor:
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
     tokenizer.padding_side = "left"
     return tiny.llava_processor(tokenizer)
+
+
+def llava_config(shape: LlamaShape = SMOLLM2, cfg: TinyConfig | None = None):
+    """The ``LlavaConfig`` of a smol build without loading anything (for the cost and memory models,
+    :mod:`ellava_lib.run.smolplan`): a Llama decoder of ``shape`` (tied embeddings, SiLU MLP, head width
+    ``hidden / heads``) whose vocabulary has one more row, ``<image>`` (:func:`smol_processor`), behind the vision
+    tower of ``cfg`` (default :class:`TinyConfig`, as :meth:`TrainConfig.smol`) and the 2-layer projector, wired
+    as :func:`tiny.init_llava` (one image token per scene cell)."""
+    from transformers import LlavaConfig
+
+    from ellava_lib.data import scenes
+
+    text = LlamaConfig(vocab_size=shape.vocab + 1, hidden_size=shape.hidden, intermediate_size=shape.mlp,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads or shape.heads, head_dim=shape.hidden // shape.heads,
+                       hidden_act="silu", tie_word_embeddings=True, rope_theta=1e5)
+    return LlavaConfig(vision_config=tiny.vision_config(cfg or TinyConfig()), text_config=text,
+                       image_token_id=shape.vocab, projector_hidden_act="gelu",
+                       vision_feature_select_strategy="default", vision_feature_layer=-1,
+                       image_seq_length=scenes.GRID * scenes.GRID, tie_word_embeddings=True)
 
 
 def init_smol_model(lm: LlamaForCausalLM, tokenizer, cfg: TinyConfig) -> LlavaForConditionalGeneration:

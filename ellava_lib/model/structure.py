@@ -57,9 +57,22 @@ def load_config(name: str = "llava-1.5-7b-hf") -> LlavaConfig:
 
 
 def meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
-    """``LlavaForConditionalGeneration(config)`` on the ``meta`` device: every shape, no weights, no memory."""
-    with torch.device("meta"):
-        return LlavaForConditionalGeneration(config)
+    """``LlavaForConditionalGeneration(config)`` on the ``meta`` device: every shape, no weights, no memory.
+    The same object for an equal config (the last :data:`_META_CACHE_SIZE` configs, keyed by their JSON; building
+    one takes tens of milliseconds and the cost models ask hundreds of times): treat it as read-only."""
+    key = config.to_json_string(use_diff=False)
+    model = _META_CACHE.pop(key, None)
+    if model is None:
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+    _META_CACHE[key] = model  # most recent last
+    while len(_META_CACHE) > _META_CACHE_SIZE:
+        _META_CACHE.pop(next(iter(_META_CACHE)))
+    return model
+
+
+_META_CACHE: dict[str, LlavaForConditionalGeneration] = {}
+_META_CACHE_SIZE = 8
 
 
 # ---------------------------------------------------------------------------------------------------- units

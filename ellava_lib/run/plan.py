@@ -92,14 +92,16 @@ def profile_params(name: str, root: str | Path | None = None) -> dict[str, Any]:
     return params
 
 
-def generate_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, new: int) -> float:
-    """One ``generate`` batch: ``roofline(B F_prefill, W) + G roofline(B F_tok, W + KV)`` (module docstring)."""
+def generate_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, new: int,
+                     floor_s: float = 0.0) -> float:
+    """One ``generate`` batch: ``roofline(B F_prefill, W) + G roofline(B F_tok, W + KV)`` (module docstring);
+    each forward pass takes at least ``floor_s`` (the host's kernel issue time; 0 = not modelled)."""
     b = wl.dtype_bytes
     lm = dm.layers * dm.block_params + dm.d * dm.vocab
     f_prefill = flops.flops_per_token(config, dm.image_tokens, wl.prompt_tokens, logits_tokens=1)["total"]
     kv = 2 * dm.layers * batch * (dm.image_tokens + wl.prompt_tokens + new / 2) * dm.d_kv * b
-    step = costmodel.roofline(batch * 2.0 * lm, dm.params * b + kv, prof)
-    return costmodel.roofline(batch * f_prefill, dm.params * b, prof) + new * step
+    step = max(costmodel.roofline(batch * 2.0 * lm, dm.params * b + kv, prof), floor_s)
+    return max(costmodel.roofline(batch * f_prefill, dm.params * b, prof), floor_s) + new * step
 
 
 def _eval_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, data: str, limit: int) -> float:
@@ -114,37 +116,43 @@ def _eval_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int
 
 
 def projector_pass_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, n_rows: int, micro: int,
-                           factor: float) -> float:
+                           factor: float, floor_s: float = 0.0) -> float:
     """``factor`` forward-equivalents over ``n_rows`` rows, ``micro`` rows per pass: each pass
-    ``roofline(factor m F_sample, factor W)``."""
+    ``max(roofline(factor m F_sample, factor W), factor floor_s)`` (``floor_s``: the host's issue time of one
+    forward pass; 0 = not modelled)."""
     f_sample = flops.flops_per_token(config, dm.image_tokens, wl.text_tokens)["total"]
     full, rest = divmod(n_rows, micro)
     w = factor * dm.params * wl.dtype_bytes
-    return (full * costmodel.roofline(factor * micro * f_sample, w, prof)
-            + (costmodel.roofline(factor * rest * f_sample, w, prof) if rest else 0.0))
+
+    def one(rows: int) -> float:
+        return max(costmodel.roofline(factor * rows * f_sample, w, prof), factor * floor_s)
+
+    return full * one(micro) + (one(rest) if rest else 0.0)
 
 
 def _projector_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, cfg, rows: dict[str, int],
-                       batches: memory.Batches) -> float:
+                       batches: memory.Batches, floor_s: float = 0.0) -> float:
     p = cfg.projector
     if p.every == 0:
         return 0.0
     m = batches.micro_batch
     per_round = (p.steps * projector_pass_seconds(config, dm, wl, prof, rows["train"], m,
-                                                  3 + int(batches.checkpointing))
+                                                  3 + int(batches.checkpointing), floor_s)
                  + (p.steps // p.eval_every + 1) * p.topk * projector_pass_seconds(config, dm, wl, prof,
-                                                                                  rows["holdout"], m, 1))
+                                                                                  rows["holdout"], m, 1, floor_s))
     return (cfg.generations // p.every) * per_round
 
 
-def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload, batch: int) -> float:
+def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload, batch: int,
+                    floor_s: float = 0.0, n_visual: int = 576) -> float:
     from ellava_lib.search.evolve import stage_plan
 
     def score(gens: int, cands: int, n_rows: int) -> float:
         if not (gens and cands and n_rows):
             return 0.0
-        return costmodel.estimate_search(config, prof, gens, cands, wl.calib_n, n_rows, n_text_tokens=wl.text_tokens,
-                                         batch_size=batch).seconds
+        return costmodel.estimate_search(config, prof, gens, cands, wl.calib_n, n_rows,
+                                         n_visual_tokens=n_visual, n_text_tokens=wl.text_tokens,
+                                         batch_size=batch, min_batch_s=floor_s).seconds
 
     plan = stage_plan(cfg.elitism + cfg.offspring, rows["scoring"], cfg.screen_samples, cfg.survivors)
     total = score(1, cfg.population, rows["scoring"]) + sum(score(cfg.generations, e, r) for r, e in plan)
@@ -208,9 +216,11 @@ def profile_setup(profile: str, root: str | Path | None = None) -> Setup:
     return Setup(params, tier, structure.load_config(tier.model), cfg, rows, wl)
 
 
-def make_plan(profile: str = "paper", gpu_gb: float = memory.DEFAULT_GPU_GB, root: str | Path | None = None) -> Plan:
-    """The :class:`Plan` of ``profile`` on a GPU of ``gpu_gb`` GB. ``ValueError`` (one line) for an unknown
-    profile, ``gpu_gb <= 0`` or a profile whose model has no shipped config."""
+def make_plan(profile: str = "paper", gpu_gb: float = memory.DEFAULT_GPU_GB, root: str | Path | None = None,
+              device: str | None = None) -> Plan:
+    """The :class:`Plan` of ``profile`` on a GPU of ``gpu_gb`` GB, times on the device profile ``device``
+    (default the profile's ``gpu``). ``ValueError`` (one line) for an unknown profile or device profile,
+    ``gpu_gb <= 0`` or a profile whose model has no shipped config."""
     from ellava_lib.core.units import list_units
     from ellava_lib.model import structure
     from ellava_lib.prune.leveldb import estimate_bytes
@@ -223,7 +233,7 @@ def make_plan(profile: str = "paper", gpu_gb: float = memory.DEFAULT_GPU_GB, roo
     dm = memory.Dims.of(config)
     batches, peaks, _ = memory.choose(dm, wl, gpu_gb * GB)
     room = gpu_gb * GB - memory.RESERVE_BYTES
-    prof = costmodel.get_profile(str(params.get("gpu", "h100")))
+    prof = device_profile(device or str(params.get("gpu", "h100")))
     levels = [g for g in cfg.levels if g > 0]
     db = costmodel.estimate_level_db(config, prof, len(levels), n, n_text_tokens=wl.text_tokens)
     store_bytes = dtype_bytes if tier.db_dtype == "auto" else (4 if tier.db_dtype == "float32" else 2)
@@ -251,6 +261,14 @@ def make_plan(profile: str = "paper", gpu_gb: float = memory.DEFAULT_GPU_GB, roo
                  "search": {"eval_batch_size": batches.score_batch, "projector_micro_batch": batches.micro_batch,
                             "projector_checkpointing": batches.checkpointing}}
     return Plan(profile, tier.model, float(gpu_gb), prof.name, batches, stages, overrides)
+
+
+def device_profile(name: str) -> costmodel.DeviceProfile:
+    """The cost model's preset ``name``; ``ValueError`` (one line) naming the known ones otherwise."""
+    try:
+        return costmodel.get_profile(name)
+    except KeyError:
+        raise ValueError(f"unknown --gpu {name!r}; known: {', '.join(sorted(costmodel.PRESETS))}") from None
 
 
 def check_gpu_gb(gpu_gb: float) -> None:

@@ -255,14 +255,17 @@ def estimate_level_db(config: LlavaConfig, profile: DeviceProfile, levels: int =
 def estimate_search(config: LlavaConfig, profile: DeviceProfile, generations: int = 100, population: int = 16,
                     n_samples: int = 64, samples_per_candidate: int | None = None, n_visual_tokens: int = 576,
                     n_text_tokens: int = flops.DEFAULT_TEXT_TOKENS, batch_size: int = 8,
-                    changed_fraction: float = 1.0, include_vision: bool = False) -> PhaseEstimate:
+                    changed_fraction: float = 1.0, include_vision: bool = False,
+                    min_batch_s: float = 0.0) -> PhaseEstimate:
     """Evolutionary search: ``C = generations * population`` candidates.
 
     Per candidate: assembly ``changed_fraction * prunable params * forward_bytes / link_bandwidth`` (1.0 =
     every unit copied from the host database; a mutation changes few units, so this is an upper bound), and
     ``ceil(S / batch)`` forward batches (``S = samples_per_candidate``, default ``n_samples``; lower it to model
-    multi-step selection), each ``max(batch * F_sample / F, weight bytes / BW)``, with ``F_sample`` from
-    :func:`ellava_lib.speed.flops.flops_per_token`. Device memory: the model's weights + per batch the
+    multi-step selection), each ``max(batch * F_sample / F, weight bytes / BW, min_batch_s)``, with ``F_sample``
+    from :func:`ellava_lib.speed.flops.flops_per_token` and ``min_batch_s`` the time the host takes to issue one
+    forward pass's kernels (0 = not modelled; what bounds a small model:
+    :func:`ellava_lib.run.smolplan.issue_seconds`). Device memory: the model's weights + per batch the
     activations ``batch * T * (d_ff + 4 d) * forward_bytes``, the attention scores
     ``batch * heads * T^2 * forward_bytes`` and fp32 logits ``batch * T * vocab * 4``. Host: the level
     database (``levels`` copies are counted in :func:`estimate_level_db`'s storage).
@@ -276,7 +279,7 @@ def estimate_search(config: LlavaConfig, profile: DeviceProfile, generations: in
     prunable = sum(o * i for _, o, i in _linears(config, include_vision))
     batches = math.ceil(S / batch_size) if S else 0
     b = min(batch_size, S) if S else 0
-    per_batch = roofline(b * f_sample, params * fb, profile)
+    per_batch = max(roofline(b * f_sample, params * fb, profile), min_batch_s)
     detail = {"forward": C * batches * per_batch,
               "assemble": C * changed_fraction * prunable * fb / profile.eff(profile.link_bandwidth)}
     t = config.text_config

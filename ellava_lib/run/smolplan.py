@@ -1,0 +1,363 @@
+"""``ellava plan --profile smol``: the predicted GPU time of the whole smol profile on one GPU, build included,
+against issue 18's target of 20 minutes (:data:`TARGET_S`).
+
+The stages and how often the profile runs them (``runs``):
+
+* **build** (notebook 01, :meth:`train.TrainConfig.smol`): per training step ``F = sum_parts c * P * N`` FLOPs,
+  ``P`` a part's parameters and ``N`` the tokens through it, ``c = 6`` for a trained part (forward ``2 P N``,
+  backward ``4 P N``), ``2`` for a frozen part before every trained one (forward only), ``4`` for a frozen part
+  after a trained one (forward and the backward to its inputs, no weight gradient) (:func:`train_flops`); the
+  step takes ``max(F / (F_bf16 eff), 3 * 4 P_used / (BW eff), 3 t_issue) + 28 P_train / (BW eff)`` (bf16 autocast
+  on fp32 master weights read by the forward and the backward; AdamW reads weight, gradient and two moments and
+  writes weight and moments, 7 fp32 tensors). ``vision``: the tower on ``2 B`` images of ``T_v`` tokens;
+  ``align``: the tower frozen before the trained projector on the ``2 B x 9`` patches, the frozen embedding
+  matrix after it (logits ``z E^T``); ``joint``: everything on ``B`` rows of :data:`smol.TRAIN_TOKENS` tokens (an
+  upper bound: the rows average 47), the tower and projector twice (the aux losses), the aux logits.
+* **evaluation** of ``n`` items per suite (02: ``eval_limit``, the sweep jobs: ``sweep_eval_limit``) with up to
+  :data:`evaluate.MAX_NEW_TOKENS` new tokens, batch ``B_e`` (the tier's, else :class:`EvalConfig`'s): per batch
+  :func:`plan.generate_seconds`, prefill ``roofline(B F_prefill, W)`` plus ``G`` decode steps
+  ``roofline(B 2 P_lm, W + KV)`` (memory-bound: each step reads the weights once); a sweep job also scores its
+  calibration selection rows (one batch per suite).
+* **level databases** (03-06): one per (seed, calib_n) of the searched jobs, the union of their grids
+  (:func:`sweep.level_grid`): :func:`costmodel.estimate_level_db`.
+* **pruning**: SparseGPT (``sparsegpt``, and after the allocation ``owl``, ``ecoflap``, the exact re-prune) is
+  :func:`costmodel.estimate_level_db` at one level; Wanda and OWL's statistics one calibration forward; ECoFLaP's
+  zeroth-order importances, once per (seed, calib_n) that needs them (:func:`sweep.needs_importance`), are
+  ``2 x ECOFLAP_SAMPLES`` one-row forwards per linear (:func:`allocate.zeroth_order_importance`).
+* **searches**: :func:`plan._search_seconds` and :func:`plan._projector_seconds` with each job's own
+  :func:`sweep.search_config` (the rows, the gap term, the projector rounds), batches from the configuration.
+
+Every forward pass takes at least ``t_issue = (KERNELS_PER_LAYER L + KERNELS_PER_PASS) * op_latency`` seconds
+(:func:`issue_seconds`): kernels are issued asynchronously, so a pass takes the longer of the GPU's work and the
+host's issue time, and for a 135M-parameter model the host's time is the larger by far (a decode step reads
+0.54 GB of fp32 weights, 0.3 ms at half the H100's bandwidth; its ~1,200 kernels take 10 ms to issue).
+
+The jobs are the notebooks' own (:func:`profile_jobs`): 04's ``Job("ellava", sparsity, seed, calib_n)``, 05's
+:func:`sweep.jobs_grid` and 06's :func:`sweep.ablation_jobs`, all in one sweep folder, so a job shared by two
+notebooks runs once. GPU time only: loading models, generating and encoding data, the local judge and Python
+between the stages are not counted. First-order: expect a factor of 2 either way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ellava_lib.run import plan
+from ellava_lib.speed import costmodel, memory
+
+#: Issue 18: the whole smol profile, build included, on one GPU.
+TARGET_S: float = 20 * 60
+#: The README block the smol plan is spliced into.
+README_MARKER = "smol-plan"
+#: Kernels one eager Llama decoder layer launches per forward: 2 RMSNorms (~7 each), q/k/v/o, rotary on q and k
+#: (~10), the KV cache, attention with grouped-query expansion (~5), the SiLU MLP (5), 2 residual adds.
+KERNELS_PER_LAYER: int = 40
+#: Kernels of a forward outside the layers: embedding, rotary tables, final norm, LM head, generate's bookkeeping.
+KERNELS_PER_PASS: int = 20
+#: Build-stage factors of :func:`train_flops`: FLOPs per parameter and token.
+ROLE_FACTOR: dict[str, int] = {"trained": 6, "frozen_before": 2, "frozen_after": 4}
+#: The train preset the smol plan models (SmolLM2's shape, :data:`smol.SMOLLM2`).
+PRESET = "smol"
+
+ASSUMPTIONS = (
+    "the build runs on the GPU under bf16 autocast (today `train.py` trains on the CPU: a GPU build needs a "
+    "device option there)",
+    "the tier on the GPU in its own dtype (fp32: the FP32 matmul rate, TF32 off)",
+    "every forward pass costs at least the host's kernel-issue time (module docstring), which bounds this "
+    "135M model",
+    "evaluation at the full synthetic generation budget (an upper bound: generation stops at the end-of-sequence "
+    "token); local judge, no API judges",
+    "GPU time only: model loading, data generation and encoding, judging and Python between stages not counted",
+    "first-order model, about 2x either way",
+)
+
+
+def applies(params: dict[str, Any]) -> bool:
+    """Whether a profile's parameters describe the smol tier (its build trains :data:`PRESET`)."""
+    return params.get("train_preset") == PRESET
+
+
+def issue_seconds(layers: int, prof: costmodel.DeviceProfile) -> float:
+    """``(KERNELS_PER_LAYER L + KERNELS_PER_PASS) * op_latency``: the host's time to issue one forward pass."""
+    return (KERNELS_PER_LAYER * layers + KERNELS_PER_PASS) * prof.op_latency_s
+
+
+def train_flops(parts: Sequence[tuple[int, int, str]]) -> float:
+    """FLOPs of one training step: ``sum c_role * P * N`` over ``(P parameters, N tokens, role)`` parts, ``c`` from
+    :data:`ROLE_FACTOR` (6 trained, 2 frozen before every trained part, 4 frozen after one)."""
+    return float(sum(ROLE_FACTOR[role] * p * n for p, n, role in parts))
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    """One build stage: ``steps`` steps of ``parts`` (:func:`train_flops`) through ``layers`` sequential layers."""
+
+    name: str
+    steps: int
+    parts: tuple[tuple[int, int, str], ...]
+    layers: int
+
+    @property
+    def trained(self) -> int:
+        return sum(p for p, _, role in self.parts if role == "trained")
+
+    def step_seconds(self, prof: costmodel.DeviceProfile) -> float:
+        """``max(F / (F_bf16 eff), 3 * 4 P_used / (BW eff), 3 t_issue) + 28 P_train / (BW eff)`` (module docstring)."""
+        used = sum(p for p, _, _ in self.parts)
+        work = max(costmodel.roofline(train_flops(self.parts), 3 * 4.0 * used, prof),
+                   3 * issue_seconds(self.layers, prof))
+        return work + 28.0 * self.trained / prof.eff(prof.mem_bandwidth)
+
+
+def build_stages(config, tc) -> list[TrainStage]:
+    """The smol build's stages with their steps (:class:`train.TrainConfig` ``tc``) and parts (module docstring)."""
+    from ellava_lib.model import smol, structure
+
+    model = structure.meta_model(config)
+    vision = sum(q.numel() for q in model.model.vision_tower.parameters())
+    proj = sum(q.numel() for q in model.model.multi_modal_projector.parameters())
+    lm = model.num_parameters() - vision - proj
+    t = config.text_config
+    emb = t.hidden_size * t.vocab_size
+    t_v, n_img = structure.vision_tokens_per_image(config), int(config.image_seq_length)
+    v_layers, images = config.vision_config.num_hidden_layers, 2 * tc.batch_size
+    rows = tc.batch_size
+    return [
+        TrainStage("vision", tc.vision_steps, ((vision, images * t_v, "trained"),), v_layers),
+        TrainStage("align", tc.align_steps, ((vision, images * t_v, "frozen_before"),
+                                             (proj, images * n_img, "trained"),
+                                             (emb, images * n_img, "frozen_after")), v_layers + 2),
+        TrainStage("joint", tc.joint_steps, ((lm, rows * smol.TRAIN_TOKENS, "trained"),
+                                             (vision, 2 * rows * t_v, "trained"),
+                                             (proj, 2 * rows * n_img, "trained"),
+                                             (emb, rows * n_img, "trained")),
+                   t.num_hidden_layers + 2 * v_layers + 4),
+    ]
+
+
+def profile_jobs(params: dict[str, Any], spec) -> list:
+    """The sweep jobs of notebooks 04, 05 and 06, as they call :mod:`sweep` (one sweep folder: a job shared by two
+    notebooks runs once), in order of first appearance."""
+    from ellava_lib.run import sweep
+
+    n, sparsity, seed = int(params["calib_n"]), float(params["sparsity"]), int(params.get("seed", 0))
+    jobs = [sweep.Job("ellava", sparsity, seed, n)]
+    jobs += sweep.jobs_grid(params["table_methods"], params["sparsities"], params["seeds"], n)
+    jobs += sweep.ablation_jobs(spec, sparsity, seed, n, params["gaps"], params["calib_ns"])
+    return list({j.name(): j for j in jobs}.values())
+
+
+@dataclass
+class Context:
+    """What every estimate needs: the config, its :class:`memory.Dims`, the forward-pass device profile ``prof``
+    (the tier's dtype), the training profile ``train_prof`` (bf16), the evaluation batch, the prompt length."""
+
+    config: Any
+    dm: memory.Dims
+    prof: costmodel.DeviceProfile
+    train_prof: costmodel.DeviceProfile
+    dtype_bytes: int
+    eval_batch: int
+    text_tokens: int
+
+    @property
+    def floor(self) -> float:
+        return issue_seconds(self.dm.layers, self.prof)
+
+    def workload(self, calib_n: int = 64, score_rows: int = 24, projector_rows: int = 18) -> memory.Workload:
+        from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
+
+        return memory.Workload(calib_n=calib_n, text_tokens=self.text_tokens, score_rows=score_rows,
+                               projector_rows=max(projector_rows, 1), prompt_tokens=self.text_tokens,
+                               max_new_tokens=max(MAX_NEW_TOKENS.values()), dtype_bytes=self.dtype_bytes)
+
+
+def eval_seconds(ctx: Context, limit: int) -> float:
+    """``sum_s ceil(n / B_e) generate_seconds(B_e, G_s)`` over the synthetic suites, ``n = limit`` (0: 500, the
+    whole split)."""
+    from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
+
+    n, wl = limit or 500, ctx.workload()
+    return sum(math.ceil(n / ctx.eval_batch)
+               * plan.generate_seconds(ctx.config, ctx.dm, wl, ctx.prof, min(ctx.eval_batch, n), g, ctx.floor)
+               for g in MAX_NEW_TOKENS.values())
+
+
+def calib_eval_seconds(ctx: Context, selection_rows: int) -> float:
+    """A sweep job's calibration score: its selection rows, about ``k / 4`` per suite, one batch per suite."""
+    from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
+
+    per_suite = max(1, math.ceil(selection_rows / len(MAX_NEW_TOKENS)))
+    return sum(plan.generate_seconds(ctx.config, ctx.dm, ctx.workload(), ctx.prof, per_suite, g, ctx.floor)
+               for g in MAX_NEW_TOKENS.values())
+
+
+def sparsegpt_seconds(ctx: Context, n: int, levels: int = 1):
+    """:func:`costmodel.estimate_level_db` at ``levels`` levels on ``n`` calibration rows (one level: a prune)."""
+    return costmodel.estimate_level_db(ctx.config, ctx.prof, levels, n, n_visual_tokens=ctx.dm.image_tokens,
+                                       n_text_tokens=ctx.text_tokens)
+
+
+def importance_seconds(ctx: Context, n: int) -> float:
+    """ECoFLaP's importances: ``2 min(n, S) * linears`` one-row forwards, ``S = ECOFLAP_SAMPLES``."""
+    from ellava_lib.prune.allocate import ECOFLAP_SAMPLES
+    from ellava_lib.speed import flops
+
+    f = flops.flops_per_token(ctx.config, ctx.dm.image_tokens, ctx.text_tokens)["total"]
+    one = max(costmodel.roofline(f, ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
+    return 2 * min(n, ECOFLAP_SAMPLES) * len(ctx.dm.block_linears_in) * ctx.dm.layers * one
+
+
+def search_seconds(ctx: Context, cfg, n: int) -> float:
+    """One searched job's search and projector rounds (:func:`plan._search_seconds`,
+    :func:`plan._projector_seconds`) with the batches of its configuration ``cfg`` (0: all rows at once)."""
+    rows = plan.row_counts(n, cfg)
+    wl = ctx.workload(n, rows["scoring"], rows["train"])
+    score = cfg.eval_batch_size or n
+    batches = memory.Batches(ctx.eval_batch, score, cfg.projector.micro_batch or max(rows["train"], 1),
+                             cfg.projector.checkpointing, False)
+    return (plan._search_seconds(ctx.config, ctx.prof, cfg, rows, wl, score, ctx.floor, ctx.dm.image_tokens)
+            + plan._projector_seconds(ctx.config, ctx.dm, wl, ctx.prof, cfg, rows, batches, ctx.floor))
+
+
+def prune_seconds(ctx: Context, spec, job) -> float:
+    """A job's pruning or search (module docstring); 0 for ``dense``. ECoFLaP's importances are a stage of their own."""
+    from ellava_lib.run import sweep
+
+    if job.method == "dense":
+        return 0.0
+    db = sparsegpt_seconds(ctx, job.calib_n)
+    if job.method in sweep.SEARCH_METHODS:
+        return search_seconds(ctx, sweep.search_config(spec, job), job.calib_n) + (db.seconds if job.exact else 0.0)
+    forward = db.detail["calibration_forward"]
+    return {"magnitude": 0.0, "wanda": forward, "sparsegpt": db.seconds, "owl": db.seconds + forward,
+            "ecoflap": db.seconds}.get(job.method, db.seconds)
+
+
+def job_seconds(ctx: Context, spec, job, limit: int) -> float:
+    """One sweep job: pruning or search, then the test evaluation and the calibration score."""
+    from ellava_lib.run import sweep
+
+    select = plan.row_counts(job.calib_n, sweep.full_method_config(spec, job.sparsity))["selection"]
+    return prune_seconds(ctx, spec, job) + eval_seconds(ctx, limit) + calib_eval_seconds(ctx, select)
+
+
+def _stage(name: str, seconds: float, runs: int, peak: float, knob: str, gpu_gb: float) -> plan.Stage:
+    """A :class:`plan.Stage`: ``seconds`` per run (the mean when runs differ), ``peak`` bytes."""
+    return plan.Stage(name, peak / plan.GB, 0.0, seconds, knob, peak <= gpu_gb * plan.GB - memory.RESERVE_BYTES,
+                      runs)
+
+
+def context(params: dict[str, Any], device: str | None = None) -> tuple[Context, Any]:
+    """The :class:`Context` and the tier of a smol profile on device profile ``device`` (default the profile's
+    ``gpu``). ``ValueError`` (one line) for an unknown device profile."""
+    from ellava_lib.eval.evaluate import EvalConfig
+    from ellava_lib.model import smol
+    from ellava_lib.run.tier import Tier
+
+    tier = Tier.from_dict(params.get("tier"))
+    gpu = plan.device_profile(device or str(params.get("gpu", "h100")))
+    config = smol.llava_config()
+    fp32 = tier.dtype == "float32"
+    prof = replace(gpu, matmul_flops=gpu.solver_flops, forward_bytes=4) if fp32 else gpu
+    ctx = Context(config, memory.Dims.of(config), prof, gpu, 4 if fp32 else 2,
+                  tier.eval_batch_size or EvalConfig().batch_size, smol.TRAIN_TOKENS - int(config.image_seq_length))
+    return ctx, tier
+
+
+def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | None = None,
+              root: str | Path | None = None) -> plan.Plan:
+    """The :class:`plan.Plan` of a smol profile: every stage (module docstring) on one GPU of the device profile
+    ``device`` (default the profile's ``gpu``) with ``gpu_gb`` GB (default that profile's memory).
+    ``ValueError`` (one line) for an unknown profile or device, a profile that is not the smol tier, or a bad
+    ``gpu_gb``."""
+    from ellava_lib.model import smol, train
+    from ellava_lib.run import sweep
+
+    params = plan.profile_params(profile, root)
+    if not applies(params):
+        raise ValueError(f"profile {profile!r} does not build the smol tier (train_preset {PRESET!r})")
+    ctx, tier = context(params, device)
+    gpu_gb = ctx.prof.mem_bytes / plan.GB if gpu_gb is None else gpu_gb
+    plan.check_gpu_gb(gpu_gb)
+    tc = train.preset(PRESET)
+    spec = sweep.SweepSpec("smol", params.get("sweep_eval_limit") or None,
+                           search_preset=params.get("search_preset", "default"),
+                           search=dict(params.get("search") or {}), ellava=dict(params.get("ellava") or {}),
+                           tier=dict(params.get("tier") or {}))
+    jobs = profile_jobs(params, spec)
+    limit = int(params.get("sweep_eval_limit", 0) or 0)
+    dm, wl = ctx.dm, ctx.workload(int(params["calib_n"]))
+    train_peak = smol.train_memory_bytes(smol.SMOLLM2, tc.batch_size, smol.TRAIN_TOKENS)
+    stages = [_stage(f"build: {s.name}", s.steps * s.step_seconds(ctx.train_prof), 1, train_peak,
+                     f"{s.steps} steps", gpu_gb) for s in build_stages(ctx.config, tc)]
+    eval_peak = memory.eval_bytes(dm, wl, ctx.eval_batch)
+    stages.append(_stage("02 dense + magnitude eval", eval_seconds(ctx, int(params.get("eval_limit", 0) or 0)),
+                         1 + len(params.get("magnitude_sparsities", [])), eval_peak, f"eval_batch {ctx.eval_batch}",
+                         gpu_gb))
+    draws = sorted({(j.seed, j.calib_n) for j in jobs if j.method in sweep.SEARCH_METHODS})
+    db = [sparsegpt_seconds(ctx, n, len([g for g in sweep.level_grid(spec, [j for j in jobs if (j.seed, j.calib_n)
+                                                                            == (s, n)]) if g > 0])).seconds
+          for s, n in draws]
+    db_peak = max(memory.leveldb_bytes(dm, ctx.workload(n), False) for _, n in draws) if draws else 0.0
+    stages.append(_stage("level databases", sum(db) / max(len(db), 1), len(db), db_peak, "whole model on the GPU",
+                         gpu_gb))
+    imp = sorted({(j.seed, j.calib_n) for j in jobs if sweep.needs_importance(spec, j)})
+    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, n) for _, n in imp) / max(len(imp), 1),
+                         len(imp), eval_peak, "one row per forward", gpu_gb))
+    for method in dict.fromkeys(j.method for j in jobs if j.method != "dense"):
+        mine = [j for j in jobs if j.method == method]
+        secs = [prune_seconds(ctx, spec, j) for j in mine]
+        peak = (max(memory.search_bytes(dm, ctx.workload(j.calib_n), j.calib_n) for j in mine)
+                if method in sweep.SEARCH_METHODS else db_peak or memory.leveldb_bytes(dm, wl, False))
+        stages.append(_stage(f"prune: {method}", sum(secs) / len(secs), len(secs), peak,
+                             "search" if method in sweep.SEARCH_METHODS else "SparseGPT / scores", gpu_gb))
+    evals = [eval_seconds(ctx, limit) + calib_eval_seconds(
+        ctx, plan.row_counts(j.calib_n, sweep.full_method_config(spec, j.sparsity))["selection"]) for j in jobs]
+    stages.append(_stage("sweep eval (test + calib)", sum(evals) / len(evals), len(evals), eval_peak,
+                         f"eval_batch {ctx.eval_batch}", gpu_gb))
+    batches = memory.Batches(ctx.eval_batch, 0, 0, False, False)
+    return plan.Plan(profile, "smol (SmolLM2-135M + tiny CLIP tower)", float(gpu_gb), ctx.prof.name, batches,
+                     stages, {"jobs": len(jobs), "level_databases": len(db), "importances": len(imp)})
+
+
+def total_seconds(p: plan.Plan) -> float:
+    """``sum seconds * runs`` over the stages."""
+    return sum(s.seconds * s.runs for s in p.stages)
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def markdown(p: plan.Plan) -> str:
+    """The smol plan as a markdown table, the verdict against :data:`TARGET_S` and the assumptions."""
+    lines = ["| stage | peak GPU | time per run | runs | total |", "|---|---:|---:|---:|---:|"]
+    for s in p.stages:
+        lines.append(f"| {s.name} | {s.peak_gb:.1f} GB | {_fmt(s.seconds)} | {s.runs} | {_fmt(s.seconds * s.runs)} |")
+    total = total_seconds(p)
+    verdict = "fits" if total <= TARGET_S else "does NOT fit"
+    lines.append(f"| **total** | {max(s.peak_gb for s in p.stages):.1f} GB | | | **{_fmt(total)}** |")
+    lines += ["", f"*`ellava plan --profile {p.profile} --gpu {p.device}`: predicted {total / 60:.1f} min of GPU time "
+              f"for the whole profile ({p.overrides['jobs']} sweep jobs, {p.overrides['level_databases']} level "
+              f"databases) on one `{p.device}` ({p.gpu_gb:g} GB; "
+              f"{'every stage fits its memory' if p.fits else 'NOT every stage fits its memory'}): {verdict} the "
+              f"{TARGET_S / 60:.0f}-minute target. "
+              "Assumptions: " + "; ".join(ASSUMPTIONS) + ".*"]
+    return "\n".join(lines)
+
+
+def format_plan(p: plan.Plan) -> str:
+    """What ``ellava plan --profile smol`` prints."""
+    return f"SMOL PLAN (predicted; run/smolplan.py on speed/costmodel.py + speed/memory.py)\n{markdown(p)}"
+
+
+def splice_readme(readme: str | Path, p: plan.Plan) -> bool:
+    """Write :func:`markdown` of ``p`` between the README's ``smol-plan`` markers; whether it changed."""
+    from ellava_lib.run.report import update_readme
+
+    return update_readme(Path(readme), README_MARKER, markdown(p))
