@@ -155,7 +155,24 @@ def offsets_of(mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ module
 
 
-class BitmaskLinear(nn.Module):
+class PackedLinear(nn.Module):
+    """A linear layer holding only the nonzeros of ``W`` (``d_out x d_in``) in a ``values`` buffer: the counts that
+    every packed format shares (this module's bitmask layers, :class:`sparse.SparseLinear`'s CSR)."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        """``nnz / (d_out * d_in)``."""
+        return self.nnz / max(1, self.out_features * self.in_features)
+
+
+class BitmaskLinear(PackedLinear):
     """``y = x W^T + b`` with ``W`` as packed nonzeros + per-row bitmask (float32 or bfloat16, CPU, inference).
 
     Up to :data:`MAX_KERNEL_ROWS` rows of ``x``: the row kernel (float32 accumulation from the bias, rounded
@@ -190,14 +207,6 @@ class BitmaskLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, path: int | None = None) -> BitmaskLinear:
         return cls(linear.weight, linear.bias, path)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = extension()

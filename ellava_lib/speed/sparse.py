@@ -62,7 +62,7 @@ class SemiStructuredUnsupported(RuntimeError):
 # ------------------------------------------------------------------------------------------------- modules
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(bitmask.PackedLinear):
     """``y = x W^T + b`` with ``W`` in CSR: ``Y^T = addmm(b 1^T, W_csr, X^T)`` where ``X`` = ``x`` as rows
     (``F.linear(X, W_csr, b)`` when ``X`` is one row).
 
@@ -94,15 +94,6 @@ class SparseLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, index_dtype: torch.dtype = torch.int32) -> SparseLinear:
         """The CSR twin of ``linear`` (its zeros are dropped, nothing else changes)."""
         return cls(linear.weight, linear.bias, index_dtype)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        """``nnz / (d_out * d_in)``."""
-        return self.nnz / max(1, self.out_features * self.in_features)
 
     def weight_csr(self) -> torch.Tensor:
         """The CSR tensor over the buffers (cached until a buffer is replaced, e.g. by ``.to``)."""
