@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--vision", action="store_true", help="include the vision tower's units")
     i.add_argument("--json", action="store_true", help="print a JSON object")
     i.set_defaults(func=cmd_inspect)
-    from ellava_lib.cli_plan import add_parsers  # plan, dryrun
+    from ellava_lib.cli.plan import add_parsers  # plan, dryrun
 
     add_parsers(sub)
     return p
@@ -609,7 +609,3 @@ def _remove_if_created(out: Path | None, created: bool) -> None:
             shutil.rmtree(out, ignore_errors=True)
         else:
             out.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
