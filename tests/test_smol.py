@@ -103,6 +103,25 @@ def test_encode_pair_ends_with_the_tokenizers_eos_and_tiny_is_unchanged():
     assert seq[n_p:].tolist() == [micro_tok.convert_tokens_to_ids("red"), micro_tok.eos_token_id]
 
 
+def test_batched_encode_pairs_equal_one_call_per_pair():
+    """``encode_pairs`` (two batched backend calls) gives every row and prompt length of ``encode_pair``, for the
+    tiny word-level tokenizer and SmolLM2's byte-level layout, ``<image>`` expansion and odd spacing included."""
+    prompts_ = ["USER: <image>\nwhat is it ? ASSISTANT:", "USER: Context: a  red\tsquare . B. C. ASSISTANT:",
+                "USER: how many ? ASSISTANT:"]
+    answers = ["red", "B", "3"]
+    tokenizers = (tiny.build_processor(tiny.vocabulary()).tokenizer,
+                  smol.smol_processor(smol.micro_llama(0)[1]).tokenizer)
+    for tok in tokenizers:
+        batched = encoding.encode_pairs(tok, prompts_, answers)
+        single = [encoding.encode_pair(tok, p, a) for p, a in zip(prompts_, answers)]
+        assert [(s.tolist(), n) for s, n in batched] == [(s.tolist(), n) for s, n in single]
+        image_id = tok.convert_tokens_to_ids(tiny.IMAGE)  # the placeholder is expanded in the batched path too
+        assert batched[0][0].tolist().count(image_id) == N_IMG
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        encoding.encode_pairs(tok, prompts_[:2], answers[:1])
+    assert encoding.encode_pairs(tok, [], []) == []
+
+
 def test_cell_words_are_the_first_token_of_the_spaced_word():
     _, tok = smol.micro_llama(0)
     colour, kind = losses.cell_word_ids(tok)

@@ -61,7 +61,7 @@ from ellava_lib.data.encoding import (
     Batchable,
     LengthGroupedBatches,
     collate,
-    encode_pair,
+    encode_pairs,
     pad_right,
     pixel_values,
 )
@@ -231,34 +231,41 @@ def preset(name: str) -> TrainConfig:
 
 def encode_train(cfg: TrainConfig, processor) -> Batchable:
     """Generate, render and tokenise the train split: ``prompt + answer + eos``, ``<image>`` expanded; the
-    described-scene text items and the ``sqa`` drills beside them when the build has a text stage."""
+    described-scene text items and the ``sqa`` drills beside them when the build has a text stage. The texts
+    are collected first and tokenised in batches (:func:`encoding.encode_pairs`: the same ids as one call per
+    text)."""
     tok = processor.tokenizer
     with_text = cfg.text_steps > 0
     out = Batchable(torch.empty(0), [], [], torch.empty(0), torch.empty(0))
     images, colour, kind = [], [], []
+    texts: dict[str, tuple[list[str], list[str]]] = {"image": ([], []), "text": ([], []), "drill": ([], [])}
+
+    def add(kind_: str, prompt: str, answer: str) -> None:
+        texts[kind_][0].append(prompt)
+        texts[kind_][1].append(answer)
+
     for suite in SUITES:
         for i, item in enumerate(synth.generate_items(suite, "train", cfg.n_train[suite], cfg.data_seed)):
             sample = synth.to_sample(item, suite, "train", i, render=False)
             value = value_ids(tok, item) if suite == "sqa" else []
-            seq, n_p = encode_pair(tok, chat_prompt(question_text(sample)), item.answer)
-            out.ids.append(seq)
-            out.n_prompt.append(n_p)
+            add("image", chat_prompt(question_text(sample)), item.answer)
             out.value.append(value)
             if with_text and not item.scene.degrade:
                 text = f"{synth.describe(item.scene)}\n{question_text(sample)}"
-                seq, n_p = encode_pair(tok, chat_prompt(text, with_image=False), item.answer)
-                out.text_ids.append(seq)
-                out.text_n_prompt.append(n_p)
+                add("text", chat_prompt(text, with_image=False), item.answer)
                 out.text_value.append(value)
                 if value:
-                    seq, n_p = encode_pair(tok, chat_prompt(drill_text(item), with_image=False), item.answer)
-                    out.drill_ids.append(seq)
-                    out.drill_n_prompt.append(n_p)
+                    add("drill", chat_prompt(drill_text(item), with_image=False), item.answer)
                     out.drill_value.append(value)
             images.append(np.asarray(scenes.render(item.scene)))
             c, k = scenes.cell_labels(item.scene)
             colour.append(c)
             kind.append(k)
+    for kind_, (ids, n_prompt) in {"image": (out.ids, out.n_prompt), "text": (out.text_ids, out.text_n_prompt),
+                                   "drill": (out.drill_ids, out.drill_n_prompt)}.items():
+        for seq, n_p in encode_pairs(tok, *texts[kind_]):
+            ids.append(seq)
+            n_prompt.append(n_p)
     out.images, out.colour, out.kind = torch.from_numpy(np.stack(images)), torch.tensor(colour), torch.tensor(kind)
     return out
 
