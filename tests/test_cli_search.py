@@ -9,6 +9,7 @@ import torch
 from helpers import exit_code
 
 from ellava_lib import cli
+from ellava_lib.cli.prune import search_config
 from ellava_lib.core.policy import Policy
 from ellava_lib.core.units import unit_linears
 from ellava_lib.model.specs import load_model
@@ -111,7 +112,7 @@ def test_search_without_flags_is_the_preset(preset):
     """Each search flag left out is the preset's value: no flags = ``SearchConfig.<preset>()`` at --sparsity and
     --seed (``--preset`` left out: the default preset)."""
     argv = ["search", "--sparsity", "0.5", "--out", "x"] + (["--preset", preset] if preset else [])
-    cfg = cli.search_config(cli.build_parser().parse_args(argv))
+    cfg = search_config(cli.build_parser().parse_args(argv))
     assert cfg == dataclasses.replace(getattr(SearchConfig, preset or "default")(), target=0.5, seed=0)
     assert cfg.to_dict() == SearchConfig.from_preset(preset or "default", target=0.5).to_dict()
 
@@ -122,12 +123,12 @@ def test_search_flags_replace_single_fields_of_the_preset():
         "--lam", "0.5", "--loss", "ce", "--budget", "flops", "--generations", "5", "--population", "6",
         "--offspring", "7", "--screen", "0", "--survivors", "3", "--init", "uniform, owl", "--projector-every", "2",
         "--projector-steps", "9", "--fine-step", "0"])
-    cfg = cli.search_config(args, extra={"calib": 8})
+    cfg = search_config(args, extra={"calib": 8})
     assert cfg == SearchConfig.from_preset("ci", target=0.6, seed=3, gap="capacity", lam=0.5, loss_kind="ce",
                                            budget="flops", generations=5, population=6, offspring=7,
                                            screen_samples=0, survivors=3, init=("uniform", "owl"), projector_every=2,
                                            projector_steps=9, fine_step=0.0, extra={"calib": 8})
     assert cfg.levels == cfg.grid
-    off = cli.search_config(cli.build_parser().parse_args(["search", "--sparsity", "0.6", "--out", "x",
+    off = search_config(cli.build_parser().parse_args(["search", "--sparsity", "0.6", "--out", "x",
                                                            "--preset", "paper", "--no-projector"]))
     assert off == SearchConfig.from_preset("paper", target=0.6, projector_every=0)

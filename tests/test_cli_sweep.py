@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ellava_lib import cli
+from ellava_lib.cli import sweep as cli_sweep
 from ellava_lib.run import backends, pipeline, sweep
 from ellava_lib.run.sweep import SweepSpec
 from tests.helpers import exit_code
@@ -55,7 +56,7 @@ def _code(notebook: str) -> str:
 
 
 def test_the_notebooks_build_spec_and_jobs_as_the_cli_does():
-    """If a notebook changes how it builds its sweep, this fails: ``cli.cmd_sweep`` / ``cli.sweep_jobs`` must
+    """If a notebook changes how it builds its sweep, this fails: ``cli.sweep.cmd_sweep`` / ``sweep_jobs`` must
     follow."""
     spec_line = ('spec = sweep.SweepSpec(model_info["model_dir"], sweep_eval_limit or None, '
                  'search_preset=search_preset, search=search, ellava=ellava, tier=model_info.get("tier", {}))')
@@ -70,22 +71,22 @@ def test_the_notebooks_build_spec_and_jobs_as_the_cli_does():
 @pytest.mark.parametrize("profile", ["ci", "default", "paper"])
 def test_a_profile_sweeps_the_notebooks_jobs(profile):
     values = pipeline.load_profile(profile)
-    params = cli.sweep_params(_args("--profile", profile, "--out", "x"))
+    params = cli_sweep.sweep_params(_args("--profile", profile, "--out", "x"))
     assert all(params[k] == v for k, v in values.items())
     spec = SweepSpec("m", params["sweep_eval_limit"] or None, search_preset=params["search_preset"],
                      search=params.get("search") or {}, ellava=params.get("ellava") or {})
     main = sweep.jobs_grid(values["table_methods"], values["sparsities"], values["seeds"], values["calib_n"])
     abl = sweep.ablation_jobs(spec, values["sparsity"], values["seeds"][0], values["calib_n"], values["gaps"],
                               values["calib_ns"])
-    assert cli.sweep_jobs(spec, params, "main") == main and cli.sweep_jobs(spec, params, "ablations") == abl
-    both = cli.sweep_jobs(spec, params, "all")
+    assert cli_sweep.sweep_jobs(spec, params, "main") == main and cli_sweep.sweep_jobs(spec, params, "ablations") == abl
+    both = cli_sweep.sweep_jobs(spec, params, "all")
     assert [j.name() for j in both] == list(dict.fromkeys(j.name() for j in main + abl))
-    flags = cli.sweep_params(_args("--profile", profile, "--out", "x", "--methods", "dense,wanda", "--sparsities",
+    flags = cli_sweep.sweep_params(_args("--profile", profile, "--out", "x", "--methods", "dense,wanda", "--sparsities",
                                    "0.5", "--seeds", "3", "4", "--workers", "3"))
-    cli._check_sweep_params(flags)
+    cli_sweep.check_sweep_params(flags)
     assert (flags["table_methods"], flags["sparsities"], flags["seeds"], flags["workers"]) == \
         (["dense", "wanda"], [0.5], [3, 4], 3)
-    assert cli.sweep_jobs(spec, flags, "ablations")[0].seed == 3  # the ablations run at the first seed
+    assert cli_sweep.sweep_jobs(spec, flags, "ablations")[0].seed == 3  # the ablations run at the first seed
 
 
 MICRO_PROFILE = {"sweep_eval_limit": 2, "calib_n": 8, "sparsities": [0.5], "seeds": [0],

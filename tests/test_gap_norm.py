@@ -122,9 +122,10 @@ def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_
 
 def test_cli_takes_the_norm_gap_and_refuses_a_negative_lambda():
     from ellava_lib import cli
+    from ellava_lib.cli.prune import search_config
 
     parse = cli.build_parser().parse_args
     base = ["search", "--sparsity", "0.6", "--out", "x"]
-    assert cli.search_config(parse([*base, "--gap", "norm"])).gap == "norm"
+    assert search_config(parse([*base, "--gap", "norm"])).gap == "norm"
     with pytest.raises(ValueError, match="lam >= 0"):  # the CLI turns it into exit 2
-        cli.search_config(parse([*base, "--lam", "-1"]))
+        search_config(parse([*base, "--lam", "-1"]))

@@ -207,9 +207,9 @@ def test_cli_build_smol_fails_early_with_one_line(failure, tmp_path, monkeypatch
 
 
 def test_presets_and_builtin_names():
-    from ellava_lib import cli
+    from ellava_lib.cli import model as cli_model
 
-    assert cli.BUILD_PRESETS == tuple(train.PRESETS)
+    assert cli_model.BUILD_PRESETS == tuple(train.PRESETS)
     assert specs.BUILTIN["smol"]() == TrainConfig.smol()
     # the tiny tier's cache names are those from before the smol options existed
     assert {k: train.preset(k).digest() for k in ("tiny", "ci", "micro")} == {

@@ -1,4 +1,4 @@
-"""``ellava plan`` and ``ellava dryrun`` (registered by :mod:`ellava_lib.cli`): the predicted
+"""``ellava plan`` and ``ellava dryrun`` (registered by :func:`ellava_lib.cli.build_parser`): the predicted
 memory / disk / time of a profile's stages (:mod:`ellava_lib.run.plan`) and the random-weight dry run that measures
 them (:mod:`ellava_lib.run.dryrun`).
 

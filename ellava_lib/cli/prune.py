@@ -1,0 +1,230 @@
+"""``ellava prune`` and ``ellava search``: prune a model with a baseline method, or search its per-unit sparsity
+policy (level database, evolutionary search, final model)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ellava_lib.cli.common import CLIError, add_data_args, model_dir_of, positive_int, tier_of
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a model (uniform policy, or one allocated by OWL / ECoFLaP) and save it with its policy."""
+    import json
+    import math
+
+    from ellava_lib.core.policy import GRID_TOL
+    from ellava_lib.model import losses
+    from ellava_lib.prune.masks import parse_nm
+    from ellava_lib.prune.prune import measured_mean, prune_model
+    from ellava_lib.run.sweep import method_policy, solver_for
+    from ellava_lib.run.tier import calibration_samples, encode_calibration, load_model
+    from ellava_lib.speed.export import export_pruned
+
+    n, m = parse_nm(args.nm) if args.nm else (0, 0)
+    if n and args.method in ("owl", "ecoflap", "llm_pruner"):
+        raise CLIError(f"--nm applies to magnitude, wanda and sparsegpt, not to {args.method}")
+    if args.sparsity is None and not n:
+        raise CLIError("give --sparsity S (in [0, 1)) or --nm N:M")
+    target = n / m if n else args.sparsity
+    if not (isinstance(target, float) and math.isfinite(target) and 0.0 <= target < 1.0):
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if n and args.sparsity is not None and abs(args.sparsity - target) > GRID_TOL:
+        raise CLIError(f"--sparsity {args.sparsity} disagrees with --nm {args.nm} ({target:g})")
+    if args.calib <= 0:
+        raise CLIError(f"--calib must be a positive integer, got {args.calib}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CLIError(f"output {out} exists and is not an empty folder (pass --force to replace it)")
+    tier = tier_of(args)
+    samples = calibration_samples(tier, args.calib, args.seed)  # ValueError past the pool: exit 2
+    model_dir = model_dir_of(args.model, args.quiet)
+    model, processor = load_model(tier, model_dir, progress=not args.quiet)
+    batch = encode_calibration(tier, samples, processor)
+    t0 = time.time()
+    dense_loss = losses.calibration_loss(model, batch)
+    policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
+    solver = solver_for(args.method)
+    report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet,
+                         device=args.device)
+    loss = losses.calibration_loss(model, batch)
+    measured = measured_mean(report)
+    extra = {"kind": "pruned", "base_model": str(model_dir), "method": args.method, "solver": solver,
+             "sparsity": target, "nm": args.nm, "policy_id": policy.policy_id(), "mean_sparsity": measured,
+             "calibration": {"n": args.calib, "seed": args.seed, "data": tier.data, "ids": [s.id for s in samples],
+                             "loss_dense": dense_loss, "loss_pruned": loss},
+             "seconds": round(time.time() - t0, 3)}
+    base_meta = Path(model_dir) / "ellava.json"
+    if base_meta.is_file():
+        extra["base_meta"] = json.loads(base_meta.read_text())
+    export_pruned(model, processor, policy, report, out, extra)
+    print(f"{args.method}: mean sparsity {measured:.4f} (target {target:g}); "
+          f"calibration loss {dense_loss:.4f} -> {loss:.4f}")
+    print(f"wrote {out} (model, policy.json, sparsity.csv)")
+    return 0
+
+
+#: ``ellava search`` flags that set a :class:`config.SearchConfig` field (serialised name), None = the preset's.
+SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "lam": "lam", "loss": "loss_kind", "budget": "budget",
+                                "generations": "generations", "population": "population", "offspring": "offspring",
+                                "screen": "screen_samples", "survivors": "survivors", "init": "init",
+                                "fine_step": "fine_step",
+                                "projector_every": "projector_every", "projector_steps": "projector_steps"}
+
+
+def search_config(args: argparse.Namespace, extra: dict | None = None):
+    """The :class:`config.SearchConfig` of ``ellava search``: the ``--preset`` with the fields of the flags
+    given (:data:`SEARCH_FLAGS`; ``--no-projector``: ``projector_every=0``), at ``--sparsity`` and ``--seed``."""
+    from ellava_lib.core.policy import DEFAULT_GRID
+    from ellava_lib.search.config import SearchConfig
+
+    overrides = {name: getattr(args, flag) for flag, name in SEARCH_FLAGS.items() if getattr(args, flag) is not None}
+    if "init" in overrides:
+        overrides["init"] = tuple(x.strip() for x in overrides["init"].split(",") if x.strip())
+    if args.no_projector:
+        overrides["projector_every"] = 0
+    return SearchConfig.from_preset(args.preset, target=args.sparsity, grid=DEFAULT_GRID, seed=args.seed,
+                                    extra=dict(extra or {}), **overrides)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search a policy (level database -> evolutionary search -> final model) into ``--out`` (resumable)."""
+    import math
+
+    from ellava_lib.core import files
+    from ellava_lib.core.policy import DEFAULT_GRID
+    from ellava_lib.core.units import list_units
+    from ellava_lib.data import calibration
+    from ellava_lib.model import loading
+    from ellava_lib.prune.leveldb import LevelDB, build_level_db, covering_grid
+    from ellava_lib.run.tier import (
+        calibration_samples,
+        encode_calibration,
+        load_model,
+        place,
+    )
+    from ellava_lib.search.evolve import check_resume, run_search, search_context
+    from ellava_lib.search.finalize import exact_reprune
+    from ellava_lib.search.objective import per_sample_losses
+
+    grid = DEFAULT_GRID
+    if not (math.isfinite(args.sparsity) and grid[0] <= args.sparsity <= grid[-1]):
+        raise CLIError(f"--sparsity must lie in [{grid[0]}, {grid[-1]}] (the range of the grid), got {args.sparsity}")
+    if args.calib < 2:
+        raise CLIError(f"--calib must be at least 2, got {args.calib}")
+    tier = tier_of(args)
+    if tier.data == "synthetic" and args.calib > calibration.pool_capacity():
+        raise CLIError(f"--calib {args.calib} exceeds the calibration pool ({calibration.pool_capacity()} samples)")
+    cfg = search_config(args, extra={"model": str(args.model), "calib": args.calib, "vision": args.vision,
+                                     "db_method": "sparsegpt",
+                                     **({} if tier.data == "synthetic" else {"data": tier.data})})
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "search_config.json").is_file())):
+        raise CLIError(f"output {out} exists and is not a search folder (no search_config.json)")
+    check_resume(out, cfg)  # another config: ValueError naming the differences, before any work
+    samples = calibration_samples(tier, args.calib, args.seed)
+    model_dir = model_dir_of(args.model, args.quiet)
+    model, processor = load_model(tier, model_dir, progress=not args.quiet)
+    batch = encode_calibration(tier, samples, processor)
+    units = list_units(model, args.vision)
+    check_resume(out, cfg, search_context(model, batch, units))
+    t0 = time.time()
+    dense_loss = float(per_sample_losses(model, batch).mean())
+    files.ensure_dir(out)
+    cfg.to_json(out / "search_config.json")
+    db_dir = Path(args.db) if args.db else out / "leveldb"
+    build_level_db(model, batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt", units=list(units),
+                   progress=not args.quiet, calib_info={"ids": [s.id for s in samples], "seed": args.seed},
+                   device=args.device, store_dtype=args.db_dtype)
+    model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
+    result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet,
+                        groups=[s.suite for s in samples])
+    mode = "assembled"
+    if args.exact:
+        mode = "exact"
+        model, processor = load_model(tier, model_dir)
+        model, _ = place(tier, model)
+        files.write_csv(out / "sparsity.csv", exact_reprune(model, result.policy, result.projector, batch,
+                                                            progress=not args.quiet))
+    loss = float(per_sample_losses(model, batch).mean())
+    timing = {k: round(v, 4) for k, v in result.timing.items()}
+    loading.save(model, processor, out, {
+        "kind": "searched", "base_model": str(model_dir), "mode": mode, "policy_id": result.policy.policy_id(),
+        "sparsity": args.sparsity, "mean_sparsity": result.policy.meta["mean_sparsity"],
+        "score": result.score.to_dict(), "search_config": cfg.to_dict(), "timing": timing,
+        "calibration": {"n": args.calib, "seed": args.seed, "ids": [s.id for s in samples],
+                        "loss_dense": dense_loss, "loss_final": loss},
+        "projector": result.projector.name if result.projector else None, "seconds": round(time.time() - t0, 3)})
+    n_asm = max(result.timing["n_assembled"], 1)
+    print(f"search: best J {result.score.j:.4f} (R {result.score.r_hat:.4f} + {cfg.lam:g} x G "
+          f"{result.score.g_hat:.4f}), mean sparsity {result.policy.meta['mean_sparsity']:.4f} "
+          f"(target {args.sparsity:g}), {result.evaluations} evaluations in {result.wall_s:.1f} s")
+    print(f"per candidate: assemble {1e3 * result.timing['assemble'] / n_asm:.2f} ms, "
+          f"evaluate {1e3 * result.timing['evaluate'] / n_asm:.2f} ms; calibration loss "
+          f"{dense_loss:.4f} (dense) -> {loss:.4f} ({mode})")
+    print(f"wrote {out} (model, policy.json, history.csv" + (", projector.safetensors)" if result.projector else ")"))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register ``prune`` and ``search`` on the subparsers ``sub``."""
+    r = sub.add_parser("prune", help="prune a model's language model (calibrated on the calib split)")
+    r.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
+    r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "llm_pruner"),
+                   default="sparsegpt",
+                   help="owl / ecoflap allocate a non-uniform policy, then prune it with SparseGPT; "
+                        "llm_pruner zeroes whole heads / MLP channels (Taylor importance)")
+    r.add_argument("--sparsity", type=float, default=None, help="mean sparsity in [0, 1)")
+    r.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 (magnitude, wanda, sparsegpt)")
+    r.add_argument("--calib", type=int, default=64, help="number of calibration samples")
+    r.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (and ECoFLaP's noise)")
+    r.add_argument("--vision", action="store_true", help="prune the vision tower's blocks too")
+    r.add_argument("--device", default=None, help="run calibration/OBS one decoder block at a time on this device "
+                                                  "(e.g. cuda); the model itself stays on the CPU")
+    r.add_argument("--out", required=True, help="output model folder")
+    r.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_data_args(r)
+    r.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("search", help="search a per-unit sparsity policy (SRM objective, level database)")
+    s.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
+    s.add_argument("--sparsity", type=float, required=True, help="target mean sparsity (within the grid, 0-0.9)")
+    s.add_argument("--calib", type=int, default=64, help="number of calibration samples")
+    s.add_argument("--preset", default="default", metavar="{ci,default,paper}",  # checked by SearchConfig.from_preset
+                   help="search settings: SearchConfig.ci(), .default() or .paper() in ellava_lib/search/config.py "
+                        "(the profiles' of the same names). Each option below replaces one field; left out, the "
+                        "preset's value holds")
+    s.add_argument("--gap", choices=("none", "capacity", "bernstein", "norm"), default=None,
+                   help="generalization-gap estimator G_hat")
+    s.add_argument("--lam", type=float, default=None, help="weight lambda of the gap term")
+    s.add_argument("--loss", choices=("ce", "kl"), default=None,
+                   help="per-sample loss: KL to the dense model's next-token distribution at the answer positions, "
+                        "or answer CE")
+    s.add_argument("--budget", choices=("params", "flops"), default=None)
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
+    s.add_argument("--generations", type=int, default=None)
+    s.add_argument("--population", type=positive_int, default=None)
+    s.add_argument("--offspring", type=positive_int, default=None, help="children per generation")
+    s.add_argument("--screen", type=int, default=None, help="screening samples of multi-step selection (0 = off)")
+    s.add_argument("--survivors", type=positive_int, default=None, help="children scored on all samples")
+    s.add_argument("--fine-step", type=float, default=None,
+                   help="step of the finer levels within 0.15 of the target (default 0.05; 0 = the 0.1 grid only)")
+    s.add_argument("--init", default=None,
+                   help="start policies of the search, comma-separated, from uniform, owl, ecoflap")
+    s.add_argument("--no-projector", action="store_true", help="no projector evolution (projector_every 0)")
+    s.add_argument("--projector-every", type=positive_int, default=None, help="generations between evolutions")
+    s.add_argument("--projector-steps", type=int, default=None, help="AdamW steps per evolution")
+    s.add_argument("--db", default=None, help="level database folder (default OUT/leveldb; built if missing)")
+    s.add_argument("--db-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="storage dtype of the level database (auto: the model weights' own)")
+    s.add_argument("--vision", action="store_true", help="search the vision tower's units too")
+    s.add_argument("--exact", action="store_true", help="re-prune the final policy sequentially with SparseGPT")
+    s.add_argument("--device", default=None, help="build the level database one decoder block at a time on this "
+                                                  "device (e.g. cuda), then search on it")
+    s.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_data_args(s)
+    s.set_defaults(func=cmd_search)
