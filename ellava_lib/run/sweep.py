@@ -267,6 +267,12 @@ def level_grid(spec: SweepSpec, jobs: Sequence[Job]) -> tuple[float, ...]:
     return tuple(sorted(levels))
 
 
+def db_levels(spec: SweepSpec, targets: Sequence[float], seed: int, calib_n: int) -> tuple[float, ...]:
+    """The levels the level database of the draw ``(seed, calib_n)`` holds for both searched methods at every
+    sparsity of ``targets`` (:func:`level_grid`): what notebook 03 builds, so the sweeps of 04-06 reuse it as is."""
+    return level_grid(spec, [Job(m, float(t), seed, calib_n) for m in SEARCH_METHODS for t in sorted(set(targets))])
+
+
 def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None = None) -> tuple[float, ...]:
     """The grid to build ``db_dir`` with so it holds ``grid`` (:func:`leveldb.covering_grid`). A sweep's databases
     are its cache: one there of another format (:data:`leveldb.FORMAT`) or, when ``store_dtype`` is given, of
