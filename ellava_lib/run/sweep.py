@@ -662,12 +662,13 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(backends.BACKENDS)}")
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
-    out_dir = files.ensure_dir(Path(out_dir))
+    out_dir = Path(out_dir)
     names = [j.name() for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate jobs in the sweep")
     todo = [j for j in jobs if _done(out_dir, j, spec) is None]
     check_level_db_disk(spec, todo, out_dir)  # before any work: the bytes its level databases need at the peak
+    files.ensure_dir(out_dir)
     one_db = spec.get_tier().level_dbs == "one"
     rounds = db_rounds(spec, todo, out_dir) if one_db else [(None, todo)]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
