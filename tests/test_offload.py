@@ -4,6 +4,7 @@ when the hub cannot be reached."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,3 +106,61 @@ def test_the_sweep_builds_level_databases_one_block_at_a_time_with_tier_offload(
         sweep.prepare_level_db(spec, 0, 8, tmp_path / f"o{offload}", grid=(0.0, 0.5))
         sweep.run_job(sweep.Job("wanda", 0.5, 0, 8), spec, tmp_path / f"o{offload}")
         assert seen == {"db_device": want, "prune_device": want}
+
+
+def _db_tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{f.stem}/{k}": v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_notebook_03_builds_its_level_database_as_the_sweep_does_offloaded_or_placed(micro_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Notebook 03 builds through ``sweep.build_tier_level_db``: with ``tier.offload`` the model stays on the CPU
+    and one block at a time goes to the device (nothing placed); without it the whole model is placed first.
+    Both give the database the notebook's former direct ``build_level_db`` call wrote, bit for bit."""
+    from ellava_lib.data.calibration import draw_calibration, encode_calibration
+    from ellava_lib.prune import leveldb
+    from ellava_lib.run import sweep
+    from ellava_lib.run import tier as tiers
+
+    samples = draw_calibration(8, 0)
+    grid = (0.0, 0.5, 0.7)
+    model, proc = specs.load_model(micro_model_dir)
+    batch = encode_calibration(samples, proc)
+    old = tmp_path / "old"
+    leveldb.build_level_db(model, batch, old, sweep.db_build_grid(old, grid), progress=False,
+                           calib_info={"ids": [s.id for s in samples], "seed": 0})
+    seen: dict[str, list] = {"place": [], "device": []}
+    real_place, real_build = sweep.place, leveldb.build_level_db
+    monkeypatch.setattr(sweep, "place", lambda t, m, b=None: (seen["place"].append(t.offload), real_place(t, m, b))[1])
+    monkeypatch.setattr(leveldb, "build_level_db",
+                        lambda *a, **kw: (seen["device"].append(kw.get("device")), real_build(*a, **kw))[1])
+    for offload in (False, True):
+        tier = tiers.Tier(device="cpu:0", offload=offload)  # "cpu:0": the placement path, without a GPU
+        model, _ = specs.load_model(micro_model_dir)
+        sweep.build_tier_level_db(tier, model, batch, tmp_path / f"o{offload}", grid, samples, 0)
+        got = _db_tensors(tmp_path / f"o{offload}")
+        want = _db_tensors(old)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), offload
+        config = json.loads((tmp_path / f"o{offload}" / "config.json").read_text())
+        assert config == json.loads((old / "config.json").read_text())
+    assert seen == {"place": [False], "device": [None, "cpu:0"]}  # offload: nothing placed, one block at a time
+
+
+@pytest.mark.parametrize("profile", ["ci", "default", "smol", "paper"])
+def test_notebook_03_builds_the_levels_the_sweep_reads(profile):
+    """Notebook 03's levels (``sweep.db_levels`` of its profile) are those its former ``search_grid`` call printed
+    where the profile keeps the finer levels (ci, default, smol: its checked output unchanged), and the 0.1 grid
+    where the profile sets ``fine_step: 0`` (paper: the 65.6 GB database ``ellava plan`` counts, not 101.6 GB)."""
+    from ellava_lib.core.policy import DEFAULT_GRID, search_grid
+    from ellava_lib.run import pipeline, sweep
+
+    params = {**pipeline.notebook_defaults(pipeline.notebooks_dir() / "03_search_space.ipynb"),
+              **pipeline.load_profile(profile)}
+    spec = sweep.SweepSpec("m", search_preset=params["search_preset"], search=params["search"] or {},
+                           ellava=params["ellava"] or {})
+    levels = sweep.db_levels(spec, [params["sparsity"], *params["sparsities"]], params["seed"], params["calib_n"])
+    former = search_grid([params["sparsity"], *params["sparsities"]])
+    assert levels == (DEFAULT_GRID if profile == "paper" else former)
+    assert len(former) == 16

@@ -49,6 +49,9 @@ class Stage:
 
 @dataclass
 class Plan:
+    """``level_dbs``: the tier's (:attr:`tier.Tier.level_dbs`): ``keep`` holds every level database of the profile
+    on disk at the end, ``one`` at most one at a time (the sweep deletes the others before building the next)."""
+
     profile: str
     model: str
     gpu_gb: float
@@ -56,15 +59,30 @@ class Plan:
     batches: memory.Batches
     stages: list[Stage]
     overrides: dict[str, Any] = field(default_factory=dict)
+    level_dbs: str = "keep"
 
     @property
     def fits(self) -> bool:
         return all(s.fits for s in self.stages)
 
+    def disk_held_gb(self, stage: Stage) -> float:
+        """The disk ``stage`` holds at the profile's peak: one run's ``disk_gb`` times the runs that keep theirs
+        (every projector round file; every level database with ``level_dbs: keep``, one with ``one``; the
+        hub weights once)."""
+        if stage.name == "projector" or (stage.name == "leveldb" and self.level_dbs == "keep"):
+            return stage.disk_gb * stage.runs
+        return stage.disk_gb
+
+    @property
+    def disk_peak_gb(self) -> float:
+        """The most disk the profile holds at once: the sum of :meth:`disk_held_gb` over the stages."""
+        return sum(self.disk_held_gb(s) for s in self.stages)
+
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "model": self.model, "gpu_gb": self.gpu_gb, "device": self.device,
                 "batches": self.batches.to_dict(), "fits": self.fits, "overrides": self.overrides,
-                "stages": [asdict(s) for s in self.stages]}
+                "level_dbs": self.level_dbs, "disk_peak_gb": self.disk_peak_gb,
+                "stages": [{**asdict(s), "disk_held_gb": self.disk_held_gb(s)} for s in self.stages]}
 
 
 def row_counts(n: int, cfg) -> dict[str, int]:
@@ -260,7 +278,7 @@ def make_plan(profile: str = "paper", gpu_gb: float = memory.DEFAULT_GPU_GB, roo
     overrides = {"tier": {"offload": batches.offload, "eval_batch_size": batches.eval_batch},
                  "search": {"eval_batch_size": batches.score_batch, "projector_micro_batch": batches.micro_batch,
                             "projector_checkpointing": batches.checkpointing}}
-    return Plan(profile, tier.model, float(gpu_gb), prof.name, batches, stages, overrides)
+    return Plan(profile, tier.model, float(gpu_gb), prof.name, batches, stages, overrides, tier.level_dbs)
 
 
 def device_profile(name: str) -> costmodel.DeviceProfile:
@@ -284,7 +302,8 @@ def _hours(seconds: float) -> str:
 #: What each stage is, for the table.
 STAGE_NOTES: dict[str, str] = {
     "dense_eval": "dense model, greedy generation with KV cache (disk: the fp16 hub weights)",
-    "leveldb": "SparseGPT at every grid level, one unit at a time (disk: leveldb.estimate_bytes)",
+    "leveldb": "SparseGPT at every grid level, one unit at a time (disk: leveldb.estimate_bytes of one database;"
+               " held: all of them with tier level_dbs keep, one with level_dbs one)",
     "search": "evolutionary search: candidates assembled and scored (generations x multi-step selection)",
     "projector": "projector rounds of one search (disk: one safetensors per round)",
     "final_eval": "a pruned model, evaluated as the dense one",
@@ -293,21 +312,24 @@ STAGE_NOTES: dict[str, str] = {
 
 def markdown(plan: Plan) -> str:
     """The plan as a markdown table plus a summary line (what :func:`splice_readme` writes)."""
-    head = (f"| stage | peak GPU | fits {plan.gpu_gb:g} GB | memory knob | disk (all runs) | time per run | runs | "
+    head = (f"| stage | peak GPU | fits {plan.gpu_gb:g} GB | memory knob | disk held | time per run | runs | "
             "total time |\n|---|---:|:-:|---|---:|---:|---:|---:|")
     lines = [head]
     for s in plan.stages:
-        disk = s.disk_gb * (s.runs if s.name in ("leveldb", "projector") else 1)
         lines.append(f"| {s.name} | {s.peak_gb:.1f} GB | {'yes' if s.fits else '**no**'} | {s.batch} | "
-                     f"{disk:.1f} GB | {_hours(s.seconds)} | {s.runs} | {_hours(s.seconds * s.runs)} |")
+                     f"{plan.disk_held_gb(s):.1f} GB | {_hours(s.seconds)} | {s.runs} | "
+                     f"{_hours(s.seconds * s.runs)} |")
     total = sum(s.seconds * s.runs for s in plan.stages)
-    disk = sum(s.disk_gb * (s.runs if s.name in ("leveldb", "projector") else 1) for s in plan.stages)
+    db = next((s for s in plan.stages if s.name == "leveldb"), None)
+    dbs = ("" if db is None else
+           f"one level database of {db.disk_gb:.1f} GB at a time for the {db.runs} calibration draws, "
+           "tier `level_dbs: one`" if plan.level_dbs == "one" else f"all {db.runs} level databases kept")
     peak = max(s.peak_gb for s in plan.stages)
     lines += ["", f"*`ellava plan --profile {plan.profile} --gpu-mem {plan.gpu_gb:g}`: {plan.model} in fp16 on one "
               f"{plan.gpu_gb:g} GB GPU, times on the `{plan.device}` cost-model preset (first-order, ~2x either "
               f"way; evaluation times are upper bounds at the longest generation, judges not included). Peak "
               f"{peak:.1f} GB ({'every stage fits' if plan.fits else 'NOT every stage fits'}); disk "
-              f"{disk:.0f} GB in all (each level database kept); about {total / 3600:.0f} GPU-hours for the "
+              f"{plan.disk_peak_gb:.0f} GB at the peak ({dbs}); about {total / 3600:.0f} GPU-hours for the "
               f"whole profile. Batch sizes: {json.dumps(plan.overrides, sort_keys=True)}.*"]
     return "\n".join(lines)
 

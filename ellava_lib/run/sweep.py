@@ -20,6 +20,16 @@ Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (
 skipped on a re-run; jobs are independent and run in ``workers`` processes (one torch thread each) or as tasks
 of a Ray cluster (:mod:`backends`), after the level databases and importances they share. Results do not depend
 on ``workers`` or on the backend. A failed job is reported (``failed.json``) without stopping the others.
+
+Disk: one level database per calibration draw ``(seed, calib_n)`` (notebook 06's n-ablation: four). The tier's
+``level_dbs`` keeps them all (``keep``) or holds one at a time (``one``: the jobs run draw by draw, each database
+deleted before the next is built, :func:`run_sweep`); a preflight checks the bytes that mode needs at its peak
+(:func:`level_db_disk`) before any work. The draws share nothing more: the databases of different ``n`` are
+pruned from different Hessians, and one calibration pass over the largest ``n`` with snapshots at the smaller ones
+would not reproduce separate passes bit for bit (the synthetic draws are not nested: the 64 are not a subset of
+the 128; and ``H`` of ``n`` rows summed as a snapshot plus the rest, ``SparseGPT.add_batch`` twice, rounds
+differently in fp32 from one sum over the ``n`` rows), while the forward passes it would save are a small part of
+a build (the per-level solves dominate).
 """
 
 from __future__ import annotations
@@ -257,6 +267,12 @@ def level_grid(spec: SweepSpec, jobs: Sequence[Job]) -> tuple[float, ...]:
     return tuple(sorted(levels))
 
 
+def db_levels(spec: SweepSpec, targets: Sequence[float], seed: int, calib_n: int) -> tuple[float, ...]:
+    """The levels the level database of the draw ``(seed, calib_n)`` holds for both searched methods at every
+    sparsity of ``targets`` (:func:`level_grid`): what notebook 03 builds, so the sweeps of 04-06 reuse it as is."""
+    return level_grid(spec, [Job(m, float(t), seed, calib_n) for m in SEARCH_METHODS for t in sorted(set(targets))])
+
+
 def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None = None) -> tuple[float, ...]:
     """The grid to build ``db_dir`` with so it holds ``grid`` (:func:`leveldb.covering_grid`). A sweep's databases
     are its cache: one there of another format (:data:`leveldb.FORMAT`) or, when ``store_dtype`` is given, of
@@ -279,20 +295,185 @@ def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None =
     return tuple(sorted(set(have) | set(want)))
 
 
+def build_tier_level_db(tier: Tier, model: nn.Module, batch: dict[str, torch.Tensor], db_dir: Path,
+                        grid: Sequence[float], samples: Sequence[Any], seed: int,
+                        progress: bool = False) -> pd.DataFrame:
+    """Build (or resume) the level database ``db_dir`` of the dense ``model`` (on the CPU, as :func:`tier.load_model`
+    leaves it) on the calibration ``batch`` of ``samples`` drawn with ``seed``, holding at least the levels of
+    ``grid`` (:func:`db_build_grid`), stored in the tier's ``db_dtype``. Where the model runs follows the tier:
+    with ``tier.offload`` it stays on the CPU and one decoder block at a time goes to the tier's device
+    (:func:`tier.block_device`), else the whole model and the batch are placed there first (:func:`tier.place`).
+    With ``tier.level_dbs == "one"`` every other database folder beside ``db_dir`` (``s<seed>-n<n>``) is deleted
+    first, so at most one is on disk. The sweep (:func:`prepare_level_db`) and notebook 03 build their databases
+    here. Returns :func:`leveldb.build_level_db`'s records."""
+    from ellava_lib.prune.leveldb import build_level_db, resolve_store_dtype
+
+    if tier.level_dbs == "one":
+        _free_others(Path(db_dir).parent, Path(db_dir))
+    store_dtype = resolve_store_dtype(model, tier.db_dtype)
+    device = block_device(tier)
+    if device is None:
+        model, batch = place(tier, model, batch)
+    return build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid, store_dtype), "sparsegpt",
+                          progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed},
+                          device=device, store_dtype=store_dtype)
+
+
 def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, progress: bool = False,
                      grid: Sequence[float] = DEFAULT_GRID) -> None:
     """Build (or resume) the level database of one (seed, calib_n), holding at least the levels of ``grid``
-    (:func:`level_grid`, :func:`db_build_grid`), stored in the tier's ``db_dtype``. With ``tier.offload`` the
-    model stays on the CPU and one decoder block at a time goes to the tier's device (:func:`tier.block_device`)."""
-    from ellava_lib.prune.leveldb import build_level_db, resolve_store_dtype
+    (:func:`level_grid`; :func:`build_tier_level_db`: the tier's storage dtype, one decoder block at a time on the
+    device with ``tier.offload``)."""
+    tier = spec.get_tier()
+    model, _, samples, batch = _load(tier, spec, seed, calib_n, on_device=False)
+    build_tier_level_db(tier, model, batch, level_db_dir(out_dir, seed, calib_n), grid, samples, seed, progress)
+
+
+# ------------------------------------------------------------------------------------------- level-db disk
+
+def unit_sizes(spec: SweepSpec) -> tuple[dict[str, int], str]:
+    """``({unit: weights}, storage dtype)`` of the spec's model as its level databases store it: a hub
+    model from its shipped config on the ``meta`` device (no download; ``tier.dtype`` unless ``tier.db_dtype``
+    names another), a model folder loaded on the CPU (:func:`leveldb.resolve_store_dtype`)."""
+    from ellava_lib.model import structure
+    from ellava_lib.prune.leveldb import STORE_DTYPES, resolve_store_dtype
 
     tier = spec.get_tier()
-    db_dir = level_db_dir(out_dir, seed, calib_n)
-    model, _, samples, batch = _load(tier, spec, seed, calib_n, on_device=not tier.offload)
-    store_dtype = resolve_store_dtype(model, tier.db_dtype)
-    build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid, store_dtype), "sparsegpt",
-                   progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed},
-                   device=block_device(tier), store_dtype=store_dtype)
+    if str(spec.model_dir) in structure.CONFIG_ALIASES:
+        model = structure.meta_model(structure.load_config(str(spec.model_dir)))
+        dtype = tier.dtype if tier.db_dtype == "auto" else tier.db_dtype
+    else:
+        model, _ = load_model(tier, spec.model_dir)
+        dtype = resolve_store_dtype(model, tier.db_dtype)
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"level databases cannot store {dtype}: set tier db_dtype to one of {', '.join(STORE_DTYPES)}")
+    return dict(list_units(model)), dtype
+
+
+def _pending_build(db_dir: Path, grid: Sequence[float], units: Sequence[str],
+                   store_dtype: str) -> tuple[tuple[float, ...], list[str]]:
+    """``(grid, units)`` :func:`prepare_level_db` will still build in ``db_dir`` to hold ``grid`` (read only, the
+    rules of :func:`db_build_grid`): the units without a file when a database there of this format and storage
+    dtype already covers ``grid``, else every unit on ``grid`` (with the one there: the union of both grids)."""
+    from ellava_lib.prune.leveldb import FORMAT
+
+    want = tuple(sorted({float(g) for g in grid}))
+    config = Path(db_dir) / "config.json"
+    if not config.is_file():
+        return want, list(units)
+    known = json.loads(config.read_text())
+    if known.get("format") != FORMAT or known.get("store_dtype") != store_dtype:
+        return want, list(units)
+    have = tuple(float(g) for g in known.get("grid", ()))
+    if not all(on_grid(g, have) for g in want):
+        return tuple(sorted(set(have) | set(want))), list(units)
+    return have, [u for u in units if not (Path(db_dir) / f"{u}.safetensors").is_file()]
+
+
+def _complete(db_dir: Path, grid: Sequence[float], db_dtype: str = "auto") -> bool:
+    """Whether ``db_dir`` holds a finished database of this format covering ``grid`` (every unit its config lists
+    has its file) in the storage dtype ``db_dtype`` (``auto``: any): then nothing is left to build there."""
+    from ellava_lib.prune.leveldb import FORMAT
+
+    config = Path(db_dir) / "config.json"
+    if not config.is_file():
+        return False
+    known = json.loads(config.read_text())
+    have = tuple(float(g) for g in known.get("grid", ()))
+    return (known.get("format") == FORMAT and db_dtype in ("auto", known.get("store_dtype"))
+            and all(on_grid(float(g), have) for g in grid)
+            and all((Path(db_dir) / f"{u}.safetensors").is_file() for u in known.get("units", ())))
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
+
+
+def _db_draws(spec: SweepSpec, jobs: Sequence[Job]) -> dict[tuple[int, int], tuple[float, ...]]:
+    """``{(seed, calib_n): levels}`` of the level databases ``jobs`` read (:func:`level_grid`)."""
+    draws = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
+    return {d: level_grid(spec, [j for j in jobs if (j.seed, j.calib_n) == d]) for d in draws}
+
+
+def level_db_disk(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, mode: str | None = None
+                  ) -> dict[str, Any]:
+    """What the level databases of ``jobs`` still need on disk, before any is built.
+
+    Per draw ``d`` to build: ``need_d`` = :func:`leveldb.estimate_bytes` of its units not built yet on the grid it
+    will be built with (:func:`_pending_build`). ``mode`` (default ``tier.level_dbs``): ``keep`` holds every
+    database, so the sweep needs ``sum_d need_d`` of the free space ``F``; ``one`` deletes every other database of
+    ``out_dir/leveldb`` (``B_d`` bytes) before building ``d``, so it needs ``need_d <= F + B_d`` for every ``d``
+    (peak: one database). Returns ``need`` and ``free`` (of the tightest draw for ``one``), ``ok``, ``mode``,
+    ``per_draw`` ``{"s<seed>-n<n>": need_d}``; no model is loaded when nothing is left to build."""
+    from ellava_lib.prune.leveldb import STORE_DTYPES, _free_bytes, estimate_bytes
+
+    mode = mode or spec.get_tier().level_dbs
+    db_dtype = spec.get_tier().db_dtype
+    draws = {d: grid for d, grid in _db_draws(spec, jobs).items()
+             if not _complete(level_db_dir(out_dir, *d), grid, db_dtype)}
+    root = Path(out_dir) / "leveldb"
+    per_draw: dict[str, int] = {}
+    if draws:
+        sizes, dtype = unit_sizes(spec)
+        width = torch.empty((), dtype=STORE_DTYPES[dtype]).element_size()
+        for d, grid in draws.items():
+            levels, todo = _pending_build(level_db_dir(out_dir, *d), grid, list(sizes), dtype)
+            if todo:
+                per_draw[f"s{d[0]}-n{d[1]}"] = estimate_bytes({u: sizes[u] for u in todo}, levels, width)
+    free = _free_bytes(root)
+    if mode == "keep" or not per_draw:
+        need = sum(per_draw.values())
+        return {"mode": mode, "need": need, "free": free, "ok": need <= free, "per_draw": per_draw}
+    others = {name: sum(_dir_bytes(p) for p in root.glob("s*-n*") if p.name != name) for name in per_draw}
+    worst = min(per_draw, key=lambda name: free + others[name] - per_draw[name])
+    need, room = per_draw[worst], free + others[worst]
+    return {"mode": mode, "need": need, "free": room, "ok": need <= room, "per_draw": per_draw}
+
+
+def check_level_db_disk(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> dict[str, Any]:
+    """:func:`level_db_disk`, and a one-line ``OSError`` naming the bytes needed and free when they do not fit
+    (before any database is built or any job runs)."""
+    disk = level_db_disk(spec, jobs, out_dir)
+    if not disk["ok"]:
+        how = ("every level database kept (tier level_dbs: keep; 'one' needs only the largest)"
+               if disk["mode"] == "keep" else "one level database at a time (tier level_dbs: one)")
+        raise OSError(f"not enough disk space for the sweep's level databases in {Path(out_dir) / 'leveldb'}: "
+                      f"{disk['need']:,} bytes ({disk['need'] / 1e9:.2f} GB) needed, {disk['free']:,} bytes "
+                      f"({disk['free'] / 1e9:.2f} GB) free, {how}")
+    return disk
+
+
+def db_rounds(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[tuple[int, int] | None,
+                                                                                  list[Job]]]:
+    """The jobs of a ``level_dbs: one`` sweep in rounds, each reading at most one level database: first the jobs
+    that read none (``None``), then one round per draw ``(seed, calib_n)``, the draws whose database is already
+    on disk first (a sweep after another, notebook 06 after 05, starts with the database the first one left),
+    then by seed and size. Job order is kept inside a round."""
+    rounds: list[tuple[tuple[int, int] | None, list[Job]]] = []
+    plain = [j for j in jobs if j.method not in SEARCH_METHODS]
+    if plain:
+        rounds.append((None, plain))
+    draws = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS},
+                   key=lambda d: (not (level_db_dir(out_dir, *d) / "config.json").is_file(), d))
+    for d in draws:
+        rounds.append((d, [j for j in jobs if j.method in SEARCH_METHODS and (j.seed, j.calib_n) == d]))
+    return rounds
+
+
+def free_level_dbs(out_dir: Path, keep: tuple[int, int] | None = None) -> list[str]:
+    """Delete every level database folder of ``out_dir/leveldb`` but the one of the draw ``keep``; returns the
+    names deleted (``s<seed>-n<n>``)."""
+    return _free_others(Path(out_dir) / "leveldb", level_db_dir(out_dir, *keep) if keep is not None else None)
+
+
+def _free_others(root: Path, keep: Path | None) -> list[str]:
+    """Delete the database folders ``root/s*-n*`` other than ``keep``; their names."""
+    gone = []
+    for path in sorted(root.glob("s*-n*")) if root.is_dir() else []:
+        if path.is_dir() and path != keep:
+            shutil.rmtree(path)
+            gone.append(path.name)
+    return gone
 
 
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
@@ -435,8 +616,8 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
     ``calib`` score is measured on, and on real data the evaluation inputs (:func:`evaluate.input_format`)."""
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     tier = spec.get_tier()
-    if not tier.is_default:  # the embedded default keeps the digests it had before tiers existed
-        d["tier"] = tier.identity()  # batch sizes and offloading aside
+    if tier.identity() != Tier().identity():  # the embedded default keeps the digests it had before tiers existed
+        d["tier"] = tier.identity()  # batch sizes, offloading and level-database disk mode aside
     if tier.data == "real":  # real rows depend on the evaluation inputs (LLaVA-1.5's prompt and pad-to-square)
         d["inputs"] = input_format(tier.data)
     if job.method in SEARCH_METHODS:
@@ -469,20 +650,29 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
     local Ray with ``workers`` CPUs), ``out_dir`` on storage every node sees. A failing job is re-run up to
     ``retries`` times, then reported at once; the others go on. If any failed, the finished rows are still
     written (``results.csv``) with the failures in ``out_dir/failed.json``, and :class:`backends.SweepFailed`
-    is raised."""
+    is raised.
+
+    Level databases (one per calibration draw ``(seed, calib_n)`` the searched jobs read): first a disk preflight
+    (:func:`check_level_db_disk`: a one-line ``OSError`` naming the bytes needed and free, before any work); with
+    the tier's ``level_dbs: keep`` every database is built before the jobs and kept; with ``level_dbs: one`` the
+    jobs run in rounds (:func:`db_rounds`), each round's database built after every other one of
+    ``out_dir/leveldb`` was deleted (:func:`free_level_dbs`), so at most one is on disk; the last one is left for
+    a later sweep. Rows do not depend on the mode."""
     if backend not in backends.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(backends.BACKENDS)}")
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
-    out_dir = files.ensure_dir(Path(out_dir))
+    out_dir = Path(out_dir)
     names = [j.name() for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate jobs in the sweep")
     todo = [j for j in jobs if _done(out_dir, j, spec) is None]
-    shared = [backends.Task(name, fn, args) for name, fn, args in _prepare_tasks(spec, todo, out_dir)]
-    tasks = [backends.Task(j.name(), run_job, (j, spec, out_dir), _needs(spec, j)) for j in todo]
+    check_level_db_disk(spec, todo, out_dir)  # before any work: the bytes its level databases need at the peak
+    files.ensure_dir(out_dir)
+    one_db = spec.get_tier().level_dbs == "one"
+    rounds = db_rounds(spec, todo, out_dir) if one_db else [(None, todo)]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
-    job_names = {t.name for t in tasks}
+    job_names = {j.name() for j in todo}
 
     def done(task: backends.Task, row: dict) -> None:
         bar.update(1)
@@ -495,11 +685,18 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
         tqdm.write(f"sweep: failed: {failure.line()}", file=sys.stderr)
 
     failures: dict[str, backends.Failure] = {}  # every row done: no worker process, no Ray
-    if tasks and backend == "ray":
-        failures = backends.run_ray(shared, tasks, done, failed, out_dir, workers, threads, retries, address,
-                                    spec.get_tier().device)
-    elif tasks:
-        failures = backends.run_local(shared, tasks, done, failed, workers, threads, retries)
+    for draw, part in rounds:  # level_dbs "one": one round per level database, the others deleted first
+        if one_db and draw is not None:
+            for name in free_level_dbs(out_dir, keep=draw):
+                if progress:
+                    tqdm.write(f"sweep: level database {name} deleted (tier level_dbs: one)", file=sys.stderr)
+        shared = [backends.Task(name, fn, args) for name, fn, args in _prepare_tasks(spec, part, out_dir)]
+        tasks = [backends.Task(j.name(), run_job, (j, spec, out_dir), _needs(spec, j)) for j in part]
+        if tasks and backend == "ray":
+            failures.update(backends.run_ray(shared, tasks, done, failed, out_dir, workers, threads, retries,
+                                             address, spec.get_tier().device))
+        elif tasks:
+            failures.update(backends.run_local(shared, tasks, done, failed, workers, threads, retries))
     bar.close()
     rows = [row for row in (_done(out_dir, j, spec) for j in jobs) if row is not None]
     frame = pd.DataFrame(rows)

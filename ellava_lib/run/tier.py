@@ -19,6 +19,8 @@ from ellava_lib.eval.evaluate import DATA_KINDS, EvalConfig
 from ellava_lib.eval.judge import Judge, LocalJudge
 
 JUDGES: tuple[str, ...] = ("local", "gpt")
+#: How a sweep keeps its level databases on disk (:attr:`Tier.level_dbs`).
+LEVEL_DB_MODES: tuple[str, ...] = ("keep", "one")
 
 
 @dataclass
@@ -39,6 +41,11 @@ class Tier:
     it. ``eval_batch_size``: prompts per ``generate`` batch of the evaluations (0: :class:`EvalConfig`'s default);
     :mod:`ellava_lib.speed.memory` chooses it for a GPU size. Both are left out of :meth:`to_dict` at their
     defaults (``False``, 0).
+    ``level_dbs``: how a sweep holds its level databases (one per calibration draw ``(seed, n)``) on disk:
+    ``keep`` every one of them, or ``one`` at a time (:func:`sweep.run_sweep` then runs the jobs database by
+    database and deletes the others before building the next: peak disk one database instead of one per draw;
+    a database deleted is rebuilt if a later sweep needs it). Left out of :meth:`to_dict` at ``keep``; not part
+    of :meth:`identity` (where results are kept on disk changes no result).
     """
 
     model: str = "tiny"
@@ -51,6 +58,7 @@ class Tier:
     db_dtype: str = "auto"
     offload: bool = False
     eval_batch_size: int = 0
+    level_dbs: str = "keep"
 
     def __post_init__(self) -> None:
         from ellava_lib.data.manifest import BENCHMARKS
@@ -70,6 +78,8 @@ class Tier:
                              f"got {list(self.calib_benchmarks)}")
         if self.db_dtype != "auto" and self.db_dtype not in STORE_DTYPES:
             raise ValueError(f"tier db_dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {self.db_dtype!r}")
+        if self.level_dbs not in LEVEL_DB_MODES:
+            raise ValueError(f"tier level_dbs must be one of {', '.join(LEVEL_DB_MODES)}, got {self.level_dbs!r}")
         if self.eval_batch_size < 0:
             raise ValueError(f"tier eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if self.data_dir is not None and self.data != "real":
@@ -88,15 +98,15 @@ class Tier:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["calib_benchmarks"] = list(self.calib_benchmarks)
-        for key, default in (("db_dtype", "auto"), ("offload", False), ("eval_batch_size", 0)):
+        for key, default in (("db_dtype", "auto"), ("offload", False), ("eval_batch_size", 0), ("level_dbs", "keep")):
             if d[key] == default:
                 del d[key]
         return d
 
     def identity(self) -> dict[str, Any]:
-        """:meth:`to_dict` without the memory knobs (``offload``, ``eval_batch_size``): what a sweep row and a
-        cache depend on, so a run moved to a GPU of another size keeps its rows."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("offload", "eval_batch_size")}
+        """:meth:`to_dict` without the memory and disk knobs (``offload``, ``eval_batch_size``, ``level_dbs``):
+        what a sweep row and a cache depend on, so a run moved to a GPU of another size keeps its rows."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("offload", "eval_batch_size", "level_dbs")}
 
     @property
     def is_default(self) -> bool:
