@@ -193,3 +193,25 @@ def test_decide_weighted_rule_for_explicit_backends():
     tie = {"csr": _t(d, [9.7, 97.0])}  # 3% faster on the weighted sum: within the margin
     assert sparse.decide((1, 600), tie, per_row=False).backend == "dense"
     assert sparse.decide((1, 600), tie, per_row=False, min_speedup=0.0).backend == "csr"  # forced
+
+
+def test_stream_copies_exceed_the_cache_and_are_timed_round_robin(monkeypatch):
+    assert sparse.stream_copies(3 * 2**20, 32 * 2**20) == 22  # ceil(64 MiB / 3 MiB)
+    assert sparse.stream_copies(100 * 2**20, 32 * 2**20) == 1 and sparse.stream_copies(10, 2**30, cap=8) == 8
+    assert sparse.llc_bytes() >= 2**16
+    monkeypatch.setattr(sparse, "llc_bytes", lambda: 4096)  # a 32x16 float32 weight (2 KiB): 4 copies
+    lin = _masked_linear(32, 16, 0.9)
+    cache: dict = {}
+    streamed = nn.Sequential(copy.deepcopy(lin))
+    sparse.sparsify_model(streamed, backend="csr", example_inputs=[1], min_speedup=0.0, cache=cache,
+                          min_time_s=0.0, stream=True)
+    assert [k.endswith("|copies=4") for k in cache] == [True]
+    sparse.sparsify_model(nn.Sequential(copy.deepcopy(lin)), backend="csr", example_inputs=[1], cache=cache,
+                          min_time_s=0.0)  # 2 KiB of weights fit in 4 KiB: not streamed, a second key
+    assert len(cache) == 2 and sum("copies" in k for k in cache) == 1
+    seen = []
+    module = sparse.SparseLinear.from_linear(lin)
+    module.register_forward_pre_hook(lambda m, a: seen.append(id(m)))
+    sparse._measure(lin, module, [1], 0.0, copies=3)
+    counts = sorted(seen.count(i) for i in set(seen))  # the copies carry the hook: 1 + 5 calls spread over 3
+    assert counts == [2, 2, 2]

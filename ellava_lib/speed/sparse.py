@@ -26,6 +26,7 @@ idle (:func:`ellava_lib.speed.timing.interleaved_ms`).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -55,6 +56,10 @@ DEFAULT_ROWS: tuple[int, ...] = (1, 600)
 MIN_SPEEDUP = 1.05
 #: Fewest interleaved dense/sparse call pairs timed per row count (:func:`_measure`).
 MIN_ROUNDS = 5
+#: Last-level cache size assumed where sysfs does not tell (:func:`llc_bytes`), and the most copies of one layer
+#: cycled through by a timing (:func:`stream_copies`).
+LLC_DEFAULT = 32 * 2**20
+MAX_COPIES = 64
 #: Density buckets of the timing cache (two layers of the same shape within 1% density share a timing).
 DENSITY_DECIMALS = 2
 #: Tolerance ``(rtol, atol)`` of the sparse-vs-dense output check per dtype (see :func:`_check_close`): float32
@@ -215,12 +220,37 @@ MODULES: dict[str, type[nn.Module]] = {"csr": SparseLinear, "semi": SemiStructur
 SPARSE_TYPES = tuple(MODULES.values())
 
 
-def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str) -> str:
-    """``device|dtype|threads|d_out x d_in|bias|density|rows|backend|torch`` (timings depend on all of them)."""
+def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str, copies: int = 1) -> str:
+    """``device|dtype|threads|d_out x d_in|bias|density|rows|backend|torch`` (timings depend on all of them),
+    plus ``|copies=k`` when the layer was timed cycling over ``k > 1`` copies (:func:`stream_copies`)."""
     w = lin.weight
     return (f"{w.device.type}|{str(w.dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|"
             f"{w.shape[0]}x{w.shape[1]}|bias={lin.bias is not None}|density={density:.{DENSITY_DECIMALS}f}|"
-            f"rows={','.join(map(str, rows))}|{backend}|torch={torch.__version__}")
+            f"rows={','.join(map(str, rows))}|{backend}|torch={torch.__version__}"
+            + (f"|copies={copies}" if copies > 1 else ""))
+
+
+def llc_bytes() -> int:
+    """Bytes of the CPU's last-level cache (the highest ``index*`` level in
+    ``/sys/devices/system/cpu/cpu0/cache``), or :data:`LLC_DEFAULT` where sysfs does not tell."""
+    best = (0, LLC_DEFAULT)
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        value = int(size.rstrip("KMG")) * scale if size.rstrip("KMG").isdigit() else 0
+        if level > best[0] and value:
+            best = (level, value)
+    return best[1]
+
+
+def stream_copies(layer_bytes: int, llc: int, cap: int = MAX_COPIES) -> int:
+    """Copies of a layer to cycle through when timing it as a decode step of a model larger than the last-level
+    cache ``llc`` runs it: ``clamp(ceil(2 llc / layer_bytes), 1, cap)``, so the copies exceed the cache twice and
+    every timed call reads its weights from memory (a layer of ``2 llc`` bytes or more: one copy)."""
+    return int(min(cap, max(1, math.ceil(2 * llc / max(1, layer_bytes)))))
 
 
 def _load_cache(cache: dict | str | Path | None) -> tuple[dict, Path | None]:
@@ -355,15 +385,30 @@ def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _measure(lin: nn.Linear, module: nn.Module, rows: Sequence[int], min_time_s: float) -> dict[str, list[float]]:
+def _measure(lin: nn.Linear, module: nn.Module, rows: Sequence[int], min_time_s: float,
+             copies: int = 1) -> dict[str, list[float]]:
     """Per row count, dense and sparse median ms on seeded random inputs: the two calls interleaved,
-    :func:`~ellava_lib.speed.timing.rounds_for` pairs (at least :data:`MIN_ROUNDS`, about ``min_time_s``)."""
+    :func:`~ellava_lib.speed.timing.rounds_for` pairs (at least :data:`MIN_ROUNDS`, about ``min_time_s``); each
+    call runs the next of ``copies`` copies of the layer (dense and sparse), round robin."""
     w = lin.weight
     gen = torch.Generator(device="cpu").manual_seed(0)
+    dense_w = [(w, lin.bias)] + [(w.clone(), None if lin.bias is None else lin.bias.clone())
+                                 for _ in range(copies - 1)]
+    mods = [module] + [copy.deepcopy(module) for _ in range(copies - 1)]
+    turn = {"d": 0, "s": 0}
+
+    def run_dense(x: torch.Tensor) -> torch.Tensor:
+        turn["d"] = (turn["d"] + 1) % copies
+        return F.linear(x, *dense_w[turn["d"]])
+
+    def run_sparse(x: torch.Tensor) -> torch.Tensor:
+        turn["s"] = (turn["s"] + 1) % copies
+        return mods[turn["s"]](x)
+
     dense, sparse = [], []
     for r in rows:
         x = torch.randn(r, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
-        fns = (lambda: F.linear(x, w, lin.bias), lambda: module(x))
+        fns = (lambda: run_dense(x), lambda: run_sparse(x))
         td, ts = interleaved_ms(fns, w.device, rounds_for(fns, w.device, min_time_s, MIN_ROUNDS), warmup=0)
         dense.append(statistics.median(td))
         sparse.append(statistics.median(ts))
@@ -371,7 +416,7 @@ def _measure(lin: nn.Linear, module: nn.Module, rows: Sequence[int], min_time_s:
 
 
 def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: dict,
-         min_time_s: float) -> tuple[nn.Module | None, dict | None, str]:
+         min_time_s: float, copies: int = 1) -> tuple[nn.Module | None, dict | None, str]:
     """Build candidate ``cand`` for ``lin``, check its output, time it (or read the cache):
     ``(module, timing, "")`` or ``(None, None | timing, why not)``."""
     w = lin.weight
@@ -382,9 +427,9 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
     probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
     if not _check_close(F.linear(probe, w, lin.bias), module(probe)):
         return None, None, f"{cand} output differs from the dense output; refused"
-    key = _cache_key(lin, density, rows, cand)
+    key = _cache_key(lin, density, rows, cand, copies)
     if key not in store:
-        store[key] = _measure(lin, module, rows, min_time_s)
+        store[key] = _measure(lin, module, rows, min_time_s, copies)
     return module, store[key], ""
 
 
@@ -393,7 +438,7 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                    example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
                    min_speedup: float = MIN_SPEEDUP, cache: dict | str | Path | None = None,
                    min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None,
-                   keep_dense: bool = True) -> pd.DataFrame:
+                   keep_dense: bool = True, stream: bool | None = None) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
     Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``bitmask`` ->
@@ -412,11 +457,15 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
       ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` (``w_r = row_weights.get(r, 1)``, e.g.
       ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0`` forces the swap), no dense copy.
 
-    Among kept candidates the lowest weighted time wins. Timings are cached in ``cache`` (a dict, or a JSON file
-    read and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape, density, backend_chosen,
-    dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums, ``sparse_ms`` of the chosen
-    (else the fastest) candidate with the dense copy's time where it runs, ``speedup = dense_ms / sparse_ms``;
-    ``per_rows`` = ``rows:dense/sparse`` ms each; ``note`` says why a layer stayed dense). Asking for ``semi``
+    Among kept candidates the lowest weighted time wins. ``stream`` (default: whether the pruned linears together
+    exceed the last-level cache, :func:`llc_bytes`): time each layer cycling over :func:`stream_copies` copies,
+    so that, as in a decode step of the whole model, its weights come from memory and not from a cache warmed
+    by the previous call (a 3.5 MB SmolLM2 MLP matrix stays in a 32 MB cache when timed alone).
+    Timings are cached in ``cache`` (a dict, or a JSON file read and rewritten) under :func:`_cache_key`.
+    Columns: ``layer, module, shape, density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows,
+    note`` (``*_ms`` weighted sums, ``sparse_ms`` of the chosen (else the fastest) candidate with the dense
+    copy's time where it runs, ``speedup = dense_ms / sparse_ms``; ``per_rows`` = ``rows:dense/sparse`` ms each;
+    ``note`` says why a layer stayed dense). Asking for ``semi``
     where it cannot run (or ``bitmask`` / ``csr`` where they cannot) warns once with the reason and keeps the
     layers dense.
     """
@@ -425,6 +474,9 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
     targets = _targets(model, policy)
     rows_of = _layer_rows(model, targets, example_inputs) if backend != "dense" else {}
     store, path = _load_cache(cache)
+    total = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in targets.values())
+    llc = llc_bytes()
+    streaming = total > llc if stream is None else stream
     candidates = {"auto": ("semi", "bitmask", "csr"), "dense": ()}.get(backend, (backend,))
     table, refusal = [], None
     for mod_path, (name, lin) in targets.items():
@@ -438,7 +490,8 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
             if backend == "auto" and ((cand == "semi" and semi_structured_problem(w) is not None) or
                                       (cand == "bitmask" and not bitmask.supported(w))):
                 continue
-            module, t, why = _try(cand, lin, density, rows, store, min_time_s)
+            copies = stream_copies(w.numel() * w.element_size(), llc) if streaming else 1
+            module, t, why = _try(cand, lin, density, rows, store, min_time_s, copies)
             if t is None:
                 notes.append(why)
                 refusal = refusal or (why if backend != "auto" else None)
