@@ -366,7 +366,7 @@ def to_markdown(records: list[dict]) -> str:
 
 #: Tiers with no measurement in the records, and why (shown as rows of the summary).
 NOT_MEASURED = {
-    "smol (SmolLM2-135M LLaVA)": "not measured: its build trains for about an hour on 2 cores (TrainConfig.smol)",
+    "smol (SmolLM2-135M LLaVA)": "not measured in this table: end-to-end decode below (benchmarks/e2e_decode.py)",
     "GPU 2:4 (semi-structured)": "not measured: no GPU",
 }
 
