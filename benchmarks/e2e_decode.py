@@ -49,6 +49,7 @@ import copy
 import functools
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -203,6 +204,14 @@ def to_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_text(records: list[dict]) -> str:
+    """The machine's 1-minute load average at the start and end of each run in ``records`` (other jobs share the
+    CPUs: the alternating runs share that load, the absolute tokens/s do not escape it)."""
+    runs = sorted({(r["dtype"], r["loadavg_start"], r["loadavg_end"], r.get("cpus")) for r in records
+                   if "loadavg_start" in r})
+    return "".join(f" Load average during the {d} run: {a:.1f} -> {b:.1f} on {c} CPUs." for d, a, b, c in runs)
+
+
 def splice_readme(readme: Path, records: list[dict], source: Path | str) -> None:
     """:func:`to_markdown` with its setup line into ``readme`` between the ``e2e_decode`` markers."""
     from ellava_lib.run.report import update_readme
@@ -213,8 +222,8 @@ def splice_readme(readme: Path, records: list[dict], source: Path | str) -> None
              f"{r.get('threads')} torch thread(s), torch {r.get('torch')}, prompt of {r.get('prompt_tokens')} "
              f"tokens then {r.get('new_tokens')} greedy tokens per run, median of {r.get('repeats')} runs after "
              f"{r.get('warmup')} warm-up, dense (unpruned) and pruned runs alternating. Memory bandwidth "
-             f"{r.get('read_gbs', 0):.1f} GB/s read. Masks: magnitude on every decoder linear (speed depends on "
-             f"the density and the pattern, not on the pruner). FLOP ratio = dense / pruned FLOPs of one decode "
+             f"{r.get('read_gbs', 0):.1f} GB/s read.{_load_text(records)} Masks: magnitude on every decoder "
+             f"linear (speed depends on the density and the pattern, not on the pruner). FLOP ratio = dense / pruned FLOPs of one decode "
              f"step of the whole model (counted); measured ratio = dense / pruned time per token (timed); paper's "
              f"claim = EfficientLLaVA's x{_latency().PAPER_SPEEDUP} on LLaVA-1.5-7B (another model and "
              f"machine, for reference).*")
@@ -256,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if "bitmask" in backends and bitmask.extension() is None:
         backends.remove("bitmask")
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     bw = _latency().read_bandwidth()
     t0 = time.time()
     records = []
@@ -268,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "repeats": args.repeats,
            "warmup": args.warmup, **bw, "bitmask_paths": "/".join(info.get("paths") or []) or None,
-           "seconds": round(time.time() - t0, 1)}
+           "seconds": round(time.time() - t0, 1), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
+           "cpus": os.cpu_count()}
     records = [{**r, **env} for r in records]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")

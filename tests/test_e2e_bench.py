@@ -49,7 +49,8 @@ def test_decode_bytes_count_the_decoder_and_the_head(e2e, monkeypatch):
 
 def test_results_are_spliced_into_the_readme(e2e, tmp_path):
     results = tmp_path / "e2e.json"
-    results.write_text(json.dumps([RECORD, {**RECORD, "dtype": "bfloat16", "measured_ratio": 2.0}]))
+    loaded = {"loadavg_start": 3.5, "loadavg_end": 4.25, "cpus": 2}
+    results.write_text(json.dumps([RECORD, {**RECORD, "dtype": "bfloat16", "measured_ratio": 2.0, **loaded}]))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- e2e_decode:start -->\nold\n<!-- e2e_decode:end -->\ntail\n")
     assert e2e.main(["--results", str(results), "--readme", str(readme)]) == 0
@@ -58,5 +59,6 @@ def test_results_are_spliced_into_the_readme(e2e, tmp_path):
             "25.0 -> 40.0 | x1.8 | 1.59x | 49% (48%) |") in text
     assert "| bfloat16 |" in text and "**2.00x**" in text and "old" not in text and text.endswith("tail\n")
     assert "2 torch thread(s)" in text and "28.0 GB/s read" in text
+    assert "Load average during the bfloat16 run: 3.5 -> 4.2 on 2 CPUs." in text and "float32 run" not in text
     with pytest.raises(SystemExit):
         e2e.main(["--results", str(results)])  # no --readme: a usage error
