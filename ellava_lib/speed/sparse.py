@@ -20,8 +20,11 @@ This module turns masked weights into sparse kernels and keeps them only where t
 
 Time of a layer at a row count = median of interleaved calls (dense, sparse, dense, sparse, ...; at least
 :data:`MIN_ROUNDS` pairs after a warm-up; ``torch.cuda.synchronize`` on GPUs): a change of machine load during
-the measurement slows both alike, so a busy machine no longer makes ``auto`` pick a layout it would reject when
-idle (:func:`ellava_lib.speed.timing.interleaved_ms`).
+the measurement slows both alike, where two series timed one after the other would see different loads
+(:func:`ellava_lib.speed.timing.interleaved_ms`). Where the pruned layers together exceed the last-level cache,
+each call runs the next of :func:`stream_copies` copies of the layer, so its weights come from memory as in a
+decode step of the whole model. Sustained contention for the CPU still changes the ratio itself (a
+memory-bound kernel gains less when compute is scarce): time on an otherwise idle machine.
 """
 
 from __future__ import annotations
