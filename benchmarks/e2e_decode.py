@@ -32,14 +32,14 @@ linears in their storage, ``latency.weight_bytes``, plus the output head; embedd
 ``bw_limit_ratio`` = dense bytes / pruned bytes; ``bw_fraction`` = bytes / (ms per token) / read bandwidth
 (``latency.read_bandwidth``).
 
-Usage (the README's table: a float32 and a bfloat16 run, then one splice)::
+Usage (the README's table)::
 
     PYTHONPATH=. flock /tmp/ellava-cpu.lock python benchmarks/e2e_decode.py \\
-        --out benchmarks/results/e2e_decode.json
-    PYTHONPATH=. flock /tmp/ellava-cpu.lock python benchmarks/e2e_decode.py --dtypes bfloat16 \\
-        --out benchmarks/results/e2e_decode_bf16.json
-    python benchmarks/e2e_decode.py --results benchmarks/results/e2e_decode.json \\
-        benchmarks/results/e2e_decode_bf16.json --readme README.md       # splice both, time nothing
+        --out benchmarks/results/e2e_decode.json --readme README.md
+    python benchmarks/e2e_decode.py --results benchmarks/results/e2e_decode.json --readme README.md  # splice only
+
+``--dtypes bfloat16 --out OTHER.json`` times bfloat16 into another file; ``--results A.json B.json --readme``
+splices both into one table.
 """
 
 from __future__ import annotations
