@@ -62,7 +62,7 @@ from transformers.models.llama.modeling_llama import (
 from ellava_lib.model import structure
 from ellava_lib.prune.masks import magnitude_mask
 from ellava_lib.speed import bitmask, flops, sparse
-from ellava_lib.speed.timing import sync
+from ellava_lib.speed.timing import interleaved_ms, sync
 
 SHAPES = {  # name: (model, hidden, intermediate, heads, kv_heads)
     "smollm2": ("SmolLM2-135M", 576, 1536, 9, 3),
@@ -122,16 +122,8 @@ def paired_ms(dense: Callable[[], object], pruned: Callable[[], object], device:
               repeats: int) -> tuple[float, float]:
     """Median wall times (ms) of ``dense()`` and ``pruned()`` over ``repeats`` runs each, after ``warmup`` runs
     each, **alternating** the two so that drift in machine load hits both alike."""
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for i in range(warmup + repeats):
-        for k, fn in enumerate((dense, pruned)):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+    td, tp = interleaved_ms((dense, pruned), device, repeats, warmup)
+    return statistics.median(td), statistics.median(tp)
 
 
 # -------------------------------------------------------------------------------------------- pruning
@@ -159,7 +151,7 @@ def apply_backend(module: nn.Module, backend: str, rows: list[int], cache: dict,
     if backend == "dense":
         n = len(sparse._targets(out, policy))
         return out, 0, n
-    force = {"csr": 0.0, "semi": 0.0, "bitmask": 0.0}.get(backend, 1.0)
+    force = {"csr": 0.0, "semi": 0.0, "bitmask": 0.0}.get(backend, sparse.MIN_SPEEDUP)
     table = sparse.sparsify_model(out, policy, backend="auto" if backend == "auto" else backend,
                                   example_inputs=rows, min_speedup=force, cache=cache, min_time_s=0.0)
     return out, int((table["backend_chosen"] != "dense").sum()), len(table)
@@ -374,7 +366,7 @@ def to_markdown(records: list[dict]) -> str:
 
 #: Tiers with no measurement in the records, and why (shown as rows of the summary).
 NOT_MEASURED = {
-    "smol (SmolLM2-135M LLaVA)": "not measured: its build trains for about an hour on 2 cores (TrainConfig.smol)",
+    "smol (SmolLM2-135M LLaVA)": "not measured in this table: end-to-end decode below (benchmarks/e2e_decode.py)",
     "GPU 2:4 (semi-structured)": "not measured: no GPU",
 }
 

@@ -156,3 +156,62 @@ def test_decision_weighs_row_counts_with_cached_timings():
                                   row_weights={1: 10})
     assert table.loc[0, "backend_chosen"] == "dense" and table.loc[0, "dense_ms"] == pytest.approx(20.0)
     assert type(decode_heavy[0]) is nn.Linear and len(cache) == 1  # nothing was re-timed
+
+
+ROWS = (1, 64, 600)
+
+
+def _t(dense: list[float], sparse_: list[float]) -> dict[str, list[float]]:
+    return {"dense_ms": dense, "sparse_ms": sparse_}
+
+
+def test_decide_per_row_never_slower_than_dense():
+    """``auto``'s rule on made-up timings (no clock): bitmask must win at decode, runs its dense copy from the first
+    row count where it does not win by the margin; CSR must win everywhere; nothing kept means dense."""
+    d = [10.0, 20.0, 100.0]
+    split = sparse.decide(ROWS, {"bitmask": _t(d, [5.0, 19.5, 130.0]), "csr": _t(d, [4.0, 15.0, 300.0])})
+    assert split.backend == "bitmask" and split.dense_from == 64  # 19.5 ms at 64 rows: < 5% faster, so dense
+    assert split.sparse_ms == pytest.approx(5.0 + 20.0 + 100.0) and split.dense_ms == pytest.approx(130.0)
+    assert "(dense from 64 rows)" in split.per_rows
+    everywhere = sparse.decide(ROWS, {"bitmask": _t(d, [5.0, 19.5, 130.0]), "csr": _t(d, [4.0, 15.0, 90.0])})
+    assert everywhere.backend == "csr" and everywhere.dense_from is None  # 109 ms < 125 ms, faster at every row
+    nowhere = sparse.decide(ROWS, {"bitmask": _t(d, [9.8, 19.0, 96.0]), "csr": _t(d, [11.0, 15.0, 90.0])})
+    assert nowhere.backend == "dense" and nowhere.dense_from is None  # bitmask 2% faster at decode: a tie
+    assert any("bitmask not 1.05x faster at 1 rows" in n for n in nowhere.notes)
+    assert any("csr not 1.05x faster at 1 rows" in n for n in nowhere.notes)
+    assert sparse.decide(ROWS, {"bitmask": _t(d, [9.8, 19.0, 96.0])}, min_speedup=1.0).dense_from is None
+    assert sparse.decide(ROWS, {}).backend == "dense"
+
+
+def test_decide_weighted_rule_for_explicit_backends():
+    d = [10.0, 100.0]
+    slow_prefill = {"bitmask": _t(d, [5.0, 130.0])}
+    assert sparse.decide((1, 600), slow_prefill, per_row=False).backend == "dense"  # 110 vs 135 ms
+    decode_heavy = sparse.decide((1, 600), slow_prefill, per_row=False, row_weights={1: 32})  # 420 vs 290 ms
+    assert decode_heavy.backend == "bitmask" and decode_heavy.dense_from is None
+    assert decode_heavy.sparse_ms == pytest.approx(290.0)
+    tie = {"csr": _t(d, [9.7, 97.0])}  # 3% faster on the weighted sum: within the margin
+    assert sparse.decide((1, 600), tie, per_row=False).backend == "dense"
+    assert sparse.decide((1, 600), tie, per_row=False, min_speedup=0.0).backend == "csr"  # forced
+
+
+def test_stream_copies_exceed_the_cache_and_are_timed_round_robin(monkeypatch):
+    assert sparse.stream_copies(3 * 2**20, 32 * 2**20) == 22  # ceil(64 MiB / 3 MiB)
+    assert sparse.stream_copies(100 * 2**20, 32 * 2**20) == 1 and sparse.stream_copies(10, 2**30, cap=8) == 8
+    assert sparse.llc_bytes() >= 2**16
+    monkeypatch.setattr(sparse, "llc_bytes", lambda: 4096)  # a 32x16 float32 weight (2 KiB): 4 copies
+    lin = _masked_linear(32, 16, 0.9)
+    cache: dict = {}
+    streamed = nn.Sequential(copy.deepcopy(lin))
+    sparse.sparsify_model(streamed, backend="csr", example_inputs=[1], min_speedup=0.0, cache=cache,
+                          min_time_s=0.0, stream=True)
+    assert [k.endswith("|copies=4") for k in cache] == [True]
+    sparse.sparsify_model(nn.Sequential(copy.deepcopy(lin)), backend="csr", example_inputs=[1], cache=cache,
+                          min_time_s=0.0)  # 2 KiB of weights fit in 4 KiB: not streamed, a second key
+    assert len(cache) == 2 and sum("copies" in k for k in cache) == 1
+    seen = []
+    module = sparse.SparseLinear.from_linear(lin)
+    module.register_forward_pre_hook(lambda m, a: seen.append(id(m)))
+    sparse._measure(lin, module, [1], 0.0, copies=3)
+    counts = sorted(seen.count(i) for i in set(seen))  # the copies carry the hook: 1 + 5 calls spread over 3
+    assert counts == [2, 2, 2]

@@ -13,19 +13,29 @@ This module turns masked weights into sparse kernels and keeps them only where t
   kernels cannot compute exactly: a CPU tensor, a mask that is not 2:4, an unsupported dtype or shape.
 - :class:`~ellava_lib.speed.bitmask.BitmaskLinear` (backend ``bitmask``): packed nonzeros + a 1-bit mask per
   row, a C++ AVX-512 kernel (float32 / bfloat16, CPU) compiled at first use; see :mod:`ellava_lib.speed.bitmask`.
-- :func:`sparsify_model`: per pruned linear, time dense vs sparse once on representative row counts (cached per
+- :func:`sparsify_model`: per pruned linear, time dense vs sparse on representative row counts (cached per
   shape, density bucket, backend, device, dtype, threads), check the sparse output against the dense one, and
-  swap only where the sparse module is at least ``min_speedup`` times faster on the weighted row counts.
+  swap only where :func:`decide` says so: the sparse module must beat dense by the margin ``min_speedup``
+  (default :data:`MIN_SPEEDUP` = 1.05), per row count under ``auto`` (see :func:`decide` for the rule).
 
-Time of a layer = median over repeated calls after one warm-up (``torch.cuda.synchronize`` on GPUs).
+Time of a layer at a row count = median of interleaved calls (dense, sparse, dense, sparse, ...; at least
+:data:`MIN_ROUNDS` pairs after a warm-up; ``torch.cuda.synchronize`` on GPUs): a change of machine load during
+the measurement slows both alike, where two series timed one after the other would see different loads
+(:func:`ellava_lib.speed.timing.interleaved_ms`). Where the pruned layers together exceed the last-level cache,
+each call runs the next of :func:`stream_copies` copies of the layer, so its weights come from memory as in a
+decode step of the whole model. Sustained contention for the CPU still changes the ratio itself (a
+memory-bound kernel gains less when compute is scarce): time on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import statistics
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,15 +48,21 @@ from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
 from ellava_lib.core.units import names_vision, unit_linears
 from ellava_lib.speed import bitmask
-from ellava_lib.speed.timing import time_ms
+from ellava_lib.speed.timing import interleaved_ms, rounds_for
 
 BACKENDS: tuple[str, ...] = ("auto", "bitmask", "csr", "semi", "dense")
 #: Row counts timed when no example inputs are given: one decode token, and a LLaVA-1.5 prefill
 #: (576 visual + 24 text tokens).
 DEFAULT_ROWS: tuple[int, ...] = (1, 600)
-#: A sparse module counts as slower than dense at a row count unless ``(1 + DENSE_MARGIN) sparse_ms <= dense_ms``
-#: there (the ``auto`` split of :func:`_dense_from`: a tie within timing noise keeps the dense path).
-DENSE_MARGIN = 0.05
+#: Default ``min_speedup`` of :func:`sparsify_model`: a sparse module must be at least 5% faster than dense (a tie
+#: within timing noise keeps the dense layer, whose speed is then exactly dense speed).
+MIN_SPEEDUP = 1.05
+#: Fewest interleaved dense/sparse call pairs timed per row count (:func:`_measure`).
+MIN_ROUNDS = 5
+#: Last-level cache size assumed where sysfs does not tell (:func:`llc_bytes`), and the most copies of one layer
+#: cycled through by a timing (:func:`stream_copies`).
+LLC_DEFAULT = 32 * 2**20
+MAX_COPIES = 64
 #: Density buckets of the timing cache (two layers of the same shape within 1% density share a timing).
 DENSITY_DECIMALS = 2
 #: Tolerance ``(rtol, atol)`` of the sparse-vs-dense output check per dtype (see :func:`_check_close`): float32
@@ -207,12 +223,37 @@ MODULES: dict[str, type[nn.Module]] = {"csr": SparseLinear, "semi": SemiStructur
 SPARSE_TYPES = tuple(MODULES.values())
 
 
-def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str) -> str:
-    """``device|dtype|threads|d_out x d_in|bias|density|rows|backend|torch`` (timings depend on all of them)."""
+def _cache_key(lin: nn.Linear, density: float, rows: Sequence[int], backend: str, copies: int = 1) -> str:
+    """``device|dtype|threads|d_out x d_in|bias|density|rows|backend|torch`` (timings depend on all of them),
+    plus ``|copies=k`` when the layer was timed cycling over ``k > 1`` copies (:func:`stream_copies`)."""
     w = lin.weight
     return (f"{w.device.type}|{str(w.dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|"
             f"{w.shape[0]}x{w.shape[1]}|bias={lin.bias is not None}|density={density:.{DENSITY_DECIMALS}f}|"
-            f"rows={','.join(map(str, rows))}|{backend}|torch={torch.__version__}")
+            f"rows={','.join(map(str, rows))}|{backend}|torch={torch.__version__}"
+            + (f"|copies={copies}" if copies > 1 else ""))
+
+
+def llc_bytes() -> int:
+    """Bytes of the CPU's last-level cache (the highest ``index*`` level in
+    ``/sys/devices/system/cpu/cpu0/cache``), or :data:`LLC_DEFAULT` where sysfs does not tell."""
+    best = (0, LLC_DEFAULT)
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        value = int(size.rstrip("KMG")) * scale if size.rstrip("KMG").isdigit() else 0
+        if level > best[0] and value:
+            best = (level, value)
+    return best[1]
+
+
+def stream_copies(layer_bytes: int, llc: int, cap: int = MAX_COPIES) -> int:
+    """Copies of a layer to cycle through when timing it as a decode step of a model larger than the last-level
+    cache ``llc`` runs it: ``clamp(ceil(2 llc / layer_bytes), 1, cap)``, so the copies exceed the cache twice and
+    every timed call reads its weights from memory (a layer of ``2 llc`` bytes or more: one copy)."""
+    return int(min(cap, max(1, math.ceil(2 * llc / max(1, layer_bytes)))))
 
 
 def _load_cache(cache: dict | str | Path | None) -> tuple[dict, Path | None]:
@@ -267,15 +308,74 @@ def _layer_rows(model: nn.Module, targets: Mapping[str, tuple[str, nn.Linear]],
     return {p: tuple(sorted(s | {batch})) if s else DEFAULT_ROWS for p, s in seen.items()}
 
 
-def _dense_from(rows: Sequence[int], t: Mapping[str, list[float]]) -> int | None:
-    """The smallest row count ``r_0`` such that the sparse module is slower than dense at every timed ``r >= r_0``
-    and faster at every ``r < r_0`` (at least one such), or ``None`` (no slower row count, or no such split).
-    Slower at ``r``: ``(1 + DENSE_MARGIN) sparse_ms(r) > dense_ms(r)``."""
-    slow = [r for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]) if x * (1 + DENSE_MARGIN) > d]
-    fast = [r for r in rows if r not in slow]
-    if not slow or not fast or min(slow) < max(fast):
-        return None
-    return min(slow)
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` keeps for one layer: ``backend`` (``"dense"`` or a candidate), ``dense_from`` (a kept
+    splittable module runs its dense copy from this many rows on; ``None``: never), the weighted dense and
+    effective times (ms) of the chosen (or, if none, the fastest) candidate, its per-row text and, for a dense
+    result, why each candidate was refused."""
+
+    backend: str
+    dense_from: int | None
+    dense_ms: float
+    sparse_ms: float
+    per_rows: str
+    notes: tuple[str, ...]
+
+
+def decide(rows: Sequence[int], timings: Mapping[str, Mapping[str, Sequence[float]]],
+           min_speedup: float = MIN_SPEEDUP, per_row: bool = True, splittable: Collection[str] = ("bitmask",),
+           row_weights: Mapping[int, float] | None = None) -> Decision:
+    """Choose a layer's backend from timings alone (pure: no clock, so it is tested with made-up timings).
+
+    ``timings[c] = {"dense_ms": [t_d(r) ...], "sparse_ms": [t_c(r) ...]}`` over ``rows`` for each candidate ``c``
+    (dense and ``c`` timed interleaved). With ``m = min_speedup`` and ``w_r = row_weights.get(r, 1)``:
+
+    - ``c`` *wins* at ``r`` iff ``t_d(r) >= m t_c(r)`` (``m = 1.05``: at least 5% faster; ``m = 0``: always).
+    - ``per_row`` (``auto`` with ``keep_dense``; never slower than dense at any timed row count):
+      a splittable ``c`` (one that can keep a dense copy, :meth:`BitmaskLinear.keep_dense_from`) must win at the
+      smallest row count; from the first row count ``r_0`` where it does not win on, it runs the dense copy
+      (``eff_c(r) = t_d(r)`` for ``r >= r_0``, ``dense_from = r_0``; memory: dense + packed). Any other ``c``
+      must win at every row count (``eff_c = t_c``).
+    - otherwise (an explicit backend, or ``keep_dense=False``): ``c`` is kept iff
+      ``sum_r w_r t_d(r) >= m sum_r w_r t_c(r)`` (``eff_c = t_c``; may be slower at some row counts if it
+      pays on the weighted sum, e.g. ``row_weights={1: 32}`` for 32 decode steps per prefill).
+
+    Among kept candidates the lowest ``sum_r w_r eff_c(r)`` wins; with none kept the layer stays dense (exactly
+    dense speed, no copy).
+    """
+    weights = [float((row_weights or {}).get(r, 1.0)) for r in rows]
+    kept, notes, fastest = [], [], None
+    for cand, t in timings.items():
+        d, x = list(t["dense_ms"]), list(t["sparse_ms"])
+        wins = [di >= min_speedup * xi for di, xi in zip(d, x)]
+        dense_from, eff, why = None, x, ""
+        if per_row and cand in splittable:
+            lead = next((i for i, ok in enumerate(wins) if not ok), len(wins))
+            if lead == 0:
+                why = f"{cand} not {min_speedup:g}x faster at {rows[0]} rows"
+            elif lead < len(rows):
+                dense_from, eff = rows[lead], x[:lead] + d[lead:]
+        elif per_row:
+            if not all(wins):
+                why = f"{cand} not {min_speedup:g}x faster at {rows[wins.index(False)]} rows"
+        dense_ms = sum(w * v for w, v in zip(weights, d))
+        sparse_ms = sum(w * v for w, v in zip(weights, eff))
+        if not per_row and dense_ms < min_speedup * sparse_ms:
+            why = f"{cand} not {min_speedup:g}x faster ({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)"
+        per = ",".join(f"{r}:{di:.4g}/{xi:.4g}" for r, di, xi in zip(rows, d, x))
+        per += f" (dense from {dense_from} rows)" if dense_from is not None else ""
+        option = Decision(cand, dense_from, dense_ms, sparse_ms, per, ())
+        if why:
+            notes.append(why)
+            fastest = option if fastest is None or option.sparse_ms < fastest.sparse_ms else fastest
+        else:
+            kept.append(option)
+    if kept:
+        return min(kept, key=lambda o: o.sparse_ms)
+    if fastest is None:
+        return Decision("dense", None, math.nan, math.nan, "", tuple(notes))
+    return Decision("dense", None, fastest.dense_ms, fastest.sparse_ms, fastest.per_rows, tuple(notes))
 
 
 def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
@@ -288,20 +388,38 @@ def _check_close(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _measure(lin: nn.Linear, module: nn.Module, rows: Sequence[int], min_time_s: float) -> dict[str, list[float]]:
-    """Per row count, dense and sparse median ms on seeded random inputs."""
+def _measure(lin: nn.Linear, module: nn.Module, rows: Sequence[int], min_time_s: float,
+             copies: int = 1) -> dict[str, list[float]]:
+    """Per row count, dense and sparse median ms on seeded random inputs: the two calls interleaved,
+    :func:`~ellava_lib.speed.timing.rounds_for` pairs (at least :data:`MIN_ROUNDS`, about ``min_time_s``); each
+    call runs the next of ``copies`` copies of the layer (dense and sparse), round robin."""
     w = lin.weight
     gen = torch.Generator(device="cpu").manual_seed(0)
+    dense_w = [(w, lin.bias)] + [(w.clone(), None if lin.bias is None else lin.bias.clone())
+                                 for _ in range(copies - 1)]
+    mods = [module] + [copy.deepcopy(module) for _ in range(copies - 1)]
+    turn = {"d": 0, "s": 0}
+
+    def run_dense(x: torch.Tensor) -> torch.Tensor:
+        turn["d"] = (turn["d"] + 1) % copies
+        return F.linear(x, *dense_w[turn["d"]])
+
+    def run_sparse(x: torch.Tensor) -> torch.Tensor:
+        turn["s"] = (turn["s"] + 1) % copies
+        return mods[turn["s"]](x)
+
     dense, sparse = [], []
     for r in rows:
         x = torch.randn(r, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
-        dense.append(time_ms(lambda: F.linear(x, w, lin.bias), w.device, min_time_s))
-        sparse.append(time_ms(lambda: module(x), w.device, min_time_s))
+        fns = (lambda: run_dense(x), lambda: run_sparse(x))
+        td, ts = interleaved_ms(fns, w.device, rounds_for(fns, w.device, min_time_s, MIN_ROUNDS), warmup=0)
+        dense.append(statistics.median(td))
+        sparse.append(statistics.median(ts))
     return {"dense_ms": dense, "sparse_ms": sparse}
 
 
 def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: dict,
-         min_time_s: float) -> tuple[nn.Module | None, dict | None, str]:
+         min_time_s: float, copies: int = 1) -> tuple[nn.Module | None, dict | None, str]:
     """Build candidate ``cand`` for ``lin``, check its output, time it (or read the cache):
     ``(module, timing, "")`` or ``(None, None | timing, why not)``."""
     w = lin.weight
@@ -312,84 +430,90 @@ def _try(cand: str, lin: nn.Linear, density: float, rows: Sequence[int], store: 
     probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
     if not _check_close(F.linear(probe, w, lin.bias), module(probe)):
         return None, None, f"{cand} output differs from the dense output; refused"
-    key = _cache_key(lin, density, rows, cand)
+    key = _cache_key(lin, density, rows, cand, copies)
     if key not in store:
-        store[key] = _measure(lin, module, rows, min_time_s)
+        store[key] = _measure(lin, module, rows, min_time_s, copies)
     return module, store[key], ""
 
 
 @torch.no_grad()
 def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None = None, backend: str = "auto",
                    example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
-                   min_speedup: float = 1.0, cache: dict | str | Path | None = None,
+                   min_speedup: float = MIN_SPEEDUP, cache: dict | str | Path | None = None,
                    min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None,
-                   keep_dense: bool = True) -> pd.DataFrame:
+                   keep_dense: bool = True, stream: bool | None = None) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
     Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``bitmask`` ->
     :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto`` -> all three (``semi`` only where
     :func:`semi_structured_problem` allows it, ``bitmask`` only where :func:`bitmask.supported` does: its
     extension built, a float32/bfloat16 CPU weight); ``dense`` -> none (a table of densities).
-    A candidate is kept iff its output matches the dense one (:data:`TOLERANCE`) and
-    ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` over the timed row counts ``r``
-    (``w_r = row_weights.get(r, 1)``, e.g. ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0``
-    forces the swap); among kept candidates the lowest weighted time wins. Under ``auto`` with ``keep_dense``, a
-    bitmask candidate slower than dense only at its largest row counts (``r >= r_0``, e.g. prefill) keeps a dense
-    copy of the weight for those (:meth:`~ellava_lib.speed.bitmask.BitmaskLinear.keep_dense_from`; its time
-    there is the dense time, at the memory cost of the dense weight), so ``auto`` is never slower than dense
-    at any timed row count. Timings are cached in ``cache``
-    (a dict, or a JSON file read and rewritten) under :func:`_cache_key`. Columns: ``layer, module, shape,
-    density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows, note`` (``*_ms`` weighted sums,
-    ``sparse_ms`` of the fastest candidate, ``speedup = dense_ms / sparse_ms``; ``per_rows`` =
-    ``rows:dense/sparse`` ms each; ``note`` says why a layer stayed dense). Asking for ``semi`` where it
-    cannot run (or ``bitmask`` / ``csr`` where they cannot) warns once with the reason and keeps the layers dense.
+    A candidate is considered iff its output matches the dense one (:data:`TOLERANCE`); dense and each candidate
+    are timed interleaved at every row count (:func:`_measure`), and :func:`decide` keeps one or none:
+
+    - ``auto`` with ``keep_dense`` (the default): per row count, a layer never runs slower than dense. A bitmask
+      layer must be ``min_speedup`` times faster at the smallest row count (decode); from the first row count
+      where it is not (e.g. prefill) on, it runs a dense copy of the weight
+      (:meth:`~ellava_lib.speed.bitmask.BitmaskLinear.keep_dense_from`: dense speed there, memory dense +
+      packed). CSR / 2:4 must be ``min_speedup`` times faster at every row count. Else the layer stays dense.
+    - an explicit backend, or ``keep_dense=False``: kept iff
+      ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` (``w_r = row_weights.get(r, 1)``, e.g.
+      ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0`` forces the swap), no dense copy.
+
+    Among kept candidates the lowest weighted time wins. ``stream`` (default: whether the pruned linears together
+    exceed the last-level cache, :func:`llc_bytes`): time each layer cycling over :func:`stream_copies` copies,
+    so that, as in a decode step of the whole model, its weights come from memory and not from a cache warmed
+    by the previous call (a 3.5 MB SmolLM2 MLP matrix stays in a 32 MB cache when timed alone).
+    Timings are cached in ``cache`` (a dict, or a JSON file read and rewritten) under :func:`_cache_key`.
+    Columns: ``layer, module, shape, density, backend_chosen, dense_ms, sparse_ms, speedup, rows, per_rows,
+    note`` (``*_ms`` weighted sums, ``sparse_ms`` of the chosen (else the fastest) candidate with the dense
+    copy's time where it runs, ``speedup = dense_ms / sparse_ms``; ``per_rows`` = ``rows:dense/sparse`` ms each;
+    ``note`` says why a layer stayed dense). Asking for ``semi``
+    where it cannot run (or ``bitmask`` / ``csr`` where they cannot) warns once with the reason and keeps the
+    layers dense.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     targets = _targets(model, policy)
     rows_of = _layer_rows(model, targets, example_inputs) if backend != "dense" else {}
     store, path = _load_cache(cache)
+    total = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in targets.values())
+    llc = llc_bytes()
+    streaming = total > llc if stream is None else stream
     candidates = {"auto": ("semi", "bitmask", "csr"), "dense": ()}.get(backend, (backend,))
     table, refusal = [], None
     for mod_path, (name, lin) in targets.items():
         w = lin.weight
         density = float(torch.count_nonzero(w)) / w.numel()
         rows = rows_of.get(mod_path, ())
-        timed: list[tuple] = []  # (dense ms, sparse ms, backend, module if kept, per-rows text)
+        modules: dict[str, nn.Module] = {}
+        timings: dict[str, dict] = {}
         notes = ["backend=dense"] if backend == "dense" else []
         for cand in candidates:
             if backend == "auto" and ((cand == "semi" and semi_structured_problem(w) is not None) or
                                       (cand == "bitmask" and not bitmask.supported(w))):
                 continue
-            module, t, why = _try(cand, lin, density, rows, store, min_time_s)
+            copies = stream_copies(w.numel() * w.element_size(), llc) if streaming else 1
+            module, t, why = _try(cand, lin, density, rows, store, min_time_s, copies)
             if t is None:
                 notes.append(why)
                 refusal = refusal or (why if backend != "auto" else None)
                 continue
-            wts = [float((row_weights or {}).get(r, 1.0)) for r in rows]
-            from_rows = (_dense_from(rows, t) if backend == "auto" and keep_dense and hasattr(module, "keep_dense_from")
-                         else None)
-            eff = [d if from_rows is not None and r >= from_rows else x
-                   for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"])]
-            dense_ms = sum(wi * d for wi, d in zip(wts, t["dense_ms"]))
-            sparse_ms = sum(wi * x for wi, x in zip(wts, eff))
-            faster = dense_ms >= min_speedup * sparse_ms
-            per = ",".join(f"{r}:{d:.4g}/{x:.4g}" for r, d, x in zip(rows, t["dense_ms"], t["sparse_ms"]))
-            if faster and from_rows is not None:
-                module.keep_dense_from(from_rows)
-                per += f" (dense from {from_rows} rows)"
-            timed.append((dense_ms, sparse_ms, cand, module if faster else None, per))
-            if not faster:
-                notes.append(f"{cand} not {min_speedup:g}x faster ({dense_ms:.4g} ms dense vs {sparse_ms:.4g} ms)")
-        kept = sorted((x for x in timed if x[3] is not None), key=lambda x: x[1])
-        pick = kept[0] if kept else min(timed, key=lambda x: x[1], default=(math.nan, math.nan, "dense", None, ""))
-        if kept:
-            model.set_submodule(mod_path, pick[3])
+            modules[cand], timings[cand] = module, t
+        splittable = [c for c, m in modules.items() if hasattr(m, "keep_dense_from")]
+        pick = decide(rows, timings, min_speedup, per_row=backend == "auto" and keep_dense, splittable=splittable,
+                      row_weights=row_weights)
+        if pick.backend != "dense":
+            module = modules[pick.backend]
+            if pick.dense_from is not None:
+                module.keep_dense_from(pick.dense_from)
+            model.set_submodule(mod_path, module)
         table.append({"layer": name, "module": mod_path, "shape": f"{w.shape[0]}x{w.shape[1]}",
-                      "density": density, "backend_chosen": pick[2] if kept else "dense", "dense_ms": pick[0],
-                      "sparse_ms": pick[1], "speedup": pick[0] / pick[1] if pick[1] else math.inf,
-                      "rows": ",".join(map(str, rows)), "per_rows": pick[4],
-                      "note": "" if kept else "; ".join(notes)})
+                      "density": density, "backend_chosen": pick.backend, "dense_ms": pick.dense_ms,
+                      "sparse_ms": pick.sparse_ms,
+                      "speedup": pick.dense_ms / pick.sparse_ms if pick.sparse_ms else math.inf,
+                      "rows": ",".join(map(str, rows)), "per_rows": pick.per_rows,
+                      "note": "" if pick.backend != "dense" else "; ".join(notes + list(pick.notes))})
     if refusal is not None:
         warnings.warn(f"{refusal} ({backend} backend; the layers stay dense)", UserWarning, stacklevel=2)
     if path is not None:
