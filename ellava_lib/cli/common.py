@@ -31,24 +31,23 @@ def suites_arg(value: str) -> tuple[str, ...]:
     return names
 
 
-def positive_int(value: str) -> int:
+def _int_at_least(value: str, low: int, kind: str) -> int:
+    """``int(value)`` if it is ``>= low``, else an ``ArgumentTypeError`` naming ``kind`` (one line, exit 2)."""
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be a {kind} integer, got {n}")
     return n
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1, "positive")
 
 
 def non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {n}")
-    return n
+    return _int_at_least(value, 0, "non-negative")
 
 
 def tier_of(args: argparse.Namespace):
