@@ -81,7 +81,7 @@ def test_the_disk_preflight_checks_the_peak_of_the_mode(tmp_path, monkeypatch):
     one_db = leveldb.estimate_bytes(list_units(structure.meta_model(structure.load_config("llava-1.5-7b"))),
                                     sweep.level_grid(_paper_spec("one"), jobs), 2)
     assert one_db == 65_636_663_808  # leveldb.estimate_bytes' docstring: the 0.1 grid in fp16
-    monkeypatch.setattr(leveldb, "_free_bytes", lambda path: 100 * 10**9)
+    monkeypatch.setattr(leveldb, "free_bytes", lambda path: 100 * 10**9)
     keep = sweep.level_db_disk(_paper_spec("keep"), jobs, tmp_path)
     one = sweep.level_db_disk(_paper_spec("one"), jobs, tmp_path)
     assert len(keep["per_draw"]) == 4 and set(keep["per_draw"].values()) == {one_db}

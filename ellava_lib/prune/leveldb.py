@@ -237,7 +237,7 @@ def _encode_unit(lins: Mapping[str, nn.Linear], stats: Mapping[str, Any], grid: 
     return tensors, meta
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem of ``path`` (its nearest existing ancestor when it does not exist yet)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
@@ -248,7 +248,7 @@ def _free_bytes(path: Path) -> int:
 def _preflight(out: Path, sizes: Mapping[str, int], grid: Sequence[float], store_dtype: str) -> None:
     """One-line ``OSError`` when :func:`estimate_bytes` of the units ``sizes`` exceeds the free space at ``out``."""
     need = estimate_bytes(sizes, grid, torch.empty((), dtype=STORE_DTYPES[store_dtype]).element_size())
-    free = _free_bytes(out)
+    free = free_bytes(out)
     if need > free:
         raise OSError(f"not enough disk space for the level database {out}: {need:,} bytes ({need / 1e9:.2f} GB) "
                       f"needed for {len(sizes)} units in {store_dtype}, {free:,} bytes ({free / 1e9:.2f} GB) free")
@@ -265,6 +265,38 @@ def covering_grid(out_dir: str | os.PathLike[str], grid: Sequence[float]) -> tup
         if all(on_grid(g, have) for g in want):
             return have
     return want
+
+
+def pending_build(db_dir: Path, grid: Sequence[float], units: Sequence[str],
+                  store_dtype: str) -> tuple[tuple[float, ...], list[str]]:
+    """``(grid, units)`` a sweep still builds in ``db_dir`` to hold ``grid``, read only (the rules the sweep's
+    ``db_build_grid`` applies before it builds): the units without a file when a database there of this format
+    and storage dtype already covers ``grid``, else every unit on ``grid`` (with the one there: the union of both
+    grids)."""
+    want = tuple(sorted({float(g) for g in grid}))
+    config = Path(db_dir) / "config.json"
+    if not config.is_file():
+        return want, list(units)
+    known = json.loads(config.read_text())
+    if known.get("format") != FORMAT or known.get("store_dtype") != store_dtype:
+        return want, list(units)
+    have = tuple(float(g) for g in known.get("grid", ()))
+    if not all(on_grid(g, have) for g in want):
+        return tuple(sorted(set(have) | set(want))), list(units)
+    return have, [u for u in units if not (Path(db_dir) / f"{u}.safetensors").is_file()]
+
+
+def is_complete(db_dir: Path, grid: Sequence[float], db_dtype: str = "auto") -> bool:
+    """Whether ``db_dir`` holds a finished database of this format covering ``grid`` (every unit its config lists
+    has its file) in the storage dtype ``db_dtype`` (``auto``: any): then nothing is left to build there."""
+    config = Path(db_dir) / "config.json"
+    if not config.is_file():
+        return False
+    known = json.loads(config.read_text())
+    have = tuple(float(g) for g in known.get("grid", ()))
+    return (known.get("format") == FORMAT and db_dtype in ("auto", known.get("store_dtype"))
+            and all(on_grid(float(g), have) for g in grid)
+            and all((Path(db_dir) / f"{u}.safetensors").is_file() for u in known.get("units", ())))
 
 
 @torch.no_grad()

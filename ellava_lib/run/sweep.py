@@ -350,41 +350,6 @@ def unit_sizes(spec: SweepSpec) -> tuple[dict[str, int], str]:
     return dict(list_units(model)), dtype
 
 
-def _pending_build(db_dir: Path, grid: Sequence[float], units: Sequence[str],
-                   store_dtype: str) -> tuple[tuple[float, ...], list[str]]:
-    """``(grid, units)`` :func:`prepare_level_db` will still build in ``db_dir`` to hold ``grid`` (read only, the
-    rules of :func:`db_build_grid`): the units without a file when a database there of this format and storage
-    dtype already covers ``grid``, else every unit on ``grid`` (with the one there: the union of both grids)."""
-    from ellava_lib.prune.leveldb import FORMAT
-
-    want = tuple(sorted({float(g) for g in grid}))
-    config = Path(db_dir) / "config.json"
-    if not config.is_file():
-        return want, list(units)
-    known = json.loads(config.read_text())
-    if known.get("format") != FORMAT or known.get("store_dtype") != store_dtype:
-        return want, list(units)
-    have = tuple(float(g) for g in known.get("grid", ()))
-    if not all(on_grid(g, have) for g in want):
-        return tuple(sorted(set(have) | set(want))), list(units)
-    return have, [u for u in units if not (Path(db_dir) / f"{u}.safetensors").is_file()]
-
-
-def _complete(db_dir: Path, grid: Sequence[float], db_dtype: str = "auto") -> bool:
-    """Whether ``db_dir`` holds a finished database of this format covering ``grid`` (every unit its config lists
-    has its file) in the storage dtype ``db_dtype`` (``auto``: any): then nothing is left to build there."""
-    from ellava_lib.prune.leveldb import FORMAT
-
-    config = Path(db_dir) / "config.json"
-    if not config.is_file():
-        return False
-    known = json.loads(config.read_text())
-    have = tuple(float(g) for g in known.get("grid", ()))
-    return (known.get("format") == FORMAT and db_dtype in ("auto", known.get("store_dtype"))
-            and all(on_grid(float(g), have) for g in grid)
-            and all((Path(db_dir) / f"{u}.safetensors").is_file() for u in known.get("units", ())))
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
 
@@ -400,27 +365,27 @@ def level_db_disk(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, mode: str
     """What the level databases of ``jobs`` still need on disk, before any is built.
 
     Per draw ``d`` to build: ``need_d`` = :func:`leveldb.estimate_bytes` of its units not built yet on the grid it
-    will be built with (:func:`_pending_build`). ``mode`` (default ``tier.level_dbs``): ``keep`` holds every
+    will be built with (:func:`leveldb.pending_build`). ``mode`` (default ``tier.level_dbs``): ``keep`` holds every
     database, so the sweep needs ``sum_d need_d`` of the free space ``F``; ``one`` deletes every other database of
     ``out_dir/leveldb`` (``B_d`` bytes) before building ``d``, so it needs ``need_d <= F + B_d`` for every ``d``
     (peak: one database). Returns ``need`` and ``free`` (of the tightest draw for ``one``), ``ok``, ``mode``,
     ``per_draw`` ``{"s<seed>-n<n>": need_d}``; no model is loaded when nothing is left to build."""
-    from ellava_lib.prune.leveldb import STORE_DTYPES, _free_bytes, estimate_bytes
+    from ellava_lib.prune.leveldb import STORE_DTYPES, estimate_bytes, free_bytes, is_complete, pending_build
 
     mode = mode or spec.get_tier().level_dbs
     db_dtype = spec.get_tier().db_dtype
     draws = {d: grid for d, grid in _db_draws(spec, jobs).items()
-             if not _complete(level_db_dir(out_dir, *d), grid, db_dtype)}
+             if not is_complete(level_db_dir(out_dir, *d), grid, db_dtype)}
     root = Path(out_dir) / "leveldb"
     per_draw: dict[str, int] = {}
     if draws:
         sizes, dtype = unit_sizes(spec)
         width = torch.empty((), dtype=STORE_DTYPES[dtype]).element_size()
         for d, grid in draws.items():
-            levels, todo = _pending_build(level_db_dir(out_dir, *d), grid, list(sizes), dtype)
+            levels, todo = pending_build(level_db_dir(out_dir, *d), grid, list(sizes), dtype)
             if todo:
                 per_draw[f"s{d[0]}-n{d[1]}"] = estimate_bytes({u: sizes[u] for u in todo}, levels, width)
-    free = _free_bytes(root)
+    free = free_bytes(root)
     if mode == "keep" or not per_draw:
         need = sum(per_draw.values())
         return {"mode": mode, "need": need, "free": free, "ok": need <= free, "per_draw": per_draw}
