@@ -27,6 +27,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.time()
     path = build_or_load(cfg, force=args.force, progress=not args.quiet)
     print(f"{args.preset} model (seed {cfg.seed}): {path} ({time.time() - t0:.0f} s)")
+    if args.ship:
+        from ellava_lib.model import shipped
+
+        folder = shipped.ship(path, args.preset if args.seed is None else f"{args.preset}-seed{cfg.seed}")
+        sizes = shipped.manifest(folder)["files"]
+        print(f"shipped {folder} ({sum(f['bytes'] for f in sizes.values()) / 1e6:.1f} MB): commit it")
     return 0
 
 
@@ -92,13 +98,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     """Register ``build``, ``eval`` and ``inspect`` on the subparsers ``sub``."""
     b = sub.add_parser("build", help="train a built-in model (cached) and print its folder")
-    b.add_argument("--force", action="store_true", help="retrain even if cached")
+    b.add_argument("--force", action="store_true", help="retrain even if cached or shipped")
     b.add_argument("--preset", choices=BUILD_PRESETS, default="tiny",
                    help="train recipe: tiny (the embedded default), ci (about a minute), micro (seconds), smol "
                         "(SmolLM2-135M, about an hour on 2 cores; a killed build resumes), smol-micro (seconds)")
     b.add_argument("--seed", type=int, default=None,
                    help="build seed (weights init and batch order); default: the preset's. Another seed is "
                         "another model, cached beside the default")
+    b.add_argument("--ship", action="store_true",
+                   help="write what the build trained to weights/PRESET/ (with sizes and sha256), to be committed: "
+                        "later builds of the same recipe load it instead of training")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
 

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
 from ellava_lib.core import files
-from ellava_lib.model import loading
+from ellava_lib.model import loading, lora, shipped
 from ellava_lib.model.loading import ModelLoadError, load_folder, load_pretrained
 from ellava_lib.model.train import CHECKPOINT_EVERY, TrainConfig, train
 
@@ -29,7 +30,8 @@ def cache_root() -> Path:
 
 def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = True, force: bool = False,
                   checkpoint_every: int = CHECKPOINT_EVERY) -> Path:
-    """Return the folder of the trained model for ``cfg``, training and caching it if missing.
+    """Return the folder of the trained model for ``cfg``: cached, else made from the shipped weights of its recipe
+    (:mod:`ellava_lib.model.shipped`, SHA-256-checked), else trained now and cached. ``force`` always trains.
 
     The folder is ``<cache>/models/<kind>-<digest>`` (``tiny`` or ``smol``, :meth:`TrainConfig.kind`) and holds
     ``model.safetensors``, ``config.json``, the processor files, ``ellava.json`` (train config, digest, wall
@@ -37,23 +39,30 @@ def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = 
     leaves nothing half-written there. While training, the build saves its state every ``checkpoint_every``
     steps and at each stage's end into the work folder ``<cache>/models/.building-<kind>-<digest>`` (see
     :func:`train`); a build that was killed continues from there on the next call, to the same weights, and
-    the work folder is removed once the model folder is in place (``force`` discards a saved state too).
+    the work folder is removed once the model folder is in place (``force`` discards a saved state too). A build
+    with LoRA adapters also writes what it trained, unmerged (:data:`shipped.PARTS`), so it can be shipped.
     """
     cache = Path(cache) if cache is not None else cache_root()
     out = cache / "models" / f"{cfg.kind()}-{cfg.digest()}"
     work = out.with_name(f".building-{out.name}")
     if (out / "ellava.json").exists() and not force:
         return out
+    if not force and (folder := shipped.find(cfg)) is not None:
+        return shipped.materialize(folder, cfg, out)
     if force and work.exists():
         shutil.rmtree(work)
     t0 = time.time()
-    model, processor, log = train(cfg, progress, work_dir=work, checkpoint_every=checkpoint_every)
+    model, processor, log = train(cfg, progress, work_dir=work, checkpoint_every=checkpoint_every, keep_adapters=True)
+    parts = shipped.trained_parts(model, cfg) if lora.has_adapters(model) else None
+    lora.merge_adapters(model)
     meta = {"kind": cfg.kind(), "train_config": cfg.to_dict(), "digest": cfg.digest(),
             "train_seconds": time.time() - t0, "params": sum(p.numel() for p in model.parameters())}
 
     def fill(tmp: Path) -> None:
         loading.save(model, processor, tmp, meta)
         files.write_csv(tmp / "train_log.csv", pd.DataFrame(log))
+        if parts is not None:
+            save_file(parts, tmp / shipped.PARTS)
 
     files.write_dir(out, fill)
     shutil.rmtree(work, ignore_errors=True)

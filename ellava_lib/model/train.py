@@ -66,7 +66,7 @@ from ellava_lib.data.encoding import (
     pixel_values,
 )
 from ellava_lib.data.prompts import chat_prompt, question_text
-from ellava_lib.model import smol, tiny
+from ellava_lib.model import lora, smol, tiny
 from ellava_lib.model.lm_tasks import (
     content_word_ids,
     drill_text,
@@ -134,12 +134,17 @@ class TrainConfig:
     lm: str = ""  # "" = the tiny decoder from scratch; "smollm2" / "micro-llama" = a pretrained one (smol.LMS)
     lm_lr: float = 0.0  # the decoder's learning rate in the joint stage; 0 = lr
     align_embeddings: bool = True  # the alignment stage trains the input embeddings too (False: projector only)
+    lora_rank: int = 0  # > 0: the pretrained decoder is tuned through LoRA adapters of this rank (lora.py); 0 = fully
+    lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_modules: str = ",".join(lora.DECODER_LINEARS)  # comma-separated decoder linears that get an adapter
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown training precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.lm and self.lm not in smol.LMS:
             raise ValueError(f"unknown language model {self.lm!r}; choose from \"\" (tiny), {', '.join(smol.LMS)}")
+        if self.lora_rank and not self.lm:
+            raise ValueError("LoRA adapters tune a pretrained decoder: set lm (the tiny decoder trains from scratch)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,8 +201,8 @@ class TrainConfig:
         every 50 steps, a few seconds each).
         """
         return cls(lm="smollm2", induction_steps=0, text_steps=0, drill_frac=0.0, value_layer=0,
-                   vision_steps=300, vision_lr=2e-3, align_steps=300, joint_steps=1200, lr=1e-3, lm_lr=1e-4,
-                   batch_size=16, warmup=50, align_embeddings=False)
+                   vision_steps=300, vision_lr=2e-3, align_steps=300, joint_steps=1200, lr=1e-3, lm_lr=5e-4,
+                   batch_size=16, warmup=50, align_embeddings=False, lora_rank=16, lora_alpha=32.0)
 
     @classmethod
     def smol_micro(cls) -> "TrainConfig":
@@ -206,6 +211,10 @@ class TrainConfig:
         return replace(cls.smol(), lm="micro-llama", model=TinyConfig.micro(), n_train={s: 64 for s in SUITES},
                        vision_steps=6, align_steps=4, joint_steps=10, batch_size=8, warmup=3)
 
+    def lora_targets(self) -> tuple[str, ...]:
+        """The decoder linears that get a LoRA adapter (``lora_modules`` split)."""
+        return tuple(m.strip() for m in self.lora_modules.split(",") if m.strip())
+
     def kind(self) -> str:
         """The model tier the config builds: ``tiny`` (its own decoder) or ``smol`` (a pretrained one)."""
         return "smol" if self.lm else "tiny"
@@ -213,7 +222,8 @@ class TrainConfig:
 
 # switch field -> the fields it makes meaningful (dropped from the digest when the switch is off)
 _OPTIONAL_LEVERS = {"induction_steps": ("induction_steps", "induction_lr"), "drill_frac": ("drill_frac",),
-                    "value_layer": ("value_layer", "value_weight", "joint_value_weight")}
+                    "value_layer": ("value_layer", "value_weight", "joint_value_weight"),
+                    "lora_rank": ("lora_rank", "lora_alpha", "lora_modules")}
 # field -> the value at which it trains exactly as before the field existed (dropped from the digest there):
 # full precision, ungrouped batches, the tiny decoder, one learning rate, embeddings trained in the alignment
 _NEUTRAL = {"precision": "fp32", "length_group": 1, "lm": "", "lm_lr": 0.0, "align_embeddings": True}
@@ -365,7 +375,7 @@ CHECKPOINT_EVERY = 50
 
 
 def train(cfg: TrainConfig, progress: bool = True, work_dir: Path | None = None,
-          checkpoint_every: int = CHECKPOINT_EVERY):
+          checkpoint_every: int = CHECKPOINT_EVERY, keep_adapters: bool = False):
     """Train a LLaVA in this process (``cfg.threads`` intra-op threads); returns (model, processor, log rows).
 
     ``cfg.lm == ""``: the tiny LLaVA from scratch. Otherwise the pretrained decoder ``cfg.lm``
@@ -378,7 +388,12 @@ def train(cfg: TrainConfig, progress: bool = True, work_dir: Path | None = None,
 
     With ``work_dir``, the build saves its state there every ``checkpoint_every`` steps and at each stage's end
     (:class:`train_state.Checkpointer`) and, if a state is saved there already, continues from it: the result
-    equals an uninterrupted build's bit for bit. The caller removes ``work_dir`` once the model is saved."""
+    equals an uninterrupted build's bit for bit. The caller removes ``work_dir`` once the model is saved.
+
+    With ``cfg.lora_rank``, LoRA adapters are added to the decoder right after the model is made (still under the
+    seed, :func:`lora.add_adapters`), the decoder's own weights stay frozen throughout, and the adapters are merged
+    into them at the end (:func:`lora.merge_adapters`), so the returned model is a plain LLaVA; ``keep_adapters``
+    returns it unmerged (the build extracts the adapters to ship them, then merges)."""
     if cfg.processes != 1:
         raise ValueError(f"training runs in one process (the data-parallel path was removed); got processes="
                          f"{cfg.processes}: use threads instead")
@@ -386,19 +401,29 @@ def train(cfg: TrainConfig, progress: bool = True, work_dir: Path | None = None,
         smol.preflight(cfg.batch_size, smol.TRAIN_TOKENS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    lm = None
-    if cfg.lm:
-        lm, tokenizer = smol.load_lm(cfg.lm)
-        processor = smol.smol_processor(tokenizer)
-    else:
-        processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
     with tiny.torch_seeded(cfg.seed):
-        if lm is None:
-            model = tiny.init_model(cfg.model, processor.tokenizer)
-        else:
-            model = smol.init_smol_model(lm, processor.tokenizer, cfg.model)
-            del lm  # its weights are in the LLaVA now
-        return _fit(cfg, model, processor, progress, work_dir, checkpoint_every)
+        model, processor = init_model(cfg)
+        model, processor, log = _fit(cfg, model, processor, progress, work_dir, checkpoint_every)
+    if not keep_adapters:
+        lora.merge_adapters(model)
+    return model, processor, log
+
+
+def init_model(cfg: TrainConfig):
+    """The untrained model and processor of ``cfg``, drawn from torch's global generator as it stands (:func:`train`
+    seeds it): the tiny LLaVA, or the pretrained decoder ``cfg.lm`` in a LLaVA with a new vision tower and projector
+    (and LoRA adapters when ``cfg.lora_rank``). Loading shipped weights (:mod:`ellava_lib.model.shipped`) starts
+    from the same model."""
+    if not cfg.lm:
+        processor = tiny.build_processor(tiny.vocabulary(cfg.data_seed))
+        return tiny.init_model(cfg.model, processor.tokenizer), processor
+    lm, tokenizer = smol.load_lm(cfg.lm)
+    processor = smol.smol_processor(tokenizer)
+    model = smol.init_smol_model(lm, processor.tokenizer, cfg.model)
+    del lm  # its weights are in the LLaVA now
+    if cfg.lora_rank:
+        lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets())
+    return model, processor
 
 
 def _fit(cfg: TrainConfig, model, processor, progress: bool, work_dir: Path | None, checkpoint_every: int):
@@ -414,7 +439,9 @@ def _fit(cfg: TrainConfig, model, processor, progress: bool, work_dir: Path | No
     pad = processor.tokenizer.pad_token_id
     log: list[dict] = []
     model.train()
-    lm_params = _unique(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
+    # the decoder's trainable parameters (all of them, or its LoRA adapters when the rest is frozen)
+    lm_params = [q for q in _unique(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
+                 if q.requires_grad]
     induction_rng = random.Random(f"induction/{cfg.seed}")
     induction_words = content_word_ids(processor.tokenizer) if cfg.induction_steps else []
     text_batches = LengthGroupedBatches([len(t) for t in data.text_ids], cfg.batch_size, cfg.length_group, gen)
@@ -477,7 +504,7 @@ def _fit(cfg: TrainConfig, model, processor, progress: bool, work_dir: Path | No
 
     embeddings = model.get_input_embeddings().weight
     projector = list(model.model.multi_modal_projector.parameters())
-    all_params = _unique(list(model.parameters()) + list(heads.parameters()))
+    all_params = [q for q in _unique(list(model.parameters()) + list(heads.parameters())) if q.requires_grad]
     stages = [
         Stage("induction", cfg.induction_steps, lm_params, cfg.induction_lr, induction_step),
         Stage("text", cfg.text_steps, lm_params, cfg.lr, text_step),
