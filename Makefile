@@ -4,6 +4,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.ellava-installed
 PROFILE ?= default
+# REBUILD=1: retrain the profile's model instead of loading its shipped weights (weights/)
+REBUILD ?=
 # CPU wheel pinned for this install path; on a GPU box install your own torch first (see README).
 TORCH   ?= torch==2.13.0
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE)
+	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE) $(if $(REBUILD),--rebuild)
 
 test: $(STAMP)
 	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb

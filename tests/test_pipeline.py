@@ -139,6 +139,10 @@ def test_timing_report_lists_each_notebook_the_total_and_the_recorded_build(tmp_
     assert "recorded when it was built: 536 s" in body and "1 torch thread(s)" in body
     assert f"{os.cpu_count()} logical CPUs" in pipeline.machine_line()
     assert "recorded" not in pipeline.timing_report({"a": 1.0}, tmp_path / "nowhere")
+    (tmp_path / "model.json").write_text(json.dumps({"train_seconds": 715.2, "shipped": "tiny"}))
+    shipped = pipeline.timing_report({"01_tiny_model": 3.0}, tmp_path)
+    assert "loaded from its shipped weights (weights/tiny/), not trained; building it took 715 s" in shipped
+    assert "recorded when it was built" not in shipped
     overlapped = pipeline.timing_report({"01_tiny_model": 10.0, "02_dense_eval": 50.0, "03_search_space": 60.0},
                                         tmp_path, wall=71.0)
     assert "| total | 71 |" in overlapped and "02_dense_eval ran in a second process" in overlapped

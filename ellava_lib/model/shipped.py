@@ -71,7 +71,7 @@ def _pretrained_vocab(model) -> int:
     return model.config.text_config.vocab_size - 1
 
 
-def ship(model_dir: Path, name: str, root: Path = ROOT) -> Path:
+def ship(model_dir: Path, name: str, root: Path | None = None) -> Path:
     """Write the shipped folder ``root/name`` from a built model folder (atomically, replacing it): the files
     listed in the module docstring and a manifest of their sizes and SHA-256."""
     model_dir = Path(model_dir)
@@ -90,12 +90,13 @@ def ship(model_dir: Path, name: str, root: Path = ROOT) -> Path:
         files.write_json(tmp / MANIFEST, {"name": name, "kind": meta["kind"], "digest": meta["digest"],
                                           "build": meta, "files": listed})
 
-    return files.write_dir(Path(root) / name, fill)
+    return files.write_dir(Path(root if root is not None else ROOT) / name, fill)
 
 
-def find(cfg: TrainConfig, root: Path = ROOT) -> Path | None:
-    """The shipped folder built from ``cfg``'s recipe (its manifest's digest equals ``cfg.digest()``), or None."""
-    for manifest in sorted(Path(root).glob(f"*/{MANIFEST}")):
+def find(cfg: TrainConfig, root: Path | None = None) -> Path | None:
+    """The shipped folder (under ``root``, default :data:`ROOT`) built from ``cfg``'s recipe (its manifest's digest
+    equals ``cfg.digest()``), or None."""
+    for manifest in sorted(Path(root if root is not None else ROOT).glob(f"*/{MANIFEST}")):
         try:
             m = json.loads(manifest.read_text())
         except (OSError, ValueError):

@@ -224,7 +224,8 @@ def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None 
                   wall: float | None = None) -> str:
     """A Markdown table of each notebook's wall time in this run and their total, with the machine, and the
     model build's own wall time as recorded when the cached model was built (``model.json``:
-    ``train_seconds``; the first notebook includes it only on a cold cache). With ``wall`` (an overlapped run)
+    ``train_seconds``; the first notebook includes it only on a cold cache, and not at all when the model came from
+    its shipped weights, ``shipped``, which the note then says). With ``wall`` (an overlapped run)
     the total row is the pipeline's wall time, less than the notebooks' sum since the overlap lane's notebooks
     (:data:`OVERLAP`) ran beside the others."""
     from ellava_lib.run.runs import markdown_table
@@ -232,13 +233,17 @@ def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None 
     total = round(wall if wall is not None else sum(seconds.values()))
     frame = pd.DataFrame([{"notebook": k, "seconds": round(v)} for k, v in sorted(seconds.items())]
                          + [{"notebook": "total", "seconds": total}])
-    record = Path(run_dir) / "model.json"
-    built = json.loads(record.read_text()).get("train_seconds") if record.is_file() else None
+    path = Path(run_dir) / "model.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    built, shipped = record.get("train_seconds"), record.get("shipped")
     lane = [k for k in OVERLAP if k in seconds]
     note = f"*Wall time of this run on {machine_line(threads)}."
     if wall is not None and lane:
         note += f" {', '.join(lane)} ran in a second process beside the notebooks after it; the total is wall time."
-    if built is not None:
+    if built is not None and shipped:
+        note += (f" The model was loaded from its shipped weights (weights/{shipped}/), not trained; building it took "
+                 f"{float(built):.0f} s when it was shipped.*")
+    elif built is not None:
         note += f" The model build, as recorded when it was built: {float(built):.0f} s.*"
     else:
         note += "*"
@@ -279,9 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="where run folders go (default: ROOT/runs)")
     p.add_argument("--nbval-refs", action="store_true",
                    help="after the run, store its executed notebooks as nbval references in ROOT/tests/nbval")
+    p.add_argument("--rebuild", action="store_true",
+                   help="retrain the profile's model (notebook 01's force_rebuild) instead of loading it from the "
+                        "cache or its shipped weights")
     args = p.parse_args(argv)
     try:
-        run_dir = run_pipeline(args.profile, None if args.runs is None else Path(args.runs), root=args.root)
+        overrides = {"force_rebuild": True} if args.rebuild else None
+        run_dir = run_pipeline(args.profile, None if args.runs is None else Path(args.runs), root=args.root,
+                               overrides=overrides)
         if args.nbval_refs:
             for path in write_nbval_references(run_dir, args.root):
                 print(f"nbval reference: {path}")
