@@ -167,3 +167,11 @@ def test_a_block_in_no_document_or_in_several_is_a_one_line_error(tmp_path):
         report.update_readme(root / "README.md", "b", "x")
     assert "\n" not in str(e.value)
     assert "old" in (root / "docs" / "x.md").read_text()  # nothing written
+
+
+def test_the_notebooks_relative_call_reaches_docs(tmp_path, monkeypatch):
+    """Notebooks run with the project as their folder and call ``update_readme(Path("README.md"), ...)``."""
+    root = _project(tmp_path)
+    monkeypatch.chdir(root)
+    assert report.update_readme(Path("README.md"), "b", "| nb |")
+    assert "| nb |" in (root / "docs" / "x.md").read_text()
