@@ -32,7 +32,8 @@ linears in their storage, ``latency.weight_bytes``, plus the output head; embedd
 ``bw_limit_ratio`` = dense bytes / pruned bytes; ``bw_fraction`` = bytes / (ms per token) / read bandwidth
 (``latency.read_bandwidth``).
 
-Usage (the README's table)::
+Usage (the table of docs/speed.md; ``--readme README.md`` splices into whichever of the README and
+``docs/*.md`` holds the ``e2e_decode`` block)::
 
     PYTHONPATH=. flock /tmp/ellava-cpu.lock python benchmarks/e2e_decode.py \\
         --out benchmarks/results/e2e_decode.json --readme README.md
@@ -213,7 +214,8 @@ def _load_text(records: list[dict]) -> str:
 
 
 def splice_readme(readme: Path, records: list[dict], source: Path | str) -> None:
-    """:func:`to_markdown` with its setup line into ``readme`` between the ``e2e_decode`` markers."""
+    """:func:`to_markdown` with its setup line into the ``e2e_decode`` block of the project whose README is
+    ``readme`` (:func:`report.update_readme`: today docs/speed.md)."""
     from ellava_lib.run.report import update_readme
 
     r = records[0] if records else {}
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--results", type=Path, nargs="+", help="splice existing JSON files (records concatenated) "
                                                               "into --readme; time nothing")
-    ap.add_argument("--readme", type=Path, help="splice the table into this README (e2e_decode markers)")
+    ap.add_argument("--readme", type=Path, help="splice the table into the e2e_decode block of this README or "
+                                                "of the docs/*.md page beside it that holds it")
     args = ap.parse_args(argv)
     if args.results is not None:
         if args.readme is None:

@@ -32,7 +32,7 @@ Usage::
     python benchmarks/latency.py --out benchmarks/results/latency.json --model ~/.cache/ellava/models/tiny-...
     python benchmarks/latency.py --out benchmarks/results/latency.json --threads 2 --cases llava7b:mlp \
         --patterns 0.5:unstructured,0.7:unstructured,0.5:2:4 --dtypes float32,bfloat16 --tiny-untrained \
-        --readme README.md                                                     # the README's table
+        --readme README.md                                   # the table of docs/speed.md
     python benchmarks/latency.py --results benchmarks/results/latency.json --markdown latency.md  # table only
 
 ``--markdown FILE`` writes :func:`to_markdown` of the records (this script holds the table function).
@@ -399,8 +399,8 @@ def summary_markdown(records: list[dict]) -> str:
 
 
 def splice_readme(readme: Path, records: list[dict], source: Path) -> None:
-    """Put :func:`summary_markdown`, the setup line and :func:`to_markdown` of ``records`` into ``readme``
-    (``latency`` markers)."""
+    """Put :func:`summary_markdown`, the setup line and :func:`to_markdown` of ``records`` into the ``latency``
+    block of the project whose README is ``readme`` (:func:`report.update_readme`: today docs/speed.md)."""
     from ellava_lib.run.report import update_readme
 
     r = records[0] if records else {}
@@ -454,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                     "--quick: smollm2:layer,llava7b:mlp:64)")
     ap.add_argument("--markdown", type=Path, help="also write the Markdown table (to_markdown) here")
     ap.add_argument("--results", type=Path, help="make the Markdown table of an existing JSON; time nothing")
-    ap.add_argument("--readme", type=Path, help="splice the tables (with the measurement setup) into this README "
-                                                "between the <!-- latency:start/end --> markers")
+    ap.add_argument("--readme", type=Path, help="splice the tables (with the measurement setup) between the "
+                                                "<!-- latency:start/end --> markers of this README or of the "
+                                                "docs/*.md page beside it that holds them")
     args = ap.parse_args(argv)
     if args.results is not None:
         if args.markdown is None and args.readme is None:

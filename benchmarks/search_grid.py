@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="default", help="the profile that run used (evaluation size, seeds)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/search_grid.json")
-    ap.add_argument("--readme", default=None, help="splice the table into this README's grid markers")
+    ap.add_argument("--readme", default=None, help="splice the table into the grid block of this README or of "
+                                                    "the docs/*.md page beside it that holds it")
     args = ap.parse_args(argv)
     run = Path(args.run)
     if not (run / "model.json").is_file():

@@ -101,8 +101,9 @@ def test_paper_presets_are_the_40gb_plan(paper40):
 
 
 def test_readme_paper_figures_are_the_spliced_plan(paper40):
-    """The README's GPU / disk / time figures of the paper setting are the block `ellava plan --readme` writes."""
-    text = (ROOT / "README.md").read_text()
+    """The docs' GPU / disk / time figures of the paper setting (docs/paper.md) are the block `ellava plan --readme`
+    writes."""
+    text = report.doc_with(ROOT, plan.README_MARKER).read_text()
     assert report.splice(text, plan.README_MARKER, plan.markdown(paper40)) == text
 
 

@@ -1,8 +1,8 @@
 """Provenance: every ``benchmarks/results/*.json`` a document cites is in the repository.
 
-Cited = named in prose in README.md, a docstring or comment of ``ellava_lib/**/*.py``, or ``benchmarks/*.py``.
-Command examples (lines whose text starts with ``python ``) name files a command *writes* and are not
-citations.
+Cited = named in prose in README.md or docs/*.md, a docstring or comment of ``ellava_lib/**/*.py``, or
+``benchmarks/*.py``. Command examples (lines whose text starts with ``python ``) name files a command *writes*
+and are not citations.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ CITED = re.compile(r"benchmarks/results/[A-Za-z0-9_./-]+?\.json")
 
 
 def _sources() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "ellava_lib").rglob("*.py")),
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "ellava_lib").rglob("*.py")),
             *sorted((ROOT / "benchmarks").glob("*.py"))]
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Predicted peak GPU memory, disk and time per stage of a profile, and the batch sizes that fit
-    (:mod:`ellava_lib.run.plan`); ``--readme`` splices the table into the README's ``paper-plan`` block. A smol-tier
-    profile gets the GPU time of its every stage, build included, against the 20-minute target
-    (:mod:`ellava_lib.run.smolplan`, README block ``smol-plan``)."""
+    (:mod:`ellava_lib.run.plan`); ``--readme README.md`` splices the table into the ``paper-plan`` block of that
+    README or of the ``docs/*.md`` page beside it that holds it (``docs/paper.md``). A smol-tier profile gets the GPU
+    time of its every stage, build included, against the 20-minute target (:mod:`ellava_lib.run.smolplan`, block
+    ``smol-plan`` in ``docs/tiers.md``)."""
     import json
 
     from ellava_lib.run import plan, smolplan
@@ -68,8 +69,9 @@ def add_parsers(sub) -> None:
             c.add_argument("--json", action="store_true", help="print a JSON object")
             c.add_argument("--gpu", default=None, help="cost-model device preset (h100, a100, cpu-2core; default "
                                                        "the profile's gpu)")
-            c.add_argument("--readme", default=None, help="splice the table into this README's paper-plan (smol "
-                                                          "profile: smol-plan) block")
+            c.add_argument("--readme", default=None, help="splice the table into the paper-plan (smol profile: "
+                                                          "smol-plan) block of this README or of the docs/*.md "
+                                                          "page beside it that holds the block")
             continue
         c.add_argument("--random-weights", action="store_true", help="random fp16 weights built on the device")
         c.add_argument("--out", required=True, help="output folder (dryrun.json, the partial level database)")

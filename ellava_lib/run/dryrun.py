@@ -19,7 +19,7 @@ Per stage the JSON (``dryrun.json``) records the wall time and the measured peak
 (``torch.cuda.max_memory_allocated`` since the stage began; None on the CPU, where only time is recorded) beside
 the memory model's prediction and the cost model's seconds (:func:`predicted_seconds`, on the profile's ``gpu``
 preset) for the same work, shapes and batch sizes. On a GPU:
-``ellava dryrun --profile paper --random-weights --out runs/dryrun-7b`` (see the README).
+``ellava dryrun --profile paper --random-weights --out runs/dryrun-7b`` (see docs/paper.md).
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
     print(f"[{profile}] pipeline finished in {wall:.0f} s; outputs in {run_dir}", flush=True)
     body = timing_report(seconds, run_dir, threads, wall if overlap else None)
     files.write_text(run_dir / "tables" / "pipeline_timing.md", body + "\n")
-    if params.get("update_readme") and (root / "README.md").is_file():
-        report.update_readme(root / "README.md", str(params.get("readme_prefix") or "") + "timing", body)
+    if params.get("update_readme") and report.documents(root):  # README.md or docs/*.md: whichever holds the block
+        report.update_doc(root, str(params.get("readme_prefix") or "") + "timing", body)
     return run_dir
 
 

@@ -13,9 +13,10 @@ each; ``runs`` counts how often the profile's main table and ablations run it (:
   of twice its cost, ``c = 1`` more forward with checkpointing) plus ``steps / eval_every * topk`` held-out
   forwards, each pass ``roofline(m F_sample, W)`` per micro-batch of ``m`` rows; rounds = ``generations // every``.
 
-README: :func:`splice_readme` writes :func:`markdown` between ``<!-- paper-plan:start -->`` and
-``<!-- paper-plan:end -->`` (``ellava plan --profile paper --readme README.md``); the README's GPU, disk and time
-figures of the paper setting are that block.
+Docs: :func:`splice_readme` writes :func:`markdown` between ``<!-- paper-plan:start -->`` and
+``<!-- paper-plan:end -->`` (``ellava plan --profile paper --readme README.md``: the block in whichever of the
+README and ``docs/*.md`` holds it, today ``docs/paper.md``); the GPU, disk and time figures of the paper setting
+there are that block.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from ellava_lib.speed import costmodel, flops, memory
 
-#: The README block the paper profile's plan is spliced into.
+#: The docs block the paper profile's plan is spliced into (in docs/paper.md).
 README_MARKER = "paper-plan"
 GB = memory.GB_BYTES
 
@@ -344,7 +345,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def splice_readme(readme: str | Path, plan: Plan) -> bool:
-    """Write :func:`markdown` of ``plan`` between the README's ``paper-plan`` markers; whether it changed."""
+    """Write :func:`markdown` of ``plan`` between the ``paper-plan`` markers of the project whose README is
+    ``readme`` (the block's page: :func:`report.update_readme`); whether it changed."""
     from ellava_lib.run.report import update_readme
 
     return update_readme(Path(readme), README_MARKER, markdown(plan))

@@ -51,7 +51,7 @@ from ellava_lib.speed import costmodel, memory
 
 #: Issue 18: the whole smol profile, build included, on one GPU.
 TARGET_S: float = 20 * 60
-#: The README block the smol plan is spliced into.
+#: The docs block the smol plan is spliced into (in docs/tiers.md).
 README_MARKER = "smol-plan"
 #: Kernels one eager Llama decoder layer launches per forward: 2 RMSNorms (~7 each), q/k/v/o, rotary on q and k
 #: (~10), the KV cache, attention with grouped-query expansion (~5), the SiLU MLP (5), 2 residual adds.
@@ -357,7 +357,8 @@ def format_plan(p: plan.Plan) -> str:
 
 
 def splice_readme(readme: str | Path, p: plan.Plan) -> bool:
-    """Write :func:`markdown` of ``p`` between the README's ``smol-plan`` markers; whether it changed."""
+    """Write :func:`markdown` of ``p`` between the ``smol-plan`` markers of the project whose README is ``readme``
+    (the block's page: :func:`report.update_readme`); whether it changed."""
     from ellava_lib.run.report import update_readme
 
     return update_readme(Path(readme), README_MARKER, markdown(p))
