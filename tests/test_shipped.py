@@ -197,3 +197,23 @@ def test_rebuilding_tiny_reproduces_the_shipped_weights(tmp_path):
     means = [float(headline(evaluate(*specs.load_model(d), EvalConfig(limit=200), progress=False))
                    .loc["mean", "score"]) for d in (rebuilt, shipped.ROOT / "tiny")]
     assert abs(means[0] - means[1]) <= 2.0, f"rebuilt dense mean {means[0]:.2f} vs shipped {means[1]:.2f}"
+
+
+def test_the_size_table_in_the_docs_is_the_committed_folders():
+    from ellava_lib.run import report
+
+    doc = report.doc_with(shipped.ROOT.parent, shipped.SIZES_MARKER)
+    text = doc.read_text()
+    assert report.splice(text, shipped.SIZES_MARKER, shipped.sizes_markdown()) == text, (
+        "the shipped size table is stale: run ellava build --preset NAME --ship (or splice shipped.sizes_markdown())")
+
+
+def test_size_table_by_hand(tmp_path):
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    listed = {"a.bin": {"bytes": 1_500_000}, "b.json": {"bytes": 10}}
+    (folder / shipped.MANIFEST).write_text(json.dumps({"files": listed}))
+    size = (folder / shipped.MANIFEST).stat().st_size
+    table = shipped.sizes_markdown(tmp_path).splitlines()
+    assert table[2:4] == ["| weights/demo | a.bin | 1,500,000 | 1.50 |", "| weights/demo | b.json | 10 | 0.00 |"]
+    assert table[-1] == f"| total | | {1_500_010 + size:,} | 1.50 |"

@@ -31,8 +31,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         from ellava_lib.model import shipped
 
         folder = shipped.ship(path, args.preset if args.seed is None else f"{args.preset}-seed{cfg.seed}")
+        from ellava_lib.run import report
+
         sizes = shipped.manifest(folder)["files"]
-        print(f"shipped {folder} ({sum(f['bytes'] for f in sizes.values()) / 1e6:.1f} MB): commit it")
+        report.update_doc(shipped.ROOT.parent, shipped.SIZES_MARKER, shipped.sizes_markdown())
+        print(f"shipped {folder} ({sum(f['bytes'] for f in sizes.values()) / 1e6:.1f} MB) and its size table in "
+              f"{report.doc_with(shipped.ROOT.parent, shipped.SIZES_MARKER)}: commit both")
     return 0
 
 

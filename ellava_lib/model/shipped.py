@@ -178,3 +178,21 @@ def load_parts(model: torch.nn.Module, parts: dict[str, torch.Tensor]) -> None:
             state[k].copy_(v)
         embed = model.get_input_embeddings().weight
         embed[_pretrained_vocab(model):].copy_(rows)
+
+
+#: The docs block (docs/tiers.md) that lists what every shipped file weighs (:func:`sizes_markdown`).
+SIZES_MARKER = "shipped-sizes"
+
+
+def sizes_markdown(root: Path | None = None) -> str:
+    """A Markdown table of every shipped file (from the manifests under ``root``, default :data:`ROOT`): folder,
+    file, size in bytes and MB, and the total of all folders (the repository's budget is 60 MB)."""
+    lines = ["| folder | file | bytes | MB |", "| --- | --- | --- | --- |"]
+    total = 0
+    for path in sorted(Path(root if root is not None else ROOT).glob(f"*/{MANIFEST}")):
+        listed = {**json.loads(path.read_text())["files"], MANIFEST: {"bytes": path.stat().st_size}}
+        for name, entry in sorted(listed.items()):
+            lines.append(f"| weights/{path.parent.name} | {name} | {entry['bytes']:,} | {entry['bytes'] / 1e6:.2f} |")
+            total += entry["bytes"]
+    lines.append(f"| total | | {total:,} | {total / 1e6:.2f} |")
+    return "\n".join(lines)
