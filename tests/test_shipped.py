@@ -101,6 +101,12 @@ def test_materialized_smol_equals_the_build_bit_for_bit(built, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any("lora_" in k for k in b)
     assert specs.model_meta(out)["shipped"] == "smol-micro"
+    # the build's folder, which keeps trained.safetensors beside the model, loads as the plain model
+    assert (model_dir / shipped.PARTS).is_file()
+    built_state = specs.load_model(model_dir)[0].state_dict()
+    shipped_state = specs.load_model(out)[0].state_dict()
+    assert built_state.keys() == shipped_state.keys() and not any("lora_" in k for k in built_state)
+    assert all(torch.equal(built_state[k], shipped_state[k]) for k in built_state)
 
 
 def test_build_or_load_takes_the_shipped_folder_without_training(built, tmp_path, monkeypatch):

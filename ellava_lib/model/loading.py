@@ -63,9 +63,11 @@ def load_folder(path: Path) -> tuple[LlavaForConditionalGeneration, object]:
         config = LlavaConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
-    weights = sorted(path.glob("*.safetensors"))
+    # the model's own shards only (``save_pretrained`` names them model[-0000k-of-0000n].safetensors): not an
+    # adapter (adapter_model.safetensors) or the parts a build ships (trained.safetensors) beside them
+    weights = sorted(path.glob("model*.safetensors"))
     if not weights:
-        raise ModelLoadError(f"model folder {path} has no .safetensors weights")
+        raise ModelLoadError(f"model folder {path} has no model*.safetensors weights")
     state = {}
     for w in weights:
         try:
