@@ -4,6 +4,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.ellava-installed
 PROFILE ?= default
+# RUNS=DIR: run folders under DIR instead of runs/; a profile's results ledger (smol: results/smol) is then
+# neither read nor written, a fresh one is made in DIR/<profile>/ledger (every row recomputed)
+RUNS    ?=
 # CPU wheel pinned for this install path; on a GPU box install your own torch first (see README).
 TORCH   ?= torch==2.13.0
 
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE)
+	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE) $(if $(RUNS),--runs $(RUNS))
 
 test: $(STAMP)
 	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb
