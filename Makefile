@@ -6,6 +6,9 @@ STAMP   := $(VENV)/.ellava-installed
 PROFILE ?= default
 # REBUILD=1: retrain the profile's model instead of loading its shipped weights (weights/)
 REBUILD ?=
+# RUNS=DIR: run folders under DIR instead of runs/; a profile's results ledger (smol: results/smol) is then
+# neither read nor written, a fresh one is made in DIR/<profile>/ledger (every row recomputed)
+RUNS    ?=
 # CPU wheel pinned for this install path; on a GPU box install your own torch first (see README).
 TORCH   ?= torch==2.13.0
 
@@ -25,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE) $(if $(REBUILD),--rebuild)
+	$(PY) -m ellava_lib.run.pipeline --root . --profile $(PROFILE) $(if $(RUNS),--runs $(RUNS)) $(if $(REBUILD),--rebuild)
 
 test: $(STAMP)
 	$(PY) -m nbstripout --verify --keep-id notebooks/*.ipynb

@@ -26,7 +26,7 @@ import pandas as pd
 
 from ellava_lib.core import files
 from ellava_lib.run import pipeline, report, sweep, tables
-from ellava_lib.run.sweep import Job, SweepSpec
+from ellava_lib.run.jobs import Job, SweepSpec, spec_digest
 
 
 def paired(fine: pd.Series, coarse: pd.Series) -> dict[str, float]:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:  # the main table's rows, as notebook 05 left them (same spec digest, or not finished)
         path = run / "sweep" / "jobs" / job.name() / "row.json"
         row = json.loads(path.read_text()) if path.is_file() else {}
-        if row.get("spec") != sweep.spec_digest(fine_spec, job):
+        if row.get("spec") != spec_digest(fine_spec, job):
             print(f"search_grid: {path} is missing or from another spec: run notebook 05 first", file=sys.stderr)
             return 2
         fine.append(row)

@@ -17,7 +17,7 @@ import pytest
 
 from ellava_lib.run import backends, sweep
 from ellava_lib.run.backends import Failure, SweepFailed, Task
-from ellava_lib.run.sweep import Job, SweepSpec
+from ellava_lib.run.jobs import Job, SweepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,

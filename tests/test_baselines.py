@@ -153,7 +153,7 @@ def test_owl_policy_off_the_grid_is_its_continuous_allocation(micro_model, calib
 
 
 def test_owl_rows_carry_a_revision_in_the_sweep_spec():
-    from ellava_lib.run.sweep import Job, SweepSpec, spec_digest
+    from ellava_lib.run.jobs import Job, SweepSpec, spec_digest
 
     spec = SweepSpec("m")
     assert spec_digest(spec, Job("owl", 0.6)) != spec_digest(spec, Job("sparsegpt", 0.6))

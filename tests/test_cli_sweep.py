@@ -13,7 +13,7 @@ import yaml
 from ellava_lib import cli
 from ellava_lib.cli import sweep as cli_sweep
 from ellava_lib.run import backends, pipeline, sweep
-from ellava_lib.run.sweep import SweepSpec
+from ellava_lib.run.jobs import SweepSpec
 from tests.helpers import exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,8 @@ def test_the_notebooks_build_spec_and_jobs_as_the_cli_does():
     assert spec_line in main and spec_line in ablations
     assert "jobs = sweep.jobs_grid(table_methods, sparsities, seeds, calib_n)" in main
     assert "jobs = sweep.ablation_jobs(spec, sparsity, seed, calib_n, gaps, calib_ns)" in ablations
-    assert 'sweep.run_sweep(spec, jobs, run.path("sweep"), workers=workers)' in main
+    assert ('sweep.run_sweep(spec, jobs, run.path("sweep"), workers=workers, threads=job_threads, '
+            'ledger_dir=ledger or None)') in main
     assert 'record = tiers.model_record(tier_cfg, train_preset, force_rebuild)' in _code("01_tiny_model.ipynb")
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from ellava_lib.run import explorer, sweep
-from ellava_lib.run.sweep import Job, SweepSpec
+from ellava_lib.run.jobs import Job, SweepSpec
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from ellava_lib.core.units import list_units
 from ellava_lib.model import structure
 from ellava_lib.prune import leveldb
 from ellava_lib.run import plan, sweep
-from ellava_lib.run.sweep import Job, SweepSpec
+from ellava_lib.run.jobs import Job, SweepSpec
 from ellava_lib.run.tier import Tier
 
 SEARCH = dict(population=3, generations=1, offspring=3, screen_samples=0, survivors=2, projector_steps=1,
@@ -37,9 +37,9 @@ def _run(model_dir, out, mode, monkeypatch) -> tuple[pd.DataFrame, list[str], di
         built.append(out_dir.name)
         return REAL_BUILD(model, batch, out_dir, *args, **kw)
 
-    def job(j, spec, out_dir):
+    def job(j, spec, out_dir, threads=1):
         present[j.name()] = sorted(p.name for p in (out_dir / "leveldb").glob("s*-n*"))
-        return REAL_JOB(j, spec, out_dir)
+        return REAL_JOB(j, spec, out_dir, threads)
     monkeypatch.setattr(leveldb, "build_level_db", build)
     monkeypatch.setattr(sweep, "run_job", job)
     rows = sweep.run_sweep(_spec(model_dir, mode), JOBS, out, progress=False)

@@ -168,7 +168,7 @@ def test_batch_sizes_are_not_part_of_a_search_identity(tmp_path):
 
 
 def test_tier_memory_knobs_keep_the_sweep_rows(micro_model_dir):
-    from ellava_lib.run.sweep import Job, SweepSpec, spec_digest
+    from ellava_lib.run.jobs import Job, SweepSpec, spec_digest
 
     job = Job("sparsegpt", 0.5, 0, 8)
     plain = SweepSpec(str(micro_model_dir), 8, tier=Tier(device="cuda").to_dict())

@@ -8,7 +8,7 @@ import pytest
 
 from ellava_lib.prune.leveldb import FORMAT
 from ellava_lib.run import pipeline, sweep, tables
-from ellava_lib.run.sweep import Job, SweepSpec
+from ellava_lib.run.jobs import Job, SweepSpec
 from ellava_lib.search.config import ProjectorConfig, SearchConfig
 
 SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,

@@ -19,7 +19,8 @@ from ellava_lib.eval.gpt_judge import GPTJudge, JudgeError
 from ellava_lib.eval.judge import LocalJudge
 from ellava_lib.model import losses
 from ellava_lib.run import pipeline
-from ellava_lib.run.sweep import Job, SweepSpec, run_sweep, spec_digest
+from ellava_lib.run.jobs import Job, SweepSpec, spec_digest
+from ellava_lib.run.sweep import run_sweep
 from ellava_lib.run.tier import (
     Tier,
     calibration_samples,

@@ -1,5 +1,6 @@
 """``ellava sweep``: notebook 05's and / or 06's sweep jobs of a profile, locally or on a Ray cluster, into the run
-folder the notebooks share."""
+folder the notebooks share, and into the profile's results ledger when it has one (``ledger``, :mod:`ledger`: the
+tracked folder of the project, e.g. ``results/smol``; ``--ledger DIR`` names another, ``--no-ledger`` none)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,27 @@ def sweep_params(args: argparse.Namespace) -> dict:
         params.update(pipeline.notebook_defaults(root / "notebooks" / f"{name}.ipynb"))
     params.update(pipeline.load_profile(args.profile, root))
     flags = {"table_methods": args.methods, "sparsities": args.sparsities, "seeds": args.seeds,
-             "workers": args.workers}
+             "workers": args.workers, "job_threads": args.threads}
     params.update({k: v for k, v in flags.items() if v is not None})
+    params["ledger"] = ledger_dir(args, params, root)
     return params
+
+
+def ledger_dir(args: argparse.Namespace, params: dict, root: Path) -> str:
+    """The results ledger of the sweep: ``--ledger``, else the profile's ``ledger`` in the project folder ``root``;
+    ``""`` with ``--no-ledger`` or when the profile has none."""
+    if args.no_ledger:
+        return ""
+    if args.ledger is not None:
+        return str(Path(args.ledger))
+    return str(root / params["ledger"]) if params.get("ledger") else ""
 
 
 def check_sweep_params(params: dict) -> None:
     """One-line errors for values no job could run with (methods, sparsities, seeds)."""
     import math
 
-    from ellava_lib.run.sweep import ALL_METHODS
+    from ellava_lib.run.jobs import ALL_METHODS
 
     methods = [m for arg in params["table_methods"] for m in str(arg).split(",") if m]
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -50,14 +62,14 @@ def check_sweep_params(params: dict) -> None:
 def sweep_jobs(spec, params: dict, what: str) -> list:
     """The jobs of notebook 05 (``main``: every method x sparsity x seed), of notebook 06 (``ablations``: at
     ``sparsity`` and the first seed), or both (``all``; a job in both runs once)."""
-    from ellava_lib.run import sweep
+    from ellava_lib.run.jobs import ablation_jobs, jobs_grid
 
     jobs = []
     if what in ("main", "all"):
-        jobs += sweep.jobs_grid(params["table_methods"], params["sparsities"], params["seeds"], params["calib_n"])
+        jobs += jobs_grid(params["table_methods"], params["sparsities"], params["seeds"], params["calib_n"])
     if what in ("ablations", "all"):
-        jobs += sweep.ablation_jobs(spec, params["sparsity"], params["seeds"][0], params["calib_n"], params["gaps"],
-                                    params["calib_ns"])
+        jobs += ablation_jobs(spec, params["sparsity"], params["seeds"][0], params["calib_n"], params["gaps"],
+                              params["calib_ns"])
     unique: dict = {}
     for job in jobs:
         unique.setdefault(job.name(), job)
@@ -88,6 +100,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, params: dict) -> int:
     """``cmd_sweep`` once its input is checked: the model record, the spec, the jobs, the sweep."""
     from ellava_lib.run import backends, runs, sweep
+    from ellava_lib.run.jobs import SweepSpec
     from ellava_lib.run.tier import Tier, check_device, model_record
 
     run = runs.Run(Path(args.out))  # created (and checked writable) here
@@ -98,14 +111,14 @@ def _sweep(args: argparse.Namespace, params: dict) -> int:
         check_device(tier)
         model_info = model_record(tier, params["train_preset"])
         run.write_json("model.json", model_info)
-    spec = sweep.SweepSpec(model_info["model_dir"], params["sweep_eval_limit"] or None,
-                           search_preset=params["search_preset"], search=params.get("search") or {},
-                           ellava=params.get("ellava") or {}, tier=model_info.get("tier", {}))
+    spec = SweepSpec(model_info["model_dir"], params["sweep_eval_limit"] or None,
+                     search_preset=params["search_preset"], search=params.get("search") or {},
+                     ellava=params.get("ellava") or {}, tier=model_info.get("tier", {}))
     jobs = sweep_jobs(spec, params, args.what)
     try:
-        frame = sweep.run_sweep(spec, jobs, run.path("sweep"), workers=params["workers"], threads=args.threads,
-                                progress=not args.quiet, backend=args.backend, address=args.address,
-                                retries=args.retries)
+        frame = sweep.run_sweep(spec, jobs, run.path("sweep"), workers=params["workers"],
+                                threads=params["job_threads"], progress=not args.quiet, backend=args.backend,
+                                address=args.address, retries=args.retries, ledger_dir=params["ledger"] or None)
     except backends.SweepFailed as e:
         for failure in e.failures:
             print(f"ellava: failed: {failure.line()}", file=sys.stderr)
@@ -139,7 +152,13 @@ def add_parsers(sub) -> None:
                    help="re-run a failed job up to N times")
     w.add_argument("--workers", type=positive_int, default=None,
                    help="parallel jobs (default: the profile's workers); a local Ray gets this many CPUs")
-    w.add_argument("--threads", type=positive_int, default=1, help="torch threads per job")
+    w.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads of every job, on any backend (default: the profile's job_threads, "
+                        "else 1); part of a ledger row's digest")
+    w.add_argument("--ledger", default=None, metavar="DIR",
+                   help="results ledger folder: its rows are not re-run, finished rows are written there "
+                        "(default: the profile's ledger, e.g. results/smol)")
+    w.add_argument("--no-ledger", action="store_true", help="neither read nor write a results ledger")
     w.add_argument("--root", default=None, help="project folder with notebooks/ and profiles/ "
                                                  "(default: $ELLAVA_ROOT, else this checkout)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,7 +8,10 @@ several jobs read (level databases, ECoFLaP importances), then the *jobs*, each 
   ("needs leveldb/s0-n64, which failed: ..."), without running;
 - a failed task is re-run up to ``retries`` times, then reported (:class:`Failure`) at once; it never stops the
   others. The caller writes every failure to ``failed.json`` and raises :class:`SweepFailed` at the end;
-- results are reported as each task finishes (the job itself has already written its ``row.json``).
+- results are reported as each task finishes (the job itself has already written its ``row.json``);
+- every task runs at the sweep's ``threads`` torch intra-op threads (:func:`intra_op_threads`), in this process, in
+  a worker process or in a Ray task alike: a result depends on the reduction order, so a row must not depend on
+  where its job ran.
 
 Ray (an optional extra, ``pip install -e ".[ray]"``, imported only here and only when asked for) runs each task
 as a Ray task asking for the resources of :func:`task_resources`; a job's dependencies are the ObjectRefs of its
@@ -28,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,12 +136,29 @@ def test_failure_hook(name: str, job_dir: Path) -> None:
         raise RuntimeError(f"{TEST_FAIL_ENV} makes job {name} fail (attempt {count + 1})")
 
 
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the body at ``threads`` torch intra-op threads, then restore the count it had; ``threads <= 0``: leave
+    the process's count as it is."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads > 0:
+            torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------------ local
 
 def _init_worker(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 class _Pool:
@@ -161,15 +182,19 @@ class _Pool:
             self._pool = None
 
 
-def _round(tasks: Sequence[Task], pool: _Pool | None) -> Iterator[tuple[Task, Any, BaseException | None]]:
-    """Run ``tasks`` once (in this process when ``pool`` is None), yielding ``(task, result, error)`` as each
-    ends."""
+def _round(tasks: Sequence[Task], pool: _Pool | None,
+           threads: int = 0) -> Iterator[tuple[Task, Any, BaseException | None]]:
+    """Run ``tasks`` once (in this process at ``threads`` intra-op threads when ``pool`` is None; a pool's workers
+    have theirs), yielding ``(task, result, error)`` as each ends."""
     if pool is None:
         for task in tasks:
             try:
-                yield task, task.fn(*task.args), None
+                with intra_op_threads(threads):
+                    result = task.fn(*task.args)
             except Exception as e:  # reported; the others go on
                 yield task, None, e
+            else:
+                yield task, result, None
         return
     executor = pool.get()
     futures = {executor.submit(task.fn, *task.args): task for task in tasks}
@@ -179,14 +204,14 @@ def _round(tasks: Sequence[Task], pool: _Pool | None) -> Iterator[tuple[Task, An
 
 
 def _with_retries(tasks: Sequence[Task], pool: _Pool | None, retries: int, done: Done,
-                  failed: Failed) -> dict[str, Failure]:
+                  failed: Failed, threads: int = 0) -> dict[str, Failure]:
     """Run ``tasks``, then up to ``retries`` more rounds of those that raised (a crashed worker process breaks
     the pool: every task of that round then counts as failed once and the pool is made again)."""
     pending = list(tasks)
     final: dict[str, Failure] = {}
     for attempt in range(retries + 1):
         errors: dict[str, BaseException] = {}
-        for task, result, exc in _round(pending, pool):
+        for task, result, exc in _round(pending, pool, threads):
             if exc is None:
                 done(task, result)
             else:
@@ -204,10 +229,11 @@ def _with_retries(tasks: Sequence[Task], pool: _Pool | None, retries: int, done:
 def run_local(shared: Sequence[Task], jobs: Sequence[Task], done: Done, failed: Failed, workers: int = 1,
               threads: int = 1, retries: int = 0) -> dict[str, Failure]:
     """The shared tasks, then the jobs, in ``workers`` spawned processes (``threads`` torch threads each), or
-    in this process when ``workers <= 1`` or a single job is left. Returns the failures by task name."""
+    in this process (at ``threads`` torch threads, restored after each task) when ``workers <= 1`` or a single job
+    is left; ``threads <= 0``: each process's own count. Returns the failures by task name."""
     pool = None if workers <= 1 or len(jobs) <= 1 else _Pool(workers, threads)
     try:
-        failures = _with_retries(shared, pool, retries, lambda task, result: None, failed)
+        failures = _with_retries(shared, pool, retries, lambda task, result: None, failed, threads)
         runnable = []
         for job in jobs:
             blocked = _dependency_failure(job, failures)
@@ -216,7 +242,7 @@ def run_local(shared: Sequence[Task], jobs: Sequence[Task], done: Done, failed: 
             else:
                 failures[job.name] = blocked
                 failed(job, blocked)
-        failures.update(_with_retries(runnable, pool, retries, done, failed))
+        failures.update(_with_retries(runnable, pool, retries, done, failed, threads))
     finally:
         if pool is not None:
             pool.discard()
@@ -245,7 +271,8 @@ def _ray_call(fn: Callable[..., Any], args: tuple, threads: int, probe: tuple[st
     if not (Path(path).is_file() and Path(path).read_text() == token):
         raise RuntimeError(f"the run folder {Path(path).parent} is not the driver's on node {socket.gethostname()}: "
                            "put it on storage every node of the cluster sees")
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     return fn(*args)
 
 

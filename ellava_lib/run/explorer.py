@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ellava_lib.run.sweep import LABELS, SUITE_COLUMNS
+from ellava_lib.run.jobs import LABELS, SUITE_COLUMNS
 from ellava_lib.run.tables import plain_rows
 
 

@@ -8,6 +8,12 @@ The notebooks and profiles live in a project folder (a checkout of the kit), nev
 folder: ``--root DIR`` (or ``$ELLAVA_ROOT``) names it; without either, the checkout this package is imported
 from is used (an editable install). A non-editable ``pip install`` therefore runs the pipeline with ``--root``.
 Notebooks execute with that folder as their working directory.
+
+A profile with a results ledger (``ledger: results/smol``, :mod:`ledger`) hands its sweep notebooks that tracked
+folder when the run folders are the project's own (``ROOT/runs``): its rows are skipped, finished rows are written
+there. Under any other ``--runs DIR`` the notebooks get a fresh ledger in the run folder instead
+(``DIR/<profile>/ledger``): the tracked one is neither read nor written, so every row is recomputed
+(:func:`ledger_folder`).
 """
 
 from __future__ import annotations
@@ -145,6 +151,15 @@ def notebook_parameters(notebook: Path, profile: dict, run_dir: Path) -> dict:
     return params
 
 
+def ledger_folder(ledger: str, root: Path, runs_root: Path, run_dir: Path) -> Path:
+    """The results ledger a run's sweeps read and write: the profile's tracked folder ``root/<ledger>`` when the
+    run folders are the project's own (``runs_root`` is ``root/runs``), else a fresh one in the run folder
+    (``run_dir/ledger``), so a run elsewhere recomputes every row and leaves the tracked ledger alone."""
+    if Path(runs_root).resolve() == (Path(root) / "runs").resolve():
+        return Path(root) / ledger
+    return Path(run_dir) / "ledger"
+
+
 def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Path] | None = None,
                  kernel: str = "python3", overrides: dict | None = None, root: str | Path | None = None) -> Path:
     """Execute the notebooks of the project folder ``root`` (:func:`project_root`) in order, with ``root`` as
@@ -160,6 +175,8 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
     run_dir = Path(runs_root) / profile
+    if params.get("ledger"):
+        params["ledger"] = str(ledger_folder(str(params["ledger"]), root, runs_root, run_dir))
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = notebooks or sorted(notebooks_dir(root).glob("[0-9][0-9]_*.ipynb"))
@@ -281,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="default")
     p.add_argument("--root", default=None,
                    help=f"the project folder with notebooks/ and profiles/ (default: ${ROOT_ENV}, else this checkout)")
-    p.add_argument("--runs", default=None, help="where run folders go (default: ROOT/runs)")
+    p.add_argument("--runs", default=None, help="where run folders go (default: ROOT/runs); elsewhere, a profile's "
+                                                "results ledger is a fresh one in the run folder, not the tracked one")
     p.add_argument("--nbval-refs", action="store_true",
                    help="after the run, store its executed notebooks as nbval references in ROOT/tests/nbval")
     p.add_argument("--rebuild", action="store_true",

@@ -182,20 +182,20 @@ def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload
 
 def _runs(params: dict[str, Any], model: str) -> dict[str, int]:
     """How often the profile's main table (notebook 05) and ablations (06) run each stage."""
-    from ellava_lib.run import sweep
+    from ellava_lib.run.jobs import SEARCH_METHODS, SweepSpec, ablation_jobs, jobs_grid, search_config
 
-    spec = sweep.SweepSpec(model, search_preset=params.get("search_preset", "default"),
-                           search=dict(params.get("search") or {}), ellava=dict(params.get("ellava") or {}),
-                           tier=dict(params.get("tier") or {}))
+    spec = SweepSpec(model, search_preset=params.get("search_preset", "default"),
+                     search=dict(params.get("search") or {}), ellava=dict(params.get("ellava") or {}),
+                     tier=dict(params.get("tier") or {}))
     seeds = list(params.get("seeds", [0]))
     n = int(params.get("calib_n", 64))
-    jobs = sweep.jobs_grid(params.get("table_methods", []), params.get("sparsities", []), seeds, n)
-    jobs += sweep.ablation_jobs(spec, float(params.get("sparsity", 0.6)), seeds[0], n,
+    jobs = jobs_grid(params.get("table_methods", []), params.get("sparsities", []), seeds, n)
+    jobs += ablation_jobs(spec, float(params.get("sparsity", 0.6)), seeds[0], n,
                                 params.get("gaps", ()), params.get("calib_ns", ()))
     jobs = list({j.name(): j for j in jobs}.values())
-    searched = [j for j in jobs if j.method in sweep.SEARCH_METHODS]
+    searched = [j for j in jobs if j.method in SEARCH_METHODS]
     return {"leveldb": len({(j.seed, j.calib_n) for j in searched}), "search": len(searched),
-            "projector": len([j for j in searched if sweep.search_config(spec, j).projector.every]),
+            "projector": len([j for j in searched if search_config(spec, j).projector.every]),
             "dense_eval": 1 + len(params.get("magnitude_sparsities", [])) + sum(j.method == "dense" for j in jobs),
             "final_eval": sum(j.method != "dense" for j in jobs)}
 

@@ -19,13 +19,13 @@ The stages and how often the profile runs them (``runs``):
   ``roofline(B 2 P_lm, W + KV)`` (memory-bound: each step reads the weights once); a sweep job also scores its
   calibration selection rows (one batch per suite).
 * **level databases** (03-06): one per (seed, calib_n) of the searched jobs, the union of their grids
-  (:func:`sweep.level_grid`): :func:`costmodel.estimate_level_db`.
+  (:func:`jobs.level_grid`): :func:`costmodel.estimate_level_db`.
 * **pruning**: SparseGPT (``sparsegpt``, and after the allocation ``owl``, ``ecoflap``, the exact re-prune) is
   :func:`costmodel.estimate_level_db` at one level; Wanda and OWL's statistics one calibration forward; ECoFLaP's
-  zeroth-order importances, once per (seed, calib_n) that needs them (:func:`sweep.needs_importance`), are
+  zeroth-order importances, once per (seed, calib_n) that needs them (:func:`jobs.needs_importance`), are
   ``2 x ECOFLAP_SAMPLES`` one-row forwards per linear (:func:`allocate.zeroth_order_importance`).
 * **searches**: :func:`plan._search_seconds` and :func:`plan._projector_seconds` with each job's own
-  :func:`sweep.search_config` (the rows, the gap term, the projector rounds), batches from the configuration.
+  :func:`jobs.search_config` (the rows, the gap term, the projector rounds), batches from the configuration.
 
 Every forward pass takes at least ``t_issue = (KERNELS_PER_LAYER L + KERNELS_PER_PASS) * op_latency`` seconds
 (:func:`issue_seconds`): kernels are issued asynchronously, so a pass takes the longer of the GPU's work and the
@@ -33,7 +33,7 @@ host's issue time, and for a 135M-parameter model the host's time is the larger 
 0.54 GB of fp32 weights, 0.3 ms at half the H100's bandwidth; its ~1,200 kernels take 10 ms to issue).
 
 The jobs are the notebooks' own (:func:`profile_jobs`): 04's ``Job("ellava", sparsity, seed, calib_n)``, 05's
-:func:`sweep.jobs_grid` and 06's :func:`sweep.ablation_jobs`, all in one sweep folder, so a job shared by two
+:func:`jobs.jobs_grid` and 06's :func:`jobs.ablation_jobs`, all in one sweep folder, so a job shared by two
 notebooks runs once. GPU time only: loading models, generating and encoding data, the local judge and Python
 between the stages are not counted. First-order: expect a factor of 2 either way.
 """
@@ -142,12 +142,12 @@ def build_stages(config, tc) -> list[TrainStage]:
 def profile_jobs(params: dict[str, Any], spec) -> list:
     """The sweep jobs of notebooks 04, 05 and 06, as they call :mod:`sweep` (one sweep folder: a job shared by two
     notebooks runs once), in order of first appearance."""
-    from ellava_lib.run import sweep
+    from ellava_lib.run.jobs import Job, ablation_jobs, jobs_grid
 
     n, sparsity, seed = int(params["calib_n"]), float(params["sparsity"]), int(params.get("seed", 0))
-    jobs = [sweep.Job("ellava", sparsity, seed, n)]
-    jobs += sweep.jobs_grid(params["table_methods"], params["sparsities"], params["seeds"], n)
-    jobs += sweep.ablation_jobs(spec, sparsity, seed, n, params["gaps"], params["calib_ns"])
+    jobs = [Job("ellava", sparsity, seed, n)]
+    jobs += jobs_grid(params["table_methods"], params["sparsities"], params["seeds"], n)
+    jobs += ablation_jobs(spec, sparsity, seed, n, params["gaps"], params["calib_ns"])
     return list({j.name(): j for j in jobs}.values())
 
 
@@ -226,13 +226,13 @@ def search_seconds(ctx: Context, cfg, n: int) -> float:
 
 def prune_seconds(ctx: Context, spec, job) -> float:
     """A job's pruning or search (module docstring); 0 for ``dense``. ECoFLaP's importances are a stage of their own."""
-    from ellava_lib.run import sweep
+    from ellava_lib.run.jobs import SEARCH_METHODS, search_config
 
     if job.method == "dense":
         return 0.0
     db = sparsegpt_seconds(ctx, job.calib_n)
-    if job.method in sweep.SEARCH_METHODS:
-        return search_seconds(ctx, sweep.search_config(spec, job), job.calib_n) + (db.seconds if job.exact else 0.0)
+    if job.method in SEARCH_METHODS:
+        return search_seconds(ctx, search_config(spec, job), job.calib_n) + (db.seconds if job.exact else 0.0)
     forward = db.detail["calibration_forward"]
     return {"magnitude": 0.0, "wanda": forward, "sparsegpt": db.seconds, "owl": db.seconds + forward,
             "ecoflap": db.seconds}.get(job.method, db.seconds)
@@ -240,9 +240,9 @@ def prune_seconds(ctx: Context, spec, job) -> float:
 
 def job_seconds(ctx: Context, spec, job, limit: int) -> float:
     """One sweep job: pruning or search, then the test evaluation and the calibration score."""
-    from ellava_lib.run import sweep
+    from ellava_lib.run.jobs import full_method_config
 
-    select = plan.row_counts(job.calib_n, sweep.full_method_config(spec, job.sparsity))["selection"]
+    select = plan.row_counts(job.calib_n, full_method_config(spec, job.sparsity))["selection"]
     return prune_seconds(ctx, spec, job) + eval_seconds(ctx, limit) + calib_eval_seconds(ctx, select)
 
 
@@ -276,7 +276,7 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     ``ValueError`` (one line) for an unknown profile or device, a profile that is not the smol tier, or a bad
     ``gpu_gb``."""
     from ellava_lib.model import smol, train
-    from ellava_lib.run import sweep
+    from ellava_lib.run.jobs import SEARCH_METHODS, SweepSpec, full_method_config, level_grid, needs_importance
 
     params = plan.profile_params(profile, root)
     if not applies(params):
@@ -285,10 +285,10 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     gpu_gb = ctx.prof.mem_bytes / plan.GB if gpu_gb is None else gpu_gb
     plan.check_gpu_gb(gpu_gb)
     tc = train.preset(PRESET)
-    spec = sweep.SweepSpec("smol", params.get("sweep_eval_limit") or None,
-                           search_preset=params.get("search_preset", "default"),
-                           search=dict(params.get("search") or {}), ellava=dict(params.get("ellava") or {}),
-                           tier=dict(params.get("tier") or {}))
+    spec = SweepSpec("smol", params.get("sweep_eval_limit") or None,
+                     search_preset=params.get("search_preset", "default"),
+                     search=dict(params.get("search") or {}), ellava=dict(params.get("ellava") or {}),
+                     tier=dict(params.get("tier") or {}))
     jobs = profile_jobs(params, spec)
     limit = int(params.get("sweep_eval_limit", 0) or 0)
     dm, wl = ctx.dm, ctx.workload(int(params["calib_n"]))
@@ -299,25 +299,25 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     stages.append(_stage("02 dense + magnitude eval", eval_seconds(ctx, int(params.get("eval_limit", 0) or 0)),
                          1 + len(params.get("magnitude_sparsities", [])), eval_peak, f"eval_batch {ctx.eval_batch}",
                          gpu_gb))
-    draws = sorted({(j.seed, j.calib_n) for j in jobs if j.method in sweep.SEARCH_METHODS})
-    db = [sparsegpt_seconds(ctx, n, len([g for g in sweep.level_grid(spec, [j for j in jobs if (j.seed, j.calib_n)
+    draws = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
+    db = [sparsegpt_seconds(ctx, n, len([g for g in level_grid(spec, [j for j in jobs if (j.seed, j.calib_n)
                                                                             == (s, n)]) if g > 0])).seconds
           for s, n in draws]
     db_peak = max(memory.leveldb_bytes(dm, ctx.workload(n), False) for _, n in draws) if draws else 0.0
     stages.append(_stage("level databases", sum(db) / max(len(db), 1), len(db), db_peak, "whole model on the GPU",
                          gpu_gb))
-    imp = sorted({(j.seed, j.calib_n) for j in jobs if sweep.needs_importance(spec, j)})
+    imp = sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
     stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, n) for _, n in imp) / max(len(imp), 1),
                          len(imp), eval_peak, "one row per forward", gpu_gb))
     for method in dict.fromkeys(j.method for j in jobs if j.method != "dense"):
         mine = [j for j in jobs if j.method == method]
         secs = [prune_seconds(ctx, spec, j) for j in mine]
         peak = (max(memory.search_bytes(dm, ctx.workload(j.calib_n), j.calib_n) for j in mine)
-                if method in sweep.SEARCH_METHODS else db_peak or memory.leveldb_bytes(dm, wl, False))
+                if method in SEARCH_METHODS else db_peak or memory.leveldb_bytes(dm, wl, False))
         stages.append(_stage(f"prune: {method}", sum(secs) / len(secs), len(secs), peak,
-                             "search" if method in sweep.SEARCH_METHODS else "SparseGPT / scores", gpu_gb))
+                             "search" if method in SEARCH_METHODS else "SparseGPT / scores", gpu_gb))
     evals = [eval_seconds(ctx, limit) + calib_eval_seconds(
-        ctx, plan.row_counts(j.calib_n, sweep.full_method_config(spec, j.sparsity))["selection"]) for j in jobs]
+        ctx, plan.row_counts(j.calib_n, full_method_config(spec, j.sparsity))["selection"]) for j in jobs]
     stages.append(_stage("sweep eval (test + calib)", sum(evals) / len(evals), len(evals), eval_peak,
                          f"eval_batch {ctx.eval_batch}", gpu_gb))
     batches = memory.Batches(ctx.eval_batch, 0, 0, False, False)

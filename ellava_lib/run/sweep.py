@@ -1,25 +1,29 @@
 """Sweeps: prune a model with each method at each sparsity and seed, evaluate it, one results row per job.
 
-A :class:`Job` is one (method, sparsity, seed) cell plus the ablation knobs (gap estimator, projector
-evolution on/off, calibration size, exact re-prune). Methods are the baselines of :mod:`allocate`
-(``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``), ``dense`` (no pruning), and the two
-searched methods: ``search`` (evolutionary search without the gap term and without projector evolution,
-EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector evolution).
+The jobs (:class:`jobs.Job`: one (method, sparsity, seed) cell plus the ablation knobs), what a sweep's jobs share
+(:class:`jobs.SweepSpec`) and the digests their rows are matched by live in :mod:`jobs`; this module runs them.
+Methods are the baselines of :mod:`allocate` (``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``),
+``dense`` (no pruning), and the two searched methods: ``search`` (evolutionary search without the gap term and
+without projector evolution, EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector
+evolution).
 
 Every job draws its own calibration set (``calib_n`` samples with its ``seed``, :mod:`calibration`), so
 the seed changes the calibration data of every calibration-based method and the search's random draws.
 Each job reports the test score of every suite and their mean, the **calibration score** (the same metrics
-on its calibration *selection rows*, :func:`calib_rows`: the rows no stage of any method trains on; the searched
-methods choose their returned policy on them, so for those the score is selected on, not trained on), the
-**generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill
-FLOPs of the whole model relative to dense, :mod:`flops`).
+on its calibration *selection rows*, :func:`jobs.calib_rows`: the rows no stage of any method trains on; the
+searched methods choose their returned policy on them, so for those the score is selected on, not trained on), the
+**generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill FLOPs of the whole model relative to
+dense, :mod:`flops`).
 
 Tables made from the rows: :mod:`tables`.
 
 Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (atomically) and is
-skipped on a re-run; jobs are independent and run in ``workers`` processes (one torch thread each) or as tasks
-of a Ray cluster (:mod:`backends`), after the level databases and importances they share. Results do not depend
-on ``workers`` or on the backend. A failed job is reported (``failed.json``) without stopping the others.
+skipped on a re-run; jobs are independent and run in ``workers`` processes or as tasks of a Ray cluster
+(:mod:`backends`), after the level databases and importances they share; every job runs at the sweep's fixed
+intra-op thread count (``threads``, set inside the job whatever the backend), so its row does not depend on
+``workers``, on the backend or on the caller's thread settings. A failed job is reported (``failed.json``) without
+stopping the others. With a results ledger (:mod:`ledger`, a tracked folder) each finished row is also written
+there, and a job whose ledger row matches its digest (:func:`jobs.job_digest`) is not run at all.
 
 Disk: one level database per calibration draw ``(seed, calib_n)`` (notebook 06's n-ablation: four). The tier's
 ``level_dbs`` keeps them all (``keep``) or holds one at a time (``one``: the jobs run draw by draw, each database
@@ -40,7 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +70,27 @@ from ellava_lib.prune.allocate import (
 )
 from ellava_lib.prune.prune import measured_mean, prune_model
 from ellava_lib.prune.structured import structured_policy
-from ellava_lib.run import backends
+from ellava_lib.run import backends, ledger
+from ellava_lib.run.jobs import (  # noqa: F401  (the notebooks reach the jobs' names through this module too)
+    ALL_METHODS,
+    LABELS,
+    METHOD_REVISION,
+    METHODS,
+    SEARCH_METHODS,
+    SUITE_COLUMNS,
+    Job,
+    SweepSpec,
+    ablation_jobs,
+    calib_rows,
+    db_levels,
+    full_method_config,
+    job_digest,
+    jobs_grid,
+    level_grid,
+    needs_importance,
+    search_config,
+    spec_digest,
+)
 from ellava_lib.run.tier import (
     Tier,
     block_device,
@@ -79,20 +103,6 @@ from ellava_lib.run.tier import (
     release,
 )
 from ellava_lib.speed.flops import flop_ratio
-
-METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "llm_pruner")
-SEARCH_METHODS: tuple[str, ...] = ("search", "ellava")
-ALL_METHODS: tuple[str, ...] = ("dense", *METHODS, *SEARCH_METHODS)
-#: Display names of the methods in the tables and figures.
-LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-                          "owl": "OWL", "ecoflap": "ECoFLaP", "llm_pruner": "LLM-Pruner (structured)",
-                          "search": "search (no gap)",
-                          "ellava": "EfficientLLaVA"}
-SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
-#: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
-#: (2: OWL prunes its continuous allocation instead of the grid-rounded one; 3: OWL one ratio per decoder
-#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts).
-METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2}
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
@@ -119,124 +129,7 @@ def solver_for(method: str) -> str:
     return "sparsegpt" if method in ("owl", "ecoflap") else method
 
 
-# ------------------------------------------------------------------------------------------------- jobs
-
-@dataclass(frozen=True)
-class Job:
-    """One cell of a sweep. ``gap`` / ``projector`` override the searched methods' defaults (ablations);
-    ``exact`` re-prunes the searched policy sequentially with SparseGPT instead of assembling it."""
-
-    method: str
-    sparsity: float
-    seed: int = 0
-    calib_n: int = 64
-    gap: str | None = None
-    projector: bool | None = None
-    exact: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in ALL_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
-        if self.method not in SEARCH_METHODS and (self.gap is not None or self.projector is not None or self.exact):
-            raise ValueError(f"gap / projector / exact apply to the searched methods, not {self.method!r}")
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
-        if self.calib_n < 2:
-            raise ValueError(f"calib_n must be at least 2, got {self.calib_n}")
-
-    def name(self) -> str:
-        """Folder name, unique per job: ``ellava-0.60-s0-n64[-gap_capacity][-noproj][-exact]``."""
-        parts = [self.method, f"{self.sparsity:.2f}", f"s{self.seed}", f"n{self.calib_n}"]
-        if self.gap is not None:
-            parts.append(f"gap_{self.gap}")
-        if self.projector is not None:
-            parts.append("proj" if self.projector else "noproj")
-        if self.exact:
-            parts.append("exact")
-        return "-".join(parts)
-
-
-def jobs_grid(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int], calib_n: int = 64,
-              **knobs: Any) -> list[Job]:
-    """Every (method, sparsity, seed); ``dense`` gets one job per seed (sparsity 0)."""
-    jobs = []
-    for seed in seeds:
-        for method in methods:
-            if method == "dense":
-                jobs.append(Job("dense", 0.0, seed, calib_n))
-                continue
-            jobs += [Job(method, float(s), seed, calib_n, **knobs) for s in sparsities]
-    return jobs
-
-
-@dataclass
-class SweepSpec:
-    """What every job of a sweep shares: the model, the evaluation, the searched methods' configuration.
-
-    The searched methods' configuration is ``search_preset`` (:data:`config.PRESETS`; the full method's
-    settings, :meth:`config.SearchConfig.from_preset`) with the fields named in ``search`` replaced for both
-    searched methods and those named in ``ellava`` for the full method only (override keys as in
-    :meth:`config.SearchConfig.to_dict`: ``projector_every``, ...). The ``search`` method then runs without the
-    gap term and without projector evolution (``gap="none"``, ``projector_every=0``; its unused projector knobs
-    are :class:`config.ProjectorConfig`'s defaults plus those named in ``search``, not the preset's, so its
-    configuration and rows do not depend on the preset's projector schedule).
-    """
-
-    model_dir: str
-    eval_limit: int | None = None
-    search_preset: str = "default"
-    search: dict[str, Any] = field(default_factory=dict)
-    ellava: dict[str, Any] = field(default_factory=dict)
-    calib_eval: bool = True
-    tier: dict[str, Any] = field(default_factory=dict)  # :class:`tier.Tier` fields ({} = the embedded default)
-
-    def __post_init__(self) -> None:
-        from ellava_lib.search.config import PRESETS
-
-        if self.search_preset not in PRESETS:
-            raise ValueError(f"unknown search preset {self.search_preset!r}; choose from {', '.join(PRESETS)}")
-
-    def get_tier(self) -> Tier:
-        return Tier.from_dict(self.tier)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def full_method_config(spec: SweepSpec, sparsity: float):
-    """The full method's :class:`config.SearchConfig` at ``sparsity`` before a job's own overrides (seed 0)."""
-    from ellava_lib.search.config import SearchConfig
-
-    return SearchConfig.from_preset(spec.search_preset, **{**spec.search, **spec.ellava, "target": sparsity})
-
-
-def search_config(spec: SweepSpec, job: Job):
-    """The :class:`config.SearchConfig` of a searched job: the spec's preset and overrides for its method
-    (:class:`SweepSpec`), then the job's own (sparsity, seed, gap / projector ablation, calibration size)."""
-    from ellava_lib.search.config import ProjectorConfig, SearchConfig
-
-    cfg = {**spec.search, "target": job.sparsity, "seed": job.seed}
-    if job.method == "ellava":
-        cfg.update(spec.ellava)
-    else:  # no gap term, no projector rounds; the unused projector knobs at their defaults, whatever the preset
-        cfg = {"projector": ProjectorConfig(), **cfg, "gap": "none", "projector_every": 0}
-    if job.gap is not None:
-        cfg["gap"] = job.gap
-    if job.projector is not None:  # on: the full method's schedule (the default preset's when that is off)
-        every = full_method_config(spec, job.sparsity).projector.every or ProjectorConfig().every
-        cfg["projector_every"] = every if job.projector else 0
-    cfg["extra"] = {"calib_n": job.calib_n, "db_method": "sparsegpt"}
-    return SearchConfig.from_preset(spec.search_preset, **cfg)
-
-
-def calib_rows(spec: SweepSpec, job: Job, samples: Sequence[Any]) -> list[int]:
-    """The selection rows of the job's calibration samples (:func:`evolve.split_rows` with the full method's
-    ``select_frac``, the job's seed, stratified by suite): where every method's ``calib`` score is measured."""
-    from ellava_lib.search.evolve import split_rows
-
-    frac = full_method_config(spec, job.sparsity).select_frac
-    return split_rows(len(samples), frac, job.seed, [s.suite for s in samples])[1]
-
+# ------------------------------------------------------------------------------------ shared by jobs
 
 def level_db_dir(out_dir: Path, seed: int, calib_n: int) -> Path:
     return Path(out_dir) / "leveldb" / f"s{seed}-n{calib_n}"
@@ -255,22 +148,6 @@ def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int, on_device:
     if on_device:
         model, batch = place(tier, model, batch)
     return model, processor, samples, batch
-
-
-def level_grid(spec: SweepSpec, jobs: Sequence[Job]) -> tuple[float, ...]:
-    """The levels a level database must hold for ``jobs``: the union of their searches' grids
-    (:func:`policy.search_grid` around each target); the 0.1 grid when none of them searches."""
-    levels = set(DEFAULT_GRID)
-    for job in jobs:
-        if job.method in SEARCH_METHODS:
-            levels |= set(search_config(spec, job).levels)
-    return tuple(sorted(levels))
-
-
-def db_levels(spec: SweepSpec, targets: Sequence[float], seed: int, calib_n: int) -> tuple[float, ...]:
-    """The levels the level database of the draw ``(seed, calib_n)`` holds for both searched methods at every
-    sparsity of ``targets`` (:func:`level_grid`): what notebook 03 builds, so the sweeps of 04-06 reuse it as is."""
-    return level_grid(spec, [Job(m, float(t), seed, calib_n) for m in SEARCH_METHODS for t in sorted(set(targets))])
 
 
 def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None = None) -> tuple[float, ...]:
@@ -479,11 +356,6 @@ def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch
     return method_policy(model, batch, job.method, job.sparsity, job.seed, importance=importance)
 
 
-def needs_importance(spec: SweepSpec, job: Job) -> bool:
-    """Whether a job uses ECoFLaP's unit importances: the ECoFLaP baseline, or a search starting from it."""
-    return job.method == "ecoflap" or (job.method in SEARCH_METHODS and "ecoflap" in search_config(spec, job).init)
-
-
 def _prepare_tasks(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path) -> list[tuple[str, Callable, tuple]]:
     """What several jobs share, to compute before them, as ``(name, fn, args)``: level databases (searched
     methods) and ECoFLaP importances, one per (seed, calib_n) (names: :func:`_needs`)."""
@@ -503,9 +375,21 @@ def _needs(spec: SweepSpec, job: Job) -> tuple[str, ...]:
         ((f"ecoflap/{draw}",) if needs_importance(spec, job) else ())
 
 
-def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
-    """Prune (or search), evaluate on test and on the job's calibration samples; returns the row
-    (also written to ``out_dir/jobs/<name>/row.json``)."""
+#: A job's ledger row (:func:`ledger.make_row`) in its folder of the run, beside ``row.json``: the sweep's driver
+#: copies it into the ledger (a Ray job may run where the ledger is not).
+LEDGER_ROW = "ledger_row.json"
+
+
+def run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int = 1) -> dict[str, Any]:
+    """Prune (or search), evaluate on test and on the job's calibration samples, all at ``threads`` torch intra-op
+    threads (:func:`backends.intra_op_threads`; 0: the process's own count); returns the row (also written to
+    ``out_dir/jobs/<name>/row.json``, and its ledger row to :data:`LEDGER_ROW` there)."""
+    with backends.intra_op_threads(threads):
+        return _run_job(job, spec, Path(out_dir), threads)
+
+
+def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str, Any]:
+    """:func:`run_job`'s work, at the threads it set."""
     from ellava_lib.prune.leveldb import LevelDB
     from ellava_lib.search.evolve import run_search
     from ellava_lib.search.finalize import exact_reprune
@@ -571,31 +455,18 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path) -> dict[str, Any]:
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
     row["seconds"] = round(seconds, 2)
+    searched = policy is not None and job.method in SEARCH_METHODS and policy.meta.get("gap") != "none"
+    lam = policy.meta.get("lam") if searched else None  # the lambda that steered the search (none: no gap term)
+    entry = ledger.make_row(job.name(), job_digest(spec, job, threads), asdict(job), row,
+                            None if policy is None else policy.to_dict(), lam)
+    files.write_json(job_dir / LEDGER_ROW, entry)
     files.write_json(job_dir / "row.json", row)
     return row
 
 
-def spec_digest(spec: SweepSpec, job: Job) -> str:
-    """12 hex chars over what a job's row depends on besides the job itself: model, evaluation size, for the
-    searched methods the resolved search configuration, the method's :data:`METHOD_REVISION`, the rows the
-    ``calib`` score is measured on, and on real data the evaluation inputs (:func:`evaluate.input_format`)."""
-    d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
-    tier = spec.get_tier()
-    if tier.identity() != Tier().identity():  # the embedded default keeps the digests it had before tiers existed
-        d["tier"] = tier.identity()  # batch sizes, offloading and level-database disk mode aside
-    if tier.data == "real":  # real rows depend on the evaluation inputs (LLaVA-1.5's prompt and pad-to-square)
-        d["inputs"] = input_format(tier.data)
-    if job.method in SEARCH_METHODS:
-        d["search"] = search_config(spec, job).identity()  # batch sizes aside (checkpoint.MEMORY_FIELDS)
-    if job.method in METHOD_REVISION:
-        d["revision"] = METHOD_REVISION[job.method]
-    # every row's ``calib`` is measured on the selection rows (:func:`calib_rows`), no longer on all of them
-    d["calib_rows"] = {"split": "selection", "select_frac": full_method_config(spec, job.sparsity).select_frac}
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _done(out_dir: Path, job: Job, spec: SweepSpec) -> dict[str, Any] | None:
-    """The finished row of ``job``, or None when missing or made under another spec (then it re-runs)."""
+    """The finished row of ``job`` in the run folder, or None when missing or made under another spec (then it
+    re-runs)."""
     path = Path(out_dir) / "jobs" / job.name() / "row.json"
     if not path.is_file():
         return None
@@ -603,12 +474,35 @@ def _done(out_dir: Path, job: Job, spec: SweepSpec) -> dict[str, Any] | None:
     return row if row.get("spec") == spec_digest(spec, job) else None
 
 
+def _finished(out_dir: Path, job: Job, spec: SweepSpec, threads: int, ledger_dir: Path | None,
+              warn: bool = True) -> dict[str, Any] | None:
+    """The finished row of ``job``, or None when it must run. Without a ledger: the run folder's (:func:`_done`).
+    With one: the ledger's row when its digest is the job's (:func:`jobs.job_digest`), else the ledger row this
+    run folder's job wrote (:data:`LEDGER_ROW`), which is copied into the ledger now (a sweep killed between a
+    job's end and that copy loses nothing); a corrupted ledger row is named on stderr when ``warn``."""
+    if ledger_dir is None:
+        return _done(out_dir, job, spec)
+    digest = job_digest(spec, job, threads)
+    entry = ledger.load(ledger.row_path(ledger_dir, job.name()), job.name(), digest, warn=warn)
+    if entry is None:
+        entry = ledger.load(Path(out_dir) / "jobs" / job.name() / LEDGER_ROW, job.name(), digest, warn=False)
+        if entry is not None:
+            ledger.write(ledger_dir, entry)
+    return None if entry is None else entry["row"]
+
+
 def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers: int = 1, threads: int = 1,
               progress: bool = True, on_row: Callable[[dict], None] | None = None, backend: str = "local",
-              address: str | None = None, retries: int = 0) -> pd.DataFrame:
+              address: str | None = None, retries: int = 0, ledger_dir: str | Path | None = None) -> pd.DataFrame:
     """Run every job not finished yet, then return all rows in job order and write them to
-    ``out_dir/results.csv``. A row made under another spec (:func:`spec_digest`: other model, evaluation size or
-    search configuration) is re-run, never mixed in.
+    ``out_dir/results.csv``. A row made under another spec (:func:`jobs.spec_digest`: other model, evaluation size
+    or search configuration) is re-run, never mixed in.
+
+    ``threads``: the torch intra-op threads every job runs at, whatever the backend (:func:`run_job`; 0: each
+    process's own count). ``ledger_dir``: a results ledger (:mod:`ledger`): a job whose row is there with its
+    digest (:func:`jobs.job_digest`: recipe, configuration, ``threads``) is not run, each job that finishes writes
+    its row there, and the rows returned are the ledger's; a row of another digest is re-run and overwritten, a
+    corrupted one is named on stderr and re-run.
 
     ``backend`` (:mod:`backends`): ``local`` runs ``workers`` processes of ``threads`` torch threads
     (``workers=1``: this process); ``ray`` runs each job as a Ray task on the cluster at ``address`` (None: a
@@ -631,22 +525,25 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
     names = [j.name() for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate jobs in the sweep")
-    todo = [j for j in jobs if _done(out_dir, j, spec) is None]
+    ledger_dir = None if ledger_dir is None else Path(ledger_dir)
+    todo = [j for j in jobs if _finished(out_dir, j, spec, threads, ledger_dir) is None]
     check_level_db_disk(spec, todo, out_dir)  # before any work: the bytes its level databases need at the peak
     files.ensure_dir(out_dir)
     one_db = spec.get_tier().level_dbs == "one"
     rounds = db_rounds(spec, todo, out_dir) if one_db else [(None, todo)]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
-    job_names = {j.name() for j in todo}
+    by_name = {j.name(): j for j in todo}
 
     def done(task: backends.Task, row: dict) -> None:
+        if ledger_dir is not None:  # into the ledger now: a sweep killed later keeps this row
+            _finished(out_dir, by_name[task.name], spec, threads, ledger_dir, warn=False)
         bar.update(1)
         bar.set_postfix_str(task.name)
         if on_row:
             on_row(row)
 
     def failed(task: backends.Task, failure: backends.Failure) -> None:
-        bar.update(int(task.name in job_names))  # a shared task is not a job
+        bar.update(int(task.name in by_name))  # a shared task is not a job
         tqdm.write(f"sweep: failed: {failure.line()}", file=sys.stderr)
 
     failures: dict[str, backends.Failure] = {}  # every row done: no worker process, no Ray
@@ -656,14 +553,15 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
                 if progress:
                     tqdm.write(f"sweep: level database {name} deleted (tier level_dbs: one)", file=sys.stderr)
         shared = [backends.Task(name, fn, args) for name, fn, args in _prepare_tasks(spec, part, out_dir)]
-        tasks = [backends.Task(j.name(), run_job, (j, spec, out_dir), _needs(spec, j)) for j in part]
+        tasks = [backends.Task(j.name(), run_job, (j, spec, out_dir, threads), _needs(spec, j)) for j in part]
         if tasks and backend == "ray":
             failures.update(backends.run_ray(shared, tasks, done, failed, out_dir, workers, threads, retries,
                                              address, spec.get_tier().device))
         elif tasks:
             failures.update(backends.run_local(shared, tasks, done, failed, workers, threads, retries))
     bar.close()
-    rows = [row for row in (_done(out_dir, j, spec) for j in jobs) if row is not None]
+    rows = [row for row in (_finished(out_dir, j, spec, threads, ledger_dir, warn=False) for j in jobs)
+            if row is not None]
     frame = pd.DataFrame(rows)
     files.write_csv(out_dir / "results.csv", frame)
     report = out_dir / "failed.json"
@@ -674,21 +572,3 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
     return frame
 
 
-def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int = 64,
-                  gaps: Sequence[str] = ("none", "capacity", "bernstein", "norm"),
-                  calib_ns: Sequence[int] = (16, 32, 64, 128), exact: bool = True) -> list[Job]:
-    """The ablations of the full method at one (sparsity, seed): each gap estimator; projector evolution
-    off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the exact
-    re-prune. Overrides equal to the method's default are dropped, so these jobs share rows (and folders)
-    with the main table's."""
-    default_gap = full_method_config(spec, sparsity).gap
-    jobs = [Job("ellava", sparsity, seed, calib_n, gap=None if g == default_gap else g) for g in gaps]
-    jobs.append(Job("ellava", sparsity, seed, calib_n, projector=False))
-    for n in calib_ns:
-        jobs += [Job("ellava", sparsity, seed, n), Job("search", sparsity, seed, n)]
-    if exact:
-        jobs.append(Job("ellava", sparsity, seed, calib_n, exact=True))
-    unique: dict[str, Job] = {}
-    for j in jobs:
-        unique.setdefault(j.name(), j)
-    return list(unique.values())

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ellava_lib.run.sweep import (
+from ellava_lib.run.jobs import (
     ALL_METHODS,
     LABELS,
     SUITE_COLUMNS,

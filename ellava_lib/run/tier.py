@@ -4,7 +4,7 @@ The embedded default (``Tier()``) is the kit's tiny model on the synthetic suite
 CPU. The paper setting is a hub LLaVA (``llava-1.5-7b`` in fp16), the real benchmarks through
 ``ellava_lib/data/manifests/`` (calibration drawn from a *training* split, scores on the evaluation split) and the GPT
 judges, on one GPU. The notebooks (notebook 01 records the tier in ``model.json``), the sweep
-(:class:`~ellava_lib.run.sweep.SweepSpec` ``tier``) and the CLI build the same object.
+(:class:`~ellava_lib.run.jobs.SweepSpec` ``tier``) and the CLI build the same object.
 """
 
 from __future__ import annotations

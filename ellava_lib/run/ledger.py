@@ -1,0 +1,124 @@
+"""The results ledger: a tracked folder (``results/smol/``) holding one JSON file per finished sweep job, committed
+to git as the run goes, so a sweep longer than one machine's life continues from any fresh clone.
+
+A ledger row is ``<ledger>/<job key>.json`` (the key is :meth:`jobs.Job.name`), written atomically
+(:func:`files.write_json`) once its job is complete:
+
+- ``format``: :data:`FORMAT`; ``key``: the job key (the file's name); ``digest``: :func:`jobs.job_digest`, over
+  everything the row depends on (model recipe, method and its revision, sparsity, seed, calibration size, search
+  configuration, evaluation size, tier, intra-op threads);
+- ``job``: the job's fields (method, sparsity, seed, calib_n, gap, projector, exact);
+- ``row``: the sweep row as ``results.csv`` holds it (test scores per suite and ``mean``, ``calib_mean``,
+  ``gap_calib_test``, ``measured``, ``flops_rel``, for the searched methods the fitness ``j`` / ``r_hat`` /
+  ``g_hat`` and ``search_s``, and ``seconds``);
+- ``policy``: the pruning policy (:meth:`policy.Policy.to_dict`; None for dense); ``lam``: the lambda that steered
+  a search with a gap term (None otherwise);
+- ``machine``: where it ran (platform, CPU count, torch version, intra-op threads); ``commit``: ``git rev-parse
+  HEAD`` of the checkout the code ran from, None outside one.
+
+A sweep (:func:`sweep.run_sweep` with ``ledger``) skips a job whose row is here with its digest; a row of another
+digest (another recipe, configuration, thread count) is re-run and overwritten, never mixed in; a row that cannot
+be read (invalid JSON, missing fields) is named in one line on stderr and re-run. Level databases and the other
+large intermediates stay in the run folder (git-ignored) and are rebuilt where a job needs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ellava_lib.core import files
+
+FORMAT = 1
+#: The keys every ledger row holds (:func:`make_row`).
+FIELDS: tuple[str, ...] = ("format", "key", "digest", "job", "row", "policy", "lam", "machine", "commit")
+#: The keys every ``row`` of a ledger row holds (whatever the method).
+ROW_FIELDS: tuple[str, ...] = ("job", "method", "sparsity", "seed", "calib_n", "measured", "flops_rel", "mean",
+                               "seconds")
+
+
+def row_path(ledger: Path, key: str) -> Path:
+    """The file of the job ``key`` in the ledger folder ``ledger``."""
+    return Path(ledger) / f"{key}.json"
+
+
+def machine() -> dict[str, Any]:
+    """Where this process runs: ``platform``, ``cpu_count``, ``torch`` (version) and ``threads`` (torch's intra-op
+    thread count now)."""
+    import torch
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+@functools.lru_cache(maxsize=1)
+def commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout this package is imported from; None when that fails (no git, not a
+    checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    head = out.stdout.strip()
+    return head if out.returncode == 0 and head else None
+
+
+def make_row(key: str, digest: str, job: dict[str, Any], row: dict[str, Any], policy: dict[str, Any] | None,
+             lam: float | None) -> dict[str, Any]:
+    """A ledger row (:data:`FIELDS`) of a finished job, with this process's :func:`machine` and :func:`commit`."""
+    return {"format": FORMAT, "key": key, "digest": digest, "job": dict(job), "row": dict(row), "policy": policy,
+            "lam": lam, "machine": machine(), "commit": commit()}
+
+
+def write(ledger: Path, entry: dict[str, Any]) -> Path:
+    """Write ``entry`` (a complete ledger row) to its file in ``ledger``, atomically; returns the path."""
+    return files.write_json(row_path(ledger, entry["key"]), entry)
+
+
+def problem(entry: Any, key: str) -> str | None:
+    """Why ``entry`` (parsed JSON) is not a ledger row of the job ``key``, or None when it is one."""
+    if not isinstance(entry, dict):
+        return f"not a JSON object but {type(entry).__name__}"
+    missing = [f for f in FIELDS if f not in entry]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if entry["format"] != FORMAT:
+        return f"format {entry['format']!r}, not {FORMAT}"
+    if entry["key"] != key:
+        return f"key {entry['key']!r}, not {key!r}"
+    if not isinstance(entry["row"], dict):
+        return "its row is not a JSON object"
+    missing = [f for f in ROW_FIELDS if f not in entry["row"]]
+    return f"its row misses {', '.join(missing)}" if missing else None
+
+
+def load(path: Path, key: str, digest: str, warn: bool = True) -> dict[str, Any] | None:
+    """The ledger row in ``path`` when it is one of the job ``key`` made under ``digest``; else None: no file, a
+    row of another digest (re-run, then overwritten), or a corrupted row, which ``warn`` names in one line on
+    stderr."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason: str | None = f"invalid JSON ({type(e).__name__})"
+    else:
+        reason = problem(entry, key)
+    if reason is not None:
+        if warn:
+            print(f"ledger: corrupted row {path}: {reason}; its job re-runs", file=sys.stderr, flush=True)
+        return None
+    return entry if entry["digest"] == digest else None
+
+
+def read(ledger: Path, key: str, digest: str) -> dict[str, Any] | None:
+    """The row of the job ``key`` in the ledger folder ``ledger`` when its digest is ``digest`` (:func:`load`)."""
+    return load(row_path(ledger, key), key, digest)

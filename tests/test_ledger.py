@@ -1,0 +1,179 @@
+"""The results ledger (run/ledger.py) on the micro LLaVA (a Llama decoder; the smol tier's bf16 level databases): a
+sweep stopped halfway continues from a copy
+of its ledger folder (a fresh clone) without running a finished job twice and ends with the uninterrupted run's
+tables; rows of another digest and corrupted rows re-run; rows are written atomically; a row does not depend on the
+caller's thread count."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ellava_lib.core import files
+from ellava_lib.model.train import TrainConfig
+from ellava_lib.run import backends, ledger, pipeline, sweep, tables
+from ellava_lib.run.jobs import Job, SweepSpec, job_digest, model_identity
+
+SEARCH = dict(population=3, generations=1, offspring=2, screen_samples=0, survivors=2, projector_steps=1,
+              projector_holdout=0.0, loss_kind="ce", init=["uniform"])
+JOBS = [Job("dense", 0.0, 0, 8), Job("magnitude", 0.5, 0, 8), Job("sparsegpt", 0.5, 0, 8), Job("search", 0.5, 0, 8)]
+#: What differs between two runs of the same job: wall times.
+CLOCKS = ["seconds", "search_s"]
+REAL_JOB = sweep._run_job
+
+
+@pytest.fixture(scope="module")
+def spec(micro_model_dir) -> SweepSpec:
+    return SweepSpec(str(micro_model_dir), eval_limit=1, search_preset="ci", search=SEARCH,
+                     tier={"db_dtype": "bfloat16"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(spec, tmp_path_factory) -> pd.DataFrame:
+    """The sweep of :data:`JOBS` run once, to the end."""
+    root = tmp_path_factory.mktemp("whole")
+    return sweep.run_sweep(spec, JOBS, root / "runs", progress=False, ledger_dir=root / "results")
+
+
+def _count(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """The names of the jobs that run (appended as each starts); with ``fail_after`` every job after that many
+    raises (a sweep stopped halfway)."""
+    ran: list[str] = []
+
+    def counted(job, spec, out_dir, threads):
+        ran.append(job.name())
+        if fail_after is not None and len(ran) > fail_after:
+            raise RuntimeError("stopped")
+        return REAL_JOB(job, spec, out_dir, threads)
+
+    monkeypatch.setattr(sweep, "_run_job", counted)
+    return ran
+
+
+def test_a_stopped_sweep_continues_from_a_copy_of_its_ledger(spec, uninterrupted, tmp_path, monkeypatch):
+    first = tmp_path / "clone1"
+    ran = _count(monkeypatch, fail_after=2)
+    with pytest.raises(backends.SweepFailed):
+        sweep.run_sweep(spec, JOBS, first / "runs", progress=False, ledger_dir=first / "results" / "micro")
+    assert ran == [j.name() for j in JOBS]  # two rows, then two failures
+    assert sorted(p.name for p in (first / "results" / "micro").iterdir()) == \
+        ["dense-0.00-s0-n8.json", "magnitude-0.50-s0-n8.json"]
+    second = tmp_path / "clone2"  # a fresh clone: the committed rows only, no run folder, no level database
+    shutil.copytree(first / "results", second / "results")
+    ran = _count(monkeypatch)
+    rows = sweep.run_sweep(spec, JOBS, second / "runs", progress=False, ledger_dir=second / "results" / "micro")
+    assert ran == ["sparsegpt-0.50-s0-n8", "search-0.50-s0-n8"]  # no finished job ran twice
+    assert len(list((second / "results" / "micro").glob("*.json"))) == 4
+    pd.testing.assert_frame_equal(rows.drop(columns=CLOCKS), uninterrupted.drop(columns=CLOCKS))
+    pd.testing.assert_frame_equal(tables.main_table(rows, ["dense", "magnitude", "sparsegpt", "search"]),
+                                  tables.main_table(uninterrupted, ["dense", "magnitude", "sparsegpt", "search"]))
+    ran = _count(monkeypatch)
+    again = sweep.run_sweep(spec, JOBS, tmp_path / "clone3" / "runs", progress=False,
+                            ledger_dir=second / "results" / "micro")
+    assert ran == []  # every row in the ledger: nothing runs, only the rows are read
+    pd.testing.assert_frame_equal(again, rows)
+
+
+def test_the_model_is_named_by_its_recipe(micro_model_dir, tmp_path):
+    """A built model by its recipe digest (its folder differs from machine to machine), a hub name as given."""
+    assert model_identity(micro_model_dir) == {"kind": "tiny", "digest": TrainConfig.micro().digest()}
+    assert model_identity("llava-hf/llava-1.5-7b-hf") == {"name": "llava-hf/llava-1.5-7b-hf"}
+    assert model_identity(tmp_path) == {"path": str(tmp_path.resolve())}
+
+
+def test_ledger_row_format(spec, tmp_path):
+    job = Job("search", 0.5, 0, 8)
+    sweep.run_sweep(spec, [job], tmp_path / "runs", progress=False, ledger_dir=tmp_path / "results")
+    entry = json.loads((tmp_path / "results" / f"{job.name()}.json").read_text())
+    assert sorted(entry) == sorted(ledger.FIELDS)
+    assert (entry["format"], entry["key"], entry["digest"]) == (1, "search-0.50-s0-n8", job_digest(spec, job, 1))
+    assert entry["job"] == {"method": "search", "sparsity": 0.5, "seed": 0, "calib_n": 8, "gap": None,
+                            "projector": None, "exact": False}
+    assert {"j", "r_hat", "g_hat", "mean", "calib_mean", "seconds", "measured"} <= set(entry["row"])
+    assert entry["lam"] is None  # the search without the gap term has no lambda
+    assert sorted(entry["policy"]) == ["grid", "meta", "sparsities"] and entry["policy"]["meta"]["gap"] == "none"
+    assert sorted(entry["machine"]) == ["cpu_count", "platform", "threads", "torch"]
+    assert entry["machine"]["threads"] == 1
+    assert entry["commit"] is None or len(entry["commit"]) == 40
+
+
+def test_a_row_of_another_digest_is_rerun_and_overwritten(spec, tmp_path, monkeypatch):
+    job, out, folder = Job("magnitude", 0.5, 0, 8), tmp_path / "runs", tmp_path / "results"
+    other = SweepSpec(spec.model_dir, eval_limit=2, search_preset="ci", search=SEARCH, tier=spec.tier)
+    sweep.run_sweep(other, [job], tmp_path / "other", progress=False, ledger_dir=folder)
+    assert json.loads((folder / f"{job.name()}.json").read_text())["digest"] == job_digest(other, job, 1)
+    ran = _count(monkeypatch)
+    rows = sweep.run_sweep(spec, [job], out, progress=False, ledger_dir=folder)
+    assert ran == ["magnitude-0.50-s0-n8"]  # another evaluation size: re-run, never mixed in
+    entry = json.loads((folder / f"{job.name()}.json").read_text())
+    assert entry["digest"] == job_digest(spec, job, 1) != job_digest(other, job, 1)
+    assert entry["row"]["mean"] == rows.loc[0, "mean"]
+    assert job_digest(spec, job, 2) != job_digest(spec, job, 1)  # the thread count is part of the digest
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("{\"format\": 1, \"key\": ", "invalid JSON (JSONDecodeError)"),
+    ("{\"format\": 1}\n", "missing key, digest, job, row, policy, lam, machine, commit"),
+    ("[1, 2]\n", "not a JSON object but list"),
+])
+def test_a_corrupted_row_is_named_in_one_line_and_rerun(spec, tmp_path, monkeypatch, capsys, text, reason):
+    job, folder = Job("dense", 0.0, 0, 8), tmp_path / "results"
+    path = folder / f"{job.name()}.json"
+    files.write_text(path, text)
+    ran = _count(monkeypatch)
+    sweep.run_sweep(spec, [job], tmp_path / "runs", progress=False, ledger_dir=folder)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ledger:")]
+    assert err == [f"ledger: corrupted row {path}: {reason}; its job re-runs"]
+    assert ran == ["dense-0.00-s0-n8"]
+    assert json.loads(path.read_text())["digest"] == job_digest(spec, job, 1)
+
+
+def test_rows_are_written_atomically(spec, tmp_path, monkeypatch):
+    folder = tmp_path / "results"
+    old = {"format": 1, "key": "dense-0.00-s0-n8", "digest": "old"}
+    ledger.write(folder, old)
+    real = Path.write_text
+
+    def half(self, text, *args, **kwargs):  # the disk fills up halfway through the file
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(OSError, match="No space left"):
+        ledger.write(folder, {**old, "digest": "new", "row": {"mean": 1.0}})
+    monkeypatch.undo()
+    assert [p.name for p in folder.iterdir()] == ["dense-0.00-s0-n8.json"]  # no temp file left
+    assert json.loads((folder / "dense-0.00-s0-n8.json").read_text()) == old
+    ran = _count(monkeypatch, fail_after=0)  # a job that raises leaves no row
+    with pytest.raises(backends.SweepFailed):
+        sweep.run_sweep(spec, [Job("magnitude", 0.5, 0, 8)], tmp_path / "runs", progress=False, ledger_dir=folder)
+    assert ran == ["magnitude-0.50-s0-n8"] and [p.name for p in folder.iterdir()] == ["dense-0.00-s0-n8.json"]
+
+
+def test_a_row_does_not_depend_on_the_callers_threads(spec, tmp_path):
+    job, before = Job("sparsegpt", 0.5, 0, 8), torch.get_num_threads()
+    entries = []
+    try:
+        for outer in (2, 1):
+            torch.set_num_threads(outer)
+            sweep.run_sweep(spec, [job], tmp_path / f"t{outer}", progress=False, ledger_dir=tmp_path / f"l{outer}")
+            assert torch.get_num_threads() == outer  # restored after the job
+            entries.append(json.loads((tmp_path / f"l{outer}" / f"{job.name()}.json").read_text()))
+    finally:
+        torch.set_num_threads(before)
+    assert [e["machine"]["threads"] for e in entries] == [1, 1]
+    rows = [{k: v for k, v in e["row"].items() if k not in CLOCKS} for e in entries]
+    assert rows[0] == rows[1] and entries[0]["policy"] == entries[1]["policy"]
+
+
+def test_the_pipeline_reads_the_tracked_ledger_only_from_its_own_runs_folder(tmp_path):
+    root = tmp_path / "project"
+    assert pipeline.ledger_folder("results/smol", root, root / "runs", root / "runs" / "smol") == \
+        root / "results" / "smol"
+    assert pipeline.ledger_folder("results/smol", root, tmp_path / "fresh", tmp_path / "fresh" / "smol") == \
+        tmp_path / "fresh" / "smol" / "ledger"
