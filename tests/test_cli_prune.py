@@ -27,6 +27,9 @@ def _prune(model, out, *extra):
     (["--method", "owl", "--nm", "2:4"], "--nm applies"),
     (["--method", "magnitude"], "give --sparsity"),
     (["--sparsity", "0.6", "--nm", "2:4"], "disagrees"),
+    (["--policy", "search", "--sparsity", "0.5"], "--policy sets every unit's sparsity"),
+    (["--policy", "search", "--method", "owl"], "--policy sets every unit's sparsity"),
+    (["--policy", "no-search"], "no-search is missing"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
     out = tmp_path / "pruned"

@@ -74,20 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print the model's prunable units and parameter counts (the 7B on the meta device: no weights)."""
+    """Print the model's prunable units and parameter counts. The 7B and the built-in models never need weights:
+    they are built on the meta device from their config (:func:`inspect_info`); nothing is ever trained."""
     import json
 
-    from ellava_lib.model.structure import CONFIG_ALIASES, inspect_model
-
-    if args.model in CONFIG_ALIASES:
-        if not args.meta:
-            raise CLIError(f"{args.model}: pass --meta (only the structure is available offline)")
-        info = inspect_model(args.model, meta=True, include_vision=args.vision)
-    else:
-        from ellava_lib.model.specs import load_model
-
-        model, _ = load_model(args.model, progress=False)
-        info = inspect_model(model, include_vision=args.vision)
+    info = inspect_info(args.model, args.meta, args.vision)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -97,6 +88,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {u['name']:<20} {u['params']:>14,}")
         print(f"{info['n_units']} units")
     return 0
+
+
+def inspect_info(spec: str, meta: bool, vision: bool) -> dict:
+    """:func:`structure.inspect_model` of ``spec``: a shipped hub config (only with ``meta``) or a built-in name
+    (``tiny``, ``smol``) on the meta device, from :func:`specs.builtin_config` (never trained: the recipe's
+    config when nothing is cached or shipped); a built-in model already built and cached, without ``meta``, or a
+    folder, with its weights."""
+    from ellava_lib.model.specs import BUILTIN, build_dir, builtin_config, load_model
+    from ellava_lib.model.structure import CONFIG_ALIASES, inspect_model, meta_model
+
+    if spec in CONFIG_ALIASES:
+        if not meta:
+            raise CLIError(f"{spec}: pass --meta (only the structure is available offline)")
+        return inspect_model(spec, meta=True, include_vision=vision)
+    if spec in BUILTIN:
+        built = build_dir(BUILTIN[spec]())
+        if meta or not (built / "ellava.json").is_file():
+            return inspect_model(meta_model(builtin_config(spec)), include_vision=vision)
+        spec = str(built)
+    model, _ = load_model(spec, progress=False)
+    return inspect_model(model, include_vision=vision)
 
 
 def add_parsers(sub) -> None:
@@ -141,8 +153,11 @@ def add_parsers(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="list a model's prunable units and parameter counts")
-    i.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (with --meta)")
-    i.add_argument("--meta", action="store_true", help="build on the meta device from the shipped config")
+    i.add_argument("--model", default="tiny",
+                   help="'tiny' or 'smol' (from the recipe's config, never trained), a model folder, or llava-1.5-7b "
+                        "(with --meta)")
+    i.add_argument("--meta", action="store_true",
+                   help="build on the meta device from the config (shipped, cached or the recipe's): no weights")
     i.add_argument("--vision", action="store_true", help="include the vision tower's units")
     i.add_argument("--json", action="store_true", help="print a JSON object")
     i.set_defaults(func=cmd_inspect)

@@ -11,11 +11,11 @@ from ellava_lib.cli.common import CLIError, add_data_args, model_dir_of, positiv
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a model (uniform policy, or one allocated by OWL / ECoFLaP) and save it with its policy."""
+    """Prune a model (uniform policy, one allocated by OWL / ECoFLaP, or a searched one with ``--policy``) and
+    save it with its policy: a plain ``transformers`` folder (:func:`export.export_pruned`)."""
     import json
-    import math
 
-    from ellava_lib.core.policy import GRID_TOL
+    from ellava_lib.core.units import list_units, names_vision
     from ellava_lib.model import losses
     from ellava_lib.prune.masks import parse_nm
     from ellava_lib.prune.prune import measured_mean, prune_model
@@ -24,15 +24,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ellava_lib.speed.export import export_pruned
 
     n, m = parse_nm(args.nm) if args.nm else (0, 0)
-    if n and args.method in ("owl", "ecoflap", "llm_pruner"):
-        raise CLIError(f"--nm applies to magnitude, wanda and sparsegpt, not to {args.method}")
-    if args.sparsity is None and not n:
-        raise CLIError("give --sparsity S (in [0, 1)) or --nm N:M")
-    target = n / m if n else args.sparsity
-    if not (isinstance(target, float) and math.isfinite(target) and 0.0 <= target < 1.0):
-        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if n and args.sparsity is not None and abs(args.sparsity - target) > GRID_TOL:
-        raise CLIError(f"--sparsity {args.sparsity} disagrees with --nm {args.nm} ({target:g})")
+    if args.policy and (args.sparsity is not None or n or args.method not in ("magnitude", "wanda", "sparsegpt")):
+        raise CLIError("--policy sets every unit's sparsity: leave out --sparsity and --nm, and use --method "
+                       "sparsegpt (the default), wanda or magnitude")
+    searched = searched_policy(Path(args.policy)) if args.policy else None
+    target = prune_target(args, n, m) if searched is None else None
     if args.calib <= 0:
         raise CLIError(f"--calib must be a positive integer, got {args.calib}")
     out = Path(args.out)
@@ -40,12 +36,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CLIError(f"output {out} exists and is not an empty folder (pass --force to replace it)")
     tier = tier_of(args)
     samples = calibration_samples(tier, args.calib, args.seed)  # ValueError past the pool: exit 2
-    model_dir = model_dir_of(args.model, args.quiet)
+    model_dir = prunable_model_dir(args.model, args.quiet)
     model, processor = load_model(tier, model_dir, progress=not args.quiet)
     batch = encode_calibration(tier, samples, processor)
     t0 = time.time()
     dense_loss = losses.calibration_loss(model, batch)
-    policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
+    if searched is None:
+        policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
+    else:
+        policy = apply_searched(model, *searched)
+        target = policy.mean_sparsity(list_units(model, names_vision(policy.sparsities)))
     solver = solver_for(args.method)
     report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet,
                          device=args.device)
@@ -56,6 +56,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
              "calibration": {"n": args.calib, "seed": args.seed, "data": tier.data, "ids": [s.id for s in samples],
                              "loss_dense": dense_loss, "loss_pruned": loss},
              "seconds": round(time.time() - t0, 3)}
+    if searched is not None:
+        extra["policy_source"] = {"policy": str(searched[0]), "projector": str(searched[1]) if searched[1] else None}
     base_meta = Path(model_dir) / "ellava.json"
     if base_meta.is_file():
         extra["base_meta"] = json.loads(base_meta.read_text())
@@ -64,6 +66,67 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"calibration loss {dense_loss:.4f} -> {loss:.4f}")
     print(f"wrote {out} (model, policy.json, sparsity.csv)")
     return 0
+
+
+def prune_target(args: argparse.Namespace, n: int, m: int) -> float:
+    """The mean sparsity ``ellava prune`` is asked for without ``--policy``: ``--sparsity``, or ``N / M`` of
+    ``--nm N:M``; a :class:`CLIError` for a value outside ``[0, 1)``, a method that takes no N:M pattern, or a
+    ``--sparsity`` that disagrees with ``--nm``."""
+    import math
+
+    from ellava_lib.core.policy import GRID_TOL
+
+    if n and args.method in ("owl", "ecoflap", "llm_pruner"):
+        raise CLIError(f"--nm applies to magnitude, wanda and sparsegpt, not to {args.method}")
+    if args.sparsity is None and not n:
+        raise CLIError("give --sparsity S (in [0, 1)), --nm N:M or --policy")
+    target = n / m if n else args.sparsity
+    if not (isinstance(target, float) and math.isfinite(target) and 0.0 <= target < 1.0):
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if n and args.sparsity is not None and abs(args.sparsity - target) > GRID_TOL:
+        raise CLIError(f"--sparsity {args.sparsity} disagrees with --nm {args.nm} ({target:g})")
+    return target
+
+
+def searched_policy(path: Path) -> tuple[Path, Path | None]:
+    """The policy file and the projector file ``ellava prune --policy PATH`` prunes with: ``PATH`` itself (a
+    ``policy.json``), or, for a folder (``ellava search``'s ``--out``), its ``policy.json`` and, when the search
+    evolved one, its ``projector.safetensors`` (else None). A :class:`CLIError` when there is no policy file."""
+    if path.is_dir():
+        projector = path / "projector.safetensors"
+        return _policy_file(path / "policy.json"), projector if projector.is_file() else None
+    return _policy_file(path), None
+
+
+def _policy_file(path: Path) -> Path:
+    if not path.is_file():
+        raise CLIError(f"--policy: {path} is missing (give an `ellava search` folder or its policy.json)")
+    return path
+
+
+def apply_searched(model, policy_file: Path, projector: Path | None):
+    """The :class:`Policy` of ``policy_file``; the searched ``projector`` (if any) is loaded into ``model`` first,
+    so every block is pruned on the activations of the model that will be used (as ``ellava search --exact``)."""
+    from ellava_lib.core.policy import Policy
+    from ellava_lib.search.projector import load_projector, set_projector_state
+
+    policy = Policy.from_json(policy_file)
+    if projector is not None:
+        set_projector_state(model, load_projector(projector)[0])
+    return policy
+
+
+def prunable_model_dir(spec: str, quiet: bool) -> str | Path:
+    """:func:`model_dir_of` ``spec``, after checking a folder's decoder (:func:`units.check_decoder`, from its
+    ``config.json``, before any weight is read): an unsupported one is a one-line error, exit status 2."""
+    from transformers import LlavaConfig
+
+    from ellava_lib.core.units import check_decoder
+
+    model_dir = model_dir_of(spec, quiet)
+    if isinstance(model_dir, Path):
+        check_decoder(LlavaConfig.from_pretrained(model_dir))
+    return model_dir
 
 
 #: ``ellava search`` flags that set a :class:`config.SearchConfig` field (serialised name), None = the preset's.
@@ -125,7 +188,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise CLIError(f"output {out} exists and is not a search folder (no search_config.json)")
     check_resume(out, cfg)  # another config: ValueError naming the differences, before any work
     samples = calibration_samples(tier, args.calib, args.seed)
-    model_dir = model_dir_of(args.model, args.quiet)
+    model_dir = prunable_model_dir(args.model, args.quiet)
     model, processor = load_model(tier, model_dir, progress=not args.quiet)
     batch = encode_calibration(tier, samples, processor)
     units = list_units(model, args.vision)
@@ -177,6 +240,10 @@ def add_parsers(sub) -> None:
                    help="owl / ecoflap allocate a non-uniform policy, then prune it with SparseGPT; "
                         "llm_pruner zeroes whole heads / MLP channels (Taylor importance)")
     r.add_argument("--sparsity", type=float, default=None, help="mean sparsity in [0, 1)")
+    r.add_argument("--policy", default=None, metavar="PATH",
+                   help="prune under a searched policy instead: an `ellava search` folder (its policy.json, and its "
+                        "evolved projector.safetensors, loaded first) or a policy.json; sequential SparseGPT, as "
+                        "search --exact (no --sparsity, --nm or allocating --method)")
     r.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 (magnitude, wanda, sparsegpt)")
     r.add_argument("--calib", type=int, default=64, help="number of calibration samples")
     r.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (and ECoFLaP's noise)")

@@ -3,18 +3,27 @@
 A *unit* is a group of linear layers sharing one sparsity: per language-model decoder block
 ``lm.{i}.attn = {q,k,v,o}_proj`` and ``lm.{i}.mlp = {gate,up,down}_proj``; optionally per vision block
 ``vision.{i}.attn = {q,k,v,out}_proj`` and ``vision.{i}.mlp = {fc1,fc2}``. Works for every tier, because
-each is a ``transformers`` ``LlavaForConditionalGeneration``.
+each is a ``transformers`` ``LlavaForConditionalGeneration``; so does a user's llava-hf checkpoint whose decoder is
+one of :data:`DECODERS`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 LM_GROUPS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
              "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+#: Decoder architectures (``text_config.model_type``) whose blocks have :data:`LM_GROUPS`' layers: Llama (LLaVA-1.5,
+#: SmolLM2), Mistral (the Mistral-based LLaVA variants) and Qwen2 (``llava-interleave-qwen``; its q/k/v biases are
+#: kept, only the weights are pruned).
+DECODERS = ("llama", "mistral", "qwen2")
 VISION_GROUPS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
                  "mlp": ("mlp.fc1", "mlp.fc2")}
 
@@ -30,8 +39,19 @@ def names_vision(units: Iterable[str]) -> bool:
     return any(is_vision_unit(u) for u in units)
 
 
+def check_decoder(config: PretrainedConfig) -> None:
+    """A one-line ``ValueError`` unless the LLaVA ``config``'s language model (``text_config.model_type``) is one
+    of :data:`DECODERS`, whose blocks have the layer names of :data:`LM_GROUPS` (a GPT-2 or Phi decoder has
+    others). The message names the supported architectures."""
+    kind = getattr(getattr(config, "text_config", None), "model_type", None)
+    if kind not in DECODERS:
+        raise ValueError(f"unsupported language model {kind!r} in this LLaVA: ellava prunes decoders of the "
+                         f"architectures {', '.join(DECODERS)} (text_config.model_type)")
+
+
 def lm_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of the language model."""
+    """The decoder blocks of the language model (:func:`check_decoder` first)."""
+    check_decoder(model.config)
     return model.model.language_model.layers
 
 
@@ -62,11 +82,16 @@ def list_units(model: nn.Module, include_vision: bool = False) -> "OrderedDict[s
 
 def params_by_component(model: nn.Module) -> dict[str, int]:
     """Parameter counts of the vision tower, the projector and the language model (incl. embeddings
-    and the LM head), and their total."""
+    and the LM head; an LM head tied to the input embeddings, as SmolLM2's, is one tensor and counted once),
+    and their total."""
     inner = model.model
-    out = {"vision": sum(p.numel() for p in inner.vision_tower.parameters()),
-           "projector": sum(p.numel() for p in inner.multi_modal_projector.parameters()),
-           "language_model": sum(p.numel() for p in inner.language_model.parameters())
-           + sum(p.numel() for p in model.lm_head.parameters())}
+    out = {"vision": _numel(inner.vision_tower.parameters()),
+           "projector": _numel(inner.multi_modal_projector.parameters()),
+           "language_model": _numel([*inner.language_model.parameters(), *model.lm_head.parameters()])}
     out["total"] = sum(out.values())
     return out
+
+
+def _numel(params: Iterable[nn.Parameter]) -> int:
+    """Number of elements of the distinct tensors among ``params`` (a tensor listed twice counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())

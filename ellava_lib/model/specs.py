@@ -15,17 +15,24 @@ from pathlib import Path
 
 import pandas as pd
 from safetensors.torch import save_file
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from ellava_lib.core import files
 from ellava_lib.model import loading, lora, shipped
 from ellava_lib.model.loading import ModelLoadError, load_folder, load_pretrained
-from ellava_lib.model.train import CHECKPOINT_EVERY, TrainConfig, train
+from ellava_lib.model.train import CHECKPOINT_EVERY, TrainConfig, recipe_config, train
 
 
 def cache_root() -> Path:
     """Where built models are cached: ``$ELLAVA_CACHE`` or ``~/.cache/ellava``."""
     return Path(os.environ.get("ELLAVA_CACHE", Path.home() / ".cache" / "ellava"))
+
+
+def build_dir(cfg: TrainConfig, cache: Path | None = None) -> Path:
+    """The folder :func:`build_or_load` keeps the model of ``cfg`` in: ``<cache>/models/<kind>-<digest>``
+    (``cache`` default :func:`cache_root`); it holds a model once its ``ellava.json`` is there."""
+    cache = Path(cache) if cache is not None else cache_root()
+    return cache / "models" / f"{cfg.kind()}-{cfg.digest()}"
 
 
 def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = True, force: bool = False,
@@ -42,8 +49,7 @@ def build_or_load(cfg: TrainConfig, cache: Path | None = None, progress: bool = 
     the work folder is removed once the model folder is in place (``force`` discards a saved state too). A build
     with LoRA adapters also writes what it trained, unmerged (:data:`shipped.PARTS`), so it can be shipped.
     """
-    cache = Path(cache) if cache is not None else cache_root()
-    out = cache / "models" / f"{cfg.kind()}-{cfg.digest()}"
+    out = build_dir(cfg, cache)
     work = out.with_name(f".building-{out.name}")
     if (out / "ellava.json").exists() and not force:
         return out
@@ -80,6 +86,18 @@ def model_meta(model_dir: Path) -> dict:
 BUILTIN = {"tiny": TrainConfig, "smol": TrainConfig.smol}
 #: Hub checkpoints the kit knows by a short name (the paper tier).
 HUB_MODELS = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf": "llava-hf/llava-1.5-7b-hf"}
+
+
+def builtin_config(name: str, cache: Path | None = None) -> LlavaConfig:
+    """The ``LlavaConfig`` of the built-in model ``name`` (:data:`BUILTIN`) without training or loading weights:
+    the ``config.json`` of its cached build (:func:`build_dir`), else of its shipped folder
+    (:func:`shipped.find`), else the recipe's (:func:`train.recipe_config`: for ``tiny`` the tiny vocabulary is
+    generated, tens of seconds; for ``smol`` SmolLM2's shape, the GGUF is not read)."""
+    cfg = BUILTIN[name]()
+    folder = build_dir(cfg, cache)
+    if not (folder / "ellava.json").is_file():
+        folder = shipped.find(cfg)
+    return LlavaConfig.from_pretrained(folder) if folder is not None else recipe_config(cfg)
 
 
 def resolve_model_dir(spec: str | Path, progress: bool = True) -> Path:

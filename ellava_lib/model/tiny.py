@@ -17,6 +17,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -150,12 +151,17 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast, seed: int =
 def init_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     """A randomly initialised tiny LLaVA drawn from torch's global CPU generator as it stands: the caller seeds
     it (:func:`build_model`; training, which keeps drawing from the same stream after the model)."""
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden, intermediate_size=cfg.lm_mlp,
+    return init_llava(vision_config(cfg), text_config(cfg, tokenizer), tokenizer)
+
+
+def text_config(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The Llama decoder of ``cfg`` (``lm_*`` sizes, one key/value head per query head, untied output head) over
+    ``tokenizer``'s vocabulary, with its pad, bos and eos ids."""
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden, intermediate_size=cfg.lm_mlp,
                        num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
                        num_key_value_heads=cfg.lm_heads, max_position_embeddings=cfg.max_positions,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    return init_llava(vision_config(cfg), text, tokenizer)
 
 
 def vision_config(cfg: TinyConfig) -> CLIPVisionConfig:
@@ -165,18 +171,24 @@ def vision_config(cfg: TinyConfig) -> CLIPVisionConfig:
                             image_size=scenes.IMAGE_SIZE, patch_size=scenes.CELL, projection_dim=cfg.vit_hidden)
 
 
-def init_llava(vision: CLIPVisionConfig, text: LlamaConfig,
+def init_llava(vision: CLIPVisionConfig, text: PretrainedConfig,
                tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     """A randomly initialised ``LlavaForConditionalGeneration`` (drawn from torch's global CPU generator) with the
     vision tower ``vision``, the decoder ``text`` and a 2-layer GELU projector between them, wired like llava-hf's
     (patch features of the last layer without the CLS token, ``<image>`` = one token per patch); the pad, bos
-    and eos ids of ``tokenizer`` go into the config and the generation config."""
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                         vision_feature_layer=-1, image_seq_length=scenes.GRID * scenes.GRID,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlavaForConditionalGeneration(config)
+    and eos ids of ``tokenizer`` go into the config (:func:`llava_config`) and the generation config."""
+    model = LlavaForConditionalGeneration(llava_config(vision, text, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def llava_config(vision: CLIPVisionConfig, text: PretrainedConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    """The ``LlavaConfig`` of :func:`init_llava` (nothing is built): the vision tower ``vision``, the decoder
+    ``text``, a 2-layer GELU projector, patch features of the last layer without the CLS token, one ``<image>``
+    token (``tokenizer``'s id) per scene cell, ``tokenizer``'s pad id."""
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                       projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                       vision_feature_layer=-1, image_seq_length=scenes.GRID * scenes.GRID,
+                       pad_token_id=tokenizer.pad_token_id)

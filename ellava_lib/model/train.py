@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LlavaConfig
 
 from ellava_lib.core.schema import SUITES
 from ellava_lib.data import scenes, synth
@@ -424,6 +425,20 @@ def init_model(cfg: TrainConfig):
     if cfg.lora_rank:
         lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets())
     return model, processor
+
+
+def recipe_config(cfg: TrainConfig) -> LlavaConfig:
+    """The ``LlavaConfig`` of the model :func:`init_model` would build for ``cfg``, without building, loading or
+    training anything: the tiny LLaVA (:func:`tiny.text_config` over the tiny vocabulary,
+    :func:`tiny.vocabulary`, tens of seconds) or, for ``lm="smollm2"``, SmolLM2's shape
+    (:func:`smol.llava_config`, the GGUF is not read) behind the vision tower of ``cfg.model``. The test-size
+    ``micro-llama`` decoder has no recipe config: a ``ValueError``."""
+    if not cfg.lm:
+        tokenizer = tiny.build_tokenizer(tiny.vocabulary(cfg.data_seed))
+        return tiny.llava_config(tiny.vision_config(cfg.model), tiny.text_config(cfg.model, tokenizer), tokenizer)
+    if cfg.lm == "smollm2":
+        return smol.llava_config(smol.SMOLLM2, cfg.model)
+    raise ValueError(f"no recipe config for the language model {cfg.lm!r} (only the tiny decoder and smollm2)")
 
 
 def _fit(cfg: TrainConfig, model, processor, progress: bool, work_dir: Path | None, checkpoint_every: int):
