@@ -2,7 +2,8 @@
 
 A :class:`Job` is one (method, sparsity, seed) cell plus the ablation knobs (gap estimator, projector
 evolution on/off, calibration size, exact re-prune). Methods are the baselines of :mod:`allocate`
-(``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``), ``dense`` (no pruning), and the two
+(``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``), the structured ``llm_pruner`` (:mod:`structured`:
+whole attention groups and MLP channels), ``dense`` (no pruning), and the two
 searched methods: ``search`` (evolutionary search without the gap term and without projector evolution,
 EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector evolution).
 
@@ -91,8 +92,9 @@ LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "
 SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
 #: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
 #: (2: OWL prunes its continuous allocation instead of the grid-rounded one; 3: OWL one ratio per decoder
-#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts).
-METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2}
+#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts; llm_pruner 2: KV
+#: groups, floor(r K) of them, and the MLP channels that meet the budget).
+METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2, "llm_pruner": 2}
 
 
 def method_policy(model: nn.Module, batch: dict[str, torch.Tensor], method: str, sparsity: float, seed: int = 0,
