@@ -32,8 +32,9 @@ LABELS: dict[str, str] = {"dense": "dense", "magnitude": "magnitude", "wanda": "
 SUITE_COLUMNS: tuple[str, ...] = ("sqa", "vizwiz", "mmvet", "llavabench")
 #: Bumped when a method's implementation changes what its rows hold, so sweeps re-run those rows
 #: (2: OWL prunes its continuous allocation instead of the grid-rounded one; 3: OWL one ratio per decoder
-#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts).
-METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2}
+#: layer, ECoFLaP per block with its reference scores and cap, Wanda floors its per-row counts; llm_pruner 2: KV
+#: groups, floor(r K) of them, and the MLP channels that meet the budget).
+METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2, "llm_pruner": 2}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ The stages and how often the profile runs them (``runs``):
 * **level databases** (03-06): one per (seed, calib_n) of the searched jobs, the union of their grids
   (:func:`jobs.level_grid`): :func:`costmodel.estimate_level_db`.
 * **pruning**: SparseGPT (``sparsegpt``, and after the allocation ``owl``, ``ecoflap``, the exact re-prune) is
-  :func:`costmodel.estimate_level_db` at one level; Wanda and OWL's statistics one calibration forward; ECoFLaP's
+  :func:`costmodel.estimate_level_db` at one level; Wanda and OWL's statistics one calibration forward;
+  ``llm_pruner``'s Taylor scores one forward and one backward over the calibration rows (3 forwards; peak: the
+  weights, the decoder linears' gradients and every layer's saved activations, :func:`taylor_bytes`); ECoFLaP's
   zeroth-order importances, once per (seed, calib_n) that needs them (:func:`jobs.needs_importance`), are
   ``2 x ECOFLAP_SAMPLES`` one-row forwards per linear (:func:`allocate.zeroth_order_importance`).
 * **searches**: :func:`plan._search_seconds` and :func:`plan._projector_seconds` with each job's own
@@ -235,7 +237,15 @@ def prune_seconds(ctx: Context, spec, job) -> float:
         return search_seconds(ctx, search_config(spec, job), job.calib_n) + (db.seconds if job.exact else 0.0)
     forward = db.detail["calibration_forward"]
     return {"magnitude": 0.0, "wanda": forward, "sparsegpt": db.seconds, "owl": db.seconds + forward,
-            "ecoflap": db.seconds}.get(job.method, db.seconds)
+            "ecoflap": db.seconds, "llm_pruner": 3 * forward}.get(job.method, db.seconds)
+
+
+def taylor_bytes(ctx: Context, n: int) -> float:
+    """Peak of ``llm_pruner``'s one backward over ``n`` calibration rows: a projector step of ``n`` rows without
+    checkpointing (:func:`memory.projector_bytes`: weights, every layer's saved activations, logits) plus the
+    gradients of the decoder linears."""
+    return memory.projector_bytes(ctx.dm, ctx.workload(n), n, False) + ctx.dm.layers * ctx.dm.block_params * \
+        ctx.dtype_bytes
 
 
 def job_seconds(ctx: Context, spec, job, limit: int) -> float:
@@ -312,8 +322,12 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     for method in dict.fromkeys(j.method for j in jobs if j.method != "dense"):
         mine = [j for j in jobs if j.method == method]
         secs = [prune_seconds(ctx, spec, j) for j in mine]
-        peak = (max(memory.search_bytes(dm, ctx.workload(j.calib_n), j.calib_n) for j in mine)
-                if method in SEARCH_METHODS else db_peak or memory.leveldb_bytes(dm, wl, False))
+        if method in SEARCH_METHODS:
+            peak = max(memory.search_bytes(dm, ctx.workload(j.calib_n), j.calib_n) for j in mine)
+        elif method == "llm_pruner":
+            peak = max(taylor_bytes(ctx, j.calib_n) for j in mine)
+        else:
+            peak = db_peak or memory.leveldb_bytes(dm, wl, False)
         stages.append(_stage(f"prune: {method}", sum(secs) / len(secs), len(secs), peak,
                              "search" if method in SEARCH_METHODS else "SparseGPT / scores", gpu_gb))
     evals = [eval_seconds(ctx, limit) + calib_eval_seconds(

@@ -3,37 +3,30 @@
 The jobs (:class:`jobs.Job`: one (method, sparsity, seed) cell plus the ablation knobs), what a sweep's jobs share
 (:class:`jobs.SweepSpec`) and the digests their rows are matched by live in :mod:`jobs`; this module runs them.
 Methods are the baselines of :mod:`allocate` (``magnitude``, ``wanda``, ``sparsegpt``, ``owl``, ``ecoflap``),
-``dense`` (no pruning), and the two searched methods: ``search`` (evolutionary search without the gap term and
-without projector evolution, EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector
-evolution).
-
-Every job draws its own calibration set (``calib_n`` samples with its ``seed``, :mod:`calibration`), so
-the seed changes the calibration data of every calibration-based method and the search's random draws.
-Each job reports the test score of every suite and their mean, the **calibration score** (the same metrics
-on its calibration *selection rows*, :func:`jobs.calib_rows`: the rows no stage of any method trains on; the
-searched methods choose their returned policy on them, so for those the score is selected on, not trained on), the
-**generalization gap** ``calib_mean - mean`` and ``flops_rel`` (prefill FLOPs of the whole model relative to
-dense, :mod:`flops`).
-
-Tables made from the rows: :mod:`tables`.
-
-Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (atomically) and is
-skipped on a re-run; jobs are independent and run in ``workers`` processes or as tasks of a Ray cluster
-(:mod:`backends`), after the level databases and importances they share; every job runs at the sweep's fixed
-intra-op thread count (``threads``, set inside the job whatever the backend), so its row does not depend on
-``workers``, on the backend or on the caller's thread settings. A failed job is reported (``failed.json``) without
-stopping the others. With a results ledger (:mod:`ledger`, a tracked folder) each finished row is also written
-there, and a job whose ledger row matches its digest (:func:`jobs.job_digest`) is not run at all.
-
-Disk: one level database per calibration draw ``(seed, calib_n)`` (notebook 06's n-ablation: four). The tier's
-``level_dbs`` keeps them all (``keep``) or holds one at a time (``one``: the jobs run draw by draw, each database
-deleted before the next is built, :func:`run_sweep`); a preflight checks the bytes that mode needs at its peak
-(:func:`level_db_disk`) before any work. The draws share nothing more: the databases of different ``n`` are
-pruned from different Hessians, and one calibration pass over the largest ``n`` with snapshots at the smaller ones
-would not reproduce separate passes bit for bit (the synthetic draws are not nested: the 64 are not a subset of
-the 128; and ``H`` of ``n`` rows summed as a snapshot plus the rest, ``SparseGPT.add_batch`` twice, rounds
-differently in fp32 from one sum over the ``n`` rows), while the forward passes it would save are a small part of
-a build (the per-level solves dominate).
+the structured ``llm_pruner`` (:mod:`structured`: whole attention groups and MLP channels), ``dense`` (no pruning),
+and the two searched methods: ``search`` (evolutionary search without the gap term and without projector evolution,
+EvoPress-style) and ``ellava`` (EfficientLLaVA: search + SRM gap term + projector evolution). Every job draws its
+own calibration set (``calib_n`` samples with its ``seed``, :mod:`calibration`), so the seed changes the calibration
+data of every calibration-based method and the search's random draws. Each job reports the test score of every suite
+and their mean, the **calibration score** (the same metrics on its calibration *selection rows*,
+:func:`jobs.calib_rows`: the rows no stage of any method trains on; the searched methods choose their returned
+policy on them, so for those the score is selected on, not trained on), the **generalization gap** ``calib_mean -
+mean`` and ``flops_rel`` (prefill FLOPs of the whole model relative to dense, :mod:`flops`). Tables made from the
+rows: :mod:`tables`. Resumable and parallel: a finished job writes ``out_dir/jobs/<name>/row.json`` (atomically) and
+is skipped on a re-run; jobs are independent and run in ``workers`` processes or as tasks of a Ray cluster
+(:mod:`backends`), after the level databases and importances they share; every job runs at the sweep's fixed intra-
+op thread count (``threads``, set inside the job whatever the backend), so its row does not depend on ``workers``,
+on the backend or on the caller's thread settings. A failed job is reported (``failed.json``) without stopping the
+others. With a results ledger (:mod:`ledger`, a tracked folder) each finished row is also written there, and a job
+whose ledger row matches its digest (:func:`jobs.job_digest`) is not run at all. Disk: one level database per
+calibration draw ``(seed, calib_n)`` (notebook 06's n-ablation: four). The tier's ``level_dbs`` keeps them all
+(``keep``) or holds one at a time (``one``: the jobs run draw by draw, each database deleted before the next is
+built, :func:`run_sweep`); a preflight checks the bytes that mode needs at its peak (:func:`level_db_disk`) before
+any work. The draws share nothing more: the databases of different ``n`` are pruned from different Hessians, and one
+calibration pass over the largest ``n`` with snapshots at the smaller ones would not reproduce separate passes bit
+for bit (the synthetic draws are not nested: the 64 are not a subset of the 128; and ``H`` of ``n`` rows summed as a
+snapshot plus the rest, ``SparseGPT.add_batch`` twice, rounds differently in fp32 from one sum over the ``n`` rows),
+while the forward passes it would save are a small part of a build (the per-level solves dominate).
 """
 
 from __future__ import annotations

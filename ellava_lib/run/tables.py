@@ -69,8 +69,8 @@ def format_main_table(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     return out.rename(columns={"mean": "mean (test)", "calib_mean": "calib", "gap_calib_test": "gap"})
 
 
-#: The baselines :func:`paired_margins` compares against by default.
-MARGIN_BASELINES: tuple[str, ...] = ("sparsegpt", "wanda", "owl", "ecoflap", "search")
+#: The baselines :func:`paired_margins` compares against by default (a baseline without rows is skipped).
+MARGIN_BASELINES: tuple[str, ...] = ("sparsegpt", "wanda", "owl", "ecoflap", "llm_pruner", "search")
 
 
 def paired_margins(results: pd.DataFrame, method: str = "ellava", baselines: Sequence[str] = MARGIN_BASELINES,
