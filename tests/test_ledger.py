@@ -1,8 +1,9 @@
-"""The results ledger (run/ledger.py) on the micro LLaVA (a Llama decoder; the smol tier's bf16 level databases): a
-sweep stopped halfway continues from a copy
-of its ledger folder (a fresh clone) without running a finished job twice and ends with the uninterrupted run's
-tables; rows of another digest and corrupted rows re-run; rows are written atomically; a row does not depend on the
-caller's thread count."""
+"""The results ledger (run/ledger.py) on the smol recipe's micro model (``TrainConfig.smol_micro()``: the smol build
+on a micro Llama shaped like SmolLM2, trained in seconds; the smol tier's bf16 level databases): a sweep stopped
+halfway continues from a copy of its ledger folder (a fresh clone) without running a finished job twice and ends with
+the uninterrupted run's tables; rows of another digest and corrupted rows re-run; rows are written atomically; a row
+does not depend on the caller's thread count; notebook 04's showcased search reads its row from the ledger
+(run/showcase.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from ellava_lib.core import files
+from ellava_lib.model.specs import build_or_load
 from ellava_lib.model.train import TrainConfig
 from ellava_lib.run import backends, ledger, pipeline, sweep, tables
 from ellava_lib.run.jobs import Job, SweepSpec, job_digest, model_identity
@@ -28,8 +30,14 @@ REAL_JOB = sweep._run_job
 
 
 @pytest.fixture(scope="module")
-def spec(micro_model_dir) -> SweepSpec:
-    return SweepSpec(str(micro_model_dir), eval_limit=1, search_preset="ci", search=SEARCH,
+def smol_micro_dir(tmp_path_factory) -> Path:
+    """The smol recipe built on the micro Llama (the smol profile's model kind, at test size)."""
+    return build_or_load(TrainConfig.smol_micro(), cache=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def spec(smol_micro_dir) -> SweepSpec:
+    return SweepSpec(str(smol_micro_dir), eval_limit=1, search_preset="ci", search=SEARCH,
                      tier={"db_dtype": "bfloat16"})
 
 
@@ -79,9 +87,9 @@ def test_a_stopped_sweep_continues_from_a_copy_of_its_ledger(spec, uninterrupted
     pd.testing.assert_frame_equal(again, rows)
 
 
-def test_the_model_is_named_by_its_recipe(micro_model_dir, tmp_path):
+def test_the_model_is_named_by_its_recipe(smol_micro_dir, tmp_path):
     """A built model by its recipe digest (its folder differs from machine to machine), a hub name as given."""
-    assert model_identity(micro_model_dir) == {"kind": "tiny", "digest": TrainConfig.micro().digest()}
+    assert model_identity(smol_micro_dir) == {"kind": "smol", "digest": TrainConfig.smol_micro().digest()}
     assert model_identity("llava-hf/llava-1.5-7b-hf") == {"name": "llava-hf/llava-1.5-7b-hf"}
     assert model_identity(tmp_path) == {"path": str(tmp_path.resolve())}
 
@@ -177,3 +185,44 @@ def test_the_pipeline_reads_the_tracked_ledger_only_from_its_own_runs_folder(tmp
         root / "results" / "smol"
     assert pipeline.ledger_folder("results/smol", root, tmp_path / "fresh", tmp_path / "fresh" / "smol") == \
         tmp_path / "fresh" / "smol" / "ledger"
+
+
+def test_the_showcased_search_reads_its_row_from_the_ledger(spec, tmp_path, monkeypatch, capsys):
+    """Notebook 04's helper: run once, the search's row and policy go to the ledger and its history stays in the run
+    folder; on a fresh clone holding that row nothing is searched, the policy is the row's, and the history is a
+    one-line note. The baselines' policies come from their ledger rows without loading the model."""
+    from ellava_lib.core.policy import Policy
+    from ellava_lib.run import showcase
+    from ellava_lib.search import evolve
+
+    job, folder = Job("ellava", 0.5, 0, 8), tmp_path / "results"
+    ran = _count(monkeypatch)
+    first = showcase.showcase_search(spec, job, tmp_path / "here" / "sweep", ledger_dir=folder, progress=False)
+    assert ran == [job.name()]
+    entry = json.loads(ledger.row_path(folder, job.name()).read_text())
+    assert first.policy.to_dict() == entry["policy"] == Policy.from_json(first.job_dir / "policy.json").to_dict()
+    assert first.history() is not None and list(first.projector_rounds().columns) == list(showcase.ROUND_COLUMNS)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(sweep, "_run_job", fail)
+    monkeypatch.setattr(evolve, "run_search", fail)
+    capsys.readouterr()
+    clone = showcase.showcase_search(spec, job, tmp_path / "clone" / "sweep", ledger_dir=folder, progress=False)
+    assert clone.policy.to_dict() == entry["policy"] and clone.entry == entry
+    assert {k: v for k, v in clone.row.items() if k not in CLOCKS} == \
+        {k: v for k, v in entry["row"].items() if k not in CLOCKS}
+    assert f"{job.name()}: read from the ledger" in capsys.readouterr().out
+    assert clone.history() is None and clone.phases().empty and clone.projector_rounds().empty
+    assert clone.no_history().startswith(f"no search history: the run folder has no finished search of {job.name()}")
+
+    policies = {}
+    for method, label in showcase.ALLOCATIONS:  # the main table's rows of the baselines at this (sparsity, seed, n)
+        base = Job(method, 0.5, 0, 8)
+        policies[label] = {u: round(0.5 + 0.1 * (i % 2), 1) for i, u in enumerate(entry["policy"]["sparsities"])}
+        policy = {"sparsities": policies[label], "grid": entry["policy"]["grid"]}
+        ledger.write(folder, ledger.make_row(base.name(), job_digest(spec, base, 1), {},
+                                             dict.fromkeys(ledger.ROW_FIELDS), policy, None))
+    monkeypatch.setattr(showcase, "load_model", fail)
+    assert showcase.allocation_policies(spec, 0.5, 0, 8, tmp_path / "clone" / "sweep", ledger_dir=folder) == policies

@@ -20,6 +20,9 @@ A sweep (:func:`sweep.run_sweep` with ``ledger``) skips a job whose row is here 
 digest (another recipe, configuration, thread count) is re-run and overwritten, never mixed in; a row that cannot
 be read (invalid JSON, missing fields) is named in one line on stderr and re-run. Level databases and the other
 large intermediates stay in the run folder (git-ignored) and are rebuilt where a job needs them.
+
+Notebook 04 reads its showcased search's row and policy here (:mod:`showcase`), notebook 07 every row
+(:func:`entries`, :mod:`explorer`) for the jobs its run folder lacks.
 """
 
 from __future__ import annotations
@@ -99,6 +102,16 @@ def problem(entry: Any, key: str) -> str | None:
     return f"its row misses {', '.join(missing)}" if missing else None
 
 
+def _parse(path: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(row, None)`` when the file ``path`` holds a ledger row of the job ``key``, else ``(None, why not)``."""
+    try:
+        entry = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"invalid JSON ({type(e).__name__})"
+    reason = problem(entry, key)
+    return (entry, None) if reason is None else (None, reason)
+
+
 def load(path: Path, key: str, digest: str, warn: bool = True) -> dict[str, Any] | None:
     """The ledger row in ``path`` when it is one of the job ``key`` made under ``digest``; else None: no file, a
     row of another digest (re-run, then overwritten), or a corrupted row, which ``warn`` names in one line on
@@ -106,17 +119,25 @@ def load(path: Path, key: str, digest: str, warn: bool = True) -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        reason: str | None = f"invalid JSON ({type(e).__name__})"
-    else:
-        reason = problem(entry, key)
-    if reason is not None:
+    entry, reason = _parse(path, key)
+    if entry is None:
         if warn:
             print(f"ledger: corrupted row {path}: {reason}; its job re-runs", file=sys.stderr, flush=True)
         return None
     return entry if entry["digest"] == digest else None
+
+
+def entries(ledger: Path) -> list[dict[str, Any]]:
+    """Every row of the ledger folder ``ledger`` whatever its digest, in key order (none when the folder is
+    missing); a corrupted row is named in one line on stderr and left out."""
+    out = []
+    for path in sorted(Path(ledger).glob("*.json")):
+        entry, reason = _parse(path, path.stem)
+        if entry is None:
+            print(f"ledger: corrupted row {path}: {reason}; left out", file=sys.stderr, flush=True)
+        else:
+            out.append(entry)
+    return out
 
 
 def read(ledger: Path, key: str, digest: str) -> dict[str, Any] | None:
