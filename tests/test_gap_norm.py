@@ -1,5 +1,6 @@
-"""The ``norm`` gap end to end: Frobenius norms from a level database, J through ``score_losses``, the config's
-validation of the gap name and lambda (one-line ``ValueError``s)."""
+"""The ``norm`` gap end to end: the stored weights' Frobenius norms and distances to the dense ones from a level
+database (recorded at build time, or computed for a unit file written before they were), J through
+``score_losses``, the config's validation of the gap name and lambda (one-line ``ValueError``s)."""
 
 from __future__ import annotations
 
@@ -47,20 +48,70 @@ def test_frobenius_sq_by_hand_and_monotone(db, micro_model_dir):
         assert lvl.frobenius_sq(u) == table
 
 
+def test_weight_sq_is_the_stored_weights_norm_and_distance(db, micro_model_dir):
+    from ellava_lib.model.specs import load_model
+
+    lvl, names = db
+    model, _ = load_model(micro_model_dir)
+    for u in names:
+        table = lvl.weight_sq(u)  # recorded at build time: no dense weights needed
+        assert sorted(table) == list(GRID)
+        dense = {k: lin.weight.detach().double() for k, lin in units.unit_linears(model)[u].items()}
+        assert table[0.0] == (pytest.approx(sum(float(w.pow(2).sum()) for w in dense.values()), rel=1e-12), 0.0)
+        for level in GRID[1:]:  # by hand: the weights the database assembles (OBS-updated), not the masked dense
+            stored = {k: w.double() for k, w in lvl.weights(u, level).items()}
+            want = (sum(float(stored[k].pow(2).sum()) for k in dense),
+                    sum(float((stored[k] - dense[k]).pow(2).sum()) for k in dense))
+            assert table[level] == pytest.approx(want, rel=1e-12)
+            assert table[level][0] != pytest.approx(lvl.frobenius_sq(u)[level], rel=1e-6)  # OBS moved the rest
+        assert 0 < table[0.5][1] < table[0.8][1]
+
+
+def test_weight_sq_of_a_unit_file_without_it(db, micro_model_dir, tmp_path):
+    """A unit file written before ``weight_sq`` was recorded: computed from its stored levels and the dense snapshot
+    (after the database wrote the unit into a model), equal to the recorded table."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ellava_lib.core.policy import Policy
+    from ellava_lib.model.specs import load_model
+
+    lvl, names = db
+    old = tmp_path / "old"
+    shutil.copytree(lvl.path, old)
+    for u in names:
+        with safe_open(str(old / f"{u}.safetensors"), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        save_file(tensors, str(old / f"{u}.safetensors"), metadata={k: v for k, v in meta.items() if k != "weight_sq"})
+    older = leveldb.LevelDB(old)
+    with pytest.raises(ValueError, match="dense weights"):
+        older.weight_sq(names[0])
+    model, _ = load_model(micro_model_dir)
+    older.assemble(model, Policy.uniform(names, 0.5))
+    for u in names:
+        have, want = older.weight_sq(u), lvl.weight_sq(u)
+        assert sorted(have) == sorted(want) == list(GRID)
+        for level in GRID:
+            assert have[level] == pytest.approx(want[level], rel=1e-12, abs=1e-15)
+
+
 def test_norm_gap_in_score_losses(db):
     lvl, names = db
-    frob = {u: lvl.frobenius_sq(u) for u in names}
+    table = {u: lvl.weight_sq(u) for u in names}
+    sizes = {names[0]: 8, names[1]: 27}
     sp = {names[0]: 0.5, names[1]: 0.8}
     losses = torch.tensor([0.1, 0.3])
-    s = score_losses(losses, gap="norm", lam=2.0, units={u: 1 for u in names}, sparsities=sp, n_capacity=16,
-                     gap_kw={"frob_sq": frob})
-    rho = [math.sqrt(frob[u][sp[u]] / frob[u][0.0]) for u in names]
-    want = (math.sqrt(2 * math.log(2) * 2) + 1) / math.sqrt(16) * math.sqrt(rho[0] * rho[1])
+    s = score_losses(losses, gap="norm", lam=2.0, units=sizes, sparsities=sp, n_capacity=16,
+                     gap_kw={"weight_sq": table})
+    x = [table[u][sp[u]][1] / table[u][sp[u]][0] for u in names]
+    want = ((2 * x[0] ** (1 / 3) + 3 * x[1] ** (1 / 3)) / 5) ** 1.5 / math.sqrt(16)  # 8^(1/3) = 2, 27^(1/3) = 3
     assert s.r_hat == pytest.approx(0.2) and s.g_hat == pytest.approx(want, rel=1e-12)
     assert s.j == pytest.approx(s.r_hat + 2 * want, rel=1e-12)
-    denser = score_losses(losses, gap="norm", lam=2.0, sparsities={names[0]: 0.5, names[1]: 0.5}, n_capacity=16,
-                          gap_kw={"frob_sq": frob})
-    assert denser.g_hat > s.g_hat
+    denser = score_losses(losses, gap="norm", lam=2.0, units=sizes, sparsities={names[0]: 0.5, names[1]: 0.5},
+                          n_capacity=16, gap_kw={"weight_sq": table})
+    assert denser.g_hat < s.g_hat  # closer to the dense weights
 
 
 def test_bernstein_in_score_losses_has_no_range_constant():
@@ -83,19 +134,18 @@ def test_config_accepts_every_gap_and_keeps_its_serialised_form():
     for name in gaps.GAP_ESTIMATORS:
         cfg = SearchConfig(gap=name)
         assert cfg.to_dict()["gap"] == name and SearchConfig.from_dict(cfg.to_dict()) == cfg
-    # no new fields: norm's serialised form has the keys of a no-gap config
-    assert set(SearchConfig(gap="none").to_dict()) == set(SearchConfig(gap="norm").to_dict())
+    # no new fields: norm's serialised form has the keys of a no-gap config and its revision
+    assert set(SearchConfig(gap="none").to_dict()) | {"gap_revision"} == set(SearchConfig(gap="norm").to_dict())
 
 
 def test_changed_estimators_carry_a_revision_in_the_serialised_config():
-    for name in ("bernstein", "capacity"):
+    for name in ("bernstein", "capacity", "norm"):
         d = SearchConfig(gap=name).to_dict()
         assert d["gap_revision"] == gaps.GAP_REVISION[name] == 2
         old = {k: v for k, v in d.items() if k != "gap_revision"}  # as written before the formula changed
         assert SearchConfig.from_dict(old) == SearchConfig.from_dict(d) == SearchConfig(gap=name)
         assert old != SearchConfig.from_dict(old).to_dict()  # so an old checkpoint's config does not match
-    for name in ("none", "norm"):
-        assert "gap_revision" not in SearchConfig(gap=name).to_dict()
+    assert "gap_revision" not in SearchConfig(gap="none").to_dict()
 
 
 def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_dir, calib, tmp_path):
@@ -114,9 +164,9 @@ def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_
     result = evolve.run_search(model, calib, lvl, sizes, cfg, tmp_path, progress=False)
     hist = pd.read_csv(tmp_path / "history.csv")
     assert len(hist) >= 1 and (hist["g_hat"] > 0).all()
-    frob = {u: lvl.frobenius_sq(u) for u in names}
+    table = {u: lvl.weight_sq(u) for u in names}
     n_search = len(evolve.split_rows(16, cfg.select_frac, cfg.seed)[0])  # the gap's n: the rows the search fits on
-    want = gaps.gap("norm", sparsities=result.policy.sparsities, n=n_search, frob_sq=frob)
+    want = gaps.gap("norm", units=sizes, sparsities=result.policy.sparsities, n=n_search, weight_sq=table)
     assert result.score.g_hat == pytest.approx(want, rel=1e-12)
 
 

@@ -154,3 +154,70 @@ def test_kl_kinds_chunked_and_answer_only(micro_model_dir, batch):
     assert torch.allclose(chunked, full, atol=1e-6)
     answer = objective.per_sample_losses(model, batch, "kl_answer", dense)
     assert answer.shape == full.shape and not torch.allclose(answer, full)
+
+
+# ------------------------------------------------------------------------------------- text-position KL
+
+
+def test_text_position_kl_leaves_out_the_image_placeholders_by_hand():
+    """One sample, input tokens [5, IMG, IMG, 7, 8, 9], V = 2: positions t = 0..4 predict token t+1; t = 1, 2 read
+    the image token (left out), t = 0, 3, 4 are text; the answer is tokens 4, 5 (positions 3, 4)."""
+    img = 3
+    batch = {"input_ids": torch.tensor([[5, img, img, 7, 8, 9]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, -100, -100, 8, 9]])}
+    ln3, ln9 = math.log(3.0), math.log(9.0)
+    # dense log-probs per position: (1/2, 1/2), (1/2, 1/2) x2 at the image, (1/2, 1/2), (3/4, 1/4)
+    dense = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.75, 0.25]]]))
+    # candidate: softmax(ln 3, 0) = (3/4, 1/4) at t = 0; (1/10, 9/10) at the image; = dense at t = 3; (1/2, 1/2) at 4
+    logits = torch.tensor([[[ln3, 0.0], [0.0, ln9], [0.0, ln9], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    # KL per position: t=0: 0.5 ln(4/3) = 0.14384103622589042 ; t=1, 2: 0.5 ln 5 + 0.5 ln(5/9) = 0.5108256237659907 ;
+    # t=3: 0 ; t=4: 0.75 ln 1.5 - 0.25 ln 2 = 0.13081203594113697
+    text = objective.loss_mask("kl", batch, img)
+    assert text.tolist() == [[True, False, False, True, True]]
+    # text positions: (0.14384103622589042 + 0 + 0.13081203594113697) / 3
+    got = objective.per_sample_kl(logits, dense, text, chunk=None)
+    assert got.tolist() == pytest.approx([0.09155102405567579], abs=1e-7)
+    for chunk in (1, 2, 4):
+        assert torch.allclose(objective.per_sample_kl(logits, dense, text, chunk=chunk), got, atol=1e-7)
+    # every real position (kl_all, the old kl): (0.14384... + 2 * 0.51082... + 0 + 0.13081...) / 5
+    every = objective.per_sample_kl(logits, dense, objective.loss_mask("kl_all", batch), chunk=None)
+    assert every.tolist() == pytest.approx([0.25926086393980174], abs=1e-7)
+    # answer positions 3, 4: 0.13081203594113697 / 2
+    answer = objective.per_sample_kl(logits, dense, objective.loss_mask("kl_answer", batch), chunk=None)
+    assert answer.tolist() == pytest.approx([0.06540601797056848], abs=1e-7)
+    # the image positions do not count: changing the candidate there leaves the text KL as it was
+    changed = logits.clone()
+    changed[0, 1:3] = torch.tensor([7.0, -7.0])
+    assert objective.per_sample_kl(changed, dense, text).tolist() == pytest.approx(got.tolist(), abs=1e-7)
+    # no image token (a text-only model): every real position
+    assert objective.loss_mask("kl", batch, None).tolist() == [[True] * 5]
+    with pytest.raises(ValueError, match="not a KL kind"):
+        objective.loss_mask("ce", batch, img)
+
+
+def test_kl_on_the_micro_model_reads_the_text_positions(micro_model_dir, batch):
+    model, _ = load_model(micro_model_dir)
+    img = objective.image_token_id(model)
+    assert img is not None and int((batch["input_ids"] == img).sum(1).min()) == 9  # 3 x 3 patches per sample
+    dense = objective.dense_logprobs_of(model, batch)
+    magnitude_prune(model, Policy.uniform(list_units(model), 0.7))
+    kl = objective.per_sample_losses(model, batch, "kl", dense)
+    with torch.no_grad():
+        logits = objective.model_logits(model, batch)
+    text = objective.position_mask(batch["attention_mask"]) & (batch["input_ids"][:, :-1] != img)
+    assert torch.allclose(kl, objective.per_sample_kl(logits, dense, text), atol=1e-6)
+    every = objective.per_sample_losses(model, batch, "kl_all", dense)
+    assert not torch.allclose(kl, every)
+
+
+def test_the_default_kl_fitness_has_a_revision_in_the_serialised_config():
+    from ellava_lib.search.config import SearchConfig
+
+    cfg = SearchConfig()
+    assert cfg.loss_kind == "kl" and cfg.to_dict()["loss_revision"] == objective.LOSS_REVISION["kl"] == 2
+    old = {k: v for k, v in cfg.to_dict().items() if k != "loss_revision"}  # as written before the change
+    assert SearchConfig.from_dict(old) == SearchConfig.from_dict(cfg.to_dict()) == cfg
+    assert SearchConfig.from_dict(old).to_dict() != old  # an old folder's config does not match: no silent resume
+    for kind in ("ce", "kl_answer", "kl_all"):
+        assert "loss_revision" not in SearchConfig(loss_kind=kind).to_dict()
+    assert SearchConfig(loss_kind="kl_all").digest() != cfg.digest()

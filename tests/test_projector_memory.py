@@ -43,7 +43,7 @@ def test_sliced_logits_give_the_full_logit_loss(setup, kl_weight, ce_weight):
         logits = objective.model_logits(model, part)  # the B x T x V logits of a plain forward
         full = ce_weight * float(per_sample_ce(logits, part["labels"]).mean())
         if kl_weight:
-            kl = objective.per_sample_kl(logits, dense[idx], objective.loss_mask("kl", part))
+            kl = objective.per_sample_kl(logits, dense[idx], objective.loss_mask("kl_all", part))
             full += kl_weight * float(kl.mean())
     assert sliced == pytest.approx(full, rel=1e-5, abs=1e-7)
     need = projector.loss_positions(part, kl_weight, ce_weight)

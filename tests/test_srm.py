@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from ellava_lib.search import gap as gaps
 
@@ -181,47 +184,91 @@ def test_bernstein_bad_input(losses, kw):
 
 
 def test_norm_gap_by_hand():
-    # two units, rho = sqrt(0.64) = 0.8 and sqrt(0.25 / 1) = 0.5 ; geometric mean sqrt(0.4) = 0.6324555320336759
-    # L = 2: sqrt(2 ln 2 * 2) + 1 = sqrt(2.772588722239781) + 1 = 2.6651092223153956 ; n = 16: / 4
-    # G = 2.6651092223153956 / 4 * 0.6324555320336759 = 0.42139076778183493
-    pruned, dense_sq = {"a": 6.4, "b": 0.25}, {"a": 10.0, "b": 1.0}
-    assert gaps.norm_ratios(pruned, dense_sq) == pytest.approx({"a": 0.8, "b": 0.5})
-    assert gaps.norm_gap(pruned, dense_sq, 16) == pytest.approx(0.42139076778183493, rel=1e-12)
-    assert gaps.norm_gap(pruned, dense_sq, 16, scale=2.0) == pytest.approx(2 * 0.42139076778183493, rel=1e-12)
-    # dense: every rho = 1 -> (sqrt(2 ln 2 L) + 1) / sqrt(n)
-    assert gaps.norm_gap(dense_sq, dense_sq, 16) == pytest.approx(2.6651092223153956 / 4, rel=1e-12)
+    # unit a: n = 8, ||W(s)||^2 = 2.0, ||W(s) - W||^2 = 0.25 -> x = 1/8, (n x)^(1/3) = 1
+    # unit b: n = 27, ||W(s)||^2 = 2.7, ||W(s) - W||^2 = 0.8 -> x = 8/27, (n x)^(1/3) = 2
+    # sum_u n_u^(1/3) = 2 + 3 = 5 ; G = (3 / 5)^(3/2) / sqrt(16) = 0.1161895003862225
+    units, norm_sq, dist_sq = {"a": 8, "b": 27}, {"a": 2.0, "b": 2.7}, {"a": 0.25, "b": 0.8}
+    assert gaps.relative_distances(norm_sq, dist_sq) == pytest.approx({"a": 0.125, "b": 8 / 27}, abs=1e-15)
+    assert gaps.norm_gap(units, norm_sq, dist_sq, 16) == pytest.approx(0.1161895003862225, abs=1e-9)
+    assert gaps.norm_gap(units, norm_sq, dist_sq, 16, scale=2.0) == pytest.approx(0.232379000772445, abs=1e-9)
+    # the dense network (no distance): 0 ; every unit at the same x: sqrt(x / n)
+    assert gaps.norm_gap(units, norm_sq, {"a": 0.0, "b": 0.0}, 16) == 0.0
+    assert gaps.norm_gap(units, {"a": 4.0, "b": 1.0}, {"a": 1.0, "b": 0.25}, 16) == pytest.approx(0.125, abs=1e-12)
 
 
-def test_norm_gap_strictly_decreasing_in_every_unit():
-    dense_sq = {f"u{i}": float(i + 1) for i in range(5)}
-    base = {u: 0.9 * d for u, d in dense_sq.items()}
-    g0 = gaps.norm_gap(base, dense_sq, 64)
-    for u in dense_sq:
-        assert gaps.norm_gap(dict(base, **{u: 0.8 * dense_sq[u]}), dense_sq, 64) < g0
-    assert gaps.norm_gap(base, dense_sq, 256) < g0  # and in n
+def _gaussian_magnitude_table(seed: int, shape=(256, 256), levels=(0.0, 0.3, 0.6, 0.9)):
+    """``{level: (||W(s)||^2, ||W(s) - W||^2)}`` of an i.i.d. Gaussian matrix magnitude-pruned at each level."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out = {}
+    for s in levels:
+        k = round(s * w.numel())
+        kept = w if k == 0 else w * (w.abs() > w.abs().flatten().kthvalue(k).values)
+        out[s] = (float(kept.pow(2).sum()), float((kept - w).pow(2).sum()))
+    return out
+
+
+def test_norm_gap_does_not_reward_uneven_allocations_of_gaussian_weights():
+    """Two units of 256 x 256 i.i.d. Gaussian weights, magnitude pruned, budget 0.6 either way: 0.6 / 0.6 has the
+    smaller gap than 0.3 / 0.9 (G sqrt(n) = 0.384 vs 0.543 at seeds 0, 1), unlike the geometric-mean norm ratio of
+    gap_revision 1 (0.6 / 0.6: 0.622, 0.3 / 0.9: 0.540 at n = 16)."""
+    tables = {"a": _gaussian_magnitude_table(0), "b": _gaussian_magnitude_table(1)}
+    units = {"a": 256 * 256, "b": 256 * 256}
+
+    def g(sa, sb):
+        return gaps.gap("norm", units=units, sparsities={"a": sa, "b": sb}, n=16, weight_sq=tables)
+
+    def old(sa, sb):  # gap_revision 1: (sqrt(2 ln 2 L) + 1) / sqrt(n) * geometric mean of ||W * M|| / ||W||
+        rho = [math.sqrt(tables[u][s][0] / tables[u][0.0][0]) for u, s in (("a", sa), ("b", sb))]
+        return (math.sqrt(2 * math.log(2) * 2) + 1) / 4 * math.sqrt(rho[0] * rho[1])
+
+    even, uneven = g(0.6, 0.6), g(0.3, 0.9)
+    assert even == pytest.approx(0.384 / 4, abs=5e-4) and uneven == pytest.approx(0.543 / 4, abs=5e-4)
+    assert uneven > 1.3 * even
+    assert g(0.9, 0.3) > even
+    assert old(0.3, 0.9) < old(0.6, 0.6)  # what revision 1 did: it preferred the uneven allocation
+    assert old(0.6, 0.6) == pytest.approx(0.622, abs=1e-3) and old(0.3, 0.9) == pytest.approx(0.540, abs=1e-3)
+
+
+def test_norm_gap_grows_with_every_units_distance_and_shrinks_with_n():
+    units = {f"u{i}": 10 * (i + 1) for i in range(5)}
+    norm_sq = {u: float(i + 1) for i, u in enumerate(units)}
+    dist_sq = {u: 0.1 * p for u, p in norm_sq.items()}
+    g0 = gaps.norm_gap(units, norm_sq, dist_sq, 64)
+    for u in units:
+        assert gaps.norm_gap(units, norm_sq, dict(dist_sq, **{u: 0.2 * norm_sq[u]}), 64) > g0
+        assert gaps.norm_gap(units, dict(norm_sq, **{u: 0.5 * norm_sq[u]}), dist_sq, 64) > g0
+    assert gaps.norm_gap(units, norm_sq, dist_sq, 256) == pytest.approx(g0 / 2, rel=1e-12)  # and in n
 
 
 def test_norm_gap_through_level_table_and_registry():
-    frob = {"a": {0.0: 10.0, 0.5: 6.4, 0.7: 4.0}, "b": {0.0: 1.0, 0.5: 0.25, 0.7: 0.16}}
+    table = {"a": {0.0: (4.0, 0.0), 0.5: (2.0, 0.25), 0.7: (1.0, 0.5)},
+             "b": {0.0: (9.0, 0.0), 0.5: (2.7, 0.8), 0.7: (2.0, 1.0)}}
     sp = {"a": 0.5, "b": 0.5}
-    assert gaps.level_norms(frob, sp) == ({"a": 6.4, "b": 0.25}, {"a": 10.0, "b": 1.0})
-    assert gaps.gap("norm", sparsities=sp, n=16, frob_sq=frob) == pytest.approx(0.42139076778183493, rel=1e-12)
-    # more sparsity in a unit: lower G
-    assert gaps.gap("norm", sparsities={"a": 0.7, "b": 0.5}, n=16, frob_sq=frob) < 0.42139076778183493
+    assert gaps.level_norms(table, sp) == ({"a": 2.0, "b": 2.7}, {"a": 0.25, "b": 0.8})
+    units = {"a": 8, "b": 27}
+    assert gaps.gap("norm", units=units, sparsities=sp, n=16, weight_sq=table) == pytest.approx(
+        0.1161895003862225, abs=1e-9)
+    # further from the dense weights in a unit: higher G
+    assert gaps.gap("norm", units=units, sparsities={"a": 0.7, "b": 0.5}, n=16, weight_sq=table) > 0.1161895003862225
+    assert gaps.gap("norm", units=units, sparsities={"a": 0.0, "b": 0.0}, n=16, weight_sq=table) == 0.0
     with pytest.raises(ValueError, match="level 0.3"):
-        gaps.level_norms(frob, {"a": 0.3, "b": 0.5})
-    with pytest.raises(ValueError, match="frob_sq"):
-        gaps.gap("norm", sparsities=sp, n=16)
+        gaps.level_norms(table, {"a": 0.3, "b": 0.5})
+    with pytest.raises(ValueError, match="weight_sq"):
+        gaps.gap("norm", units=units, sparsities=sp, n=16)
+    with pytest.raises(ValueError, match="parameter counts"):
+        gaps.gap("norm", units={"a": 8}, sparsities=sp, n=16, weight_sq=table)
 
 
 @pytest.mark.parametrize(
-    "pruned,dense_sq,n",
-    [({"a": 1.0}, {"a": 1.0}, 0), ({"a": 0.0}, {"a": 1.0}, 4), ({"a": 2.0}, {"a": 1.0}, 4),
-     ({"a": 1.0}, {"b": 1.0}, 4), ({}, {}, 4), ({"a": 1.0}, {"a": 0.0}, 4), ({"a": float("nan")}, {"a": 1.0}, 4)],
+    "units,norm_sq,dist_sq,n",
+    [({"a": 1}, {"a": 1.0}, {"a": 0.0}, 0), ({"a": 1}, {"a": 0.0}, {"a": 0.5}, 4),
+     ({"a": 1}, {"a": 1.0}, {"a": -1.0}, 4), ({"a": 1}, {"a": 1.0}, {"b": 1.0}, 4), ({}, {}, {}, 4),
+     ({"b": 1}, {"a": 1.0}, {"a": 0.1}, 4), ({"a": 0}, {"a": 1.0}, {"a": 0.1}, 4),
+     ({"a": 1}, {"a": float("nan")}, {"a": 0.1}, 4), ({"a": 1}, {"a": 1.0}, {"a": float("inf")}, 4)],
 )
-def test_norm_gap_bad_input(pruned, dense_sq, n):
+def test_norm_gap_bad_input(units, norm_sq, dist_sq, n):
     with pytest.raises(ValueError):
-        gaps.norm_gap(pruned, dense_sq, n)
+        gaps.norm_gap(units, norm_sq, dist_sq, n)
 
 
 # ----------------------------------------------------------------------------------- select_lambda

@@ -9,7 +9,8 @@ Layout of ``out_dir``::
                              "{name}@{s}" (its weights, dense, in the storage dtype) or "{name}@{s}.values" (its
                              nonzero weights in row-major order, storage dtype) + "{name}@{s}.mask" (the nonzero
                              pattern, :func:`pack_bits`), e.g. "lm.0.self_attn.q_proj@0.5.values"; metadata: unit,
-                             method, build_seconds, format, store_dtype, shapes, dense_sha1, frobenius_sq
+                             method, build_seconds, format, store_dtype, shapes, dense_sha1, frobenius_sq,
+                             weight_sq
 
 Storage of one matrix of ``n`` weights, ``nnz`` of them nonzero, ``b`` bytes per stored value (2 in fp16 / bf16,
 4 in fp32)::
@@ -21,8 +22,12 @@ and every level is stored the smaller way (packed wins from sparsity ``1 / (8 b)
 takes of each unit the first time it writes that unit into a model (on the CPU, in the model's dtype), after
 checking the weights against the digest ``dense_sha1`` recorded at build time, so a pruned model is refused
 (snapshots are kept per model object, so another database opened on the same, by then assembled, model reuses
-them). The norm gap's table ``frobenius_sq`` (``||W * M(s)||_F^2`` per level, level 0 = ``||W||_F^2``) is
-computed at build time from the dense weights and stored in the unit file's metadata.
+them). Two per-level tables are computed at build time and stored in the unit file's metadata, each summed over
+the unit's matrices: ``frobenius_sq`` (``||W * M(s)||_F^2``, the dense weights ``W`` under the level's nonzero
+pattern ``M(s)``; level 0 = ``||W||_F^2``) and ``weight_sq`` (the ``norm`` gap's: ``[s, ||W(s)||_F^2,
+||W(s) - W||_F^2]`` of the weights the pruned model will have, ``W(s)`` the level's stored weights, OBS-updated and
+rounded to the storage dtype; level 0 = ``[0, ||W||_F^2, 0]``). ``weight_sq`` was added to format 3 later: for a
+unit file without it :meth:`LevelDB.weight_sq` computes the table from the stored levels and the dense snapshot.
 
 Build (:func:`build_level_db`): a disk preflight first (:func:`estimate_bytes` against the free space; nothing is
 written when short); then the dense model is run block by block on the calibration batch (inputs of every block
@@ -215,25 +220,42 @@ def _frobenius_terms(dense: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (dense.double() * (w != 0)).pow(2).sum()
 
 
+def _weight_terms(dense: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(||w||_F^2, ||w - W||_F^2)`` of one matrix in fp64 (shape ``(2,)``): ``w`` the weights as stored (and
+    assembled), ``W`` the dense weights."""
+    w, dense = w.double(), dense.double()
+    return torch.stack([w.pow(2).sum(), (w - dense).pow(2).sum()])
+
+
+def _table(terms: Mapping[float, Mapping[str, torch.Tensor]]) -> list[list[float]]:
+    """``[[level, *sum over the matrices in name order of the level's terms]]`` in level order."""
+    return [[level, *(float(v) for v in sum(t[k] for k in sorted(t)).reshape(-1))]
+            for level, t in sorted(terms.items())]
+
+
 def _encode_unit(lins: Mapping[str, nn.Linear], stats: Mapping[str, Any], grid: Sequence[float], method: str,
                  blocksize: int, percdamp: float, dtype: torch.dtype
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One unit's stored tensors (levels ``> 0``, :func:`encode_weights`) and its metadata (shapes, dense digest,
-    Frobenius table ``{level: sum over matrices in name order of ||W * M(level)||_F^2}``, level 0 included)."""
+    Frobenius table ``[[level, sum over matrices in name order of ||W * M(level)||_F^2]]`` and the stored weights'
+    table ``[[level, sum ||W(level)||_F^2, sum ||W(level) - W||_F^2]]`` with ``W(level)`` rounded to ``dtype``,
+    level 0 included in both)."""
     tensors: dict[str, torch.Tensor] = {}
     terms: dict[float, dict[str, torch.Tensor]] = {0.0: {}}
+    stored: dict[float, dict[str, torch.Tensor]] = {0.0: {}}
     digest = weights_digest({name: lin.weight for name, lin in lins.items()})
     for name, lin in lins.items():
         dense = lin.weight.detach().cpu().clone()
         terms[0.0][name] = _frobenius_terms(dense, dense)
+        stored[0.0][name] = _weight_terms(dense, dense)
         for level, w in _iter_levels(lin, stats[name], grid, method, blocksize, percdamp):
             if level > GRID_TOL:
                 terms.setdefault(float(level), {})[name] = _frobenius_terms(dense, w)
+                stored.setdefault(float(level), {})[name] = _weight_terms(dense, w.to(dtype))
                 tensors.update(encode_weights(w, dtype, level_key(name, level)))
         stats[name].free()
-    frob = [[level, float(sum(t[k] for k in sorted(t)))] for level, t in sorted(terms.items())]
     meta = {"format": str(FORMAT), "shapes": json.dumps({n: list(lin.weight.shape) for n, lin in lins.items()}),
-            "dense_sha1": digest, "frobenius_sq": json.dumps(frob)}
+            "dense_sha1": digest, "frobenius_sq": json.dumps(_table(terms)), "weight_sq": json.dumps(_table(stored))}
     return tensors, meta
 
 
@@ -422,13 +444,17 @@ class LevelDB:
         return self._handles[unit]
 
     def _info(self, unit: str) -> dict[str, Any]:
-        """The unit file's parsed metadata: ``shapes``, ``dense_sha1``, ``frobenius_sq``, ``keys``."""
+        """The unit file's parsed metadata: ``shapes``, ``dense_sha1``, ``frobenius_sq``, ``weight_sq`` (None in a
+        file written before it was recorded), ``keys``."""
         if unit not in self._meta:
             handle = self._open(unit)
             meta = handle.metadata()
+            weight_sq = ({float(s): (float(a), float(b)) for s, a, b in json.loads(meta["weight_sq"])}
+                         if "weight_sq" in meta else None)
             self._meta[unit] = {"shapes": {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()},
                                 "dense_sha1": meta["dense_sha1"], "keys": set(handle.keys()),
-                                "frobenius_sq": {float(s): float(v) for s, v in json.loads(meta["frobenius_sq"])}}
+                                "frobenius_sq": {float(s): float(v) for s, v in json.loads(meta["frobenius_sq"])},
+                                "weight_sq": weight_sq}
         return self._meta[unit]
 
     def level_of(self, sparsity: float) -> float:
@@ -469,6 +495,25 @@ class LevelDB:
         weights at ``level``; level 0 gives the dense squared norm. Computed at build time (no dense weights
         needed here). For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`)."""
         table = self._info(unit)["frobenius_sq"]
+        return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
+
+    def weight_sq(self, unit: str) -> dict[float, tuple[float, float]]:
+        """``{level: (||W(level)||_F^2, ||W(level) - W||_F^2)}`` of ``unit`` (each summed over its matrices in name
+        order) for level 0 and every level of the grid: ``W(level)`` the weights the database assembles at
+        ``level`` (the solver's, OBS-updated for SparseGPT, in the storage dtype), ``W`` the dense weights; level 0
+        gives ``(||W||_F^2, 0)``. For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`). Recorded at build
+        time; a unit file built before it was recorded has it computed here, once, from its stored levels and the
+        dense snapshot (``ValueError`` before the database wrote the unit into a model)."""
+        info = self._info(unit)
+        if info["weight_sq"] is None:
+            dense = self.dense_weights(unit)
+            table = {0.0: [_weight_terms(dense[k], dense[k]) for k in sorted(dense)]}
+            for level in self.grid:
+                if level > GRID_TOL:
+                    stored = self.weights(unit, level)
+                    table[float(level)] = [_weight_terms(dense[k], stored[k]) for k in sorted(dense)]
+            info["weight_sq"] = {s: tuple(float(v) for v in sum(t)) for s, t in table.items()}
+        table = info["weight_sq"]
         return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
 
     def build_seconds(self) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from ellava_lib.search.budget import (
 from ellava_lib.search.objective import (
     DEFAULT_LOSS_CAP,
     LOSS_KINDS,
+    LOSS_REVISION,
 )
 
 #: Named presets of both configs: ``ci`` (minutes on 2 CPU cores), ``default`` (the embedded default, ``make
@@ -172,8 +173,10 @@ class SearchConfig:
       in the level database): the default 0.05 adds 0.45, 0.55, 0.65, 0.75 to the 0.1 grid at target 0.6.
     * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``norm``, ``capacity``,
       ``bernstein``); ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
-    * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) over every real
-      next-token position (as EvoPress), ``kl_answer`` = the same at the answer positions only, ``ce`` = answer
+    * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) over the text next-token
+      positions, question and answer, not the image placeholders (as EvoPress on text; revision 2,
+      :data:`objective.LOSS_REVISION`), ``kl_answer`` = the same at the answer positions only, ``kl_all`` = over
+      every real position, image placeholders included (``kl`` before revision 2), ``ce`` = answer
       cross-entropy; ``loss_cap``: per-sample losses clipped at this many nats.
     * ``h_scale``, ``depth_decay``: the capacity gap's scale (None = ``min(gaps.DEFAULT_H_SCALE, n)``) and
       per-depth decay.
@@ -283,7 +286,7 @@ class SearchConfig:
     @classmethod
     def default(cls) -> SearchConfig:
         """profiles/default.yaml (the field defaults): 8 policies, 8 generations of 16 children (8 screening
-        samples, 2 survivors), KL fitness over every position from the uniform, OWL and ECoFLaP starts, Bernstein
+        samples, 2 survivors), KL fitness over the text positions from the uniform, OWL and ECoFLaP starts, Bernstein
         gap with lambda 1 in the evolution and lambda chosen on the selection rows (a quarter of the calibration
         rows), a 20-step projector round every 3 generations on half the search rows."""
         return cls()
@@ -313,7 +316,10 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat serialised form (JSON types; projector fields as ``projector_<field>``, in field order), minus
-        :data:`_LATER_FIELDS` at their earlier value, plus ``gap_revision`` for a gap in :data:`gaps.GAP_REVISION`."""
+        :data:`_LATER_FIELDS` at their earlier value, plus ``gap_revision`` for a gap in :data:`gaps.GAP_REVISION`
+        and ``loss_revision`` for a loss in :data:`objective.LOSS_REVISION` (their meaning changed: a config with
+        the old one, written without the key, no longer matches, so its checkpoints and sweep rows are not
+        reused)."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -323,6 +329,8 @@ class SearchConfig:
                 d[f.name] = list(value) if f.name in ("grid", "init", "lam_grid") else value
         if self.gap in gaps.GAP_REVISION:  # its formula changed: not the digest of searches with the old one
             d["gap_revision"] = gaps.GAP_REVISION[self.gap]
+        if self.loss_kind in LOSS_REVISION:  # likewise for a loss whose positions changed
+            d["loss_revision"] = LOSS_REVISION[self.loss_kind]
         d = json.loads(json.dumps(d))
         for k, earlier in _LATER_FIELDS.items():  # at their earlier value: configs (and digests) as before
             if d[k] == earlier:
@@ -333,7 +341,8 @@ class SearchConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
         """Read the serialised form back (``from_dict(c.to_dict()) == c``): an absent :data:`_LATER_FIELDS` key
         is the value searches had before it existed, any other absent key the field default."""
-        d = {k: v for k, v in d.items() if k != "gap_revision"}  # derived from ``gap`` (:data:`gaps.GAP_REVISION`)
+        # derived from ``gap`` and ``loss_kind`` (:data:`gaps.GAP_REVISION`, :data:`objective.LOSS_REVISION`)
+        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision")}
         later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
         n = len(PROJECTOR_PREFIX)
         base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})

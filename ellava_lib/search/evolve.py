@@ -277,7 +277,7 @@ def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequenc
     n_fit = len(run.scoring)
     gap_kw = ({"depth_decay": cfg.depth_decay, "h_scale": cfg.h_scale or min(gaps.DEFAULT_H_SCALE, n_fit)}
               if cfg.gap == "capacity" else
-              {"frob_sq": {u: run.db.frobenius_sq(u) for u in run.units}} if cfg.gap == "norm" else None)
+              {"weight_sq": {u: run.db.weight_sq(u) for u in run.units}} if cfg.gap == "norm" else None)
     score = score_losses(losses, gap=cfg.gap, lam=cfg.lam if lam is None else lam, delta=cfg.delta,
                          loss_cap=cfg.loss_cap, units=run.units, sparsities=policy.sparsities, n_capacity=n_fit,
                          gap_kw=gap_kw)

@@ -3,9 +3,11 @@
 Four estimators share one interface (:func:`gap`, registry :data:`GAP_ESTIMATORS`):
 
 * ``"none"``      -- ``G_hat = 0`` (plain empirical-risk pruning search).
-* ``"norm"``      -- the paper's kind of term: a Rademacher-complexity bound through the Frobenius norms of the
-  pruned weight matrices (Golowich, Rakhlin & Shamir 2018; Neyshabur, Tomioka & Srebro 2015), normalised per
-  unit by the dense norm (:func:`norm_gap`). Shrinks as pruning grows.
+* ``"norm"``      -- the paper's kind of term: a norm-based complexity bound on the weights the pruned model will
+  have (Bartlett, Foster & Telgarsky 2017, spectral complexity with the dense weights as reference matrices, in
+  Frobenius norms): a size-weighted mean of how far pruning moved each unit's stored (OBS-updated) weights from
+  the dense ones (:func:`norm_gap`). 0 for the dense model; at a fixed budget it does not favour uneven
+  allocations of i.i.d. Gaussian weights under magnitude pruning.
 * ``"capacity"``  -- Vapnik's VC bound evaluated at a normalized, depth-weighted capacity of the pruned
   network (Bartlett, Harvey, Liaw & Mehrabian 2019), divided by its dense value (:func:`capacity_gap`).
 * ``"bernstein"`` -- the policy-dependent (sample-variance) term of the empirical Bernstein bound on the
@@ -190,82 +192,96 @@ def capacity_move_bound(dc: float, h_lo: float, n: int | float, delta: float = 0
 # -------------------------------------------------------------------------------------------- norm gap
 
 
-def norm_ratios(pruned_sq: Mapping[str, float], dense_sq: Mapping[str, float]) -> dict[str, float]:
-    """Per-unit ratios ``rho_u = ||W_u * M_u||_F / ||W_u||_F = sqrt(pruned_sq_u / dense_sq_u)`` in ``(0, 1]``.
-
-    ``pruned_sq_u`` is the squared Frobenius norm of unit ``u``'s dense weights restricted to the weights its
-    pruned version keeps (summed over the unit's matrices), ``dense_sq_u`` the dense one.
-    """
-    if len(dense_sq) == 0:
-        raise ValueError("no units: dense_sq is empty")
-    if set(pruned_sq) != set(dense_sq):
-        raise ValueError(f"pruned_sq and dense_sq name different units: {sorted(set(pruned_sq) ^ set(dense_sq))}")
+def relative_distances(norm_sq: Mapping[str, float], dist_sq: Mapping[str, float]) -> dict[str, float]:
+    """Per-unit ``x_u = ||W_u(s_u) - W_u||_F^2 / ||W_u(s_u)||_F^2 = dist_sq_u / norm_sq_u`` (``>= 0``): how far
+    pruning moved the unit's weights from the dense ones ``W_u``, relative to the weights ``W_u(s_u)`` it keeps
+    (both squared Frobenius norms summed over the unit's matrices, :meth:`LevelDB.weight_sq`)."""
+    if len(norm_sq) == 0:
+        raise ValueError("no units: norm_sq is empty")
+    if set(norm_sq) != set(dist_sq):
+        raise ValueError(f"norm_sq and dist_sq name different units: {sorted(set(norm_sq) ^ set(dist_sq))}")
     out: dict[str, float] = {}
-    for u, d in dense_sq.items():
-        d, p = float(d), float(pruned_sq[u])
-        if not (math.isfinite(d) and d > 0):
-            raise ValueError(f"unit {u!r}: dense squared norm must be finite and > 0; got {d!r}")
+    for u, p in norm_sq.items():
+        p, d = float(p), float(dist_sq[u])
         if not (math.isfinite(p) and p > 0):
-            raise ValueError(f"unit {u!r}: pruned squared norm must be finite and > 0 (fully pruned?); got {p!r}")
-        if p > d * (1.0 + 1e-6):
-            raise ValueError(f"unit {u!r}: pruned squared norm {p!r} exceeds the dense one {d!r}")
-        out[u] = math.sqrt(min(p / d, 1.0))
+            raise ValueError(f"unit {u!r}: squared norm of its pruned weights must be finite and > 0 (fully "
+                             f"pruned?); got {p!r}")
+        if not (math.isfinite(d) and d >= 0):
+            raise ValueError(f"unit {u!r}: squared distance to the dense weights must be finite and >= 0; got {d!r}")
+        out[u] = d / p
     return out
 
 
-def norm_gap(pruned_sq: Mapping[str, float], dense_sq: Mapping[str, float], n: int | float,
-             scale: float = 1.0) -> float:
-    """Frobenius-norm (Rademacher) gap ``G = scale * (sqrt(2 ln(2) L) + 1) / sqrt(n) * (prod_u rho_u) ** (1/L)``.
+def norm_gap(units: Mapping[str, int], norm_sq: Mapping[str, float], dist_sq: Mapping[str, float],
+             n: int | float, scale: float = 1.0) -> float:
+    """Spectral-complexity gap with the dense weights as reference, in Frobenius norms of the pruned weights:
+    ``G = scale / sqrt(n) * (sum_u w_u x_u ** (1/3)) ** (3/2)``, ``w_u = n_u ** (1/3) / sum_v n_v ** (1/3)``.
 
-    ``rho_u = ||W_u * M_u||_F / ||W_u||_F`` (:func:`norm_ratios`: the unit's dense weights ``W_u`` masked by
-    what its pruned version keeps, ``M_u``, over the dense norm; in ``(0, 1]``), ``L`` the number of units,
-    ``n`` the number of samples.
+    ``x_u = ||W_u(s_u) - W_u||_F^2 / ||W_u(s_u)||_F^2`` (:func:`relative_distances`): ``W_u(s_u)`` the weights unit
+    ``u`` will have at its sparsity (the level database's stored, OBS-updated weights), ``W_u`` its dense weights,
+    norms summed over the unit's matrices; ``n_u`` its parameter count (``units``); ``n`` the number of samples.
 
-    Source: Golowich, Rakhlin & Shamir (2018), "Size-independent sample complexity of neural networks",
-    Theorem 1: for depth-``L`` networks with 1-Lipschitz positive-homogeneous activations and inputs of norm
-    ``<= B``, ``R_n <= B (sqrt(2 ln(2) L) + 1) prod_j ||W_j||_F / sqrt(n)``; it sharpens the ``2^L`` factor of
-    Neyshabur, Tomioka & Srebro (2015), "Norm-based capacity control in neural networks". A pruned matrix
-    ``W * M`` has a smaller Frobenius norm, so the bound shrinks as pruning grows.
+    Source: Bartlett, Foster & Telgarsky (2017), "Spectrally-normalized margin bounds for neural networks",
+    Theorem 1.1: for a network ``x -> A_L s_L(... A_1 x)`` with ``rho_i``-Lipschitz activations, reference
+    matrices ``M_i`` fixed before the sample is drawn, ``n`` samples ``X`` and margin ``gamma``, with probability
+    ``>= 1 - delta`` the 0-1 risk is at most the empirical ``gamma``-margin risk plus
+    ``O~(||X||_F R_A / (gamma n) * ln W + sqrt(ln(1/delta) / n))``, the spectral complexity
+    ``R_A = (prod_i rho_i ||A_i||_s) (sum_i (||A_i^T - M_i^T||_{2,1} / ||A_i||_s) ** (2/3)) ** (3/2)``.
+    Here ``A_u = W_u(s_u)`` and ``M_u = W_u``: the dense model was trained before the calibration rows were drawn,
+    so it is a valid reference, and a unit is charged for how far pruning moved it. With ``||X||_F <= B sqrt(n)``
+    the term is ``B R_A / (gamma sqrt(n))``. Frobenius norms replace the others by upper bounds: for an
+    ``r x m`` matrix, ``||D^T||_{2,1} <= sqrt(r) ||D||_F`` and ``||A||_s >= ||A||_F / sqrt(min(r, m))``, so
+    ``||D^T||_{2,1} / ||A||_s <= sqrt(n_u) ||D||_F / ||A||_F`` and the unit's term is at most
+    ``(n_u x_u) ** (1/3)``: a unit counts by its size, as ``n_u ** (1/3)``, and by its relative distance.
 
-    Changed from the source (a transformer is residual and has ~60 units, so the raw product explodes or
-    vanishes): (1) each unit's norm is divided by its dense norm (``rho_u``; the dense network has every
-    ``rho_u = 1``); (2) the product over units is replaced by its ``L``-th root (the geometric mean of
-    ``rho_u``: the bound of a network whose every layer has that relative norm); (3) ``B`` times the loss's
-    Lipschitz constant is one number, ``scale`` (default 1). Hence the dense network has
-    ``G = scale (sqrt(2 ln(2) L) + 1) / sqrt(n)``; G is strictly decreasing in every ``pruned_sq_u`` (so in
-    every unit's sparsity when a sparser level keeps less of the dense weights' energy, as it did at every
-    level of every unit of the ci model's SparseGPT database), and ``ln G`` changes by
-    ``(1/L) ln(rho_u' / rho_u)`` when only unit ``u`` changes. Scale (ci model, 41 policies at sparsity 0.6,
-    n = 32): ``G ~ 0.81`` with policy-to-policy sd 0.007, against sd 0.002 of the KL ``R_hat``: the gap
-    differences match the loss differences at ``lambda ~ 0.1-0.3`` (:data:`DEFAULT_LAMBDAS`).
+    Changed from the source: (1) a unit (several matrices, some of them in series) is one layer, its matrices
+    concatenated; (2) the Lipschitz product ``prod_u rho_u ||A_u||_s`` is held at its dense value (a transformer
+    is residual, so the product over its ~60 units is not its Lipschitz constant; it is part of ``scale``); it is
+    the part that rewards uneven allocations, its log ``sum_u ln ||W_u(s_u)||`` being concave in ``s`` under
+    magnitude pruning, as the geometric mean of norm ratios of ``gap_revision`` 1 did; (3) ``B``, ``1 / gamma``,
+    ``ln W``, that dense product and the constant ``(sum_u n_u ** (1/3)) ** (3/2)`` (dividing by which makes the
+    ``w_u`` sum to 1) are one number, ``scale`` (default 1), and the policy-independent ``sqrt(ln(1/delta) / n)``
+    is left out of ``J`` (as the Bernstein range term); (4) the 0-1 margin risk is replaced by the search's loss
+    ``R_hat``.
+
+    Properties: the dense network has ``G = 0``; ``G = scale sqrt(x / n)`` when every unit has the same ``x``;
+    ``G`` grows with each ``x_u``. Under magnitude pruning of i.i.d. Gaussian weights ``x(s) ** (1/3)`` is convex
+    in ``s`` (256 x 256: 0.080, 0.161, 0.244, 0.331, 0.424, 0.527, 0.650, 0.812, 1.084 at ``s = 0.1 .. 0.9``), so
+    at a fixed budget over units of one size an even allocation has the smallest ``G``: two such units at
+    0.6 / 0.6 give ``G sqrt(n) = 0.384``, at 0.3 / 0.9 ``0.543`` (the geometric-mean norm ratio used before,
+    ``gap_revision`` 1, gave 0.3 / 0.9 the smaller gap).
     """
     n_f = _check_n(n)
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and > 0; got {scale!r}")
-    rho = norm_ratios(pruned_sq, dense_sq)
-    L = len(rho)
-    log_mean = sum(math.log(r) for r in rho.values()) / L
-    return scale * (math.sqrt(2.0 * math.log(2.0) * L) + 1.0) / math.sqrt(n_f) * math.exp(log_mean)
+    x = relative_distances(norm_sq, dist_sq)
+    counts, _ = _check_units(units, dict.fromkeys(units, 0.0))
+    if set(units) != set(x):
+        raise ValueError(f"units and the norms name different units: {sorted(set(units) ^ set(x))}")
+    roots = {u: float(c) ** (1.0 / 3.0) for u, c in zip(units, counts)}
+    total = sum(roots.values())
+    mean = sum(roots[u] / total * x[u] ** (1.0 / 3.0) for u in units)
+    return scale * mean ** 1.5 / math.sqrt(n_f)
 
 
-def level_norms(frob_sq: Mapping[str, Mapping[float, float]],
+def level_norms(weight_sq: Mapping[str, Mapping[float, Sequence[float]]],
                 sparsities: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """``(pruned_sq, dense_sq)`` for :func:`norm_gap` from a per-unit, per-level table
-    ``frob_sq[u][level] = ||W_u * M_u(level)||_F^2`` (level ``0`` = dense; see ``LevelDB.frobenius_sq``)."""
+    """``(norm_sq, dist_sq)`` for :func:`norm_gap` from a per-unit, per-level table
+    ``weight_sq[u][level] = (||W_u(level)||_F^2, ||W_u(level) - W_u||_F^2)`` (``LevelDB.weight_sq``)."""
     if len(sparsities) == 0:
         raise ValueError("sparsities is empty: need at least one unit")
-    pruned, dense_ = {}, {}
+    norm_sq, dist_sq = {}, {}
     for u, s in sparsities.items():
-        if u not in frob_sq:
-            raise ValueError(f"no Frobenius norms for unit {u!r}")
-        table = {float(k): float(v) for k, v in frob_sq[u].items()}
-        hits = [v for k, v in table.items() if abs(k - float(s)) <= 1e-6]
-        zero = [v for k, v in table.items() if abs(k) <= 1e-6]
-        if not hits or not zero:
-            raise ValueError(f"unit {u!r}: no Frobenius norm at level {s!r}" + ("" if zero else " or at level 0"))
-        pruned[u], dense_[u] = hits[0], zero[0]
-    return pruned, dense_
+        if u not in weight_sq:
+            raise ValueError(f"no weight norms for unit {u!r}")
+        hits = [v for k, v in weight_sq[u].items() if abs(float(k) - float(s)) <= 1e-6]
+        if not hits:
+            raise ValueError(f"unit {u!r}: no weight norms at level {s!r}")
+        if len(hits[0]) != 2:
+            raise ValueError(f"unit {u!r}: weight norms must be (norm_sq, dist_sq) pairs; got {hits[0]!r}")
+        norm_sq[u], dist_sq[u] = float(hits[0][0]), float(hits[0][1])
+    return norm_sq, dist_sq
 
 
 # ---------------------------------------------------------------------------------- other estimators
@@ -333,8 +349,8 @@ def none_gap(*args: Any, **kwargs: Any) -> float:
 
 
 #: Default grid of ``lambda`` for :func:`select_lambda` (0 = no gap term), about x3 apart. It reaches down to
-#: 0.01 because on the ci model (41 policies at sparsity 0.6) the policy-to-policy spread of the ``norm`` and
-#: ``capacity`` gaps (sd 0.007-0.010) was ~5x that of ``R_hat`` (KL, sd 0.002).
+#: 0.01 because on the ci model (41 policies at sparsity 0.6) the policy-to-policy spread of the ``norm`` (revision 1)
+#: and ``capacity`` gaps (sd 0.007-0.010) was ~5x that of ``R_hat`` (KL, sd 0.002).
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
@@ -390,14 +406,18 @@ def _bernstein_entry(*, units: Any, sparsities: Any, losses: Any, n: Any, delta:
     return bernstein_gap(losses, delta, **kw)
 
 
-def _norm_entry(*, units: Any, sparsities: Any, losses: Any, n: Any, delta: float, frob_sq: Any = None,
+def _norm_entry(*, units: Any, sparsities: Any, losses: Any, n: Any, delta: float, weight_sq: Any = None,
                 **kw: Any) -> float:
-    if sparsities is None or frob_sq is None:
-        raise ValueError("gap kind 'norm' needs sparsities and frob_sq (per-unit, per-level squared norms)")
+    if units is None or sparsities is None or weight_sq is None:
+        raise ValueError("gap kind 'norm' needs units, sparsities and weight_sq (per-unit, per-level squared norms "
+                         "of the stored weights and their distances to the dense ones)")
     if n is None:
         raise ValueError("gap kind 'norm' needs n")
-    pruned, dense_ = level_norms(frob_sq, sparsities)
-    return norm_gap(pruned, dense_, n, **kw)
+    missing = [u for u in sparsities if u not in units]
+    if missing:
+        raise ValueError(f"gap kind 'norm': no parameter counts for units {missing}")
+    norm_sq, dist_sq = level_norms(weight_sq, sparsities)
+    return norm_gap({u: units[u] for u in sparsities}, norm_sq, dist_sq, n, **kw)
 
 
 def _none_entry(*, units: Any, sparsities: Any, losses: Any, n: Any, delta: float, **kw: Any) -> float:
@@ -414,10 +434,12 @@ GAP_ESTIMATORS: dict[str, Callable[..., float]] = {
 
 
 #: Revision of an estimator whose formula changed after searches were run with it (issue 17: ``bernstein`` lost
-#: its policy-independent range term, ``capacity`` is divided by its dense value). A search config with such a
-#: gap serialises it (``gap_revision``), so checkpoints and sweep rows made with the old formula are not reused;
-#: configs with the other gaps keep their digests.
-GAP_REVISION: dict[str, int] = {"bernstein": 2, "capacity": 2}
+#: its policy-independent range term, ``capacity`` is divided by its dense value; ``norm`` 2: Bartlett et al.'s
+#: spectral complexity on the stored weights' distances to the dense ones, size-weighted, instead of the geometric
+#: mean of the masked dense norm ratios). A search config with such a gap serialises it (``gap_revision``), so
+#: checkpoints and sweep rows made with the old formula are not reused; configs with the other gaps keep their
+#: digests.
+GAP_REVISION: dict[str, int] = {"bernstein": 2, "capacity": 2, "norm": 2}
 
 
 def gap(
@@ -434,7 +456,7 @@ def gap(
 
     ``"capacity"`` uses ``units``, ``sparsities``, ``n`` (+ ``depth_decay``, ``h_scale`` in ``kw``);
     ``"bernstein"`` uses ``losses`` (``n`` if given must equal ``len(losses)``);
-    ``"norm"`` uses ``sparsities``, ``n`` and ``frob_sq`` in ``kw`` (+ ``scale``); ``"none"`` returns 0.
+    ``"norm"`` uses ``units``, ``sparsities``, ``n`` and ``weight_sq`` in ``kw`` (+ ``scale``); ``"none"`` returns 0.
     """
     try:
         fn = GAP_ESTIMATORS[kind]

@@ -2,15 +2,24 @@
 
 Per-sample losses ``l_i`` (:func:`per_sample_losses`). ``M_i`` = the next-token positions of sample ``i``:
 positions ``t`` (predicting token ``t+1``) where both ``t`` and ``t+1`` are real tokens (``attention_mask`` 1);
-``A_i`` = its answer positions (``labels[t+1] != -100``):
+``X_i`` = its text positions, those of ``M_i`` whose input token ``y_t`` is not the image token (the expanded
+``<image>`` placeholders: 576 per sample on LLaVA-1.5, 9 on the tiny model; :func:`image_token_id` of the
+model); ``A_i`` = its answer positions (``labels[t+1] != -100``, all of them text):
 
-* ``kind="kl"`` (the default fitness, EvoPress's): the divergence from the dense model's next-token
-  distribution over every real position,
-  ``l_i = (1/|M_i|) sum_{t in M_i} KL(p_dense(. | y_<=t) || p(. | y_<=t))``,
-  ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` (:func:`per_sample_kl`);
+* ``kind="kl"`` (the default fitness, EvoPress's on text): the divergence from the dense model's next-token
+  distribution over the text positions (question and answer, not the image placeholders),
+  ``l_i = (1/|X_i|) sum_{t in X_i} KL(p_dense(. | y_<=t) || p(. | y_<=t))``,
+  ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` (:func:`per_sample_kl`); a per-sample mean, so ``R_hat`` is the
+  mean over samples of each sample's mean over its own text positions;
 * ``kind="kl_answer"``: the same divergence averaged over the answer positions ``A_i`` only;
+* ``kind="kl_all"``: the same divergence over every real position ``M_i``, image placeholders included (the ``kl``
+  fitness before revision 2, :data:`LOSS_REVISION`; on LLaVA-1.5 the text is a few percent of those positions);
 * ``kind="ce"``: answer cross-entropy ``l_i = (1/|A_i|) sum_{t in A_i} -log p(y_{t+1} | y_<=t)``
   (:func:`losses.per_sample_ce`, the per-sample term of :func:`losses.answer_loss`).
+
+A position whose input is the image token predicts from an image token's hidden state (the next placeholder, or
+after the last one the first text token); a text position before the image (``USER:``) is kept, whatever it
+predicts. A sample without text positions scores 0.
 
 The dense side is cached once as fp32 **log-probabilities** (:func:`dense_logprobs_of`, on the CPU; ``n * T * V``
 floats, as many as the logits it replaces); the KL is computed ``kl_chunk`` positions at a time, so the extra
@@ -21,8 +30,9 @@ Bounded losses: :func:`score_losses` clips the per-sample losses at ``loss_cap``
 use the same clipped losses. The default cap (10 nats) is above ``ln |V|`` of the tiny vocabulary, so it only
 bites on models worse than uniform; :class:`Score` reports how many samples were clipped.
 
-``G_hat`` comes from :func:`gaps.gap`: ``"norm"`` from the policy's per-unit Frobenius norms (``gap_kw``
-``frob_sq``), ``"capacity"`` from its sparsities and unit sizes, ``"bernstein"`` from the sample variance of the
+``G_hat`` comes from :func:`gaps.gap`: ``"norm"`` from the Frobenius norms of each unit's stored weights at its
+level and their distances to the dense ones (``gap_kw`` ``weight_sq``, :meth:`LevelDB.weight_sq`) and the unit
+sizes, ``"capacity"`` from its sparsities and unit sizes, ``"bernstein"`` from the sample variance of the
 clipped losses (the policy-independent range term of the bound is left out of ``J``), ``"none"`` = 0.
 """
 
@@ -40,10 +50,16 @@ from ellava_lib.model.kernels import onednn_linears
 from ellava_lib.model.losses import answer_mask, model_inputs, per_sample_ce
 from ellava_lib.search import gap as gaps
 
-LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "kl_answer")
+LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "kl_answer", "kl_all")
 
 #: Loss kinds that need the dense model's log-probabilities.
-KL_KINDS: tuple[str, ...] = ("kl", "kl_answer")
+KL_KINDS: tuple[str, ...] = ("kl", "kl_answer", "kl_all")
+
+#: Revision of a loss kind whose meaning changed after searches were run with it: ``kl`` averaged over every real
+#: position (image placeholders included, now ``kl_all``) before revision 2 and over the text positions since. A
+#: search config with such a loss serialises it (``loss_revision``, :meth:`config.SearchConfig.to_dict`), so
+#: checkpoints and sweep rows made with the old loss are not reused.
+LOSS_REVISION: dict[str, int] = {"kl": 2}
 
 #: Positions per KL chunk (bounds the temporaries of :func:`per_sample_kl` to ``rows * KL_CHUNK * V`` floats).
 KL_CHUNK: int = 128
@@ -93,8 +109,8 @@ def per_sample_kl(logits: torch.Tensor, dense_logprobs: torch.Tensor, mask: torc
     """``(B,)`` per-sample mean over the positions of ``mask`` of ``KL(p_dense || p) = sum_v p_d (log p_d - log p)``.
 
     ``logits``: ``(B, T, V)`` of the candidate; ``dense_logprobs``: ``(B, >= T-1, V)`` log-softmax of the dense
-    model (:func:`dense_logprobs_of`); ``mask``: ``(B, T-1)`` bool (:func:`position_mask` for every real position,
-    :func:`losses.answer_mask` for the answer positions); position ``t`` compares the distributions of token
+    model (:func:`dense_logprobs_of`); ``mask``: ``(B, T-1)`` bool (:func:`loss_mask`: the text positions, the
+    answer positions or every real position); position ``t`` compares the distributions of token
     ``t+1``. Computed ``chunk`` positions at a time (None: all at once); differentiable in ``logits``.
     Rows with an empty mask get 0."""
     width = logits.shape[1] - 1
@@ -112,13 +128,37 @@ def per_sample_kl(logits: torch.Tensor, dense_logprobs: torch.Tensor, mask: torc
     return total / mask.to(logits.device).sum(1).clamp(min=1)
 
 
-def loss_mask(kind: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The positions a KL kind averages over: every real position (``kl``) or the answer positions
-    (``kl_answer``)."""
+def text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int | None) -> torch.Tensor:
+    """``(B, T-1)`` bool: the text positions, :func:`position_mask` less the positions ``t`` whose input token
+    ``input_ids[t]`` is ``image_token_id`` (``None``: a model without image tokens, every real position)."""
+    m = position_mask(attention_mask)
+    if image_token_id is None:
+        return m
+    return m & (input_ids[:, :-1] != int(image_token_id))
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    """The id of the image placeholder token in ``model``'s inputs (``config.image_token_id``, or
+    ``image_token_index`` as llava-hf's configs name it), ``None`` for a model without one."""
+    config = getattr(model, "config", None)
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def loss_mask(kind: str, batch: Mapping[str, torch.Tensor], image_id: int | None = None) -> torch.Tensor:
+    """The positions a KL kind averages over: the text positions (``kl``, :func:`text_mask` with the image token
+    ``image_id``), the answer positions (``kl_answer``) or every real position (``kl_all``)."""
     if kind == "kl_answer":
         return answer_mask(batch["labels"])
-    return position_mask(batch["attention_mask"] if "attention_mask" in batch
-                         else torch.ones_like(batch["input_ids"]))
+    attention = batch["attention_mask"] if "attention_mask" in batch else torch.ones_like(batch["input_ids"])
+    if kind == "kl_all":
+        return position_mask(attention)
+    if kind != "kl":
+        raise ValueError(f"loss kind {kind!r} is not a KL kind; choose from {', '.join(KL_KINDS)}")
+    return text_mask(batch["input_ids"], attention, image_id)
 
 
 def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -161,7 +201,7 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
     """``(n,)`` raw per-sample losses (see the module docstring) on rows ``idx`` of the batch (all if None).
 
     The KL kinds need ``dense_logits``: the dense log-probabilities of the *whole* batch (:func:`dense_logprobs_of`),
-    indexed by ``idx``.
+    indexed by ``idx``; ``kl`` leaves out the positions of ``model``'s image token (:func:`image_token_id`).
     Rows are run in chunks of ``batch_size`` (all at once when None).
     """
     if kind not in LOSS_KINDS:
@@ -170,6 +210,7 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
         raise ValueError(f"loss kind {kind!r} needs the dense model's log-probabilities (dense_logprobs_of)")
     model.eval()
     rows = list(range(batch["input_ids"].shape[0])) if idx is None else [int(i) for i in idx]
+    image_id = image_token_id(model)
     out = []
     for chunk in _chunks(len(rows), batch_size):
         sel = [rows[c] for c in chunk]
@@ -178,7 +219,7 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
         if kind == "ce":
             out.append(per_sample_ce(logits, part["labels"]))
         else:
-            out.append(per_sample_kl(logits, dense_logits[sel], loss_mask(kind, part), KL_CHUNK))
+            out.append(per_sample_kl(logits, dense_logits[sel], loss_mask(kind, part, image_id), KL_CHUNK))
     return torch.cat(out).float().cpu()
 
 
@@ -194,7 +235,7 @@ def score_losses(losses: torch.Tensor | Sequence[float], *, gap: str, lam: float
 
     The Bernstein gap gets the clipped losses; the capacity and norm gaps get ``units``, ``sparsities`` and
     ``n = n_capacity`` (default: the number of losses). ``gap_kw`` is passed on (``depth_decay``, ``h_scale``
-    for capacity; ``frob_sq``, ``scale`` for norm).
+    for capacity; ``weight_sq``, ``scale`` for norm).
     """
     x = torch.as_tensor(losses, dtype=torch.float64).flatten()
     if x.numel() == 0:

@@ -113,7 +113,7 @@ def loss_positions(part: Mapping[str, torch.Tensor], kl_weight: float, ce_weight
     if ce_weight > 0:
         need |= answer_mask(part["labels"])
     if kl_weight > 0:
-        need |= loss_mask("kl", part)
+        need |= loss_mask("kl_all", part)
     return need
 
 
@@ -131,7 +131,8 @@ def sliced_logits(model: nn.Module, part: Mapping[str, torch.Tensor], positions:
 def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Sequence[int],
                    dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
     """``ce_weight * mean CE + kl_weight * mean KL(dense || model)`` on rows ``idx`` (a differentiable scalar;
-    CE over the answer positions, KL over every real position as the search's ``kl`` fitness; ``dense_logits``:
+    CE over the answer positions, KL over every real position as the search's ``kl_all`` fitness, image
+    placeholders included; ``dense_logits``:
     the dense log-probabilities of :func:`objective.dense_logprobs_of`).
     ``ce_weight = 0`` distils the dense model only: the projector cannot learn the calibration answers beyond
     what the dense model predicts.
@@ -162,7 +163,7 @@ def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Seq
         per = torch.zeros(n, device=dev).index_add(0, rows_d, nll * on)
         loss = loss + ce_weight * (per / ans.sum(1).to(dev).clamp(min=1)).mean()
     if kl_weight > 0:
-        m = loss_mask("kl", part)
+        m = loss_mask("kl_all", part)
         on = m[rows, cols].to(dev)
         dense = dense_logits[list(idx)]
         per = torch.zeros(n, device=dev)
