@@ -212,3 +212,20 @@ def test_every_readme_marker_the_pipeline_writes_exists_for_each_profile_prefix(
             prefix = params.get("readme_prefix") or ""
             for name in names:
                 report.doc_with(root, prefix + name)  # exactly one document holds it, else a ValueError
+
+
+def test_every_declared_parameter_is_one_papermill_reads():
+    """papermill silently drops a parameters-cell line it cannot parse (a comment holding ``=``, say), and the
+    pipeline then drops the profile's value for it: every ``name: type = value`` line must come back from
+    ``inspect_notebook`` (``force_rebuild`` is what ``make reproduce REBUILD=1`` sets)."""
+    import re
+
+    import nbformat
+    import papermill as pm
+
+    for nb_path in sorted(pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        declared = [m.group(1) for m in re.finditer(r"^(\w+)\s*:\s*[\w\[\], |]+=", cell.source, re.M)]
+        assert declared and set(declared) <= set(pm.inspect_notebook(str(nb_path))), nb_path.name
+    assert "force_rebuild" in pm.inspect_notebook(str(pipeline.notebooks_dir() / "01_tiny_model.ipynb"))
