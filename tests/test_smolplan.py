@@ -75,8 +75,11 @@ def test_smol_build_stages_have_smollm2_sizes():
     tc = train.preset("smol")
     stages = {s.name: s for s in smolplan.build_stages(config, tc)}
     lm, tokens, role = stages["joint"].parts[0]
-    # SmolLM2-135M (tied embeddings once) plus the <image> row of 576; 16 rows of 96 tokens
-    assert (lm, tokens, role) == (134_515_008 + 576, 16 * 96, "trained")
+    # SmolLM2-135M (tied embeddings once) plus the <image> row of 576; 16 rows of 96 tokens; frozen under LoRA
+    assert (lm, tokens, role) == (134_515_008 + 576, 16 * 96, "frozen_after")
+    # rank 16 x 30 layers x (q 576+576, k 576+192, v 576+192, o 576+576, gate/up 576+1536 twice, down 1536+576)
+    assert stages["joint"].parts[1] == (16 * 30 * 10_176, 16 * 96, "trained") and 16 * 30 * 10_176 == 4_884_480
+    assert stages["joint"].parts[-1][2] == "frozen_after"  # the tied embedding of the aux logits
     assert structure.meta_model(config).model.language_model.layers[0].self_attn.k_proj.out_features == 192
     assert stages["vision"].steps == 300 and stages["align"].steps == 300 and stages["joint"].steps == 1200
     assert [r for _, _, r in stages["align"].parts] == ["frozen_before", "trained", "frozen_after"]

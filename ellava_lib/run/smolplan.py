@@ -128,17 +128,31 @@ def build_stages(config, tc) -> list[TrainStage]:
     t_v, n_img = structure.vision_tokens_per_image(config), int(config.image_seq_length)
     v_layers, images = config.vision_config.num_hidden_layers, 2 * tc.batch_size
     rows = tc.batch_size
+    # with LoRA the decoder (its tied embedding included) is frozen after the trained tower and projector: forward
+    # and the backward to its inputs, no weight gradient; only the adapters train, on every decoder token
+    frozen_lm = "frozen_after" if tc.lora_rank else "trained"
+    adapters = ((lora_parameters(t, tc), rows * smol.TRAIN_TOKENS, "trained"),) if tc.lora_rank else ()
     return [
         TrainStage("vision", tc.vision_steps, ((vision, images * t_v, "trained"),), v_layers),
         TrainStage("align", tc.align_steps, ((vision, images * t_v, "frozen_before"),
                                              (proj, images * n_img, "trained"),
                                              (emb, images * n_img, "frozen_after")), v_layers + 2),
-        TrainStage("joint", tc.joint_steps, ((lm, rows * smol.TRAIN_TOKENS, "trained"),
+        TrainStage("joint", tc.joint_steps, ((lm, rows * smol.TRAIN_TOKENS, frozen_lm), *adapters,
                                              (vision, 2 * rows * t_v, "trained"),
                                              (proj, 2 * rows * n_img, "trained"),
-                                             (emb, rows * n_img, "trained")),
+                                             (emb, rows * n_img, frozen_lm)),
                    t.num_hidden_layers + 2 * v_layers + 4),
     ]
+
+
+def lora_parameters(text, tc) -> int:
+    """Parameters of the recipe's LoRA adapters on a Llama decoder ``text``: ``r (d_in + d_out)`` per adapted
+    linear (``A`` is ``r x d_in``, ``B`` is ``d_out x r``), for every decoder layer."""
+    head = text.hidden_size // text.num_attention_heads
+    h, kv, m = text.hidden_size, (text.num_key_value_heads or text.num_attention_heads) * head, text.intermediate_size
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, m),
+              "up_proj": (h, m), "down_proj": (m, h)}
+    return tc.lora_rank * text.num_hidden_layers * sum(sum(shapes[name]) for name in tc.lora_targets())
 
 
 def profile_jobs(params: dict[str, Any], spec) -> list:
