@@ -162,18 +162,18 @@ def test_owl_rows_carry_a_revision_in_the_sweep_spec():
 
 
 def test_ecoflap_importance_in_batches_of_rows(micro_model, calib, monkeypatch):
-    """``batch = 2`` over 5 samples: per weight matrix and per sign, three forwards of 2, 2 and 1 rows (the
+    """``loader_batch = 2`` over 5 samples: per weight matrix and per sign, three forwards of 2, 2 and 1 rows (the
     calibration loader's batches), instead of five one-row forwards; with a loss that ignores the weights the
     finite differences, hence every importance, are 0; ``batch = 1`` is the one-row estimator as before."""
     model, _ = micro_model
     n_linears = sum(len(lins) for lins in units.unit_linears(model).values())
     seen: list[int] = []
     monkeypatch.setattr(allocate, "calibration_loss", lambda m, b: seen.append(b["input_ids"].shape[0]) or 1.5)
-    scores = allocate.zeroth_order_importance(model, calib, samples=5, batch=2)
+    scores = allocate.zeroth_order_importance(model, calib, samples=5, loader_batch=2)
     assert seen == [2, 2, 2, 2, 1, 1] * n_linears
     assert set(scores.values()) == {0.0}
     seen.clear()
     allocate.zeroth_order_importance(model, calib, samples=3)
     assert seen == [1] * 6 * n_linears
-    with pytest.raises(ValueError, match="batch must be >= 1"):
-        allocate.zeroth_order_importance(model, calib, batch=0)
+    with pytest.raises(ValueError, match="loader batch must be >= 1"):
+        allocate.zeroth_order_importance(model, calib, loader_batch=0)

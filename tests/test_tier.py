@@ -234,3 +234,12 @@ def test_real_splits_are_loaded_once_per_process(data_root: Path, monkeypatch: p
     assert len(calls) == 1 and len(again) == 5 and [s.id for s in again[:4]] == [s.id for s in first]
     evaluate.load_samples(eval_config(real(data_root), 4), "mmvet")  # another size is another split
     assert len(calls) == 2
+
+
+def test_ecoflap_batch_is_part_of_the_tier_identity_only_when_set():
+    assert "ecoflap_batch" not in Tier().to_dict() and "ecoflap_batch" not in Tier().identity()
+    eight = Tier(ecoflap_batch=8)
+    assert eight.to_dict()["ecoflap_batch"] == 8 and eight.identity()["ecoflap_batch"] == 8
+    assert Tier.from_dict(eight.to_dict()) == eight
+    with pytest.raises(ValueError, match="ecoflap_batch must be >= 1"):
+        Tier(ecoflap_batch=0)

@@ -177,29 +177,29 @@ def _rows(batch: Mapping[str, torch.Tensor], lo: int, hi: int) -> dict[str, torc
 def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tensor], eps: float = 1e-3,
                             draws: int = 1, seed: int = 0, include_vision: bool = False,
                             progress: bool = False, samples: int = ECOFLAP_SAMPLES,
-                            batch: int = 1) -> dict[str, float]:
+                            loader_batch: int = 1) -> dict[str, float]:
     """ECoFLaP's zeroth-order importance of each unit (ylsung/ECoFLaP ``layer_single_base_pruner.py``,
     ``compute_importance_scores_mezo_layer_one``, score method ``olmezo-gradient_sum``)::
 
         g_{l,b,d} = (L_b(W_l + eps z) - L_b(W_l - eps z)) / (2 eps),   z ~ N(0, I)   (one weight matrix l)
         I_l = sum_b | sum_d |g_{l,b,d}| |,     I_u = sum_{l in u} I_l
 
-    per weight matrix ``l`` (only it perturbed), per calibration batch ``b`` of ``batch`` rows (the first
+    per weight matrix ``l`` (only it perturbed), per calibration batch ``b`` of ``loader_batch`` rows (the first
     ``samples`` rows in order, the last batch possibly shorter; ECoFLaP iterates its calibration data loader the
     same way, one noise draw per loader batch, until ``num_samples`` samples are seen), ``draws`` noise draws
     (ECoFLaP's ``num_noise``, default 1); ``L_b`` = the token-mean answer cross-entropy of batch ``b``
     (:func:`losses.calibration_loss`; ECoFLaP's ``loss_language`` is the LM loss of the batch on the target
-    text). ``batch = 1`` (one sample per forward) is the loader of ECoFLaP's LLaMA scripts; a larger batch makes
-    ``2 draws ceil(samples / batch)`` forwards per matrix instead of ``2 draws samples``, each over ``batch`` rows,
+    text). ``loader_batch = 1`` (one sample per forward) is the loader of ECoFLaP's LLaMA scripts; a larger one makes
+    ``2 draws ceil(samples / B)`` forwards per matrix instead of ``2 draws samples``, each over ``B`` rows,
     which a CPU runs far more efficiently, at a coarser estimate (one ``z`` per batch). The unit score is the *sum*
     over its matrices (``_sum`` aggregation). ``z`` comes from ``torch.Generator().manual_seed(seed * 100003 +
     1009 * k)`` for unit ``k``, drawn in order; the dense weights are restored exactly after each matrix."""
     from tqdm.auto import tqdm
 
-    if int(batch) < 1:
-        raise ValueError(f"ECoFLaP's batch must be >= 1 row, got {batch}")
-    n = min(int(samples), calib_batch["input_ids"].shape[0])
-    rows = [_rows(calib_batch, b, min(b + int(batch), n)) for b in range(0, n, int(batch))]
+    if int(loader_batch) < 1:
+        raise ValueError(f"ECoFLaP's loader batch must be >= 1 row, got {loader_batch}")
+    n, step = min(int(samples), calib_batch["input_ids"].shape[0]), int(loader_batch)
+    rows = [_rows(calib_batch, b, min(b + step, n)) for b in range(0, n, step)]
     out: dict[str, float] = {}
     units = unit_linears(model, include_vision)
     for k, (unit, lins) in enumerate(tqdm(units.items(), desc="ecoflap", disable=not progress)):

@@ -25,7 +25,8 @@ The stages and how often the profile runs them (``runs``):
   ``llm_pruner``'s Taylor scores one forward and one backward over the calibration rows (3 forwards; peak: the
   weights, the decoder linears' gradients and every layer's saved activations, :func:`taylor_bytes`); ECoFLaP's
   zeroth-order importances, once per (seed, calib_n) that needs them (:func:`jobs.needs_importance`), are
-  ``2 x ECOFLAP_SAMPLES`` one-row forwards per linear (:func:`allocate.zeroth_order_importance`).
+  ``2 x ECOFLAP_SAMPLES / ecoflap_batch`` forwards of ``ecoflap_batch`` rows per linear
+  (:func:`allocate.zeroth_order_importance`).
 * **searches**: :func:`plan._search_seconds` and :func:`plan._projector_seconds` with each job's own
   :func:`jobs.search_config` (the rows, the gap term, the projector rounds), batches from the configuration.
 
@@ -218,14 +219,16 @@ def sparsegpt_seconds(ctx: Context, n: int, levels: int = 1):
                                        n_text_tokens=ctx.text_tokens)
 
 
-def importance_seconds(ctx: Context, n: int) -> float:
-    """ECoFLaP's importances: ``2 min(n, S) * linears`` one-row forwards, ``S = ECOFLAP_SAMPLES``."""
+def importance_seconds(ctx: Context, n: int, loader_batch: int = 1) -> float:
+    """ECoFLaP's importances: ``2 ceil(min(n, S) / B) * linears`` forwards of ``B`` rows (``B`` the tier's
+    ``ecoflap_batch``), ``S = ECOFLAP_SAMPLES``."""
     from ellava_lib.prune.allocate import ECOFLAP_SAMPLES
     from ellava_lib.speed import flops
 
     f = flops.flops_per_token(ctx.config, ctx.dm.image_tokens, ctx.text_tokens)["total"]
-    one = max(costmodel.roofline(f, ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
-    return 2 * min(n, ECOFLAP_SAMPLES) * len(ctx.dm.block_linears_in) * ctx.dm.layers * one
+    b = min(loader_batch, min(n, ECOFLAP_SAMPLES))
+    one = max(costmodel.roofline(b * f, ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
+    return 2 * math.ceil(min(n, ECOFLAP_SAMPLES) / b) * len(ctx.dm.block_linears_in) * ctx.dm.layers * one
 
 
 def search_seconds(ctx: Context, cfg, n: int) -> float:
@@ -331,8 +334,10 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     stages.append(_stage("level databases", sum(db) / max(len(db), 1), len(db), db_peak, "whole model on the GPU",
                          gpu_gb))
     imp = sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
-    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, n) for _, n in imp) / max(len(imp), 1),
-                         len(imp), eval_peak, "one row per forward", gpu_gb))
+    eco_b = spec.get_tier().ecoflap_batch
+    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, n, eco_b) for _, n in imp)
+                         / max(len(imp), 1), len(imp), eval_peak,
+                         "one row per forward" if eco_b == 1 else f"{eco_b} rows per forward", gpu_gb))
     for method in dict.fromkeys(j.method for j in jobs if j.method != "dense"):
         mine = [j for j in jobs if j.method == method]
         secs = [prune_seconds(ctx, spec, j) for j in mine]

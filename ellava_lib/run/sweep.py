@@ -336,7 +336,7 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
             return cached["importance"]
     if model is None or batch is None:
         model, _, _, batch = _load(spec.get_tier(), spec, seed, calib_n)
-    importance = zeroth_order_importance(model, batch, seed=seed)
+    importance = zeroth_order_importance(model, batch, seed=seed, loader_batch=spec.get_tier().ecoflap_batch)
     files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance})
     return importance
 

@@ -46,6 +46,9 @@ class Tier:
     database and deletes the others before building the next: peak disk one database instead of one per draw;
     a database deleted is rebuilt if a later sweep needs it). Left out of :meth:`to_dict` at ``keep``; not part
     of :meth:`identity` (where results are kept on disk changes no result).
+    ``ecoflap_batch``: calibration rows per forward of ECoFLaP's zeroth-order importance (``loader_batch`` of
+    :func:`allocate.zeroth_order_importance`; 1 = one row per forward, ECoFLaP's LLaMA loader); it changes the
+    estimate, so it is part of :meth:`identity`, and left out of :meth:`to_dict` at 1.
     """
 
     model: str = "tiny"
@@ -59,6 +62,7 @@ class Tier:
     offload: bool = False
     eval_batch_size: int = 0
     level_dbs: str = "keep"
+    ecoflap_batch: int = 1
 
     def __post_init__(self) -> None:
         from ellava_lib.data.manifest import BENCHMARKS
@@ -80,6 +84,8 @@ class Tier:
             raise ValueError(f"tier db_dtype must be auto or one of {', '.join(STORE_DTYPES)}, got {self.db_dtype!r}")
         if self.level_dbs not in LEVEL_DB_MODES:
             raise ValueError(f"tier level_dbs must be one of {', '.join(LEVEL_DB_MODES)}, got {self.level_dbs!r}")
+        if self.ecoflap_batch < 1:
+            raise ValueError(f"tier ecoflap_batch must be >= 1, got {self.ecoflap_batch}")
         if self.eval_batch_size < 0:
             raise ValueError(f"tier eval_batch_size must be >= 0, got {self.eval_batch_size}")
         if self.data_dir is not None and self.data != "real":
@@ -98,7 +104,8 @@ class Tier:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["calib_benchmarks"] = list(self.calib_benchmarks)
-        for key, default in (("db_dtype", "auto"), ("offload", False), ("eval_batch_size", 0), ("level_dbs", "keep")):
+        for key, default in (("db_dtype", "auto"), ("offload", False), ("eval_batch_size", 0), ("level_dbs", "keep"),
+                             ("ecoflap_batch", 1)):
             if d[key] == default:
                 del d[key]
         return d
