@@ -82,6 +82,8 @@ def built(tmp_path_factory):
 
 def test_a_shipped_smol_folder_holds_only_what_the_kit_trained(built):
     cfg, model_dir, folder = built
+    # the build trained at the recipe's 2 threads and gave the session's 1 (conftest) back
+    assert cfg.threads == 2 and torch.get_num_threads() == 1
     m = shipped.manifest(folder)
     assert (m["name"], m["kind"], m["digest"]) == ("smol-micro", "smol", cfg.digest())
     assert shipped.FULL not in m["files"] and shipped.PARTS in m["files"] and "train_log.csv" not in m["files"]

@@ -400,11 +400,15 @@ def train(cfg: TrainConfig, progress: bool = True, work_dir: Path | None = None,
                          f"{cfg.processes}: use threads instead")
     if cfg.lm == "smollm2":
         smol.preflight(cfg.batch_size, smol.TRAIN_TOKENS)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    with tiny.torch_seeded(cfg.seed):
-        model, processor = init_model(cfg)
-        model, processor, log = _fit(cfg, model, processor, progress, work_dir, checkpoint_every)
+    try:
+        with tiny.torch_seeded(cfg.seed):
+            model, processor = init_model(cfg)
+            model, processor, log = _fit(cfg, model, processor, progress, work_dir, checkpoint_every)
+    finally:  # the caller's thread count back (a test session, a notebook kernel that trains and then evaluates)
+        torch.set_num_threads(threads)
     if not keep_adapters:
         lora.merge_adapters(model)
     return model, processor, log
