@@ -22,7 +22,8 @@ be read (invalid JSON, missing fields) is named in one line on stderr and re-run
 large intermediates stay in the run folder (git-ignored) and are rebuilt where a job needs them.
 
 Notebook 04 reads its showcased search's row and policy here (:mod:`showcase`), notebook 07 every row
-(:func:`entries`, :mod:`explorer`) for the jobs its run folder lacks.
+(:func:`entries`, :mod:`explorer`) for the jobs its run folder lacks; notebook 02 keeps its dense and magnitude
+evaluations in the subfolder ``eval/`` (:mod:`denseeval`), which :func:`entries` does not read.
 """
 
 from __future__ import annotations
