@@ -19,7 +19,6 @@ and recomputed. Without a ledger everything is computed, as before ledgers exist
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +71,7 @@ def load_row(ledger_dir: str | Path, key: str, digest: str) -> dict[str, Any] | 
     path = row_path(ledger_dir, key)
     if not path.is_file():
         return None
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        entry, reason = None, f"invalid JSON ({type(e).__name__})"
-    else:
-        reason = _problem(entry, key)
+    entry, reason = ledger.read_entry(path, key, _problem)
     if reason is not None:
         print(f"ledger: corrupted row {path}: {reason}; it is recomputed", file=sys.stderr, flush=True)
         return None
@@ -85,13 +79,10 @@ def load_row(ledger_dir: str | Path, key: str, digest: str) -> dict[str, Any] | 
 
 
 def _problem(entry: Any, key: str) -> str | None:
-    if not isinstance(entry, dict):
-        return f"not a JSON object but {type(entry).__name__}"
-    missing = [f for f in FIELDS if f not in entry]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    if entry["format"] != FORMAT or entry["key"] != key:
-        return f"format {entry['format']!r} / key {entry['key']!r}, not {FORMAT} / {key!r}"
+    """Why ``entry`` is not a dense-evaluation row of ``key`` (:func:`ledger.envelope_problem`, then its frame)."""
+    reason = ledger.envelope_problem(entry, key, FIELDS, FORMAT)
+    if reason is not None:
+        return reason
     if not isinstance(entry["frame"], list) or not all(isinstance(r, dict) and set(FRAME_COLUMNS) <= set(r)
                                                        for r in entry["frame"]):
         return "its frame is not a list of metric rows"

@@ -86,17 +86,37 @@ def write(ledger: Path, entry: dict[str, Any]) -> Path:
     return files.write_json(row_path(ledger, entry["key"]), entry)
 
 
-def problem(entry: Any, key: str) -> str | None:
-    """Why ``entry`` (parsed JSON) is not a ledger row of the job ``key``, or None when it is one."""
+def envelope_problem(entry: Any, key: str, fields: tuple[str, ...], fmt: int) -> str | None:
+    """Why ``entry`` (parsed JSON) is not a ledger entry of ``key`` with the keys ``fields`` in format ``fmt``
+    (what every kind of ledger row checks first), or None."""
     if not isinstance(entry, dict):
         return f"not a JSON object but {type(entry).__name__}"
-    missing = [f for f in FIELDS if f not in entry]
+    missing = [f for f in fields if f not in entry]
     if missing:
         return f"missing {', '.join(missing)}"
-    if entry["format"] != FORMAT:
-        return f"format {entry['format']!r}, not {FORMAT}"
+    if entry["format"] != fmt:
+        return f"format {entry['format']!r}, not {fmt}"
     if entry["key"] != key:
         return f"key {entry['key']!r}, not {key!r}"
+    return None
+
+
+def read_entry(path: Path, key: str, check) -> tuple[dict[str, Any] | None, str | None]:
+    """``(entry, None)`` when the file ``path`` parses as JSON and ``check(entry, key)`` finds no problem, else
+    ``(None, why not)``."""
+    try:
+        entry = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"invalid JSON ({type(e).__name__})"
+    reason = check(entry, key)
+    return (entry, None) if reason is None else (None, reason)
+
+
+def problem(entry: Any, key: str) -> str | None:
+    """Why ``entry`` (parsed JSON) is not a ledger row of the job ``key``, or None when it is one."""
+    reason = envelope_problem(entry, key, FIELDS, FORMAT)
+    if reason is not None:
+        return reason
     if not isinstance(entry["row"], dict):
         return "its row is not a JSON object"
     missing = [f for f in ROW_FIELDS if f not in entry["row"]]
@@ -105,12 +125,7 @@ def problem(entry: Any, key: str) -> str | None:
 
 def _parse(path: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """``(row, None)`` when the file ``path`` holds a ledger row of the job ``key``, else ``(None, why not)``."""
-    try:
-        entry = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"invalid JSON ({type(e).__name__})"
-    reason = problem(entry, key)
-    return (entry, None) if reason is None else (None, reason)
+    return read_entry(path, key, problem)
 
 
 def load(path: Path, key: str, digest: str, warn: bool = True) -> dict[str, Any] | None:
