@@ -157,7 +157,8 @@ def test_owl_rows_carry_a_revision_in_the_sweep_spec():
 
     spec = SweepSpec("m")
     assert spec_digest(spec, Job("owl", 0.6)) != spec_digest(spec, Job("sparsegpt", 0.6))
-    assert spec_digest(spec, Job("sparsegpt", 0.6)) == spec_digest(spec, Job("magnitude", 0.6))
+    # sparsegpt (no revision) differs from magnitude only in reading statistics on the statistic rows
+    assert spec_digest(spec, Job("sparsegpt", 0.6)) != spec_digest(spec, Job("magnitude", 0.6))
     assert spec_digest(spec, Job("wanda", 0.6)) != spec_digest(spec, Job("magnitude", 0.6))
 
 

@@ -101,7 +101,7 @@ def test_ledger_row_format(spec, tmp_path):
     assert sorted(entry) == sorted(ledger.FIELDS)
     assert (entry["format"], entry["key"], entry["digest"]) == (1, "search-0.50-s0-n8", job_digest(spec, job, 1))
     assert entry["job"] == {"method": "search", "sparsity": 0.5, "seed": 0, "calib_n": 8, "gap": None,
-                            "projector": None, "exact": False}
+                            "projector": None, "assembled": False}
     assert {"j", "r_hat", "g_hat", "mean", "calib_mean", "seconds", "measured"} <= set(entry["row"])
     assert entry["lam"] is None  # the search without the gap term has no lambda
     assert sorted(entry["policy"]) == ["grid", "meta", "sparsities"] and entry["policy"]["meta"]["gap"] == "none"

@@ -22,8 +22,8 @@ def test_job_validation_and_names():
         Job("wanda", 0.5, gap="capacity")
     with pytest.raises(ValueError, match="sparsity"):
         Job("wanda", 1.2)
-    assert Job("ellava", 0.6, 1, 32, gap="capacity", projector=False, exact=True).name() == \
-        "ellava-0.60-s1-n32-gap_capacity-noproj-exact"
+    assert Job("ellava", 0.6, 1, 32, gap="capacity", projector=False, assembled=True).name() == \
+        "ellava-0.60-s1-n32-gap_capacity-noproj-assembled"
     jobs = sweep.jobs_grid(["dense", "wanda"], [0.5, 0.7], [0, 1], 16)
     assert [j.name() for j in jobs] == ["dense-0.00-s0-n16", "wanda-0.50-s0-n16", "wanda-0.70-s0-n16",
                                         "dense-0.00-s1-n16", "wanda-0.50-s1-n16", "wanda-0.70-s1-n16"]
@@ -50,19 +50,19 @@ def _profile_spec(params: dict) -> SweepSpec:
 #: rows must be recomputed); before that for issue 17's finer levels around the target (``fine_step`` 0.05), the
 #: full-position KL, held-out selection rows, EvoPress-style stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("816200d05424", "7b7d5f777070"),
-           "search-0.60-s0-n32": ("037a0d25b9e3", "b333e1465f45"),
-           "ellava-0.60-s0-n32-noproj": ("c390a52a1421", "fd6692a8600d"),
-           "ellava-0.60-s0-n32-gap_none": ("4a6a07c0477a", "4d7017b5b50e")},
-    "default": {"ellava-0.60-s0-n64": ("7d0f81eef7b8", "84f996e7551d"),
-                "search-0.60-s0-n64": ("137e6180a9a5", "1e9133b9d989"),
-                "ellava-0.60-s0-n64-noproj": ("c38d5d11c41c", "08efaef6b0ee"),
-                "ellava-0.60-s0-n64-gap_none": ("51e3ac2a3b6f", "76c4bd9f737c")},
+    "ci": {"ellava-0.60-s0-n32": ("816200d05424", "ee476126de79"),
+           "search-0.60-s0-n32": ("037a0d25b9e3", "a0ac32afbdce"),
+           "ellava-0.60-s0-n32-noproj": ("c390a52a1421", "b5283587a831"),
+           "ellava-0.60-s0-n32-gap_none": ("4a6a07c0477a", "fda4a87baac3")},
+    "default": {"ellava-0.60-s0-n64": ("7d0f81eef7b8", "e4249d78db6d"),
+                "search-0.60-s0-n64": ("137e6180a9a5", "2ee264c20e6b"),
+                "ellava-0.60-s0-n64-noproj": ("c38d5d11c41c", "20249dfb6215"),
+                "ellava-0.60-s0-n64-gap_none": ("51e3ac2a3b6f", "a938ff60dd9d")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("7d6111d11b7b", "dffe211d96e1"),
-              "search-0.60-s0-n64": ("55f50b9318c1", "5d84d1bff2f9"),
-              "ellava-0.60-s0-n64-noproj": ("99440872390c", "59883a7b6678"),
-              "ellava-0.60-s0-n64-gap_none": ("f0f9a40485a2", "a47c79850fd3")},
+    "paper": {"ellava-0.60-s0-n64": ("7d6111d11b7b", "34e334ed6283"),
+              "search-0.60-s0-n64": ("55f50b9318c1", "ae2a5a8a0a46"),
+              "ellava-0.60-s0-n64-noproj": ("99440872390c", "53181fa5a3e2"),
+              "ellava-0.60-s0-n64-gap_none": ("f0f9a40485a2", "c05466cf5f91")},
 }
 
 
@@ -205,7 +205,8 @@ def test_ecoflap_importance_computed_once_per_calibration_draw(micro_model_dir, 
     pols = [Policy.from_json(tmp_path / "jobs" / j.name() / "policy.json") for j in jobs]
     assert pols[0].meta["importance"] == pols[1].meta["importance"] == stored["importance"]
     # the same policy as computing the importances inside ecoflap_policy
-    model, _, _, batch = sweep._load(tier.Tier(), spec, 0, 8)
+    model, _, samples, batch = sweep._load(tier.Tier(), spec, 0, 8)
+    batch = sweep.statistic_draw(spec, 0, samples, batch)[1]  # ECoFLaP reads the statistic rows only
     direct = allocate.ecoflap_policy(model, batch, 0.6, seed=0)
     assert direct.sparsities == pols[1].sparsities
     history = pd.read_csv(tmp_path / "jobs" / jobs[2].name() / "search" / "history.csv")
@@ -258,3 +259,61 @@ def test_search_against_its_best_start_and_the_gap_check_by_hand():
     gap = tables.gap_vs_baselines(res)  # ours +2.5; baselines' mean gaps: +1, -1, 0
     assert (gap.loc[0, "gap"], gap.loc[0, "baselines_min"], gap.loc[0, "baselines_max"]) == (2.5, -1.0, 1.0)
     assert gap.loc[0, "holds"] and not tables.gap_vs_baselines(res, tolerance=1.0).loc[0, "holds"]
+
+
+def _row_tokens(batch) -> set[tuple[int, ...]]:
+    """Each row of a calibration batch as its unpadded token ids."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return {tuple(ids[i][mask[i].bool()].tolist()) for i in range(ids.shape[0])}
+
+
+def test_no_statistic_reads_a_selection_row_and_searched_rows_are_re_pruned_exactly(micro_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Every batch a method computes statistics on (solver Hessians and norms, Taylor scores, OWL ratios, ECoFLaP
+    scores, the level database, the start policies, the exact re-prune) holds the 6 statistic rows of the 8-row
+    draw and none of its 2 selection rows; the searched row is the exact re-prune, its ``assembled`` ablation not."""
+    from ellava_lib.prune import leveldb
+    from ellava_lib.run import tier
+    from ellava_lib.search import evolve, finalize
+
+    seen: dict[str, list[set]] = {}
+
+    def spy(module, name, arg):
+        real = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, []).append(_row_tokens(args[arg]))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(sweep, "prune_model", 3)
+    spy(sweep, "owl_policy", 1)
+    spy(sweep, "zeroth_order_importance", 1)
+    spy(leveldb, "build_level_db", 1)
+    spy(evolve, "start_policies", 1)
+    spy(finalize, "exact_reprune", 3)
+    spec = SweepSpec(str(micro_model_dir), eval_limit=2,
+                     search={**SEARCH, "init": ["uniform", "owl", "ecoflap"], "generations": 1},
+                     ellava={"projector_every": 0})
+    jobs = [Job(m, 0.5, 0, 8) for m in ("wanda", "sparsegpt", "owl", "ecoflap", "llm_pruner", "ellava")]
+    jobs.append(Job("ellava", 0.5, 0, 8, assembled=True))
+    res = sweep.run_sweep(spec, jobs, tmp_path, progress=False).set_index("job")
+    _, _, samples, batch = sweep._load(tier.Tier(), spec, 0, 8)
+    stat, select = sweep.draw_split(spec, 0, samples)
+    assert len(stat) == 6 and len(select) == 2
+    from ellava_lib.search.objective import subset
+    stat_rows, select_rows = _row_tokens(subset(batch, stat)), _row_tokens(subset(batch, select))
+    assert len(select_rows) == 2 and not stat_rows & select_rows
+    assert set(seen) == {"prune_model", "owl_policy", "zeroth_order_importance", "build_level_db",
+                         "start_policies", "exact_reprune"}
+    for name, calls in seen.items():
+        for rows in calls:
+            assert rows == stat_rows, name
+    assert len(seen["prune_model"]) == 5  # the five baselines (the exact re-prune calls it from finalize)
+    assert len(seen["exact_reprune"]) == 1  # the default searched row, not its assembled ablation
+    exact, assembled = res.loc[jobs[5].name()], res.loc[jobs[6].name()]
+    pol = json.loads((tmp_path / "jobs" / jobs[5].name() / "policy.json").read_text())
+    assert pol == json.loads((tmp_path / "jobs" / jobs[6].name() / "policy.json").read_text())
+    assert assembled["measured"] == pytest.approx(pol["meta"]["mean_sparsity"], abs=1e-6)
+    assert exact["measured"] == pytest.approx(0.5, abs=0.01)
+    assert exact["spec"] != assembled["spec"]

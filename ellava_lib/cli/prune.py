@@ -168,9 +168,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         load_model,
         place,
     )
-    from ellava_lib.search.evolve import check_resume, run_search, search_context
+    from ellava_lib.search.evolve import check_resume, run_search, search_context, split_rows
     from ellava_lib.search.finalize import exact_reprune
-    from ellava_lib.search.objective import per_sample_losses
+    from ellava_lib.search.objective import per_sample_losses, subset
 
     grid = DEFAULT_GRID
     if not (math.isfinite(args.sparsity) and grid[0] <= args.sparsity <= grid[-1]):
@@ -198,8 +198,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     files.ensure_dir(out)
     cfg.to_json(out / "search_config.json")
     db_dir = Path(args.db) if args.db else out / "leveldb"
-    build_level_db(model, batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt", units=list(units),
-                   progress=not args.quiet, calib_info={"ids": [s.id for s in samples], "seed": args.seed},
+    stat_rows = split_rows(len(samples), cfg.select_frac, cfg.seed, [s.suite for s in samples])[0]
+    stat_batch = subset(batch, stat_rows)  # no statistic reads a selection row (level database, exact re-prune)
+    build_level_db(model, stat_batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt", units=list(units),
+                   progress=not args.quiet, calib_info={"ids": [samples[i].id for i in stat_rows], "seed": args.seed},
                    device=args.device, store_dtype=args.db_dtype)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
     result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet,
@@ -209,7 +211,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         mode = "exact"
         model, processor = load_model(tier, model_dir)
         model, _ = place(tier, model)
-        files.write_csv(out / "sparsity.csv", exact_reprune(model, result.policy, result.projector, batch,
+        files.write_csv(out / "sparsity.csv", exact_reprune(model, result.policy, result.projector, stat_batch,
                                                             progress=not args.quiet))
     loss = float(per_sample_losses(model, batch).mean())
     timing = {k: round(v, 4) for k, v in result.timing.items()}

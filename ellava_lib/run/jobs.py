@@ -39,8 +39,9 @@ METHOD_REVISION: dict[str, int] = {"owl": 3, "ecoflap": 2, "wanda": 2, "llm_prun
 
 @dataclass(frozen=True)
 class Job:
-    """One cell of a sweep. ``gap`` / ``projector`` override the searched methods' defaults (ablations);
-    ``exact`` re-prunes the searched policy sequentially with SparseGPT instead of assembling it."""
+    """One cell of a sweep. ``gap`` / ``projector`` override the searched methods' defaults (ablations).
+    A searched policy is re-pruned sequentially with SparseGPT (:func:`finalize.exact_reprune`), as every
+    baseline's policy is; ``assembled`` (an ablation) keeps the model assembled from the level database instead."""
 
     method: str
     sparsity: float
@@ -48,27 +49,28 @@ class Job:
     calib_n: int = 64
     gap: str | None = None
     projector: bool | None = None
-    exact: bool = False
+    assembled: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
-        if self.method not in SEARCH_METHODS and (self.gap is not None or self.projector is not None or self.exact):
-            raise ValueError(f"gap / projector / exact apply to the searched methods, not {self.method!r}")
+        if self.method not in SEARCH_METHODS and (self.gap is not None or self.projector is not None
+                                                  or self.assembled):
+            raise ValueError(f"gap / projector / assembled apply to the searched methods, not {self.method!r}")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
         if self.calib_n < 2:
             raise ValueError(f"calib_n must be at least 2, got {self.calib_n}")
 
     def name(self) -> str:
-        """Folder name, unique per job: ``ellava-0.60-s0-n64[-gap_capacity][-noproj][-exact]``."""
+        """Folder name, unique per job: ``ellava-0.60-s0-n64[-gap_capacity][-noproj][-assembled]``."""
         parts = [self.method, f"{self.sparsity:.2f}", f"s{self.seed}", f"n{self.calib_n}"]
         if self.gap is not None:
             parts.append(f"gap_{self.gap}")
         if self.projector is not None:
             parts.append("proj" if self.projector else "noproj")
-        if self.exact:
-            parts.append("exact")
+        if self.assembled:
+            parts.append("assembled")
         return "-".join(parts)
 
 
@@ -145,13 +147,36 @@ def search_config(spec: SweepSpec, job: Job):
     return SearchConfig.from_preset(spec.search_preset, **cfg)
 
 
-def calib_rows(spec: SweepSpec, job: Job, samples: Sequence[Any]) -> list[int]:
-    """The selection rows of the job's calibration samples (:func:`evolve.split_rows` with the full method's
-    ``select_frac``, the job's seed, stratified by suite): where every method's ``calib`` score is measured."""
+def select_frac(spec: SweepSpec) -> float:
+    """The share of every calibration draw held out as selection rows: the full method's ``select_frac`` (the
+    spec's preset with its ``search`` and ``ellava`` overrides; it does not depend on the sparsity)."""
+    from ellava_lib.search.config import SearchConfig
+
+    overrides = {**spec.search, **spec.ellava}
+    return float(overrides.get("select_frac", getattr(SearchConfig, spec.search_preset)().select_frac))
+
+
+def draw_split(spec: SweepSpec, seed: int, samples: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """``(statistic rows, selection rows)`` of a calibration draw of ``samples`` with ``seed``
+    (:func:`evolve.split_rows` with :func:`select_frac`, stratified by suite; what the searches of that seed
+    split their rows into). Every statistic of every method (Hessians, the level database, OWL's outlier
+    ratios, ECoFLaP's and Wanda's scores, the structured baseline's Taylor scores, the projector's training)
+    is computed on the statistic rows only; the selection rows are where the searched methods choose their
+    returned policy and where every method's ``calib`` score is measured."""
     from ellava_lib.search.evolve import split_rows
 
-    frac = full_method_config(spec, job.sparsity).select_frac
-    return split_rows(len(samples), frac, job.seed, [s.suite for s in samples])[1]
+    return split_rows(len(samples), select_frac(spec), seed, [s.suite for s in samples])
+
+
+def calib_rows(spec: SweepSpec, job: Job, samples: Sequence[Any]) -> list[int]:
+    """The selection rows of the job's calibration samples (:func:`draw_split`): where every method's ``calib``
+    score is measured; no method computes a statistic on them."""
+    return draw_split(spec, job.seed, samples)[1]
+
+
+#: Methods whose pruning reads calibration statistics (all but ``dense`` and ``magnitude``): their rows record
+#: that the statistics come from the statistic rows of :func:`draw_split` only (``stat_rows``).
+CALIBRATED: tuple[str, ...] = tuple(m for m in (*METHODS, *SEARCH_METHODS) if m != "magnitude")
 
 
 def level_grid(spec: SweepSpec, jobs: Sequence[Job]) -> tuple[float, ...]:
@@ -182,9 +207,10 @@ def spec_digest(spec: SweepSpec, job: Job) -> str:
 
 
 def _row_identity(spec: SweepSpec, job: Job) -> dict[str, Any]:
-    """Model folder, evaluation size, for the searched methods the resolved search configuration, the method's
-    :data:`METHOD_REVISION`, the rows the ``calib`` score is measured on, and on real data the evaluation inputs
-    (:func:`evaluate.input_format`)."""
+    """Model folder, evaluation size, for the searched methods the resolved search configuration and how the
+    model is reconstructed (exact re-prune or assembled), the method's :data:`METHOD_REVISION`, the rows the
+    ``calib`` score is measured on, the rows statistics come from (:data:`CALIBRATED`), and on real data the
+    evaluation inputs (:func:`evaluate.input_format`)."""
     d: dict[str, Any] = {"model_dir": spec.model_dir, "eval_limit": spec.eval_limit, "calib_eval": spec.calib_eval}
     tier = spec.get_tier()
     if tier.identity() != Tier().identity():  # the embedded default keeps the digests it had before tiers existed
@@ -193,27 +219,30 @@ def _row_identity(spec: SweepSpec, job: Job) -> dict[str, Any]:
         d["inputs"] = input_format(tier.data)
     if job.method in SEARCH_METHODS:
         d["search"] = search_config(spec, job).identity()  # batch sizes aside (checkpoint.MEMORY_FIELDS)
+        d["reconstruction"] = "assembled" if job.assembled else "exact"  # exact: sequential SparseGPT re-prune
     if job.method in METHOD_REVISION:
         d["revision"] = METHOD_REVISION[job.method]
     # every row's ``calib`` is measured on the selection rows (:func:`calib_rows`), no longer on all of them
     d["calib_rows"] = {"split": "selection", "select_frac": full_method_config(spec, job.sparsity).select_frac}
+    if job.method in CALIBRATED:  # statistics on the statistic rows only (:func:`draw_split`), not on all rows
+        d["stat_rows"] = "search"
     return d
 
 
 def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int = 64,
                   gaps: Sequence[str] = ("none", "capacity", "bernstein", "norm"),
-                  calib_ns: Sequence[int] = (16, 32, 64, 128), exact: bool = True) -> list[Job]:
+                  calib_ns: Sequence[int] = (16, 32, 64, 128), assembled: bool = True) -> list[Job]:
     """The ablations of the full method at one (sparsity, seed): each gap estimator; projector evolution
-    off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the exact
-    re-prune. Overrides equal to the method's default are dropped, so these jobs share rows (and folders)
-    with the main table's."""
+    off; ``n`` calibration samples with and without the gap term (``ellava`` / ``search``); the model assembled
+    from the level database instead of re-pruned. Overrides equal to the method's default are dropped, so these
+    jobs share rows (and folders) with the main table's."""
     default_gap = full_method_config(spec, sparsity).gap
     jobs = [Job("ellava", sparsity, seed, calib_n, gap=None if g == default_gap else g) for g in gaps]
     jobs.append(Job("ellava", sparsity, seed, calib_n, projector=False))
     for n in calib_ns:
         jobs += [Job("ellava", sparsity, seed, n), Job("search", sparsity, seed, n)]
-    if exact:
-        jobs.append(Job("ellava", sparsity, seed, calib_n, exact=True))
+    if assembled:
+        jobs.append(Job("ellava", sparsity, seed, calib_n, assembled=True))
     unique: dict[str, Job] = {}
     for j in jobs:
         unique.setdefault(j.name(), j)

@@ -251,7 +251,7 @@ def prune_seconds(ctx: Context, spec, job) -> float:
         return 0.0
     db = sparsegpt_seconds(ctx, job.calib_n)
     if job.method in SEARCH_METHODS:
-        return search_seconds(ctx, search_config(spec, job), job.calib_n) + (db.seconds if job.exact else 0.0)
+        return search_seconds(ctx, search_config(spec, job), job.calib_n) + (0.0 if job.assembled else db.seconds)
     forward = db.detail["calibration_forward"]
     return {"magnitude": 0.0, "wanda": forward, "sparsegpt": db.seconds, "owl": db.seconds + forward,
             "ecoflap": db.seconds, "llm_pruner": 3 * forward}.get(job.method, db.seconds)

@@ -76,12 +76,14 @@ from ellava_lib.run.jobs import (  # noqa: F401  (the notebooks reach the jobs' 
     ablation_jobs,
     calib_rows,
     db_levels,
+    draw_split,
     full_method_config,
     job_digest,
     jobs_grid,
     level_grid,
     needs_importance,
     search_config,
+    select_frac,
     spec_digest,
 )
 from ellava_lib.run.tier import (
@@ -95,6 +97,7 @@ from ellava_lib.run.tier import (
     place,
     release,
 )
+from ellava_lib.search.objective import subset
 from ellava_lib.speed.flops import flop_ratio
 
 
@@ -143,17 +146,30 @@ def _load(tier: Tier, spec: SweepSpec, batch_seed: int, calib_n: int, on_device:
     return model, processor, samples, batch
 
 
-def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None = None) -> tuple[float, ...]:
+def statistic_draw(spec: SweepSpec, seed: int, samples: Sequence[Any], batch: dict[str, torch.Tensor]
+                   ) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    """The statistic rows of a calibration draw (:func:`jobs.draw_split`): its samples and batch without the
+    selection rows. Every statistic a method computes (level database, Hessians, OWL, ECoFLaP, Wanda, Taylor
+    scores) reads these only."""
+    rows = draw_split(spec, seed, samples)[0]
+    return [samples[i] for i in rows], subset(batch, rows)
+
+
+def db_build_grid(db_dir: Path, grid: Sequence[float], store_dtype: str | None = None,
+                  calib_ids: Sequence[str] | None = None) -> tuple[float, ...]:
     """The grid to build ``db_dir`` with so it holds ``grid`` (:func:`leveldb.covering_grid`). A sweep's databases
-    are its cache: one there of another format (:data:`leveldb.FORMAT`) or, when ``store_dtype`` is given, of
-    another storage dtype is removed (built afresh with ``grid``), and one that lacks some of ``grid``'s levels is
+    are its cache: one there of another format (:data:`leveldb.FORMAT`), or, when given, of another storage dtype
+    (``store_dtype``) or built on other calibration samples (``calib_ids``, e.g. all the rows of a draw instead of
+    its statistic rows) is removed (built afresh with ``grid``), and one that lacks some of ``grid``'s levels is
     removed and rebuilt with the union of both."""
     from ellava_lib.prune.leveldb import FORMAT, covering_grid
 
     config = Path(db_dir) / "config.json"
     if config.is_file():
         known = json.loads(config.read_text())
-        if known.get("format") != FORMAT or (store_dtype is not None and known.get("store_dtype") != store_dtype):
+        ids = known.get("calibration", {}).get("ids")
+        if known.get("format") != FORMAT or (store_dtype is not None and known.get("store_dtype") != store_dtype) \
+                or (calib_ids is not None and ids != list(calib_ids)):
             shutil.rmtree(db_dir)
     want = covering_grid(db_dir, grid)
     if not config.is_file():
@@ -175,7 +191,8 @@ def build_tier_level_db(tier: Tier, model: nn.Module, batch: dict[str, torch.Ten
     (:func:`tier.block_device`), else the whole model and the batch are placed there first (:func:`tier.place`).
     With ``tier.level_dbs == "one"`` every other database folder beside ``db_dir`` (``s<seed>-n<n>``) is deleted
     first, so at most one is on disk. The sweep (:func:`prepare_level_db`) and notebook 03 build their databases
-    here. Returns :func:`leveldb.build_level_db`'s records."""
+    here, each on the statistic rows of its draw (:func:`statistic_draw`: ``samples`` and ``batch`` are those rows).
+    Returns :func:`leveldb.build_level_db`'s records."""
     from ellava_lib.prune.leveldb import build_level_db, resolve_store_dtype
 
     if tier.level_dbs == "one":
@@ -184,8 +201,9 @@ def build_tier_level_db(tier: Tier, model: nn.Module, batch: dict[str, torch.Ten
     device = block_device(tier)
     if device is None:
         model, batch = place(tier, model, batch)
-    return build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid, store_dtype), "sparsegpt",
-                          progress=progress, calib_info={"ids": [s.id for s in samples], "seed": seed},
+    ids = [s.id for s in samples]
+    return build_level_db(model, batch, db_dir, db_build_grid(db_dir, grid, store_dtype, ids), "sparsegpt",
+                          progress=progress, calib_info={"ids": ids, "seed": seed},
                           device=device, store_dtype=store_dtype)
 
 
@@ -196,6 +214,7 @@ def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, pr
     device with ``tier.offload``)."""
     tier = spec.get_tier()
     model, _, samples, batch = _load(tier, spec, seed, calib_n, on_device=False)
+    samples, batch = statistic_draw(spec, seed, samples, batch)
     build_tier_level_db(tier, model, batch, level_db_dir(out_dir, seed, calib_n), grid, samples, seed, progress)
 
 
@@ -314,7 +333,7 @@ def _free_others(root: Path, keep: Path | None) -> list[str]:
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
     """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
     d = {"model_dir": spec.model_dir, "tier": spec.get_tier().identity(), "seed": seed, "calib_n": calib_n,
-         "revision": METHOD_REVISION["ecoflap"]}
+         "revision": METHOD_REVISION["ecoflap"], "rows": ["statistic", select_frac(spec)]}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -326,8 +345,9 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
                        batch: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """ECoFLaP's zeroth-order unit importances (:func:`allocate.zeroth_order_importance`) for the calibration
     draw ``(seed, calib_n)``: they do not depend on the sparsity, so a sweep computes them once and keeps them
-    in ``out_dir/ecoflap/s<seed>-n<n>.json`` (recomputed when the model or tier changed). ``model`` / ``batch``:
-    the dense model and that draw's batch when the caller holds them (else loaded)."""
+    in ``out_dir/ecoflap/s<seed>-n<n>.json`` (recomputed when the model or tier changed). They are computed on the
+    draw's statistic rows (:func:`statistic_draw`). ``model`` / ``batch``: the dense model and that draw's
+    statistic-row batch when the caller holds them (else loaded)."""
     path = ecoflap_importance_path(out_dir, seed, calib_n)
     key = _ecoflap_key(spec, seed, calib_n)
     if path.is_file():
@@ -335,7 +355,8 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
         if cached.get("key") == key:
             return cached["importance"]
     if model is None or batch is None:
-        model, _, _, batch = _load(spec.get_tier(), spec, seed, calib_n)
+        model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
+        batch = statistic_draw(spec, seed, samples, batch)[1]
     importance = zeroth_order_importance(model, batch, seed=seed, loader_batch=spec.get_tier().ecoflap_batch)
     files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance})
     return importance
@@ -343,7 +364,8 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
 
 def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch: dict[str, torch.Tensor]) -> Policy:
     """The policy a baseline job prunes with (:func:`method_policy`; ECoFLaP's importances come from the
-    sweep's cache, :func:`ecoflap_importance`). ``model`` dense, ``batch`` the job's calibration batch."""
+    sweep's cache, :func:`ecoflap_importance`). ``model`` dense, ``batch`` the statistic rows of the job's
+    calibration draw (:func:`statistic_draw`)."""
     importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
                   if job.method == "ecoflap" else None)
     return method_policy(model, batch, job.method, job.sparsity, job.seed, importance=importance)
@@ -395,6 +417,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
     files.write_text(stamp, digest + "\n")
     tier = spec.get_tier()
     model, processor, samples, batch = _load(tier, spec, job.seed, job.calib_n)
+    stat_batch = statistic_draw(spec, job.seed, samples, batch)[1]  # no statistic reads a selection row
     backends.test_failure_hook(job.name(), job_dir)  # tests only: ELLAVA_TEST_FAIL_JOB
     judge = make_judge(tier, Path(out_dir) / "judge")
     t0 = time.time()
@@ -403,7 +426,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
     if job.method in SEARCH_METHODS:
         cfg = search_config(spec, job)
         units = list_units(model)
-        importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, batch)
+        importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, stat_batch)
                       if needs_importance(spec, job) else None)
         result = run_search(model, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
                             job_dir / "search", progress=False, importance=importance,
@@ -411,18 +434,18 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
                  "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
-        if job.exact:
+        if job.assembled:  # the ablation: the model as the search assembled it from the level database
+            measured = float(policy.meta["mean_sparsity"])
+        else:  # as every baseline: sequential SparseGPT under the policy, on the statistic rows
             model, processor = load_model(tier, spec.model_dir)
             model, _ = place(tier, model)
-            measured = measured_mean(exact_reprune(model, policy, result.projector, batch))
-        else:
-            measured = float(policy.meta["mean_sparsity"])
+            measured = measured_mean(exact_reprune(model, policy, result.projector, stat_batch))
     elif job.method != "dense":
-        policy = job_policy(job, spec, out_dir, model, batch)
+        policy = job_policy(job, spec, out_dir, model, stat_batch)
         device = block_device(tier)
         if device is not None:  # tier.offload: the model waits on the CPU, one block at a time on the device
             release(model)
-        measured = measured_mean(prune_model(model, policy, solver_for(job.method), batch, progress=False,
+        measured = measured_mean(prune_model(model, policy, solver_for(job.method), stat_batch, progress=False,
                                              device=device))
         model, _ = place(tier, model)
     else:

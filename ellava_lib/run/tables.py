@@ -20,9 +20,9 @@ from ellava_lib.run.jobs import (
 
 
 def plain_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Rows of jobs without ablation overrides (no ``gap`` / ``projector`` override, not ``exact``): the
+    """Rows of jobs without ablation overrides (no ``gap`` / ``projector`` override, not ``assembled``): the
     main table's jobs and the calibration-size ablation's."""
-    plain = results["gap"].isna() & results["projector"].isna() & ~results["exact"].astype(bool)
+    plain = results["gap"].isna() & results["projector"].isna() & ~results["assembled"].astype(bool)
     return results[plain]
 
 
@@ -36,8 +36,8 @@ def ablation_label(row: Mapping[str, Any], spec: SweepSpec) -> str:
     if row.get("projector") is False or row.get("projector") == 0.0:
         parts.append("no projector")
     parts.append(f"n={row['calib_n']}")
-    if row.get("exact"):
-        parts.append("exact re-prune")
+    if row.get("assembled"):
+        parts.append("assembled from the level database")
     return ", ".join(parts)
 
 
@@ -85,7 +85,7 @@ def paired_margins(results: pd.DataFrame, method: str = "ellava", baselines: Seq
     ``baseline_std``) and ``method``'s share of the dense score (the >= 95% target at 50%). Rows pair on
     ``seed`` (and ``calib_n`` when present); only plain rows (:func:`plain_rows`) when the ablation columns exist.
     """
-    rows_in = plain_rows(results) if {"gap", "projector", "exact"} <= set(results.columns) else results
+    rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
     keys = ["seed", *(["calib_n"] if "calib_n" in rows_in.columns else [])]
     dense = rows_in.loc[rows_in["method"] == "dense", column]
     dense_mean = float(dense.mean()) if len(dense) else float("nan")
@@ -140,7 +140,7 @@ def gap_vs_baselines(results: pd.DataFrame, method: str = "ellava", baselines: S
     """Per sparsity: ``method``'s mean calib - test gap over seeds next to the range ``[lo, hi]`` of the
     baselines' mean gaps; ``holds`` = ``lo - tolerance <= gap <= hi + tolerance`` (within ``tolerance`` points
     of the baselines' gaps)."""
-    rows_in = plain_rows(results) if {"gap", "projector", "exact"} <= set(results.columns) else results
+    rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
     out = []
     for s, part in rows_in[rows_in["sparsity"] > 0].groupby("sparsity"):
         ours = part.loc[part["method"] == method, column]

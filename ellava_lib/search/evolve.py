@@ -77,6 +77,7 @@ from ellava_lib.search.objective import (
     dense_logprobs_of,
     per_sample_losses,
     score_losses,
+    subset,
 )
 from ellava_lib.search.projector import (
     evolve_projector,
@@ -376,7 +377,8 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
 
     ``model``'s units are reset to the database's level 0 (its dense weights) on entry; its projector must be the
     original one (the dense log-probabilities of KL terms come from it). ``importance``: ECoFLaP's unit scores for
-    this model and batch when already computed (an ``ecoflap`` start policy needs them). ``groups``: each row's
+    this model on the search rows when already computed (an ``ecoflap`` start policy needs them; the start policies'
+    statistics read the search rows only, never a selection row). ``groups``: each row's
     suite, to stratify the selection rows (:func:`split_rows`). The model is left assembled at the returned
     policy with the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
     ``policy.json`` and ``projector.safetensors`` (+ ``.json``, when evolution ran) into ``out_dir``; what becomes
@@ -420,7 +422,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     else:
         ckpt.start_history(out / ckpt.HISTORY)
         rng, start = random.Random(cfg.seed), 0
-        starts = start_policies(model, batch, weights, cfg, importance)
+        starts = start_policies(model, subset(batch, search), weights, cfg, importance)  # no selection row
         level_db.forget(model)  # ECoFLaP's importances perturb and restore unit weights in place
         run.starts = starts
         pop = sorted((Member(p, _score(run, p, 0, "init", scoring))
