@@ -206,7 +206,7 @@ def test_the_group_with_the_smallest_taylor_importance_is_removed(gqa):
 
 
 def test_profiles_run_llm_pruner_in_their_tables():
-    for profile in ("smol", "paper"):
+    for profile in ("ci", "default", "smol", "paper"):
         methods = pipeline.load_profile(profile)["table_methods"]
         assert "llm_pruner" in methods and set(methods) <= set(sweep.ALL_METHODS)
     assert "llm_pruner" in tables.MARGIN_BASELINES

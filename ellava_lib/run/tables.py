@@ -115,7 +115,7 @@ def paired_margins(results: pd.DataFrame, method: str = "ellava", baselines: Seq
 START_BASELINES: tuple[str, ...] = ("sparsegpt", "owl", "ecoflap")
 
 #: Baselines whose calib - test gap EfficientLLaVA's is compared with (the methods that select nothing on calib).
-GAP_BASELINES: tuple[str, ...] = ("sparsegpt", "wanda", "owl", "ecoflap")
+GAP_BASELINES: tuple[str, ...] = ("sparsegpt", "wanda", "owl", "ecoflap", "llm_pruner")
 
 
 def search_vs_starts(results: pd.DataFrame, method: str = "search",
