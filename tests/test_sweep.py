@@ -30,11 +30,14 @@ def test_job_validation_and_names():
 
 
 def test_search_config_of_each_method():
-    spec = SweepSpec("m", search=SEARCH, ellava={"gap": "capacity", "lam": 0.5, "projector_every": 1})
+    spec = SweepSpec("m", search=SEARCH, ellava={"gap": "capacity", "lam_scales": [0.5], "projector_every": 1,
+                                                 "projector_rows": 0.25})
     plain = sweep.search_config(spec, Job("search", 0.6, 2))
     assert (plain.gap, plain.projector.every, plain.target, plain.seed) == ("none", 0, 0.6, 2)
     full = sweep.search_config(spec, Job("ellava", 0.5))
-    assert (full.gap, full.lam, full.projector.every, full.generations) == ("capacity", 0.5, 1, 2)
+    assert (full.gap, full.lam_scales, full.projector.every, full.generations) == ("capacity", (0.5,), 1, 2)
+    # both searches set the same projector rows aside (the full method's share), so they score on the same rows
+    assert plain.projector.rows == full.projector.rows == 0.25 and plain.lam_scales != full.lam_scales
     ablated = sweep.search_config(spec, Job("ellava", 0.5, gap="bernstein", projector=False))
     assert (ablated.gap, ablated.projector.every) == ("bernstein", 0)
 
@@ -108,7 +111,7 @@ def test_the_plain_search_ignores_the_presets_projector_schedule():
 
 def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
     spec = SweepSpec(str(micro_model_dir), eval_limit=2, search=SEARCH,
-                     ellava={"gap": "bernstein", "lam": 1.0, "projector_every": 1})
+                     ellava={"gap": "bernstein", "projector_every": 1})
     jobs = [Job("dense", 0.0, 0, 8), Job("magnitude", 0.5, 0, 8), Job("ellava", 0.5, 0, 8)]
     out = tmp_path / "a"
     res = sweep.run_sweep(spec, jobs, out, progress=False)

@@ -95,7 +95,8 @@ class SweepSpec:
     :meth:`config.SearchConfig.to_dict`: ``projector_every``, ...). The ``search`` method then runs without the
     gap term and without projector evolution (``gap="none"``, ``projector_every=0``; its unused projector knobs
     are :class:`config.ProjectorConfig`'s defaults plus those named in ``search``, not the preset's, so its
-    configuration and rows do not depend on the preset's projector schedule).
+    configuration does not depend on the preset's projector schedule; except ``projector_rows``, the full
+    method's: both searches set the same projector rows aside and score on the same rows, :func:`evolve.score_rows`).
     """
 
     model_dir: str
@@ -135,7 +136,8 @@ def search_config(spec: SweepSpec, job: Job):
     if job.method == "ellava":
         cfg.update(spec.ellava)
     else:  # no gap term, no projector rounds; the unused projector knobs at their defaults, whatever the preset
-        cfg = {"projector": ProjectorConfig(), **cfg, "gap": "none", "projector_every": 0}
+        cfg = {"projector": ProjectorConfig(), **cfg, "gap": "none", "projector_every": 0,
+               "projector_rows": full_method_config(spec, job.sparsity).projector.rows}  # the same scoring rows
     if job.gap is not None:
         cfg["gap"] = job.gap
     if job.projector is not None:  # on: the full method's schedule (the default preset's when that is off)

@@ -410,7 +410,8 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
                             groups=[s.suite for s in samples])
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
-                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
+                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap,
+                 "lam": float(policy.meta["lam"])}  # the lambda that steered the search (0: no gap term)
         if job.exact:
             model, processor = load_model(tier, spec.model_dir)
             model, _ = place(tier, model)
