@@ -48,24 +48,26 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the text-position KL
-#: fitness (``loss_revision`` 2: the image placeholders no longer count, so a searched job's result changed and its
-#: rows must be recomputed); before that for issue 17's finer levels around the target (``fine_step`` 0.05), the
-#: full-position KL, held-out selection rows, EvoPress-style stages, revised gaps and lambda grid.
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for lambda chosen before the
+#: evolution (``lam`` and ``lam_grid`` replaced by ``lam_scales``: the lambda that steers a search with a gap term
+#: changed) and the projector rows set aside by every search (the search without projector evolution scores on the
+#: full method's rows, fewer than before); before that for the text-position KL fitness (``loss_revision`` 2), issue
+#: 17's finer levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows,
+#: EvoPress-style stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("816200d05424", "7b7d5f777070"),
-           "search-0.60-s0-n32": ("037a0d25b9e3", "b333e1465f45"),
-           "ellava-0.60-s0-n32-noproj": ("c390a52a1421", "fd6692a8600d"),
-           "ellava-0.60-s0-n32-gap_none": ("4a6a07c0477a", "4d7017b5b50e")},
-    "default": {"ellava-0.60-s0-n64": ("7d0f81eef7b8", "84f996e7551d"),
-                "search-0.60-s0-n64": ("137e6180a9a5", "1e9133b9d989"),
-                "ellava-0.60-s0-n64-noproj": ("c38d5d11c41c", "08efaef6b0ee"),
-                "ellava-0.60-s0-n64-gap_none": ("51e3ac2a3b6f", "76c4bd9f737c")},
+    "ci": {"ellava-0.60-s0-n32": ("e672c61d06b2", "75e4e93d09c6"),
+           "search-0.60-s0-n32": ("ccc7b4e9ffc3", "25fdd66f31f1"),
+           "ellava-0.60-s0-n32-noproj": ("374f8686bea5", "7c60ea36a09d"),
+           "ellava-0.60-s0-n32-gap_none": ("2d725af158b4", "0cdadfb1ded8")},
+    "default": {"ellava-0.60-s0-n64": ("a1e73a8254ec", "32a863aecea5"),
+                "search-0.60-s0-n64": ("894c41fe7757", "a891fc34c84e"),
+                "ellava-0.60-s0-n64-noproj": ("993ce9111124", "6f04fcc7402b"),
+                "ellava-0.60-s0-n64-gap_none": ("f4e27c2fe1e8", "c6bedb9ae809")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("7d6111d11b7b", "dffe211d96e1"),
-              "search-0.60-s0-n64": ("55f50b9318c1", "5d84d1bff2f9"),
-              "ellava-0.60-s0-n64-noproj": ("99440872390c", "59883a7b6678"),
-              "ellava-0.60-s0-n64-gap_none": ("f0f9a40485a2", "a47c79850fd3")},
+    "paper": {"ellava-0.60-s0-n64": ("c602d7aa8618", "13e115b4abca"),
+              "search-0.60-s0-n64": ("f1fd586c536d", "66d36f223ac0"),
+              "ellava-0.60-s0-n64-noproj": ("bfcfc3332814", "0fa5bec8f76b"),
+              "ellava-0.60-s0-n64-gap_none": ("ba78ce475adf", "9b4a8e661be0")},
 }
 
 
