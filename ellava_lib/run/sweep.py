@@ -410,8 +410,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
                             groups=[s.suite for s in samples])
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
-                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap,
-                 "lam": float(policy.meta["lam"])}  # the lambda that steered the search (0: no gap term)
+                 "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap}
         if job.exact:
             model, processor = load_model(tier, spec.model_dir)
             model, _ = place(tier, model)
@@ -448,6 +447,8 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
+    if job.method in SEARCH_METHODS:  # results.csv column lam: the lambda that steered the search (0: no gap term)
+        row["lam"] = float(policy.meta["lam"])
     row["seconds"] = round(seconds, 2)
     searched = policy is not None and job.method in SEARCH_METHODS and policy.meta.get("gap") != "none"
     lam = policy.meta.get("lam") if searched else None  # the lambda that steered the search (none: no gap term)
