@@ -27,7 +27,7 @@ TIMING = ("seconds", "search_s")
 
 def _spec(model_dir) -> SweepSpec:
     return SweepSpec(str(model_dir), eval_limit=2, search=SEARCH,
-                     ellava={"gap": "bernstein", "lam": 1.0, "projector_every": 1})
+                     ellava={"gap": "bernstein", "projector_every": 1})
 
 
 #: dense, two baselines (ECoFLaP reads the shared importances) and a search (reads the level database and the

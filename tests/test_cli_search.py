@@ -39,7 +39,7 @@ def test_search_writes_a_loadable_model_with_its_policy_and_projector(searched, 
     meta = json.loads((searched / "ellava.json").read_text())
     assert meta["kind"] == "searched" and meta["policy_id"] == policy.policy_id() and meta["mode"] == "assembled"
     hist = pd.read_csv(searched / "history.csv")
-    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "screen", "full", "select", "select-search"}
+    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "lambda", "screen", "full", "select"}
     model, _ = load_model(searched)
     evolved, _ = load_projector(searched / "projector.safetensors")
     assert all(torch.equal(projector_state(model)[k], v) for k, v in evolved.items())
@@ -77,7 +77,7 @@ def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
     (["--calib", "1"], "at least 2"),
     (["--generations", "-1"], "generations >= 0"),
     (["--gap", "vc"], "invalid choice"),
-    (["--lam", "-1"], "need finite lam >= 0"),
+    (["--lam", "1"], "unrecognized arguments: --lam"),  # lambda is chosen by the search, not by hand
     (["--init", "uniform,random"], "init must name distinct start policies"),
     (["--fine-step", "-0.05"], "fine_step must lie in [0, 0.5)"),
     (["--preset", "huge"], "unknown search preset 'huge'; choose from ci, default, paper"),
@@ -120,11 +120,11 @@ def test_search_without_flags_is_the_preset(preset):
 def test_search_flags_replace_single_fields_of_the_preset():
     args = cli.build_parser().parse_args([
         "search", "--sparsity", "0.6", "--out", "x", "--preset", "ci", "--seed", "3", "--gap", "capacity",
-        "--lam", "0.5", "--loss", "ce", "--budget", "flops", "--generations", "5", "--population", "6",
+        "--loss", "ce", "--budget", "flops", "--generations", "5", "--population", "6",
         "--offspring", "7", "--screen", "0", "--survivors", "3", "--init", "uniform, owl", "--projector-every", "2",
         "--projector-steps", "9", "--fine-step", "0"])
     cfg = search_config(args, extra={"calib": 8})
-    assert cfg == SearchConfig.from_preset("ci", target=0.6, seed=3, gap="capacity", lam=0.5, loss_kind="ce",
+    assert cfg == SearchConfig.from_preset("ci", target=0.6, seed=3, gap="capacity", loss_kind="ce",
                                            budget="flops", generations=5, population=6, offspring=7,
                                            screen_samples=0, survivors=3, init=("uniform", "owl"), projector_every=2,
                                            projector_steps=9, fine_step=0.0, extra={"calib": 8})

@@ -122,8 +122,11 @@ def test_bernstein_in_score_losses_has_no_range_constant():
     assert score_losses([0.0, 0.0], gap="bernstein", lam=1.0, loss_cap=2.0).g_hat == 0.0
 
 
-@pytest.mark.parametrize("bad,match", [({"gap": "vc"}, "gap must be one of"), ({"lam": -0.1}, "lam >= 0"),
-                                       ({"lam": float("nan")}, "lam >= 0"), ({"lam": float("inf")}, "lam >= 0")])
+@pytest.mark.parametrize("bad,match", [({"gap": "vc"}, "gap must be one of"),
+                                       ({"lam_scales": (-0.1,)}, "multipliers >= 0"),
+                                       ({"lam_scales": (float("nan"),)}, "multipliers >= 0"),
+                                       ({"lam_scales": (float("inf"),)}, "multipliers >= 0"),
+                                       ({"lam_scales": ()}, "multipliers >= 0")])
 def test_config_rejects_bad_gap_and_lambda(bad, match):
     with pytest.raises(ValueError, match=match) as err:
         SearchConfig(**bad)
@@ -158,24 +161,27 @@ def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_
     lvl, names = db
     model, _ = load_model(micro_model_dir)
     sizes = {u: n for u, n in units.list_units(model).items() if u in names}
-    cfg = SearchConfig(target=0.5, grid=GRID, fine_step=0, gap="norm", lam=1.0, loss_kind="ce", init=("uniform",),
+    cfg = SearchConfig(target=0.5, grid=GRID, fine_step=0, gap="norm", loss_kind="ce", init=("uniform",),
                        population=2, generations=1, offspring=2, screen_samples=0, survivors=1,
                        projector=ProjectorConfig(every=0))
     result = evolve.run_search(model, calib, lvl, sizes, cfg, tmp_path, progress=False)
     hist = pd.read_csv(tmp_path / "history.csv")
     assert len(hist) >= 1 and (hist["g_hat"] > 0).all()
     table = {u: lvl.weight_sq(u) for u in names}
-    n_search = len(evolve.split_rows(16, cfg.select_frac, cfg.seed)[0])  # the gap's n: the rows the search fits on
-    want = gaps.gap("norm", units=sizes, sparsities=result.policy.sparsities, n=n_search, weight_sq=table)
+    # the gap's n: the rows the search fits on (its scoring rows; the projector rows are set aside without
+    # projector evolution too)
+    n_fit = len(evolve.score_rows(evolve.split_rows(16, cfg.select_frac, cfg.seed)[0], cfg)[0])
+    assert n_fit == 6
+    want = gaps.gap("norm", units=sizes, sparsities=result.policy.sparsities, n=n_fit, weight_sq=table)
     assert result.score.g_hat == pytest.approx(want, rel=1e-12)
 
 
-def test_cli_takes_the_norm_gap_and_refuses_a_negative_lambda():
+def test_cli_takes_the_norm_gap_and_has_no_lambda_flag():
     from ellava_lib import cli
     from ellava_lib.cli.prune import search_config
 
     parse = cli.build_parser().parse_args
     base = ["search", "--sparsity", "0.6", "--out", "x"]
     assert search_config(parse([*base, "--gap", "norm"])).gap == "norm"
-    with pytest.raises(ValueError, match="lam >= 0"):  # the CLI turns it into exit 2
-        search_config(parse([*base, "--lam", "-1"]))
+    with pytest.raises(SystemExit):  # lambda is chosen by the search: no --lam (argparse exits 2)
+        parse([*base, "--lam", "1"])

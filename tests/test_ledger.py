@@ -104,6 +104,7 @@ def test_ledger_row_format(spec, tmp_path):
                             "projector": None, "assembled": False}
     assert {"j", "r_hat", "g_hat", "mean", "calib_mean", "seconds", "measured"} <= set(entry["row"])
     assert entry["lam"] is None  # the search without the gap term has no lambda
+    assert entry["row"]["lam"] == 0.0  # but its results row records the lambda of its J, 0 (column lam)
     assert sorted(entry["policy"]) == ["grid", "meta", "sparsities"] and entry["policy"]["meta"]["gap"] == "none"
     assert sorted(entry["machine"]) == ["cpu_count", "platform", "threads", "torch"]
     assert entry["machine"]["threads"] == 1

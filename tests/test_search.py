@@ -81,16 +81,25 @@ def test_mutation_is_seeded_and_checks_units():
 
 
 def test_config_round_trips_and_validates(tmp_path):
-    cfg = SearchConfig(target=0.5, gap="capacity", lam=0.3, projector=ProjectorConfig(every=2), extra={"calib": 8})
+    cfg = SearchConfig(target=0.5, gap="capacity", lam_scales=(0.5, 2.0), projector=ProjectorConfig(every=2),
+                       extra={"calib": 8})
     assert SearchConfig.from_json(cfg.to_json(tmp_path / "c.json")) == cfg
+    assert SearchConfig.from_dict(SearchConfig().to_dict()) == SearchConfig()
     assert SearchConfig(generations=3).digest() == SearchConfig(generations=7).digest()
-    assert SearchConfig(lam=0.5).digest() != SearchConfig(lam=0.6).digest()
-    for bad in ({"target": 0.95}, {"gap": "vc"}, {"lam": -1.0}, {"elitism": 9}, {"screen_samples": 1},
-                {"budget": "time"}):
+    assert SearchConfig(lam_scales=(0.5,)).digest() != SearchConfig(lam_scales=(0.6,)).digest()
+    for bad in ({"target": 0.95}, {"gap": "vc"}, {"lam_scales": (-1.0,)}, {"lam_scales": ()}, {"elitism": 9},
+                {"screen_samples": 1}, {"budget": "time"}):
         with pytest.raises(ValueError):
             SearchConfig(**bad)
     with pytest.raises(ValueError, match="unknown search config keys"):
         SearchConfig.from_dict({"target": 0.5, "mystery": 1})
+    # lambda is no longer set by hand: an older folder's lam / lam_grid read back dropped (its serialised config
+    # differs from every new one, so it is neither resumed nor reused), and as an override they are refused
+    old = {**SearchConfig().to_dict(), "lam": 1.0, "lam_grid": [0.0, 0.01, 0.1, 1.0]}
+    del old["lam_scales"]
+    assert SearchConfig.from_dict(old) == SearchConfig() and SearchConfig.from_dict(old).to_dict() != old
+    with pytest.raises(ValueError, match="'lam' no longer exists: lambda is chosen by the search"):
+        SearchConfig.from_preset("default", lam=0.5)
 
 
 def test_start_policies_config():
@@ -115,13 +124,13 @@ EARLIER_DEFAULTS = dict(loss_kind="ce", init=("uniform",), generations=10, survi
 EARLIER_PROFILES = {
     "ci": ({"population": 4, "generations": 3, "offspring": 6, "screen_samples": 8, "survivors": 2, "loss_kind": "kl",
             "init": ["uniform", "owl", "ecoflap"]},
-           {"gap": "bernstein", "lam": 1.0, "projector_every": 1, "projector_steps": 5}),
+           {"gap": "bernstein", "projector_every": 1, "projector_steps": 5}),  # and lam 1.0 (now chosen)
     "default": ({"population": 8, "generations": 8, "offspring": 16, "screen_samples": 8, "survivors": 2,
                  "loss_kind": "kl", "init": ["uniform", "owl", "ecoflap"]},
-                {"gap": "bernstein", "lam": 1.0, "projector_every": 3}),
+                {"gap": "bernstein", "projector_every": 3}),
     "paper": ({"population": 16, "generations": 100, "offspring": 32, "screen_samples": 16, "survivors": 8,
                "loss_kind": "kl", "init": ["uniform", "owl", "ecoflap"]},
-              {"gap": "bernstein", "lam": 1.0, "projector_every": 10}),
+              {"gap": "bernstein", "projector_every": 10}),
 }
 
 
@@ -181,7 +190,7 @@ def test_serialised_form_is_flat_and_reads_earlier_folders():
 
 # ------------------------------------------------------------------------------------------ the loop
 
-CFG = dict(target=0.6, gap="bernstein", lam=1.0, loss_kind="ce", init=("uniform",), population=4, generations=4,
+CFG = dict(target=0.6, gap="bernstein", loss_kind="ce", init=("uniform",), population=4, generations=4,
            offspring=5, screen_samples=4, survivors=2, seed=0, projector_every=2, projector_steps=3,
            projector_holdout=0.0)
 
@@ -201,7 +210,7 @@ def _run(setup, out, **kw):
 
 
 def _files(out):
-    return {n: (out / n).read_bytes() for n in ("policy.json", "history.csv", "projector.safetensors")
+    return {n: (out / n).read_bytes() for n in ("policy.json", "history.csv", "projector.safetensors", "selection.json")
             if (out / n).exists()}
 
 
@@ -220,7 +229,7 @@ def test_search_result_is_in_budget_and_written(setup, reference):
     # (was: the best J of the population) the returned policy is the best of the selection on the selection rows
     sel = result.selection
     assert result.score.n_used == 3 and result.score.r_hat == sel["r_select"][sel["index"]]
-    assert sel["policy_id"] == result.policy.policy_id() and sel["lam"] in SearchConfig().lam_grid
+    assert sel["policy_id"] == result.policy.policy_id() and sel["lam"] in sel["lam_choice"]["grid"]
     assert result.generations == 4 and result.projector == out / "projector.safetensors"
     state = json.loads((out / "checkpoint.json").read_text())
     assert state["generation"] == 4 and state["projector"]["round"] == 2
@@ -241,9 +250,14 @@ def test_same_seed_gives_identical_outputs(setup, reference, tmp_path):
 def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
     first = _run(setup, tmp_path, generations=1)
     assert first.generations == 1
+    lam = json.loads((tmp_path / "checkpoint.json").read_text())["lam"]  # chosen before the evolution, stored
     resumed = _run(setup, tmp_path)  # same config, generations 1 -> 4 (evolution at 2 and 4 happens here)
     assert _files(tmp_path) == _files(reference[1])
     assert resumed.policy == reference[0].policy and resumed.score == reference[0].score
+    assert resumed.policy.meta["lam"] == reference[0].policy.meta["lam"] == lam
+    assert resumed.selection == reference[0].selection  # the lambda record included
+    state, ref_state = (json.loads((d / "checkpoint.json").read_text()) for d in (tmp_path, reference[1]))
+    assert (state["lam"], state["lam_record"]) == (ref_state["lam"], ref_state["lam_record"])
 
 
 def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypatch):
@@ -270,8 +284,8 @@ def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypa
 def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path):
     _run(setup, tmp_path, generations=0, projector_every=0)
     before = (tmp_path / "history.csv").read_bytes()
-    with pytest.raises(ValueError, match=r"lam: 1\.0 -> 0\.5.*projector_every: 0 -> 2"):
-        _run(setup, tmp_path, lam=0.5)
+    with pytest.raises(ValueError, match=r"lam_scales: \[0\.25, .*\] -> \[1\.0\].*projector_every: 0 -> 2"):
+        _run(setup, tmp_path, lam_scales=(1.0,))
     with pytest.raises(ValueError, match="another search"):
         evolve.check_resume(tmp_path, SearchConfig.from_preset("default", **{**CFG, "gap": "none"}))
     assert (tmp_path / "history.csv").read_bytes() == before
@@ -280,37 +294,42 @@ def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path)
 def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatch):
     real, seen, rows = evolve._score, [], {}
 
-    def counting(run, policy, generation, phase, screen_rows, lam=None):
+    def counting(run, policy, generation, phase, screen_rows):
         seen.append((generation, policy.policy_id(), phase))
         rows.setdefault((generation, phase), set()).add(tuple(screen_rows))
-        return real(run, policy, generation, phase, screen_rows, lam)
+        return real(run, policy, generation, phase, screen_rows)
 
     monkeypatch.setattr(evolve, "_score", counting)
-    result = _run(setup, tmp_path, generations=3, projector_every=0)
+    result = _run(setup, tmp_path, generations=3, projector_every=0, screen_samples=2)
     hist = pd.read_csv(tmp_path / "history.csv", dtype={"policy_id": str})
     assert list(hist.columns) == list(checkpoint.HISTORY_COLUMNS)
     assert list(zip(hist["generation"], hist["policy_id"], hist["phase"])) == seen
     assert result.evaluations == len(hist) == result.timing["n_assembled"]
     counts = hist.groupby("phase").size().to_dict()
-    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows.) 12 rows = 9 search + 3 selection; 2 elites + 5
-    # children screened on 4 fresh search rows, the best 4 on 8 fresh ones, 2 on all 9; the final population and
-    # the start are scored on the selection rows (and, for lambda, on the search rows)
-    assert evolve.stage_plan(7, 9, 4, 2) == [(4, 7), (8, 4), (9, 2)]
+    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows; then 9 scoring rows, a lambda chosen at the end on them.)
+    # 12 rows = 9 search + 3 selection; 4 of the search rows are set aside for the projector even without
+    # projector evolution, 5 score. Generation 0 on the 5 scoring rows, then on the 3 selection rows to choose
+    # lambda; each generation: 2 elites + 5 children screened on 2 fresh scoring rows, the best 4 on 4 fresh
+    # ones, 2 on all 5; the final population and the start are scored on the selection rows
+    assert evolve.stage_plan(7, 5, 2, 2) == [(2, 7), (4, 4), (5, 2)]
     n_cand = len(result.selection["candidates"])
-    assert counts == {"init": 4, "screen": 3 * (7 + 4), "full": 3 * 2, "select": n_cand, "select-search": n_cand}
-    assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {4, 8}
-    assert set(hist.loc[hist["phase"].isin(["init", "full", "select-search"]), "n_samples"]) == {9}
-    assert set(hist.loc[hist["phase"] == "select", "n_samples"]) == {3}
+    assert counts == {"init": 4, "lambda": 4, "screen": 3 * (7 + 4), "full": 3 * 2, "select": n_cand}
+    assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {2, 4}
+    assert set(hist.loc[hist["phase"].isin(["init", "full"]), "n_samples"]) == {5}
+    assert set(hist.loc[hist["phase"].isin(["select", "lambda"]), "n_samples"]) == {3}
     # every stage scores its candidates on the same rows; screening rows are drawn afresh at every stage
     assert all(len(r) == 1 or p == "screen" for (g, p), r in rows.items())
     screens = [rows[(g, "screen")] for g in (1, 2, 3)]
     assert all(len(r) == 2 for r in screens)  # two screening stages a generation, each on its own rows
-    assert len({t for r in screens for t in r if len(t) == 4}) > 1  # first stages differ across generations
-    (select,), (scoring,) = rows[(4, "select")], rows[(1, "full")]
-    assert len(scoring) == 9 and not set(select) & set(scoring)
+    assert len({t for r in screens for t in r if len(t) == 2}) > 1  # first stages differ across generations
+    (select,), (scoring,), (lam_rows,) = rows[(4, "select")], rows[(1, "full")], rows[(0, "lambda")]
+    assert len(scoring) == 5 and not set(select) & set(scoring) and lam_rows == select
     assert not set(select) & {i for r in screens for t in r for i in t}
-    train = hist["phase"].isin(["init", "screen", "full"])
-    assert (hist.loc[train, "j"] - hist.loc[train, "r_hat"] - hist.loc[train, "g_hat"]).abs().max() < 1e-9  # lam 1
+    # every row's J at the lambda reported (generation 0's rows are written once it is chosen)
+    lam, record = result.policy.meta["lam"], result.selection["lam_choice"]
+    assert result.policy.meta["lam_selected"] and lam == record["lam"] and lam in record["grid"]
+    assert result.policy.meta["lam_grid"] == record["grid"] and len(record["grid"]) == 6  # 0 and 5 scales
+    assert (hist["j"] - hist["r_hat"] - lam * hist["g_hat"]).abs().max() < 1e-12
     assert (hist["budget"] - 0.6).abs().max() <= budget.BUDGET_TOL
 
 
@@ -369,6 +388,47 @@ def test_split_rows_is_seeded_stratified_and_needs_two_selection_rows():
         SearchConfig(select_frac=1.0)
 
 
+def test_projector_scoring_and_selection_rows_partition_the_calibration_rows():
+    from ellava_lib.run.plan import row_counts
+
+    on = SearchConfig.from_preset("default", **CFG)  # projector evolution every 2 generations
+    off = SearchConfig.from_preset("default", **{**CFG, "gap": "none", "projector_every": 0})  # the search method
+    search, select = evolve.split_rows(12, on.select_frac, on.seed)
+    scoring, proj = evolve.score_rows(search, on)
+    assert (len(select), len(scoring), len(proj)) == (3, 5, 4)
+    assert not (set(select) & set(scoring) or set(select) & set(proj) or set(scoring) & set(proj))
+    assert sorted(select + scoring + proj) == list(range(12))
+    # without projector evolution the projector rows are set aside all the same: the same scoring rows
+    assert evolve.score_rows(search, off) == (scoring, proj)
+    assert row_counts(12, on)["scoring"] == row_counts(12, off)["scoring"] == 5
+    assert (row_counts(12, on)["projector"], row_counts(12, off)["projector"]) == (4, 0)  # trained on only with it
+
+
+def test_the_lambda_reported_is_the_lambda_of_the_evolution(reference):
+    result, out = reference
+    lam, record = result.policy.meta["lam"], result.selection["lam_choice"]
+    assert result.policy.meta["lam_selected"] and result.selection["lam"] == lam == record["lam"]
+    assert lam in record["grid"] == result.policy.meta["lam_grid"] and record["grid"][0] == 0.0
+    # the grid is 0 and each multiplier times spread(R) / spread(G) of the initial population
+    ratio = record["spread_r"] / record["spread_g"]
+    assert record["grid"] == pytest.approx([0.0] + [c * ratio for c in SearchConfig().lam_scales], rel=1e-12)
+    # the choice: the lambda whose pick is best on the selection rows
+    assert min(p["r_select"] for p in record["picks"]) == next(p["r_select"] for p in record["picks"]
+                                                                if p["lam"] == lam)
+    hist = pd.read_csv(out / "history.csv", dtype={"policy_id": str})
+    gens = hist["generation"] >= 1
+    assert gens.sum() > 0 and set(hist.loc[gens, "phase"]) == {"screen", "full", "select"}
+    assert set(hist.loc[~gens, "phase"]) == {"init", "lambda"}
+    assert (hist["j"] - hist["r_hat"] - lam * hist["g_hat"]).abs().max() < 1e-12  # generation 0's rows too
+    # the checkpoint's population is ranked by J at that lambda
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["lam"] == lam and state["lam_record"] == record
+    for m in state["population"]:
+        assert m["score"]["j"] == pytest.approx(m["score"]["r_hat"] + lam * m["score"]["g_hat"], rel=1e-12)
+    policy = json.loads((out / "policy.json").read_text())
+    assert policy["meta"]["lam"] == lam
+
+
 def test_stage_plan_grows_rows_and_shrinks_entrants():
     assert evolve.stage_plan(18, 48, 8, 2) == [(8, 18), (16, 6), (48, 2)]
     assert evolve.stage_plan(18, 24, 8, 2) == [(8, 18), (16, 6), (24, 2)]
@@ -402,8 +462,9 @@ def test_returned_policy_never_loses_to_a_start_on_the_selection_rows(setup, tmp
     assert sel["n_starts"] >= 2 and result.score.r_hat <= min(starts)
     if cfg.gap == "none":  # the best of all candidates on the selection rows
         assert result.score.r_hat == min(sel["r_select"])
-    else:
-        assert sel["lam"] in cfg.lam_grid and result.policy.meta["lam"] == sel["lam"]
+    else:  # the lambda of the evolution, chosen on the selection rows from the initial population
+        assert sel["lam"] in sel["lam_choice"]["grid"] and result.policy.meta["lam"] == sel["lam"]
+    assert result.score.r_hat == min(sel["r_select"])  # either way the best candidate on the selection rows
     # measured sparsity of the searched (assembled) model equals the target within the tolerance
     assert abs(_measured(model, list_units(model)) - 0.6) <= budget.BUDGET_TOL
     assert abs(result.policy.meta["mean_sparsity"] - 0.6) <= budget.BUDGET_TOL

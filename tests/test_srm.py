@@ -288,8 +288,25 @@ def test_select_lambda_by_hand():
     # ties in J: lowest index (exact binary floats; lambda 0.5: J = 1.0, 1.0, 1.0 -> i 0)
     assert gaps.select_lambda([0.5, 0.75, 1.0], [1.0, 0.5, 0.0], [0.3, 0.1, 0.2], [0.5]) == (0.5, 0)
     # one candidate
-    assert gaps.select_lambda([1.0], [2.0], [3.0], gaps.DEFAULT_LAMBDAS) == (0.0, 0)
-    assert gaps.DEFAULT_LAMBDAS[0] == 0.0 and list(gaps.DEFAULT_LAMBDAS) == sorted(gaps.DEFAULT_LAMBDAS)
+    assert gaps.select_lambda([1.0], [2.0], [3.0], [0.0, 1.0]) == (0.0, 0)
+
+
+def test_lambda_grid_scales_to_the_spread_of_the_risk():
+    # spread R = 1.5 - 1.0 = 0.5, spread G = 0.3 - 0.1 = 0.2: lambda = c * 2.5 for c = 0.5, 1, 2, and 0
+    grid = gaps.lambda_grid([1.0, 1.2, 1.5], [0.1, 0.3, 0.2], (0.5, 1.0, 2.0))
+    assert grid == pytest.approx((0.0, 1.25, 2.5, 5.0), rel=1e-12, abs=0)
+    assert gaps.lambda_grid([1.0, 1.2, 1.5], [0.1, 0.3, 0.2], (2.0, 0.0, 0.5, 1.0)) == grid  # 0 and order: no change
+    # a gap (or a risk) that does not tell the candidates apart: no lambda but 0
+    assert gaps.lambda_grid([1.0, 1.2, 1.5], [0.2, 0.2, 0.2], (0.5, 1.0, 2.0)) == (0.0,)
+    assert gaps.lambda_grid([1.0, 1.0], [0.1, 0.3], (1.0,)) == (0.0,)
+    assert gaps.lambda_grid([1.0], [0.1], (1.0,)) == (0.0,)
+    # the default multipliers: a quarter to four times the spread of R_hat, x2 apart
+    assert gaps.DEFAULT_LAM_SCALES == (0.25, 0.5, 1.0, 2.0, 4.0)
+    assert gaps.lambda_grid([0.0, 1.0], [0.0, 4.0], gaps.DEFAULT_LAM_SCALES) == (0.0, 0.0625, 0.125, 0.25, 0.5, 1.0)
+    for args, match in ((([1.0, 2.0], [0.1], (1.0,)), "equal lengths"), (([1.0], [0.1], (-1.0,)), ">= 0"),
+                        (([1.0, float("nan")], [0.1, 0.2], (1.0,)), "NaN"), (([], [], (1.0,)), "non-empty")):
+        with pytest.raises(ValueError, match=match):
+            gaps.lambda_grid(*args)
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,14 @@ def test_job_validation_and_names():
 
 
 def test_search_config_of_each_method():
-    spec = SweepSpec("m", search=SEARCH, ellava={"gap": "capacity", "lam": 0.5, "projector_every": 1})
+    spec = SweepSpec("m", search=SEARCH, ellava={"gap": "capacity", "lam_scales": [0.5], "projector_every": 1,
+                                                 "projector_rows": 0.25})
     plain = sweep.search_config(spec, Job("search", 0.6, 2))
     assert (plain.gap, plain.projector.every, plain.target, plain.seed) == ("none", 0, 0.6, 2)
     full = sweep.search_config(spec, Job("ellava", 0.5))
-    assert (full.gap, full.lam, full.projector.every, full.generations) == ("capacity", 0.5, 1, 2)
+    assert (full.gap, full.lam_scales, full.projector.every, full.generations) == ("capacity", (0.5,), 1, 2)
+    # both searches set the same projector rows aside (the full method's share), so they score on the same rows
+    assert plain.projector.rows == full.projector.rows == 0.25 and plain.lam_scales != full.lam_scales
     ablated = sweep.search_config(spec, Job("ellava", 0.5, gap="bernstein", projector=False))
     assert (ablated.gap, ablated.projector.every) == ("bernstein", 0)
 
@@ -45,24 +48,26 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the text-position KL
-#: fitness (``loss_revision`` 2: the image placeholders no longer count, so a searched job's result changed and its
-#: rows must be recomputed); before that for issue 17's finer levels around the target (``fine_step`` 0.05), the
-#: full-position KL, held-out selection rows, EvoPress-style stages, revised gaps and lambda grid.
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the exact re-prune of
+#: every searched row and statistics on the statistic rows only (``reconstruction``, ``stat_rows``); before that for
+#: lambda chosen before the evolution (``lam`` and ``lam_grid`` replaced by ``lam_scales``) and the projector rows
+#: set aside by every search; before that for the text-position KL fitness (``loss_revision`` 2), issue 17's finer
+#: levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows, EvoPress-style
+#: stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("816200d05424", "ee476126de79"),
-           "search-0.60-s0-n32": ("037a0d25b9e3", "a0ac32afbdce"),
-           "ellava-0.60-s0-n32-noproj": ("c390a52a1421", "b5283587a831"),
-           "ellava-0.60-s0-n32-gap_none": ("4a6a07c0477a", "fda4a87baac3")},
-    "default": {"ellava-0.60-s0-n64": ("7d0f81eef7b8", "e4249d78db6d"),
-                "search-0.60-s0-n64": ("137e6180a9a5", "2ee264c20e6b"),
-                "ellava-0.60-s0-n64-noproj": ("c38d5d11c41c", "20249dfb6215"),
-                "ellava-0.60-s0-n64-gap_none": ("51e3ac2a3b6f", "a938ff60dd9d")},
+    "ci": {"ellava-0.60-s0-n32": ("e672c61d06b2", "d01040122724"),
+           "search-0.60-s0-n32": ("ccc7b4e9ffc3", "09d5f0c819cc"),
+           "ellava-0.60-s0-n32-noproj": ("374f8686bea5", "5933ab42a659"),
+           "ellava-0.60-s0-n32-gap_none": ("2d725af158b4", "243480edf464")},
+    "default": {"ellava-0.60-s0-n64": ("a1e73a8254ec", "c4274054c015"),
+                "search-0.60-s0-n64": ("894c41fe7757", "4c3e08831210"),
+                "ellava-0.60-s0-n64-noproj": ("993ce9111124", "70eaa2e18f8f"),
+                "ellava-0.60-s0-n64-gap_none": ("f4e27c2fe1e8", "a326894bd2c6")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("7d6111d11b7b", "34e334ed6283"),
-              "search-0.60-s0-n64": ("55f50b9318c1", "ae2a5a8a0a46"),
-              "ellava-0.60-s0-n64-noproj": ("99440872390c", "53181fa5a3e2"),
-              "ellava-0.60-s0-n64-gap_none": ("f0f9a40485a2", "c05466cf5f91")},
+    "paper": {"ellava-0.60-s0-n64": ("c602d7aa8618", "8d5bef8b2a37"),
+              "search-0.60-s0-n64": ("f1fd586c536d", "279a451cf293"),
+              "ellava-0.60-s0-n64-noproj": ("bfcfc3332814", "35ccb2078a16"),
+              "ellava-0.60-s0-n64-gap_none": ("ba78ce475adf", "7aab71922e89")},
 }
 
 
@@ -108,7 +113,7 @@ def test_the_plain_search_ignores_the_presets_projector_schedule():
 
 def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
     spec = SweepSpec(str(micro_model_dir), eval_limit=2, search=SEARCH,
-                     ellava={"gap": "bernstein", "lam": 1.0, "projector_every": 1})
+                     ellava={"gap": "bernstein", "projector_every": 1})
     jobs = [Job("dense", 0.0, 0, 8), Job("magnitude", 0.5, 0, 8), Job("ellava", 0.5, 0, 8)]
     out = tmp_path / "a"
     res = sweep.run_sweep(spec, jobs, out, progress=False)

@@ -124,7 +124,7 @@ def test_real_tier_sweep_jobs(micro_model_dir: Path, data_root: Path, tmp_path: 
     spec = SweepSpec(str(micro_model_dir), 4, search={"population": 3, "generations": 2, "offspring": 3,
                                                       "screen_samples": 0, "survivors": 2, "loss_kind": "ce",
                                                       "init": ["uniform"]},
-                     ellava={"gap": "bernstein", "lam": 1.0, "projector_every": 1, "projector_steps": 2},
+                     ellava={"gap": "bernstein", "projector_every": 1, "projector_steps": 2},
                      tier=tier.to_dict())
     jobs = [Job("sparsegpt", 0.5, 0, 6), Job("ellava", 0.5, 0, 6)]
     rows = run_sweep(spec, jobs, tmp_path / "sweep", progress=False)
@@ -188,7 +188,7 @@ def test_notebooks_run_on_the_real_tier(micro_model_dir: Path, data_root: Path, 
         "tier": tier.to_dict(), "eval_limit": 3, "sweep_eval_limit": 3, "calib_n": 6, "n_show": 2,
         "search": {"population": 3, "generations": 2, "offspring": 3, "screen_samples": 0, "survivors": 2,
                    "loss_kind": "ce", "init": ["uniform"]},
-        "ellava": {"gap": "bernstein", "lam": 1.0, "projector_every": 1, "projector_steps": 2}})
+        "ellava": {"gap": "bernstein", "projector_every": 1, "projector_steps": 2}})
     model_info = json.loads((run_dir / "model.json").read_text())
     assert Tier.from_dict(model_info["tier"]) == tier and model_info["model_dir"] == str(micro_model_dir)
     calib = json.loads((run_dir / "calibration.json").read_text())

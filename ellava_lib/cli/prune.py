@@ -130,7 +130,7 @@ def prunable_model_dir(spec: str, quiet: bool) -> str | Path:
 
 
 #: ``ellava search`` flags that set a :class:`config.SearchConfig` field (serialised name), None = the preset's.
-SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "lam": "lam", "loss": "loss_kind", "budget": "budget",
+SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "loss": "loss_kind", "budget": "budget",
                                 "generations": "generations", "population": "population", "offspring": "offspring",
                                 "screen": "screen_samples", "survivors": "survivors", "init": "init",
                                 "fine_step": "fine_step",
@@ -223,7 +223,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         "loss_dense": dense_loss, "loss_final": loss},
         "projector": result.projector.name if result.projector else None, "seconds": round(time.time() - t0, 3)})
     n_asm = max(result.timing["n_assembled"], 1)
-    print(f"search: best J {result.score.j:.4f} (R {result.score.r_hat:.4f} + {cfg.lam:g} x G "
+    print(f"search: best J {result.score.j:.4f} (R {result.score.r_hat:.4f} + {result.policy.meta['lam']:g} x G "
           f"{result.score.g_hat:.4f}), mean sparsity {result.policy.meta['mean_sparsity']:.4f} "
           f"(target {args.sparsity:g}), {result.evaluations} evaluations in {result.wall_s:.1f} s")
     print(f"per candidate: assemble {1e3 * result.timing['assemble'] / n_asm:.2f} ms, "
@@ -268,7 +268,6 @@ def add_parsers(sub) -> None:
                         "preset's value holds")
     s.add_argument("--gap", choices=("none", "capacity", "bernstein", "norm"), default=None,
                    help="generalization-gap estimator G_hat")
-    s.add_argument("--lam", type=float, default=None, help="weight lambda of the gap term")
     s.add_argument("--loss", choices=("ce", "kl"), default=None,
                    help="per-sample loss: KL to the dense model's next-token distribution at the answer positions, "
                         "or answer CE")

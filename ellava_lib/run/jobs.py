@@ -97,7 +97,8 @@ class SweepSpec:
     :meth:`config.SearchConfig.to_dict`: ``projector_every``, ...). The ``search`` method then runs without the
     gap term and without projector evolution (``gap="none"``, ``projector_every=0``; its unused projector knobs
     are :class:`config.ProjectorConfig`'s defaults plus those named in ``search``, not the preset's, so its
-    configuration and rows do not depend on the preset's projector schedule).
+    configuration does not depend on the preset's projector schedule; except ``projector_rows``, the full
+    method's: both searches set the same projector rows aside and score on the same rows, :func:`evolve.score_rows`).
     """
 
     model_dir: str
@@ -137,7 +138,8 @@ def search_config(spec: SweepSpec, job: Job):
     if job.method == "ellava":
         cfg.update(spec.ellava)
     else:  # no gap term, no projector rounds; the unused projector knobs at their defaults, whatever the preset
-        cfg = {"projector": ProjectorConfig(), **cfg, "gap": "none", "projector_every": 0}
+        cfg = {"projector": ProjectorConfig(), **cfg, "gap": "none", "projector_every": 0,
+               "projector_rows": full_method_config(spec, job.sparsity).projector.rows}  # the same scoring rows
     if job.gap is not None:
         cfg["gap"] = job.gap
     if job.projector is not None:  # on: the full method's schedule (the default preset's when that is off)
@@ -161,8 +163,8 @@ def draw_split(spec: SweepSpec, seed: int, samples: Sequence[Any]) -> tuple[list
     (:func:`evolve.split_rows` with :func:`select_frac`, stratified by suite; what the searches of that seed
     split their rows into). Every statistic of every method (Hessians, the level database, OWL's outlier
     ratios, ECoFLaP's and Wanda's scores, the structured baseline's Taylor scores, the projector's training)
-    is computed on the statistic rows only; the selection rows are where the searched methods choose their
-    returned policy and where every method's ``calib`` score is measured."""
+    is computed on the statistic rows only; the selection rows are where the searched methods choose their lambda
+    and their returned policy and where every method's ``calib`` score is measured."""
     from ellava_lib.search.evolve import split_rows
 
     return split_rows(len(samples), select_frac(spec), seed, [s.suite for s in samples])

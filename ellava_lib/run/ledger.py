@@ -10,7 +10,7 @@ A ledger row is ``<ledger>/<job key>.json`` (the key is :meth:`jobs.Job.name`), 
 - ``job``: the job's fields (method, sparsity, seed, calib_n, gap, projector, exact);
 - ``row``: the sweep row as ``results.csv`` holds it (test scores per suite and ``mean``, ``calib_mean``,
   ``gap_calib_test``, ``measured``, ``flops_rel``, for the searched methods the fitness ``j`` / ``r_hat`` /
-  ``g_hat`` and ``search_s``, and ``seconds``);
+  ``g_hat``, ``search_s`` and ``lam`` (the lambda of its ``J``, 0 without a gap term), and ``seconds``);
 - ``policy``: the pruning policy (:meth:`policy.Policy.to_dict`; None for dense); ``lam``: the lambda that steered
   a search with a gap term (None otherwise);
 - ``machine``: where it ran (platform, CPU count, torch version, intra-op threads); ``commit``: ``git rev-parse

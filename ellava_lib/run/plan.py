@@ -92,8 +92,10 @@ def row_counts(n: int, cfg) -> dict[str, int]:
     :func:`evolve.score_rows` and :func:`projector.split_holdout` draw)."""
     select = int(math.floor(cfg.select_frac * n + 0.5))
     search = n - select
-    proj = 0 if cfg.projector.every == 0 else min(max(1, round(cfg.projector.rows * search)), search - 1)
-    hold = 0 if cfg.projector.holdout == 0 or proj == 0 else min(max(1, round(cfg.projector.holdout * proj)), proj - 1)
+    proj = min(max(1, round(cfg.projector.rows * search)), search - 1)  # set aside with or without evolution
+    hold = 0 if cfg.projector.holdout == 0 else min(max(1, round(cfg.projector.holdout * proj)), proj - 1)
+    if cfg.projector.every == 0:  # the projector rows are not trained on
+        return {"selection": select, "scoring": search - proj, "projector": 0, "train": 0, "holdout": 0}
     return {"selection": select, "scoring": search - proj, "projector": proj, "train": proj - hold, "holdout": hold}
 
 

@@ -470,6 +470,8 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         row["calib_mean"] = float(compare({"c": frame}).iloc[0]["mean"])
         row["gap_calib_test"] = row["calib_mean"] - row["mean"]
     row.update(extra)
+    if job.method in SEARCH_METHODS:  # results.csv column lam: the lambda that steered the search (0: no gap term)
+        row["lam"] = float(policy.meta["lam"])
     row["seconds"] = round(seconds, 2)
     searched = policy is not None and job.method in SEARCH_METHODS and policy.meta.get("gap") != "none"
     lam = policy.meta.get("lam") if searched else None  # the lambda that steered the search (none: no gap term)

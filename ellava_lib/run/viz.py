@@ -93,7 +93,7 @@ def pareto(table: pd.DataFrame, labels: dict[str, str] | None = None):
 def search_convergence(history: pd.DataFrame):
     """Left: every fully scored candidate's ``J`` per generation and the population's best; right: the
     best candidate's ``R_hat`` and ``lambda G_hat`` (``J - R_hat``) per generation."""
-    full = history[history["phase"] != "screen"]
+    full = history[~history["phase"].isin(["screen", "lambda"])]  # lambda: selection rows, not scoring rows
     best = full.loc[full.groupby("generation")["j"].idxmin()].sort_values("generation")
     best = best.assign(best_j=best["j"].cummin())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

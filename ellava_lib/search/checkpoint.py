@@ -3,7 +3,8 @@
 
 A checkpoint holds the finished generation, the population with its scores, the state of the search's
 ``random.Random``, the number of history rows that belong to the finished generations, the projector
-file of the latest evolution round (if any), accumulated timings, the start policies, the search config
+file of the latest evolution round (if any), accumulated timings, the start policies, the lambda of the evolution
+(``lam``, chosen once before it) and the record of its choice (``lam_record``), the search config
 and the *context* (calibration fingerprint, model identity, units). Resuming truncates ``history.csv`` to the recorded
 row count (rows of a generation that was killed half-way are recomputed identically), so a resumed run
 writes exactly the history of an uninterrupted one.
@@ -20,7 +21,7 @@ from typing import Any
 
 from ellava_lib.core import files
 
-FORMAT = 2  # 2: ranked population, stage rows from the run's rng, selection rows in the context
+FORMAT = 3  # 2: ranked population, stage rows from the run's rng, selection rows in the context; 3: lam, lam_record
 CHECKPOINT = "checkpoint.json"
 HISTORY = "history.csv"
 HISTORY_COLUMNS: tuple[str, ...] = ("generation", "policy_id", "r_hat", "g_hat", "j", "budget", "n_samples",

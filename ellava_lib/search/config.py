@@ -51,6 +51,15 @@ _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0
                                   "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
                                   "projector_fp32_master": True}
 
+#: Serialised fields searches no longer have, and what replaced them: :meth:`SearchConfig.from_dict` drops them
+#: (a folder written with them reads back, and its config differs from every new one, so it is not resumed and
+#: its sweep rows are not reused); as overrides they are refused with this note. ``lam`` was the hand-set lambda
+#: of the evolution and ``lam_grid`` the lambdas tried when choosing lambda at the end of the search; lambda is
+#: now chosen before the evolution and steers it (``lam_scales``).
+_RETIRED_FIELDS: dict[str, str] = {
+    "lam": "lambda is chosen by the search on the selection rows before the evolution (lam_scales)",
+    "lam_grid": "replaced by lam_scales (multipliers of spread(R_hat) / spread(G_hat), gap.lambda_grid)"}
+
 
 def _check_preset(name: str) -> str:
     if name not in PRESETS:
@@ -165,14 +174,15 @@ class SearchConfig:
     Field defaults are the ``default`` preset (:meth:`default`); :meth:`ci` and :meth:`paper` are the other
     profiles' settings, :meth:`from_preset` a preset with overrides.
 
-    Objective ``J = R_hat + lam * G_hat`` (:mod:`objective`):
+    Objective ``J = R_hat + lambda * G_hat`` (:mod:`objective`):
 
     * ``target``: mean sparsity of the policy under the ``budget`` weights (each job sets its own).
     * ``grid``: the base sparsity levels; ``fine_step``: levels this far apart added within ``policy.FINE_SPAN``
       of the target (0 = none). A unit takes the levels of :attr:`levels` (:func:`policy.search_grid`; all must be
       in the level database): the default 0.05 adds 0.45, 0.55, 0.65, 0.75 to the 0.1 grid at target 0.6.
     * ``gap``: the gap estimator ``G_hat`` (:data:`gaps.GAP_ESTIMATORS`: ``none``, ``norm``, ``capacity``,
-      ``bernstein``); ``lam``: its weight; ``delta``: its confidence (the bound holds with probability ``1 - delta``).
+      ``bernstein``); ``delta``: its confidence (the bound holds with probability ``1 - delta``). Its weight
+      ``lambda`` is not set by hand: the search chooses it (``lam_scales`` below; 0 with ``gap = "none"``).
     * ``loss_kind``: the per-sample loss behind ``R_hat``: ``kl`` = KL(dense || pruned) over the text next-token
       positions, question and answer, not the image placeholders (as EvoPress on text; revision 2,
       :data:`objective.LOSS_REVISION`), ``kl_answer`` = the same at the answer positions only, ``kl_all`` = over
@@ -190,8 +200,14 @@ class SearchConfig:
     * Rows: ``select_frac`` of the calibration rows are *selection* rows (:func:`evolve.split_rows`: seeded,
       stratified by suite when suites are given), never used by the evolution; the rest are *search* rows.
       The returned policy is the best on the selection rows among the final population and the start policies.
-    * ``lam_grid``: the lambdas tried when choosing lambda on the selection rows (:func:`gap.select_lambda`;
-      only when ``gap != "none"``; ``lam`` is the lambda of ``J`` during the evolution).
+    * ``lam_scales``: how ``lambda`` is chosen, before the evolution (only when ``gap != "none"``): the initial
+      population is scored on the selection rows too, the lambdas ``{0} | {c * spread(R_hat) / spread(G_hat) : c in
+      lam_scales}`` (spreads over the initial population's scoring-row scores, :func:`gap.lambda_grid`) are tried,
+      each picking the member with the least ``R_hat + lambda G_hat`` on the scoring rows, and the lambda whose pick
+      has the lowest selection-row ``R_hat`` is the one every generation runs at (:func:`gap.select_lambda`;
+      default :data:`gap.DEFAULT_LAM_SCALES`: ``lambda G_hat`` spreading a quarter to four times as far as
+      ``R_hat``). It replaces ``lam`` (a hand-set lambda of the evolution) and ``lam_grid`` (fixed lambdas tried at
+      the end), read as :data:`_RETIRED_FIELDS`.
     * Multi-step selection (EvoPress-style): the ``elitism`` best parents and the children are scored on
       ``screen_samples`` fresh random search rows, then the best of them on twice as many fresh rows, ..., and
       the best ``survivors`` on all scoring rows (0 = one stage on all of them).
@@ -206,7 +222,6 @@ class SearchConfig:
     grid: tuple[float, ...] = DEFAULT_GRID
     fine_step: float = FINE_STEP
     gap: str = "bernstein"
-    lam: float = 1.0
     delta: float = 0.05
     loss_kind: str = "kl"
     loss_cap: float = DEFAULT_LOSS_CAP
@@ -222,7 +237,7 @@ class SearchConfig:
     screen_samples: int = 8
     survivors: int = 2
     select_frac: float = 0.25
-    lam_grid: tuple[float, ...] = gaps.DEFAULT_LAMBDAS
+    lam_scales: tuple[float, ...] = gaps.DEFAULT_LAM_SCALES
     eval_batch_size: int = 0
     seed: int = 0
     init: tuple[str, ...] = ("uniform", "owl", "ecoflap")
@@ -232,7 +247,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         self.grid = tuple(sorted(float(g) for g in self.grid))
         self.init = tuple(self.init)
-        self.lam_grid = tuple(float(x) for x in self.lam_grid)
+        self.lam_scales = tuple(float(x) for x in self.lam_scales)
         if isinstance(self.projector, Mapping):
             self.projector = ProjectorConfig(**self.projector)
         checks = [
@@ -245,8 +260,7 @@ class SearchConfig:
             (math.isfinite(self.fine_step) and 0 <= self.fine_step < 0.5,
              f"fine_step must lie in [0, 0.5), got {self.fine_step}"),
             (self.gap in gaps.GAP_ESTIMATORS, f"gap must be one of {sorted(gaps.GAP_ESTIMATORS)}, got {self.gap!r}"),
-            (0 <= self.lam < float("inf") and 0 < self.delta < 1,
-             f"need finite lam >= 0 and 0 < delta < 1, got {self.lam}, {self.delta}"),
+            (0 < self.delta < 1, f"need 0 < delta < 1, got {self.delta}"),
             (self.loss_kind in LOSS_KINDS and self.loss_cap > 0, f"loss_kind in {LOSS_KINDS} and loss_cap > 0"),
             (self.budget in BUDGETS, f"budget must be one of {BUDGETS}, got {self.budget!r}"),
             (self.population >= 1 and self.offspring >= 1 and self.generations >= 0,
@@ -262,8 +276,8 @@ class SearchConfig:
              f"{1 - ecoflap_cap(self.grid):g} of every unit); leave ecoflap out of init"),
             (self.eval_batch_size >= 0, f"need eval_batch_size >= 0, got {self.eval_batch_size}"),
             (0.0 < self.select_frac < 1.0, f"select_frac must lie in (0, 1), got {self.select_frac}"),
-            (len(self.lam_grid) >= 1 and all(x >= 0 for x in self.lam_grid),
-             f"lam_grid must hold lambdas >= 0, got {list(self.lam_grid)}"),
+            (len(self.lam_scales) >= 1 and all(0 <= x < float("inf") for x in self.lam_scales),
+             f"lam_scales must hold finite multipliers >= 0, got {list(self.lam_scales)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -287,8 +301,9 @@ class SearchConfig:
     def default(cls) -> SearchConfig:
         """profiles/default.yaml (the field defaults): 8 policies, 8 generations of 16 children (8 screening
         samples, 2 survivors), KL fitness over the text positions from the uniform, OWL and ECoFLaP starts, Bernstein
-        gap with lambda 1 in the evolution and lambda chosen on the selection rows (a quarter of the calibration
-        rows), a 20-step projector round every 3 generations on half the search rows."""
+        gap whose lambda is chosen before the evolution on the selection rows (a quarter of the calibration rows)
+        from the initial population, among 0 and the lambdas that make ``lambda G_hat`` spread 0.25 to 4 times as
+        far as ``R_hat``, a 20-step projector round every 3 generations on half the search rows."""
         return cls()
 
     @classmethod
@@ -326,7 +341,7 @@ class SearchConfig:
             if f.name == "projector":
                 d.update(value.to_flat())
             else:
-                d[f.name] = list(value) if f.name in ("grid", "init", "lam_grid") else value
+                d[f.name] = list(value) if f.name in ("grid", "init", "lam_scales") else value
         if self.gap in gaps.GAP_REVISION:  # its formula changed: not the digest of searches with the old one
             d["gap_revision"] = gaps.GAP_REVISION[self.gap]
         if self.loss_kind in LOSS_REVISION:  # likewise for a loss whose positions changed
@@ -340,9 +355,10 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
         """Read the serialised form back (``from_dict(c.to_dict()) == c``): an absent :data:`_LATER_FIELDS` key
-        is the value searches had before it existed, any other absent key the field default."""
-        # derived from ``gap`` and ``loss_kind`` (:data:`gaps.GAP_REVISION`, :data:`objective.LOSS_REVISION`)
-        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision")}
+        is the value searches had before it existed, any other absent key the field default; a
+        :data:`_RETIRED_FIELDS` key (an older folder's ``lam``, ``lam_grid``) is dropped."""
+        # revisions: derived from ``gap`` and ``loss_kind`` (:data:`gaps.GAP_REVISION`, :data:`objective.LOSS_REVISION`)
+        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision", *_RETIRED_FIELDS)}
         later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
         n = len(PROJECTOR_PREFIX)
         base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})
@@ -383,6 +399,8 @@ def _split(d: Mapping[str, Any], projector: ProjectorConfig) -> tuple[dict[str, 
     for k, v in d.items():
         if k in search_names:
             top[k] = v
+        elif k in _RETIRED_FIELDS:
+            raise ValueError(f"search config key {k!r} no longer exists: {_RETIRED_FIELDS[k]}")
         elif k.startswith(PROJECTOR_PREFIX) and k[len(PROJECTOR_PREFIX):] in projector_names:
             proj[k[len(PROJECTOR_PREFIX):]] = v
         elif k != "projector":

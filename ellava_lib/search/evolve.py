@@ -5,10 +5,12 @@ budget-exact moves between two units).
 
 **Rows** (:func:`split_rows`, :func:`score_rows`). The n calibration rows are split once, seeded and
 deterministically, into *selection* rows (``select_frac`` of them, stratified by suite when ``groups`` are given)
-and *search* rows. With projector evolution, ``projector.rows`` of the search rows are the projector's (it trains
-and early-stops on them only) and the rest are the *scoring* rows; without it every search row scores. The
+and *search* rows. ``projector.rows`` of the search rows are the *projector rows* (projector evolution trains and
+early-stops on them only) and the rest are the *scoring* rows, whether or not the projector evolves: a search
+without projector evolution leaves the projector rows unused, so the search with and without it (the ``ellava``
+and ``search`` methods, same seed) score candidates on the same rows and are compared on equal terms. The
 evolution scores candidates on scoring rows only, so no candidate is scored on a row the projector trained on,
-and nothing in the evolution sees a selection row.
+and nothing in the evolution but the choice of lambda (below) sees a selection row.
 
 **Loop** (:func:`run_search`). Generation 0: the start policies named by ``init`` (:data:`START_POLICIES`: the
 uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded to the grid with
@@ -24,13 +26,23 @@ Every ``projector.every`` generations the projector is evolved for the top ``pro
 (:mod:`projector`, :class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it in
 the next generation's stages. Candidates are *assembled* from the level database (no solver in the loop).
 
-**Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows;
-with ``gap = "none"`` the one with the lowest ``R_hat`` there is returned; otherwise they are also scored on all
-scoring rows and lambda is chosen on the selection rows (:func:`gap.select_lambda` over ``lam_grid``), and if the
-pick is worse on the selection rows than the best start policy, that start is returned instead. Either way the
-returned policy's selection-row ``R_hat`` is at most every start policy's. Each generation ends with an atomic
-checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the result and history of an
-uninterrupted run.
+**Lambda** (:func:`_choose_lambda`): chosen once, before the evolution, and every generation runs at it. With
+``gap = "none"`` it is 0. Otherwise, after generation 0 (scored on the scoring rows), every initial-population
+member is also scored on the selection rows (history phase ``lambda``); the
+grid is :func:`gap.lambda_grid` of the members' scoring-row ``R_hat`` and ``G_hat`` with the multipliers
+``lam_scales`` (``{0} | {c * spread(R_hat) / spread(G_hat)}``, spread = max - min; ``{0}`` when either spread is
+0); each lambda picks the member with the least ``R_hat + lambda G_hat`` on the scoring rows, and the lambda whose
+pick has the lowest selection-row ``R_hat`` is taken (ties: the smaller lambda; :func:`gap.select_lambda`). The
+initial population is then ranked by ``J`` at that lambda (from its scores, no new forward pass) and generation
+0's history rows are written with ``J`` at it, so every history row's ``J`` is at that lambda. The lambda and
+the record of its choice are in the checkpoint, ``selection.json`` and the policy's meta (``lam``, ``lam_grid``,
+``lam_selected``), so the lambda reported is the lambda that steered the evolution.
+
+**Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows and
+the one with the lowest ``R_hat`` there is returned (with or without a gap term), so its selection-row ``R_hat`` is
+at most every start policy's; ``selection.json`` holds every candidate's ``r_select`` and the lambda record. Each
+generation ends with an atomic checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the
+result and history of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +131,11 @@ def split_rows(n: int, select_frac: float, seed: int,
 
 
 def score_rows(search: Sequence[int], cfg: SearchConfig) -> tuple[list[int], list[int]]:
-    """``(scoring rows, projector rows)`` of the search rows: with projector evolution ``projector.rows`` of
-    them (at least 1, leaving at least 1) drawn with ``random.Random(f"projector-rows/{seed}")`` are the
-    projector's; without it every search row scores and there are no projector rows."""
+    """``(scoring rows, projector rows)`` of the search rows: ``projector.rows`` of them (at least 1, leaving at
+    least 1) drawn with ``random.Random(f"projector-rows/{seed}")`` are the projector's and the rest score, with or
+    without projector evolution (without it the projector rows are unused), so a search with and one without
+    projector evolution score on the same rows (module docstring)."""
     search = list(search)
-    if cfg.projector.every == 0:
-        return search, []
     k = min(max(1, round(cfg.projector.rows * len(search))), len(search) - 1)
     proj = sorted(random.Random(f"projector-rows/{cfg.seed}").sample(search, k))
     return [i for i in search if i not in set(proj)], proj
@@ -221,9 +232,9 @@ class SearchResult:
     """The returned policy and its score on the selection rows, the final population (best rank first) and the
     run's bookkeeping.
 
-    ``selection``: how the policy was chosen (``lam`` chosen on the selection rows or None, ``index`` and
-    ``policy_id`` of the pick, ``fallback`` when a start policy replaced it, and every candidate's
-    ``r_select`` / ``r_search`` / ``g``). ``timing``: accumulated seconds of ``assemble``, ``evaluate`` (forward
+    ``selection``: how the policy was chosen (every candidate's ``r_select``, ``index`` and ``policy_id`` of the
+    pick, ``lam``: the lambda of the evolution, ``lam_choice``: the record of its choice, None without a gap term,
+    :func:`_choose_lambda`). ``timing``: accumulated seconds of ``assemble``, ``evaluate`` (forward
     passes and scoring), ``projector`` and ``dense`` (the dense log-probabilities), ``n_assembled`` and
     ``n_units_copied`` (units the level database copied for them: only those that changed since the candidate
     before, :meth:`LevelDB.assemble`)."""
@@ -257,15 +268,18 @@ class _Run:
     rows: int = 0
     projector: dict[str, Any] | None = None
     starts: list[Policy] | None = None
+    lam: float = 0.0  # the lambda of J: 0 until chosen (:func:`_choose_lambda`), then every generation's
+    lam_record: dict[str, Any] | None = None  # how it was chosen (None: no gap term)
+    pending: list[dict[str, Any]] | None = None  # history rows held back until lambda is chosen (generation 0)
 
     @property
     def n(self) -> int:
         return int(self.batch["input_ids"].shape[0])
 
 
-def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequence[int],
-           lam: float | None = None) -> Score:
-    """Assemble ``policy``, score it on ``rows`` (``lam``: the config's when None), append its history row."""
+def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequence[int]) -> Score:
+    """Assemble ``policy``, score it on ``rows`` at the run's lambda (``run.lam``), append its history row (to
+    ``run.pending`` while that is a list)."""
     cfg = run.cfg
     if budget_error(policy, run.weights, cfg.target) > BUDGET_TOL:  # the invariant of :mod:`budget`
         raise RuntimeError(f"policy {policy.policy_id()} left the budget {cfg.target} +- {BUDGET_TOL}: "
@@ -279,14 +293,17 @@ def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequenc
     gap_kw = ({"depth_decay": cfg.depth_decay, "h_scale": cfg.h_scale or min(gaps.DEFAULT_H_SCALE, n_fit)}
               if cfg.gap == "capacity" else
               {"weight_sq": {u: run.db.weight_sq(u) for u in run.units}} if cfg.gap == "norm" else None)
-    score = score_losses(losses, gap=cfg.gap, lam=cfg.lam if lam is None else lam, delta=cfg.delta,
+    score = score_losses(losses, gap=cfg.gap, lam=run.lam, delta=cfg.delta,
                          loss_cap=cfg.loss_cap, units=run.units, sparsities=policy.sparsities, n_capacity=n_fit,
                          gap_kw=gap_kw)
     run.timing["evaluate"] += time.perf_counter() - tick
-    ckpt.append_history(run.out / ckpt.HISTORY, [{
-        "generation": generation, "policy_id": policy.policy_id(), "r_hat": score.r_hat, "g_hat": score.g_hat,
-        "j": score.j, "budget": weighted_mean(policy.sparsities, run.weights), "n_samples": score.n_used,
-        "phase": phase}])
+    row = {"generation": generation, "policy_id": policy.policy_id(), "r_hat": score.r_hat, "g_hat": score.g_hat,
+           "j": score.j, "budget": weighted_mean(policy.sparsities, run.weights), "n_samples": score.n_used,
+           "phase": phase}
+    if run.pending is not None:
+        run.pending.append(row)
+    else:
+        ckpt.append_history(run.out / ckpt.HISTORY, [row])
     run.rows += 1
     return score
 
@@ -412,6 +429,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         starts = [Policy(sp, cfg.levels, {"target": cfg.target}) for sp in state["starts"]]
         ckpt.truncate_history(out / ckpt.HISTORY, state["history_rows"])
         run.rows, run.projector, start = state["history_rows"], state["projector"], state["generation"]
+        run.lam, run.lam_record = float(state["lam"]), state["lam_record"]
         run.timing.update({k: v for k, v in state["timing"].items() if k != "dense"})
         rng = ckpt.rng_from_state(state["rng"])
         run.starts = starts
@@ -425,8 +443,9 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         starts = start_policies(model, subset(batch, search), weights, cfg, importance)  # no selection row
         level_db.forget(model)  # ECoFLaP's importances perturb and restore unit weights in place
         run.starts = starts
-        pop = sorted((Member(p, _score(run, p, 0, "init", scoring))
-                      for p in initial_population(weights, cfg, rng, starts)), key=Member.key)
+        run.pending = []  # generation 0's history rows: written by _choose_lambda, with J at the lambda chosen
+        pop = [Member(p, _score(run, p, 0, "init", scoring)) for p in initial_population(weights, cfg, rng, starts)]
+        pop = _choose_lambda(run, pop)
         _save_checkpoint(run, pop, rng, 0, context)
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)
     for gen in range(start + 1, cfg.generations + 1):
@@ -445,33 +464,48 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
         "generation": gen, "config": run.cfg.to_dict(), "config_hash": run.cfg.digest(), "context": context,
         "population": [m.to_dict() for m in pop], "rng": ckpt.rng_state(rng), "history_rows": run.rows,
         "projector": run.projector, "timing": run.timing,
-        "starts": [p.sparsities for p in run.starts or []]})
+        "starts": [p.sparsities for p in run.starts or []], "lam": run.lam, "lam_record": run.lam_record})
+
+
+def _choose_lambda(run: _Run, pop: list[Member]) -> list[Member]:
+    """Choose the run's lambda on the initial population ``pop`` (scored on the scoring rows, in its order) and
+    return ``pop`` ranked by ``J`` at it (module docstring, **Lambda**). Sets ``run.lam`` and ``run.lam_record``
+    (``grid``, the ``scales``, the ``spread_r`` / ``spread_g`` it was scaled by, each lambda's ``picks``: index,
+    policy id, selection-row ``R_hat``; and every member's ``r_search``, ``g``, ``r_select``), then writes the
+    history rows held back in ``run.pending`` with ``J`` at the lambda chosen."""
+    cfg = run.cfg
+    if cfg.gap != "none":
+        r, g = [m.score.r_hat for m in pop], [m.score.g_hat for m in pop]
+        grid = gaps.lambda_grid(r, g, cfg.lam_scales)
+        r_select = [_score(run, m.policy, 0, "lambda", run.selection).r_hat for m in pop]
+        run.lam = gaps.select_lambda(r, g, r_select, grid)[0]
+        picks = [gaps.select_lambda(r, g, r_select, [lam])[1] for lam in grid]
+        run.lam_record = {
+            "lam": run.lam, "grid": list(grid), "scales": list(cfg.lam_scales), "spread_r": max(r) - min(r),
+            "spread_g": max(g) - min(g),
+            "picks": [{"lam": lam, "index": i, "policy_id": pop[i].policy.policy_id(), "r_select": r_select[i]}
+                      for lam, i in zip(grid, picks)],
+            "candidates": [m.policy.policy_id() for m in pop], "r_search": r, "g": g, "r_select": r_select}
+    else:
+        run.lam, run.lam_record = 0.0, None
+    rows, run.pending = run.pending or [], None
+    ckpt.append_history(run.out / ckpt.HISTORY,
+                        [{**r, "j": gaps.objective(r["r_hat"], r["g_hat"], run.lam)} for r in rows])
+    return sorted((Member(m.policy, replace(m.score, j=gaps.objective(m.score.r_hat, m.score.g_hat, run.lam)))
+                   for m in pop), key=Member.key)
 
 
 def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int) -> tuple[int, Score, dict]:
-    """Score ``candidates`` (the final population, then the ``n_starts`` start policies) on the selection rows
-    (and, with a gap term, on all scoring rows for lambda); the index of the returned one, its selection-row
-    score and the record of the choice (module docstring)."""
-    cfg, g = run.cfg, generations + 1
-    select = [_score(run, p, g, "select", run.selection) for p in candidates]
+    """Score ``candidates`` (the final population, then the ``n_starts`` start policies) on the selection rows;
+    the index of the one with the lowest ``R_hat`` there (ties: the lowest index), its selection-row score (``J`` at
+    the run's lambda) and the record of the choice (module docstring)."""
+    select = [_score(run, p, generations + 1, "select", run.selection) for p in candidates]
     r_select = [s.r_hat for s in select]
-    record: dict[str, Any] = {"lam": None, "fallback": False, "r_select": r_select,
-                              "candidates": [p.policy_id() for p in candidates], "n_starts": n_starts}
-    if cfg.gap == "none":
-        idx = min(range(len(candidates)), key=lambda i: (r_select[i], i))
-        lam = cfg.lam
-    else:
-        fit = [_score(run, p, g, "select-search", run.scoring) for p in candidates]
-        r_search, g_hat = [s.r_hat for s in fit], [s.g_hat for s in fit]
-        lam, idx = gaps.select_lambda(r_search, g_hat, r_select, cfg.lam_grid)
-        record.update({"lam": lam, "r_search": r_search, "g": g_hat})
-        start_idx = min(range(len(candidates) - n_starts, len(candidates)), key=lambda i: (r_select[i], i))
-        if r_select[start_idx] < r_select[idx]:
-            idx, record["fallback"] = start_idx, True
-    s = select[idx]
-    score = Score(s.r_hat, s.g_hat, gaps.objective(s.r_hat, s.g_hat, lam), s.n_used, s.n_clipped)
-    record.update({"index": idx, "policy_id": candidates[idx].policy_id()})
-    return idx, score, record
+    idx = min(range(len(candidates)), key=lambda i: (r_select[i], i))
+    record: dict[str, Any] = {"lam": run.lam, "lam_choice": run.lam_record, "r_select": r_select,
+                              "candidates": [p.policy_id() for p in candidates], "n_starts": n_starts,
+                              "index": idx, "policy_id": candidates[idx].policy_id()}
+    return idx, select[idx], record
 
 
 def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int, wall_s: float) -> SearchResult:
@@ -488,8 +522,8 @@ def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int
     policy = Policy(best.sparsities, cfg.levels, {
         "method": "ellava-search", "target": cfg.target, "budget": cfg.budget,
         "mean_sparsity": weighted_mean(best.sparsities, run.weights), "score": score.to_dict(),
-        "gap": cfg.gap, "lam": record["lam"] if record["lam"] is not None else cfg.lam,
-        "lam_selected": record["lam"] is not None, "fallback_to_start": record["fallback"],
+        "gap": cfg.gap, "lam": run.lam, "lam_grid": run.lam_record["grid"] if run.lam_record else None,
+        "lam_selected": run.lam_record is not None,
         "selection_rows": len(run.selection), "generations": generations, "config_hash": cfg.digest(),
         "projector": projector_path.name if projector_path else None})
     policy.to_json(run.out / "policy.json")

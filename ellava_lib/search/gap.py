@@ -14,8 +14,9 @@ Four estimators share one interface (:func:`gap`, registry :data:`GAP_ESTIMATORS
   per-sample calibration losses (Maurer & Pontil 2009, :func:`bernstein_gap`; full bound:
   :func:`bernstein_bound`).
 
-The weight ``lambda`` of the gap term is chosen on held-out selection rows, not by hand
-(:func:`select_lambda`, grid :data:`DEFAULT_LAMBDAS`).
+The weight ``lambda`` of the gap term is chosen on held-out selection rows before the evolution, not by hand: on
+the initial population, from a grid scaled to the spread of ``R_hat`` (:func:`lambda_grid`, multipliers
+:data:`DEFAULT_LAM_SCALES`; :func:`select_lambda`), and the evolution runs at that ``lambda``.
 
 Every function here is pure: no state, no I/O, inputs validated with explicit ``ValueError`` messages.
 """
@@ -158,8 +159,8 @@ def capacity_gap(
     ``G = 1`` and a pruned one ``G < 1`` whatever ``n`` and ``delta``, and a move of sparsity between units is
     bounded (below). It does not make ``G``'s differences as small as loss differences: on the ci model (12
     units, n = 32, sparsity 0.6) the policy-to-policy sd of ``G`` was 0.010 against 0.002 for the KL ``R_hat``,
-    so only ``lambda <= 0.03`` of :data:`DEFAULT_LAMBDAS` keeps it from dominating; :func:`select_lambda`
-    decides on the selection rows.
+    so a fixed ``lambda`` of order 1 would let it dominate; :func:`lambda_grid` scales ``lambda`` to the spread
+    of ``R_hat`` and :func:`select_lambda` decides on the selection rows.
 
     Bound on a move: ``V`` is increasing and concave in ``h`` on ``(0, 2n)``, so moving sparsity ``ds`` from
     unit ``u`` to unit ``v`` (``c`` changes by ``|dc| <= ds * max(n_u, n_v) / C(dense)``, as ``D_l <= 1``)
@@ -348,10 +349,47 @@ def none_gap(*args: Any, **kwargs: Any) -> float:
 # ----------------------------------------------------------------------------------------- lambda
 
 
-#: Default grid of ``lambda`` for :func:`select_lambda` (0 = no gap term), about x3 apart. It reaches down to
-#: 0.01 because on the ci model (41 policies at sparsity 0.6) the policy-to-policy spread of the ``norm`` (revision 1)
-#: and ``capacity`` gaps (sd 0.007-0.010) was ~5x that of ``R_hat`` (KL, sd 0.002).
-DEFAULT_LAMBDAS: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+#: Default multipliers ``c`` of :func:`lambda_grid` (``SearchConfig.lam_scales``): ``lambda = c * spread(R) /
+#: spread(G)`` makes the spread of ``lambda * G_hat`` over the initial population ``c`` times that of ``R_hat``,
+#: so the grid tries a gap term from a quarter of ``R_hat``'s spread (a tie-breaker) to four times it (the gap
+#: decides), x2 apart, whatever the units of ``G_hat``; ``lambda = 0`` is always tried as well. (A fixed grid of
+#: lambdas, 0.01 to 3, was used before: the gaps' spreads differ from ``R_hat``'s by factors of 5 to 100 between
+#: estimators and models, so most of a fixed grid was either negligible or dominant.)
+DEFAULT_LAM_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def lambda_grid(r: Sequence[float], g: Sequence[float], scales: Sequence[float]) -> tuple[float, ...]:
+    """The lambdas to try, scaled to the spread of the risk: ``(lambda_1, ...)``, sorted, distinct.
+
+    ``Lambda = {0} | {c * spread(r) / spread(g) : c in scales, c > 0}``, ``spread(x) = max(x) - min(x)`` over the
+    candidates (the initial population's ``R_hat`` and ``G_hat`` on the scoring rows), so ``lambda * G_hat`` spreads
+    ``c`` times as far as ``R_hat``. ``Lambda = {0}`` when ``spread(g) == 0`` (the gap does not tell the candidates
+    apart) or ``spread(r) == 0``. ``r``, ``g``: finite, of one length ``>= 1``; ``scales``: finite, ``>= 0``.
+
+    Example: ``r = [1.0, 1.2, 1.5]``, ``g = [0.1, 0.3, 0.2]``, ``scales = (0.5, 1, 2)``: spreads 0.5 and 0.2,
+    ``Lambda = (0.0, 1.25, 2.5, 5.0)``.
+    """
+    rr, gg, cc = (_finite_1d(name, seq) for name, seq in (("r", r), ("g", g), ("scales", scales)))
+    if rr.shape != gg.shape:
+        raise ValueError(f"r and g must have equal lengths; got {rr.shape[0]}, {gg.shape[0]}")
+    if np.any(cc < 0):
+        raise ValueError(f"scales must be >= 0; got {cc.tolist()}")
+    spread_r, spread_g = float(rr.max() - rr.min()), float(gg.max() - gg.min())
+    if spread_r <= 0 or spread_g <= 0:
+        return (0.0,)
+    return tuple(sorted({0.0} | {float(c) * spread_r / spread_g for c in cc.tolist() if c > 0}))
+
+
+def _finite_1d(name: str, seq: Sequence[float]) -> np.ndarray:
+    try:
+        a = np.asarray(seq, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of numbers") from None
+    if a.ndim != 1 or a.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence; got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
 
 
 def select_lambda(r_search: Sequence[float], g: Sequence[float], r_select: Sequence[float],
@@ -363,17 +401,8 @@ def select_lambda(r_search: Sequence[float], g: Sequence[float], r_select: Seque
     (ties: the smaller ``lambda``). ``r_search``, ``g``: risk and gap of each candidate on the search rows;
     ``r_select``: its risk on the selection rows. Inputs must be finite, of one length ``>= 1``; ``lambda >= 0``.
     """
-    arrays = {}
-    for name, seq in (("r_search", r_search), ("g", g), ("r_select", r_select), ("lambdas", lambdas)):
-        try:
-            a = np.asarray(seq, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a sequence of numbers") from None
-        if a.ndim != 1 or a.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty 1-D sequence; got shape {a.shape}")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"{name} contains NaN or inf")
-        arrays[name] = a
+    arrays = {name: _finite_1d(name, seq)
+              for name, seq in (("r_search", r_search), ("g", g), ("r_select", r_select), ("lambdas", lambdas))}
     r, gg, rs, lams = arrays["r_search"], arrays["g"], arrays["r_select"], arrays["lambdas"]
     if not (r.shape == gg.shape == rs.shape):
         raise ValueError(f"r_search, g, r_select must have equal lengths; got {r.shape[0]}, {gg.shape[0]}, "
