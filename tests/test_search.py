@@ -238,6 +238,24 @@ def test_same_seed_gives_identical_outputs(setup, reference, tmp_path):
     assert (other / "history.csv").read_bytes() != (reference[1] / "history.csv").read_bytes()
 
 
+def test_parents_join_at_the_last_stage_and_are_rescored_only_after_a_projector_round(reference):
+    result, out = reference
+    hist = pd.read_csv(out / "history.csv", dtype={"policy_id": str})
+    full = hist[hist["phase"].isin(["init", "full"])]
+    before = {g: set(full.loc[full["generation"] < g, "policy_id"]) for g in (1, 2, 3, 4)}
+    again = {g: set(full.loc[full["generation"] == g, "policy_id"]) & before[g] for g in (1, 2, 3, 4)}
+    # rounds after generations 2 and 4: the 2 elites are re-forwarded in generation 3 only (new projector), beside
+    # the 2 surviving children; in generations 1 and 2 their cached scores compete
+    assert [len(again[g]) for g in (1, 2, 3, 4)] == [0, 0, 2, 0]
+    assert full.groupby("generation").size().to_dict() == {0: 4, 1: 2, 2: 2, 3: 4, 4: 2}
+    # parents are never screened: a screened policy is a child, new to the search
+    screened = hist[hist["phase"] == "screen"]
+    assert all(pid not in before[g] for g, pid in zip(screened["generation"], screened["policy_id"]))
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["full_round"] == 1 and set(state["full_scores"]) <= {m["policy_id"] for m in state["population"]}
+    assert set(state["full_ids"]) == set(full["policy_id"])
+
+
 def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
     first = _run(setup, tmp_path, generations=1)
     assert first.generations == 1
@@ -292,12 +310,16 @@ def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatc
     assert list(zip(hist["generation"], hist["policy_id"], hist["phase"])) == seen
     assert result.evaluations == len(hist) == result.timing["n_assembled"]
     counts = hist.groupby("phase").size().to_dict()
-    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows.) 12 rows = 9 search + 3 selection; 2 elites + 5
-    # children screened on 4 fresh search rows, the best 4 on 8 fresh ones, 2 on all 9; the final population and
-    # the start are scored on the selection rows (and, for lambda, on the search rows)
-    assert evolve.stage_plan(7, 9, 4, 2) == [(4, 7), (8, 4), (9, 2)]
+    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows; then the 2 elites screened beside the children.) 12 rows
+    # = 9 search + 3 selection; the 5 children screened on 4 fresh search rows, the best 3 on 8 fresh ones, 2 on all
+    # 9, where the 2 elites join them: already scored on all 9 under the one projector, they are not re-forwarded.
+    # The final population and the start are scored on the selection rows (and, for lambda, on the search rows)
+    assert evolve.stage_plan(5, 9, 4, 2) == [(4, 5), (8, 3), (9, 2)]
     n_cand = len(result.selection["candidates"])
-    assert counts == {"init": 4, "screen": 3 * (7 + 4), "full": 3 * 2, "select": n_cand, "select-search": n_cand}
+    assert counts == {"init": 4, "screen": 3 * (5 + 3), "full": 3 * 2, "select": n_cand, "select-search": n_cand}
+    # no policy is scored twice on all scoring rows in the evolution
+    full = hist[hist["phase"].isin(["init", "full"])]
+    assert full["policy_id"].is_unique
     assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {4, 8}
     assert set(hist.loc[hist["phase"].isin(["init", "full", "select-search"]), "n_samples"]) == {9}
     assert set(hist.loc[hist["phase"] == "select", "n_samples"]) == {3}

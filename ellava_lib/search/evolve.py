@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,12 @@ class _Run:
     rows: int = 0
     projector: dict[str, Any] | None = None
     starts: list[Policy] | None = None
+    #: ``{policy_id: Score}`` of the policies scored on all scoring rows under the projector of round
+    #: ``full_round`` (0: the original projector); emptied when the projector changes (:func:`_full_score`).
+    full_scores: dict[str, Score] = field(default_factory=dict)
+    full_round: int = 0
+    #: Ids of every policy scored on all scoring rows in this search, under any projector (children are new to it).
+    full_ids: set[str] = field(default_factory=set)
 
     @property
     def n(self) -> int:
@@ -295,9 +301,30 @@ def _tournament(pop: list[Member], rng: random.Random, size: int) -> Member:
     return pop[min(rng.randrange(len(pop)) for _ in range(size))]
 
 
+def _round(run: _Run) -> int:
+    """The round of the projector the model holds now (0: the original one)."""
+    return int((run.projector or {}).get("round", 0))
+
+
+def _full_score(run: _Run, policy: Policy, gen: int, phase: str) -> Score:
+    """``policy``'s score on all scoring rows under the current projector: the cached one when it has been scored
+    so already (no forward pass, no history row), else scored now (:func:`_score`) and cached. The cache holds one
+    projector round and is emptied when the round changes."""
+    if run.full_round != _round(run):
+        run.full_scores, run.full_round = {}, _round(run)
+    pid = policy.policy_id()
+    if pid not in run.full_scores:
+        run.full_scores[pid] = _score(run, policy, gen, phase, run.scoring)
+        run.full_ids.add(pid)
+    return run.full_scores[pid]
+
+
 def _generation(run: _Run, pop: list[Member], rng: random.Random, gen: int) -> list[Member]:
+    """One generation (module docstring): children new to the search screened by :func:`stage_plan`, the
+    ``elitism`` best parents joining them at the last stage (all scoring rows; a parent already scored there under
+    the current projector is not re-forwarded), the next population ranked by stage reached, then ``J``."""
     cfg = run.cfg
-    seen = {m.policy.policy_id() for m in pop}
+    seen = {m.policy.policy_id() for m in pop} | run.full_ids
     children: list[Policy] = []
     for _ in range(cfg.offspring):
         for _ in range(20):
@@ -307,21 +334,25 @@ def _generation(run: _Run, pop: list[Member], rng: random.Random, gen: int) -> l
                 seen.add(child.policy_id())
                 children.append(child)
                 break
-    alive = [m.policy for m in pop[: cfg.elitism]] + children
-    plan = stage_plan(len(alive), len(run.scoring), cfg.screen_samples, cfg.survivors)
+    plan = stage_plan(len(children), len(run.scoring), cfg.screen_samples, cfg.survivors) if children else []
+    alive = children
     out: list[Member] = []  # eliminated, latest stage first
-    for k, (n_rows, enter) in enumerate(plan):
-        rows = run.scoring if n_rows >= len(run.scoring) else sorted(rng.sample(run.scoring, n_rows))
-        phase = "full" if k == len(plan) - 1 else "screen"
-        ranked = sorted((Member(p, _score(run, p, gen, phase, rows)) for p in alive[:enter]), key=Member.key)
-        if k + 1 < len(plan):
-            out = ranked[plan[k + 1][1]:] + out
-            alive = [m.policy for m in ranked[: plan[k + 1][1]]]
-        else:
-            out = ranked + out
+    for k, (n_rows, enter) in enumerate(plan[:-1]):
+        rows = sorted(rng.sample(run.scoring, n_rows))
+        ranked = sorted((Member(p, _score(run, p, gen, "screen", rows)) for p in alive[:enter]), key=Member.key)
+        out = ranked[plan[k + 1][1]:] + out
+        alive = [m.policy for m in ranked[: plan[k + 1][1]]]
+    last = [Member(p, _full_score(run, p, gen, "full")) for p in alive[: plan[-1][1] if plan else 0]]
+    ids = {m.policy.policy_id() for m in last}
+    last += [Member(m.policy, _full_score(run, m.policy, gen, "full")) for m in pop[: cfg.elitism]
+             if m.policy.policy_id() not in ids]
+    out = sorted(last, key=Member.key) + out
     ids = {m.policy.policy_id() for m in out}
     out += [m for m in pop if m.policy.policy_id() not in ids]  # fewer candidates than places: older parents
-    return out[: cfg.population]
+    out = out[: cfg.population]
+    keep = {m.policy.policy_id() for m in out}  # only parents are looked up: the cache holds the population's
+    run.full_scores = {pid: s for pid, s in run.full_scores.items() if pid in keep}
+    return out
 
 
 def _evolve(run: _Run, pop: list[Member], gen: int) -> None:
@@ -415,6 +446,9 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         run.starts = starts
         pop = [Member(Policy(m["sparsities"], cfg.levels, {"target": cfg.target}), Score.from_dict(m["score"]))
                for m in state["population"]]
+        run.full_round = state.get("full_round", _round(run))  # absent (earlier checkpoints): parents rescored
+        run.full_scores = {pid: Score.from_dict(d) for pid, d in state.get("full_scores", {}).items()}
+        run.full_ids = set(state.get("full_ids", []))
         if run.projector:
             set_projector_state(model, load_projector(out / run.projector["file"])[0])
     else:
@@ -423,7 +457,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         starts = start_policies(model, batch, weights, cfg, importance)
         level_db.forget(model)  # ECoFLaP's importances perturb and restore unit weights in place
         run.starts = starts
-        pop = sorted((Member(p, _score(run, p, 0, "init", scoring))
+        pop = sorted((Member(p, _full_score(run, p, 0, "init"))
                       for p in initial_population(weights, cfg, rng, starts)), key=Member.key)
         _save_checkpoint(run, pop, rng, 0, context)
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)
@@ -443,7 +477,8 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
         "generation": gen, "config": run.cfg.to_dict(), "config_hash": run.cfg.digest(), "context": context,
         "population": [m.to_dict() for m in pop], "rng": ckpt.rng_state(rng), "history_rows": run.rows,
         "projector": run.projector, "timing": run.timing,
-        "starts": [p.sparsities for p in run.starts or []]})
+        "starts": [p.sparsities for p in run.starts or []], "full_round": run.full_round,
+        "full_scores": {pid: s.to_dict() for pid, s in run.full_scores.items()}, "full_ids": sorted(run.full_ids)})
 
 
 def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int) -> tuple[int, Score, dict]:
