@@ -32,8 +32,8 @@ def _row(g, phase, j):
             "n_samples": 9, "phase": phase}
 
 
-#: A hand-made history: generation 3's best (0.86, after a projector round) is worse than generation 2's, screening
-#: rows (0.5) and the final selection's rows (generation 5) do not count, generation 4 has no full row of its own.
+#: A hand-made history: generation 3's best child (0.86) is worse than generation 2's, screening rows (0.5) and the
+#: final selection's rows (generation 6) do not count, generation 4 has no full row of its own.
 HISTORY = [_row(0, "init", 1.2), _row(0, "init", 1.0),
            _row(1, "screen", 0.5), _row(1, "full", 0.95), _row(1, "full", 0.9),
            _row(2, "full", 0.87), _row(2, "full", 0.85),
@@ -49,6 +49,17 @@ def test_best_per_generation_is_the_running_best_on_all_rows():
     assert best_per_generation(HISTORY) == [1.0, 0.9, 0.85, 0.85, 0.85, 0.838]  # select phases ignored
     with pytest.raises(ValueError, match="generation-0"):
         best_per_generation(HISTORY[2:])
+
+
+def test_the_running_best_restarts_at_a_projector_round():
+    # generation 2 forwards the elites a and c again (a new projector): the best is 0.95 there, not 0.9
+    rows = [{"generation": g, "policy_id": pid, "phase": phase, "j": j} for g, pid, phase, j in (
+        (0, "a", "init", 1.0), (0, "b", "init", 1.2), (1, "c", "full", 0.9), (1, "x", "screen", 0.3),
+        (2, "a", "full", 1.1), (2, "c", "full", 0.95), (2, "d", "full", 1.05), (3, "e", "full", 0.93))]
+    best = best_per_generation(rows)
+    assert best == [1.0, 0.9, 0.95, 0.93]
+    # G = 3, g0 = 3 - ceil(3 / 4) = 2: (0.95 - 0.93) / 0.95
+    assert late_improvement(best) == pytest.approx(0.0210526316, abs=1e-9)
 
 
 def test_convergence_curve_plots_the_running_best(tmp_path):

@@ -15,14 +15,20 @@ uniform policy, and optionally the OWL and ECoFLaP allocations of the same budge
 :func:`allocate.round_to_grid` and moved to the exact budget with :func:`budget.snap_to_budget`; a start that
 cannot be is left out) plus mutants of them in turn, all scored on every scoring row. Each generation:
 ``offspring`` children, each a mutant of a tournament winner (``tournament`` entrants, best rank), new to the
-population and the generation; then EvoPress-style multi-step selection (:func:`stage_plan`): the ``elitism``
-best parents and the children are scored on ``screen_samples`` *fresh* random scoring rows (drawn with the run's
-seeded ``random.Random``), the best of them go on to twice as many fresh rows, and so on, and the best
-``survivors`` are scored on all scoring rows; parents and children always compete on the same rows. The next
+population and to every policy scored on all scoring rows so far in the search (no candidate is scored twice on the
+same rows); then EvoPress-style multi-step selection (:func:`stage_plan`, sized for the children): the children
+alone are scored on ``screen_samples`` *fresh* random scoring rows (drawn with the run's seeded ``random.Random``),
+the best of them go on to twice as many fresh rows, and the best ``survivors`` reach the last stage, all scoring
+rows, where the ``elitism`` best parents join them and compete on the same rows (as EvoPress adds its parent at the
+last selection step). A parent already scored on all scoring rows under the current projector keeps that score and
+is not forwarded again (a score cache per projector round, emptied when the projector changes, kept in the
+checkpoint); so between projector rounds a generation's forward passes are the children's alone. The next
 population ranks the candidates by the stage they reached (last first), then by ``J`` there (ties by policy id).
-Every ``projector.every`` generations the projector is evolved for the top ``projector.topk``
-(:mod:`projector`, :class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it in
-the next generation's stages. Candidates are *assembled* from the level database (no solver in the loop).
+Every ``projector.every`` generations the projector is evolved for the top ``projector.topk`` (:mod:`projector`,
+:class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it at the next generation's
+last stage. Whether a search converged: :mod:`convergence` (the best ``J`` per generation from ``history.csv`` and
+its relative improvement over the last quarter of the generations). Candidates are *assembled* from the level
+database (no solver in the loop).
 
 **Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows;
 with ``gap = "none"`` the one with the lowest ``R_hat`` there is returned; otherwise they are also scored on all
@@ -130,13 +136,15 @@ def score_rows(search: Sequence[int], cfg: SearchConfig) -> tuple[list[int], lis
 
 
 def stage_plan(candidates: int, rows: int, screen: int, survivors: int) -> list[tuple[int, int]]:
-    """``[(rows scored, candidates entering), ...]`` of one generation's multi-step selection.
+    """``[(rows scored, candidates entering), ...]`` of one generation's multi-step selection of ``candidates``
+    children (``candidates >= 1``; the ``elitism`` parents are not counted: they join at the last stage,
+    :func:`_generation`).
 
     Rows: ``screen`` and ``2 screen`` (each while below ``rows``), then ``rows`` (all scoring rows): at most
-    three stages, so a generation costs about what the former two (8 screening rows, then all) did; one stage
-    on all rows when ``screen`` is 0 or at least ``rows``. Entrants: all ``candidates`` at the first stage,
-    ``s = min(survivors, candidates)`` at the last, geometric in between
-    (``round(candidates * (s / candidates) ** (k / (K - 1)))``)."""
+    three stages; one stage on all rows when ``screen`` is 0 or at least ``rows``. Entrants: all ``candidates`` at
+    the first stage, ``s = min(survivors, candidates)`` at the last, geometric in between
+    (``round(candidates * (s / candidates) ** (k / (K - 1)))``). A generation forwards
+    ``sum(rows * entrants)`` rows for its children, plus ``rows`` per parent scored anew."""
     sizes = []
     r = screen
     while 0 < r < rows and len(sizes) < MAX_STAGES - 1:
