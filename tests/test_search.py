@@ -134,13 +134,18 @@ def test_presets_round_trip_and_are_the_class_defaults(name, tmp_path):
     assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).digest() == cfg.digest()
     # the dataclasses are their documented defaults: the default preset
     assert SearchConfig() == SearchConfig.default() and ProjectorConfig() == ProjectorConfig.default()
+    if name == "smol":  # sized from the tiny default's convergence measurement until measured on smol
+        assert cfg == SearchConfig.default() and (cfg.generations, cfg.screen_samples, cfg.survivors) == (32, 8, 2)
+        return
     # exactly the values the profile of the same name ran before the presets
     search, ellava = EARLIER_PROFILES[name]
-    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional), and the
-    # paper preset carries the batch sizes of the 40 GB memory plan (issue 19: tests/test_memory_plan.py)
+    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional), the
+    # paper preset carries the batch sizes of the 40 GB memory plan (issue 19: tests/test_memory_plan.py), and the
+    # default runs the 32 generations its convergence measurement asks for (convergence.late_improvement < 1 %)
     memory_knobs = {"eval_batch_size": 24, "projector_micro_batch": 4} if name == "paper" else {}
+    converged = {"generations": 32} if name == "default" else {}
     assert cfg == SearchConfig.from_preset("default", **{**EARLIER_DEFAULTS, **search, **ellava,
-                                                         "projector_ce_weight": 0.0, **memory_knobs})
+                                                         "projector_ce_weight": 0.0, **memory_knobs, **converged})
 
 
 def test_preset_overrides_name_single_fields():
@@ -151,7 +156,7 @@ def test_preset_overrides_name_single_fields():
         ProjectorConfig(every=0, steps=2)
     assert SearchConfig.from_preset("default", projector={"lr": 0.01}).projector == ProjectorConfig(lr=0.01)
     assert SearchConfig.from_preset("default", projector_every=4).to_dict()["projector_every"] == 4
-    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, paper"):
+    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, smol, paper"):
         SearchConfig.from_preset("huge")
     with pytest.raises(ValueError, match=r"unknown search config keys \['projector.stepz', 'projector_nope'\]"):
         SearchConfig.from_preset("ci", projector_nope=1, projector={"stepz": 1})
