@@ -118,8 +118,9 @@ def search_convergence(history: pd.DataFrame):
 
 
 def convergence_curve(history: pd.DataFrame):
-    """The best ``J`` on all scoring rows after each generation (:func:`convergence.best_per_generation`: the
-    running minimum over the phases ``init`` and ``full``) with the last quarter of the generations shaded;
+    """The population's best ``J`` on all scoring rows after each generation (:func:`convergence.best_per_generation`:
+    the running minimum over the phases ``init`` and ``full``, restarting at a projector round) with the last
+    quarter of the generations shaded;
     returns ``(figure, late_improvement)`` (:func:`convergence.late_improvement`, also in the title: below
     :data:`convergence.CONVERGED` the search is taken to have converged)."""
     from ellava_lib.search.convergence import CONVERGED, best_per_generation, late_improvement, late_window
@@ -128,7 +129,7 @@ def convergence_curve(history: pd.DataFrame):
     late = late_improvement(best)
     G = len(best) - 1
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(range(G + 1), best, color="C3", marker="o", ms=3, label="best J so far")
+    ax.plot(range(G + 1), best, color="C3", marker="o", ms=3, label="best J (the population's)")
     ax.axvspan(late_window(G), G, color="C0", alpha=0.12, label="last quarter")
     ax.set_xlabel("generation")
     ax.set_ylabel("best J on all scoring rows")
