@@ -45,24 +45,26 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the text-position KL
-#: fitness (``loss_revision`` 2: the image placeholders no longer count, so a searched job's result changed and its
-#: rows must be recomputed); before that for issue 17's finer levels around the target (``fine_step`` 0.05), the
-#: full-position KL, held-out selection rows, EvoPress-style stages, revised gaps and lambda grid.
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the selection revision 2
+#: (``config.SELECTION_REVISION``: the children screened alone, the elites at the last stage with cached scores; the
+#: same config gives another result, so its rows must be recomputed) and the default's 32 generations; before that
+#: for the text-position KL fitness (``loss_revision`` 2: the image placeholders no longer count), issue 17's finer
+#: levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows, EvoPress-style
+#: stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("816200d05424", "7b7d5f777070"),
-           "search-0.60-s0-n32": ("037a0d25b9e3", "b333e1465f45"),
-           "ellava-0.60-s0-n32-noproj": ("c390a52a1421", "fd6692a8600d"),
-           "ellava-0.60-s0-n32-gap_none": ("4a6a07c0477a", "4d7017b5b50e")},
-    "default": {"ellava-0.60-s0-n64": ("7d0f81eef7b8", "84f996e7551d"),
-                "search-0.60-s0-n64": ("137e6180a9a5", "1e9133b9d989"),
-                "ellava-0.60-s0-n64-noproj": ("c38d5d11c41c", "08efaef6b0ee"),
-                "ellava-0.60-s0-n64-gap_none": ("51e3ac2a3b6f", "76c4bd9f737c")},
+    "ci": {"ellava-0.60-s0-n32": ("b53547b4fc3f", "dfb88435f27c"),
+           "search-0.60-s0-n32": ("fc207dcd455e", "3431fd2327ad"),
+           "ellava-0.60-s0-n32-noproj": ("34951d24a7bb", "16ddfd61ef97"),
+           "ellava-0.60-s0-n32-gap_none": ("53b7dd0d2561", "32eb0a066c2a")},
+    "default": {"ellava-0.60-s0-n64": ("82465bea80c5", "3a10751f439b"),
+                "search-0.60-s0-n64": ("80a7b862f74f", "cc1095217b79"),
+                "ellava-0.60-s0-n64-noproj": ("395cab0b0bc0", "603efd06edba"),
+                "ellava-0.60-s0-n64-gap_none": ("f6fc7f17cd66", "cfe5cb72ad61")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("7d6111d11b7b", "dffe211d96e1"),
-              "search-0.60-s0-n64": ("55f50b9318c1", "5d84d1bff2f9"),
-              "ellava-0.60-s0-n64-noproj": ("99440872390c", "59883a7b6678"),
-              "ellava-0.60-s0-n64-gap_none": ("f0f9a40485a2", "a47c79850fd3")},
+    "paper": {"ellava-0.60-s0-n64": ("84bd9b3c6e95", "5cbd2638a661"),
+              "search-0.60-s0-n64": ("dbb185e7dd41", "88b94b4d1088"),
+              "ellava-0.60-s0-n64-noproj": ("a5f6514ab385", "d74b88212544"),
+              "ellava-0.60-s0-n64-gap_none": ("537d03aa8b1e", "554b3a27aa22")},
 }
 
 

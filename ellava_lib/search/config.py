@@ -42,6 +42,12 @@ from ellava_lib.search.objective import (
 #: Each is the setting of the pipeline profile of that name.
 PRESETS: tuple[str, ...] = ("ci", "default", "smol", "paper")
 
+#: Revision of the search's multi-step selection (:func:`evolve._generation`), serialised as ``selection_revision``:
+#: 2 = the children screened alone, the elites joining them at the last stage with their cached scores, children new
+#: to the whole search (1, absent from earlier folders: the elites screened beside the children). The same config
+#: gives another result under another revision, so its checkpoints and sweep rows are not reused.
+SELECTION_REVISION: int = 2
+
 #: Prefix of the projector's fields in the flat serialised form and in override dicts (``projector_every``).
 PROJECTOR_PREFIX = "projector_"
 
@@ -351,7 +357,7 @@ class SearchConfig:
         :data:`_LATER_FIELDS` at their earlier value, plus ``gap_revision`` for a gap in :data:`gaps.GAP_REVISION`
         and ``loss_revision`` for a loss in :data:`objective.LOSS_REVISION` (their meaning changed: a config with
         the old one, written without the key, no longer matches, so its checkpoints and sweep rows are not
-        reused)."""
+        reused), and ``selection_revision`` (:data:`SELECTION_REVISION`, likewise)."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -363,6 +369,7 @@ class SearchConfig:
             d["gap_revision"] = gaps.GAP_REVISION[self.gap]
         if self.loss_kind in LOSS_REVISION:  # likewise for a loss whose positions changed
             d["loss_revision"] = LOSS_REVISION[self.loss_kind]
+        d["selection_revision"] = SELECTION_REVISION  # how a generation selects (:func:`evolve._generation`)
         d = json.loads(json.dumps(d))
         for k, earlier in _LATER_FIELDS.items():  # at their earlier value: configs (and digests) as before
             if d[k] == earlier:
@@ -374,7 +381,7 @@ class SearchConfig:
         """Read the serialised form back (``from_dict(c.to_dict()) == c``): an absent :data:`_LATER_FIELDS` key
         is the value searches had before it existed, any other absent key the field default."""
         # derived from ``gap`` and ``loss_kind`` (:data:`gaps.GAP_REVISION`, :data:`objective.LOSS_REVISION`)
-        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision")}
+        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision", "selection_revision")}
         later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
         n = len(PROJECTOR_PREFIX)
         base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})
