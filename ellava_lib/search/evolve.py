@@ -454,9 +454,9 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         run.starts = starts
         pop = [Member(Policy(m["sparsities"], cfg.levels, {"target": cfg.target}), Score.from_dict(m["score"]))
                for m in state["population"]]
-        run.full_round = state.get("full_round", _round(run))  # absent (earlier checkpoints): parents rescored
-        run.full_scores = {pid: Score.from_dict(d) for pid, d in state.get("full_scores", {}).items()}
-        run.full_ids = set(state.get("full_ids", []))
+        run.full_round = state["full_round"]  # the score cache (checkpoints of selection revision 2 hold it)
+        run.full_scores = {pid: Score.from_dict(d) for pid, d in state["full_scores"].items()}
+        run.full_ids = set(state["full_ids"])
         if run.projector:
             set_projector_state(model, load_projector(out / run.projector["file"])[0])
     else:
