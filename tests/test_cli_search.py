@@ -80,7 +80,7 @@ def test_exact_mode_reprunes_the_final_policy(micro_model_dir, tmp_path):
     (["--lam", "1"], "unrecognized arguments: --lam"),  # lambda is chosen by the search, not by hand
     (["--init", "uniform,random"], "init must name distinct start policies"),
     (["--fine-step", "-0.05"], "fine_step must lie in [0, 0.5)"),
-    (["--preset", "huge"], "unknown search preset 'huge'; choose from ci, default, paper"),
+    (["--preset", "huge"], "unknown search preset 'huge'; choose from ci, default, smol, paper"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(micro_model_dir, tmp_path, capsys, args, needle):
     out = tmp_path / "run"

@@ -61,7 +61,7 @@ def test_searching_notebooks_take_a_preset_and_overrides():
 
 
 def test_a_bad_search_preset_or_override_is_named_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, paper"):
+    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, smol, paper"):
         pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"search_preset": "huge"})
     with pytest.raises(ValueError, match=r"unknown search config keys \['generation'\]"):
         pipeline.run_pipeline("ci", runs_root=tmp_path, overrides={"search": {"generation": 4}})

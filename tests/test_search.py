@@ -143,13 +143,18 @@ def test_presets_round_trip_and_are_the_class_defaults(name, tmp_path):
     assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).digest() == cfg.digest()
     # the dataclasses are their documented defaults: the default preset
     assert SearchConfig() == SearchConfig.default() and ProjectorConfig() == ProjectorConfig.default()
+    if name == "smol":  # sized from the tiny default's convergence measurement until measured on smol
+        assert cfg == SearchConfig.default() and (cfg.generations, cfg.screen_samples, cfg.survivors) == (32, 8, 2)
+        return
     # exactly the values the profile of the same name ran before the presets
     search, ellava = EARLIER_PROFILES[name]
-    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional), and the
-    # paper preset carries the batch sizes of the 40 GB memory plan (issue 19: tests/test_memory_plan.py)
+    # except that the projector now distils the dense model only (issue 17: KL by default, CE optional), the
+    # paper preset carries the batch sizes of the 40 GB memory plan (issue 19: tests/test_memory_plan.py), and the
+    # default runs the 32 generations its convergence measurement asks for (convergence.late_improvement < 1 %)
     memory_knobs = {"eval_batch_size": 24, "projector_micro_batch": 4} if name == "paper" else {}
+    converged = {"generations": 32} if name == "default" else {}
     assert cfg == SearchConfig.from_preset("default", **{**EARLIER_DEFAULTS, **search, **ellava,
-                                                         "projector_ce_weight": 0.0, **memory_knobs})
+                                                         "projector_ce_weight": 0.0, **memory_knobs, **converged})
 
 
 def test_preset_overrides_name_single_fields():
@@ -160,7 +165,7 @@ def test_preset_overrides_name_single_fields():
         ProjectorConfig(every=0, steps=2)
     assert SearchConfig.from_preset("default", projector={"lr": 0.01}).projector == ProjectorConfig(lr=0.01)
     assert SearchConfig.from_preset("default", projector_every=4).to_dict()["projector_every"] == 4
-    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, paper"):
+    with pytest.raises(ValueError, match="unknown search preset 'huge'; choose from ci, default, smol, paper"):
         SearchConfig.from_preset("huge")
     with pytest.raises(ValueError, match=r"unknown search config keys \['projector.stepz', 'projector_nope'\]"):
         SearchConfig.from_preset("ci", projector_nope=1, projector={"stepz": 1})
@@ -247,6 +252,24 @@ def test_same_seed_gives_identical_outputs(setup, reference, tmp_path):
     assert (other / "history.csv").read_bytes() != (reference[1] / "history.csv").read_bytes()
 
 
+def test_parents_join_at_the_last_stage_and_are_rescored_only_after_a_projector_round(reference):
+    result, out = reference
+    hist = pd.read_csv(out / "history.csv", dtype={"policy_id": str})
+    full = hist[hist["phase"].isin(["init", "full"])]
+    before = {g: set(full.loc[full["generation"] < g, "policy_id"]) for g in (1, 2, 3, 4)}
+    again = {g: set(full.loc[full["generation"] == g, "policy_id"]) & before[g] for g in (1, 2, 3, 4)}
+    # rounds after generations 2 and 4: the 2 elites are re-forwarded in generation 3 only (new projector), beside
+    # the 2 surviving children; in generations 1 and 2 their cached scores compete
+    assert [len(again[g]) for g in (1, 2, 3, 4)] == [0, 0, 2, 0]
+    assert full.groupby("generation").size().to_dict() == {0: 4, 1: 2, 2: 2, 3: 4, 4: 2}
+    # parents are never screened: a screened policy is a child, new to the search
+    screened = hist[hist["phase"] == "screen"]
+    assert all(pid not in before[g] for g, pid in zip(screened["generation"], screened["policy_id"]))
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["full_round"] == 1 and set(state["full_scores"]) <= {m["policy_id"] for m in state["population"]}
+    assert set(state["full_ids"]) == set(full["policy_id"])
+
+
 def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
     first = _run(setup, tmp_path, generations=1)
     assert first.generations == 1
@@ -306,14 +329,18 @@ def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatc
     assert list(zip(hist["generation"], hist["policy_id"], hist["phase"])) == seen
     assert result.evaluations == len(hist) == result.timing["n_assembled"]
     counts = hist.groupby("phase").size().to_dict()
-    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows; then 9 scoring rows, a lambda chosen at the end on them.)
-    # 12 rows = 9 search + 3 selection; 4 of the search rows are set aside for the projector even without
-    # projector evolution, 5 score. Generation 0 on the 5 scoring rows, then on the 3 selection rows to choose
-    # lambda; each generation: 2 elites + 5 children screened on 2 fresh scoring rows, the best 4 on 4 fresh
-    # ones, 2 on all 5; the final population and the start are scored on the selection rows
-    assert evolve.stage_plan(7, 5, 2, 2) == [(2, 7), (4, 4), (5, 2)]
+    # (was: init 4, rescore 4, full 3 * 2 on all 12 rows; then the 2 elites screened beside the children, lambda
+    # chosen at the end.) 12 rows = 9 search + 3 selection; 4 of the search rows are set aside for the projector
+    # even without projector evolution, 5 score. Generation 0 on the 5 scoring rows, then on the 3 selection rows
+    # to choose lambda; each generation: the 5 children screened on 2 fresh scoring rows, the best 3 on 4 fresh
+    # ones, 2 on all 5, where the 2 elites join them: already scored on all 5 under the one projector, they are
+    # not re-forwarded. The final population and the start are scored on the selection rows
+    assert evolve.stage_plan(5, 5, 2, 2) == [(2, 5), (4, 3), (5, 2)]
     n_cand = len(result.selection["candidates"])
-    assert counts == {"init": 4, "lambda": 4, "screen": 3 * (7 + 4), "full": 3 * 2, "select": n_cand}
+    assert counts == {"init": 4, "lambda": 4, "screen": 3 * (5 + 3), "full": 3 * 2, "select": n_cand}
+    # no policy is scored twice on all scoring rows in the evolution
+    full = hist[hist["phase"].isin(["init", "full"])]
+    assert full["policy_id"].is_unique
     assert set(hist.loc[hist["phase"] == "screen", "n_samples"]) == {2, 4}
     assert set(hist.loc[hist["phase"].isin(["init", "full"]), "n_samples"]) == {5}
     assert set(hist.loc[hist["phase"].isin(["select", "lambda"]), "n_samples"]) == {3}

@@ -49,25 +49,26 @@ def _profile_spec(params: dict) -> SweepSpec:
 
 
 #: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the exact re-prune of
-#: every searched row and statistics on the statistic rows only (``reconstruction``, ``stat_rows``); before that for
+#: every searched row and statistics on the statistic rows only (``reconstruction``, ``stat_rows``), the selection
+#: revision 2 (children screened alone, elites at the last stage) and the default's 32 generations; before that for
 #: lambda chosen before the evolution (``lam`` and ``lam_grid`` replaced by ``lam_scales``) and the projector rows
 #: set aside by every search; before that for the text-position KL fitness (``loss_revision`` 2), issue 17's finer
 #: levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows, EvoPress-style
 #: stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("e672c61d06b2", "d01040122724"),
-           "search-0.60-s0-n32": ("ccc7b4e9ffc3", "09d5f0c819cc"),
-           "ellava-0.60-s0-n32-noproj": ("374f8686bea5", "5933ab42a659"),
-           "ellava-0.60-s0-n32-gap_none": ("2d725af158b4", "243480edf464")},
-    "default": {"ellava-0.60-s0-n64": ("a1e73a8254ec", "c4274054c015"),
-                "search-0.60-s0-n64": ("894c41fe7757", "4c3e08831210"),
-                "ellava-0.60-s0-n64-noproj": ("993ce9111124", "70eaa2e18f8f"),
-                "ellava-0.60-s0-n64-gap_none": ("f4e27c2fe1e8", "a326894bd2c6")},
+    "ci": {"ellava-0.60-s0-n32": ("d3372a834b21", "fb07bf86d705"),
+           "search-0.60-s0-n32": ("84eaca63523a", "194ac1567344"),
+           "ellava-0.60-s0-n32-noproj": ("0ca9eba7b4cf", "901b71d6d107"),
+           "ellava-0.60-s0-n32-gap_none": ("b8b4415d35b7", "c15cb9192404")},
+    "default": {"ellava-0.60-s0-n64": ("58eb7ccf9dfd", "18f326fdee85"),
+                "search-0.60-s0-n64": ("acf64c3560a7", "a3076ab81eae"),
+                "ellava-0.60-s0-n64-noproj": ("96660499fc91", "1ede584a3aea"),
+                "ellava-0.60-s0-n64-gap_none": ("027d5b59870a", "d3395ed83fca")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("c602d7aa8618", "8d5bef8b2a37"),
-              "search-0.60-s0-n64": ("f1fd586c536d", "279a451cf293"),
-              "ellava-0.60-s0-n64-noproj": ("bfcfc3332814", "35ccb2078a16"),
-              "ellava-0.60-s0-n64-gap_none": ("ba78ce475adf", "7aab71922e89")},
+    "paper": {"ellava-0.60-s0-n64": ("d81d35fe75a3", "ae0df4f4b05e"),
+              "search-0.60-s0-n64": ("3f57d6583659", "7ea133ee4a6b"),
+              "ellava-0.60-s0-n64-noproj": ("a71022847b39", "786a1598929b"),
+              "ellava-0.60-s0-n64-gap_none": ("5713dc89bab4", "2b836ff914b0")},
 }
 
 

@@ -5,7 +5,7 @@
     ellava inspect --model tiny|smol|FOLDER|llava-1.5-7b [--meta] [--vision] [--json]   units and sizes, never trains
     ellava prune --model tiny --method sparsegpt --sparsity 0.6 [--nm 2:4] --calib 64 --seed 0 --out DIR
     ellava prune --model FOLDER --policy SEARCH_DIR --out DIR      SparseGPT under a searched policy (+ its projector)
-    ellava search --model tiny --sparsity 0.6 --calib 64 [--preset ci|default|paper] [--no-projector] --seed 0 --out DIR
+    ellava search --model tiny --sparsity 0.6 --calib 64 [--preset ci|default|smol|paper] [--no-projector] --out DIR
     ellava sweep --profile default --out runs/default [--what main|ablations|all] [--backend local|ray] [--retries N]
     ellava plan --profile paper [--gpu-mem GB] [--json] [--readme README.md]   predicted memory / disk / time
     ellava dryrun --profile paper --random-weights --out DIR [--shrink]        every stage on random weights

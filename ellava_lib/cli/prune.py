@@ -262,10 +262,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--model", default="tiny", help="'tiny', a model folder, or llava-1.5-7b (hub)")
     s.add_argument("--sparsity", type=float, required=True, help="target mean sparsity (within the grid, 0-0.9)")
     s.add_argument("--calib", type=int, default=64, help="number of calibration samples")
-    s.add_argument("--preset", default="default", metavar="{ci,default,paper}",  # checked by SearchConfig.from_preset
-                   help="search settings: SearchConfig.ci(), .default() or .paper() in ellava_lib/search/config.py "
-                        "(the profiles' of the same names). Each option below replaces one field; left out, the "
-                        "preset's value holds")
+    s.add_argument("--preset", default="default", metavar="{ci,default,smol,paper}",  # checked by from_preset
+                   help="search settings: SearchConfig.ci(), .default(), .smol() or .paper() in "
+                        "ellava_lib/search/config.py (the profiles' of the same names). Each option below replaces "
+                        "one field; left out, the preset's value holds")
     s.add_argument("--gap", choices=("none", "capacity", "bernstein", "norm"), default=None,
                    help="generalization-gap estimator G_hat")
     s.add_argument("--loss", choices=("ce", "kl"), default=None,

@@ -175,8 +175,11 @@ def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload
                                          n_visual_tokens=n_visual, n_text_tokens=wl.text_tokens,
                                          batch_size=batch, min_batch_s=floor_s).seconds
 
-    plan = stage_plan(cfg.elitism + cfg.offspring, rows["scoring"], cfg.screen_samples, cfg.survivors)
+    plan = stage_plan(cfg.offspring, rows["scoring"], cfg.screen_samples, cfg.survivors)
     total = score(1, cfg.population, rows["scoring"]) + sum(score(cfg.generations, e, r) for r, e in plan)
+    # the elites join the children at the last stage and are scored anew only after a projector round
+    every = cfg.projector.every
+    total += score(max(cfg.generations - 1, 0) // every if every else 0, cfg.elitism, rows["scoring"])
     finish = cfg.population + len(cfg.init)
     total += score(1, finish, rows["selection"]) + (score(1, finish, rows["scoring"]) if cfg.gap != "none" else 0.0)
     return total + score(1, 1, wl.calib_n)  # the dense log-probabilities

@@ -117,6 +117,30 @@ def search_convergence(history: pd.DataFrame):
     return fig
 
 
+def convergence_curve(history: pd.DataFrame):
+    """The population's best ``J`` on all scoring rows after each generation (:func:`convergence.best_per_generation`:
+    the running minimum over the phases ``init`` and ``full``, restarting at a projector round) with the last
+    quarter of the generations shaded;
+    returns ``(figure, late_improvement)`` (:func:`convergence.late_improvement`, also in the title: below
+    :data:`convergence.CONVERGED` the search is taken to have converged)."""
+    from ellava_lib.search.convergence import CONVERGED, best_per_generation, late_improvement, late_window
+
+    best = best_per_generation(history.to_dict("records"))
+    late = late_improvement(best)
+    G = len(best) - 1
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(range(G + 1), best, color="C3", marker="o", ms=3, label="best J (the population's)")
+    ax.axvspan(late_window(G), G, color="C0", alpha=0.12, label="last quarter")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("best J on all scoring rows")
+    verdict = "converged" if late < CONVERGED else "still improving"
+    ax.set_title(f"late improvement {late:.2%} over the last quarter ({verdict}, threshold {CONVERGED:.0%})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, late
+
+
 def policy_profile(policies: dict[str, dict[str, float]]):
     """Per-unit sparsity of several policies (x: units in model order)."""
     fig, ax = plt.subplots(figsize=(10, 3.4))

@@ -3,9 +3,9 @@
 :class:`ProjectorConfig` (projector evolution: schedule, optimiser, loss weights, early stopping) and
 :class:`SearchConfig` (fitness, gap term, population, selection, start policies, and a ``projector``), validated,
 serialisable and hashed into the run's identity. Each has the named presets :data:`PRESETS` as classmethods
-(``ci()``, ``default()``, ``paper()``: the settings of the pipeline profiles of the same names), and its field
-defaults *are* the ``default`` preset. :meth:`SearchConfig.from_preset` (a preset plus field overrides) is how the
-command line, the sweep and the notebooks build the config of a search.
+(``ci()``, ``default()``, ``smol()``, ``paper()``: the settings of the pipeline profiles of the same names), and
+its field defaults *are* the ``default`` preset. :meth:`SearchConfig.from_preset` (a preset plus field overrides) is
+how the command line, the sweep and the notebooks build the config of a search.
 
 The serialised form (:meth:`SearchConfig.to_dict`, what checkpoints, resume checks and the sweep's row cache hash)
 is flat: the projector's fields appear as ``projector_<field>``, the names override dicts use as well.
@@ -38,8 +38,15 @@ from ellava_lib.search.objective import (
 )
 
 #: Named presets of both configs: ``ci`` (minutes on 2 CPU cores), ``default`` (the embedded default, ``make
-#: reproduce``), ``paper`` (LLaVA-1.5-7B on one GPU). Each is the setting of the pipeline profile of that name.
-PRESETS: tuple[str, ...] = ("ci", "default", "paper")
+#: reproduce``), ``smol`` (the smol tier, ``make reproduce PROFILE=smol``), ``paper`` (LLaVA-1.5-7B on one GPU).
+#: Each is the setting of the pipeline profile of that name.
+PRESETS: tuple[str, ...] = ("ci", "default", "smol", "paper")
+
+#: Revision of the search's multi-step selection (:func:`evolve._generation`), serialised as ``selection_revision``:
+#: 2 = the children screened alone, the elites joining them at the last stage with their cached scores, children new
+#: to the whole search (1, absent from earlier folders: the elites screened beside the children). The same config
+#: gives another result under another revision, so its checkpoints and sweep rows are not reused.
+SELECTION_REVISION: int = 2
 
 #: Prefix of the projector's fields in the flat serialised form and in override dicts (``projector_every``).
 PROJECTOR_PREFIX = "projector_"
@@ -71,7 +78,8 @@ def _check_preset(name: str) -> str:
 class ProjectorConfig:
     """Projector evolution (:func:`projector.evolve_projector`) and its schedule inside the search.
 
-    Field defaults are the ``default`` preset; :meth:`ci` and :meth:`paper` change ``every`` / ``steps`` only.
+    Field defaults are the ``default`` preset; :meth:`ci` and :meth:`paper` change ``every`` / ``steps`` only,
+    :meth:`smol` is the default.
 
     * ``every``: generations between evolution rounds in the search (round after generation ``g`` when
       ``g % every == 0``); 0 = no projector evolution.
@@ -149,6 +157,11 @@ class ProjectorConfig:
         return cls()
 
     @classmethod
+    def smol(cls) -> ProjectorConfig:
+        """profiles/smol.yaml: the default's schedule, 20 steps every 3 generations."""
+        return cls()
+
+    @classmethod
     def paper(cls) -> ProjectorConfig:
         """profiles/paper.yaml: 20 steps every 10 of the 100 generations, 4 rows per forward / backward pass (what
         :func:`ellava_lib.speed.memory.choose` picks for LLaVA-1.5-7B in fp16 on a 40 GB GPU: ``ellava plan``)."""
@@ -195,8 +208,8 @@ class SearchConfig:
     Evolution (:mod:`evolve`):
 
     * ``population`` policies; ``generations`` to run; ``offspring`` children per generation, each 1 to
-      ``mutation_steps`` budget-keeping moves from a ``tournament``-size tournament winner; ``elitism`` parents
-      always kept.
+      ``mutation_steps`` budget-keeping moves from a ``tournament``-size tournament winner, new to the search;
+      ``elitism`` parents always kept (they compete at the last selection stage).
     * Rows: ``select_frac`` of the calibration rows are *selection* rows (:func:`evolve.split_rows`: seeded,
       stratified by suite when suites are given), never used by the evolution; the rest are *search* rows.
       The returned policy is the best on the selection rows among the final population and the start policies.
@@ -208,9 +221,13 @@ class SearchConfig:
       default :data:`gap.DEFAULT_LAM_SCALES`: ``lambda G_hat`` spreading a quarter to four times as far as
       ``R_hat``). It replaces ``lam`` (a hand-set lambda of the evolution) and ``lam_grid`` (fixed lambdas tried at
       the end), read as :data:`_RETIRED_FIELDS`.
-    * Multi-step selection (EvoPress-style): the ``elitism`` best parents and the children are scored on
-      ``screen_samples`` fresh random search rows, then the best of them on twice as many fresh rows, ..., and
-      the best ``survivors`` on all scoring rows (0 = one stage on all of them).
+    * Multi-step selection (EvoPress-style): the children are scored on ``screen_samples`` fresh random scoring
+      rows, then the best of them on twice as many fresh rows, and the best ``survivors`` on all scoring rows,
+      where the ``elitism`` best parents join them (0 = one stage on all of them). A parent already scored there
+      under the current projector is not scored again, so a generation costs its children's forward passes
+      (``sum(rows * entrants)`` of :func:`evolve.stage_plan`) plus the parents' after a projector round.
+    * ``generations``: the presets' are sized by convergence (:mod:`convergence`: the best ``J``'s relative
+      improvement over the last quarter of the generations below 1 %), measured on the tiny default.
     * ``eval_batch_size``: rows per forward pass (0 = all at once); ``seed``: drives every draw (each job sets its
       own).
     * ``init``: the start policies of generation 0 (:data:`START_POLICIES`).
@@ -229,7 +246,7 @@ class SearchConfig:
     depth_decay: float = gaps.DEFAULT_DEPTH_DECAY
     budget: str = "params"
     population: int = 8
-    generations: int = 8
+    generations: int = 32
     offspring: int = 16
     mutation_steps: int = 3
     tournament: int = 2
@@ -294,24 +311,45 @@ class SearchConfig:
     @classmethod
     def ci(cls) -> SearchConfig:
         """profiles/ci.yaml: 4 policies, 3 generations of 6 children; a 5-step projector round every generation;
-        a quarter of the calibration rows held out for selection."""
+        a quarter of the calibration rows held out for selection. Not sized to converge (CI time): at the ci
+        profile's 32 calibration rows (12 scoring rows) a generation screens its 6 children on 8 rows and scores 2
+        on all 12; 46 candidate evaluations per search (init, generations, final selection)."""
         return cls(population=4, generations=3, offspring=6, select_frac=0.25, projector=ProjectorConfig.ci())
 
     @classmethod
     def default(cls) -> SearchConfig:
-        """profiles/default.yaml (the field defaults): 8 policies, 8 generations of 16 children (8 screening
-        samples, 2 survivors), KL fitness over the text positions from the uniform, OWL and ECoFLaP starts, Bernstein
-        gap whose lambda is chosen before the evolution on the selection rows (a quarter of the calibration rows)
-        from the initial population, among 0 and the lambdas that make ``lambda G_hat`` spread 0.25 to 4 times as
-        far as ``R_hat``, a 20-step projector round every 3 generations on half the search rows."""
+        """profiles/default.yaml (the field defaults): 8 policies, 32 generations of 16 children (screened on 8
+        rows, the best 6 on 16, 2 survivors on all 24 scoring rows beside the 2 elites), KL fitness over the text
+        positions from the uniform, OWL and ECoFLaP starts, Bernstein gap whose lambda is chosen before the evolution
+        on the selection rows (a quarter of the calibration rows) from the initial population, among 0 and the
+        lambdas that make ``lambda G_hat`` spread 0.25 to 4 times as far as ``R_hat``, a 20-step projector round every
+        3 generations on half the search rows. At 64 calibration rows: 818 candidate evaluations per search (8 +
+        32 x 24 + 20 elites rescored after projector rounds + 22 in the final selection), about 9,800 row forwards.
+
+        Sized on the tiny default (seed 0, 64 calibration rows): 32 generations are the fewest after which the
+        ellava search at sparsity 0.6 improves its best ``J`` by less than 1 % over the last quarter
+        (:func:`convergence.late_improvement` 0.004; 8 generations: 0.05); at 0.7 it still improves 3 % there
+        (converged from 36 generations on), which the ``make reproduce`` time budget (about 10 minutes) does not
+        afford. Screening on 4 rows instead of 8 converged later (0.6: still 4 % at 64 generations) for less than
+        half the cost a generation."""
         return cls()
+
+    @classmethod
+    def smol(cls) -> SearchConfig:
+        """profiles/smol.yaml: the default's 32 generations of 16 children with its cheap selection (8 screening
+        rows, 2 survivors), 8 policies, a projector round every 3 generations. Sized from the tiny measurement
+        (:meth:`default`); to be re-measured on smol (``convergence.late_improvement`` of its showcased search,
+        notebook 04). At 64 calibration rows: 818 candidate evaluations per search."""
+        return cls(population=8, generations=32, offspring=16, screen_samples=8, survivors=2, select_frac=0.25,
+                   projector=ProjectorConfig.smol())
 
     @classmethod
     def paper(cls) -> SearchConfig:
         """profiles/paper.yaml: 16 policies, 100 generations of 32 children (16 screening samples, 8 survivors),
         a projector round every 10 generations; a quarter of the calibration rows held out for selection;
         candidates scored 24 rows per forward pass (the batch ``ellava plan --profile paper`` chooses for a 40 GB
-        GPU)."""
+        GPU). At 64 calibration rows (24 scoring rows: two stages, 16 rows then all): 4,072 candidate evaluations
+        per search. Not re-measured since the parents joined at the last stage."""
         return cls(population=16, generations=100, offspring=32, screen_samples=16, survivors=8, select_frac=0.25,
                    eval_batch_size=24, projector=ProjectorConfig.paper())
 
@@ -334,7 +372,7 @@ class SearchConfig:
         :data:`_LATER_FIELDS` at their earlier value, plus ``gap_revision`` for a gap in :data:`gaps.GAP_REVISION`
         and ``loss_revision`` for a loss in :data:`objective.LOSS_REVISION` (their meaning changed: a config with
         the old one, written without the key, no longer matches, so its checkpoints and sweep rows are not
-        reused)."""
+        reused), and ``selection_revision`` (:data:`SELECTION_REVISION`, likewise)."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -346,6 +384,7 @@ class SearchConfig:
             d["gap_revision"] = gaps.GAP_REVISION[self.gap]
         if self.loss_kind in LOSS_REVISION:  # likewise for a loss whose positions changed
             d["loss_revision"] = LOSS_REVISION[self.loss_kind]
+        d["selection_revision"] = SELECTION_REVISION  # how a generation selects (:func:`evolve._generation`)
         d = json.loads(json.dumps(d))
         for k, earlier in _LATER_FIELDS.items():  # at their earlier value: configs (and digests) as before
             if d[k] == earlier:
@@ -358,7 +397,8 @@ class SearchConfig:
         is the value searches had before it existed, any other absent key the field default; a
         :data:`_RETIRED_FIELDS` key (an older folder's ``lam``, ``lam_grid``) is dropped."""
         # revisions: derived from ``gap`` and ``loss_kind`` (:data:`gaps.GAP_REVISION`, :data:`objective.LOSS_REVISION`)
-        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision", *_RETIRED_FIELDS)}
+        d = {k: v for k, v in d.items() if k not in ("gap_revision", "loss_revision", "selection_revision",
+                                                 *_RETIRED_FIELDS)}
         later = {k: v for k, v in _LATER_FIELDS.items() if k not in d}
         n = len(PROJECTOR_PREFIX)
         base = ProjectorConfig(**{k[n:]: v for k, v in later.items() if k.startswith(PROJECTOR_PREFIX)})

@@ -17,14 +17,20 @@ uniform policy, and optionally the OWL and ECoFLaP allocations of the same budge
 :func:`allocate.round_to_grid` and moved to the exact budget with :func:`budget.snap_to_budget`; a start that
 cannot be is left out) plus mutants of them in turn, all scored on every scoring row. Each generation:
 ``offspring`` children, each a mutant of a tournament winner (``tournament`` entrants, best rank), new to the
-population and the generation; then EvoPress-style multi-step selection (:func:`stage_plan`): the ``elitism``
-best parents and the children are scored on ``screen_samples`` *fresh* random scoring rows (drawn with the run's
-seeded ``random.Random``), the best of them go on to twice as many fresh rows, and so on, and the best
-``survivors`` are scored on all scoring rows; parents and children always compete on the same rows. The next
+population and to every policy scored on all scoring rows so far in the search (no candidate is scored twice on the
+same rows); then EvoPress-style multi-step selection (:func:`stage_plan`, sized for the children): the children
+alone are scored on ``screen_samples`` *fresh* random scoring rows (drawn with the run's seeded ``random.Random``),
+the best of them go on to twice as many fresh rows, and the best ``survivors`` reach the last stage, all scoring
+rows, where the ``elitism`` best parents join them and compete on the same rows (as EvoPress adds its parent at the
+last selection step). A parent already scored on all scoring rows under the current projector keeps that score and
+is not forwarded again (a score cache per projector round, emptied when the projector changes, kept in the
+checkpoint); so between projector rounds a generation's forward passes are the children's alone. The next
 population ranks the candidates by the stage they reached (last first), then by ``J`` there (ties by policy id).
-Every ``projector.every`` generations the projector is evolved for the top ``projector.topk``
-(:mod:`projector`, :class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it in
-the next generation's stages. Candidates are *assembled* from the level database (no solver in the loop).
+Every ``projector.every`` generations the projector is evolved for the top ``projector.topk`` (:mod:`projector`,
+:class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it at the next generation's
+last stage. Whether a search converged: :mod:`convergence` (the best ``J`` per generation from ``history.csv`` and
+its relative improvement over the last quarter of the generations). Candidates are *assembled* from the level
+database (no solver in the loop).
 
 **Lambda** (:func:`_choose_lambda`): chosen once, before the evolution, and every generation runs at it. With
 ``gap = "none"`` it is 0. Otherwise, after generation 0 (scored on the scoring rows), every initial-population
@@ -51,7 +57,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +148,15 @@ def score_rows(search: Sequence[int], cfg: SearchConfig) -> tuple[list[int], lis
 
 
 def stage_plan(candidates: int, rows: int, screen: int, survivors: int) -> list[tuple[int, int]]:
-    """``[(rows scored, candidates entering), ...]`` of one generation's multi-step selection.
+    """``[(rows scored, candidates entering), ...]`` of one generation's multi-step selection of ``candidates``
+    children (``candidates >= 1``; the ``elitism`` parents are not counted: they join at the last stage,
+    :func:`_generation`).
 
     Rows: ``screen`` and ``2 screen`` (each while below ``rows``), then ``rows`` (all scoring rows): at most
-    three stages, so a generation costs about what the former two (8 screening rows, then all) did; one stage
-    on all rows when ``screen`` is 0 or at least ``rows``. Entrants: all ``candidates`` at the first stage,
-    ``s = min(survivors, candidates)`` at the last, geometric in between
-    (``round(candidates * (s / candidates) ** (k / (K - 1)))``)."""
+    three stages; one stage on all rows when ``screen`` is 0 or at least ``rows``. Entrants: all ``candidates`` at
+    the first stage, ``s = min(survivors, candidates)`` at the last, geometric in between
+    (``round(candidates * (s / candidates) ** (k / (K - 1)))``). A generation forwards
+    ``sum(rows * entrants)`` rows for its children, plus ``rows`` per parent scored anew."""
     sizes = []
     r = screen
     while 0 < r < rows and len(sizes) < MAX_STAGES - 1:
@@ -271,6 +279,12 @@ class _Run:
     lam: float = 0.0  # the lambda of J: 0 until chosen (:func:`_choose_lambda`), then every generation's
     lam_record: dict[str, Any] | None = None  # how it was chosen (None: no gap term)
     pending: list[dict[str, Any]] | None = None  # history rows held back until lambda is chosen (generation 0)
+    #: ``{policy_id: Score}`` of the policies scored on all scoring rows under the projector of round
+    #: ``full_round`` (0: the original projector); emptied when the projector changes (:func:`_full_score`).
+    full_scores: dict[str, Score] = field(default_factory=dict)
+    full_round: int = 0
+    #: Ids of every policy scored on all scoring rows in this search, under any projector (children are new to it).
+    full_ids: set[str] = field(default_factory=set)
 
     @property
     def n(self) -> int:
@@ -313,9 +327,30 @@ def _tournament(pop: list[Member], rng: random.Random, size: int) -> Member:
     return pop[min(rng.randrange(len(pop)) for _ in range(size))]
 
 
+def _round(run: _Run) -> int:
+    """The round of the projector the model holds now (0: the original one)."""
+    return int((run.projector or {}).get("round", 0))
+
+
+def _full_score(run: _Run, policy: Policy, gen: int, phase: str) -> Score:
+    """``policy``'s score on all scoring rows under the current projector: the cached one when it has been scored
+    so already (no forward pass, no history row), else scored now (:func:`_score`) and cached. The cache holds one
+    projector round and is emptied when the round changes."""
+    if run.full_round != _round(run):
+        run.full_scores, run.full_round = {}, _round(run)
+    pid = policy.policy_id()
+    if pid not in run.full_scores:
+        run.full_scores[pid] = _score(run, policy, gen, phase, run.scoring)
+        run.full_ids.add(pid)
+    return run.full_scores[pid]
+
+
 def _generation(run: _Run, pop: list[Member], rng: random.Random, gen: int) -> list[Member]:
+    """One generation (module docstring): children new to the search screened by :func:`stage_plan`, the
+    ``elitism`` best parents joining them at the last stage (all scoring rows; a parent already scored there under
+    the current projector is not re-forwarded), the next population ranked by stage reached, then ``J``."""
     cfg = run.cfg
-    seen = {m.policy.policy_id() for m in pop}
+    seen = {m.policy.policy_id() for m in pop} | run.full_ids
     children: list[Policy] = []
     for _ in range(cfg.offspring):
         for _ in range(20):
@@ -325,21 +360,25 @@ def _generation(run: _Run, pop: list[Member], rng: random.Random, gen: int) -> l
                 seen.add(child.policy_id())
                 children.append(child)
                 break
-    alive = [m.policy for m in pop[: cfg.elitism]] + children
-    plan = stage_plan(len(alive), len(run.scoring), cfg.screen_samples, cfg.survivors)
+    plan = stage_plan(len(children), len(run.scoring), cfg.screen_samples, cfg.survivors) if children else []
+    alive = children
     out: list[Member] = []  # eliminated, latest stage first
-    for k, (n_rows, enter) in enumerate(plan):
-        rows = run.scoring if n_rows >= len(run.scoring) else sorted(rng.sample(run.scoring, n_rows))
-        phase = "full" if k == len(plan) - 1 else "screen"
-        ranked = sorted((Member(p, _score(run, p, gen, phase, rows)) for p in alive[:enter]), key=Member.key)
-        if k + 1 < len(plan):
-            out = ranked[plan[k + 1][1]:] + out
-            alive = [m.policy for m in ranked[: plan[k + 1][1]]]
-        else:
-            out = ranked + out
+    for k, (n_rows, enter) in enumerate(plan[:-1]):
+        rows = sorted(rng.sample(run.scoring, n_rows))
+        ranked = sorted((Member(p, _score(run, p, gen, "screen", rows)) for p in alive[:enter]), key=Member.key)
+        out = ranked[plan[k + 1][1]:] + out
+        alive = [m.policy for m in ranked[: plan[k + 1][1]]]
+    last = [Member(p, _full_score(run, p, gen, "full")) for p in alive[: plan[-1][1] if plan else 0]]
+    ids = {m.policy.policy_id() for m in last}
+    last += [Member(m.policy, _full_score(run, m.policy, gen, "full")) for m in pop[: cfg.elitism]
+             if m.policy.policy_id() not in ids]
+    out = sorted(last, key=Member.key) + out
     ids = {m.policy.policy_id() for m in out}
     out += [m for m in pop if m.policy.policy_id() not in ids]  # fewer candidates than places: older parents
-    return out[: cfg.population]
+    out = out[: cfg.population]
+    keep = {m.policy.policy_id() for m in out}  # only parents are looked up: the cache holds the population's
+    run.full_scores = {pid: s for pid, s in run.full_scores.items() if pid in keep}
+    return out
 
 
 def _evolve(run: _Run, pop: list[Member], gen: int) -> None:
@@ -435,6 +474,9 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         run.starts = starts
         pop = [Member(Policy(m["sparsities"], cfg.levels, {"target": cfg.target}), Score.from_dict(m["score"]))
                for m in state["population"]]
+        run.full_round = state["full_round"]  # the score cache (checkpoints of selection revision 2 hold it)
+        run.full_scores = {pid: Score.from_dict(d) for pid, d in state["full_scores"].items()}
+        run.full_ids = set(state["full_ids"])
         if run.projector:
             set_projector_state(model, load_projector(out / run.projector["file"])[0])
     else:
@@ -444,7 +486,7 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         level_db.forget(model)  # ECoFLaP's importances perturb and restore unit weights in place
         run.starts = starts
         run.pending = []  # generation 0's history rows: written by _choose_lambda, with J at the lambda chosen
-        pop = [Member(p, _score(run, p, 0, "init", scoring)) for p in initial_population(weights, cfg, rng, starts)]
+        pop = [Member(p, _full_score(run, p, 0, "init")) for p in initial_population(weights, cfg, rng, starts)]
         pop = _choose_lambda(run, pop)
         _save_checkpoint(run, pop, rng, 0, context)
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)
@@ -464,7 +506,9 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
         "generation": gen, "config": run.cfg.to_dict(), "config_hash": run.cfg.digest(), "context": context,
         "population": [m.to_dict() for m in pop], "rng": ckpt.rng_state(rng), "history_rows": run.rows,
         "projector": run.projector, "timing": run.timing,
-        "starts": [p.sparsities for p in run.starts or []], "lam": run.lam, "lam_record": run.lam_record})
+        "starts": [p.sparsities for p in run.starts or []], "lam": run.lam, "lam_record": run.lam_record,
+        "full_round": run.full_round, "full_scores": {pid: s.to_dict() for pid, s in run.full_scores.items()},
+        "full_ids": sorted(run.full_ids)})
 
 
 def _choose_lambda(run: _Run, pop: list[Member]) -> list[Member]:
@@ -491,8 +535,12 @@ def _choose_lambda(run: _Run, pop: list[Member]) -> list[Member]:
     rows, run.pending = run.pending or [], None
     ckpt.append_history(run.out / ckpt.HISTORY,
                         [{**r, "j": gaps.objective(r["r_hat"], r["g_hat"], run.lam)} for r in rows])
-    return sorted((Member(m.policy, replace(m.score, j=gaps.objective(m.score.r_hat, m.score.g_hat, run.lam)))
-                   for m in pop), key=Member.key)
+    pop = sorted((Member(m.policy, replace(m.score, j=gaps.objective(m.score.r_hat, m.score.g_hat, run.lam)))
+                  for m in pop), key=Member.key)
+    for m in pop:  # the score cache holds J at the lambda chosen, as every later score
+        if m.policy.policy_id() in run.full_scores:
+            run.full_scores[m.policy.policy_id()] = m.score
+    return pop
 
 
 def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int) -> tuple[int, Score, dict]:
