@@ -61,14 +61,14 @@ def test_early_stopping_never_returns_a_worse_holdout_loss(setup):
     projector.set_projector_state(model, state)
     # the returned projector scores the best holdout loss seen (the start one if nothing improved)
     check = projector._holdout_loss(model, batch, hold, [policy, Policy.uniform(list_units(model), 0.5)], db,
-                                    dense, 0.5, 1.0)
+                                    dense, 0.5, 1.0, 0, "kl")  # the default config's KL: text positions
     assert check == pytest.approx(kept, rel=1e-6)
     if kept == losses[0]:
         assert all(torch.equal(start[k], state[k]) for k in start)
 
 
 def _loose_argument_evolution(model, batch, policies, db, dense, steps, lr, kl_weight, holdout_frac, patience, seed,
-                              eval_every, grad_clip, ce_weight):
+                              eval_every, grad_clip, ce_weight, kl_kind):
     """The projector evolution as it ran before ProjectorConfig (its loop with the loose arguments, restated)."""
     train, hold = projector.split_holdout(int(batch["input_ids"].shape[0]), holdout_frac, seed)
     proj = projector.projector_module(model)
@@ -78,19 +78,20 @@ def _loose_argument_evolution(model, batch, policies, db, dense, steps, lr, kl_w
         p.requires_grad_(False)
     opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
     best_state = projector.projector_state(model)
-    best = projector._holdout_loss(model, batch, hold, policies, db, dense, kl_weight, ce_weight) if hold else None
+    best = (projector._holdout_loss(model, batch, hold, policies, db, dense, kl_weight, ce_weight, 0, kl_kind)
+            if hold else None)
     losses, bad = [], 0
     model.eval()
     for step in range(1, steps + 1):
         db.assemble(model, policies[(step - 1) % len(policies)], check=False)
-        loss = projector.projector_loss(model, batch, train, dense, kl_weight, ce_weight)
+        loss = projector.projector_loss(model, batch, train, dense, kl_weight, ce_weight, kl_kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(proj.parameters()), grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
         if hold and step % eval_every == 0:
-            h = projector._holdout_loss(model, batch, hold, policies, db, dense, kl_weight, ce_weight)
+            h = projector._holdout_loss(model, batch, hold, policies, db, dense, kl_weight, ce_weight, 0, kl_kind)
             if h < best:
                 best, best_state, bad = h, projector.projector_state(model), 0
             else:
@@ -103,8 +104,10 @@ def _loose_argument_evolution(model, batch, policies, db, dense, steps, lr, kl_w
 
 
 @pytest.mark.parametrize("knobs", [
-    dict(steps=4, lr=2e-3, kl_weight=0.5, holdout=0.0, patience=3, eval_every=2, grad_clip=0.5, ce_weight=0.0),
-    dict(steps=6, lr=0.05, kl_weight=1.0, holdout=0.25, patience=2, eval_every=1, grad_clip=1.0, ce_weight=1.0),
+    dict(steps=4, lr=2e-3, kl_weight=0.5, holdout=0.0, patience=3, eval_every=2, grad_clip=0.5, ce_weight=0.0,
+         kl_kind="kl_all"),
+    dict(steps=6, lr=0.05, kl_weight=1.0, holdout=0.25, patience=2, eval_every=1, grad_clip=1.0, ce_weight=1.0,
+         kl_kind="kl"),
 ], ids=["no-holdout", "early-stopping"])
 def test_a_projector_config_gives_the_projector_of_the_loose_arguments(setup, knobs):
     """Every ProjectorConfig field reaches the evolution: the same projector and step losses as the loop run

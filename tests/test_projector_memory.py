@@ -33,20 +33,24 @@ def _grads(model, fn):
     return value, [p.grad.clone() for p in projector.projector_module(model).parameters()]
 
 
-@pytest.mark.parametrize("kl_weight,ce_weight", [(1.0, 0.0), (0.0, 1.0), (0.5, 2.0)])
-def test_sliced_logits_give_the_full_logit_loss(setup, kl_weight, ce_weight):
+@pytest.mark.parametrize("kl_weight,ce_weight,kind", [(1.0, 0.0, "kl_all"), (0.0, 1.0, "kl_all"),
+                                                      (0.5, 2.0, "kl_all"), (1.0, 0.0, "kl"), (0.5, 2.0, "kl")])
+def test_sliced_logits_give_the_full_logit_loss(setup, kl_weight, ce_weight, kind):
     model, batch, _, _, dense = setup
     idx = [0, 3, 4, 7, 9]
     with torch.no_grad():
-        sliced = float(projector.projector_loss(model, batch, idx, dense, kl_weight, ce_weight))
+        sliced = float(projector.projector_loss(model, batch, idx, dense, kl_weight, ce_weight, kind))
         part = objective.subset(batch, idx)
         logits = objective.model_logits(model, part)  # the B x T x V logits of a plain forward
         full = ce_weight * float(per_sample_ce(logits, part["labels"]).mean())
         if kl_weight:
-            kl = objective.per_sample_kl(logits, dense[idx], objective.loss_mask("kl_all", part))
+            mask = objective.loss_mask(kind, part, objective.image_token_id(model))
+            kl = objective.per_sample_kl(logits, dense[idx], mask)
             full += kl_weight * float(kl.mean())
     assert sliced == pytest.approx(full, rel=1e-5, abs=1e-7)
-    need = projector.loss_positions(part, kl_weight, ce_weight)
+    need = projector.loss_positions(part, kl_weight, ce_weight, kind, objective.image_token_id(model))
+    if kind == "kl":  # the text positions: the image placeholders are not read
+        assert int(need.sum()) < int(projector.loss_positions(part, kl_weight, ce_weight, "kl_all").sum())
     assert 0 < int(need.sum()) <= need.numel()
     if kl_weight == 0:  # CE alone reads the answer positions only: far fewer logits than B x (T-1)
         assert int(need.sum()) < need.numel() / 3

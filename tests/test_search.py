@@ -184,7 +184,15 @@ def test_serialised_form_is_flat_and_reads_earlier_folders():
     keys = list(d)
     assert keys[keys.index("init") + 1: keys.index("extra")] == [f"projector_{k}" for k in (
         "every", "topk", "steps", "lr", "kl_weight", "ce_weight", "rows", "holdout", "patience", "eval_every",
-        "grad_clip")]
+        "grad_clip", "kl_kind")]
+    # the projector's KL on the text positions (kl_kind "kl", the default): serialised; on every position as every
+    # round did before the field existed ("kl_all"): left out, and read back as that when absent
+    assert d["projector_kl_kind"] == "kl"
+    assert "projector_kl_kind" not in SearchConfig.from_preset("ci", projector_kl_kind="kl_all").to_dict()
+    assert SearchConfig.from_dict({k: v for k, v in d.items() if k != "projector_kl_kind"}).projector.kl_kind == \
+        "kl_all"
+    with pytest.raises(ValueError, match="projector: kl_kind must be one of"):
+        ProjectorConfig(kl_kind="ce")
     assert "projector_grad_clip" not in SearchConfig().to_dict()  # added later: left out at the earlier value
     # a folder written before init / projector_ce_weight existed: read back at the values it ran with
     earlier = SearchConfig.from_preset("default", **EARLIER_DEFAULTS).to_dict()

@@ -49,26 +49,27 @@ def _profile_spec(params: dict) -> SweepSpec:
 
 
 #: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the exact re-prune of
-#: every searched row and statistics on the statistic rows only (``reconstruction``, ``stat_rows``), the selection
+#: every searched row and statistics on the statistic rows only (``reconstruction``, ``stat_rows``), the projector's
+#: KL on the text positions (``projector_kl_kind``), the selection
 #: revision 2 (children screened alone, elites at the last stage) and the default's 32 generations; before that for
 #: lambda chosen before the evolution (``lam`` and ``lam_grid`` replaced by ``lam_scales``) and the projector rows
 #: set aside by every search; before that for the text-position KL fitness (``loss_revision`` 2), issue 17's finer
 #: levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows, EvoPress-style
 #: stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("d3372a834b21", "fb07bf86d705"),
-           "search-0.60-s0-n32": ("84eaca63523a", "194ac1567344"),
-           "ellava-0.60-s0-n32-noproj": ("0ca9eba7b4cf", "901b71d6d107"),
-           "ellava-0.60-s0-n32-gap_none": ("b8b4415d35b7", "c15cb9192404")},
-    "default": {"ellava-0.60-s0-n64": ("58eb7ccf9dfd", "18f326fdee85"),
-                "search-0.60-s0-n64": ("acf64c3560a7", "a3076ab81eae"),
-                "ellava-0.60-s0-n64-noproj": ("96660499fc91", "1ede584a3aea"),
-                "ellava-0.60-s0-n64-gap_none": ("027d5b59870a", "d3395ed83fca")},
+    "ci": {"ellava-0.60-s0-n32": ("43edaf519e98", "e47add1816d0"),
+           "search-0.60-s0-n32": ("8ba4b06b3fef", "0d8e5e6e6bbc"),
+           "ellava-0.60-s0-n32-noproj": ("f05bde1f956d", "3895d6c07d0f"),
+           "ellava-0.60-s0-n32-gap_none": ("796708bb3804", "03b74a629c81")},
+    "default": {"ellava-0.60-s0-n64": ("40d0a99a7005", "f88381dcf327"),
+                "search-0.60-s0-n64": ("e8eb7ca7e77a", "b8d58752f216"),
+                "ellava-0.60-s0-n64-noproj": ("c85f26486d29", "9495893b88e9"),
+                "ellava-0.60-s0-n64-gap_none": ("76bc0f71c1a5", "f3504054845f")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("d81d35fe75a3", "ae0df4f4b05e"),
-              "search-0.60-s0-n64": ("3f57d6583659", "7ea133ee4a6b"),
-              "ellava-0.60-s0-n64-noproj": ("a71022847b39", "786a1598929b"),
-              "ellava-0.60-s0-n64-gap_none": ("5713dc89bab4", "2b836ff914b0")},
+    "paper": {"ellava-0.60-s0-n64": ("0a61266c5475", "4885fc49078f"),
+              "search-0.60-s0-n64": ("d083efcec3a9", "032d5be38865"),
+              "ellava-0.60-s0-n64-noproj": ("290d7a5b5efd", "714d5455ec2f"),
+              "ellava-0.60-s0-n64-gap_none": ("c7bafc095d69", "fae52c8aef63")},
 }
 
 

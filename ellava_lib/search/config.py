@@ -33,6 +33,7 @@ from ellava_lib.search.budget import (
 )
 from ellava_lib.search.objective import (
     DEFAULT_LOSS_CAP,
+    KL_KINDS,
     LOSS_KINDS,
     LOSS_REVISION,
 )
@@ -56,7 +57,7 @@ PROJECTOR_PREFIX = "projector_"
 #: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
                                   "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
-                                  "projector_fp32_master": True}
+                                  "projector_fp32_master": True, "projector_kl_kind": "kl_all"}
 
 #: Serialised fields searches no longer have, and what replaced them: :meth:`SearchConfig.from_dict` drops them
 #: (a folder written with them reads back, and its config differs from every new one, so it is not resumed and
@@ -87,8 +88,12 @@ class ProjectorConfig:
     * ``steps``: AdamW steps per round (``T``; fewer when early stopping ends the round).
     * ``lr``: AdamW learning rate (weight decay 0).
     * ``kl_weight``, ``ce_weight``: the step loss ``ce_weight * CE + kl_weight * KL(dense || pruned)``
-      (per-sample means: CE over the answer positions, KL over every real position; the default ``ce_weight = 0``
-      distils the dense model only, CE of the calibration answers is optional).
+      (per-sample means: CE over the answer positions, KL over the positions of ``kl_kind``; the default
+      ``ce_weight = 0`` distils the dense model only, CE of the calibration answers is optional).
+    * ``kl_kind``: the positions of that KL, as the search's fitness kinds (:data:`objective.KL_KINDS`): ``kl``
+      the text positions, what the default fitness reads, so the projector is tuned for what candidates are
+      scored on; ``kl_all`` every real position, image placeholders included (what every projector round did
+      before this field existed).
     * ``rows``: share of the search rows the projector trains on (``(0, 1)``); the other search rows are the only
       rows candidates are scored on while the projector evolves (:mod:`evolve`), so no candidate is scored on a
       row the projector trained on.
@@ -127,6 +132,7 @@ class ProjectorConfig:
     micro_batch: int = 0
     checkpointing: bool = False
     fp32_master: bool = True
+    kl_kind: str = "kl"
 
     def __post_init__(self) -> None:
         checks = [
@@ -141,6 +147,8 @@ class ProjectorConfig:
             (0.0 < self.rows < 1.0, f"projector: rows must lie in (0, 1), got {self.rows}"),
             (self.grad_clip > 0, f"projector: grad_clip must be > 0, got {self.grad_clip}"),
             (self.micro_batch >= 0, f"projector: micro_batch must be >= 0, got {self.micro_batch}"),
+            (self.kl_kind in KL_KINDS, f"projector: kl_kind must be one of {', '.join(KL_KINDS)}, got "
+                                       f"{self.kl_kind!r}"),
         ]
         for ok, message in checks:
             if not ok:

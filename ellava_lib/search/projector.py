@@ -5,7 +5,8 @@ only ``P``'s parameters take an AdamW step on the training part of the calibrati
 
     L(P; pi) = ce_weight * mean_i CE_i(P, pi) + kl_weight * mean_i KL(p_dense,i || p_{P,pi},i)
 
-(per-sample means: CE over the answer positions, KL over every real position, :mod:`objective`). The rows
+(per-sample means: CE over the answer positions, KL over the positions of ``kl_kind``, by default the text
+positions the search's ``kl`` fitness reads, :mod:`objective`). The rows
 are the ones the caller passes (the search passes its projector rows only, :mod:`evolve`). Early stopping:
 a held-out part of those rows (``holdout``, drawn with ``seed``) is scored, averaged over all k policies, before
 training and every ``eval_every`` steps; training stops after ``patience`` evaluations without
@@ -48,7 +49,7 @@ from ellava_lib.model.kernels import onednn_linears
 from ellava_lib.model.losses import answer_mask, model_inputs
 from ellava_lib.prune.leveldb import LevelDB
 from ellava_lib.search.config import ProjectorConfig
-from ellava_lib.search.objective import KL_CHUNK, loss_mask, subset
+from ellava_lib.search.objective import KL_CHUNK, image_token_id, loss_mask, subset
 
 
 def projector_module(model: nn.Module) -> nn.Module:
@@ -106,14 +107,16 @@ def split_holdout(n: int, holdout_frac: float, seed: int) -> tuple[list[int], li
     return [i for i in range(n) if i not in set(hold)], hold
 
 
-def loss_positions(part: Mapping[str, torch.Tensor], kl_weight: float, ce_weight: float) -> torch.Tensor:
+def loss_positions(part: Mapping[str, torch.Tensor], kl_weight: float, ce_weight: float,
+                   kl_kind: str = "kl_all", image_id: int | None = None) -> torch.Tensor:
     """``(B, T-1)`` bool: the next-token positions the loss reads, the answer positions ``A`` (when
-    ``ce_weight > 0``) united with the KL positions ``M`` (every real position, when ``kl_weight > 0``)."""
+    ``ce_weight > 0``) united with the KL positions ``M`` (those of ``kl_kind``, :func:`objective.loss_mask`, when
+    ``kl_weight > 0``; ``image_id``: the image placeholder token, which ``kl`` leaves out)."""
     need = torch.zeros_like(part["input_ids"][:, 1:], dtype=torch.bool)
     if ce_weight > 0:
         need |= answer_mask(part["labels"])
     if kl_weight > 0:
-        need |= loss_mask("kl_all", part)
+        need |= loss_mask(kl_kind, part, image_id)
     return need
 
 
@@ -129,10 +132,11 @@ def sliced_logits(model: nn.Module, part: Mapping[str, torch.Tensor], positions:
 
 
 def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Sequence[int],
-                   dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
+                   dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float = 1.0,
+                   kl_kind: str = "kl_all") -> torch.Tensor:
     """``ce_weight * mean CE + kl_weight * mean KL(dense || model)`` on rows ``idx`` (a differentiable scalar;
-    CE over the answer positions, KL over every real position as the search's ``kl_all`` fitness, image
-    placeholders included; ``dense_logits``:
+    CE over the answer positions, KL over the positions ``M`` of ``kl_kind`` as the search's fitness of that
+    kind: ``kl_all`` every real position, image placeholders included, ``kl`` the text positions; ``dense_logits``:
     the dense log-probabilities of :func:`objective.dense_logprobs_of`).
     ``ce_weight = 0`` distils the dense model only: the projector cannot learn the calibration answers beyond
     what the dense model predicts.
@@ -148,7 +152,8 @@ def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Seq
     if kl_weight > 0 and dense_logits is None:
         raise ValueError("kl_weight > 0 needs the dense model's logits")
     part = subset(batch, idx)
-    need = loss_positions(part, kl_weight, ce_weight)
+    image_id = image_token_id(model)
+    need = loss_positions(part, kl_weight, ce_weight, kl_kind, image_id)
     logits = sliced_logits(model, part, need)
     dev = logits.device
     rows, cols = need.nonzero(as_tuple=True)
@@ -163,7 +168,7 @@ def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Seq
         per = torch.zeros(n, device=dev).index_add(0, rows_d, nll * on)
         loss = loss + ce_weight * (per / ans.sum(1).to(dev).clamp(min=1)).mean()
     if kl_weight > 0:
-        m = loss_mask("kl_all", part)
+        m = loss_mask(kl_kind, part, image_id)
         on = m[rows, cols].to(dev)
         dense = dense_logits[list(idx)]
         per = torch.zeros(n, device=dev)
@@ -179,7 +184,7 @@ def projector_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], idx: Seq
 
 def _rows_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], rows: Sequence[int],
                dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float, micro_batch: int,
-               backward: bool) -> float:
+               backward: bool, kl_kind: str = "kl_all") -> float:
     """The loss of :func:`projector_loss` on ``rows``, ``micro_batch`` rows per pass (0: all at once):
     ``L = sum_m (|R_m| / |R|) L(R_m)`` (each term is a mean over its rows, so this is the mean over all rows);
     with ``backward`` each weighted term is back-propagated at once (gradient accumulation: the summed gradient
@@ -189,7 +194,8 @@ def _rows_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], rows: Sequen
     total = 0.0
     for a in range(0, len(rows), step):
         chunk = rows[a:a + step]
-        part = projector_loss(model, batch, chunk, dense_logits, kl_weight, ce_weight) * (len(chunk) / len(rows))
+        part = projector_loss(model, batch, chunk, dense_logits, kl_weight, ce_weight, kl_kind) * \
+            (len(chunk) / len(rows))
         if backward:
             part.backward()
         total += float(part.detach())
@@ -263,12 +269,12 @@ class MasterAdamW:
 
 def _holdout_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], hold: list[int], policies: Sequence[Policy],
                   db: LevelDB, dense_logits: torch.Tensor | None, kl_weight: float, ce_weight: float,
-                  micro_batch: int = 0) -> float:
+                  micro_batch: int = 0, kl_kind: str = "kl_all") -> float:
     with torch.no_grad():
         total = 0.0
         for pol in policies:
             db.assemble(model, pol, check=False)
-            total += _rows_loss(model, batch, hold, dense_logits, kl_weight, ce_weight, micro_batch, False)
+            total += _rows_loss(model, batch, hold, dense_logits, kl_weight, ce_weight, micro_batch, False, kl_kind)
     return total / len(policies)
 
 
@@ -291,7 +297,7 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
         raise ValueError("projector evolution needs at least one policy")
     if not isinstance(config, ProjectorConfig):
         raise TypeError(f"config must be a ProjectorConfig, got {type(config).__name__}")
-    steps, kl_weight, ce_weight = config.steps, config.kl_weight, config.ce_weight
+    steps, kl_weight, ce_weight, kind = config.steps, config.kl_weight, config.ce_weight, config.kl_kind
     allowed = list(range(int(batch["input_ids"].shape[0]))) if rows is None else [int(r) for r in rows]
     train, hold = split_holdout(len(allowed), config.holdout, seed)
     train, hold = [allowed[i] for i in train], [allowed[i] for i in hold]
@@ -304,7 +310,7 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
     mb = config.micro_batch
     tick = time.perf_counter()
     best_state = projector_state(model)
-    best = (_holdout_loss(model, batch, hold, policies, level_db, dense_logits, kl_weight, ce_weight, mb)
+    best = (_holdout_loss(model, batch, hold, policies, level_db, dense_logits, kl_weight, ce_weight, mb, kind)
             if hold else None)
     log: list[dict[str, Any]] = [{"step": 0, "policy_id": "", "train_loss": None, "holdout_loss": best,
                                   "seconds": time.perf_counter() - tick}]
@@ -316,12 +322,12 @@ def evolve_projector(model: nn.Module, batch: Mapping[str, torch.Tensor], polici
                 pol = policies[(step - 1) % len(policies)]
                 level_db.assemble(model, pol, check=False)
                 opt.zero_grad()
-                loss = _rows_loss(model, batch, train, dense_logits, kl_weight, ce_weight, mb, True)
+                loss = _rows_loss(model, batch, train, dense_logits, kl_weight, ce_weight, mb, True, kind)
                 opt.step()
                 row = {"step": step, "policy_id": pol.policy_id(), "train_loss": loss, "holdout_loss": None}
                 if hold and step % config.eval_every == 0:
                     row["holdout_loss"] = h = _holdout_loss(model, batch, hold, policies, level_db, dense_logits,
-                                                            kl_weight, ce_weight, mb)
+                                                            kl_weight, ce_weight, mb, kind)
                     if h < best:
                         best, best_state, bad = h, projector_state(model), 0
                     else:
