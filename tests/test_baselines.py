@@ -164,17 +164,71 @@ def test_owl_rows_carry_a_revision_in_the_sweep_spec():
 
 def test_ecoflap_importance_in_batches_of_rows(micro_model, calib, monkeypatch):
     """``loader_batch = 2`` over 5 samples: per weight matrix and per sign, three forwards of 2, 2 and 1 rows (the
-    calibration loader's batches), instead of five one-row forwards; with a loss that ignores the weights the
-    finite differences, hence every importance, are 0; ``batch = 1`` is the one-row estimator as before."""
+    calibration loader's batches; batch by batch, every matrix of a batch before the next batch), instead of
+    five one-row forwards; with a loss that ignores the weights the finite differences, hence every importance,
+    are 0; ``batch = 1`` is the one-row estimator as before."""
     model, _ = micro_model
     n_linears = sum(len(lins) for lins in units.unit_linears(model).values())
     seen: list[int] = []
     monkeypatch.setattr(allocate, "calibration_loss", lambda m, b: seen.append(b["input_ids"].shape[0]) or 1.5)
+    monkeypatch.setattr(allocate, "_suffix_loss", lambda m, inputs, start, labels: seen.append(labels.shape[0]) or 1.5)
     scores = allocate.zeroth_order_importance(model, calib, samples=5, loader_batch=2)
-    assert seen == [2, 2, 2, 2, 1, 1] * n_linears
+    assert seen == [2] * 2 * n_linears + [2] * 2 * n_linears + [1] * 2 * n_linears
     assert set(scores.values()) == {0.0}
     seen.clear()
     allocate.zeroth_order_importance(model, calib, samples=3)
     assert seen == [1] * 6 * n_linears
     with pytest.raises(ValueError, match="loader batch must be >= 1"):
         allocate.zeroth_order_importance(model, calib, loader_batch=0)
+
+
+def _full_forward_importance(model, calib, unit_names, eps, draws, seed, include_vision, samples, loader_batch):
+    """The ECoFLaP estimator restated with a full model forward (:func:`losses.calibration_loss`) per loss, for
+    the units ``unit_names`` only: matrix by matrix, batch by batch, draw by draw, one generator per unit."""
+    from ellava_lib.model.losses import calibration_loss
+
+    order = list(units.unit_linears(model, include_vision).items())
+    n = min(samples, calib["input_ids"].shape[0])
+    rows = [allocate._rows(calib, b, min(b + loader_batch, n)) for b in range(0, n, loader_batch)]
+    out = {}
+    with torch.no_grad():
+        for k, (unit, lins) in enumerate(order):
+            if unit not in unit_names:
+                continue
+            gen = torch.Generator().manual_seed(seed * 100003 + 1009 * k)
+            total = 0.0
+            for lin in lins.values():
+                dense = lin.weight.detach().clone()
+                for row in rows:
+                    acc = 0.0
+                    for _ in range(draws):
+                        z = torch.randn(dense.shape, generator=gen).to(dense)
+                        lin.weight.copy_(dense + eps * z)
+                        up = calibration_loss(model, row)
+                        lin.weight.copy_(dense - eps * z)
+                        down = calibration_loss(model, row)
+                        acc += abs(up - down) / (2 * eps)
+                    total += abs(acc)
+                lin.weight.copy_(dense)
+            out[unit] = total
+    return out
+
+
+@pytest.mark.parametrize("include_vision", [False, True])
+def test_ecoflap_importance_equals_full_forwards(micro_model, calib, include_vision):
+    """A language-model matrix's losses run from its own block on the dense model's captured block inputs: the
+    importances are those of full forwards, bitwise (CPU, fp32), for the first, a middle and the last block,
+    with two draws per batch and loader batches of 2, 2 and 1 rows; vision units (full forwards) too. The dense
+    weights are back bitwise afterwards."""
+    model, _ = micro_model
+    names = list(units.unit_linears(model, include_vision))
+    lm = [u for u in names if u.startswith("lm.")]
+    check = [lm[0], lm[len(lm) // 2 + 1], lm[-1]] + ([names[1]] if include_vision else [])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(eps=1e-3, draws=2, seed=3, include_vision=include_vision, samples=5, loader_batch=2)
+    fast = allocate.zeroth_order_importance(model, calib, **kw)
+    assert list(fast) == names
+    ref = _full_forward_importance(model, calib, check, **kw)
+    assert all(ref[u] > 0 for u in check)
+    assert {u: fast[u] for u in check} == ref  # bitwise
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy, weighted_mean
-from ellava_lib.core.units import list_units, unit_linears
+from ellava_lib.core.units import is_vision_unit, list_units, lm_layers, unit_linears
 from ellava_lib.model.losses import calibration_loss
-from ellava_lib.prune.walk import InputNorms, walk_blocks, wanda_scores
+from ellava_lib.prune.walk import BlockInputs, InputNorms, capture_all_layer_inputs, walk_blocks, wanda_scores
 
 
 def _bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, iters: int = 200) -> float:
@@ -173,6 +173,20 @@ def _rows(batch: Mapping[str, torch.Tensor], lo: int, hi: int) -> dict[str, torc
     return {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in batch.items()}
 
 
+def _suffix_loss(model: nn.Module, inputs: list[BlockInputs], start: int, labels: torch.Tensor) -> float:
+    """:func:`losses.calibration_loss` of the batch whose dense-forward block inputs are ``inputs``
+    (:func:`walk.capture_all_layer_inputs`), for a model that differs from the dense one only in decoder blocks
+    ``start`` and later: blocks ``start..L-1`` run from block ``start``'s captured input, then the final norm,
+    the LM head and the model's own loss (``model.loss_function``, as ``LlavaForConditionalGeneration`` calls it
+    with ``labels=``: shifted labels, fp32 logits, mean over the positions whose label is not ``-100``)."""
+    layers = lm_layers(model)
+    hidden = inputs[start].hidden
+    for i in range(start, len(inputs)):
+        hidden = inputs[i].with_hidden(hidden).run(layers[i])
+    logits = model.lm_head(model.model.language_model.norm(hidden))
+    return float(model.loss_function(logits=logits, labels=labels, vocab_size=model.config.text_config.vocab_size))
+
+
 @torch.no_grad()
 def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tensor], eps: float = 1e-3,
                             draws: int = 1, seed: int = 0, include_vision: bool = False,
@@ -193,31 +207,62 @@ def zeroth_order_importance(model: nn.Module, calib_batch: dict[str, torch.Tenso
     ``2 draws ceil(samples / B)`` forwards per matrix instead of ``2 draws samples``, each over ``B`` rows,
     which a CPU runs far more efficiently, at a coarser estimate (one ``z`` per batch). The unit score is the *sum*
     over its matrices (``_sum`` aggregation). ``z`` comes from ``torch.Generator().manual_seed(seed * 100003 +
-    1009 * k)`` for unit ``k``, drawn in order; the dense weights are restored exactly after each matrix."""
+    1009 * k)`` for unit ``k``, drawn in order (matrix by matrix, batch by batch within a matrix, draw by draw);
+    the dense weights are restored exactly after each matrix.
+
+    Cost: a perturbed language-model matrix of decoder block ``b`` changes nothing before block ``b``: the vision
+    tower, the projector, the embeddings and blocks ``0..b-1`` compute what they compute for the dense model. So
+    each loader batch first runs the dense model once, capturing every decoder block's inputs (hidden states,
+    causal mask, position ids and embeddings; :func:`walk.capture_all_layer_inputs`), and ``L_b`` of a matrix in
+    block ``b`` runs only blocks ``b..L-1`` from block ``b``'s captured input, the final norm, the LM head and the
+    model's loss (:func:`_suffix_loss`) -- the same operations on the same inputs as the full forward, so the
+    same losses (bitwise on the CPU; tests/test_baselines.py checks it against full forwards), about half the
+    decoder compute and none of the vision tower's. The loops run batch by batch (one batch's captures held at
+    a time), each matrix's noise generator positioned where the matrix-by-matrix order puts its draws, and the
+    scores are summed in that order, so the result is the estimator's. Vision-tower matrices
+    (``include_vision``) keep the full forward."""
     from tqdm.auto import tqdm
 
     if int(loader_batch) < 1:
         raise ValueError(f"ECoFLaP's loader batch must be >= 1 row, got {loader_batch}")
     n, step = min(int(samples), calib_batch["input_ids"].shape[0]), int(loader_batch)
     rows = [_rows(calib_batch, b, min(b + step, n)) for b in range(0, n, step)]
-    out: dict[str, float] = {}
-    units = unit_linears(model, include_vision)
-    for k, (unit, lins) in enumerate(tqdm(units.items(), desc="ecoflap", disable=not progress)):
+    # (unit, layer, linear, first decoder block it changes or None for the vision tower, generator at its z's)
+    mats: list[tuple[str, str, nn.Linear, int | None, torch.Generator]] = []
+    for k, (unit, lins) in enumerate(unit_linears(model, include_vision).items()):
         gen = torch.Generator().manual_seed(seed * 100003 + 1009 * k)
-        total = 0.0
-        for lin in lins.values():
+        for j, (name, lin) in enumerate(lins.items()):
+            own = torch.Generator()
+            own.set_state(gen.get_state())
+            mats.append((unit, name, lin, None if is_vision_unit(unit) else int(unit.split(".")[1]), own))
+            if j + 1 < len(lins):  # the unit's next matrix draws after this one's z's
+                for _ in range(len(rows) * draws):
+                    torch.randn(lin.weight.shape, generator=gen)
+    score: dict[tuple[str, str], list[float]] = {(u, name): [] for u, name, *_ in mats}
+    bar = tqdm(total=len(rows) * len(mats), desc="ecoflap", disable=not progress, mininterval=1.0)
+    for row in rows:
+        inputs = capture_all_layer_inputs(model, row) if any(m[3] is not None for m in mats) else None
+        for unit, name, lin, block, gen in mats:
             dense = lin.weight.detach().clone()
-            for row in rows:
-                acc = 0.0
-                for _ in range(draws):
-                    z = torch.randn(dense.shape, generator=gen).to(dense)
-                    lin.weight.copy_(dense + eps * z)
-                    up = calibration_loss(model, row)
-                    lin.weight.copy_(dense - eps * z)
-                    down = calibration_loss(model, row)
-                    acc += abs(up - down) / (2 * eps)
-                total += abs(acc)
+            acc = 0.0
+            for _ in range(draws):
+                z = torch.randn(dense.shape, generator=gen).to(dense)
+                losses = []
+                for sign in (1, -1):
+                    lin.weight.copy_(dense + eps * z if sign > 0 else dense - eps * z)
+                    losses.append(calibration_loss(model, row) if block is None
+                                  else _suffix_loss(model, inputs, block, row["labels"]))
+                acc += abs(losses[0] - losses[1]) / (2 * eps)
             lin.weight.copy_(dense)
+            score[unit, name].append(abs(acc))
+            bar.update(1)
+        del inputs
+    bar.close()
+    out: dict[str, float] = {}
+    for (unit, _), per_batch in score.items():  # summed in the matrix-by-matrix, batch-by-batch order
+        total = out.get(unit, 0.0)
+        for v in per_batch:
+            total += v
         out[unit] = total
     return out
 

@@ -95,6 +95,43 @@ def capture_layer_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Bl
     return BlockInputs(hidden, args, kwargs, None if mask is None else mask.bool())
 
 
+@torch.no_grad()
+def capture_all_layer_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[BlockInputs]:
+    """Inputs of every language-model decoder block on ``batch``, from one dense forward.
+
+    Pre-hooks on the decoder blocks record what each block is called with (its hidden states and keyword
+    arguments, the causal mask, position ids and rotary embeddings being shared tensors); the forward stops
+    at the last block, so that block, the final norm and the LM head do not run. Block ``i``'s entry runs
+    blocks ``i..L-1`` standalone on exactly the inputs they had in the dense forward (``token_mask`` as
+    :func:`capture_layer_inputs`)."""
+    model.eval()
+    layers = lm_layers(model)
+    seen: list[tuple[tuple, dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        seen.append((args, dict(kwargs)))
+        if module is layers[-1]:
+            raise _StopForward
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        model(**model_inputs(batch), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != len(layers):
+        raise RuntimeError(f"the forward pass called {len(seen)} of the {len(layers)} decoder blocks")
+    mask = batch.get("attention_mask")
+    token_mask = None if mask is None else mask.bool()
+    out = []
+    for args, kwargs in seen:
+        hidden, rest = (args[0], tuple(args[1:])) if args else (kwargs.pop("hidden_states"), ())
+        out.append(BlockInputs(hidden.detach(), rest, kwargs, token_mask))
+    return out
+
+
 def capture_vision_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> BlockInputs:
     """Inputs of vision-tower encoder block 0 on the batch's ``pixel_values`` (every token counts)."""
     model.eval()
