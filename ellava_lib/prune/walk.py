@@ -3,10 +3,12 @@
 :func:`capture_layer_inputs` is SparseGPT's *Catcher*: one forward pass of the whole model with a
 pre-hook on decoder block 0 that records the block's hidden states and keyword arguments (causal
 mask, position ids, rotary embeddings) and then stops the forward, so each block can be run
-standalone (:meth:`BlockInputs.run`). :func:`walk_blocks` is the block-by-block driver that pruning,
-OWL and the level database share: per block, forward hooks feed the linears' inputs (padding
-excluded) into a per-layer statistic (SparseGPT's Hessian, or :class:`InputNorms` for Wanda), a
-visitor uses them, and the block's outputs become the next block's inputs.
+standalone (:meth:`BlockInputs.run`); :func:`capture_all_layer_inputs` records every decoder block's
+inputs in one dense forward (ECoFLaP's perturbed forwards start at the perturbed block).
+:func:`walk_blocks` is the block-by-block driver that pruning, OWL and the level database share: per
+block, forward hooks feed the linears' inputs (padding excluded) into a per-layer statistic
+(SparseGPT's Hessian, or :class:`InputNorms` for Wanda), a visitor uses them, and the block's
+outputs become the next block's inputs.
 """
 
 from __future__ import annotations
