@@ -220,15 +220,25 @@ def sparsegpt_seconds(ctx: Context, n: int, levels: int = 1):
 
 
 def importance_seconds(ctx: Context, n: int, loader_batch: int = 1) -> float:
-    """ECoFLaP's importances: ``2 ceil(min(n, S) / B) * linears`` forwards of ``B`` rows (``B`` the tier's
-    ``ecoflap_batch``), ``S = ECOFLAP_SAMPLES``."""
+    """ECoFLaP's importances on ``n`` statistic rows (:func:`allocate.zeroth_order_importance`), per loader batch
+    of ``B`` rows (``B`` the tier's ``ecoflap_batch``; ``ceil(min(n, S) / B)`` batches, ``S = ECOFLAP_SAMPLES``):
+    one dense forward that captures the decoder blocks' inputs, then for each of the ``k`` linears of each block
+    ``b < L`` two forwards of blocks ``b .. L-1`` and the LM head. With ``X`` the decoder's FLOPs of one forward
+    and ``H`` the head's, the suffixes of a batch cost ``2 k sum_b ((L - b) / L X + H) = 2 k L ((L + 1) / (2 L) X
+    + H)``: each is priced as a forward of ``(L + 1) / (2 L) X + H`` FLOPs reading that share of the weights."""
     from ellava_lib.prune.allocate import ECOFLAP_SAMPLES
     from ellava_lib.speed import flops
 
-    f = flops.flops_per_token(ctx.config, ctx.dm.image_tokens, ctx.text_tokens)["total"]
-    b = min(loader_batch, min(n, ECOFLAP_SAMPLES))
-    one = max(costmodel.roofline(b * f, ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
-    return 2 * math.ceil(min(n, ECOFLAP_SAMPLES) / b) * len(ctx.dm.block_linears_in) * ctx.dm.layers * one
+    terms = flops.flops_per_token(ctx.config, ctx.dm.image_tokens, ctx.text_tokens)
+    rows = min(n, ECOFLAP_SAMPLES)
+    b = min(loader_batch, rows)
+    batches = math.ceil(rows / b)
+    layers = ctx.dm.layers
+    share = (layers + 1) / (2 * layers)
+    suffix_f = share * (terms["lm_linear"] + terms["lm_attention"]) + terms["lm_head"]
+    suffix = max(costmodel.roofline(b * suffix_f, share * ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
+    capture = max(costmodel.roofline(b * terms["total"], ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
+    return batches * (capture + 2 * len(ctx.dm.block_linears_in) * layers * suffix)
 
 
 def search_seconds(ctx: Context, cfg, n: int) -> float:
@@ -303,7 +313,14 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     ``ValueError`` (one line) for an unknown profile or device, a profile that is not the smol tier, or a bad
     ``gpu_gb``."""
     from ellava_lib.model import smol, train
-    from ellava_lib.run.jobs import SEARCH_METHODS, SweepSpec, full_method_config, level_grid, needs_importance
+    from ellava_lib.run.jobs import (
+        SEARCH_METHODS,
+        SweepSpec,
+        full_method_config,
+        level_grid,
+        needs_importance,
+        select_frac,
+    )
 
     params = plan.profile_params(profile, root)
     if not applies(params):
@@ -335,7 +352,8 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
                          gpu_gb))
     imp = sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
     eco_b = spec.get_tier().ecoflap_batch
-    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, n, eco_b) for _, n in imp)
+    stat = {n: n - math.floor(select_frac(spec) * n + 0.5) for _, n in imp}  # the draw's statistic rows
+    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, stat[n], eco_b) for _, n in imp)
                          / max(len(imp), 1), len(imp), eval_peak,
                          "one row per forward" if eco_b == 1 else f"{eco_b} rows per forward", gpu_gb))
     for method in dict.fromkeys(j.method for j in jobs if j.method != "dense"):
