@@ -36,7 +36,7 @@ def test_prune_with_bad_input_writes_nothing(micro_model_dir, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--lam", "-1"], "need finite lam >= 0"),
+    (["--screen", "1"], "screen_samples must be 0 (off) or >= 2"),
     (["--gap", "nope"], "invalid choice"),
     (["--data", "real", "--data-dir", "NOWHERE"], ""),
 ])
