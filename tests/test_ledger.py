@@ -227,3 +227,32 @@ def test_the_showcased_search_reads_its_row_from_the_ledger(spec, tmp_path, monk
                                              dict.fromkeys(ledger.ROW_FIELDS), policy, None))
     monkeypatch.setattr(showcase, "load_model", fail)
     assert showcase.allocation_policies(spec, 0.5, 0, 8, tmp_path / "clone" / "sweep", ledger_dir=folder) == policies
+
+
+def test_projector_rounds_read_the_best_j_before_and_after_a_round(tmp_path):
+    """A round after generation 3: the best J on all scoring rows of generation 3 before it (screen rows and the
+    selection-row lambda phase aside), and of generation 4, where the elites are rescored with the new projector."""
+    from ellava_lib.core.policy import Policy
+    from ellava_lib.run import showcase
+
+    search = tmp_path / "jobs" / "ellava" / "search"
+    files.ensure_dir(search / "projector_rounds")
+    pd.DataFrame([
+        {"generation": 0, "policy_id": "a", "r_hat": 0.5, "g_hat": 0.0, "j": 0.5, "phase": "init"},
+        {"generation": 0, "policy_id": "a", "r_hat": 0.1, "g_hat": 0.0, "j": 0.1, "phase": "lambda"},
+        {"generation": 3, "policy_id": "b", "r_hat": 0.2, "g_hat": 0.0, "j": 0.2, "phase": "screen"},
+        {"generation": 3, "policy_id": "c", "r_hat": 0.4, "g_hat": 0.0, "j": 0.4, "phase": "full"},
+        {"generation": 3, "policy_id": "d", "r_hat": 0.3, "g_hat": 0.0, "j": 0.3, "phase": "full"},
+        {"generation": 4, "policy_id": "d", "r_hat": 0.35, "g_hat": 0.0, "j": 0.35, "phase": "full"},
+        {"generation": 4, "policy_id": "e", "r_hat": 0.05, "g_hat": 0.0, "j": 0.05, "phase": "screen"},
+    ]).to_csv(search / "history.csv", index=False)
+    files.write_json(search / "projector_rounds" / "round-001.json",
+                     {"round": 1, "generation": 3, "steps_run": 20, "holdout_start": 1.0, "holdout_best": 0.9})
+    files.write_json(search / "projector_rounds" / "round-002.json",
+                     {"round": 2, "generation": 4, "steps_run": 5, "holdout_start": 0.9, "holdout_best": 0.9})
+    files.write_json(search / "policy.json", {"sparsities": {}, "grid": [0.0], "meta": {}})
+    files.write_text(tmp_path / "jobs" / "ellava" / "spec.txt", "abc\n")
+    shown = showcase.Showcase(Job("ellava", 0.6), {}, Policy({}, (0.0,)), tmp_path / "jobs" / "ellava", "abc")
+    rounds = shown.projector_rounds()
+    assert list(rounds["best_J_before"]) == [0.3, 0.35]
+    assert rounds["best_J_after"].iloc[0] == 0.35 and pd.isna(rounds["best_J_after"].iloc[1])

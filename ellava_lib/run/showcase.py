@@ -73,18 +73,21 @@ class Showcase:
         return history.groupby("phase").size().rename("candidates scored")
 
     def projector_rounds(self) -> pd.DataFrame:
-        """One row per projector round: its generation, steps run, held-out loss at start and best, and the
-        generation's best ``J`` before the round and after rescoring with the new projector (empty without a
-        history or without rounds)."""
+        """One row per projector round: its generation ``g``, steps run, held-out loss at start and best, the best
+        ``J`` of generation ``g`` on all scoring rows before the round (phases ``init`` / ``full``), and the best
+        ``J`` of generation ``g + 1`` on all scoring rows, where the elite parents are rescored with the new
+        projector beside the children that reached the last stage (``NaN`` when the search ended at ``g``; empty
+        without a history or without rounds)."""
         history = self.history()
         rounds = []
         for path in sorted((self.search_dir / "projector_rounds").glob("*.json")) if history is not None else []:
             meta = json.loads(path.read_text())
-            g = history[history["generation"] == meta["generation"]]
-            rounds.append({"round": meta["round"], "generation": meta["generation"], "steps": meta["steps_run"],
+            full = history[history["phase"].isin(["init", "full"])]
+            gen = meta["generation"]
+            rounds.append({"round": meta["round"], "generation": gen, "steps": meta["steps_run"],
                            "holdout_start": meta["holdout_start"], "holdout_best": meta["holdout_best"],
-                           "best_J_before": g[(g["phase"] != "screen") & (g["phase"] != "rescore")]["j"].min(),
-                           "best_J_after": g[g["phase"] == "rescore"]["j"].min()})
+                           "best_J_before": full[full["generation"] == gen]["j"].min(),
+                           "best_J_after": full[full["generation"] == gen + 1]["j"].min()})
         return pd.DataFrame(rounds, columns=list(ROUND_COLUMNS))
 
 
