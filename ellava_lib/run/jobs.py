@@ -225,7 +225,7 @@ def _row_identity(spec: SweepSpec, job: Job) -> dict[str, Any]:
     if job.method in METHOD_REVISION:
         d["revision"] = METHOD_REVISION[job.method]
     # every row's ``calib`` is measured on the selection rows (:func:`calib_rows`), no longer on all of them
-    d["calib_rows"] = {"split": "selection", "select_frac": full_method_config(spec, job.sparsity).select_frac}
+    d["calib_rows"] = {"split": "selection", "select_frac": select_frac(spec)}
     if job.method in CALIBRATED:  # statistics on the statistic rows only (:func:`draw_split`), not on all rows
         d["stat_rows"] = "search"
     return d
