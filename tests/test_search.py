@@ -495,6 +495,9 @@ def test_returned_policy_never_loses_to_a_start_on_the_selection_rows(setup, tmp
     sel = result.selection
     starts = sel["r_select"][len(sel["candidates"]) - sel["n_starts"]:]
     assert sel["n_starts"] >= 2 and result.score.r_hat <= min(starts)
+    # the start it ranked best on the selection rows, by name (the tables' "search vs its best start" comparator)
+    assert set(sel["start_names"]) <= {"uniform", "owl", "ecoflap"} and len(sel["start_names"]) == sel["n_starts"]
+    assert sel["start_pick"] == sel["start_names"][starts.index(min(starts))]
     if cfg.gap == "none":  # the best of all candidates on the selection rows
         assert result.score.r_hat == min(sel["r_select"])
     else:  # the lambda of the evolution, chosen on the selection rows from the initial population

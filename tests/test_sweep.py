@@ -258,7 +258,7 @@ def test_search_against_its_best_start_and_the_gap_check_by_hand():
                          "mean": float(mean), "calib_mean": float(calib), "gap_calib_test": float(calib - mean)})
     res = pd.DataFrame(rows)
     starts = tables.search_vs_starts(res)
-    assert len(starts) == 1 and starts.loc[0, "best_start"] == "ECoFLaP"  # mean 63 beats 60 and 61
+    assert len(starts) == 1 and starts.loc[0, "best_start"] == "ECoFLaP (by test)"  # no start_pick: 63 > 60, 61
     d = np.array([61.5 - 62, 62.0 - 63, 63.5 - 64])
     assert starts.loc[0, "mean_diff"] == pytest.approx(d.mean())
     assert starts.loc[0, "se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
@@ -266,6 +266,28 @@ def test_search_against_its_best_start_and_the_gap_check_by_hand():
     gap = tables.gap_vs_baselines(res)  # ours +2.5; baselines' mean gaps: +1, -1, 0
     assert (gap.loc[0, "gap"], gap.loc[0, "baselines_min"], gap.loc[0, "baselines_max"]) == (2.5, -1.0, 1.0)
     assert gap.loc[0, "holds"] and not tables.gap_vs_baselines(res, tolerance=1.0).loc[0, "holds"]
+
+
+def test_search_against_the_start_it_ranked_best_on_its_selection_rows_by_hand():
+    """Each seed's search row is paired with the row of the start it picked on its selection rows (``start_pick``),
+    not with the start that scored best on test."""
+    per_seed = [(60, 61, 66, 61.5, "uniform"), (61, 60, 66, 60.5, "owl"), (59, 62, 66, 62.0, "owl")]
+    rows = []
+    for seed, (s, o, e, srch, pick) in enumerate(per_seed):
+        for method, mean in (("sparsegpt", s), ("owl", o), ("ecoflap", e), ("wanda", 70)):
+            rows.append({"method": method, "sparsity": 0.6, "seed": seed, "mean": float(mean), "start_pick": None})
+        rows.append({"method": "search", "sparsity": 0.6, "seed": seed, "mean": srch, "start_pick": pick})
+    starts = tables.search_vs_starts(pd.DataFrame(rows))
+    # d = 61.5 - 60, 60.5 - 60, 62 - 62 = 1.5, 0.5, 0: mean 2/3, sd 0.763763, se 0.440959
+    assert len(starts) == 1 and starts.loc[0, "best_start"] == "SparseGPT, OWL x2" and starts.loc[0, "k"] == 3
+    assert starts.loc[0, "mean_diff"] == pytest.approx(0.6666667) and starts.loc[0, "se"] == pytest.approx(0.440959, abs=1e-6)
+    assert starts.loc[0, "best_start_score"] == pytest.approx(182 / 3) and starts.loc[0, "holds"]
+    rows[4]["mean"] = 58.0  # seed 0's search now 2 below its start: d = -2, 0.5, 0, mean -0.5, se 0.763763
+    starts = tables.search_vs_starts(pd.DataFrame(rows))
+    assert starts.loc[0, "mean_diff"] == pytest.approx(-0.5) and starts.loc[0, "holds"]
+    rows[9]["mean"] = 58.5  # seed 1: d = -2, -1.5, 0: mean -7/6, se 0.600925
+    starts = tables.search_vs_starts(pd.DataFrame(rows))
+    assert starts.loc[0, "se"] == pytest.approx(0.600925, abs=1e-6) and not starts.loc[0, "holds"]
 
 
 def _row_tokens(batch) -> set[tuple[int, ...]]:

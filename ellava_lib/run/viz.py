@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -90,19 +91,20 @@ def pareto(table: pd.DataFrame, labels: dict[str, str] | None = None):
     return fig
 
 
-def search_convergence(history: pd.DataFrame):
-    """Left: every fully scored candidate's ``J`` per generation and the population's best; right: the
-    best candidate's ``R_hat`` and ``lambda G_hat`` (``J - R_hat``) per generation."""
-    full = history[~history["phase"].isin(["screen", "lambda"])]  # lambda: selection rows, not scoring rows
+def search_convergence(history: pd.DataFrame, projector_generations: Sequence[int] = ()):
+    """Left: every candidate's ``J`` on all scoring rows per generation (history phases ``init`` and ``full``;
+    ``screen`` scores fewer rows, ``lambda`` and ``select`` the selection rows) and the population's best, with a
+    dotted line after each generation in ``projector_generations`` (a projector round: ``Showcase.projector_rounds``'
+    ``generation``); right: the best candidate's ``R_hat`` and ``lambda G_hat`` (``J - R_hat``) per generation."""
+    full = history[history["phase"].isin(["init", "full"])]
     best = full.loc[full.groupby("generation")["j"].idxmin()].sort_values("generation")
     best = best.assign(best_j=best["j"].cummin())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].scatter(full["generation"], full["j"], s=8, alpha=0.4, label="candidates")
     axes[0].plot(best["generation"], best["best_j"], color="C3", marker="o", label="best so far")
-    rescored = full[full["phase"] == "rescore"]
-    if len(rescored):
-        for g in sorted(rescored["generation"].unique()):
-            axes[0].axvline(g, color="C2", ls=":", lw=1)
+    if len(projector_generations):
+        for g in sorted(projector_generations):
+            axes[0].axvline(g + 0.5, color="C2", ls=":", lw=1)
         axes[0].plot([], [], color="C2", ls=":", label="projector evolved")
     axes[0].set_xlabel("generation")
     axes[0].set_ylabel("J = R_hat + lambda G_hat")

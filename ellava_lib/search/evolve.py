@@ -46,7 +46,10 @@ the record of its choice are in the checkpoint, ``selection.json`` and the polic
 
 **Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows and
 the one with the lowest ``R_hat`` there is returned (with or without a gap term), so its selection-row ``R_hat`` is
-at most every start policy's; ``selection.json`` holds every candidate's ``r_select`` and the lambda record. Each
+at most every start policy's; ``selection.json`` holds every candidate's ``r_select``, the lambda record, the start
+policies' names (``start_names``, from ``cfg.init``) and ``start_pick``: the start with the lowest selection-row
+``R_hat``, the policy the search would return had it not evolved (the comparator of the tables' "search vs its
+best start" check, :func:`ellava_lib.run.tables.search_vs_starts`). Each
 generation ends with an atomic checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the
 result and history of an uninterrupted run.
 """
@@ -195,7 +198,7 @@ def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights:
             scores = importance or zeroth_order_importance(model, dict(batch), seed=cfg.seed, include_vision=vision)
             raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.levels)
         policy = snap_to_budget(Policy(round_to_grid(raw, weights, cfg.target, cfg.levels), cfg.levels,
-                                       {"target": cfg.target}), weights, cfg.target)
+                                       {"target": cfg.target, "start": name}), weights, cfg.target)
         if policy is not None and policy.policy_id() not in {p.policy_id() for p in out}:
             out.append(policy)
     if not out:
@@ -465,7 +468,8 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     cfg.to_json(out / "search_config.json")
     if resume:
         state = ckpt.read_checkpoint(out)
-        starts = [Policy(sp, cfg.levels, {"target": cfg.target}) for sp in state["starts"]]
+        names = state.get("start_names") or [None] * len(state["starts"])
+        starts = [Policy(sp, cfg.levels, {"target": cfg.target, "start": nm}) for sp, nm in zip(state["starts"], names)]
         ckpt.truncate_history(out / ckpt.HISTORY, state["history_rows"])
         run.rows, run.projector, start = state["history_rows"], state["projector"], state["generation"]
         run.lam, run.lam_record = float(state["lam"]), state["lam_record"]
@@ -506,7 +510,8 @@ def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int,
         "generation": gen, "config": run.cfg.to_dict(), "config_hash": run.cfg.digest(), "context": context,
         "population": [m.to_dict() for m in pop], "rng": ckpt.rng_state(rng), "history_rows": run.rows,
         "projector": run.projector, "timing": run.timing,
-        "starts": [p.sparsities for p in run.starts or []], "lam": run.lam, "lam_record": run.lam_record,
+        "starts": [p.sparsities for p in run.starts or []],
+        "start_names": [p.meta.get("start") for p in run.starts or []], "lam": run.lam, "lam_record": run.lam_record,
         "full_round": run.full_round, "full_scores": {pid: s.to_dict() for pid, s in run.full_scores.items()},
         "full_ids": sorted(run.full_ids)})
 
@@ -550,9 +555,13 @@ def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int
     select = [_score(run, p, generations + 1, "select", run.selection) for p in candidates]
     r_select = [s.r_hat for s in select]
     idx = min(range(len(candidates)), key=lambda i: (r_select[i], i))
+    first = len(candidates) - n_starts
+    pick = min(range(first, len(candidates)), key=lambda i: (r_select[i], i)) if n_starts else None
     record: dict[str, Any] = {"lam": run.lam, "lam_choice": run.lam_record, "r_select": r_select,
                               "candidates": [p.policy_id() for p in candidates], "n_starts": n_starts,
-                              "index": idx, "policy_id": candidates[idx].policy_id()}
+                              "index": idx, "policy_id": candidates[idx].policy_id(),
+                              "start_names": [p.meta.get("start") for p in candidates[first:]],
+                              "start_pick": None if pick is None else candidates[pick].meta.get("start")}
     return idx, select[idx], record
 
 
