@@ -22,7 +22,7 @@ from ellava_lib.run.jobs import Job, SweepSpec
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = dict(population=3, generations=2, offspring=3, screen_samples=0, survivors=2, projector_steps=2,
               projector_holdout=0.0, loss_kind="ce", init=["uniform", "ecoflap"])
-TIMING = ("seconds", "search_s")
+TIMING = ("seconds", "search_s", "eval_s")
 
 
 def _spec(model_dir) -> SweepSpec:

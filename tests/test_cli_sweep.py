@@ -33,6 +33,8 @@ def _args(*argv: str):
     (["--profile", "ci", "--backend", "ray"], 'needs Ray: pip install "ellava[ray]"'),
     (["--profile", "ci", "--address", "auto"], "--address needs --backend ray"),
     (["--profile", "ci", "--backend", "slurm"], "invalid choice"),
+    (["--profile", "ci", "--readme"], "--readme goes with --status"),
+    (["--profile", "ci", "--status"], "--status reads the results ledger: this profile has none"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
@@ -42,6 +44,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
     assert err.startswith("ellava: error:") and len(err.splitlines()) == 1, err
     assert needle in err, err
     assert not out.exists()
+
+
+def test_the_run_folder_is_required_unless_status(capsys):
+    assert exit_code(lambda: cli.main(["sweep", "--profile", "ci", "--quiet"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out is required (the run folder), unless --status" in err, err
 
 
 def test_notebook_defaults_are_the_parameters_cell():

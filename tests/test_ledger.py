@@ -25,7 +25,7 @@ SEARCH = dict(population=3, generations=1, offspring=2, screen_samples=0, surviv
               projector_holdout=0.0, loss_kind="ce", init=["uniform"])
 JOBS = [Job("dense", 0.0, 0, 8), Job("magnitude", 0.5, 0, 8), Job("sparsegpt", 0.5, 0, 8), Job("search", 0.5, 0, 8)]
 #: What differs between two runs of the same job: wall times.
-CLOCKS = ["seconds", "search_s"]
+CLOCKS = ["seconds", "search_s", "eval_s"]
 REAL_JOB = sweep._run_job
 
 
@@ -102,11 +102,12 @@ def test_ledger_row_format(spec, tmp_path):
     assert (entry["format"], entry["key"], entry["digest"]) == (1, "search-0.50-s0-n8", job_digest(spec, job, 1))
     assert entry["job"] == {"method": "search", "sparsity": 0.5, "seed": 0, "calib_n": 8, "gap": None,
                             "projector": None, "assembled": False}
-    assert {"j", "r_hat", "g_hat", "mean", "calib_mean", "seconds", "measured"} <= set(entry["row"])
+    assert {"j", "r_hat", "g_hat", "mean", "calib_mean", "seconds", "eval_s", "measured"} <= set(entry["row"])
+    assert entry["row"]["eval_s"] > 0
     assert entry["lam"] is None  # the search without the gap term has no lambda
     assert entry["row"]["lam"] == 0.0  # but its results row records the lambda of its J, 0 (column lam)
     assert sorted(entry["policy"]) == ["grid", "meta", "sparsities"] and entry["policy"]["meta"]["gap"] == "none"
-    assert sorted(entry["machine"]) == ["cpu_count", "platform", "threads", "torch"]
+    assert sorted(entry["machine"]) == ["cpu", "cpu_count", "platform", "threads", "torch"] and entry["machine"]["cpu"]
     assert entry["machine"]["threads"] == 1
     assert entry["commit"] is None or len(entry["commit"]) == 40
 
@@ -256,3 +257,28 @@ def test_projector_rounds_read_the_best_j_before_and_after_a_round(tmp_path):
     rounds = shown.projector_rounds()
     assert list(rounds["best_J_before"]) == [0.3, 0.35]
     assert rounds["best_J_after"].iloc[0] == 0.35 and pd.isna(rounds["best_J_after"].iloc[1])
+
+
+def test_the_progress_of_a_sweep_is_read_from_its_ledger_alone(spec, tmp_path):
+    """``ellava sweep --status`` (run/progress.py): the jobs with a row under their current digest count as done,
+    with their hours; a row of another digest does not."""
+    from ellava_lib.run import progress
+
+    folder = tmp_path / "results"
+    hand = {JOBS[0].name(): (1800.0, 900.0, 70.0), JOBS[2].name(): (3600.0, None, 60.0)}  # seconds, eval_s, mean
+    for job in JOBS:
+        if job.name() in hand:
+            seconds, eval_s, mean = hand[job.name()]
+            row = {"job": job.name(), "method": job.method, "sparsity": job.sparsity, "seed": job.seed,
+                   "calib_n": job.calib_n, "measured": job.sparsity, "flops_rel": 1.0, "mean": mean, "seconds": seconds,
+                   **({} if eval_s is None else {"eval_s": eval_s})}
+            ledger.write(folder, ledger.make_row(job.name(), job_digest(spec, job, 1), {}, row, None, None))
+    state = progress.ledger_progress(spec, JOBS, folder, 1, main=JOBS)
+    assert sorted(state.done) == ["dense-0.00-s0-n8", "sparsegpt-0.50-s0-n8"] and state.total == 4
+    assert state.pending == ["magnitude-0.50-s0-n8", "search-0.50-s0-n8"]
+    assert state.compute_hours() == (1.5, 0.25, 1)  # (1800 + 3600) / 3600, 900 / 3600, one row timed its evaluation
+    text = progress.markdown(state, ["dense", "sparsegpt"], "results/micro")
+    assert text.startswith("2 of 4 sweep jobs") and "1.50 hours of pruning and search, 0.25 hours of evaluation" in text
+    assert "| 50% | SparseGPT | 60.0 | 1 |" in text and "Pending (2): magnitude-0.50-s0-n8, search-0.50-s0-n8" in text
+    other = SweepSpec(spec.model_dir, eval_limit=2, search_preset="ci", search=SEARCH, tier={"db_dtype": "bfloat16"})
+    assert progress.ledger_progress(other, JOBS, folder, 1).done == {}  # another digest: would re-run

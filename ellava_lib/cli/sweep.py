@@ -80,6 +80,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run notebook 05's and / or 06's sweep jobs into ``--out``/sweep (the run folder the notebooks share)."""
     from ellava_lib.run import backends, pipeline
 
+    if args.out is None and not args.status:
+        raise CLIError("--out is required (the run folder), unless --status")
+    if args.readme and not args.status:
+        raise CLIError("--readme goes with --status")
     params = sweep_params(args)
     check_sweep_params(params)
     if args.address is not None and args.backend != "ray":
@@ -87,6 +91,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.backend == "ray":
         backends.import_ray()  # not installed: a one-line error before any work
     pipeline.preflight(params)  # tier keys and device, search preset and overrides
+    if args.status:
+        return _status(args, params)
     ray = None
     if args.backend == "ray" and backends.connect_ray(args.address, params["workers"]):  # before any work
         ray = backends.import_ray()
@@ -97,23 +103,58 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             ray.shutdown()
 
 
+def sweep_spec(params: dict, model_info: dict):
+    """The :class:`SweepSpec` of the profile's ``params`` for the model of ``model_info`` (``model.json``)."""
+    from ellava_lib.run.jobs import SweepSpec
+
+    return SweepSpec(model_info["model_dir"], params["sweep_eval_limit"] or None,
+                     search_preset=params["search_preset"], search=params.get("search") or {},
+                     ellava=params.get("ellava") or {}, tier=model_info.get("tier", {}))
+
+
+def _model_info(params: dict) -> dict:
+    """What notebook 01 writes to ``model.json`` (the model is built, or found in the cache)."""
+    from ellava_lib.run.tier import Tier, check_device, model_record
+
+    tier = Tier.from_dict(params.get("tier"))
+    check_device(tier)
+    return model_record(tier, params["train_preset"])
+
+
+def _status(args: argparse.Namespace, params: dict) -> int:
+    """``--status``: the profile's progress from its results ledger alone (:mod:`progress`); nothing runs and
+    ``--out`` is not written. ``--readme`` splices it into the README block ``{readme_prefix}progress``."""
+    from ellava_lib.run import pipeline, progress, report
+
+    if not params["ledger"]:
+        raise CLIError("--status reads the results ledger: this profile has none (give --ledger DIR)")
+    spec = sweep_spec(params, _model_info(params))
+    job_list = sweep_jobs(spec, params, args.what)
+    main = sweep_jobs(spec, params, "main")
+    state = progress.ledger_progress(spec, job_list, params["ledger"], params["job_threads"], main)
+    root = pipeline.project_root(args.root)
+    ledger_name = Path(params["ledger"]).resolve()
+    name = str(ledger_name.relative_to(root)) if ledger_name.is_relative_to(root) else str(ledger_name)
+    text = progress.markdown(state, params["table_methods"], name)
+    print(text, end="")
+    if args.readme:
+        marker = f"{params.get('readme_prefix', '')}progress"
+        changed = report.update_doc(root, marker, text)
+        print(f"the {marker} block {'updated' if changed else 'was up to date'}")
+    return 0
+
+
 def _sweep(args: argparse.Namespace, params: dict) -> int:
     """``cmd_sweep`` once its input is checked: the model record, the spec, the jobs, the sweep."""
     from ellava_lib.run import backends, runs, sweep
-    from ellava_lib.run.jobs import SweepSpec
-    from ellava_lib.run.tier import Tier, check_device, model_record
 
     run = runs.Run(Path(args.out))  # created (and checked writable) here
     if run.path("model.json").is_file():
         model_info = run.read_json("model.json")
     else:  # what notebook 01 writes (the tiny model is built, or found in the cache)
-        tier = Tier.from_dict(params.get("tier"))
-        check_device(tier)
-        model_info = model_record(tier, params["train_preset"])
+        model_info = _model_info(params)
         run.write_json("model.json", model_info)
-    spec = SweepSpec(model_info["model_dir"], params["sweep_eval_limit"] or None,
-                     search_preset=params["search_preset"], search=params.get("search") or {},
-                     ellava=params.get("ellava") or {}, tier=model_info.get("tier", {}))
+    spec = sweep_spec(params, model_info)
     jobs = sweep_jobs(spec, params, args.what)
     try:
         frame = sweep.run_sweep(spec, jobs, run.path("sweep"), workers=params["workers"],
@@ -134,9 +175,14 @@ def add_parsers(sub) -> None:
     w = sub.add_parser("sweep", help="run the main table's and / or the ablations' sweep jobs of a profile "
                                      "(notebooks 05 / 06), locally or on a Ray cluster")
     w.add_argument("--profile", required=True, help="profiles/NAME.yaml: the values notebooks 01, 05 and 06 get")
-    w.add_argument("--out", required=True,
+    w.add_argument("--out", default=None,
                    help="the run folder (model.json, sweep/), shared with the notebooks; with --backend ray on "
-                        "storage every node sees")
+                        "storage every node sees (needed unless --status)")
+    w.add_argument("--status", action="store_true",
+                   help="run nothing: how many of the jobs have a row in the results ledger under their current "
+                        "digest, their compute hours and machines, and the main table of the finished rows")
+    w.add_argument("--readme", action="store_true",
+                   help="with --status: splice it into the README block <readme_prefix>progress")
     w.add_argument("--what", choices=("main", "ablations", "all"), default="all",
                    help="notebook 05's jobs, notebook 06's, or both")
     w.add_argument("--methods", nargs="+", default=None, help="main table methods (default: table_methods)")

@@ -53,12 +53,24 @@ def row_path(ledger: Path, key: str) -> Path:
 
 
 def machine() -> dict[str, Any]:
-    """Where this process runs: ``platform``, ``cpu_count``, ``torch`` (version) and ``threads`` (torch's intra-op
-    thread count now)."""
+    """Where this process runs: ``platform``, ``cpu`` (the processor's model name, :func:`cpu_name`),
+    ``cpu_count``, ``torch`` (version) and ``threads`` (torch's intra-op thread count now)."""
     import torch
 
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def cpu_name() -> str:
+    """The first ``model name`` of ``/proc/cpuinfo`` (e.g. ``AMD EPYC``), else ``platform.processor()``, else
+    ``"unknown"``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @functools.lru_cache(maxsize=1)

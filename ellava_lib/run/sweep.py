@@ -457,6 +457,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         policy.to_json(job_dir / "policy.json")
         flops = 1.0 / flop_ratio(model, policy, "prefill", "model")
     cfg_eval = eval_config(tier, spec.eval_limit)
+    t_eval = time.time()
     test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", judge, progress=False)}).iloc[0]
     row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": digest, "measured": round(measured, 6),
                            "flops_rel": round(flops, 6),
@@ -474,6 +475,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
     if job.method in SEARCH_METHODS:  # results.csv column lam: the lambda that steered the search (0: no gap term)
         row["lam"] = float(policy.meta["lam"])
     row["seconds"] = round(seconds, 2)
+    row["eval_s"] = round(time.time() - t_eval, 2)  # the test (and calib) evaluation: what the plan's eval prices
     searched = policy is not None and job.method in SEARCH_METHODS and policy.meta.get("gap") != "none"
     lam = policy.meta.get("lam") if searched else None  # the lambda that steered the search (none: no gap term)
     entry = ledger.make_row(job.name(), job_digest(spec, job, threads), asdict(job), row,

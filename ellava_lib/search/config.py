@@ -334,12 +334,19 @@ class SearchConfig:
         3 generations on half the search rows. At 64 calibration rows: 818 candidate evaluations per search (8 +
         32 x 24 + 20 elites rescored after projector rounds + 22 in the final selection), about 9,800 row forwards.
 
-        Sized on the tiny default (seed 0, 64 calibration rows): 32 generations are the fewest after which the
-        ellava search at sparsity 0.6 improves its best ``J`` by less than 1 % over the last quarter
-        (:func:`convergence.late_improvement` 0.004; 8 generations: 0.05); at 0.7 it still improves 3 % there
-        (converged from 36 generations on), which the ``make reproduce`` time budget (about 10 minutes) does not
-        afford. Screening on 4 rows instead of 8 converged later (0.6: still 4 % at 64 generations) for less than
-        half the cost a generation."""
+        Sized on the tiny default (seed 0, 64 calibration rows; :func:`convergence.late_improvement`, the best
+        ``J``'s relative improvement over the last quarter, below 1 % = converged), measured at the commit that
+        recorded ``start_pick``: the search without the gap term and projector converges at 0.5 / 0.6 / 0.7 (0.0 /
+        0.0 / 0.0015; 787 evaluations, 33-51 s a search on one core beside other work); EfficientLLaVA at 0.5 and
+        0.7 too (0.0 / 0.0039; 815 evaluations), and at 0.6 its best ``J`` still fell 24 % over the last quarter
+        (0.0572 to 0.0434): 0.0127 of it at the projector round after generation 24, 0.0011 in the evolution after
+        it; the projector's fine-tune keeps lowering the objective where the policy evolution has flattened (rerun:
+        ``ellava sweep --profile default --methods ellava --sparsities 0.6 --seeds 0``, then
+        :func:`convergence.best_per_generation` of the job's ``history.csv``). 24 generations: 2.8 %
+        at 0.7 (617 evaluations); 48 generations of 8 children: 0.9 % but a worse best ``J`` (0.1325 against 0.1260,
+        729 evaluations). Earlier (before the projector's distillation read the text positions) 8 generations
+        improved 5 % at 0.6, and screening on 4 rows instead of 8 converged later (0.6: still 4 % at 64
+        generations) for less than half the cost a generation."""
         return cls()
 
     @classmethod
