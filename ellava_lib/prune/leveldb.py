@@ -500,14 +500,12 @@ class LevelDB:
         return self._dense[block] if block == unit else {name: self._dense[block][name] for name in self._layers(unit)}
 
     def _layers(self, unit: str) -> list[str]:
-        """The layers of ``unit`` in its block unit's file: all of a block unit's, a matrix unit's own (``KeyError``
+        """The layers of ``unit`` in its block unit's file: a block unit's all, a matrix unit's its own (``KeyError``
         for a unit not in the database)."""
         shapes = self._info(block_unit(unit))["shapes"]
-        if not is_matrix_unit(unit):
-            return list(shapes)
-        if unit not in shapes:
+        if is_matrix_unit(unit) and unit not in shapes:
             raise KeyError(f"matrix unit {unit!r} is not in the level database {self.path}")
-        return [unit]
+        return [unit] if is_matrix_unit(unit) else list(shapes)
 
     def frobenius_sq(self, unit: str) -> dict[float, float]:
         """``{level: ||W * M(level)||_F^2}`` of ``unit`` (summed over its matrices in name order) for level 0
@@ -529,17 +527,12 @@ class LevelDB:
         (:meth:`_matrix_tables`)."""
         if is_matrix_unit(unit):
             table = self._matrix_tables(unit)["weight_sq"]
-            return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
-        info = self._info(unit)
-        if info["weight_sq"] is None:
-            dense = self.dense_weights(unit)
-            table = {0.0: [_weight_terms(dense[k], dense[k]) for k in sorted(dense)]}
-            for level in self.grid:
-                if level > GRID_TOL:
-                    stored = self.weights(unit, level)
-                    table[float(level)] = [_weight_terms(dense[k], stored[k]) for k in sorted(dense)]
-            info["weight_sq"] = {s: tuple(float(v) for v in sum(t)) for s, t in table.items()}
-        table = info["weight_sq"]
+        else:
+            info = self._info(unit)
+            if info["weight_sq"] is None:  # the sums over its matrices in name order, as the build sums them
+                parts = [self._matrix_tables(k)["weight_sq"] for k in sorted(self._layers(unit))]
+                info["weight_sq"] = {s: tuple(sum(t[s][i] for t in parts) for i in range(2)) for s in parts[0]}
+            table = info["weight_sq"]
         return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
 
     def _matrix_tables(self, unit: str) -> dict[str, dict[float, Any]]:
