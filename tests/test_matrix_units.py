@@ -264,3 +264,13 @@ def test_search_units_matrix_from_the_command_line(micro_model_dir, tmp_path):
     report = pd.read_csv(out / "sparsity.csv")
     assert list(report["unit"]) == list(MICRO_MATRICES)
     assert (report["target"] == report["unit"].map(policy.sparsities)).all()
+    # ``ellava prune --policy`` prunes and exports a checkpoint under the matrix policy
+    pruned = tmp_path / "pruned"
+    assert cli.main(["prune", "--model", str(micro_model_dir), "--policy", str(out), "--calib", "8", "--out",
+                     str(pruned), "--quiet"]) == 0
+    exported = pd.read_csv(pruned / "sparsity.csv")
+    assert (exported["target"] == exported["layer"].map(policy.sparsities)).all()
+    model, _ = load_model(pruned)
+    for m, lins in units.unit_linears(model, kind="matrix").items():
+        w = lins[m].weight
+        assert abs(int((w == 0).sum()) - policy.sparsities[m] * w.numel()) <= 0.5, m
