@@ -15,7 +15,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     save it with its policy: a plain ``transformers`` folder (:func:`export.export_pruned`)."""
     import json
 
-    from ellava_lib.core.units import list_units, names_vision
+    from ellava_lib.core.units import policy_units
     from ellava_lib.model import losses
     from ellava_lib.prune.masks import parse_nm
     from ellava_lib.prune.prune import measured_mean, prune_model
@@ -45,7 +45,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         policy = method_policy(model, batch, args.method, target, args.seed, args.vision, progress=not args.quiet)
     else:
         policy = apply_searched(model, *searched)
-        target = policy.mean_sparsity(list_units(model, names_vision(policy.sparsities)))
+        target = policy.mean_sparsity(policy_units(model, policy.sparsities))
     solver = solver_for(args.method)
     report = prune_model(model, policy, solver, batch, prune_n=n, prune_m=m, progress=not args.quiet,
                          device=args.device)
@@ -133,7 +133,7 @@ def prunable_model_dir(spec: str, quiet: bool) -> str | Path:
 SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "loss": "loss_kind", "budget": "budget",
                                 "generations": "generations", "population": "population", "offspring": "offspring",
                                 "screen": "screen_samples", "survivors": "survivors", "init": "init",
-                                "fine_step": "fine_step",
+                                "fine_step": "fine_step", "units": "units",
                                 "projector_every": "projector_every", "projector_steps": "projector_steps"}
 
 
@@ -191,7 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     model_dir = prunable_model_dir(args.model, args.quiet)
     model, processor = load_model(tier, model_dir, progress=not args.quiet)
     batch = encode_calibration(tier, samples, processor)
-    units = list_units(model, args.vision)
+    units = list_units(model, args.vision, cfg.units)  # the search's units; the database holds the block units
     check_resume(out, cfg, search_context(model, batch, units))
     t0 = time.time()
     dense_loss = float(per_sample_losses(model, batch).mean())
@@ -200,7 +200,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     db_dir = Path(args.db) if args.db else out / "leveldb"
     stat_rows = split_rows(len(samples), cfg.select_frac, cfg.seed, [s.suite for s in samples])[0]
     stat_batch = subset(batch, stat_rows)  # no statistic reads a selection row (level database, exact re-prune)
-    build_level_db(model, stat_batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt", units=list(units),
+    build_level_db(model, stat_batch, db_dir, covering_grid(db_dir, cfg.levels), "sparsegpt",
+                   units=list(list_units(model, args.vision)),
                    progress=not args.quiet, calib_info={"ids": [samples[i].id for i in stat_rows], "seed": args.seed},
                    device=args.device, store_dtype=args.db_dtype)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
@@ -272,6 +273,9 @@ def add_parsers(sub) -> None:
                    help="per-sample loss: KL to the dense model's next-token distribution at the answer positions, "
                         "or answer CE")
     s.add_argument("--budget", choices=("params", "flops"), default=None)
+    s.add_argument("--units", choices=("block", "matrix"), default=None,
+                   help="what gets one sparsity: block = each decoder block's attention and MLP (the default), "
+                        "matrix = each weight matrix (q/k/v/o, gate/up/down); same level database")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
     s.add_argument("--generations", type=int, default=None)
     s.add_argument("--population", type=positive_int, default=None)

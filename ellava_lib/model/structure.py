@@ -78,15 +78,17 @@ _META_CACHE_SIZE = 8
 # ---------------------------------------------------------------------------------------------------- units
 
 
-def unit_table(model: nn.Module, include_vision: bool = True) -> list[dict]:
-    """One row per unit in depth order: ``{name, params, kind}``.
+def unit_table(model: nn.Module, include_vision: bool = True, units: str = "block") -> list[dict]:
+    """One row per unit of the kind ``units`` (``block`` or ``matrix``, :data:`units.UNIT_KINDS`) in depth order:
+    ``{name, params, kind}``.
 
     ``params`` = sum of the unit's linear **weight** sizes (``d_out * d_in`` each, biases not counted, as in
-    ``units.list_units``); ``kind`` is the unit name without its block index, e.g. ``lm.attn``, ``vision.mlp``.
+    ``units.list_units``); ``kind`` is the name of its block unit without the block index, e.g. ``lm.attn``,
+    ``vision.mlp`` (for the matrix unit ``lm.0.mlp.up_proj`` too).
     """
     rows = []
-    for name, lins in _units.unit_linears(model, include_vision).items():
-        prefix, _, group = name.split(".")
+    for name, lins in _units.unit_linears(model, include_vision, units).items():
+        prefix, _, group = _units.block_unit(name).split(".")
         rows.append({"name": name, "params": sum(lin.weight.numel() for lin in lins.values()),
                      "kind": f"{prefix}.{group}"})
     return rows

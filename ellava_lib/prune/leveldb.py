@@ -29,6 +29,12 @@ pattern ``M(s)``; level 0 = ``||W||_F^2``) and ``weight_sq`` (the ``norm`` gap's
 rounded to the storage dtype; level 0 = ``[0, ||W||_F^2, 0]``). ``weight_sq`` was added to format 3 later: for a
 unit file without it :meth:`LevelDB.weight_sq` computes the table from the stored levels and the dense snapshot.
 
+**Matrix units** (``lm.3.self_attn.q_proj``, :mod:`ellava_lib.core.units`) use the same database: every linear is
+stored at every level, pruned with its own statistics, so a matrix unit at a level is its block unit's file's
+``"{matrix}@{level}"`` alone. :meth:`LevelDB.assemble`, :meth:`LevelDB.weights` and the two tables accept matrix
+units; a matrix's tables are computed once from its stored levels and the dense snapshot (the files hold the
+block sums only), so the tables of a block's matrices add up to the block's.
+
 Build (:func:`build_level_db`): a disk preflight first (:func:`estimate_bytes` against the free space; nothing is
 written when short); then the dense model is run block by block on the calibration batch (inputs of every block
 come from the dense model, see :func:`walk.walk_blocks` with ``sequential=False``); for each unit still missing,
@@ -68,7 +74,7 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import DEFAULT_GRID, GRID_TOL, Policy, on_grid
-from ellava_lib.core.units import list_units, names_vision, unit_linears
+from ellava_lib.core.units import block_unit, is_matrix_unit, list_units, names_vision, unit_kind, unit_linears
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.prune.masks import wanda_mask
 from ellava_lib.prune.obs import SparseGPT
@@ -474,27 +480,41 @@ class LevelDB:
         return unpack_weights(values, packed, info["shapes"][name])
 
     def weights(self, unit: str, level: float) -> dict[str, torch.Tensor]:
-        """``{layer name: weight}`` of ``unit`` at ``level`` (CPU; storage dtype; level 0: the dense snapshot,
-        in the model's dtype, shared, not to be modified; ``ValueError`` before one was taken)."""
+        """``{layer name: weight}`` of ``unit`` (a block unit, or a matrix unit: its one layer) at ``level`` (CPU;
+        storage dtype; level 0: the dense snapshot, in the model's dtype, shared, not to be modified;
+        ``ValueError`` before one was taken)."""
         level = self.level_of(level)
         if level <= GRID_TOL:
             return self.dense_weights(unit)
-        return {name: self._stored(unit, name, level) for name in self._info(unit)["shapes"]}
+        block = block_unit(unit)
+        return {name: self._stored(block, name, level) for name in self._layers(unit)}
 
     def dense_weights(self, unit: str) -> dict[str, torch.Tensor]:
-        """The dense snapshot of ``unit`` (``ValueError`` before the database wrote the unit into a model)."""
-        if unit not in self._dense:
-            self._info(unit)  # KeyError for a unit not in the database
+        """The dense snapshot of ``unit`` (block or matrix unit; ``ValueError`` before the database wrote its block
+        unit into a model)."""
+        block = block_unit(unit)
+        if block not in self._dense:
+            self._info(block)  # KeyError for a unit not in the database
             raise ValueError(f"level database {self.path} stores no dense weights (format {FORMAT}): they are "
-                             f"taken from the model the first time {unit} is assembled into it")
-        return self._dense[unit]
+                             f"taken from the model the first time {block} is assembled into it")
+        return self._dense[block] if block == unit else {name: self._dense[block][name] for name in self._layers(unit)}
+
+    def _layers(self, unit: str) -> list[str]:
+        """The layers of ``unit`` in its block unit's file: a block unit's all, a matrix unit's its own (``KeyError``
+        for a unit not in the database)."""
+        shapes = self._info(block_unit(unit))["shapes"]
+        if is_matrix_unit(unit) and unit not in shapes:
+            raise KeyError(f"matrix unit {unit!r} is not in the level database {self.path}")
+        return [unit] if is_matrix_unit(unit) else list(shapes)
 
     def frobenius_sq(self, unit: str) -> dict[float, float]:
         """``{level: ||W * M(level)||_F^2}`` of ``unit`` (summed over its matrices in name order) for level 0
         and every level of the grid: ``W`` the dense weights, ``M(level)`` the nonzero pattern of the pruned
         weights at ``level``; level 0 gives the dense squared norm. Computed at build time (no dense weights
-        needed here). For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`)."""
-        table = self._info(unit)["frobenius_sq"]
+        needed here; a matrix unit's from its stored levels and the dense snapshot, :meth:`_matrix_tables`). For
+        the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`)."""
+        table = self._matrix_tables(unit)["frobenius_sq"] if is_matrix_unit(unit) else \
+            self._info(unit)["frobenius_sq"]
         return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
 
     def weight_sq(self, unit: str) -> dict[float, tuple[float, float]]:
@@ -503,18 +523,39 @@ class LevelDB:
         ``level`` (the solver's, OBS-updated for SparseGPT, in the storage dtype), ``W`` the dense weights; level 0
         gives ``(||W||_F^2, 0)``. For the ``norm`` gap (:func:`ellava_lib.search.gap.norm_gap`). Recorded at build
         time; a unit file built before it was recorded has it computed here, once, from its stored levels and the
-        dense snapshot (``ValueError`` before the database wrote the unit into a model)."""
-        info = self._info(unit)
-        if info["weight_sq"] is None:
-            dense = self.dense_weights(unit)
-            table = {0.0: [_weight_terms(dense[k], dense[k]) for k in sorted(dense)]}
+        dense snapshot (``ValueError`` before the database wrote the unit into a model); so is a matrix unit's
+        (:meth:`_matrix_tables`)."""
+        if is_matrix_unit(unit):
+            table = self._matrix_tables(unit)["weight_sq"]
+        else:
+            info = self._info(unit)
+            if info["weight_sq"] is None:  # the sums over its matrices in name order, as the build sums them
+                parts = [self._matrix_tables(k)["weight_sq"] for k in sorted(self._layers(unit))]
+                info["weight_sq"] = {s: tuple(sum(t[s][i] for t in parts) for i in range(2)) for s in parts[0]}
+            table = info["weight_sq"]
+        return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
+
+    def _matrix_tables(self, unit: str) -> dict[str, dict[float, Any]]:
+        """The matrix unit ``unit``'s ``{"frobenius_sq": {level: ||W * M(level)||_F^2}, "weight_sq": {level:
+        (||W(level)||_F^2, ||W(level) - W||_F^2)}}`` for level 0 and every level of the grid: the terms of its block
+        unit's tables for this one matrix (fp64, as at build time), ``M(level)`` the nonzero pattern of the stored
+        weights ``W(level)`` (the build's, unless a weight rounds to zero in the storage dtype). Computed once per
+        block unit, for all its matrices, from the stored levels and the dense snapshot (``ValueError`` before the
+        database wrote the block unit into a model)."""
+        block = block_unit(unit)
+        self._layers(unit)  # KeyError for a matrix not in the database
+        info = self._info(block)
+        if "matrices" not in info:
+            dense = self.dense_weights(block)
+            tables = {k: {"frobenius_sq": {0.0: float(_frobenius_terms(w, w))},
+                          "weight_sq": {0.0: tuple(float(v) for v in _weight_terms(w, w))}} for k, w in dense.items()}
             for level in self.grid:
                 if level > GRID_TOL:
-                    stored = self.weights(unit, level)
-                    table[float(level)] = [_weight_terms(dense[k], stored[k]) for k in sorted(dense)]
-            info["weight_sq"] = {s: tuple(float(v) for v in sum(t)) for s, t in table.items()}
-        table = info["weight_sq"]
-        return {float(s): table[s] for s in sorted({0.0, *self.grid}) if s in table}
+                    for k, w in self.weights(block, level).items():
+                        tables[k]["frobenius_sq"][float(level)] = float(_frobenius_terms(dense[k], w))
+                        tables[k]["weight_sq"][float(level)] = tuple(float(v) for v in _weight_terms(dense[k], w))
+            info["matrices"] = tables
+        return info["matrices"][unit]
 
     def build_seconds(self) -> pd.DataFrame:
         """``unit, build_seconds`` from each unit file's metadata."""
@@ -553,19 +594,22 @@ class LevelDB:
         taken[unit] = (have, dense)
         self._dense[unit] = dense
 
-    def _write(self, model: nn.Module, unit: str, level: float, lins: Mapping[str, nn.Linear]) -> None:
-        """Copy ``unit`` at ``level`` into its linears ``lins`` (the snapshot first, when none was taken yet): level
-        0 from the snapshot, a level in the decode cache from there, else from the unit file (then cached)."""
-        shapes = self._info(unit)["shapes"]
+    def _write(self, model: nn.Module, unit: str, level: float, lins: Mapping[str, nn.Linear],
+               block_lins: Mapping[str, nn.Linear]) -> None:
+        """Copy ``unit`` (block or matrix unit) at ``level`` into its linears ``lins`` (the snapshot of its block unit,
+        whose linears are ``block_lins``, first, when none was taken yet): level 0 from the snapshot, a level in the
+        decode cache from there, else from the block unit's file (then cached)."""
+        block = block_unit(unit)
+        shapes = self._info(block)["shapes"]
         for name, lin in lins.items():
             if shapes.get(name) != tuple(lin.weight.shape):
                 raise ValueError(f"level database {self.path} has no weight of shape "
                                  f"{tuple(lin.weight.shape)} for {name}@{level}")
-        if unit not in self._dense:
-            self._snapshot(model, unit, lins)
+        if block not in self._dense:
+            self._snapshot(model, block, block_lins)
         if level <= GRID_TOL:
             for name, lin in lins.items():
-                lin.weight.copy_(self._dense[unit][name])
+                lin.weight.copy_(self._dense[block][name])
             return
         first = next(iter(lins.values())).weight
         slot = (unit, level, str(first.device), first.dtype)
@@ -574,7 +618,7 @@ class LevelDB:
             for name, lin in lins.items():
                 lin.weight.copy_(self._cache[slot][name])
             return
-        handle, keys = self._open(unit), self._info(unit)["keys"]
+        handle, keys = self._open(block), self._info(block)["keys"]
         for name, lin in lins.items():
             w, key = lin.weight, level_key(name, level)
             if key in keys:
@@ -582,7 +626,7 @@ class LevelDB:
             elif w.is_contiguous():  # decoded straight into the weights, on their device
                 unpack_into(w, *(handle.get_tensor(key + s).to(w.device) for s in PACKED_SUFFIXES))
             else:
-                w.copy_(self._stored(unit, name, level, w.device))
+                w.copy_(self._stored(block, name, level, w.device))
         self._remember(slot, lins)
 
     def _remember(self, slot: tuple, lins: Mapping[str, nn.Linear]) -> None:
@@ -599,7 +643,8 @@ class LevelDB:
 
     @torch.no_grad()
     def assemble(self, model: nn.Module, policy: Policy, *, check: bool = True) -> float:
-        """Bring each unit of ``policy`` to its policy level in ``model`` (in place); returns seconds.
+        """Bring each unit of ``policy`` (block units, or matrix units: each its one layer from its block unit's
+        file) to its policy level in ``model`` (in place); returns seconds.
 
         Copies only the units whose level (or weights, :class:`LevelDB`) changed since the database last wrote
         them into this model object; the first assembly into a model copies every unit of the policy. The number
@@ -610,10 +655,12 @@ class LevelDB:
         if check:
             self.check_model(model)
         levels = {u: self.level_of(s) for u, s in policy.sparsities.items()}
-        missing = [u for u in levels if u not in self.config["units"]]
+        missing = [u for u in levels if block_unit(u) not in self.config["units"]]
         if missing:
             raise ValueError(f"policy units {missing} are not in the level database {self.path}")
-        linears = unit_linears(model, names_vision(levels))
+        blocks = unit_linears(model, names_vision(levels))
+        kind = unit_kind(levels)
+        linears = blocks if kind == "block" else unit_linears(model, names_vision(levels), kind)
         held = self._held.setdefault(model, {})
         copied = 0
         for unit, level in levels.items():
@@ -621,7 +668,7 @@ class LevelDB:
             if held.get(unit) == (level, _signature(lins)):
                 continue
             held.pop(unit, None)
-            self._write(model, unit, level, lins)
+            self._write(model, unit, level, lins, blocks[block_unit(unit)])
             held[unit] = (level, _signature(lins))
             copied += 1
         self.last_assemble_units = copied

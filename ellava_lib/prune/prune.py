@@ -3,8 +3,9 @@
 Driver (SparseGPT's ``llama_sequential``, without globals): decoder blocks are visited in order
 (vision-tower blocks first when the policy names ``vision.*`` units). For each block, forward hooks
 on the linears of its units accumulate calibration statistics while the block runs on its inputs;
-then every linear is pruned at its unit's sparsity; in sequential mode the block is re-run on the
-pruned weights, so the next block sees the outputs of the already pruned ones.
+then every linear is pruned at its unit's sparsity (block units or matrix units, :func:`units.policy_linears`);
+in sequential mode the block is re-run on the pruned weights, so the next block sees the outputs of the already
+pruned ones.
 
 * **magnitude**: zero the ``round(s * numel)`` smallest ``|W_ij|`` of each layer (data-free).
 * **Wanda** (Sun et al. 2023): score ``S_ij = |W_ij| * ||X_j||_2`` (``X_j`` = input feature ``j``
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from ellava_lib.core.policy import Policy
-from ellava_lib.core.units import list_units, names_vision, unit_linears
+from ellava_lib.core.units import names_vision, policy_linears, policy_units, unit_kind
 from ellava_lib.prune.masks import (
     check_nm,
     magnitude_mask,
@@ -67,8 +68,7 @@ def check_sparsity(model: nn.Module, policy: Policy, method: str, prune_n: int =
                    blocksize: int = 128) -> None:
     """Post-condition: every pruned layer has at least ``target * numel - bound`` exact zeros (raises
     ``RuntimeError``); more than ``target * numel + bound`` only warns."""
-    include_vision = names_vision(policy.sparsities)
-    for unit, lins in unit_linears(model, include_vision).items():
+    for unit, lins in policy_linears(model, policy.sparsities).items():
         s = policy.sparsities[unit]
         target = _unit_target(s, prune_n, prune_m)
         for name, lin in lins.items():
@@ -103,9 +103,10 @@ def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict
     if method == "llm_pruner":  # structured: whole heads / MLP channels zeroed (:mod:`structured`)
         from ellava_lib.prune.structured import structured_prune
 
-        if prune_n or names_vision(policy.sparsities) or calib_batch is None:
+        if prune_n or names_vision(policy.sparsities) or calib_batch is None or \
+                unit_kind(policy.sparsities) != "block":
             raise ValueError("llm_pruner prunes the language model's heads and channels from a calibration batch "
-                             "(no N:M, no vision units)")
+                             "(no N:M, no vision units, block units)")
         structured_prune(model, policy, calib_batch)
     elif method == "magnitude":
         magnitude_prune(model, policy, prune_n, prune_m)
@@ -136,10 +137,10 @@ def prune_model(model: nn.Module, policy: Policy, method: str, calib_batch: dict
 
 
 def check_policy(model: nn.Module, policy: Policy) -> bool:
-    """Validate ``policy`` against the model's units; returns whether it names vision units."""
-    include_vision = names_vision(policy.sparsities)
-    policy.validate(list_units(model, include_vision))
-    return include_vision
+    """Validate ``policy`` against the model's units of its kind (block or matrix, :func:`units.policy_units`);
+    returns whether it names vision units."""
+    policy.validate(policy_units(model, policy.sparsities))
+    return names_vision(policy.sparsities)
 
 
 
@@ -149,8 +150,8 @@ def magnitude_prune(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 
     With N:M, every unit whose sparsity is > 0 gets the N:M pattern. Returns :func:`sparsity_report`.
     """
-    include_vision = check_policy(model, policy)
-    for unit, linears in unit_linears(model, include_vision).items():
+    check_policy(model, policy)
+    for unit, linears in policy_linears(model, policy.sparsities).items():
         s = policy.sparsities[unit]
         for lin in linears.values():
             if s > 0:
@@ -161,9 +162,8 @@ def magnitude_prune(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m:
 def sparsity_report(model: nn.Module, policy: Policy, prune_n: int = 0, prune_m: int = 0) -> pd.DataFrame:
     """Per linear layer: ``layer, unit, target, measured, params`` (measured = fraction of exact zeros;
     with N:M the target of a unit with sparsity > 0 is ``N / M``)."""
-    include_vision = names_vision(policy.sparsities)
     rows = []
-    for unit, linears in unit_linears(model, include_vision).items():
+    for unit, linears in policy_linears(model, policy.sparsities).items():
         s = policy.sparsities.get(unit, 0.0)
         target = _unit_target(s, prune_n, prune_m)
         for name, lin in linears.items():

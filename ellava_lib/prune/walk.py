@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ellava_lib.core.units import lm_layers, names_vision, unit_linears, vision_layers
+from ellava_lib.core.units import lm_layers, names_vision, unit_kind, unit_linears, vision_layers
 from ellava_lib.model.losses import model_inputs
 
 # ---------------------------------------------------------------------------------------- block inputs
@@ -207,7 +207,8 @@ def walk_blocks(model: nn.Module, batch: dict[str, torch.Tensor], units: Sequenc
                 progress: bool = True, desc: str = "blocks", device: torch.device | str | None = None) -> None:
     """Run the model block by block on the calibration batch (vision tower first, when a unit needs it).
 
-    For every block up to the last one holding a unit of ``units``: forward hooks feed each linear of
+    For every block up to the last one holding a unit of ``units`` (block or matrix units, one kind,
+    :func:`units.unit_kind`): forward hooks feed each linear of
     those units into ``make_stat(linear)`` (``add_batch`` on the non-padding token rows), the block is
     run, then ``visit`` sees the statistics (and may prune). The next block's inputs are the block's
     outputs: recomputed on the visited weights when ``sequential`` (SparseGPT's sequential mode),
@@ -233,7 +234,7 @@ def _walk(model: nn.Module, batch: dict[str, torch.Tensor], wanted: set[str], ma
           visit: Visit, sequential: bool, progress: bool, desc: str, device: torch.device | str | None,
           home: torch.device | None) -> None:
     include_vision = names_vision(wanted)
-    linears = unit_linears(model, include_vision)
+    linears = unit_linears(model, include_vision, unit_kind(wanted))
     unknown = sorted(wanted - set(linears))
     if unknown:
         raise ValueError(f"unknown units {unknown}")

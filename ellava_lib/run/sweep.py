@@ -425,7 +425,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
     measured = 0.0
     if job.method in SEARCH_METHODS:
         cfg = search_config(spec, job)
-        units = list_units(model)
+        units = list_units(model, kind=cfg.units)
         importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, stat_batch)
                       if needs_importance(spec, job) else None)
         result = run_search(model, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,

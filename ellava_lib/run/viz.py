@@ -144,7 +144,13 @@ def convergence_curve(history: pd.DataFrame):
 
 
 def policy_profile(policies: dict[str, dict[str, float]]):
-    """Per-unit sparsity of several policies (x: units in model order)."""
+    """Per-unit sparsity of several policies (x: units in model order). When some name matrix units
+    (``SearchConfig.units = "matrix"``), block-unit policies are drawn over the matrices (:func:`units.to_kind`)."""
+    from ellava_lib.core.units import to_kind, unit_kind
+
+    kinds = {unit_kind(sp) for sp in policies.values()}
+    if len(kinds) > 1:
+        policies = {name: to_kind(sp, "matrix") if unit_kind(sp) == "block" else sp for name, sp in policies.items()}
     fig, ax = plt.subplots(figsize=(10, 3.4))
     units = list(next(iter(policies.values())))
     for name, sp in policies.items():

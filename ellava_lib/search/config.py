@@ -23,6 +23,7 @@ from typing import Any
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import DEFAULT_GRID, FINE_STEP, GRID_TOL, search_grid
+from ellava_lib.core.units import UNIT_KINDS
 from ellava_lib.prune.allocate import (
     ecoflap_cap,
 )
@@ -57,7 +58,7 @@ PROJECTOR_PREFIX = "projector_"
 #: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
                                   "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
-                                  "projector_fp32_master": True, "projector_kl_kind": "kl_all"}
+                                  "projector_fp32_master": True, "projector_kl_kind": "kl_all", "units": "block"}
 
 #: Serialised fields searches no longer have, and what replaced them: :meth:`SearchConfig.from_dict` drops them
 #: (a folder written with them reads back, and its config differs from every new one, so it is not resumed and
@@ -212,6 +213,10 @@ class SearchConfig:
     * ``h_scale``, ``depth_decay``: the capacity gap's scale (None = ``min(gaps.DEFAULT_H_SCALE, n)``) and
       per-depth decay.
     * ``budget``: what the mean sparsity weighs units by, ``params`` or ``flops`` (:data:`budget.BUDGETS`).
+    * ``units``: what a unit of the policy is (:data:`units.UNIT_KINDS`): ``block`` = one sparsity per decoder
+      block's attention and MLP (``lm.3.attn``, ``lm.3.mlp``), ``matrix`` = one per weight matrix
+      (``lm.3.self_attn.q_proj``, seven per decoder block), assembled from the same level database; the start
+      policies are the block ones, every matrix at its block unit's sparsity.
 
     Evolution (:mod:`evolve`):
 
@@ -253,6 +258,7 @@ class SearchConfig:
     h_scale: float | None = None
     depth_decay: float = gaps.DEFAULT_DEPTH_DECAY
     budget: str = "params"
+    units: str = "block"
     population: int = 8
     generations: int = 32
     offspring: int = 16
@@ -288,6 +294,7 @@ class SearchConfig:
             (0 < self.delta < 1, f"need 0 < delta < 1, got {self.delta}"),
             (self.loss_kind in LOSS_KINDS and self.loss_cap > 0, f"loss_kind in {LOSS_KINDS} and loss_cap > 0"),
             (self.budget in BUDGETS, f"budget must be one of {BUDGETS}, got {self.budget!r}"),
+            (self.units in UNIT_KINDS, f"units must be one of {UNIT_KINDS}, got {self.units!r}"),
             (self.population >= 1 and self.offspring >= 1 and self.generations >= 0,
              "need population >= 1, offspring >= 1, generations >= 0"),
             (self.mutation_steps >= 1 and self.tournament >= 1, "need mutation_steps >= 1 and tournament >= 1"),

@@ -12,10 +12,12 @@ and ``search`` methods, same seed) score candidates on the same rows and are com
 evolution scores candidates on scoring rows only, so no candidate is scored on a row the projector trained on,
 and nothing in the evolution but the choice of lambda (below) sees a selection row.
 
-**Loop** (:func:`run_search`). Generation 0: the start policies named by ``init`` (:data:`START_POLICIES`: the
-uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget, rounded to the grid with
-:func:`allocate.round_to_grid` and moved to the exact budget with :func:`budget.snap_to_budget`; a start that
-cannot be is left out) plus mutants of them in turn, all scored on every scoring row. Each generation:
+**Loop** (:func:`run_search`). Generation 0 (:mod:`starts`): the start policies named by ``init``
+(:data:`START_POLICIES`: the uniform policy, and optionally the OWL and ECoFLaP allocations of the same budget,
+rounded to the grid with :func:`allocate.round_to_grid` and moved to the exact budget with
+:func:`budget.snap_to_budget`; a start that cannot be is left out) plus mutants of them in turn, all scored on every
+scoring row. The units are the caller's, block or matrix units (``SearchConfig.units``, :mod:`ellava_lib.core.units`);
+both are assembled from the same level database. Each generation:
 ``offspring`` children, each a mutant of a tournament winner (``tournament`` entrants, best rank), new to the
 population and to every policy scored on all scoring rows so far in the search (no candidate is scored twice on the
 same rows); then EvoPress-style multi-step selection (:func:`stage_plan`, sized for the children): the children
@@ -70,17 +72,9 @@ from tqdm.auto import tqdm
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy, on_grid, weighted_mean
-from ellava_lib.core.units import names_vision
+from ellava_lib.core.units import block_unit, unit_kind
 from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.model import structure
-from ellava_lib.prune.allocate import (
-    OWL_LAMBDA,
-    ecoflap_allocation,
-    outlier_ratios,
-    owl_allocation,
-    round_to_grid,
-    zeroth_order_importance,
-)
 from ellava_lib.prune.leveldb import LevelDB, model_identity
 from ellava_lib.search import checkpoint as ckpt
 from ellava_lib.search import gap as gaps
@@ -89,7 +83,6 @@ from ellava_lib.search.budget import (
     budget_error,
     budget_weights,
     mutate,
-    snap_to_budget,
 )
 from ellava_lib.search.config import SearchConfig
 from ellava_lib.search.objective import (
@@ -107,6 +100,7 @@ from ellava_lib.search.projector import (
     save_projector,
     set_projector_state,
 )
+from ellava_lib.search.starts import initial_population, start_policies  # noqa: F401 (generation 0, re-exported)
 
 # ------------------------------------------------------------------------------------------------ rows
 
@@ -174,53 +168,6 @@ def stage_plan(candidates: int, rows: int, screen: int, survivors: int) -> list[
         enter[-1] = s
     return list(zip(sizes, enter))
 
-
-# ------------------------------------------------------------------------------------- start policies
-
-
-def start_policies(model: nn.Module, batch: Mapping[str, torch.Tensor], weights: Mapping[str, float],
-                   cfg: SearchConfig, importance: Mapping[str, float] | None = None) -> list[Policy]:
-    """The distinct grid policies named by ``cfg.init``, in order. ``uniform``: ``s_u = S``; ``owl``:
-    :func:`allocate.owl_allocation` of the outlier ratios; ``ecoflap``: :func:`allocate.ecoflap_allocation`
-    of the zeroth-order importances (``importance`` when already computed for this model and batch, else
-    computed with ``cfg.seed``); each through :func:`allocate.round_to_grid` with the budget weights, then
-    :func:`budget.snap_to_budget` (``|S(pi) - S| <= budget.MOVE_TOL``); one that cannot reach the exact budget
-    is left out. ``model`` must be dense."""
-    vision = names_vision(weights)
-    out: list[Policy] = []
-    for name in cfg.init:
-        if name == "uniform":
-            raw = {u: cfg.target for u in weights}
-        elif name == "owl":
-            raw = owl_allocation(outlier_ratios(model, dict(batch), include_vision=vision), weights, cfg.target,
-                                 lam=OWL_LAMBDA, grid=cfg.levels)
-        else:
-            scores = importance or zeroth_order_importance(model, dict(batch), seed=cfg.seed, include_vision=vision)
-            raw = ecoflap_allocation({u: scores[u] for u in weights}, weights, cfg.target, grid=cfg.levels)
-        policy = snap_to_budget(Policy(round_to_grid(raw, weights, cfg.target, cfg.levels), cfg.levels,
-                                       {"target": cfg.target, "start": name}), weights, cfg.target)
-        if policy is not None and policy.policy_id() not in {p.policy_id() for p in out}:
-            out.append(policy)
-    if not out:
-        raise ValueError(f"no start policy of {list(cfg.init)} reaches the budget {cfg.target} within "
-                         f"{BUDGET_TOL} on the grid {cfg.levels}")
-    return out
-
-
-def initial_population(weights: Mapping[str, float], cfg: SearchConfig, rng: random.Random,
-                       starts: list[Policy]) -> list[Policy]:
-    """The start policies (:func:`start_policies`) and distinct mutants of them, taken in turn, up to
-    ``population`` policies."""
-    out = list(starts[: cfg.population])
-    seen = {p.policy_id() for p in out}
-    for t in range(20 * cfg.population):
-        if len(out) >= cfg.population:
-            break
-        child = mutate(starts[t % len(starts)], weights, rng, rng.randint(1, cfg.mutation_steps))
-        if child.policy_id() not in seen:
-            out.append(child)
-            seen.add(child.policy_id())
-    return out
 
 # --------------------------------------------------------------------------------------------- the loop
 
@@ -419,7 +366,10 @@ def check_resume(out_dir: str | Path, cfg: SearchConfig, context: Mapping[str, A
 
 
 def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: int) -> None:
-    missing = [u for u in units if u not in db.units]
+    if unit_kind(units) != cfg.units:
+        raise ValueError(f"the search's config has {cfg.units} units, the units given are {unit_kind(units)} units "
+                         f"(units.list_units(model, kind={cfg.units!r}))")
+    missing = [u for u in units if block_unit(u) not in db.units]
     if missing:
         raise ValueError(f"units {missing} are not in the level database {db.path}")
     off = [g for g in cfg.levels if not on_grid(g, db.grid)]

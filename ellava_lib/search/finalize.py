@@ -24,9 +24,9 @@ def exact_reprune(dense: nn.Module, policy: Policy, projector: Path | None, batc
                   progress: bool = False) -> pd.DataFrame:
     """Turn ``dense`` (a freshly loaded dense model, in place) into the exact model of a searched ``policy``:
     load the searched ``projector`` file (:func:`projector.load_projector`; ``None``: keep the model's own),
-    then prune every unit ``u`` to ``policy.sparsities[u]`` with SparseGPT, block by block on the calibration
-    ``batch``, each block on the outputs of the pruned ones before it. Returns the sparsity report
-    (:func:`prune.prune_model`)."""
+    then prune every unit ``u`` (block or matrix unit, :func:`units.policy_linears`) to ``policy.sparsities[u]``
+    with SparseGPT, block by block on the calibration ``batch``, each block on the outputs of the pruned ones
+    before it. Returns the sparsity report (:func:`prune.prune_model`)."""
     if projector is not None:
         set_projector_state(dense, load_projector(projector)[0])
     return prune_model(dense, policy, "sparsegpt", batch, sequential=True, progress=progress)

@@ -96,7 +96,8 @@ def unit_flops(model: nn.Module, sparsities: Mapping[str, float], n_visual_token
                n_text_tokens: int = DEFAULT_TEXT_TOKENS, n_images: int | None = None) -> dict:
     """FLOPs of one forward sample under a policy, and its ratio to the dense model.
 
-    Every unit (language model, and vision if the model has them) gets ``dense_u = 2 * n_u * tokens_u`` with
+    Every unit (language model, and vision if the model has them; block units, or matrix units when
+    ``sparsities`` names those, :func:`units.unit_kind`) gets ``dense_u = 2 * n_u * tokens_u`` with
     ``n_u`` its weight count and ``tokens_u = T`` (LM) or ``n_images * T_v`` (vision), and
     ``pruned_u = dense_u * (1 - s_u)`` (``s_u`` = 0 for units absent from ``sparsities``; sparse weights are
     assumed to cost nothing, the FLOP-ratio convention, not a latency). Everything else (attention scores,
@@ -109,7 +110,7 @@ def unit_flops(model: nn.Module, sparsities: Mapping[str, float], n_visual_token
     cfg = model.config
     n_img = (1 if n_visual_tokens > 0 else 0) if n_images is None else n_images
     T = n_visual_tokens + n_text_tokens
-    table = unit_table(model, include_vision=True)
+    table = unit_table(model, include_vision=True, units=units.unit_kind(sparsities))
     known = {r["name"] for r in table}
     unknown = sorted(set(sparsities) - known)
     if unknown:
@@ -225,7 +226,7 @@ def unit_accounting(model: nn.Module, policy: Policy | Mapping[str, float] | Non
     pre = phase_flops(model, sps, "prefill", n_visual_tokens, n_text_tokens)["units"]
     dec = phase_flops(model, sps, "decode", n_visual_tokens, n_text_tokens, kv_len)["units"]
     rows = []
-    for r in structure.unit_table(model, include_vision):
+    for r in structure.unit_table(model, include_vision, units.unit_kind(sps)):
         u, s = r["name"], float(sps.get(r["name"], 0.0))
         rows.append({"unit": u, "kind": r["kind"], "params": r["params"], "sparsity": s,
                      "params_kept": round(r["params"] * (1.0 - s)), "prefill_tokens": pre[u]["tokens"],
@@ -248,7 +249,7 @@ def policy_accounting(model: nn.Module, policy: Policy | Mapping[str, float] | N
     """
     sps = _sparsities(policy)
     include_vision = units.names_vision(sps)
-    sizes = units.list_units(model, include_vision)
+    sizes = units.list_units(model, include_vision, units.unit_kind(sps))
     total = units.params_by_component(model)["total"]
     pruned = sum(n * float(sps.get(u, 0.0)) for u, n in sizes.items())
     out = {"params_total": total, "params_prunable": sum(sizes.values()), "params_pruned": pruned,

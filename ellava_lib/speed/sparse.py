@@ -46,7 +46,7 @@ from torch import nn
 
 from ellava_lib.core import files
 from ellava_lib.core.policy import Policy
-from ellava_lib.core.units import names_vision, unit_linears
+from ellava_lib.core.units import policy_linears
 from ellava_lib.speed import bitmask
 from ellava_lib.speed.timing import interleaved_ms, rounds_for
 
@@ -276,9 +276,8 @@ def _targets(model: nn.Module, policy: Policy | Mapping[str, float] | None) -> d
         return {n: (n, m) for n, m in model.named_modules()
                 if type(m) is nn.Linear and not bool(m.weight.all())}
     sps = policy.sparsities if isinstance(policy, Policy) else dict(policy)
-    include_vision = names_vision(sps)
     out = {}
-    for unit, lins in unit_linears(model, include_vision).items():
+    for unit, lins in policy_linears(model, sps).items():
         if sps.get(unit, 0.0) > 0:
             out.update({paths[id(lin)]: (name, lin) for name, lin in lins.items() if type(lin) is nn.Linear})
     return out
