@@ -208,6 +208,29 @@ def test_kl_on_the_micro_model_reads_the_text_positions(micro_model_dir, batch):
     assert torch.allclose(kl, objective.per_sample_kl(logits, dense, text), atol=1e-6)
     every = objective.per_sample_losses(model, batch, "kl_all", dense)
     assert not torch.allclose(kl, every)
+    # the head and the KL run at the mask's positions only (logits_at, kl_at): the full-logit losses of every kind
+    assert torch.allclose(every, objective.per_sample_kl(logits, dense, objective.loss_mask("kl_all", batch)),
+                          atol=1e-6)
+    answer = objective.per_sample_losses(model, batch, "kl_answer", dense, idx=[6, 1, 3])
+    assert torch.allclose(answer, objective.per_sample_kl(logits[[6, 1, 3]], dense[[6, 1, 3]],
+                                                          objective.loss_mask("kl_answer", batch)[[6, 1, 3]]),
+                          atol=1e-6)
+    with torch.no_grad():
+        gathered = objective.logits_at(model, batch, torch.cat([text, torch.zeros_like(text[:, :1])], 1))
+    assert gathered.shape == (int(text.sum()), logits.shape[-1]) and torch.allclose(gathered, logits[:, :-1][text],
+                                                                                     atol=1e-5)
+
+
+def test_gathered_kl_by_hand():
+    """Two rows, V = 2, three gathered positions: row 0 at (3/4, 1/4) against dense (1/2, 1/2) and at dense itself,
+    row 1 at (1/2, 1/2) against dense (3/4, 1/4); row 2 has none (0)."""
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[ln3, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    dense = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.75, 0.25]]))
+    # KL: 0.5 ln(4/3) = 0.14384103622589042 ; 0 ; 0.75 ln 1.5 - 0.25 ln 2 = 0.13081203594113697
+    for chunk in (1, 2, None):
+        got = objective.kl_at(logits, dense, torch.tensor([0, 0, 1]), 3, chunk=chunk)
+        assert got.tolist() == pytest.approx([0.07192051811294521, 0.13081203594113697, 0.0], abs=1e-7)
 
 
 def test_the_default_kl_fitness_has_a_revision_in_the_serialised_config():

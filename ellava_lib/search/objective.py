@@ -161,6 +161,39 @@ def loss_mask(kind: str, batch: Mapping[str, torch.Tensor], image_id: int | None
     return text_mask(batch["input_ids"], attention, image_id)
 
 
+def logits_at(model: nn.Module, batch: Mapping[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """``(P, V)`` next-token logits of ``model`` at the ``P`` true entries of ``positions`` (``(B, T)`` bool, row
+    by row as ``positions.nonzero()`` orders them): the decoder's last hidden states gathered there, then the LM
+    head on those alone (equal to :func:`model_logits` indexed by ``positions``, up to the matmul's rounding; the LM
+    head of a 49k-token vocabulary is a fifth of a SmolLM2 forward, and the padding and image positions of a batch
+    are half of its positions). A model without a separate ``model`` / ``lm_head`` takes the full logits."""
+    if not (hasattr(model, "model") and isinstance(getattr(model, "lm_head", None), nn.Module)):
+        return model_logits(model, batch)[positions.to(next(model.parameters()).device)]
+    with onednn_linears(model):
+        hidden = model.model(**model_inputs(batch), use_cache=False).last_hidden_state
+        return model.lm_head(hidden[positions.to(hidden.device)])
+
+
+def kl_at(logits: torch.Tensor, dense_logprobs: torch.Tensor, rows: torch.Tensor, n_rows: int,
+          chunk: int | None = None) -> torch.Tensor:
+    """``(n_rows,)`` per-row mean of ``KL(p_dense || p)`` over gathered positions: ``logits`` ``(P, V)`` of the
+    candidate and ``dense_logprobs`` ``(P, V)`` at the same positions, ``rows`` ``(P,)`` the row of each;
+    ``sum_v p_d (log p_d - log p)`` per position, summed per row and divided by the row's count (0 for a row
+    without positions). :func:`per_sample_kl` on the gathered positions, ``chunk`` positions at a time (default
+    ``8 * KL_CHUNK``: a chunk of ``per_sample_kl`` holds its rows times ``KL_CHUNK`` positions)."""
+    chunk = int(chunk or 8 * KL_CHUNK)
+    kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for a in range(0, logits.shape[0], chunk):
+        b = min(a + chunk, logits.shape[0])
+        logp = F.log_softmax(logits[a:b].float(), dim=-1)
+        logq = dense_logprobs[a:b].to(logits.device).float()
+        kl[a:b] = (logq.exp() * (logq - logp)).sum(-1)
+    rows = rows.to(logits.device)
+    total = torch.zeros(n_rows, dtype=torch.float32, device=logits.device).index_add_(0, rows, kl)
+    count = torch.zeros(n_rows, dtype=torch.float32, device=logits.device).index_add_(0, rows, torch.ones_like(kl))
+    return total / count.clamp(min=1)
+
+
 def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``(B, T, V)`` next-token logits of ``model`` on the batch (no cache; ``model``'s CPU fp32 linears through
     oneDNN where no gradient is needed, :func:`kernels.onednn_linears`)."""
@@ -202,7 +235,9 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
 
     The KL kinds need ``dense_logits``: the dense log-probabilities of the *whole* batch (:func:`dense_logprobs_of`),
     indexed by ``idx``; ``kl`` leaves out the positions of ``model``'s image token (:func:`image_token_id`).
-    Rows are run in chunks of ``batch_size`` (all at once when None).
+    Rows are run in chunks of ``batch_size`` (all at once when None). The KL kinds compute the LM head and the
+    divergence at the positions of their mask only (:func:`logits_at`, :func:`kl_at`): the same losses as
+    :func:`per_sample_kl` on the full logits, up to float rounding, for about half the head and KL work.
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose from {', '.join(LOSS_KINDS)}")
@@ -215,11 +250,14 @@ def per_sample_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind:
     for chunk in _chunks(len(rows), batch_size):
         sel = [rows[c] for c in chunk]
         part = subset(batch, sel)
-        logits = model_logits(model, part)
         if kind == "ce":
-            out.append(per_sample_ce(logits, part["labels"]))
-        else:
-            out.append(per_sample_kl(logits, dense_logits[sel], loss_mask(kind, part, image_id), KL_CHUNK))
+            out.append(per_sample_ce(model_logits(model, part), part["labels"]))
+            continue
+        mask = loss_mask(kind, part, image_id)  # (b, T-1): position t predicts token t+1
+        at = torch.nonzero(mask)  # (P, 2): (row in the chunk, position), row by row
+        positions = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+        dense = dense_logits[torch.as_tensor(sel)[at[:, 0]], at[:, 1]]  # (P, V), gathered without a (b, T, V) copy
+        out.append(kl_at(logits_at(model, part, positions), dense, at[:, 0], len(sel)))
     return torch.cat(out).float().cpu()
 
 
