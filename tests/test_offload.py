@@ -116,12 +116,13 @@ def _db_tensors(path) -> dict[str, torch.Tensor]:
 
 def test_notebook_03_builds_its_level_database_as_the_sweep_does_offloaded_or_placed(micro_model_dir, tmp_path,
                                                                                      monkeypatch):
-    """Notebook 03 builds through ``sweep.build_tier_level_db``: with ``tier.offload`` the model stays on the CPU
-    and one block at a time goes to the device (nothing placed); without it the whole model is placed first.
+    """Notebook 03 builds through ``sweep.build_tier_level_db`` (run/leveldbs.py): with ``tier.offload`` the model
+    stays on the CPU and one block at a time goes to the device (nothing placed); without it the whole model is placed
+    first.
     Both give the database the notebook's former direct ``build_level_db`` call wrote, bit for bit."""
     from ellava_lib.data.calibration import draw_calibration, encode_calibration
     from ellava_lib.prune import leveldb
-    from ellava_lib.run import sweep
+    from ellava_lib.run import leveldbs, sweep
     from ellava_lib.run import tier as tiers
 
     samples = draw_calibration(8, 0)
@@ -132,8 +133,9 @@ def test_notebook_03_builds_its_level_database_as_the_sweep_does_offloaded_or_pl
     leveldb.build_level_db(model, batch, old, sweep.db_build_grid(old, grid), progress=False,
                            calib_info={"ids": [s.id for s in samples], "seed": 0})
     seen: dict[str, list] = {"place": [], "device": []}
-    real_place, real_build = sweep.place, leveldb.build_level_db
-    monkeypatch.setattr(sweep, "place", lambda t, m, b=None: (seen["place"].append(t.offload), real_place(t, m, b))[1])
+    real_place, real_build = leveldbs.place, leveldb.build_level_db
+    monkeypatch.setattr(leveldbs, "place",
+                        lambda t, m, b=None: (seen["place"].append(t.offload), real_place(t, m, b))[1])
     monkeypatch.setattr(leveldb, "build_level_db",
                         lambda *a, **kw: (seen["device"].append(kw.get("device")), real_build(*a, **kw))[1])
     for offload in (False, True):
