@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, help="splice the table into the e2e_decode block of this README or "
                                                 "of the docs/*.md page beside it that holds it")
     ap.add_argument("--layers", type=int, help=f"{TIER_7B}: decoder layers (default: all 32; --small: 2)")
-    ap.add_argument("--small", action="store_true",
+    ap.add_argument("--small", "--dry-run", action="store_true", dest="small",
                     help=f"{TIER_7B}: the scaled-down config (hidden 256, vocabulary 1000): seconds, for tests")
     ap.add_argument("--text-tokens", type=int, default=TEXT_TOKENS_7B,
                     help=f"{TIER_7B}: text tokens after the image positions")
