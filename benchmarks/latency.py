@@ -137,7 +137,7 @@ def paired_ms(dense: Callable[[], object], pruned: Callable[[], object], device:
 def kth_smallest_abs(weight: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th smallest ``|w|`` (1-based), as ``weight.abs().flatten().kthvalue(k).values``. For 16-bit floats
     exactly that value from a histogram of the magnitude bit patterns (sign bit cleared, a non-negative float's
-    bits order as its value): ``bincount`` + ``cumsum``, 5x faster than ``kthvalue`` on 45M bfloat16 weights."""
+    bits order as its value): ``bincount`` + ``cumsum``, several times faster than ``kthvalue`` on a 7B layer."""
     if weight.dtype not in (torch.bfloat16, torch.float16):
         return weight.abs().flatten().kthvalue(k).values
     codes = (weight.detach().reshape(-1).view(torch.int16) & 0x7FFF).to(torch.int32)
