@@ -298,8 +298,8 @@ class BitmaskLinear(PackedLinear):
         Orientation: ``X`` is the GEMM's source and the tile its weight, as in the dense ``F.linear(X, W)``, so
         oneDNN's matmul (``brg_matmul``, bfloat16 or float32) repacks each tile once (in all, ``W`` once, as dense
         does) and never ``X``; the former ``W_tile X^T`` orientation made ``X^T`` the weight, repacked for every
-        tile (``d_out / tile`` copies of ``X``), the likely cause of bf16 prefill at 0.80x dense. Peak extra memory:
-        one tile."""
+        tile (``d_out / tile`` copies of ``X``), the likely cause of the bf16 prefill gap in latency.json.
+        Peak extra memory: one tile."""
         n = rows.shape[0]
         out = torch.empty(n, self.out_features, dtype=rows.dtype)
         step = tile_rows(self.in_features, rows.element_size(), self.out_features)
