@@ -32,6 +32,29 @@ linears in their storage, ``latency.weight_bytes``, plus the output head; embedd
 ``bw_limit_ratio`` = dense bytes / pruned bytes; ``bw_fraction`` = bytes / (ms per token) / read bandwidth
 (``latency.read_bandwidth``).
 
+Tier ``llava-1.5-7b`` (:func:`records_7b`; bfloat16 only, its own results file and table): LLaVA-1.5-7B from the
+shipped config (``structure.load_config``, nothing downloaded) with random bfloat16 weights built in place
+(``loading.random_weights``: allocated and initialised in bfloat16, no float32 or second copy), ``--layers N`` of
+its 32 decoder layers. The pruned model is a *view* of the dense one (:func:`pruned_view`): it shares every tensor
+(vision tower, embeddings, norms, ``lm_head``) except the decoder linears, which are masked and packed one at a
+time (the dense weight's masked copy is freed right after packing), so a row holds the dense model once plus the
+packed linears. The prompt is LLaVA-1.5's shape: BOS, 576 image positions, ``--text-tokens`` text tokens
+(``dryrun.synthetic_batch``: random ids, random pixels). One run = prefill (timed: time to first token, logits of
+the last position only, as ``generate`` does) then ``--new-tokens`` greedy steps with the KV cache (timed: ms per
+token); dense and pruned alternate. Backends ``bitmask`` (every decoder linear packed) and ``auto``
+(``sparsify_model`` per linear with ``dense_budget`` = ``--dense-budget-gib``, default 0: no dense copy; weights
+``{1: new_tokens}``). Each (pattern, backend) row runs in its own process (:func:`run_row_7b`), so its peak
+resident memory (``VmHWM``) is its own: ``peak_rss_gib`` with the dense model beside the pruned one (they
+alternate), ``pruned_peak_rss_gib`` of the pruned model alone (the dense model freed, the peak reset through
+``/proc/self/clear_refs``, one more prefill + decode). Also: the share of a decode step spent in cache attention
+(``self_attn`` minus its four projections), the whole ``self_attn`` block and ``lm_head`` (forward hooks, a few
+extra steps after the timed runs), ``bw_limit_ms_*`` = bytes read per decode step / measured read bandwidth,
+and the load average. ``--small`` runs the same code on ``structure.scaled_config`` (hidden 256, 2 layers,
+vocabulary 1000, same head layout, full 576-position image) in seconds, for the tests::
+
+    PYTHONPATH=. flock /tmp/ellava-cpu.lock python benchmarks/e2e_decode.py --tiers llava-1.5-7b \
+        --out benchmarks/results/e2e_decode_7b.json --readme README.md
+
 Usage (the table of docs/speed.md; ``--readme README.md`` splices into whichever of the README and
 ``docs/*.md`` holds the ``e2e_decode`` block)::
 
@@ -40,20 +63,27 @@ Usage (the table of docs/speed.md; ``--readme README.md`` splices into whichever
     python benchmarks/e2e_decode.py --results benchmarks/results/e2e_decode.json --readme README.md  # splice only
 
 ``--dtypes bfloat16 --out OTHER.json`` times bfloat16 into another file; ``--results A.json B.json --readme``
-splices both into one table.
+splices both into one table; records of the 7B tier go to the ``e2e_decode_7b`` block instead, and a results file
+that is absent or marked pending (``{"pending": why, "command": ...}``) leaves a "not measured yet" line there.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
+import gc
 import importlib.util
+import itertools
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -63,14 +93,21 @@ from torch import nn
 
 from ellava_lib.core import units
 from ellava_lib.core.policy import Policy
-from ellava_lib.speed import bitmask, flops
+from ellava_lib.speed import bitmask, flops, sparse
 
-TIERS = ("tiny", "smol")
+TIER_7B = "llava-1.5-7b"
+TIERS = ("tiny", "smol", TIER_7B)
+#: Tiers run when ``--tiers`` is not given (the 7B tier is asked for by name: it takes tens of minutes).
+DEFAULT_TIERS = ("tiny", "smol")
+#: 7B tier defaults: text tokens after the 576 image positions, timed run pairs.
+TEXT_TOKENS_7B, REPEATS_7B = 40, 3
+GIB = 2**30
 PATTERNS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
 BACKENDS = ("dense", "bitmask", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHTS = {"tiny": "untrained (random, seed 0)",
-           "smol": "SmolLM2-135M-Instruct decoder (pretrained); untrained vision tower"}
+           "smol": "SmolLM2-135M-Instruct decoder (pretrained); untrained vision tower",
+           TIER_7B: "random bfloat16 (transformers' initialisation, seed 0), shipped config"}
 
 
 @functools.cache
@@ -185,6 +222,249 @@ def tier_records(tier: str, dtype: torch.dtype, new_tokens: int, warmup: int, re
     return records
 
 
+# -------------------------------------------------------------------------------------------------- 7B tier
+
+
+def config_7b(layers: int | None = None, small: bool = False):
+    """LLaVA-1.5-7B's shipped config with ``layers`` decoder layers (``None``: all 32); ``small``: its
+    ``structure.scaled_config`` (hidden 256, 2 layers unless ``layers``, vocabulary 1000, same head layout)."""
+    from ellava_lib.model import structure
+
+    config = structure.load_config(TIER_7B)
+    if small:
+        return structure.scaled_config(config, layers=layers or 2)
+    if layers is not None:
+        config.text_config.num_hidden_layers = int(layers)
+    return config
+
+
+def prompt_7b(config, text_tokens: int = TEXT_TOKENS_7B) -> dict[str, torch.Tensor]:
+    """One LLaVA-1.5 prompt: BOS, ``image_seq_length`` image positions, ``text_tokens`` text ids; bf16 pixels."""
+    from ellava_lib.run.dryrun import synthetic_batch
+
+    enc = synthetic_batch(config, 1, text_tokens, 0, torch.bfloat16, labels=False)
+    return {k: enc[k] for k in ("input_ids", "pixel_values")}
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct tensors a model holds (parameters and buffers; shared ones counted once)."""
+    seen = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def pruned_view(model: nn.Module, sparsity: float, pattern: str, backend: str, rows: list[int], cache: dict,
+                new_tokens: int, dense_budget: int = 0) -> tuple[nn.Module, int, int, float]:
+    """A pruned twin of ``model`` sharing every tensor but the decoder linears, each of which is masked
+    (``latency.mask_linears``: magnitude, ``pattern``) on a copy of its weight and swapped for the sparse module
+    of ``backend`` (``bitmask``: :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto``:
+    :func:`~ellava_lib.speed.sparse.sparsify_model` on that one linear, ``dense_budget`` bytes of dense copies at
+    most, weights ``{1: new_tokens}``); the masked copy is freed before the next layer. Returns ``(view, swapped,
+    pruned linears, measured sparsity of the decoder linears)``."""
+    lat = _latency()
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    view = copy.deepcopy(model, memo)  # a new module tree over the same tensors: no weight is copied
+    paths = {id(m): n for n, m in view.named_modules()}
+    swapped = n_lin = kept = total = 0
+    for lins in units.unit_linears(view).values():
+        for lin in lins.values():
+            masked = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+            masked.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+            masked.bias = lin.bias
+            lat.mask_linears(masked, sparsity, pattern)
+            kept += int(torch.count_nonzero(masked.weight))
+            total += masked.weight.numel()
+            if backend == "bitmask":
+                module: nn.Module = bitmask.BitmaskLinear.from_linear(masked)
+            else:
+                holder = nn.Sequential(masked)
+                sparse.sparsify_model(holder, None, "auto", example_inputs=rows, cache=cache,
+                                      row_weights={1: new_tokens}, dense_budget=dense_budget, stream=True)
+                module = holder[0]
+                del holder
+            del masked
+            swapped += int(not isinstance(module, nn.Linear))
+            n_lin += 1
+            view.set_submodule(paths[id(lin)], module)
+    return view.eval(), swapped, n_lin, 1 - kept / max(1, total)
+
+
+@torch.no_grad()
+def timed_generation(model: nn.Module, enc: dict, new_tokens: int) -> tuple[float, float]:
+    """``(time to first token s, ms per token)``: prefill (logits of the last position only) and its argmax
+    timed, then ``new_tokens`` greedy steps with the KV cache timed."""
+    t0 = time.perf_counter()
+    out = model(**enc, use_cache=True, logits_to_keep=1)
+    tok = out.logits[:, -1:].argmax(-1)
+    t1 = time.perf_counter()
+    kv = out.cache
+    for _ in range(new_tokens):
+        out = model(input_ids=tok, cache=kv, use_cache=True)
+        kv, tok = out.cache, out.logits[:, -1:].argmax(-1)
+    return t1 - t0, 1e3 * (time.perf_counter() - t1) / max(1, new_tokens)
+
+
+@torch.no_grad()
+def decode_shares(model: nn.Module, enc: dict, steps: int = 4) -> dict[str, float]:
+    """Shares of a decode step's wall time (``steps`` greedy steps after an untimed prefill, forward hooks):
+    ``attn`` = cache attention (every ``self_attn`` minus its q/k/v/o projections: rotary, the KV cache, SDPA),
+    ``attn_block`` = whole ``self_attn`` blocks, ``lm_head`` = the output head."""
+    spent = {"attn_block": 0.0, "proj": 0.0, "lm_head": 0.0}
+    starts: dict[int, float] = {}
+    hooks = []
+
+    def watch(module: nn.Module, key: str) -> None:
+        hooks.append(module.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter())))
+        hooks.append(module.register_forward_hook(
+            lambda m, a, o: spent.__setitem__(key, spent[key] + time.perf_counter() - starts[id(m)])))
+
+    out = model(**enc, use_cache=True, logits_to_keep=1)
+    kv, tok = out.cache, out.logits[:, -1:].argmax(-1)
+    for layer in units.lm_layers(model):
+        watch(layer.self_attn, "attn_block")
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            watch(getattr(layer.self_attn, name), "proj")
+    watch(model.lm_head, "lm_head")
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=tok, cache=kv, use_cache=True)
+            kv, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        step = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"attn": (spent["attn_block"] - spent["proj"]) / step, "attn_block": spent["attn_block"] / step,
+            "lm_head": spent["lm_head"] / step}
+
+
+def memory_status() -> dict[str, float]:
+    """``{"hwm_gib", "rss_gib"}`` from ``/proc/self/status`` (VmHWM, VmRSS), else ``ru_maxrss`` for both."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out["hwm_gib" if key == "VmHWM" else "rss_gib"] = int(value.split()[0]) * 1024 / GIB
+    except OSError:
+        pass
+    if not out:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        out = {"hwm_gib": peak, "rss_gib": peak}
+    return out
+
+
+def reset_peak() -> bool:
+    """Return freed heap to the system (``malloc_trim``) and reset VmHWM to the current RSS (``echo 5 >
+    /proc/self/clear_refs``, Linux >= 4.0); whether the reset worked."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_row_7b(spec: dict) -> dict:
+    """One (pattern, backend) row of the 7B tier, in this process (see the module docstring)."""
+    lat = _latency()
+    from ellava_lib.model import loading, structure
+
+    torch.set_num_threads(spec["threads"])
+    load_start = os.getloadavg()[0]
+    config = config_7b(spec["layers"], spec["small"])
+    t0 = time.perf_counter()
+    model = loading.random_weights(config, "cpu", "bfloat16", seed=0)
+    build_s = time.perf_counter() - t0
+    enc = prompt_7b(config, spec["text_tokens"])
+    prompt = int(enc["input_ids"].shape[1])
+    n_vis = int(config.image_seq_length)
+    t0 = time.perf_counter()
+    pruned, swapped, n_lin, measured = pruned_view(model, spec["sparsity"], spec["pattern"], spec["backend"],
+                                                   [1, prompt], {}, spec["new_tokens"],
+                                                   int(spec["dense_budget_gib"] * GIB))
+    prune_s = time.perf_counter() - t0
+    dense_runs, pruned_runs = [], []
+    for i in range(spec["warmup"] + spec["repeats"]):
+        d, p = timed_generation(model, enc, spec["new_tokens"]), timed_generation(pruned, enc, spec["new_tokens"])
+        if i >= spec["warmup"]:
+            dense_runs.append(d)
+            pruned_runs.append(p)
+        print(f"    {spec['pattern']} {spec['sparsity']:.0%} {spec['backend']} pair {i}: ttft {d[0]:.2f} / "
+              f"{p[0]:.2f} s, {d[1]:.1f} / {p[1]:.1f} ms per token", file=sys.stderr, flush=True)
+    shares = {"dense": decode_shares(model, enc), "pruned": decode_shares(pruned, enc)}
+    both = memory_status()
+    dense_bytes, pruned_bytes = decode_bytes(model, lat.weight_bytes), decode_bytes(pruned, lat.weight_bytes)
+    dense_model, pruned_model = _tensor_bytes(model), _tensor_bytes(pruned)
+    meta = structure.meta_model(config)
+    policy = Policy.uniform(units.list_units(meta), spec["sparsity"])
+    fr = flops.flop_ratio(meta, policy, "decode", "model", n_visual_tokens=n_vis, n_text_tokens=prompt - n_vis)
+    del model
+    gc.collect()
+    alone = None
+    if reset_peak():
+        timed_generation(pruned, enc, spec["new_tokens"])
+        alone = memory_status()["hwm_gib"]
+    dense_ms = statistics.median(r[1] for r in dense_runs)
+    pruned_ms = statistics.median(r[1] for r in pruned_runs)
+    dense_ttft = statistics.median(r[0] for r in dense_runs)
+    pruned_ttft = statistics.median(r[0] for r in pruned_runs)
+    ttft_pairs = [d[0] / p[0] for d, p in zip(dense_runs, pruned_runs)]
+    return {"tier": TIER_7B, "weights": WEIGHTS[TIER_7B] + (" (small: scaled_config)" if spec["small"] else ""),
+            "dtype": "bfloat16", "layers": int(config.text_config.num_hidden_layers),
+            "hidden": int(config.text_config.hidden_size), "sparsity": spec["sparsity"], "pattern": spec["pattern"],
+            "measured_sparsity": measured, "backend": spec["backend"], "swapped": f"{swapped}/{n_lin}",
+            "prompt_tokens": prompt, "image_tokens": n_vis, "new_tokens": spec["new_tokens"],
+            "dense_ms_per_token": dense_ms, "pruned_ms_per_token": pruned_ms,
+            "dense_tokens_per_s": 1e3 / dense_ms, "pruned_tokens_per_s": 1e3 / pruned_ms,
+            **ratio_stats([r[1] for r in dense_runs], [r[1] for r in pruned_runs]),
+            "dense_ttft_s": dense_ttft, "pruned_ttft_s": pruned_ttft, "ttft_ratio": dense_ttft / pruned_ttft,
+            "ttft_ratio_min": min(ttft_pairs), "flop_ratio": fr, "dense_bytes": dense_bytes,
+            "bytes_read": pruned_bytes, "bw_limit_ratio": dense_bytes / pruned_bytes,
+            "dense_model_gib": dense_model / GIB, "pruned_model_gib": pruned_model / GIB,
+            "peak_rss_gib": both["hwm_gib"], "pruned_peak_rss_gib": alone,
+            "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+            "attn_share_dense": shares["dense"]["attn"], "attn_share_pruned": shares["pruned"]["attn"],
+            "attn_block_share_dense": shares["dense"]["attn_block"],
+            "attn_block_share_pruned": shares["pruned"]["attn_block"],
+            "lm_head_share_dense": shares["dense"]["lm_head"], "lm_head_share_pruned": shares["pruned"]["lm_head"],
+            "build_s": build_s, "prune_s": prune_s, "row_loadavg_start": load_start,
+            "row_loadavg_end": os.getloadavg()[0], "threads": torch.get_num_threads(),
+            "dense_budget_gib": spec["dense_budget_gib"] if spec["backend"] == "auto" else None}
+
+
+def records_7b(patterns: list[tuple[float, str]], backends: list[str], new_tokens: int, warmup: int,
+               repeats: int, threads: int, bandwidth: float, layers: int | None, small: bool, text_tokens: int,
+               dense_budget_gib: float) -> list[dict]:
+    """The 7B tier's records: one child process per (pattern, backend) row (:func:`run_row_7b`, started as
+    ``python e2e_decode.py --row-7b SPEC``), in order; the bandwidth fields are added here."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    records = []
+    for (sparsity, pattern), backend in itertools.product(patterns, backends):
+        spec = {"sparsity": sparsity, "pattern": pattern, "backend": backend, "new_tokens": new_tokens,
+                "warmup": warmup, "repeats": repeats, "threads": threads, "layers": layers, "small": small,
+                "text_tokens": text_tokens, "dense_budget_gib": dense_budget_gib}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "row.json"
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row-7b", json.dumps(spec),
+                            "--out", str(out)], check=True, env=env)
+            rec = json.loads(out.read_text())
+        ms = 1e-3 * bandwidth * 1e9
+        rec.update({"bw_limit_ms_dense": rec["dense_bytes"] / ms, "bw_limit_ms_pruned": rec["bytes_read"] / ms,
+                    "bw_fraction": rec["bytes_read"] / (rec["pruned_ms_per_token"] * 1e-3) / (bandwidth * 1e9),
+                    "dense_bw_fraction": rec["dense_bytes"] / (rec["dense_ms_per_token"] * 1e-3) / (bandwidth * 1e9)})
+        records.append(rec)
+        print(f"  {TIER_7B} {sparsity:.0%} {pattern} {backend}: {rec['measured_ratio']:.2f}x decode, ttft "
+              f"{rec['ttft_ratio']:.2f}x, peak {rec['peak_rss_gib']:.1f} GiB", file=sys.stderr, flush=True)
+    return records
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -234,32 +514,141 @@ def splice_readme(readme: Path, records: list[dict], source: Path | str) -> None
     update_readme(readme, "e2e_decode", to_markdown(records) + "\n" + setup + "\n")
 
 
+#: The command that measures the 7B tier (shown where its results are pending).
+COMMAND_7B = ("PYTHONPATH=. flock /tmp/ellava-cpu.lock python benchmarks/e2e_decode.py --tiers llava-1.5-7b "
+              "--out benchmarks/results/e2e_decode_7b.json --readme README.md")
+
+
+def _gib(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def to_markdown_7b(records: list[dict]) -> str:
+    """One row per (sparsity, backend) of the 7B tier: FLOP ratio, decode ratio and tokens/s, time to first token,
+    the bandwidth limit (ms per token at the measured read bandwidth), peak resident memory, and the shares of a
+    decode step that sparsity does not touch (cache attention, ``lm_head``)."""
+    head = ("| layers | sparsity | backend (swapped) | FLOP ratio (decode step) | measured ratio [quartiles] | "
+            "tokens/s dense -> pruned | time to first token, s: dense -> pruned (ratio) | bandwidth limit, ms/token: "
+            "dense -> pruned | of read bandwidth, pruned (dense) | peak RSS GiB: with dense / pruned alone | "
+            "cache attention / lm_head share of a decode step: dense -> pruned |")
+    lines = [head, "|" + "---|" * 11]
+    for r in records:
+        lines.append(
+            f"| {r['layers']} | {r['sparsity']:.0%} {r['pattern']} ({r['measured_sparsity']:.1%}) | {r['backend']} "
+            f"({r['swapped']}) | {r['flop_ratio']:.2f}x | **{r['measured_ratio']:.2f}x** [{r['ratio_q1']:.2f}-"
+            f"{r['ratio_q3']:.2f}] | {r['dense_tokens_per_s']:.2f} -> {r['pruned_tokens_per_s']:.2f} | "
+            f"{r['dense_ttft_s']:.2f} -> {r['pruned_ttft_s']:.2f} ({r['ttft_ratio']:.2f}x) | "
+            f"{r['bw_limit_ms_dense']:.0f} -> {r['bw_limit_ms_pruned']:.0f} | {r['bw_fraction']:.0%} "
+            f"({r['dense_bw_fraction']:.0%}) | {_gib(r['peak_rss_gib'])} / {_gib(r['pruned_peak_rss_gib'])} | "
+            f"{r['attn_share_dense']:.0%} / {r['lm_head_share_dense']:.0%} -> {r['attn_share_pruned']:.0%} / "
+            f"{r['lm_head_share_pruned']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def splice_7b(readme: Path, records: list[dict], pending: str | None, source: str) -> None:
+    """The 7B table (:func:`to_markdown_7b`) with its setup line into the ``e2e_decode_7b`` block, or, with no
+    7B records (results absent or pending), a line saying so and the command that measures it."""
+    from ellava_lib.run.report import update_readme
+
+    if not records:
+        body = (f"*Not measured yet ({pending or 'no results file'}): run `{COMMAND_7B}` on an otherwise idle "
+                f"2-core machine with 24 GiB (its results file is {source}).*\n")
+        update_readme(readme, "e2e_decode_7b", body)
+        return
+    r = records[0]
+    rows_load = [x for rec in records for x in (rec.get("row_loadavg_start"), rec.get("row_loadavg_end"))
+                 if x is not None]
+    load = (f" Load average {r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f} over the run (rows "
+            f"{min(rows_load):.1f}-{max(rows_load):.1f}) on {r.get('cpus')} CPUs." if "loadavg_start" in r else "")
+    setup = (f"*Generated by `python benchmarks/e2e_decode.py --tiers llava-1.5-7b` from {source}: "
+             f"{r['weights']}, bfloat16, device {r.get('device')}, {r.get('threads')} torch thread(s), torch "
+             f"{r.get('torch')}; a prompt of {r['prompt_tokens']} tokens ({r['image_tokens']} image positions) then "
+             f"{r['new_tokens']} greedy tokens with the KV cache per run, median of {r.get('repeats')} runs after "
+             f"{r.get('warmup')} warm-up, dense (unpruned) and pruned runs alternating in one process per row. "
+             f"Memory bandwidth {r.get('read_gbs', 0):.1f} GB/s read.{load} Masks: magnitude on every decoder "
+             f"linear (measured sparsity in brackets); `auto` with a dense budget of "
+             f"{r.get('dense_budget_gib') or 0:g} GiB. Peak RSS = VmHWM of the row's process: with the dense model "
+             f"beside the pruned one (they alternate), and of the pruned model alone (dense freed, peak reset, one "
+             f"more prefill + decode). Bandwidth limit = weight bytes read per decode step / read bandwidth. Cache "
+             f"attention = self-attention minus its projections (forward hooks, separate steps).*")
+    update_readme(readme, "e2e_decode_7b", to_markdown_7b(records) + "\n" + setup + "\n")
+
+
+def load_results(paths: list[Path]) -> tuple[list[dict], str | None]:
+    """``(records, pending)``: the records of every file (a JSON list), and why the 7B measurement is missing when
+    a file is absent or marked pending (a JSON object with a ``pending`` key; only the 7B tier is measured
+    elsewhere, so such a file is the 7B tier's)."""
+    records, pending = [], None
+    for f in paths:
+        if not f.is_file():
+            pending = f"{f} absent"
+            continue
+        data = json.loads(f.read_text())
+        if isinstance(data, dict):
+            pending = str(data.get("pending", "marked pending"))
+            continue
+        records += data
+    return records, pending
+
+
+def splice_all(readme: Path, records: list[dict], pending: str | None, source: str) -> None:
+    """Records of the tiny / smol tiers into ``e2e_decode``, of the 7B tier (or its pending note) into
+    ``e2e_decode_7b``; a block with nothing to show is left as it is."""
+    small = [r for r in records if r["tier"] != TIER_7B]
+    big = [r for r in records if r["tier"] == TIER_7B]
+    if small:
+        splice_readme(readme, small, source)
+    if big or pending is not None:
+        splice_7b(readme, big, pending, source)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="JSON file of the records")
-    ap.add_argument("--tiers", default=",".join(TIERS), help="comma list of tiny, smol")
+    ap.add_argument("--tiers", default=",".join(DEFAULT_TIERS),
+                    help=f"comma list of tiny, smol, or {TIER_7B} alone (its own --out)")
     ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma list of dense, bitmask, auto")
     ap.add_argument("--patterns", help="comma list of SPARSITY:PATTERN (default 0.5:unstructured,"
                                        "0.7:unstructured,0.5:2:4)")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens timed per run")
-    ap.add_argument("--repeats", type=int, default=7, help="timed run pairs")
+    ap.add_argument("--repeats", type=int, help=f"timed run pairs (default 7; {TIER_7B}: {REPEATS_7B})")
     ap.add_argument("--warmup", type=int, default=1, help="untimed run pairs")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--results", type=Path, nargs="+", help="splice existing JSON files (records concatenated) "
                                                               "into --readme; time nothing")
     ap.add_argument("--readme", type=Path, help="splice the table into the e2e_decode block of this README or "
                                                 "of the docs/*.md page beside it that holds it")
+    ap.add_argument("--layers", type=int, help=f"{TIER_7B}: decoder layers (default: all 32; --small: 2)")
+    ap.add_argument("--small", "--dry-run", action="store_true", dest="small",
+                    help=f"{TIER_7B}: the scaled-down config (hidden 256, vocabulary 1000): seconds, for tests")
+    ap.add_argument("--text-tokens", type=int, default=TEXT_TOKENS_7B,
+                    help=f"{TIER_7B}: text tokens after the image positions")
+    ap.add_argument("--dense-budget-gib", type=float, default=0.0,
+                    help=f"{TIER_7B}: dense copies auto may keep (GiB; default 0: dense-free)")
+    ap.add_argument("--row-7b", help=argparse.SUPPRESS)  # internal: one 7B row (a JSON spec) in this process
     args = ap.parse_args(argv)
+    if args.row_7b is not None:
+        record = run_row_7b(json.loads(args.row_7b))
+        args.out.write_text(json.dumps(record) + "\n")
+        return 0
     if args.results is not None:
         if args.readme is None:
             ap.error("--results needs --readme")
-        records = [r for f in args.results for r in json.loads(f.read_text())]
-        splice_readme(args.readme, records, " + ".join(f"`{f}`" for f in args.results))
+        records, pending = load_results(args.results)
+        splice_all(args.readme, records, pending, " + ".join(f"`{f}`" for f in args.results))
         return 0
     if args.out is None:
         ap.error("--out is required")
-    tiers, backends = args.tiers.split(","), args.backends.split(",")
+    tiers = args.tiers.split(",")
+    big = TIER_7B in tiers
+    if big and len(tiers) > 1:
+        ap.error(f"{TIER_7B} runs alone (its own --out)")
+    backends = (args.backends if args.backends != ",".join(BACKENDS) or not big else "bitmask,auto").split(",")
+    if big and "dense" in backends:
+        ap.error(f"{TIER_7B}: backends bitmask, auto (a masked dense copy of the 7B model does not fit beside "
+                 f"the dense one; dense runs in every pair anyway)")
+    repeats = args.repeats or (REPEATS_7B if big else 7)
     try:
         dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
         patterns = _latency()._patterns(args.patterns) or PATTERNS
@@ -271,17 +660,20 @@ def main(argv: list[str] | None = None) -> int:
         backends.remove("bitmask")
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    bw = _latency().read_bandwidth()
+    bw = _latency().read_bandwidth(mib=64 if args.small else 512)
     t0 = time.time()
     records = []
-    for dtype in dtypes:
+    if big:
+        records = records_7b(patterns, backends, args.new_tokens, args.warmup, repeats, args.threads,
+                             bw["read_gbs"], args.layers, args.small, args.text_tokens, args.dense_budget_gib)
+    for dtype in dtypes if not big else []:
         for tier in tiers:
-            records += tier_records(tier, dtype, args.new_tokens, args.warmup, args.repeats, bw["read_gbs"],
+            records += tier_records(tier, dtype, args.new_tokens, args.warmup, repeats, bw["read_gbs"],
                                     patterns, backends)
             print(f"[{time.time() - t0:.0f} s] {tier} {dtype} done", file=sys.stderr, flush=True)
     info = bitmask.extension_info()
     env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": platform.python_version(), "machine": platform.machine(), "repeats": args.repeats,
+           "python": platform.python_version(), "machine": platform.machine(), "repeats": repeats,
            "warmup": args.warmup, **bw, "bitmask_paths": "/".join(info.get("paths") or []) or None,
            "seconds": round(time.time() - t0, 1), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
            "cpus": os.cpu_count()}
@@ -289,8 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     if args.readme is not None:
-        splice_readme(args.readme, records, args.out)
-    print(to_markdown(records))
+        splice_all(args.readme, records, None, f"`{args.out}`")
+    print(to_markdown_7b(records) if big else to_markdown(records))
     return 0
 
 

@@ -80,15 +80,62 @@ def test_kernel_equals_dense_matmul(ext, dtype, path, threads):
         torch.set_num_threads(before)
 
 
-def test_tiles_cover_rows_past_one_tile(ext, monkeypatch):
-    monkeypatch.setattr(bitmask, "TILE_ROWS", 16)  # 37 output rows: tiles of 16, 16, 5
-    w = _weight(37, 45, 0.6, seed=3)
-    mod = bitmask.BitmaskLinear(w, torch.randn(37))
-    x = torch.randn(2, 12, 45)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_cover_rows_past_one_tile(ext, monkeypatch, dtype):
+    size = torch.empty(0, dtype=dtype).element_size()
+    monkeypatch.setattr(bitmask, "TILE_BYTES", 16 * 45 * size + 7)  # 37 output rows: tiles of 16, 16, 5
+    assert bitmask.tile_rows(45, size, 37) == 16 and bitmask.tile_rows(45, size, 8) == 8
+    w = _weight(37, 45, 0.6, seed=3).to(dtype)
+    for bias in (torch.randn(37).to(dtype), None):
+        mod = bitmask.BitmaskLinear(w, bias)
+        x = torch.randn(2, 12, 45).to(dtype)
+        with torch.no_grad():
+            y = mod(x)
+        assert y.shape == (2, 12, 37) and mod.dense_weight is None
+        _check(y.reshape(-1, 37), x.reshape(-1, 45), w, mod.bias)
+
+
+def test_tile_height_follows_the_byte_budget(monkeypatch):
+    monkeypatch.setattr(bitmask, "TILE_BYTES", 4 * 2**20)
+    assert bitmask.tile_rows(4096, 4, 11008) == 256 and bitmask.tile_rows(4096, 2, 11008) == 512
+    assert bitmask.tile_rows(11008, 2, 4096) == 176  # 190 rows rounded down to a multiple of 16
+    assert bitmask.tile_rows(2**22, 4, 100) == 16  # never below one aligned block
+    assert bitmask.tile_rows(64, 2, 40) == 40  # a small weight is one tile
+
+
+def test_from_packed_takes_the_tensors_as_they_are(ext):
+    w = _weight(40, 70, 0.7, seed=4).to(torch.bfloat16)
+    p = bitmask.pack(w)
+    mod = bitmask.BitmaskLinear.from_packed(p["values"], p["mask"], 70, None)
+    assert mod.values.data_ptr() == p["values"].data_ptr() and torch.equal(mod.offsets, p["offsets"])
+    assert mod.nbytes() == p["values"].numel() * 2 + p["mask"].numel() + 41 * 8 and mod.dense_weight is None
+    x = torch.randn(3, 70).to(torch.bfloat16)
     with torch.no_grad():
-        y = mod(x)
-    assert y.shape == (2, 12, 37)
-    _check(y.reshape(-1, 37), x.reshape(-1, 45), w, mod.bias)
+        assert torch.equal(mod(x), bitmask.BitmaskLinear(w)(x))
+    mod.keep_dense_from(2)
+    assert mod.nbytes() == p["values"].numel() * 2 + p["mask"].numel() + 41 * 8 + 40 * 70 * 2
+    mod.drop_dense()
+    assert mod.dense_weight is None and mod.dense_from_rows is None
+    with pytest.raises(ValueError, match="offsets end"):
+        bitmask.BitmaskLinear.from_packed(p["values"][:-1], p["mask"], 70)
+    with pytest.raises(ValueError, match="mask must be"):
+        bitmask.BitmaskLinear.from_packed(p["values"], p["mask"], 200)
+
+
+def test_bitmask_imports_nothing_from_the_registry():
+    """bitmask.py owns the format and the kernel; sparse.py (registry, decision) imports it, never the reverse,
+    not even inside a function."""
+    import ast
+    import inspect
+
+    names = set()
+    for node in ast.walk(ast.parse(inspect.getsource(bitmask))):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    assert not [n for n in names if "ellava_lib" in n], sorted(names)
 
 
 def test_simd_and_scalar_paths_agree_and_the_env_forces_scalar(ext, monkeypatch):
@@ -191,3 +238,31 @@ def test_auto_keeps_a_dense_copy_where_only_prefill_is_slower(ext):
     sparse.sparsify_model(plain, backend="auto", example_inputs=[1, 600], cache=cache, keep_dense=False,
                           row_weights={1: 10})  # 10 decode steps per prefill: 17 ms bitmask vs 20 ms dense
     assert isinstance(plain[0], bitmask.BitmaskLinear) and plain[0].dense_weight is None
+
+
+def test_dense_budget_limits_the_dense_copies(ext):
+    """Two equal layers whose bitmask wins at decode and loses at prefill: a budget of one copy gives the first
+    its dense copy; the second is decided dense-free (weighted rule); budget 0 keeps no copy at all."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=False)
+    with torch.no_grad():
+        lin.weight[magnitude_mask(lin.weight, 0.7)] = 0
+    density = float(torch.count_nonzero(lin.weight)) / lin.weight.numel()
+    key = sparse._cache_key(lin, density, (1, 600), "bitmask")
+    cache = {key: {"dense_ms": [1.0, 10.0], "sparse_ms": [0.5, 10.2]},
+             sparse._cache_key(lin, density, (1, 600), "csr"): {"dense_ms": [1.0, 10.0], "sparse_ms": [9.0, 90.0]}}
+    copy_bytes = 48 * 40 * 4
+    seq = nn.Sequential(copy.deepcopy(lin), copy.deepcopy(lin))
+    table = sparse.sparsify_model(seq, backend="auto", example_inputs=[1, 600], cache=cache,
+                                  dense_budget=copy_bytes + 1, row_weights={1: 32})
+    assert seq[0].dense_from_rows == 600 and seq[0].dense_weight is not None
+    assert isinstance(seq[1], bitmask.BitmaskLinear) and seq[1].dense_weight is None  # 26.2 ms vs 42 ms dense
+    assert "over dense_budget" in table.loc[1, "note"] and table.loc[0, "note"] == ""
+    assert table.loc[1, "sparse_ms"] == pytest.approx(32 * 0.5 + 10.2)
+    free = nn.Sequential(copy.deepcopy(lin), copy.deepcopy(lin))
+    sparse.sparsify_model(free, backend="auto", example_inputs=[1, 600], cache=cache, dense_budget=0,
+                          row_weights={1: 32})
+    assert all(isinstance(m, bitmask.BitmaskLinear) and m.dense_weight is None for m in free)
+    x = torch.randn(600, 48)
+    with torch.no_grad():  # dense-free prefill (tile decode) still equals the masked dense layer
+        _check(free[0](x), x, lin.weight, None)

@@ -62,3 +62,69 @@ def test_results_are_spliced_into_the_readme(e2e, tmp_path):
     assert "Load average during the bfloat16 run: 3.5 -> 4.2 on 2 CPUs." in text and "float32 run" not in text
     with pytest.raises(SystemExit):
         e2e.main(["--results", str(results)])  # no --readme: a usage error
+
+
+RECORD_7B = {"tier": "llava-1.5-7b", "weights": "random bfloat16", "dtype": "bfloat16", "layers": 32, "hidden": 4096,
+             "sparsity": 0.5, "pattern": "unstructured", "measured_sparsity": 0.5012, "backend": "auto",
+             "swapped": "224/224", "prompt_tokens": 617, "image_tokens": 576, "new_tokens": 32,
+             "dense_ms_per_token": 800.0, "pruned_ms_per_token": 400.0, "dense_tokens_per_s": 1.25,
+             "pruned_tokens_per_s": 2.5, "measured_ratio": 2.0, "ratio_q1": 1.9, "ratio_q3": 2.1,
+             "dense_ttft_s": 30.0, "pruned_ttft_s": 31.0, "ttft_ratio": 30 / 31, "flop_ratio": 1.9,
+             "dense_bytes": 13_000_000_000, "bytes_read": 7_000_000_000, "bw_limit_ratio": 1.86,
+             "bw_limit_ms_dense": 379.0, "bw_limit_ms_pruned": 204.0, "bw_fraction": 0.51, "dense_bw_fraction": 0.47,
+             "peak_rss_gib": 21.04, "pruned_peak_rss_gib": 8.46, "attn_share_dense": 0.031, "attn_share_pruned": 0.062,
+             "lm_head_share_dense": 0.02, "lm_head_share_pruned": 0.04, "row_loadavg_start": 2.1,
+             "row_loadavg_end": 2.4, "loadavg_start": 2.0, "loadavg_end": 2.5, "cpus": 2, "device": "cpu",
+             "threads": 2, "torch": "2.13.0", "repeats": 3, "warmup": 1, "read_gbs": 34.3, "dense_budget_gib": 0.0}
+
+
+def test_7b_results_splice_into_their_own_block_and_pending_is_tolerated(e2e, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- e2e_decode:start -->\nsmall\n<!-- e2e_decode:end -->\n"
+                      "<!-- e2e_decode_7b:start -->\nold\n<!-- e2e_decode_7b:end -->\n")
+    absent = tmp_path / "e2e_decode_7b.json"
+    assert e2e.main(["--results", str(absent), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "Not measured yet" in text and "absent" in text and e2e.COMMAND_7B in text and "small" in text
+    absent.write_text(json.dumps({"pending": "to be run on a quiet machine", "command": e2e.COMMAND_7B}))
+    assert e2e.main(["--results", str(absent), "--readme", str(readme)]) == 0
+    assert "Not measured yet (to be run on a quiet machine)" in readme.read_text()
+    absent.write_text(json.dumps([RECORD_7B]))
+    assert e2e.main(["--results", str(absent), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert ("| 32 | 50% unstructured (50.1%) | auto (224/224) | 1.90x | **2.00x** [1.90-2.10] | 1.25 -> 2.50 | "
+            "30.00 -> 31.00 (0.97x) | 379 -> 204 | 51% (47%) | 21.0 / 8.5 | 3% / 2% -> 6% / 4% |") in text
+    assert "Not measured" not in text and "small" in text  # the small tiers' block is left as it was
+    assert "Load average 2.0 -> 2.5 over the run (rows 2.1-2.4) on 2 CPUs." in text
+
+
+def test_7b_small_mode_runs_and_writes_every_field(e2e, tmp_path):
+    """The 7B tier's code on the scaled-down config (seconds): one pattern, bitmask and auto, one process per row."""
+    if e2e.bitmask.extension() is None:
+        pytest.skip("bitmask extension not built here")
+    out = tmp_path / "e2e_7b.json"
+    assert e2e.main(["--tiers", "llava-1.5-7b", "--small", "--patterns", "0.5:unstructured", "--repeats", "1",
+                     "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["backend"] for r in records] == ["bitmask", "auto"]
+    for r in records:
+        assert r["tier"] == "llava-1.5-7b" and r["layers"] == 2 and r["hidden"] == 256
+        assert r["prompt_tokens"] == 1 + 576 + 40 and r["image_tokens"] == 576
+        assert abs(r["measured_sparsity"] - 0.5) < 0.01 and r["flop_ratio"] > 1
+        for key in ("dense_tokens_per_s", "pruned_tokens_per_s", "dense_ttft_s", "pruned_ttft_s",
+                    "bw_limit_ms_dense", "bw_limit_ms_pruned", "read_gbs", "peak_rss_gib", "ru_maxrss_gib"):
+            assert r[key] > 0, key
+        assert r["bytes_read"] <= r["dense_bytes"] and r["pruned_model_gib"] <= r["dense_model_gib"]
+        assert r["peak_rss_gib"] >= r["dense_model_gib"] + r["pruned_model_gib"] * 0.5
+        assert r["pruned_peak_rss_gib"] is None or r["pruned_peak_rss_gib"] <= r["peak_rss_gib"]
+        for who in ("dense", "pruned"):
+            assert 0 < r[f"attn_share_{who}"] < r[f"attn_block_share_{who}"] < 1
+            assert 0 < r[f"lm_head_share_{who}"] < 1 - r[f"attn_block_share_{who}"]
+        assert "loadavg_start" in r and "row_loadavg_end" in r
+    bm = records[0]  # every decoder linear packed: fewer bytes read and held (auto may keep small layers dense)
+    assert bm["swapped"] == "14/14" and bm["bytes_read"] < bm["dense_bytes"]
+    assert bm["pruned_model_gib"] < bm["dense_model_gib"] and records[1]["dense_budget_gib"] == 0.0
+    with pytest.raises(SystemExit):
+        e2e.main(["--tiers", "llava-1.5-7b,tiny", "--out", str(out)])  # the 7B tier runs alone
+    with pytest.raises(SystemExit):
+        e2e.main(["--tiers", "llava-1.5-7b", "--backends", "dense,bitmask", "--out", str(out)])

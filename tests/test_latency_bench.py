@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import load_benchmark
 
 
@@ -66,3 +67,18 @@ def test_results_without_an_output_is_a_usage_error(latency, tmp_path):
     results.write_text(json.dumps([RECORD]))
     with pytest.raises(SystemExit):
         latency.main(["--results", str(results)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kth_smallest_abs_equals_kthvalue(latency, dtype):
+    w = (torch.randn(301, 77, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    w[0, :5] = 0
+    w[1, :7] = -w[2, :7]  # ties of opposite sign
+    for k in (1, 5, 6, 100, 11589, 23177):
+        assert torch.equal(latency.kth_smallest_abs(w, k), w.abs().flatten().kthvalue(k).values), k
+    lin = torch.nn.Linear(77, 301, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w.float())
+    lin.to(dtype)
+    latency.mask_linears(lin, 0.5, "unstructured")
+    assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=2e-3)

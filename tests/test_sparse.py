@@ -215,3 +215,28 @@ def test_stream_copies_exceed_the_cache_and_are_timed_round_robin(monkeypatch):
     sparse._measure(lin, module, [1], 0.0, copies=3)
     counts = sorted(seen.count(i) for i in set(seen))  # the copies carry the hook: 1 + 5 calls spread over 3
     assert counts == [2, 2, 2]
+
+
+def test_sparsify_releases_each_dense_weight_before_the_next_layer(monkeypatch):
+    """Peak memory of a swap is the model plus one layer: the first layer's dense weight is gone (no reference
+    left in sparsify_model) by the time the second layer is built."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(32, 24), nn.Linear(24, 16))
+    with torch.no_grad():
+        for m in seq:
+            m.weight[:, ::2] = 0
+    first = weakref.ref(seq[0].weight)
+    alive = []
+    real_try = sparse._try
+
+    def spy(cand, lin, *args, **kwargs):
+        gc.collect()
+        alive.append(first() is not None)
+        return real_try(cand, lin, *args, **kwargs)
+
+    monkeypatch.setattr(sparse, "_try", spy)
+    table = sparse.sparsify_model(seq, backend="csr", example_inputs=[1], min_speedup=0.0, min_time_s=0.0)
+    assert list(table["backend_chosen"]) == ["csr", "csr"] and alive == [True, False]

@@ -75,6 +75,31 @@ _META_CACHE: dict[str, LlavaForConditionalGeneration] = {}
 _META_CACHE_SIZE = 8
 
 
+def scaled_config(config: LlavaConfig, hidden: int = 256, layers: int | None = 2, vocab: int = 1000,
+                  vision_hidden: int = 64, vision_layers: int = 2) -> LlavaConfig:
+    """``config`` shrunk to ``hidden`` with its architecture and layouts kept: the head dimension (so
+    ``hidden / head_dim`` heads, and the same query-per-KV-head ratio), the MLP ratio (``intermediate / hidden``,
+    rounded up to a multiple of 32 words of the bitmask), ``layers`` decoder layers (``None``: as many), a
+    ``vocab``-word vocabulary (the image and pad tokens at its end), and a small vision tower (``vision_hidden``,
+    ``vision_layers``, its head dimension kept) that still sees the full image: ``image_seq_length`` is
+    unchanged (576 positions for LLaVA-1.5). For tests and the seconds-long mode of the 7B benchmarks."""
+    d = config.to_dict()
+    t, v = d["text_config"], d["vision_config"]
+    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    group = t["num_attention_heads"] // t.get("num_key_value_heads", t["num_attention_heads"])
+    heads = max(group, hidden // head_dim // group * group)
+    inter = -(-round(t["intermediate_size"] * hidden / t["hidden_size"]) // 32) * 32
+    t.update(hidden_size=heads * head_dim, intermediate_size=inter, num_attention_heads=heads,
+             num_key_value_heads=heads // group, vocab_size=vocab, pad_token_id=vocab - 1)
+    if layers is not None:
+        t["num_hidden_layers"] = layers
+    v_head = v["hidden_size"] // v["num_attention_heads"]
+    v.update(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
+             num_attention_heads=max(1, vision_hidden // v_head), projection_dim=vision_hidden)
+    d.update(vocab_size=vocab, image_token_index=vocab - 2, pad_token_id=vocab - 1)
+    return LlavaConfig.from_dict(d)
+
+
 # ---------------------------------------------------------------------------------------------------- units
 
 

@@ -130,7 +130,7 @@ class SparseLinear(bitmask.PackedLinear):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the (masked) dense weight."""
-        return _make_linear(self.weight_csr().to_dense(), self.bias)
+        return bitmask.make_linear(self.weight_csr().to_dense(), self.bias)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -195,17 +195,7 @@ class SemiStructuredLinear(nn.Module):
         return F.linear(rows, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
 
     def to_linear(self) -> nn.Linear:
-        return _make_linear(self.weight.to_dense(), self.bias)
-
-
-def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                    dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    return lin
+        return bitmask.make_linear(self.weight.to_dense(), self.bias)
 
 
 def densify_model(model: nn.Module) -> int:
@@ -440,7 +430,8 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                    example_inputs: Mapping[str, torch.Tensor] | Sequence[int] | None = None,
                    min_speedup: float = MIN_SPEEDUP, cache: dict | str | Path | None = None,
                    min_time_s: float = 0.02, row_weights: Mapping[int, float] | None = None,
-                   keep_dense: bool = True, stream: bool | None = None) -> pd.DataFrame:
+                   keep_dense: bool = True, stream: bool | None = None,
+                   dense_budget: int | None = None) -> pd.DataFrame:
     """Swap pruned linears for sparse modules where they are measured faster (in place); returns the table.
 
     Candidates: ``csr`` -> :class:`SparseLinear`; ``semi`` -> :class:`SemiStructuredLinear`; ``bitmask`` ->
@@ -457,8 +448,17 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
       packed). CSR / 2:4 must be ``min_speedup`` times faster at every row count. Else the layer stays dense.
     - an explicit backend, or ``keep_dense=False``: kept iff
       ``sum_r w_r dense_ms(r) >= min_speedup * sum_r w_r sparse_ms(r)`` (``w_r = row_weights.get(r, 1)``, e.g.
-      ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0`` forces the swap), no dense copy.
+      ``{1: 32}`` for 32 decode steps per prefill; ``min_speedup=0`` forces the swap), no dense copy: a bitmask
+      layer then runs prefill through its tile decode (:meth:`~ellava_lib.speed.bitmask.BitmaskLinear._tiled`).
+    - ``dense_budget`` (bytes; ``None``: no limit): the dense copies ``auto`` with ``keep_dense`` may keep, in
+      all. Layers are taken in model order; a layer whose copy would exceed what is left of the budget is decided
+      as under ``keep_dense=False`` (dense-free). ``dense_budget=0``: no layer keeps a copy, the resident size of
+      every packed layer is its packed size (a 7B model in 24 GiB). A per-layer measured choice, first come first
+      served: layers of one shape and density share one timing, so their order does not change which kind of
+      layer gets a copy, only how many.
 
+    Memory: each dense linear is released as soon as its sparse module replaces it (the table keeps no
+    reference), so the peak is the model plus one layer's candidates, never dense plus packed for the whole model.
     Among kept candidates the lowest weighted time wins. ``stream`` (default: whether the pruned linears together
     exceed the last-level cache, :func:`llc_bytes`): time each layer cycling over :func:`stream_copies` copies,
     so that, as in a decode step of the whole model, its weights come from memory and not from a cache warmed
@@ -480,8 +480,9 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
     llc = llc_bytes()
     streaming = total > llc if stream is None else stream
     candidates = {"auto": ("semi", "bitmask", "csr"), "dense": ()}.get(backend, (backend,))
-    table, refusal = [], None
-    for mod_path, (name, lin) in targets.items():
+    table, refusal, budget_left = [], None, math.inf if dense_budget is None else float(dense_budget)
+    for mod_path in list(targets):
+        name, lin = targets.pop(mod_path)  # no reference outlives the swap: the dense weight is freed with it
         w = lin.weight
         density = float(torch.count_nonzero(w)) / w.numel()
         rows = rows_of.get(mod_path, ())
@@ -500,19 +501,28 @@ def sparsify_model(model: nn.Module, policy: Policy | Mapping[str, float] | None
                 continue
             modules[cand], timings[cand] = module, t
         splittable = [c for c, m in modules.items() if hasattr(m, "keep_dense_from")]
-        pick = decide(rows, timings, min_speedup, per_row=backend == "auto" and keep_dense, splittable=splittable,
-                      row_weights=row_weights)
+        per_row = backend == "auto" and keep_dense
+        pick = decide(rows, timings, min_speedup, per_row=per_row, splittable=splittable, row_weights=row_weights)
+        copy_bytes = w.numel() * w.element_size()
+        if pick.dense_from is not None and copy_bytes > budget_left:  # over the dense budget: dense-free choice
+            notes.append(f"dense copy over dense_budget ({copy_bytes} bytes, {budget_left:.0f} left)")
+            pick = decide(rows, timings, min_speedup, per_row=False, splittable=splittable, row_weights=row_weights)
+        shape = f"{w.shape[0]}x{w.shape[1]}"
+        del w
         if pick.backend != "dense":
             module = modules[pick.backend]
             if pick.dense_from is not None:
                 module.keep_dense_from(pick.dense_from)
+                budget_left -= copy_bytes
             model.set_submodule(mod_path, module)
-        table.append({"layer": name, "module": mod_path, "shape": f"{w.shape[0]}x{w.shape[1]}",
+        del lin, modules
+        table.append({"layer": name, "module": mod_path, "shape": shape,
                       "density": density, "backend_chosen": pick.backend, "dense_ms": pick.dense_ms,
                       "sparse_ms": pick.sparse_ms,
                       "speedup": pick.dense_ms / pick.sparse_ms if pick.sparse_ms else math.inf,
                       "rows": ",".join(map(str, rows)), "per_rows": pick.per_rows,
-                      "note": "" if pick.backend != "dense" else "; ".join(notes + list(pick.notes))})
+                      "note": "; ".join(notes + list(pick.notes)) if pick.backend == "dense"
+                      else "; ".join(n for n in notes if "dense_budget" in n)})
     if refusal is not None:
         warnings.warn(f"{refusal} ({backend} backend; the layers stay dense)", UserWarning, stacklevel=2)
     if path is not None:
