@@ -289,6 +289,13 @@ def test_search_against_the_start_it_ranked_best_on_its_selection_rows_by_hand()
     rows[9]["mean"] = 58.5  # seed 1: d = -2, -1.5, 0: mean -7/6, se 0.600925
     starts = tables.search_vs_starts(pd.DataFrame(rows))
     assert starts.loc[0, "se"] == pytest.approx(0.600925, abs=1e-6) and not starts.loc[0, "holds"]
+    # the picked start's baseline has no row (not a table method): left out, and said so when no seed pairs
+    frame = pd.DataFrame(rows)
+    starts = tables.search_vs_starts(frame[frame["method"] != "owl"])
+    assert starts.loc[0, "k"] == 1 and starts.loc[0, "best_start"] == "SparseGPT"
+    starts = tables.search_vs_starts(frame[~frame["method"].isin(["owl", "sparsegpt"])])
+    assert starts.loc[0, "k"] == 0 and starts.loc[0, "best_start"] == "SparseGPT (no row), OWL (no row)"
+    assert starts.loc[0, "holds"] is None and np.isnan(starts.loc[0, "mean_diff"])
 
 
 def _row_tokens(batch) -> set[tuple[int, ...]]:

@@ -136,7 +136,9 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
     lowest ``R_hat`` on that draw's selection rows (the searched row's ``start_pick``, mapped to its table method by
     :data:`START_METHODS`), i.e. the policy the search would have returned without evolving. It is chosen without
     the test split, so the check compares the search with what it started from, not with the start that happened
-    to score best on test. ``best_start`` lists the picks (``"OWL x2, SparseGPT"``). Results without a
+    to score best on test. ``best_start`` lists the picks (``"OWL x2, SparseGPT"``); a seed whose pick has no row
+    of its baseline in ``results`` is left out, and a sparsity where no seed pairs gets ``k = 0``, ``holds`` None and
+    ``best_start`` naming the missing baselines (``"ECoFLaP (no row)"``). Results without a
     ``start_pick`` column (made before it was recorded) fall back to the start with the highest mean test score
     over seeds (:func:`paired_margins`), marked ``"(by test)"``."""
     rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
@@ -146,19 +148,25 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
     out = []
     for s, part in rows_in[rows_in["sparsity"] > 0].groupby("sparsity"):
         ours = part[part["method"] == method]
-        diffs, picks, base = [], [], []
+        diffs, picks, base, unpaired = [], [], [], []
         for _, row in ours.iterrows():
             theirs_method = START_METHODS.get(str(row["start_pick"]))
             if theirs_method is None or theirs_method not in starts:
                 continue
             match = part[(part["method"] == theirs_method)
                          & np.logical_and.reduce([part[k] == row[k] for k in keys])]["mean"]
-            if match.empty:
+            if match.empty:  # the picked start's baseline is not in the table (e.g. not a table method)
+                unpaired.append(LABELS.get(theirs_method, theirs_method))
                 continue
             diffs.append(float(row["mean"]) - float(match.mean()))
             picks.append(LABELS.get(theirs_method, theirs_method))
             base.append(float(match.mean()))
         if not diffs:
+            if unpaired:
+                out.append({"sparsity": f"{s:.0%}", "method": LABELS.get(method, method),
+                            "best_start": ", ".join(f"{n} (no row)" for n in dict.fromkeys(unpaired)), "k": 0,
+                            "ours": float(ours["mean"].mean()), "best_start_score": np.nan, "mean_diff": np.nan,
+                            "se": np.nan, "holds": None})
             continue
         d = np.asarray(diffs)
         k = len(d)
