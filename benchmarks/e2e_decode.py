@@ -35,22 +35,32 @@ linears in their storage, ``latency.weight_bytes``, plus the output head; embedd
 Tier ``llava-1.5-7b`` (:func:`records_7b`; bfloat16 only, its own results file and table): LLaVA-1.5-7B from the
 shipped config (``structure.load_config``, nothing downloaded) with random bfloat16 weights built in place
 (``loading.random_weights``: allocated and initialised in bfloat16, no float32 or second copy), ``--layers N`` of
-its 32 decoder layers. The pruned model is a *view* of the dense one (:func:`pruned_view`): it shares every tensor
-(vision tower, embeddings, norms, ``lm_head``) except the decoder linears, which are masked and packed one at a
-time (the dense weight's masked copy is freed right after packing), so a row holds the dense model once plus the
-packed linears. The prompt is LLaVA-1.5's shape: BOS, 576 image positions, ``--text-tokens`` text tokens
-(``dryrun.synthetic_batch``: random ids, random pixels). One run = prefill (timed: time to first token, logits of
-the last position only, as ``generate`` does) then ``--new-tokens`` greedy steps with the KV cache (timed: ms per
-token); dense and pruned alternate. Backends ``bitmask`` (every decoder linear packed) and ``auto``
-(``sparsify_model`` per linear with ``dense_budget`` = ``--dense-budget-gib``, default 0: no dense copy; weights
-``{1: new_tokens}``). Each (pattern, backend) row runs in its own process (:func:`run_row_7b`), so its peak
-resident memory (``VmHWM``) is its own: ``peak_rss_gib`` with the dense model beside the pruned one (they
-alternate), ``pruned_peak_rss_gib`` of the pruned model alone (the dense model freed, the peak reset through
-``/proc/self/clear_refs``, one more prefill + decode). Also: the share of a decode step spent in cache attention
-(``self_attn`` minus its four projections), the whole ``self_attn`` block and ``lm_head`` (forward hooks, a few
-extra steps after the timed runs), ``bw_limit_ms_*`` = bytes read per decode step / measured read bandwidth,
-and the load average. ``--small`` runs the same code on ``structure.scaled_config`` (hidden 256, 2 layers,
-vocabulary 1000, same head layout, full 576-position image) in seconds, for the tests::
+its 32 decoder layers. The dense and the pruned model never share a process, so no process holds the dense
+decoder linears and the packed ones at once. Per (pattern, backend) row (:func:`row_7b`), under a temporary folder
+of ``--workdir`` (default: the temp folder; removed at the end of the row; the disk needed, dense + sparse bytes,
+is printed first and the run stops in one line if it is not free): a writer process (:func:`write_row_7b`) builds
+the dense model, saves it streaming (:func:`~ellava_lib.speed.export.save_sparse`, no sparse layer: a plain
+safetensors file), prunes it in place (:func:`prune_in_place`: each decoder linear masked and packed one at a
+time, its dense weight freed before the next) and saves the pruned model streaming; then ``--repeats`` pairs of
+processes (:func:`run_side_7b`) alternate: one loads the dense model
+(:func:`~ellava_lib.speed.export.load_sparse`, streaming), runs ``--warmup`` untimed runs and one timed run; the
+next does the same with the pruned model (loaded packed, no dense weight). Load seconds are reported apart
+(``dense_load_s``, ``pruned_load_s``: medians), not in the timed numbers; ``runs`` lists every process (side,
+pid, load, times, peak). The prompt is LLaVA-1.5's shape: BOS, 576 image positions, ``--text-tokens`` text
+tokens (``dryrun.synthetic_batch``: random ids, random pixels, seed 0: the same in every process). One run =
+prefill (timed: time to first token, logits of the last position only, as ``generate`` does) then
+``--new-tokens`` greedy steps with the KV cache (timed: ms per token). Backends ``bitmask`` (every decoder linear
+packed) and ``auto`` (``sparsify_model`` per linear with ``dense_budget`` = ``--dense-budget-gib``, default 0: no
+dense copy; weights ``{1: new_tokens}``). Peak resident memory (``VmHWM``) of each process:
+``dense_peak_rss_gib`` / ``pruned_peak_rss_gib`` = the largest of the dense / pruned processes,
+``writer_peak_rss_gib``, and ``peak_rss_gib`` = the row's largest. Also: the share of a decode step spent in
+cache attention (``self_attn`` minus its four projections), the whole ``self_attn`` block and ``lm_head`` (forward
+hooks, a few extra steps in the last pair's processes), ``bw_limit_ms_*`` = bytes read per decode step / measured
+read bandwidth, the files' sizes (``dense_file_gib``, ``sparse_file_gib``) and the load average. Estimated
+peaks of the full model at 50% (meta sizes: dense 13.16 GiB, packed decoder linears 6.80 GiB, 4.38 at 70%; about
+1.1 GiB of process, 0.32 GiB of KV cache): dense and writer processes about 14.6 GiB, pruned about 9.3 GiB (6.9
+at 70%). ``--small`` runs the same code on ``structure.scaled_config`` (hidden 256, 2 layers, vocabulary 1000,
+same head layout, full 576-position image) in seconds, for the tests::
 
     PYTHONPATH=. flock /tmp/ellava-cpu.lock python benchmarks/e2e_decode.py --tiers llava-1.5-7b \
         --out benchmarks/results/e2e_decode_7b.json --readme README.md
@@ -71,15 +81,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import functools
-import gc
 import importlib.util
 import itertools
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -255,21 +264,23 @@ def _tensor_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def pruned_view(model: nn.Module, sparsity: float, pattern: str, backend: str, rows: list[int], cache: dict,
-                new_tokens: int, dense_budget: int = 0) -> tuple[nn.Module, int, int, float]:
-    """A pruned twin of ``model`` sharing every tensor but the decoder linears, each of which is masked
-    (``latency.mask_linears``: magnitude, ``pattern``) on a copy of its weight and swapped for the sparse module
-    of ``backend`` (``bitmask``: :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto``:
+def prune_in_place(model: nn.Module, sparsity: float, pattern: str, backend: str, rows: list[int], cache: dict,
+                   new_tokens: int, dense_budget: int = 0) -> tuple[int, int, float]:
+    """Prune ``model``'s decoder linears in place, one at a time: each is masked (``latency.mask_linears``:
+    magnitude, ``pattern``) on a copy of its weight and replaced by the sparse module of ``backend``
+    (``bitmask``: :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto``:
     :func:`~ellava_lib.speed.sparse.sparsify_model` on that one linear, ``dense_budget`` bytes of dense copies at
-    most, weights ``{1: new_tokens}``); the masked copy is freed before the next layer. Returns ``(view, swapped,
-    pruned linears, measured sparsity of the decoder linears)``."""
+    most, weights ``{1: new_tokens}``). No reference to a replaced linear is kept, so its dense weight is freed
+    before the next one is packed: the model never holds a linear dense and packed at once (beyond the one being
+    converted). Returns ``(swapped, pruned linears, measured sparsity of the decoder linears)``."""
     lat = _latency()
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    view = copy.deepcopy(model, memo)  # a new module tree over the same tensors: no weight is copied
-    paths = {id(m): n for n, m in view.named_modules()}
+    paths = {id(m): n for n, m in model.named_modules()}
+    todo = units.unit_linears(model)
     swapped = n_lin = kept = total = 0
-    for lins in units.unit_linears(view).values():
-        for lin in lins.values():
+    while todo:
+        _, lins = todo.popitem(last=False)
+        while lins:
+            _, lin = lins.popitem()
             masked = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
             masked.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
             masked.bias = lin.bias
@@ -287,8 +298,9 @@ def pruned_view(model: nn.Module, sparsity: float, pattern: str, backend: str, r
             del masked
             swapped += int(not isinstance(module, nn.Linear))
             n_lin += 1
-            view.set_submodule(paths[id(lin)], module)
-    return view.eval(), swapped, n_lin, 1 - kept / max(1, total)
+            model.set_submodule(paths[id(lin)], module)
+            del lin, module
+    return swapped, n_lin, 1 - kept / max(1, total)
 
 
 @torch.no_grad()
@@ -356,93 +368,176 @@ def memory_status() -> dict[str, float]:
     return out
 
 
-def reset_peak() -> bool:
-    """Return freed heap to the system (``malloc_trim``) and reset VmHWM to the current RSS (``echo 5 >
-    /proc/self/clear_refs``, Linux >= 4.0); whether the reset worked."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def disk_estimate_7b(config, sparsity: float, backend: str) -> tuple[int, int]:
+    """``(dense bytes, sparse bytes)`` one row writes (:func:`write_row_7b`), from the shapes (``meta_model``):
+    every parameter in bfloat16; the sparse folder with each decoder linear packed (``(1 - s) 2 + 1/8`` bytes per
+    weight plus 8 per row, :func:`~ellava_lib.speed.export.save_sparse`), or, for ``auto``, which may keep a
+    layer dense, at most the dense bytes."""
+    from ellava_lib.model import structure
+
+    meta = structure.meta_model(config)
+    dense = 2 * sum(p.numel() for p in meta.parameters())
+    lin_dense = lin_packed = 0
+    for lins in units.unit_linears(meta).values():
+        for lin in lins.values():
+            n = lin.weight.numel()
+            lin_dense += 2 * n
+            lin_packed += round((1 - sparsity) * 2 * n + n / 8 + 8 * lin.out_features)
+    return dense, dense - lin_dense + (lin_dense if backend == "auto" else lin_packed)
 
 
-def run_row_7b(spec: dict) -> dict:
-    """One (pattern, backend) row of the 7B tier, in this process (see the module docstring)."""
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_row_7b(spec: dict) -> dict:
+    """A row's writer process (see the module docstring): build the dense model, save it
+    (:func:`~ellava_lib.speed.export.save_sparse` with no sparse layer: a plain safetensors file) to
+    ``spec["dense_dir"]``, prune it in place (:func:`prune_in_place`) and save the pruned model streaming to
+    ``spec["pruned_dir"]``; returns what is counted rather than timed (bytes, FLOP ratio, sparsity) and its peak."""
     lat = _latency()
     from ellava_lib.model import loading, structure
+    from ellava_lib.speed import export
 
     torch.set_num_threads(spec["threads"])
-    load_start = os.getloadavg()[0]
     config = config_7b(spec["layers"], spec["small"])
     t0 = time.perf_counter()
     model = loading.random_weights(config, "cpu", "bfloat16", seed=0)
     build_s = time.perf_counter() - t0
-    enc = prompt_7b(config, spec["text_tokens"])
-    prompt = int(enc["input_ids"].shape[1])
+    prompt = int(prompt_7b(config, spec["text_tokens"])["input_ids"].shape[1])
     n_vis = int(config.image_seq_length)
+    dense_bytes, dense_model = decode_bytes(model, lat.weight_bytes), _tensor_bytes(model)
     t0 = time.perf_counter()
-    pruned, swapped, n_lin, measured = pruned_view(model, spec["sparsity"], spec["pattern"], spec["backend"],
-                                                   [1, prompt], {}, spec["new_tokens"],
-                                                   int(spec["dense_budget_gib"] * GIB))
+    export.save_sparse(model, spec["dense_dir"])
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    swapped, n_lin, measured = prune_in_place(model, spec["sparsity"], spec["pattern"], spec["backend"],
+                                              [1, prompt], {}, spec["new_tokens"], int(spec["dense_budget_gib"] * GIB))
     prune_s = time.perf_counter() - t0
-    dense_runs, pruned_runs = [], []
-    for i in range(spec["warmup"] + spec["repeats"]):
-        d, p = timed_generation(model, enc, spec["new_tokens"]), timed_generation(pruned, enc, spec["new_tokens"])
-        if i >= spec["warmup"]:
-            dense_runs.append(d)
-            pruned_runs.append(p)
-        print(f"    {spec['pattern']} {spec['sparsity']:.0%} {spec['backend']} pair {i}: ttft {d[0]:.2f} / "
-              f"{p[0]:.2f} s, {d[1]:.1f} / {p[1]:.1f} ms per token", file=sys.stderr, flush=True)
-    shares = {"dense": decode_shares(model, enc), "pruned": decode_shares(pruned, enc)}
-    both = memory_status()
-    dense_bytes, pruned_bytes = decode_bytes(model, lat.weight_bytes), decode_bytes(pruned, lat.weight_bytes)
-    dense_model, pruned_model = _tensor_bytes(model), _tensor_bytes(pruned)
+    pruned_bytes, pruned_model = decode_bytes(model, lat.weight_bytes), _tensor_bytes(model)
+    t0 = time.perf_counter()
+    export.save_sparse(model, spec["pruned_dir"])
+    write_s += time.perf_counter() - t0
     meta = structure.meta_model(config)
     policy = Policy.uniform(units.list_units(meta), spec["sparsity"])
     fr = flops.flop_ratio(meta, policy, "decode", "model", n_visual_tokens=n_vis, n_text_tokens=prompt - n_vis)
-    del model
-    gc.collect()
-    alone = None
-    if reset_peak():
-        timed_generation(pruned, enc, spec["new_tokens"])
-        alone = memory_status()["hwm_gib"]
-    dense_ms = statistics.median(r[1] for r in dense_runs)
-    pruned_ms = statistics.median(r[1] for r in pruned_runs)
-    dense_ttft = statistics.median(r[0] for r in dense_runs)
-    pruned_ttft = statistics.median(r[0] for r in pruned_runs)
-    ttft_pairs = [d[0] / p[0] for d, p in zip(dense_runs, pruned_runs)]
+    return {"layers": int(config.text_config.num_hidden_layers), "hidden": int(config.text_config.hidden_size),
+            "measured_sparsity": measured, "swapped": f"{swapped}/{n_lin}", "prompt_tokens": prompt,
+            "image_tokens": n_vis, "flop_ratio": fr, "dense_bytes": dense_bytes, "bytes_read": pruned_bytes,
+            "bw_limit_ratio": dense_bytes / pruned_bytes, "dense_model_gib": dense_model / GIB,
+            "pruned_model_gib": pruned_model / GIB, "dense_file_gib": _dir_bytes(spec["dense_dir"]) / GIB,
+            "sparse_file_gib": _dir_bytes(spec["pruned_dir"]) / GIB, "build_s": build_s, "prune_s": prune_s,
+            "write_s": write_s, "writer_peak_rss_gib": memory_status()["hwm_gib"],
+            "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
+
+def run_side_7b(spec: dict) -> dict:
+    """One timed run in its own process: load ``spec["path"]`` (:func:`~ellava_lib.speed.export.load_sparse`,
+    streaming; the dense folder loads as plain ``nn.Linear``), ``spec["warmup"]`` untimed runs, one timed
+    (:func:`timed_generation`), and with ``spec["shares"]`` the decode-step shares (:func:`decode_shares`).
+    Returns the times, the load seconds (not in the timed numbers), the process's peak RSS and how many decoder
+    linears are packed (0 on the dense side)."""
+    from ellava_lib.speed import export
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model = export.load_sparse(spec["path"])
+    load_s = time.perf_counter() - t0
+    enc = prompt_7b(model.config, spec["text_tokens"])
+    for _ in range(spec["warmup"]):
+        timed_generation(model, enc, spec["new_tokens"])
+    ttft, ms = timed_generation(model, enc, spec["new_tokens"])
+    shares = decode_shares(model, enc) if spec["shares"] else None
+    packed = sum(type(m) is not nn.Linear for lins in units.unit_linears(model).values() for m in lins.values())
+    return {"side": spec["side"], "pid": os.getpid(), "load_s": load_s, "ttft_s": ttft, "ms_per_token": ms,
+            "packed_linears": packed, "peak_rss_gib": memory_status()["hwm_gib"],
+            "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "shares": shares}
+
+
+def _child(spec: dict, env: dict, tmp: Path) -> dict:
+    """Run ``spec`` (``"mode"``: ``write`` or ``run``) as ``python e2e_decode.py --row-7b SPEC`` and return its
+    JSON."""
+    out = Path(tempfile.mkstemp(suffix=".json", dir=tmp)[1])
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row-7b", json.dumps(spec), "--out", str(out)],
+                   check=True, env=env)
+    rec = json.loads(out.read_text())
+    out.unlink()
+    return rec
+
+
+def row_7b(spec: dict, env: dict, workdir: Path) -> dict:
+    """One (pattern, backend) row: a writer process (:func:`write_row_7b`) puts the dense and the pruned model on
+    disk under a temporary folder of ``workdir``, then ``spec["repeats"]`` pairs of processes
+    (:func:`run_side_7b`) load and time the dense model, then the pruned one, alternately; the folder is removed
+    at the end. The dense and packed decoder linears are never in one process."""
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="e2e7b-") as tmp:
+        tmp = Path(tmp)
+        dirs = {"dense": str(tmp / "dense"), "pruned": str(tmp / "pruned")}
+        written = _child({**spec, "mode": "write", "dense_dir": dirs["dense"], "pruned_dir": dirs["pruned"]},
+                         env, tmp)
+        runs = []
+        for i in range(spec["repeats"]):
+            for side in ("dense", "pruned"):
+                runs.append(_child({**spec, "mode": "run", "side": side, "path": dirs[side],
+                                    "shares": i == spec["repeats"] - 1}, env, tmp))
+            d, p = runs[-2:]
+            print(f"    {spec['pattern']} {spec['sparsity']:.0%} {spec['backend']} pair {i}: ttft {d['ttft_s']:.2f} / "
+                  f"{p['ttft_s']:.2f} s, {d['ms_per_token']:.1f} / {p['ms_per_token']:.1f} ms per token, load "
+                  f"{d['load_s']:.1f} / {p['load_s']:.1f} s, peak {d['peak_rss_gib']:.1f} / {p['peak_rss_gib']:.1f} "
+                  f"GiB", file=sys.stderr, flush=True)
+    side = {s: [r for r in runs if r["side"] == s] for s in ("dense", "pruned")}
+    ms = {s: [r["ms_per_token"] for r in side[s]] for s in side}
+    ttft = {s: statistics.median(r["ttft_s"] for r in side[s]) for s in side}
+    peak = {s: max(r["peak_rss_gib"] for r in side[s]) for s in side}
+    shares = {s: side[s][-1]["shares"] for s in side}
+    ttft_pairs = [d["ttft_s"] / p["ttft_s"] for d, p in zip(side["dense"], side["pruned"])]
+    dense_ms, pruned_ms = statistics.median(ms["dense"]), statistics.median(ms["pruned"])
     return {"tier": TIER_7B, "weights": WEIGHTS[TIER_7B] + (" (small: scaled_config)" if spec["small"] else ""),
-            "dtype": "bfloat16", "layers": int(config.text_config.num_hidden_layers),
-            "hidden": int(config.text_config.hidden_size), "sparsity": spec["sparsity"], "pattern": spec["pattern"],
-            "measured_sparsity": measured, "backend": spec["backend"], "swapped": f"{swapped}/{n_lin}",
-            "prompt_tokens": prompt, "image_tokens": n_vis, "new_tokens": spec["new_tokens"],
+            "dtype": "bfloat16", "sparsity": spec["sparsity"], "pattern": spec["pattern"],
+            "backend": spec["backend"], "new_tokens": spec["new_tokens"], **written,
             "dense_ms_per_token": dense_ms, "pruned_ms_per_token": pruned_ms,
             "dense_tokens_per_s": 1e3 / dense_ms, "pruned_tokens_per_s": 1e3 / pruned_ms,
-            **ratio_stats([r[1] for r in dense_runs], [r[1] for r in pruned_runs]),
-            "dense_ttft_s": dense_ttft, "pruned_ttft_s": pruned_ttft, "ttft_ratio": dense_ttft / pruned_ttft,
-            "ttft_ratio_min": min(ttft_pairs), "flop_ratio": fr, "dense_bytes": dense_bytes,
-            "bytes_read": pruned_bytes, "bw_limit_ratio": dense_bytes / pruned_bytes,
-            "dense_model_gib": dense_model / GIB, "pruned_model_gib": pruned_model / GIB,
-            "peak_rss_gib": both["hwm_gib"], "pruned_peak_rss_gib": alone,
-            "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+            **ratio_stats(ms["dense"], ms["pruned"]),
+            "dense_ttft_s": ttft["dense"], "pruned_ttft_s": ttft["pruned"],
+            "ttft_ratio": ttft["dense"] / ttft["pruned"], "ttft_ratio_min": min(ttft_pairs),
+            "peak_rss_gib": max(peak["dense"], peak["pruned"], written["writer_peak_rss_gib"]),
+            "dense_peak_rss_gib": peak["dense"], "pruned_peak_rss_gib": peak["pruned"],
+            "ru_maxrss_gib": max(written["ru_maxrss_gib"], *(r["ru_maxrss_gib"] for r in runs)),
+            "parent_rss_gib": memory_status()["rss_gib"],
+            "dense_load_s": statistics.median(r["load_s"] for r in side["dense"]),
+            "pruned_load_s": statistics.median(r["load_s"] for r in side["pruned"]),
             "attn_share_dense": shares["dense"]["attn"], "attn_share_pruned": shares["pruned"]["attn"],
             "attn_block_share_dense": shares["dense"]["attn_block"],
             "attn_block_share_pruned": shares["pruned"]["attn_block"],
             "lm_head_share_dense": shares["dense"]["lm_head"], "lm_head_share_pruned": shares["pruned"]["lm_head"],
-            "build_s": build_s, "prune_s": prune_s, "row_loadavg_start": load_start,
-            "row_loadavg_end": os.getloadavg()[0], "threads": torch.get_num_threads(),
+            "runs": [{k: v for k, v in r.items() if k != "shares"} for r in runs],
+            "row_loadavg_start": load_start, "row_loadavg_end": os.getloadavg()[0], "threads": spec["threads"],
             "dense_budget_gib": spec["dense_budget_gib"] if spec["backend"] == "auto" else None}
+
+
+def check_disk_7b(patterns: list[tuple[float, str]], backends: list[str], layers: int | None, small: bool,
+                  workdir: Path) -> int:
+    """Print the disk one row needs under ``workdir`` (the largest :func:`disk_estimate_7b` over the rows: a
+    row's files are removed before the next row) and exit with one line if ``workdir`` has less free; returns
+    the bytes needed."""
+    config = config_7b(layers, small)
+    need = max((disk_estimate_7b(config, s, b) for (s, _), b in itertools.product(patterns, backends)),
+               key=sum)
+    free = shutil.disk_usage(workdir).free
+    print(f"  {TIER_7B}: a row writes dense {need[0] / GIB:.2f} GiB + sparse {need[1] / GIB:.2f} GiB under "
+          f"{workdir} ({free / GIB:.1f} GiB free; removed after each row)", file=sys.stderr, flush=True)
+    if free < sum(need):
+        raise SystemExit(f"e2e_decode: {workdir} has {free / GIB:.1f} GiB free, a {TIER_7B} row needs "
+                         f"{sum(need) / GIB:.1f} GiB (dense + sparse); choose another --workdir")
+    return sum(need)
 
 
 def records_7b(patterns: list[tuple[float, str]], backends: list[str], new_tokens: int, warmup: int,
                repeats: int, threads: int, bandwidth: float, layers: int | None, small: bool, text_tokens: int,
-               dense_budget_gib: float) -> list[dict]:
-    """The 7B tier's records: one child process per (pattern, backend) row (:func:`run_row_7b`, started as
-    ``python e2e_decode.py --row-7b SPEC``), in order; the bandwidth fields are added here."""
+               dense_budget_gib: float, workdir: Path) -> list[dict]:
+    """The 7B tier's records: one :func:`row_7b` per (pattern, backend), in order; the bandwidth fields are added
+    here."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     records = []
@@ -450,18 +545,16 @@ def records_7b(patterns: list[tuple[float, str]], backends: list[str], new_token
         spec = {"sparsity": sparsity, "pattern": pattern, "backend": backend, "new_tokens": new_tokens,
                 "warmup": warmup, "repeats": repeats, "threads": threads, "layers": layers, "small": small,
                 "text_tokens": text_tokens, "dense_budget_gib": dense_budget_gib}
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "row.json"
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--row-7b", json.dumps(spec),
-                            "--out", str(out)], check=True, env=env)
-            rec = json.loads(out.read_text())
+        rec = row_7b(spec, env, workdir)
         ms = 1e-3 * bandwidth * 1e9
         rec.update({"bw_limit_ms_dense": rec["dense_bytes"] / ms, "bw_limit_ms_pruned": rec["bytes_read"] / ms,
                     "bw_fraction": rec["bytes_read"] / (rec["pruned_ms_per_token"] * 1e-3) / (bandwidth * 1e9),
                     "dense_bw_fraction": rec["dense_bytes"] / (rec["dense_ms_per_token"] * 1e-3) / (bandwidth * 1e9)})
         records.append(rec)
         print(f"  {TIER_7B} {sparsity:.0%} {pattern} {backend}: {rec['measured_ratio']:.2f}x decode, ttft "
-              f"{rec['ttft_ratio']:.2f}x, peak {rec['peak_rss_gib']:.1f} GiB", file=sys.stderr, flush=True)
+              f"{rec['ttft_ratio']:.2f}x, peak {rec['dense_peak_rss_gib']:.1f} GiB dense / "
+              f"{rec['pruned_peak_rss_gib']:.1f} GiB pruned / {rec['writer_peak_rss_gib']:.1f} GiB writer",
+              file=sys.stderr, flush=True)
     return records
 
 
@@ -529,7 +622,7 @@ def to_markdown_7b(records: list[dict]) -> str:
     decode step that sparsity does not touch (cache attention, ``lm_head``)."""
     head = ("| layers | sparsity | backend (swapped) | FLOP ratio (decode step) | measured ratio [quartiles] | "
             "tokens/s dense -> pruned | time to first token, s: dense -> pruned (ratio) | bandwidth limit, ms/token: "
-            "dense -> pruned | of read bandwidth, pruned (dense) | peak RSS GiB: with dense / pruned alone | "
+            "dense -> pruned | of read bandwidth, pruned (dense) | peak RSS GiB: dense / pruned process | "
             "cache attention / lm_head share of a decode step: dense -> pruned |")
     lines = [head, "|" + "---|" * 11]
     for r in records:
@@ -539,7 +632,8 @@ def to_markdown_7b(records: list[dict]) -> str:
             f"{r['ratio_q3']:.2f}] | {r['dense_tokens_per_s']:.2f} -> {r['pruned_tokens_per_s']:.2f} | "
             f"{r['dense_ttft_s']:.2f} -> {r['pruned_ttft_s']:.2f} ({r['ttft_ratio']:.2f}x) | "
             f"{r['bw_limit_ms_dense']:.0f} -> {r['bw_limit_ms_pruned']:.0f} | {r['bw_fraction']:.0%} "
-            f"({r['dense_bw_fraction']:.0%}) | {_gib(r['peak_rss_gib'])} / {_gib(r['pruned_peak_rss_gib'])} | "
+            f"({r['dense_bw_fraction']:.0%}) | {_gib(r.get('dense_peak_rss_gib', r['peak_rss_gib']))} / "
+            f"{_gib(r['pruned_peak_rss_gib'])} | "
             f"{r['attn_share_dense']:.0%} / {r['lm_head_share_dense']:.0%} -> {r['attn_share_pruned']:.0%} / "
             f"{r['lm_head_share_pruned']:.0%} |")
     return "\n".join(lines) + "\n"
@@ -564,12 +658,13 @@ def splice_7b(readme: Path, records: list[dict], pending: str | None, source: st
              f"{r['weights']}, bfloat16, device {r.get('device')}, {r.get('threads')} torch thread(s), torch "
              f"{r.get('torch')}; a prompt of {r['prompt_tokens']} tokens ({r['image_tokens']} image positions) then "
              f"{r['new_tokens']} greedy tokens with the KV cache per run, median of {r.get('repeats')} runs after "
-             f"{r.get('warmup')} warm-up, dense (unpruned) and pruned runs alternating in one process per row. "
+             f"{r.get('warmup')} warm-up, dense (unpruned) and pruned runs alternating, each in its own process that "
+             f"loads its model from disk (load time not counted). "
              f"Memory bandwidth {r.get('read_gbs', 0):.1f} GB/s read.{load} Masks: magnitude on every decoder "
              f"linear (measured sparsity in brackets); `auto` with a dense budget of "
-             f"{r.get('dense_budget_gib') or 0:g} GiB. Peak RSS = VmHWM of the row's process: with the dense model "
-             f"beside the pruned one (they alternate), and of the pruned model alone (dense freed, peak reset, one "
-             f"more prefill + decode). Bandwidth limit = weight bytes read per decode step / read bandwidth. Cache "
+             f"{r.get('dense_budget_gib') or 0:g} GiB. Peak RSS = the largest VmHWM of the row's "
+             f"dense-model processes / pruned-model processes (the dense and packed decoder linears are never in one "
+             f"process). Bandwidth limit = weight bytes read per decode step / read bandwidth. Cache "
              f"attention = self-attention minus its projections (forward hooks, separate steps).*")
     update_readme(readme, "e2e_decode_7b", to_markdown_7b(records) + "\n" + setup + "\n")
 
@@ -626,10 +721,14 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"{TIER_7B}: text tokens after the image positions")
     ap.add_argument("--dense-budget-gib", type=float, default=0.0,
                     help=f"{TIER_7B}: dense copies auto may keep (GiB; default 0: dense-free)")
-    ap.add_argument("--row-7b", help=argparse.SUPPRESS)  # internal: one 7B row (a JSON spec) in this process
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                    help=f"{TIER_7B}: where each row writes its dense and sparse model (removed after the row; "
+                         f"default: the temp folder)")
+    ap.add_argument("--row-7b", help=argparse.SUPPRESS)  # internal: a 7B row's writer or one run (a JSON spec)
     args = ap.parse_args(argv)
     if args.row_7b is not None:
-        record = run_row_7b(json.loads(args.row_7b))
+        spec = json.loads(args.row_7b)
+        record = (write_row_7b if spec["mode"] == "write" else run_side_7b)(spec)
         args.out.write_text(json.dumps(record) + "\n")
         return 0
     if args.results is not None:
@@ -658,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown tiers/backends {bad}; tiers {TIERS}, backends {BACKENDS}")
     if "bitmask" in backends and bitmask.extension() is None:
         backends.remove("bitmask")
+    if big:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        check_disk_7b(patterns, backends, args.layers, args.small, args.workdir)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     bw = _latency().read_bandwidth(mib=64 if args.small else 512)
@@ -665,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     if big:
         records = records_7b(patterns, backends, args.new_tokens, args.warmup, repeats, args.threads,
-                             bw["read_gbs"], args.layers, args.small, args.text_tokens, args.dense_budget_gib)
+                             bw["read_gbs"], args.layers, args.small, args.text_tokens, args.dense_budget_gib,
+                             args.workdir)
     for dtype in dtypes if not big else []:
         for tier in tiers:
             records += tier_records(tier, dtype, args.new_tokens, args.warmup, repeats, bw["read_gbs"],

@@ -98,13 +98,17 @@ def test_7b_results_splice_into_their_own_block_and_pending_is_tolerated(e2e, tm
     assert "Load average 2.0 -> 2.5 over the run (rows 2.1-2.4) on 2 CPUs." in text
 
 
-def test_7b_small_mode_runs_and_writes_every_field(e2e, tmp_path):
-    """The 7B tier's code on the scaled-down config (seconds): one pattern, bitmask and auto, one process per row."""
+def test_7b_small_mode_runs_and_writes_every_field(e2e, tmp_path, capsys):
+    """The 7B tier's code on the scaled-down config (seconds): one pattern, bitmask and auto; per row a writer
+    process, then the dense and the pruned model each timed in its own process, alternating; temp files removed."""
     if e2e.bitmask.extension() is None:
         pytest.skip("bitmask extension not built here")
-    out = tmp_path / "e2e_7b.json"
-    assert e2e.main(["--tiers", "llava-1.5-7b", "--small", "--patterns", "0.5:unstructured", "--repeats", "1",
-                     "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--out", str(out)]) == 0
+    out, work = tmp_path / "e2e_7b.json", tmp_path / "work"
+    assert e2e.main(["--tiers", "llava-1.5-7b", "--small", "--patterns", "0.5:unstructured", "--repeats", "2",
+                     "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--workdir", str(work),
+                     "--out", str(out)]) == 0
+    assert "a row writes dense" in capsys.readouterr().err
+    assert list(work.iterdir()) == []  # each row's models were removed
     records = json.loads(out.read_text())
     assert [r["backend"] for r in records] == ["bitmask", "auto"]
     for r in records:
@@ -112,19 +116,59 @@ def test_7b_small_mode_runs_and_writes_every_field(e2e, tmp_path):
         assert r["prompt_tokens"] == 1 + 576 + 40 and r["image_tokens"] == 576
         assert abs(r["measured_sparsity"] - 0.5) < 0.01 and r["flop_ratio"] > 1
         for key in ("dense_tokens_per_s", "pruned_tokens_per_s", "dense_ttft_s", "pruned_ttft_s",
-                    "bw_limit_ms_dense", "bw_limit_ms_pruned", "read_gbs", "peak_rss_gib", "ru_maxrss_gib"):
+                    "bw_limit_ms_dense", "bw_limit_ms_pruned", "read_gbs", "peak_rss_gib", "ru_maxrss_gib",
+                    "dense_peak_rss_gib", "pruned_peak_rss_gib", "writer_peak_rss_gib", "dense_load_s",
+                    "pruned_load_s", "write_s", "dense_file_gib", "sparse_file_gib"):
             assert r[key] > 0, key
         assert r["bytes_read"] <= r["dense_bytes"] and r["pruned_model_gib"] <= r["dense_model_gib"]
-        assert r["peak_rss_gib"] >= r["dense_model_gib"] + r["pruned_model_gib"] * 0.5
-        assert r["pruned_peak_rss_gib"] is None or r["pruned_peak_rss_gib"] <= r["peak_rss_gib"]
+        assert r["peak_rss_gib"] == max(r["dense_peak_rss_gib"], r["pruned_peak_rss_gib"], r["writer_peak_rss_gib"])
+        # the dense and the pruned model never shared a process: one process per run, sides alternating
+        runs = r["runs"]
+        assert [x["side"] for x in runs] == ["dense", "pruned"] * 2
+        assert len({x["pid"] for x in runs}) == 4 and all(x["load_s"] > 0 for x in runs)
+        assert all(x["packed_linears"] == 0 for x in runs if x["side"] == "dense")
+        assert r["dense_peak_rss_gib"] == max(x["peak_rss_gib"] for x in runs if x["side"] == "dense")
         for who in ("dense", "pruned"):
             assert 0 < r[f"attn_share_{who}"] < r[f"attn_block_share_{who}"] < 1
             assert 0 < r[f"lm_head_share_{who}"] < 1 - r[f"attn_block_share_{who}"]
         assert "loadavg_start" in r and "row_loadavg_end" in r
-    bm = records[0]  # every decoder linear packed: fewer bytes read and held (auto may keep small layers dense)
+    bm = records[0]  # every decoder linear packed: fewer bytes read, held and stored (auto may keep small layers dense)
     assert bm["swapped"] == "14/14" and bm["bytes_read"] < bm["dense_bytes"]
+    assert all(x["packed_linears"] == 14 for x in bm["runs"] if x["side"] == "pruned")
     assert bm["pruned_model_gib"] < bm["dense_model_gib"] and records[1]["dense_budget_gib"] == 0.0
+    assert bm["sparse_file_gib"] < bm["dense_file_gib"]
+    config = e2e.config_7b(small=True)
+    dense_est, sparse_est = e2e.disk_estimate_7b(config, 0.5, "bitmask")
+    assert dense_est == pytest.approx(bm["dense_file_gib"] * e2e.GIB, rel=0.02)
+    assert sparse_est == pytest.approx(bm["sparse_file_gib"] * e2e.GIB, rel=0.02)
     with pytest.raises(SystemExit):
         e2e.main(["--tiers", "llava-1.5-7b,tiny", "--out", str(out)])  # the 7B tier runs alone
     with pytest.raises(SystemExit):
         e2e.main(["--tiers", "llava-1.5-7b", "--backends", "dense,bitmask", "--out", str(out)])
+
+
+def test_7b_fails_in_one_line_without_disk(e2e, tmp_path, monkeypatch):
+    monkeypatch.setattr(e2e.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    with pytest.raises(SystemExit, match=r"has 0\.0 GiB free, a llava-1\.5-7b row needs .* GiB") as err:
+        e2e.main(["--tiers", "llava-1.5-7b", "--small", "--patterns", "0.5:unstructured", "--backends", "auto",
+                  "--workdir", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    assert "\n" not in str(err.value) and not (tmp_path / "x.json").exists()
+
+
+def test_prune_in_place_frees_each_dense_linear_before_the_next(e2e, monkeypatch):
+    """The writer never holds a decoder linear dense and packed at once: when the k-th linear is masked, exactly
+    the linears not yet converted (the k-th included) are alive."""
+    import weakref
+
+    from ellava_lib.model import loading
+
+    if e2e.bitmask.extension() is None:
+        pytest.skip("bitmask extension not built here")
+    model = loading.random_weights(e2e.config_7b(small=True), "cpu", "bfloat16", seed=0)
+    old = [weakref.ref(lin) for lins in e2e.units.unit_linears(model).values() for lin in lins.values()]
+    lat, alive = e2e._latency(), []
+    mask = lat.mask_linears
+    monkeypatch.setattr(lat, "mask_linears", lambda *a: (alive.append(sum(r() is not None for r in old)), mask(*a)))
+    swapped, n_lin, measured = e2e.prune_in_place(model, 0.5, "unstructured", "bitmask", [1, 8], {}, 2)
+    assert (swapped, n_lin) == (14, 14) and abs(measured - 0.5) < 0.01
+    assert alive == list(range(14, 0, -1)) and all(r() is None for r in old)
