@@ -104,6 +104,14 @@ def position_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return m[:, :-1] & m[:, 1:]
 
 
+def _position_kl(logits: torch.Tensor, dense_logprobs: torch.Tensor) -> torch.Tensor:
+    """``KL(p_dense || p) = sum_v p_d (log p_d - log p)`` per position (the last dim is the vocabulary), in fp32 on
+    ``logits``' device."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = dense_logprobs.to(logits.device).float()
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
 def per_sample_kl(logits: torch.Tensor, dense_logprobs: torch.Tensor, mask: torch.Tensor,
                   chunk: int | None = KL_CHUNK) -> torch.Tensor:
     """``(B,)`` per-sample mean over the positions of ``mask`` of ``KL(p_dense || p) = sum_v p_d (log p_d - log p)``.
@@ -121,9 +129,7 @@ def per_sample_kl(logits: torch.Tensor, dense_logprobs: torch.Tensor, mask: torc
         m = mask[:, a:b].to(logits.device)
         if not bool(m.any()):
             continue
-        logp = F.log_softmax(logits[:, a:b].float(), dim=-1)
-        logq = dense_logprobs[:, a:b].to(logits.device).float()
-        kl = (logq.exp() * (logq - logp)).sum(-1)
+        kl = _position_kl(logits[:, a:b], dense_logprobs[:, a:b])
         total = total + (kl * m).sum(1)
     return total / mask.to(logits.device).sum(1).clamp(min=1)
 
@@ -185,9 +191,7 @@ def kl_at(logits: torch.Tensor, dense_logprobs: torch.Tensor, rows: torch.Tensor
     kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for a in range(0, logits.shape[0], chunk):
         b = min(a + chunk, logits.shape[0])
-        logp = F.log_softmax(logits[a:b].float(), dim=-1)
-        logq = dense_logprobs[a:b].to(logits.device).float()
-        kl[a:b] = (logq.exp() * (logq - logp)).sum(-1)
+        kl[a:b] = _position_kl(logits[a:b], dense_logprobs[a:b])
     rows = rows.to(logits.device)
     total = torch.zeros(n_rows, dtype=torch.float32, device=logits.device).index_add_(0, rows, kl)
     count = torch.zeros(n_rows, dtype=torch.float32, device=logits.device).index_add_(0, rows, torch.ones_like(kl))
