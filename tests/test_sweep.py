@@ -57,19 +57,19 @@ def _profile_spec(params: dict) -> SweepSpec:
 #: levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows, EvoPress-style
 #: stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("43edaf519e98", "e47add1816d0"),
-           "search-0.60-s0-n32": ("8ba4b06b3fef", "0d8e5e6e6bbc"),
-           "ellava-0.60-s0-n32-noproj": ("f05bde1f956d", "3895d6c07d0f"),
-           "ellava-0.60-s0-n32-gap_none": ("796708bb3804", "03b74a629c81")},
-    "default": {"ellava-0.60-s0-n64": ("40d0a99a7005", "f88381dcf327"),
-                "search-0.60-s0-n64": ("e8eb7ca7e77a", "b8d58752f216"),
-                "ellava-0.60-s0-n64-noproj": ("c85f26486d29", "9495893b88e9"),
-                "ellava-0.60-s0-n64-gap_none": ("76bc0f71c1a5", "f3504054845f")},
+    "ci": {"ellava-0.60-s0-n32": ("4f64505247a2", "64ce6450a3fc"),
+           "search-0.60-s0-n32": ("8eb84436f295", "3be48518bc94"),
+           "ellava-0.60-s0-n32-noproj": ("c6bbf4ed5d07", "e1b18214cc19"),
+           "ellava-0.60-s0-n32-gap_none": ("f75b49d14f36", "7fd93360fa38")},
+    "default": {"ellava-0.60-s0-n64": ("fe08ce462d13", "8e295e05e5fa"),
+                "search-0.60-s0-n64": ("2f39d6057388", "221494515b21"),
+                "ellava-0.60-s0-n64-noproj": ("0f8965545bd9", "c9b9fad978c5"),
+                "ellava-0.60-s0-n64-gap_none": ("12cc0d75ac56", "008dd7ae0c77")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("0a61266c5475", "4885fc49078f"),
-              "search-0.60-s0-n64": ("d083efcec3a9", "032d5be38865"),
-              "ellava-0.60-s0-n64-noproj": ("290d7a5b5efd", "714d5455ec2f"),
-              "ellava-0.60-s0-n64-gap_none": ("c7bafc095d69", "fae52c8aef63")},
+    "paper": {"ellava-0.60-s0-n64": ("520d799cd65c", "717155254574"),
+              "search-0.60-s0-n64": ("f4b21dba38b5", "963b615a2c75"),
+              "ellava-0.60-s0-n64-noproj": ("3b1fc69295a8", "eec472a190b5"),
+              "ellava-0.60-s0-n64-gap_none": ("1bf9f4b33a6f", "16e57981ccea")},
 }
 
 
@@ -296,6 +296,21 @@ def test_search_against_the_start_it_ranked_best_on_its_selection_rows_by_hand()
     starts = tables.search_vs_starts(frame[~frame["method"].isin(["owl", "sparsegpt"])])
     assert starts.loc[0, "k"] == 0 and starts.loc[0, "best_start"] == "SparseGPT (no row), OWL (no row)"
     assert starts.loc[0, "holds"] is None and np.isnan(starts.loc[0, "mean_diff"])
+
+
+def test_search_vs_starts_counts_the_seeds_that_kept_their_start():
+    """``kept_start``: how many paired seeds' searches returned their start pick (the one-SE rule); absent when
+    the rows do not say."""
+    rows = []
+    for seed, (kept, srch) in enumerate([(True, 60.0), (False, 61.0), (True, 60.0)]):
+        rows.append({"method": "sparsegpt", "sparsity": 0.5, "seed": seed, "mean": 60.0, "start_pick": None,
+                     "kept_start": None})
+        rows.append({"method": "search", "sparsity": 0.5, "seed": seed, "mean": srch, "start_pick": "uniform",
+                     "kept_start": kept})
+    starts = tables.search_vs_starts(pd.DataFrame(rows))
+    assert starts.loc[0, "kept_start"] == "2/3" and starts.loc[0, "mean_diff"] == pytest.approx(1 / 3)
+    frame = pd.DataFrame(rows).drop(columns="kept_start")
+    assert "kept_start" not in tables.search_vs_starts(frame).columns
 
 
 def _row_tokens(batch) -> set[tuple[int, ...]]:

@@ -133,7 +133,7 @@ def prunable_model_dir(spec: str, quiet: bool) -> str | Path:
 SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "loss": "loss_kind", "budget": "budget",
                                 "generations": "generations", "population": "population", "offspring": "offspring",
                                 "screen": "screen_samples", "survivors": "survivors", "init": "init",
-                                "fine_step": "fine_step", "units": "units",
+                                "fine_step": "fine_step", "units": "units", "select_rule": "select_rule",
                                 "projector_every": "projector_every", "projector_steps": "projector_steps"}
 
 
@@ -276,6 +276,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--units", choices=("block", "matrix"), default=None,
                    help="what gets one sparsity: block = each decoder block's attention and MLP (the default), "
                         "matrix = each weight matrix (q/k/v/o, gate/up/down); same level database")
+    s.add_argument("--select-rule", choices=("min", "paired_se"), default=None,
+                   help="what the search returns: the best candidate on the selection rows (min), or that one only "
+                        "when its gain over the best start policy there exceeds one paired standard error, else "
+                        "that start (paired_se, the default)")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
     s.add_argument("--generations", type=int, default=None)
     s.add_argument("--population", type=positive_int, default=None)

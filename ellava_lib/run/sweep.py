@@ -276,7 +276,8 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         policy = result.policy
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
                  "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap,
-                 "start_pick": result.selection.get("start_pick")}  # the start it ranked best on selection rows
+                 "start_pick": result.selection.get("start_pick"),  # the start it ranked best on selection rows
+                 "kept_start": bool((result.selection.get("final_pick") or {}).get("kept_start", False))}
         if job.assembled:  # the ablation: the model as the search assembled it from the level database
             measured = float(policy.meta["mean_sparsity"])
         else:  # as every baseline: sequential SparseGPT under the policy, on the statistic rows

@@ -140,7 +140,9 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
     of its baseline in ``results`` is left out, and a sparsity where no seed pairs gets ``k = 0``, ``holds`` None and
     ``best_start`` naming the missing baselines (``"ECoFLaP (no row)"``). Results without a
     ``start_pick`` column (made before it was recorded) fall back to the start with the highest mean test score
-    over seeds (:func:`paired_margins`), marked ``"(by test)"``."""
+    over seeds (:func:`paired_margins`), marked ``"(by test)"``. ``kept_start`` (where the rows have that column):
+    how many of the k seeds' searches returned their start pick because the best candidate's gain on the selection
+    rows was within one standard error (``SearchConfig.select_rule``, :mod:`ellava_lib.search.final_pick`)."""
     rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
     if "start_pick" not in rows_in.columns:
         return _search_vs_best_on_test(results, method, starts)
@@ -148,7 +150,7 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
     out = []
     for s, part in rows_in[rows_in["sparsity"] > 0].groupby("sparsity"):
         ours = part[part["method"] == method]
-        diffs, picks, base, unpaired = [], [], [], []
+        diffs, picks, base, unpaired, kept = [], [], [], [], []
         for _, row in ours.iterrows():
             theirs_method = START_METHODS.get(str(row["start_pick"]))
             if theirs_method is None or theirs_method not in starts:
@@ -159,6 +161,7 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
                 unpaired.append(LABELS.get(theirs_method, theirs_method))
                 continue
             diffs.append(float(row["mean"]) - float(match.mean()))
+            kept.append(bool(row["kept_start"]) if "kept_start" in row.index and pd.notna(row["kept_start"]) else None)
             picks.append(LABELS.get(theirs_method, theirs_method))
             base.append(float(match.mean()))
         if not diffs:
@@ -175,7 +178,8 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
         label = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts.items())
         out.append({"sparsity": f"{s:.0%}", "method": LABELS.get(method, method), "best_start": label, "k": k,
                     "ours": float(ours["mean"].mean()), "best_start_score": float(np.mean(base)),
-                    "mean_diff": float(d.mean()), "se": se, "holds": _holds(float(d.mean()), se)})
+                    "mean_diff": float(d.mean()), "se": se, "holds": _holds(float(d.mean()), se),
+                    **({"kept_start": f"{sum(kept)}/{k}"} if None not in kept else {})})
     return pd.DataFrame(out)
 
 

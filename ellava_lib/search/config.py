@@ -24,6 +24,7 @@ from typing import Any
 from ellava_lib.core import files
 from ellava_lib.core.policy import DEFAULT_GRID, FINE_STEP, GRID_TOL, search_grid
 from ellava_lib.core.units import UNIT_KINDS
+from ellava_lib.search.final_pick import SELECT_RULES
 from ellava_lib.prune.allocate import (
     ecoflap_cap,
 )
@@ -58,7 +59,8 @@ PROJECTOR_PREFIX = "projector_"
 #: read back as that value when absent (:meth:`SearchConfig.from_dict`). Not the defaults of new configs.
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
                                   "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
-                                  "projector_fp32_master": True, "projector_kl_kind": "kl_all", "units": "block"}
+                                  "projector_fp32_master": True, "projector_kl_kind": "kl_all", "units": "block",
+                                  "select_rule": "min"}
 
 #: Serialised fields searches no longer have, and what replaced them: :meth:`SearchConfig.from_dict` drops them
 #: (a folder written with them reads back, and its config differs from every new one, so it is not resumed and
@@ -225,7 +227,10 @@ class SearchConfig:
       ``elitism`` parents always kept (they compete at the last selection stage).
     * Rows: ``select_frac`` of the calibration rows are *selection* rows (:func:`evolve.split_rows`: seeded,
       stratified by suite when suites are given), never used by the evolution; the rest are *search* rows.
-      The returned policy is the best on the selection rows among the final population and the start policies.
+      The returned policy is the best on the selection rows among the final population and the start policies
+      (``select_rule = "min"``), or, by default (``"paired_se"``), that one only when its paired gain over the best
+      start policy on the selection rows exceeds its standard error, else that start (:mod:`final_pick`: the
+      one-standard-error rule; searches made before it existed read back as ``"min"``).
     * ``lam_scales``: how ``lambda`` is chosen, before the evolution (only when ``gap != "none"``): the initial
       population is scored on the selection rows too, the lambdas ``{0} | {c * spread(R_hat) / spread(G_hat) : c in
       lam_scales}`` (spreads over the initial population's scoring-row scores, :func:`gap.lambda_grid`) are tried,
@@ -268,6 +273,7 @@ class SearchConfig:
     screen_samples: int = 8
     survivors: int = 2
     select_frac: float = 0.25
+    select_rule: str = "paired_se"
     lam_scales: tuple[float, ...] = gaps.DEFAULT_LAM_SCALES
     eval_batch_size: int = 0
     seed: int = 0
@@ -295,6 +301,7 @@ class SearchConfig:
             (self.loss_kind in LOSS_KINDS and self.loss_cap > 0, f"loss_kind in {LOSS_KINDS} and loss_cap > 0"),
             (self.budget in BUDGETS, f"budget must be one of {BUDGETS}, got {self.budget!r}"),
             (self.units in UNIT_KINDS, f"units must be one of {UNIT_KINDS}, got {self.units!r}"),
+            (self.select_rule in SELECT_RULES, f"select_rule must be one of {SELECT_RULES}, got {self.select_rule!r}"),
             (self.population >= 1 and self.offspring >= 1 and self.generations >= 0,
              "need population >= 1, offspring >= 1, generations >= 0"),
             (self.mutation_steps >= 1 and self.tournament >= 1, "need mutation_steps >= 1 and tournament >= 1"),

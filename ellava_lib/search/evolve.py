@@ -46,12 +46,15 @@ initial population is then ranked by ``J`` at that lambda (from its scores, no n
 the record of its choice are in the checkpoint, ``selection.json`` and the policy's meta (``lam``, ``lam_grid``,
 ``lam_selected``), so the lambda reported is the lambda that steered the evolution.
 
-**Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows and
-the one with the lowest ``R_hat`` there is returned (with or without a gap term), so its selection-row ``R_hat`` is
-at most every start policy's; ``selection.json`` holds every candidate's ``r_select``, the lambda record, the start
-policies' names (``start_names``, from ``cfg.init``) and ``start_pick``: the start with the lowest selection-row
-``R_hat``, the policy the search would return had it not evolved (the comparator of the tables' "search vs its
-best start" check, :func:`ellava_lib.run.tables.search_vs_starts`). Each
+**Finish** (:func:`_finish`): the final population and the start policies are scored on the selection rows; the
+one with the lowest ``R_hat`` there is the best candidate (with or without a gap term) and ``start_pick`` the start
+with the lowest selection-row ``R_hat``, the policy the search would return had it not evolved (the comparator of
+the tables' "search vs its best start" check, :func:`ellava_lib.run.tables.search_vs_starts`). The search returns
+the best candidate, or under ``select_rule = "paired_se"`` (the default) the start pick when the best's paired
+gain over it on the selection rows is within one standard error (:mod:`final_pick`); either way the returned
+policy's selection-row ``R_hat`` is at most every start policy's plus that standard error. ``selection.json``
+holds every candidate's ``r_select``, the lambda record, the start policies' names (``start_names``, from
+``cfg.init``), ``start_pick`` and ``final_pick`` (the rule, the gain, its SE and ``kept_start``). Each
 generation ends with an atomic checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the
 result and history of an uninterrupted run.
 """
@@ -77,6 +80,7 @@ from ellava_lib.data.calibration import calibration_fingerprint
 from ellava_lib.model import structure
 from ellava_lib.prune.leveldb import LevelDB, model_identity
 from ellava_lib.search import checkpoint as ckpt
+from ellava_lib.search import final_pick
 from ellava_lib.search import gap as gaps
 from ellava_lib.search.budget import (
     BUDGET_TOL,
@@ -244,6 +248,12 @@ class _Run:
 def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequence[int]) -> Score:
     """Assemble ``policy``, score it on ``rows`` at the run's lambda (``run.lam``), append its history row (to
     ``run.pending`` while that is a list)."""
+    return _score_rows(run, policy, generation, phase, rows)[0]
+
+
+def _score_rows(run: _Run, policy: Policy, generation: int, phase: str,
+                rows: Sequence[int]) -> tuple[Score, list[float]]:
+    """:func:`_score` and the per-row losses behind its ``R_hat`` (clipped at ``loss_cap``), in ``rows``' order."""
     cfg = run.cfg
     if budget_error(policy, run.weights, cfg.target) > BUDGET_TOL:  # the invariant of :mod:`budget`
         raise RuntimeError(f"policy {policy.policy_id()} left the budget {cfg.target} +- {BUDGET_TOL}: "
@@ -269,7 +279,7 @@ def _score(run: _Run, policy: Policy, generation: int, phase: str, rows: Sequenc
     else:
         ckpt.append_history(run.out / ckpt.HISTORY, [row])
     run.rows += 1
-    return score
+    return score, losses.double().clamp(0.0, float(cfg.loss_cap)).flatten().tolist()
 
 
 def _tournament(pop: list[Member], rng: random.Random, size: int) -> Member:
@@ -500,18 +510,22 @@ def _choose_lambda(run: _Run, pop: list[Member]) -> list[Member]:
 
 def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int) -> tuple[int, Score, dict]:
     """Score ``candidates`` (the final population, then the ``n_starts`` start policies) on the selection rows;
-    the index of the one with the lowest ``R_hat`` there (ties: the lowest index), its selection-row score (``J`` at
-    the run's lambda) and the record of the choice (module docstring)."""
-    select = [_score(run, p, generations + 1, "select", run.selection) for p in candidates]
+    the index of the one returned (:func:`final_pick.choose` under ``select_rule``: the lowest ``R_hat`` there, ties
+    the lowest index, or the best start when that one's paired gain is within its standard error), its
+    selection-row score (``J`` at the run's lambda) and the record of the choice (module docstring)."""
+    scored = [_score_rows(run, p, generations + 1, "select", run.selection) for p in candidates]
+    select, losses = [s for s, _ in scored], [x for _, x in scored]
     r_select = [s.r_hat for s in select]
-    idx = min(range(len(candidates)), key=lambda i: (r_select[i], i))
+    best = min(range(len(candidates)), key=lambda i: (r_select[i], i))
     first = len(candidates) - n_starts
     pick = min(range(first, len(candidates)), key=lambda i: (r_select[i], i)) if n_starts else None
+    idx, choice = final_pick.choose(losses, best, pick, run.cfg.select_rule)
     record: dict[str, Any] = {"lam": run.lam, "lam_choice": run.lam_record, "r_select": r_select,
                               "candidates": [p.policy_id() for p in candidates], "n_starts": n_starts,
                               "index": idx, "policy_id": candidates[idx].policy_id(),
                               "start_names": [p.meta.get("start") for p in candidates[first:]],
-                              "start_pick": None if pick is None else candidates[pick].meta.get("start")}
+                              "start_pick": None if pick is None else candidates[pick].meta.get("start"),
+                              "final_pick": choice}
     return idx, select[idx], record
 
 

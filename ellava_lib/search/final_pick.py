@@ -1,0 +1,65 @@
+"""Which policy a search returns: the best candidate on the selection rows, or its best start when the gain is
+within noise.
+
+The search ends with candidates scored on the held-out *selection* rows (the final population and the start
+policies, :func:`ellava_lib.search.evolve._select`): ``best`` has the lowest selection-row ``R_hat``, ``start``
+the lowest among the start policies alone (``start_pick``, the policy the search would return had it not evolved).
+With ``m`` selection rows and clipped per-row losses ``l_{c,i}`` (the terms of ``R_hat``), the paired gain of
+``best`` over ``start`` and its standard error are::
+
+    d_i = l_{start,i} - l_{best,i},   gain = mean(d),   se = sd(d) / sqrt(m)   (ddof 1)
+
+Rules (``SearchConfig.select_rule``, :data:`SELECT_RULES`):
+
+* ``min``: return ``best`` (the lowest selection-row ``R_hat``, however small its lead);
+* ``paired_se``: return ``best`` only when ``gain > se``, else ``start``. This is the one-standard-error rule of
+  model selection (Breiman, Friedman, Olshen & Stone 1984, *Classification and Regression Trees*, section 3.4.3;
+  Hastie, Tibshirani & Friedman 2009, *The Elements of Statistical Learning*, section 7.10: take the simplest
+  model whose error is within one standard error of the best), with the start as the simple model (it was not
+  chosen among the hundreds of candidates the evolution scored) and the standard error of the *paired*
+  difference, since both are scored on the same rows. Departure: the rule compares ``best`` with one model, the
+  start pick, rather than scanning a complexity path.
+
+Both rules read the selection rows only, never a test item.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+#: How a search chooses what it returns (module docstring).
+SELECT_RULES: tuple[str, ...] = ("min", "paired_se")
+
+
+def paired_gain(start: Sequence[float], best: Sequence[float]) -> tuple[float, float]:
+    """``(gain, se)`` of the module docstring: the mean of ``start_i - best_i`` and its standard error
+    (``sd`` with ddof 1 over ``sqrt(m)``; ``nan`` for one row). ``ValueError`` when the lengths differ or are 0."""
+    if len(start) != len(best) or not start:
+        raise ValueError(f"need equal, non-empty per-row losses; got {len(start)} and {len(best)}")
+    d = [float(a) - float(b) for a, b in zip(start, best)]
+    m = len(d)
+    gain = sum(d) / m
+    if m < 2:
+        return gain, float("nan")
+    var = sum((x - gain) ** 2 for x in d) / (m - 1)
+    return gain, math.sqrt(var / m)
+
+
+def choose(losses: Sequence[Sequence[float]], best: int, start: int | None, rule: str) -> tuple[int, dict[str, Any]]:
+    """The index to return among candidates with per-row selection losses ``losses[c]``, given ``best`` (lowest
+    ``R_hat``) and ``start`` (the start pick; None: no start policy), and the record of the choice: ``rule``,
+    ``best_index``, ``gain`` and ``gain_se`` (None when ``best`` is the start or there is none) and ``kept_start``
+    (True when the start was returned although another candidate scored lower)."""
+    if rule not in SELECT_RULES:
+        raise ValueError(f"select_rule must be one of {SELECT_RULES}, got {rule!r}")
+    record: dict[str, Any] = {"rule": rule, "best_index": best, "gain": None, "gain_se": None, "kept_start": False}
+    if start is None or start == best:
+        return best, record
+    gain, se = paired_gain(losses[start], losses[best])
+    record.update(gain=gain, gain_se=se)
+    if rule == "min" or (math.isfinite(se) and gain > se):
+        return best, record
+    record["kept_start"] = True
+    return start, record
