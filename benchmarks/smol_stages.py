@@ -22,9 +22,13 @@ computed from such numbers by a formula written next to it in the output. The st
   the tokens a batch of 32 generates (its longest answer + end-of-sequence, at most the budget), and the same
   for each evaluation's own predictions (a model that never ends generates the budget).
 
-Usage (the defaults are where the runs of this machine left their files; a missing one is recorded as such)::
+Usage (the defaults are where the runs of this machine left their files; a missing one is recorded as such;
+``--readme README.md`` also splices the predicted-against-measured table into the ``smol-cpu-plan`` block of
+docs/tiers.md, :func:`ellava_lib.run.smolplan.splice_calibration`; ``--splice-only`` splices from the record
+already written, reading no artifact)::
 
-    python benchmarks/smol_stages.py --out benchmarks/results/smol_stages_cpu.json
+    python benchmarks/smol_stages.py --out benchmarks/results/smol_stages_cpu.json --readme README.md
+    python benchmarks/smol_stages.py --splice-only --readme README.md
 """
 
 from __future__ import annotations
@@ -385,15 +389,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="other sweep jobs' folders (their evaluations recorded, not used)")
     ap.add_argument("--search-preset", default="smol", help="the search preset whose generations are extrapolated to")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smol_stages_cpu.json"))
+    ap.add_argument("--readme", default=None, help="splice the calibration table into the smol-cpu-plan block of "
+                                                   "this README or of the docs/*.md page beside it that holds it")
+    ap.add_argument("--splice-only", action="store_true", help="read no artifact: splice from --out as written")
     args = ap.parse_args(argv)
-    record = collect(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
-    print(f"wrote {out}")
+    if args.splice_only:
+        record = json.loads(out.read_text())
+    else:
+        record = collect(args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        print(f"wrote {out}")
     for name, stage in record["stages"].items():
         secs = stage.get("seconds")
         print(f"{name:28s} {'-' if secs is None else f'{secs:9.1f} s'}")
+    if args.readme:
+        from ellava_lib.run.smolplan import splice_calibration
+
+        changed = splice_calibration(args.readme, record)
+        print(f"{'spliced' if changed else 'unchanged'}: the smol-cpu-plan block beside {args.readme}")
     return 0
 
 
