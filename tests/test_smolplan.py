@@ -94,7 +94,8 @@ def test_total_is_the_sum_of_the_parts(smol_plan, params):
     jobs = smolplan.profile_jobs(params, spec)
     build = sum(s.steps * s.step_seconds(ctx.train_prof) for s in smolplan.build_stages(ctx.config,
                                                                                          train.preset("smol")))
-    dense = (1 + len(params["magnitude_sparsities"])) * smolplan.eval_seconds(ctx, params["eval_limit"])
+    dense = (smolplan.eval_seconds(ctx, params["eval_limit"])
+             + len(params["magnitude_sparsities"]) * smolplan.eval_seconds(ctx, params["eval_limit"], to_budget=True))
     by_name = {s.name: s for s in smol_plan.stages}
     shared = sum(by_name[n].seconds * by_name[n].runs for n in ("level databases", "ECoFLaP importances"))
     each = sum(smolplan.job_seconds(ctx, spec, j, params["sweep_eval_limit"]) for j in jobs)
@@ -109,13 +110,13 @@ def test_issue_floor_bounds_decode():
     ctx, _ = smolplan.context(plan.profile_params("smol"))
     weights = ctx.dm.params * ctx.dtype_bytes / ctx.prof.eff(ctx.prof.mem_bandwidth)
     assert ctx.floor == pytest.approx((40 * 30 + 20) * ctx.prof.op_latency_s) and ctx.floor > 10 * weights
-    from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
-
     slow = replace(ctx, prof=replace(ctx.prof, op_latency_s=2 * ctx.prof.op_latency_s))
-    # 64 items per suite = 2 batches of 32; every decode step waits on the host, the 32 x 96-token prefill
-    # (0.8 TFLOP at the fp32 rate) does not: doubling the latency adds one floor per generated token
+    # 64 items per suite = 2 batches of 32; every forward waits on the host, the 32 x 40.9-token prefill too (0.28
+    # TFLOP: 8.5 ms at half the H100's FP32 rate, under the 9.76 ms floor): doubling the latency adds one floor per
+    # generated token, 2 + 2 + 2.19 + 22.75 = 28.94 a batch set (the prefill makes the first of each batch)
     added = smolplan.eval_seconds(slow, 64) - smolplan.eval_seconds(ctx, 64)
-    assert ctx.eval_batch == 32 and added == pytest.approx(2 * sum(MAX_NEW_TOKENS.values()) * ctx.floor)
+    assert sum(smolplan.GENERATED_TOKENS.values()) == pytest.approx(28.94)
+    assert ctx.eval_batch == 32 and added == pytest.approx(2 * 28.94 * ctx.floor)
 
 
 def test_readme_smol_plan_is_a_fresh_plan(smol_plan):

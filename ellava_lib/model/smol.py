@@ -65,6 +65,10 @@ SMOLLM2 = LlamaShape(params=134_515_008, layers=30, hidden=576, mlp=1536, heads=
 #: The length the memory preflight assumes for every row of a batch: the synthetic train split in SmolLM2's tokens
 #: (prompt, 9 image tokens, answer, eos) measured at most 77, mean 46.6, over 8000 items; with margin.
 TRAIN_TOKENS = 96
+#: That measurement: the longest row (a batch of rows from every suite is padded to about this) and the mean row
+#: (the tokens a loss or a Hessian reads). The calibration split is drawn by the same generator.
+TRAIN_TOKENS_MAX = 77
+TRAIN_TOKENS_MEAN = 46.6
 
 
 def gguf_path() -> Path:

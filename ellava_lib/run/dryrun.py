@@ -96,7 +96,8 @@ def predicted_seconds(config: LlavaConfig, wl: memory.Workload, batches: memory.
     """The cost model's seconds for exactly the dry run's work on the device profile ``prof`` (its rooflines:
     :mod:`costmodel`, :mod:`plan`): one ``generate`` batch; the level database's share ``db_blocks / L`` of
     :func:`costmodel.estimate_level_db`; one dense pass and one scoring pass (:func:`costmodel.estimate_search`);
-    one projector step (``3`` forward-equivalents, ``4`` with checkpointing)."""
+    one projector step (``2`` forward-equivalents, ``3`` with checkpointing: the decoder is frozen, its backward
+    computes input gradients only, as :func:`plan._projector_seconds` prices a round)."""
     from ellava_lib.run import plan
     from ellava_lib.speed import costmodel
 
@@ -110,7 +111,7 @@ def predicted_seconds(config: LlavaConfig, wl: memory.Workload, batches: memory.
                                            n_text_tokens=wl.text_tokens, batch_size=batches.score_batch).seconds
                  for n in (wl.calib_n, rows))
     proj = plan.projector_pass_seconds(config, dm, wl, prof, min(wl.projector_rows, wl.calib_n),
-                                       batches.micro_batch, 3 + int(batches.checkpointing))
+                                       batches.micro_batch, 2 + int(batches.checkpointing))
     return {"dense_eval": gen, "leveldb": db, "search": search, "projector": proj, "final_eval": gen}
 
 

@@ -7,11 +7,21 @@ each; ``runs`` counts how often the profile's main table and ablations run it (:
 
 * eval time, per suite ``s`` of ``n_s`` items with up to ``G_s`` new tokens (:data:`evaluate.REAL_MAX_NEW_TOKENS`,
   an upper bound: generation stops at the end-of-sequence token), batch ``B``:
-  ``ceil(n_s / B) * (roofline(B F_prefill, W) + G_s * roofline(B F_tok, W + KV))`` with ``F_tok = 2 P_lm``
-  FLOPs per generated token and ``KV`` the cache read per step (:func:`costmodel.roofline`).
-* projector time, per round: ``steps * (3 + c) * passes(train rows)`` forward-equivalents (forward + a backward
-  of twice its cost, ``c = 1`` more forward with checkpointing) plus ``steps / eval_every * topk`` held-out
-  forwards, each pass ``roofline(m F_sample, W)`` per micro-batch of ``m`` rows; rounds = ``generations // every``.
+  ``ceil(n_s / B) * (roofline(B F_prefill, W) + (G_s - 1) * (roofline(B F_tok, W) + p KV / BW))`` with
+  ``F_tok = 2 P_lm`` FLOPs per generated token (the prefill makes the first), ``KV`` the bytes of the key/value
+  cache at the mean step and ``p`` the passes a step makes over it (:func:`kv_passes`: the cache grows by a
+  copy, grouped queries expand it; separate memory-bound ops, so their time adds to the matmuls')
+  (:func:`generate_seconds`, :func:`costmodel.roofline`).
+* projector time, per round: ``steps * (2 + c) * passes(train rows)`` forward-equivalents (forward + a backward
+  of the same cost: the decoder and the tower are frozen, so the backward computes the decoder's input gradients,
+  ``2 P N``, and the projector's small weight gradient; ``c = 1`` more forward with checkpointing) plus
+  ``steps / eval_every * topk`` held-out forwards, each pass ``roofline(m F_sample, W)`` per micro-batch of ``m``
+  rows; rounds = ``generations // every``. (Until the smol calibration the backward was priced at twice the
+  forward, as if the decoder's weights were trained: a third more than the rounds cost.)
+
+The smol calibration (``benchmarks/results/smol_stages_cpu.json``) changed three terms for every device: the
+decode steps' cache copies (the paper plan's evaluations on ``h100``: 7 to 11 minutes a run), the projector's
+backward (37 to 26 minutes of rounds) and lambda's choice in the search (about a minute a search).
 
 Docs: :func:`splice_readme` writes :func:`markdown` between ``<!-- paper-plan:start -->`` and
 ``<!-- paper-plan:end -->`` (``ellava plan --profile paper --readme README.md``: the block in whichever of the
@@ -113,16 +123,32 @@ def profile_params(name: str, root: str | Path | None = None) -> dict[str, Any]:
     return params
 
 
-def generate_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, new: int,
-                     floor_s: float = 0.0) -> float:
-    """One ``generate`` batch: ``roofline(B F_prefill, W) + G roofline(B F_tok, W + KV)`` (module docstring);
-    each forward pass takes at least ``floor_s`` (the host's kernel issue time; 0 = not modelled)."""
+def kv_passes(dm: memory.Dims) -> int:
+    """Passes a decode step makes over each key and value cache tensor of ``s`` bytes per layer: ``DynamicCache``
+    appends the new token by ``torch.cat`` (read ``s``, write ``s``); with grouped queries (``r = heads /
+    kv_heads > 1``) ``repeat_kv`` expands it (read ``s``, write ``r s``); attention reads what it attends over
+    (``r s``). ``3`` without grouping (llava-1.5-7b), ``3 + 2 r`` with it (SmolLM2, ``r = 3``: 9)."""
+    r = max(1, round(dm.d / dm.d_kv))  # heads / kv_heads = (heads * head_dim) / (kv_heads * head_dim)
+    return 3 if r == 1 else 3 + 2 * r
+
+
+def generate_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, new: float,
+                     floor_s: float = 0.0, decode_prof=None) -> float:
+    """One ``generate`` batch of ``new`` generated tokens (the mean over batches may be fractional): the prefill
+    ``max(roofline(B F_prefill, W), floor_s)`` makes the first, each of the ``new - 1`` decode steps takes
+    ``max(roofline(B F_tok, W), floor_s) + p KV / BW`` (module docstring; ``KV`` the cache at the mean step,
+    ``p`` :func:`kv_passes`). ``floor_s``: the host's kernel issue time of a forward (0 = not modelled);
+    ``decode_prof``: the device profile of the decode steps when they run another matmul path than the prefill
+    (a CPU's oneDNN linears need ``kernels.MIN_ROWS`` rows, a decode step of ``B`` rows has ``B``; default
+    ``prof``)."""
     b = wl.dtype_bytes
+    dp = decode_prof or prof
     lm = dm.layers * dm.block_params + dm.d * dm.vocab
     f_prefill = flops.flops_per_token(config, dm.image_tokens, wl.prompt_tokens, logits_tokens=1)["total"]
     kv = 2 * dm.layers * batch * (dm.image_tokens + wl.prompt_tokens + new / 2) * dm.d_kv * b
-    step = max(costmodel.roofline(batch * 2.0 * lm, dm.params * b + kv, prof), floor_s)
-    return max(costmodel.roofline(batch * f_prefill, dm.params * b, prof), floor_s) + new * step
+    step = (max(costmodel.roofline(batch * 2.0 * lm, dm.params * b, dp), floor_s)
+            + kv_passes(dm) * kv / dp.eff(dp.mem_bandwidth))
+    return max(costmodel.roofline(batch * f_prefill, dm.params * b, prof), floor_s) + max(new - 1, 0) * step
 
 
 def _eval_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, batch: int, data: str, limit: int) -> float:
@@ -140,8 +166,10 @@ def projector_pass_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, n
                            factor: float, floor_s: float = 0.0) -> float:
     """``factor`` forward-equivalents over ``n_rows`` rows, ``micro`` rows per pass: each pass
     ``max(roofline(factor m F_sample, factor W), factor floor_s)`` (``floor_s``: the host's issue time of one
-    forward pass; 0 = not modelled)."""
-    f_sample = flops.flops_per_token(config, dm.image_tokens, wl.text_tokens)["total"]
+    forward pass; 0 = not modelled; ``F_sample`` with the LM head at ``wl.logits_tokens`` positions, the ones the
+    loss reads, :func:`projector.sliced_logits`)."""
+    f_sample = flops.flops_per_token(config, dm.image_tokens, wl.text_tokens,
+                                     logits_tokens=wl.logits_tokens)["total"]
     full, rest = divmod(n_rows, micro)
     w = factor * dm.params * wl.dtype_bytes
 
@@ -152,13 +180,16 @@ def projector_pass_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, n
 
 
 def _projector_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, cfg, rows: dict[str, int],
-                       batches: memory.Batches, floor_s: float = 0.0) -> float:
+                       batches: memory.Batches, floor_s: float = 0.0, train_prof=None) -> float:
+    """The projector rounds of one search (module docstring): ``generations // every`` rounds of ``steps`` training
+    steps of ``2 + c`` forward-equivalents on the train rows (on ``train_prof``, default ``prof``: the matmul path of
+    a forward that needs gradients) and the held-out forwards (on ``prof``)."""
     p = cfg.projector
     if p.every == 0:
         return 0.0
     m = batches.micro_batch
-    per_round = (p.steps * projector_pass_seconds(config, dm, wl, prof, rows["train"], m,
-                                                  3 + int(batches.checkpointing), floor_s)
+    per_round = (p.steps * projector_pass_seconds(config, dm, wl, train_prof or prof, rows["train"], m,
+                                                  2 + int(batches.checkpointing), floor_s)
                  + (p.steps // p.eval_every + 1) * p.topk * projector_pass_seconds(config, dm, wl, prof,
                                                                                   rows["holdout"], m, 1, floor_s))
     return (cfg.generations // p.every) * per_round
@@ -166,6 +197,12 @@ def _projector_seconds(config, dm: memory.Dims, wl: memory.Workload, prof, cfg, 
 
 def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload, batch: int,
                     floor_s: float = 0.0, n_visual: int = 576) -> float:
+    """The candidate scoring of one search (:func:`costmodel.estimate_search` per stage, rows of
+    ``wl.text_tokens`` text tokens, the LM head at ``wl.logits_tokens`` positions): the initial population on the
+    scoring rows; every generation's multi-step selection (:func:`evolve.stage_plan`); the elites scored anew
+    after each projector round; the final candidates (population and start policies) on the selection rows; with a
+    gap term, lambda's choice (the initial population on the selection rows, history phase ``lambda``; until the
+    smol calibration it was priced as the final candidates on the scoring rows); the dense log-probabilities."""
     from ellava_lib.search.evolve import stage_plan
 
     def score(gens: int, cands: int, n_rows: int) -> float:
@@ -173,7 +210,8 @@ def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload
             return 0.0
         return costmodel.estimate_search(config, prof, gens, cands, wl.calib_n, n_rows,
                                          n_visual_tokens=n_visual, n_text_tokens=wl.text_tokens,
-                                         batch_size=batch, min_batch_s=floor_s).seconds
+                                         batch_size=batch, min_batch_s=floor_s,
+                                         logits_tokens=wl.logits_tokens).seconds
 
     plan = stage_plan(cfg.offspring, rows["scoring"], cfg.screen_samples, cfg.survivors)
     total = score(1, cfg.population, rows["scoring"]) + sum(score(cfg.generations, e, r) for r, e in plan)
@@ -181,7 +219,8 @@ def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload
     every = cfg.projector.every
     total += score(max(cfg.generations - 1, 0) // every if every else 0, cfg.elitism, rows["scoring"])
     finish = cfg.population + len(cfg.init)
-    total += score(1, finish, rows["selection"]) + (score(1, finish, rows["scoring"]) if cfg.gap != "none" else 0.0)
+    total += score(1, finish, rows["selection"])
+    total += score(1, cfg.population, rows["selection"]) if cfg.gap != "none" else 0.0
     return total + score(1, 1, wl.calib_n)  # the dense log-probabilities
 
 

@@ -1,5 +1,19 @@
 """``ellava plan --profile smol``: the predicted GPU time of the whole smol profile on one GPU, build included,
-against issue 18's target of 20 minutes (:data:`TARGET_S`).
+against issue 18's target of 20 minutes (:data:`TARGET_S`); with ``--gpu cpu-2core`` the time on the 2-core
+development machine, calibrated stage by stage against what the profile measured there
+(``benchmarks/results/smol_stages_cpu.json``, ``tests/test_smolplan_calibration.py``: each stage within 2x).
+
+Rows and rates. A calibration or training row of the synthetic suites is :data:`smol.TRAIN_TOKENS_MEAN` (46.6)
+tokens on average and at most :data:`smol.TRAIN_TOKENS_MAX` (77), 9 of them image tokens; a batch of calibration
+rows from all four suites is padded to about its longest row, so its forwards are priced at 77 tokens a row and
+what reads only the real tokens (Hessians, the positions a loss reads) at the mean. An evaluation prompt is
+``ctx.prompt_tokens`` text tokens: the mean row less its 9 image tokens, its answer (:data:`ANSWER_TOKENS`) and
+its end-of-sequence token, 31.9 (batches of one suite in prompt-length order: little padding). Three matmul
+paths (:class:`costmodel.DeviceProfile`): ``ctx.prof`` the tier's forward through the kit's oneDNN linears
+(:func:`kernels.onednn_linears`: evaluation prefill, candidate scoring, held-out projector losses);
+``ctx.plain_prof`` the plain fp32 GEMM (a decode step has fewer rows than ``kernels.MIN_ROWS``; forwards that
+need gradients; the pruning walks and ECoFLaP's suffixes, which do not route through oneDNN); ``ctx.train_prof``
+the build's bf16 autocast. On a GPU the first two are the same FP32 rate.
 
 The stages and how often the profile runs them (``runs``):
 
@@ -11,24 +25,36 @@ The stages and how often the profile runs them (``runs``):
   on fp32 master weights read by the forward and the backward; AdamW reads weight, gradient and two moments and
   writes weight and moments, 7 fp32 tensors). ``vision``: the tower on ``2 B`` images of ``T_v`` tokens;
   ``align``: the tower frozen before the trained projector on the ``2 B x 9`` patches, the frozen embedding
-  matrix after it (logits ``z E^T``); ``joint``: everything on ``B`` rows of :data:`smol.TRAIN_TOKENS` tokens (an
-  upper bound: the rows average 47), the tower and projector twice (the aux losses), the aux logits.
-* **evaluation** of ``n`` items per suite (02: ``eval_limit``, the sweep jobs: ``sweep_eval_limit``) with up to
-  :data:`evaluate.MAX_NEW_TOKENS` new tokens, batch ``B_e`` (the tier's, else :class:`EvalConfig`'s): per batch
-  :func:`plan.generate_seconds`, prefill ``roofline(B F_prefill, W)`` plus ``G`` decode steps
-  ``roofline(B 2 P_lm, W + KV)`` (memory-bound: each step reads the weights once); a sweep job also scores its
-  calibration selection rows (one batch per suite).
+  matrix after it (logits ``z E^T``); ``joint``: everything on ``B`` rows of :data:`smol.TRAIN_TOKENS` tokens,
+  the tower and projector twice (the aux losses), the aux logits. The rows average 47 tokens (length-grouped
+  batches pad little), so ``F`` at 96 is twice the matmuls of a step; on the 2-core CPU the step's other work
+  (activations, the 49k-wide logits and their loss, autocast's weight casts, the LoRA adapters' small ops)
+  measured about as much again (``train.TrainConfig.smol``: about 3 s a joint step against 1.6 s of bf16
+  matmuls), which the 96-token bound covers to first order.
+* **evaluation** of ``n`` items per suite (02: ``eval_limit``, the sweep jobs: ``sweep_eval_limit``), batch ``B_e``
+  (the tier's, else :class:`EvalConfig`'s), ``n // B_e`` full batches and the rest: per batch
+  :func:`plan.generate_seconds`, prefill ``roofline(B F_prefill, W)`` of ``ctx.prompt_tokens``-token prompts, then
+  ``g - 1`` decode steps ``roofline(B 2 P_lm, W)`` plus their key/value-cache copies (:func:`plan.kv_passes`).
+  ``g``: a batch stops when its every row has ended, so it generates its longest answer and the end-of-sequence
+  token, :data:`GENERATED_TOKENS` per suite (the suites' reference answers), not the budget
+  :data:`evaluate.MAX_NEW_TOKENS`; 02's magnitude-pruned models lose the end-of-sequence token and generate to the
+  budget (their predictions are the budget's length). A sweep job also scores its calibration selection rows (one
+  batch per suite).
 * **level databases** (03-06): one per (seed, calib_n) of the searched jobs, the union of their grids
-  (:func:`jobs.level_grid`): :func:`costmodel.estimate_level_db`.
-* **pruning**: SparseGPT (``sparsegpt``, and after the allocation ``owl``, ``ecoflap``, the exact re-prune) is
-  :func:`costmodel.estimate_level_db` at one level; Wanda and OWL's statistics one calibration forward;
-  ``llm_pruner``'s Taylor scores one forward and one backward over the calibration rows (3 forwards; peak: the
-  weights, the decoder linears' gradients and every layer's saved activations, :func:`taylor_bytes`); ECoFLaP's
-  zeroth-order importances, once per (seed, calib_n) that needs them (:func:`jobs.needs_importance`), are
-  ``2 x ECOFLAP_SAMPLES / ecoflap_batch`` forwards of ``ecoflap_batch`` rows per linear
+  (:func:`jobs.level_grid`), on the draw's statistic rows (:func:`stat_rows`): :func:`costmodel.estimate_level_db`
+  (its column loop is latency- and bandwidth-bound on a CPU: the in-block updates priced by their bytes).
+* **pruning**, on the statistic rows: SparseGPT (``sparsegpt``, and after the allocation ``owl``, ``ecoflap``,
+  the exact re-prune) is :func:`costmodel.estimate_level_db` at one level with the sequential walk's two passes;
+  Wanda's walk two passes (statistics, then the pruned block's outputs), OWL's statistics one more walk;
+  ``llm_pruner``'s Taylor scores one forward and one backward over the rows with the LM head (3 forwards; peak:
+  the weights, the decoder linears' gradients and every layer's saved activations, :func:`taylor_bytes`);
+  ECoFLaP's zeroth-order importances, once per (seed, calib_n) that needs them (:func:`jobs.needs_importance`),
+  are ``2 x ECOFLAP_SAMPLES / ecoflap_batch`` forwards of ``ecoflap_batch`` rows per linear
   (:func:`allocate.zeroth_order_importance`).
 * **searches**: :func:`plan._search_seconds` and :func:`plan._projector_seconds` with each job's own
   :func:`jobs.search_config` (the rows, the gap term, the projector rounds), batches from the configuration.
+  The projector rounds are priced at their ``steps``; they stop early on a flat held-out loss (``patience``),
+  so this is an upper bound (the measured search ran 14 and 6 of 20 steps).
 
 Every forward pass takes at least ``t_issue = (KERNELS_PER_LAYER L + KERNELS_PER_PASS) * op_latency`` seconds
 (:func:`issue_seconds`): kernels are issued asynchronously, so a pass takes the longer of the GPU's work and the
@@ -56,6 +82,10 @@ from ellava_lib.speed import costmodel, memory
 TARGET_S: float = 20 * 60
 #: The docs block the smol plan is spliced into (in docs/tiers.md).
 README_MARKER = "smol-plan"
+#: The docs block of the 2-core calibration: predicted against measured, stage by stage (in docs/tiers.md).
+CALIBRATION_MARKER = "smol-cpu-plan"
+#: The device preset the measured stages (``benchmarks/results/smol_stages_cpu.json``) were measured on.
+CALIBRATION_DEVICE = "cpu-2core"
 #: Kernels one eager Llama decoder layer launches per forward: 2 RMSNorms (~7 each), q/k/v/o, rotary on q and k
 #: (~10), the KV cache, attention with grouped-query expansion (~5), the SiLU MLP (5), 2 residual adds.
 KERNELS_PER_LAYER: int = 40
@@ -65,6 +95,14 @@ KERNELS_PER_PASS: int = 20
 ROLE_FACTOR: dict[str, int] = {"trained": 6, "frozen_before": 2, "frozen_after": 4}
 #: The train preset the smol plan models (SmolLM2's shape, :data:`smol.SMOLLM2`).
 PRESET = "smol"
+#: Words of a reference answer of the synthetic test split, averaged over the four suites (sqa 1.0, vizwiz 1.0,
+#: mmvet 1.2, llavabench 15.6: ``benchmarks/smol_stages.py``, ``eval.answers``); a word of these answers is about
+#: one SmolLM2 token.
+ANSWER_TOKENS: float = 4.7
+#: Tokens a batch of 32 generates per suite before every row has ended: its longest reference answer plus the
+#: end-of-sequence token, at most the budget (:data:`evaluate.MAX_NEW_TOKENS`), averaged over the test split's
+#: batches in prompt-length order (``benchmarks/smol_stages.py``, ``eval.answers``; words as tokens).
+GENERATED_TOKENS: dict[str, float] = {"sqa": 2.0, "vizwiz": 2.0, "mmvet": 2.19, "llavabench": 22.75}
 
 ASSUMPTIONS = (
     "the build runs on the GPU under bf16 autocast (today `train.py` trains on the CPU: a GPU build needs a "
@@ -72,10 +110,11 @@ ASSUMPTIONS = (
     "the tier on the GPU in its own dtype (fp32: the FP32 matmul rate, TF32 off)",
     "every forward pass costs at least the host's kernel-issue time (module docstring), which bounds this "
     "135M model",
-    "evaluation at the full synthetic generation budget (an upper bound: generation stops at the end-of-sequence "
-    "token); local judge, no API judges",
+    "evaluation generates the suites' reference answers and the end-of-sequence token (02's magnitude-pruned "
+    "models: the whole budget); local judge, no API judges",
+    "projector rounds at their full steps (they stop early on a flat held-out loss)",
     "GPU time only: model loading, data generation and encoding, judging and Python between stages not counted",
-    "first-order model, about 2x either way",
+    "first-order model, about 2x either way (on `cpu-2core` each stage is checked within 2x of a measurement)",
 )
 
 
@@ -170,38 +209,69 @@ def profile_jobs(params: dict[str, Any], spec) -> list:
 
 @dataclass
 class Context:
-    """What every estimate needs: the config, its :class:`memory.Dims`, the forward-pass device profile ``prof``
-    (the tier's dtype), the training profile ``train_prof`` (bf16), the evaluation batch, the prompt length."""
+    """What every estimate needs: the config, its :class:`memory.Dims`, the device profiles (module docstring:
+    ``prof`` the tier's forward through oneDNN, ``plain_prof`` the plain GEMM, ``train_prof`` the build's bf16),
+    the evaluation batch, and the rows: ``text_tokens`` text tokens of a calibration row as its batch is padded,
+    ``mean_text_tokens`` of the real ones, ``prompt_tokens`` of an evaluation prompt (the 9 image tokens aside)."""
 
     config: Any
     dm: memory.Dims
     prof: costmodel.DeviceProfile
+    plain_prof: costmodel.DeviceProfile
     train_prof: costmodel.DeviceProfile
     dtype_bytes: int
     eval_batch: int
     text_tokens: int
+    mean_text_tokens: float
+    prompt_tokens: float
 
     @property
     def floor(self) -> float:
         return issue_seconds(self.dm.layers, self.prof)
 
     def workload(self, calib_n: int = 64, score_rows: int = 24, projector_rows: int = 18) -> memory.Workload:
+        """The memory model's workload: every row and prompt at :data:`smol.TRAIN_TOKENS` (the preflight's
+        margin), the longest generation budget."""
         from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
+        from ellava_lib.model import smol
 
-        return memory.Workload(calib_n=calib_n, text_tokens=self.text_tokens, score_rows=score_rows,
-                               projector_rows=max(projector_rows, 1), prompt_tokens=self.text_tokens,
+        text = smol.TRAIN_TOKENS - self.dm.image_tokens
+        return memory.Workload(calib_n=calib_n, text_tokens=text, score_rows=score_rows,
+                               projector_rows=max(projector_rows, 1), prompt_tokens=text,
                                max_new_tokens=max(MAX_NEW_TOKENS.values()), dtype_bytes=self.dtype_bytes)
 
+    def time_workload(self, calib_n: int = 64, score_rows: int = 24, projector_rows: int = 18) -> memory.Workload:
+        """The time model's workload: calibration rows padded to ``text_tokens``, losses reading
+        ``mean_text_tokens`` positions a row, prompts of ``prompt_tokens``."""
+        return replace(self.workload(calib_n, score_rows, projector_rows), text_tokens=self.text_tokens,
+                       prompt_tokens=self.prompt_tokens, logits_tokens=self.mean_text_tokens)
 
-def eval_seconds(ctx: Context, limit: int) -> float:
-    """``sum_s ceil(n / B_e) generate_seconds(B_e, G_s)`` over the synthetic suites, ``n = limit`` (0: 500, the
-    whole split)."""
+
+def generated_tokens(suite: str, to_budget: bool = False) -> float:
+    """Tokens a batch of ``suite`` generates: :data:`GENERATED_TOKENS` (at most the budget), or with ``to_budget``
+    the budget :data:`evaluate.MAX_NEW_TOKENS` (a model that never emits the end-of-sequence token)."""
     from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
 
-    n, wl = limit or 500, ctx.workload()
-    return sum(math.ceil(n / ctx.eval_batch)
-               * plan.generate_seconds(ctx.config, ctx.dm, wl, ctx.prof, min(ctx.eval_batch, n), g, ctx.floor)
-               for g in MAX_NEW_TOKENS.values())
+    budget = MAX_NEW_TOKENS[suite]
+    return float(budget) if to_budget else min(GENERATED_TOKENS[suite], budget)
+
+
+def _generate(ctx: Context, batch: int, new: float) -> float:
+    """:func:`plan.generate_seconds` of one batch: prefill on ``ctx.prof``, decode steps on ``ctx.plain_prof``."""
+    return plan.generate_seconds(ctx.config, ctx.dm, ctx.time_workload(), ctx.prof, batch, new, ctx.floor,
+                                 ctx.plain_prof)
+
+
+def eval_seconds(ctx: Context, limit: int, to_budget: bool = False) -> float:
+    """``sum_s (n // B_e) generate(B_e, g_s) + generate(n mod B_e, g_s)`` over the synthetic suites, ``n = limit``
+    (0: 500, the whole split), ``g_s`` :func:`generated_tokens` (``to_budget``: the whole budget)."""
+    from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
+
+    n = limit or 500
+    full, rest = divmod(n, ctx.eval_batch)
+    return sum(full * _generate(ctx, ctx.eval_batch, generated_tokens(s, to_budget))
+               + (_generate(ctx, rest, generated_tokens(s, to_budget)) if rest else 0.0)
+               for s in MAX_NEW_TOKENS)
 
 
 def calib_eval_seconds(ctx: Context, selection_rows: int) -> float:
@@ -209,14 +279,44 @@ def calib_eval_seconds(ctx: Context, selection_rows: int) -> float:
     from ellava_lib.eval.evaluate import MAX_NEW_TOKENS
 
     per_suite = max(1, math.ceil(selection_rows / len(MAX_NEW_TOKENS)))
-    return sum(plan.generate_seconds(ctx.config, ctx.dm, ctx.workload(), ctx.prof, per_suite, g, ctx.floor)
-               for g in MAX_NEW_TOKENS.values())
+    return sum(_generate(ctx, per_suite, generated_tokens(s)) for s in MAX_NEW_TOKENS)
 
 
-def sparsegpt_seconds(ctx: Context, n: int, levels: int = 1):
-    """:func:`costmodel.estimate_level_db` at ``levels`` levels on ``n`` calibration rows (one level: a prune)."""
-    return costmodel.estimate_level_db(ctx.config, ctx.prof, levels, n, n_visual_tokens=ctx.dm.image_tokens,
-                                       n_text_tokens=ctx.text_tokens)
+def stat_rows(spec, n: int) -> int:
+    """The statistic rows of a calibration draw of ``n``: ``n - floor(select_frac n + 1/2)`` (:func:`jobs.draw_split`:
+    every statistic, the level database's Hessians included, reads only these)."""
+    from ellava_lib.run.jobs import select_frac
+
+    return n - math.floor(select_frac(spec) * n + 0.5)
+
+
+def sparsegpt_seconds(ctx: Context, n: int, levels: int = 1, sequential: bool = False):
+    """:func:`costmodel.estimate_level_db` at ``levels`` levels on ``n`` rows padded to ``ctx.text_tokens``
+    (Hessians on the ``mean_text_tokens`` real ones) on the plain GEMM path; ``sequential`` (a prune) walks the
+    decoder twice."""
+    return costmodel.estimate_level_db(ctx.config, ctx.plain_prof, levels, n, n_visual_tokens=ctx.dm.image_tokens,
+                                       n_text_tokens=ctx.text_tokens,
+                                       hessian_tokens=ctx.dm.image_tokens + ctx.mean_text_tokens,
+                                       forward_passes=2 if sequential else 1)
+
+
+def walk_seconds(ctx: Context, n: int) -> float:
+    """One walk of the decoder blocks over ``n`` calibration rows (no LM head) on the plain GEMM path:
+    ``roofline(n (F - F_head), W)``."""
+    from ellava_lib.speed import flops
+
+    terms = flops.flops_per_token(ctx.config, ctx.dm.image_tokens, ctx.text_tokens)
+    return costmodel.roofline(n * (terms["total"] - terms["lm_head"]), ctx.dm.params * ctx.dtype_bytes,
+                              ctx.plain_prof)
+
+
+def taylor_seconds(ctx: Context, n: int) -> float:
+    """``llm_pruner``'s Taylor scores: one forward and one backward with weight gradients over ``n`` rows, the LM
+    head at every position (the loss's logits), on the plain GEMM path: ``3 roofline(n F, W)``."""
+    from ellava_lib.speed import flops
+
+    f = flops.flops_per_token(ctx.config, ctx.dm.image_tokens, ctx.text_tokens)["total"]
+    return 3 * costmodel.roofline(n * f, ctx.dm.params * ctx.dtype_bytes, ctx.plain_prof)
 
 
 def importance_seconds(ctx: Context, n: int, loader_batch: int = 1) -> float:
@@ -236,21 +336,25 @@ def importance_seconds(ctx: Context, n: int, loader_batch: int = 1) -> float:
     layers = ctx.dm.layers
     share = (layers + 1) / (2 * layers)
     suffix_f = share * (terms["lm_linear"] + terms["lm_attention"]) + terms["lm_head"]
-    suffix = max(costmodel.roofline(b * suffix_f, share * ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
-    capture = max(costmodel.roofline(b * terms["total"], ctx.dm.params * ctx.dtype_bytes, ctx.prof), ctx.floor)
+    pp = ctx.plain_prof  # the suffixes run the blocks' plain F.linear (no oneDNN routing)
+    suffix = max(costmodel.roofline(b * suffix_f, share * ctx.dm.params * ctx.dtype_bytes, pp), ctx.floor)
+    capture = max(costmodel.roofline(b * terms["total"], ctx.dm.params * ctx.dtype_bytes, pp), ctx.floor)
     return batches * (capture + 2 * len(ctx.dm.block_linears_in) * layers * suffix)
 
 
 def search_seconds(ctx: Context, cfg, n: int) -> float:
     """One searched job's search and projector rounds (:func:`plan._search_seconds`,
-    :func:`plan._projector_seconds`) with the batches of its configuration ``cfg`` (0: all rows at once)."""
+    :func:`plan._projector_seconds`) with the batches of its configuration ``cfg`` (0: all rows at once): scoring
+    and held-out losses on ``ctx.prof`` (oneDNN, no gradient), the projector's training passes on
+    ``ctx.plain_prof``."""
     rows = plan.row_counts(n, cfg)
-    wl = ctx.workload(n, rows["scoring"], rows["train"])
+    wl = ctx.time_workload(n, rows["scoring"], rows["train"])
     score = cfg.eval_batch_size or n
     batches = memory.Batches(ctx.eval_batch, score, cfg.projector.micro_batch or max(rows["train"], 1),
                              cfg.projector.checkpointing, False)
     return (plan._search_seconds(ctx.config, ctx.prof, cfg, rows, wl, score, ctx.floor, ctx.dm.image_tokens)
-            + plan._projector_seconds(ctx.config, ctx.dm, wl, ctx.prof, cfg, rows, batches, ctx.floor))
+            + plan._projector_seconds(ctx.config, ctx.dm, wl, ctx.prof, cfg, rows, batches, ctx.floor,
+                                      ctx.plain_prof))
 
 
 def prune_seconds(ctx: Context, spec, job) -> float:
@@ -259,12 +363,13 @@ def prune_seconds(ctx: Context, spec, job) -> float:
 
     if job.method == "dense":
         return 0.0
-    db = sparsegpt_seconds(ctx, job.calib_n)
+    n = stat_rows(spec, job.calib_n)
+    db = sparsegpt_seconds(ctx, n, sequential=True)
     if job.method in SEARCH_METHODS:
         return search_seconds(ctx, search_config(spec, job), job.calib_n) + (0.0 if job.assembled else db.seconds)
-    forward = db.detail["calibration_forward"]
-    return {"magnitude": 0.0, "wanda": forward, "sparsegpt": db.seconds, "owl": db.seconds + forward,
-            "ecoflap": db.seconds, "llm_pruner": 3 * forward}.get(job.method, db.seconds)
+    walk = walk_seconds(ctx, n)
+    return {"magnitude": 0.0, "wanda": 2 * walk, "sparsegpt": db.seconds, "owl": db.seconds + walk,
+            "ecoflap": db.seconds, "llm_pruner": taylor_seconds(ctx, n)}.get(job.method, db.seconds)
 
 
 def taylor_bytes(ctx: Context, n: int) -> float:
@@ -273,6 +378,25 @@ def taylor_bytes(ctx: Context, n: int) -> float:
     gradients of the decoder linears."""
     return memory.projector_bytes(ctx.dm, ctx.workload(n), n, False) + ctx.dm.layers * ctx.dm.block_params * \
         ctx.dtype_bytes
+
+
+def dense_eval_seconds(ctx: Context, params: dict[str, Any]) -> float:
+    """Notebook 02's evaluations, per run (their mean): the dense model generating the suites' answers and one
+    magnitude-pruned model per ``magnitude_sparsities`` generating to the budget (:func:`eval_seconds`), on
+    ``eval_limit`` items per suite."""
+    limit = int(params.get("eval_limit", 0) or 0)
+    runs = [eval_seconds(ctx, limit)] + [eval_seconds(ctx, limit, to_budget=True)
+                                         for _ in params.get("magnitude_sparsities", [])]
+    return sum(runs) / len(runs)
+
+
+def leveldb_seconds(ctx: Context, spec, jobs: Sequence, n: int) -> float:
+    """The level database of one calibration draw of ``n`` rows for its searched ``jobs``: the non-dense levels of
+    their union grid (:func:`jobs.level_grid`) on the draw's statistic rows (:func:`sparsegpt_seconds`)."""
+    from ellava_lib.run.jobs import level_grid
+
+    levels = len([g for g in level_grid(spec, list(jobs)) if g > 0])
+    return sparsegpt_seconds(ctx, stat_rows(spec, n), levels).seconds
 
 
 def job_seconds(ctx: Context, spec, job, limit: int) -> float:
@@ -300,9 +424,12 @@ def context(params: dict[str, Any], device: str | None = None) -> tuple[Context,
     gpu = plan.device_profile(device or str(params.get("gpu", "h100")))
     config = smol.llava_config()
     fp32 = tier.dtype == "float32"
-    prof = replace(gpu, matmul_flops=gpu.solver_flops, forward_bytes=4) if fp32 else gpu
-    ctx = Context(config, memory.Dims.of(config), prof, gpu, 4 if fp32 else 2,
-                  tier.eval_batch_size or EvalConfig().batch_size, smol.TRAIN_TOKENS - int(config.image_seq_length))
+    prof = replace(gpu, matmul_flops=gpu.fp32_forward(), forward_bytes=4) if fp32 else gpu
+    plain = replace(gpu, matmul_flops=gpu.solver_flops, forward_bytes=4) if fp32 else gpu
+    image = int(config.image_seq_length)
+    ctx = Context(config, memory.Dims.of(config), prof, plain, gpu, 4 if fp32 else 2,
+                  tier.eval_batch_size or EvalConfig().batch_size, smol.TRAIN_TOKENS_MAX - image,
+                  smol.TRAIN_TOKENS_MEAN - image, smol.TRAIN_TOKENS_MEAN - image - ANSWER_TOKENS - 1)
     return ctx, tier
 
 
@@ -313,14 +440,7 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     ``ValueError`` (one line) for an unknown profile or device, a profile that is not the smol tier, or a bad
     ``gpu_gb``."""
     from ellava_lib.model import smol, train
-    from ellava_lib.run.jobs import (
-        SEARCH_METHODS,
-        SweepSpec,
-        full_method_config,
-        level_grid,
-        needs_importance,
-        select_frac,
-    )
+    from ellava_lib.run.jobs import SEARCH_METHODS, SweepSpec, full_method_config, needs_importance
 
     params = plan.profile_params(profile, root)
     if not applies(params):
@@ -340,20 +460,18 @@ def make_plan(profile: str = "smol", device: str | None = None, gpu_gb: float | 
     stages = [_stage(f"build: {s.name}", s.steps * s.step_seconds(ctx.train_prof), 1, train_peak,
                      f"{s.steps} steps", gpu_gb) for s in build_stages(ctx.config, tc)]
     eval_peak = memory.eval_bytes(dm, wl, ctx.eval_batch)
-    stages.append(_stage("02 dense + magnitude eval", eval_seconds(ctx, int(params.get("eval_limit", 0) or 0)),
+    stages.append(_stage("02 dense + magnitude eval", dense_eval_seconds(ctx, params),
                          1 + len(params.get("magnitude_sparsities", [])), eval_peak, f"eval_batch {ctx.eval_batch}",
                          gpu_gb))
     draws = sorted({(j.seed, j.calib_n) for j in jobs if j.method in SEARCH_METHODS})
-    db = [sparsegpt_seconds(ctx, n, len([g for g in level_grid(spec, [j for j in jobs if (j.seed, j.calib_n)
-                                                                            == (s, n)]) if g > 0])).seconds
-          for s, n in draws]
+    db = [leveldb_seconds(ctx, spec, [j for j in jobs if (j.seed, j.calib_n) == (s, n)], n) for s, n in draws]
     db_peak = max(memory.leveldb_bytes(dm, ctx.workload(n), False) for _, n in draws) if draws else 0.0
     stages.append(_stage("level databases", sum(db) / max(len(db), 1), len(db), db_peak, "whole model on the GPU",
                          gpu_gb))
     imp = sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
     eco_b = spec.get_tier().ecoflap_batch
-    stat = {n: n - math.floor(select_frac(spec) * n + 0.5) for _, n in imp}  # the draw's statistic rows
-    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, stat[n], eco_b) for _, n in imp)
+    stages.append(_stage("ECoFLaP importances", sum(importance_seconds(ctx, stat_rows(spec, n), eco_b)
+                                                    for _, n in imp)
                          / max(len(imp), 1), len(imp), eval_peak,
                          "one row per forward" if eco_b == 1 else f"{eco_b} rows per forward", gpu_gb))
     for method in dict.fromkeys(j.method for j in jobs if j.method != "dense"):
@@ -413,3 +531,78 @@ def splice_readme(readme: str | Path, p: plan.Plan) -> bool:
     from ellava_lib.run.report import update_readme
 
     return update_readme(Path(readme), README_MARKER, markdown(p))
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def calibration_predictions(measured: dict[str, Any], profile: str = "smol",
+                            root: str | Path | None = None) -> dict[str, float]:
+    """Predicted seconds on :data:`CALIBRATION_DEVICE` of every stage ``measured`` (the record of
+    ``benchmarks/smol_stages.py``) can hold, in the configuration it was measured in: the whole build (its three
+    stages); 02's evaluations (:func:`dense_eval_seconds`); a sweep job's evaluation at ``sweep_eval_limit`` and
+    its calibration score; the level database of the measured draw (its statistic rows and levels); ECoFLaP's
+    importance and each method's prune of a ``calib_n`` draw at ``sparsity``, the searches from the measured
+    search's start policies."""
+    from ellava_lib.model import train
+    from ellava_lib.run.jobs import Job, SweepSpec, full_method_config
+
+    params = plan.profile_params(profile, root)
+    ctx, _ = context(params, CALIBRATION_DEVICE)
+    search = {**(params.get("search") or {}), "init": list(measured["searches"]["init"])}
+    spec = SweepSpec(profile, params.get("sweep_eval_limit") or None,
+                     search_preset=params.get("search_preset", "default"), search=search,
+                     ellava=dict(params.get("ellava") or {}), tier=dict(params.get("tier") or {}))
+    n, sparsity = int(params["calib_n"]), float(params["sparsity"])
+    db = measured["stages"]["level databases"]
+    select = plan.row_counts(n, full_method_config(spec, sparsity))["selection"]
+    build = build_stages(ctx.config, train.preset(PRESET))
+    out = {"build": sum(s.steps * s.step_seconds(ctx.train_prof) for s in build),
+           "02 dense + magnitude eval": dense_eval_seconds(ctx, params),
+           "sweep eval (test + calib)": eval_seconds(ctx, int(params.get("sweep_eval_limit", 0) or 0))
+           + calib_eval_seconds(ctx, select),
+           "level databases": sparsegpt_seconds(ctx, int(db["rows"]), int(db["levels"])).seconds,
+           "ECoFLaP importances": importance_seconds(ctx, stat_rows(spec, n), spec.get_tier().ecoflap_batch)}
+    for method in ("sparsegpt", "wanda", "owl", "llm_pruner", "ecoflap", "ellava", "search"):
+        out[f"prune: {method}"] = prune_seconds(ctx, spec, Job(method, sparsity, int(params.get("seed", 0)), n))
+    return out
+
+
+def calibration_markdown(measured: dict[str, Any], p: plan.Plan, predicted: dict[str, float]) -> str:
+    """The calibration table: per stage the prediction (``predicted``), the measurement (``measured``'s
+    ``seconds``, ``-`` for a stage without one) and their ratio; then the whole profile on the plan ``p``: its
+    total, and the same with each measured stage's time per run in place of its prediction (the build's three
+    stages by the measured build)."""
+    lines = ["| stage | predicted | measured | predicted / measured |", "|---|---:|---:|---:|"]
+    for name, secs in predicted.items():
+        m = measured["stages"].get(name, {}).get("seconds")
+        lines.append(f"| {name} | {_fmt(secs)} | {'-' if m is None else _fmt(m)} | "
+                     f"{'-' if m is None else f'{secs / m:.2f}'} |")
+    total = total_seconds(p)
+    by_measure = 0.0
+    for s in p.stages:
+        key = "build" if s.name.startswith("build: ") else s.name
+        m = measured["stages"].get(key, {}).get("seconds")
+        if m is None:
+            by_measure += s.seconds * s.runs
+        elif key != "build" or s.name == "build: joint":  # the measured build once, in place of its three stages
+            by_measure += m * (1 if key == "build" else s.runs)
+    lines += ["", f"*`ellava plan --profile {p.profile} --gpu {p.device}`: {total / 60:.0f} min for the whole "
+              f"profile; with each measured stage's time per run in place of its prediction (the rest predicted) "
+              f"{by_measure / 60:.0f} min. Measured: `benchmarks/results/smol_stages_cpu.json` "
+              f"({measured['machine']['cpu']}, {measured['machine']['cores']} cores, torch "
+              f"{measured['machine']['torch']}), the searches extrapolated from "
+              f"{measured['searches']['measured_generations']} to {measured['searches']['preset_generations']} "
+              "generations; the level database and the prunes of a 64-row draw at 60%; "
+              "`tests/test_smolplan_calibration.py` holds every measured stage within 2x.*"]
+    return "\n".join(lines)
+
+
+def splice_calibration(readme: str | Path, measured: dict[str, Any], root: str | Path | None = None) -> bool:
+    """Write :func:`calibration_markdown` (the plan on :data:`CALIBRATION_DEVICE`) between the ``smol-cpu-plan``
+    markers of the project whose README is ``readme``; whether it changed."""
+    from ellava_lib.run.report import update_readme
+
+    p = make_plan("smol", CALIBRATION_DEVICE, root=root)
+    body = calibration_markdown(measured, p, calibration_predictions(measured, root=root))
+    return update_readme(Path(readme), CALIBRATION_MARKER, body)

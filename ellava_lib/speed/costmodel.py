@@ -2,12 +2,18 @@
 
 Phases (DESIGN section 3):
 
-(a) **level database**: one dense forward over the calibration set to capture each block's inputs, then for
-    every unit, every linear ``W`` (``d_out x d_in``) and every non-dense grid level, SparseGPT:
+(a) **level database**: one dense walk of the decoder blocks over the calibration set to capture each block's
+    inputs, then for every unit, every linear ``W`` (``d_out x d_in``) and every non-dense grid level, SparseGPT:
     Hessian accumulation ``2 N d_in^2`` (``N`` calibration tokens through that linear), damped Cholesky inverse
-    ``(5/3) d_in^3`` (Cholesky ``d^3/3`` + ``cholesky_inverse`` ``d^3`` + upper Cholesky ``d^3/3``), and the
-    column sweep ``d_out d_in (d_in + B)`` (lazy block updates ``d_out d_in^2`` + in-block rank-1 updates
-    ``d_out d_in B``, block size ``B``), plus ``d_in`` sequential column steps of fixed latency each.
+    ``(5/3) d_in^3`` (Cholesky ``d^3/3`` + ``cholesky_inverse`` ``d^3`` + upper Cholesky ``d^3/3``), the lazy
+    block updates of the column sweep ``d_out d_in^2`` (GEMMs), and ``d_in`` sequential column steps, each a
+    few small ops of fixed latency plus the in-block rank-1 update of the ``d_out x (B - i)`` columns left in its
+    block (block size ``B``): elementwise passes over memory, not a GEMM, so priced by the bytes they move
+    (``8 d_out d_in (B + 1)`` per level, :data:`UPDATE_BYTES`) at the memory bandwidth. On a 2-core CPU that
+    traffic is half a level (the measured SmolLM2 level database, ``benchmarks/smol_stages.py``); on a GPU it
+    is a few seconds per level at 7B, and the column steps' 25 launches (:data:`OPS_PER_COLUMN`, 10 before the
+    smol calibration) are what lengthened the GPU presets' level databases (the paper plan's on ``h100``: 15
+    to 36 minutes, about 4 minutes a level, SparseGPT's own order of time for a 7B model).
 (b) **search**: ``generations * population`` candidates, each assembled from the database (a copy of the
     prunable weights over the host link) and evaluated by forward passes on ``samples_per_candidate``
     calibration samples; one forward pass costs :func:`ellava_lib.speed.flops.flops_per_token` ``["total"]``
@@ -35,22 +41,37 @@ from ellava_lib.speed.timing import best_time
 
 #: SparseGPT column-block size B.
 BLOCK_SIZE = 128
-#: Small tensor ops per sequential SparseGPT column step (slice, mask, loss, error, rank-1 update, store).
-OPS_PER_COLUMN = 10
+#: Tensor ops per sequential SparseGPT column step, as :func:`obs._sparsegpt_sweep` issues them: the column and its
+#: mask column (2); ``zeros_like`` and ``where`` (2); the error: subtraction, ``d[i]``, division (3); the loss:
+#: ``double``, square, sum, halving, adding in (5); the rank-1 update ``W1[:, i:] -= err.unsqueeze(1) * U1[i,
+#: i:].unsqueeze(0)``: two unsqueezes, ``U1``'s row and its slice, the product, ``W1``'s slice, the subtraction,
+#: the write-back's slice and copy (9); storing ``q`` and ``err``, a select and a copy each (4). 10 until the smol
+#: calibration: the SmolLM2 level database's per-unit times fit these 25 ops at 2 us plus the update's bytes
+#: (:data:`UPDATE_BYTES`) at 9 GB/s, attention and MLP units alike.
+OPS_PER_COLUMN = 25
 #: Cholesky-inverse cost factor: ``INVERSE_FACTOR * d_in^3`` FLOPs.
 INVERSE_FACTOR = 5.0 / 3.0
+#: Bytes one element of SparseGPT's in-block rank-1 update moves: ``W1[:, i:] -= err U1[i, i:]`` is an outer
+#: product into a temporary (write 4) and an in-place subtraction (read 4 + 4, write 4), in fp32.
+UPDATE_BYTES = 16
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
     """What a machine can do, as peak numbers times one ``efficiency`` factor.
 
-    ``matmul_flops``: FLOP/s of forward-pass matmuls (half precision on GPUs, fp32 on CPUs);
-    ``solver_flops``: FLOP/s of the fp32 solver (Hessian, Cholesky, sweep); ``mem_bandwidth``: device memory
-    bytes/s; ``mem_bytes``: device memory size; ``link_bandwidth``: host-to-device bytes/s (weights assembled
-    from the level database); ``op_latency_s``: time of one small tensor op (kernel launch + Python);
-    ``forward_bytes``: bytes per weight/activation in forward passes; ``efficiency``: fraction of the peak
-    FLOP/s and bandwidths reached (1.0 for measured numbers).
+    ``matmul_flops``: FLOP/s of half-precision (bf16 / fp16) matmuls: forward passes of a 16-bit tier and the
+    build's bf16 autocast (tensor cores on GPUs, oneDNN's bf16 kernels on CPUs);
+    ``solver_flops``: FLOP/s of plain fp32 GEMMs (BLAS ``sgemm`` on CPUs, FP32 with TF32 off on GPUs): the solver
+    (Hessian, Cholesky, sweep) and every fp32 forward that does not take oneDNN (:mod:`ellava_lib.model.kernels`:
+    fewer than ``MIN_ROWS`` rows, as a decode step, or a forward that needs gradients, or the pruning walks);
+    ``fp32_forward_flops``: FLOP/s of the fp32 forward passes the kit routes through oneDNN
+    (:func:`kernels.onednn_linears`: evaluation prefill, candidate scoring); ``None`` = ``solver_flops`` (GPUs,
+    where fp32 linears are the FP32 GEMM); ``mem_bandwidth``: device memory bytes/s; ``mem_bytes``: device memory
+    size; ``link_bandwidth``: host-to-device bytes/s (weights assembled from the level database);
+    ``op_latency_s``: time of one small tensor op (kernel launch + Python); ``forward_bytes``: bytes per
+    weight/activation in forward passes; ``efficiency``: fraction of the peak FLOP/s and bandwidths reached (1.0
+    for measured numbers).
     """
 
     name: str
@@ -63,17 +84,31 @@ class DeviceProfile:
     forward_bytes: int = 2
     efficiency: float = 1.0
     note: str = ""
+    fp32_forward_flops: float | None = None
 
     def eff(self, rate: float) -> float:
         """``rate * efficiency``: the rate used in the estimates."""
         return rate * self.efficiency
 
+    def fp32_forward(self) -> float:
+        """FLOP/s of an fp32 forward through the kit's oneDNN linears: ``fp32_forward_flops``, else
+        ``solver_flops``."""
+        return self.solver_flops if self.fp32_forward_flops is None else self.fp32_forward_flops
+
 
 #: Named presets. GPU numbers are NVIDIA datasheet peaks (dense, no 2:4 sparsity) for the SXM 80 GB parts;
-#: ``solver_flops`` is plain FP32 (PyTorch and the SparseGPT reference keep TF32 off for matmuls); the 0.5
-#: efficiency is a typical achieved fraction for transformer GEMMs and bandwidth, and 8 us per small op is
-#: a kernel launch plus Python dispatch. ``cpu-2core`` was measured with :func:`measure_device_profile` on the
-#: 2-core development machine (torch 2.13 CPU, fp32); its memory is that machine's RAM.
+#: ``solver_flops`` is plain FP32 (PyTorch and the SparseGPT reference keep TF32 off for matmuls), and so is their
+#: ``fp32_forward_flops`` (``None``: an fp32 linear on a GPU is that GEMM; their predictions did not move when the
+#: field was added); the 0.5 efficiency is a typical achieved fraction for transformer GEMMs and bandwidth, and 8
+#: us per small op is a kernel launch plus Python dispatch. ``cpu-2core`` is the 2-core development machine (AMD
+#: EPYC, torch 2.13 CPU, 2 threads): bandwidth and op latency measured with :func:`measure_device_profile`; the
+#: three matmul rates from a SmolLM2 forward of 32 x 96 tokens (8.5e11 FLOPs by :func:`flops.flops_per_token`)
+#: through plain ``F.linear`` (MKL ``sgemm``, 7.6 s: ``solver_flops``), through the kit's oneDNN fp32 linears (5.6 s:
+#: ``fp32_forward_flops``) and with bf16 weights (about 3 s: ``matmul_flops``). The smol search measured on it
+#: agrees: its projector steps (forward and input-gradient backward through ``F.linear``) ran at 108 GFLOP/s.
+#: Until then the preset had one rate for all three, a 1024^3 ``sgemm`` timed at 67 GFLOP/s, which priced the
+#: build's bf16 autocast at a quarter of its rate and the oneDNN forwards (prefill, scoring) at under half. Its
+#: memory is that machine's RAM.
 PRESETS: dict[str, DeviceProfile] = {
     "h100": DeviceProfile("h100", matmul_flops=989e12, solver_flops=67e12, mem_bandwidth=3.35e12,
                           mem_bytes=80e9, link_bandwidth=64e9, op_latency_s=8e-6, forward_bytes=2,
@@ -83,10 +118,12 @@ PRESETS: dict[str, DeviceProfile] = {
                           mem_bytes=80e9, link_bandwidth=32e9, op_latency_s=8e-6, forward_bytes=2,
                           efficiency=0.5, note="A100 SXM4 80GB datasheet: BF16 312 TFLOP/s dense, FP32 19.5, "
                           "HBM2e 2.04 TB/s, PCIe Gen4 x16 32 GB/s per direction"),
-    "cpu-2core": DeviceProfile("cpu-2core", matmul_flops=67e9, solver_flops=67e9, mem_bandwidth=9e9,
+    "cpu-2core": DeviceProfile("cpu-2core", matmul_flops=280e9, solver_flops=110e9, mem_bandwidth=9e9,
                                mem_bytes=25.3e9, link_bandwidth=9e9, op_latency_s=2e-6, forward_bytes=4,
-                               efficiency=1.0, note="measured on the 2-core dev machine: fp32 1024^3 matmul "
-                               "67 GFLOP/s, 32 MB copy 8-17 GB/s, 2 us per small op, 25.3 GB RAM"),
+                               efficiency=1.0, fp32_forward_flops=150e9,
+                               note="measured on the 2-core dev machine: SmolLM2 forward through fp32 sgemm 110 "
+                               "GFLOP/s, oneDNN fp32 150 and bf16 280, 32 MB copy 8-17 GB/s, 2 us per small op, "
+                               "25.3 GB RAM"),
 }
 
 
@@ -209,35 +246,45 @@ def roofline(flops: float, bytes_moved: float, profile: DeviceProfile) -> float:
 def estimate_level_db(config: LlavaConfig, profile: DeviceProfile, levels: int = 9, n_samples: int = 64,
                       n_visual_tokens: int = 576, n_text_tokens: int = flops.DEFAULT_TEXT_TOKENS,
                       include_vision: bool = False, inverse_per_level: bool = True,
-                      block_size: int = BLOCK_SIZE) -> PhaseEstimate:
+                      block_size: int = BLOCK_SIZE, hessian_tokens: float | None = None,
+                      forward_passes: int = 1) -> PhaseEstimate:
     """Level-database building: ``levels`` non-dense grid levels (9 for 0.1..0.9) of SparseGPT per linear.
 
-    Per linear (``N = n_samples * tokens`` through it: ``T`` for LM, 577 for vision):
-    ``hessian = 2 N d_in^2`` (once), ``inverse = (5/3) d_in^3`` (per level if ``inverse_per_level``, as when
-    the solver is called once per level), ``sweep = levels * d_out d_in (d_in + B)`` FLOPs at the solver rate,
-    plus ``levels * d_in * OPS_PER_COLUMN * op_latency`` for the sequential column steps; plus one dense
-    forward over the calibration set. Device memory: one decoder block's weights + the Hessians of its
+    Per linear (``N = n_samples * tokens`` through it: ``hessian_tokens`` per sample for LM, default ``T``, the
+    padded length: the Hessians take the non-padding rows only; 577 for vision): ``hessian = 2 N d_in^2`` (once),
+    ``inverse = (5/3) d_in^3`` (per level if ``inverse_per_level``, as when the solver is called once per level),
+    ``sweep = levels * d_out d_in^2`` FLOPs (the lazy block updates, GEMMs) at the solver rate, plus
+    ``levels * d_in * OPS_PER_COLUMN * op_latency`` for the sequential column steps and
+    ``column_updates = levels * UPDATE_BYTES * d_out d_in (B + 1) / 2`` bytes at the memory bandwidth for their
+    in-block rank-1 updates (column ``i`` of a block of ``B`` updates the ``d_out x (B - i)`` columns after it;
+    summed over a block, ``d_out B (B + 1) / 2`` elements); plus ``forward_passes`` walks of the decoder over the
+    calibration set (the blocks only: the walk never runs the LM head; 2 for a sequential prune, which runs every
+    block again on its pruned weights). Device memory: one decoder block's weights + the Hessians of its
     linears + two ``d_in^2`` fp32 work matrices and three fp32 copies of the largest weight + the block's input
     and output activations. Host: the whole model. Storage: every level of every unit stored densely
     (``levels * prunable params * forward_bytes``).
     """
     T = n_visual_tokens + n_text_tokens
+    t_lm = T if hessian_tokens is None else hessian_tokens
     t_v = structure.vision_tokens_per_image(config)
     lins = _linears(config, include_vision)
-    hess = inv = sweep = steps = 0.0
+    hess = inv = sweep = steps = updates = 0.0
     for kind, d_out, d_in in lins:
-        n_tok = n_samples * (T if kind == "lm" else t_v)
+        n_tok = n_samples * (t_lm if kind == "lm" else t_v)
         hess += 2.0 * n_tok * d_in ** 2
         inv += INVERSE_FACTOR * d_in ** 3 * (levels if inverse_per_level else 1)
-        sweep += levels * d_out * d_in * (d_in + block_size)
+        sweep += levels * d_out * d_in ** 2
         steps += levels * d_in
+        updates += levels * UPDATE_BYTES * d_out * d_in * (block_size + 1) / 2
     solver = profile.eff(profile.solver_flops)
-    fwd = flops.flops_per_token(config, n_visual_tokens, n_text_tokens)["total"] * n_samples
+    terms = flops.flops_per_token(config, n_visual_tokens, n_text_tokens)
+    fwd = forward_passes * (terms["total"] - terms["lm_head"]) * n_samples
     params = structure.meta_model(config).num_parameters()
     fb = profile.forward_bytes
-    detail = {"calibration_forward": roofline(fwd, params * fb, profile), "hessian": hess / solver,
+    detail = {"calibration_forward": roofline(fwd, forward_passes * params * fb, profile), "hessian": hess / solver,
               "inverse": inv / solver, "sweep": sweep / solver,
-              "column_steps": steps * OPS_PER_COLUMN * profile.op_latency_s}
+              "column_steps": steps * OPS_PER_COLUMN * profile.op_latency_s,
+              "column_updates": updates / profile.eff(profile.mem_bandwidth)}
     t = config.text_config
     d, d_ff = t.hidden_size, t.intermediate_size
     lm = [(o, i) for k, o, i in lins if k == "lm"]
@@ -256,14 +303,16 @@ def estimate_search(config: LlavaConfig, profile: DeviceProfile, generations: in
                     n_samples: int = 64, samples_per_candidate: int | None = None, n_visual_tokens: int = 576,
                     n_text_tokens: int = flops.DEFAULT_TEXT_TOKENS, batch_size: int = 8,
                     changed_fraction: float = 1.0, include_vision: bool = False,
-                    min_batch_s: float = 0.0) -> PhaseEstimate:
+                    min_batch_s: float = 0.0, logits_tokens: float | None = None) -> PhaseEstimate:
     """Evolutionary search: ``C = generations * population`` candidates.
 
     Per candidate: assembly ``changed_fraction * prunable params * forward_bytes / link_bandwidth`` (1.0 =
     every unit copied from the host database; a mutation changes few units, so this is an upper bound), and
     ``ceil(S / batch)`` forward batches (``S = samples_per_candidate``, default ``n_samples``; lower it to model
     multi-step selection), each ``max(batch * F_sample / F, weight bytes / BW, min_batch_s)``, with ``F_sample``
-    from :func:`ellava_lib.speed.flops.flops_per_token` and ``min_batch_s`` the time the host takes to issue one
+    from :func:`ellava_lib.speed.flops.flops_per_token` (the LM head at ``logits_tokens`` positions per sample,
+    default all ``T``: the scoring gathers the positions its loss reads, :func:`objective.logits_at`) and
+    ``min_batch_s`` the time the host takes to issue one
     forward pass's kernels (0 = not modelled; what bounds a small model:
     :func:`ellava_lib.run.smolplan.issue_seconds`). Device memory: the model's weights + per batch the
     activations ``batch * T * (d_ff + 4 d) * forward_bytes``, the attention scores
@@ -273,7 +322,7 @@ def estimate_search(config: LlavaConfig, profile: DeviceProfile, generations: in
     S = n_samples if samples_per_candidate is None else samples_per_candidate
     C = generations * population
     T = n_visual_tokens + n_text_tokens
-    f_sample = flops.flops_per_token(config, n_visual_tokens, n_text_tokens)["total"]
+    f_sample = flops.flops_per_token(config, n_visual_tokens, n_text_tokens, logits_tokens=logits_tokens)["total"]
     params = structure.meta_model(config).num_parameters()
     fb = profile.forward_bytes
     prunable = sum(o * i for _, o, i in _linears(config, include_vision))

@@ -50,7 +50,7 @@ def _projector_in(config: LlavaConfig) -> int:
 
 
 def flops_per_token(config: LlavaConfig, n_visual_tokens: int = 576, n_text_tokens: int = DEFAULT_TEXT_TOKENS,
-                    n_images: int | None = None, logits_tokens: int | None = None) -> dict[str, float]:
+                    n_images: int | None = None, logits_tokens: float | None = None) -> dict[str, float]:
     """Forward FLOPs of one sample (``n_images`` images + text), by component, and per language-model token.
 
     FLOP model (multiply-add = 2 FLOPs; biases, norms, activations, softmax, rotary are ignored, < 1%):

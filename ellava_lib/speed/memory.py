@@ -100,15 +100,17 @@ class Workload:
     """What the stages work on: ``calib_n`` calibration rows of ``text_tokens`` text tokens each (plus the image
     tokens), ``score_rows`` rows a candidate is scored on at most, ``projector_rows`` training rows of a projector
     step, evaluation prompts of ``prompt_tokens`` text tokens with up to ``max_new_tokens`` generated, elements of
-    ``dtype_bytes`` bytes."""
+    ``dtype_bytes`` bytes; ``logits_tokens``: the positions per row whose logits the scoring and projector losses
+    read (the time model's LM head; ``None``: every position)."""
 
     calib_n: int = 64
     text_tokens: int = flops.DEFAULT_TEXT_TOKENS
     score_rows: int = 24
     projector_rows: int = 18
-    prompt_tokens: int = flops.DEFAULT_TEXT_TOKENS
+    prompt_tokens: float = flops.DEFAULT_TEXT_TOKENS
     max_new_tokens: int = 1024
     dtype_bytes: int = 2
+    logits_tokens: float | None = None
 
 
 @dataclass(frozen=True)
