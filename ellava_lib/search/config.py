@@ -24,7 +24,6 @@ from typing import Any
 from ellava_lib.core import files
 from ellava_lib.core.policy import DEFAULT_GRID, FINE_STEP, GRID_TOL, search_grid
 from ellava_lib.core.units import UNIT_KINDS
-from ellava_lib.search.final_pick import SELECT_RULES
 from ellava_lib.prune.allocate import (
     ecoflap_cap,
 )
@@ -33,6 +32,7 @@ from ellava_lib.search import gap as gaps
 from ellava_lib.search.budget import (
     BUDGETS,
 )
+from ellava_lib.search.final_pick import SELECT_RULES
 from ellava_lib.search.objective import (
     DEFAULT_LOSS_CAP,
     KL_KINDS,
