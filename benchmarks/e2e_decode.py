@@ -618,13 +618,14 @@ def _gib(v) -> str:
 
 def to_markdown_7b(records: list[dict]) -> str:
     """One row per (sparsity, backend) of the 7B tier: FLOP ratio, decode ratio and tokens/s, time to first token,
-    the bandwidth limit (ms per token at the measured read bandwidth), peak resident memory, and the shares of a
-    decode step that sparsity does not touch (cache attention, ``lm_head``)."""
+    the bandwidth limit (ms per token at the measured read bandwidth), peak resident memory, the shares of a
+    decode step that sparsity does not touch (cache attention, ``lm_head``), and the model's size on disk (dense
+    safetensors, sparse format)."""
     head = ("| layers | sparsity | backend (swapped) | FLOP ratio (decode step) | measured ratio [quartiles] | "
             "tokens/s dense -> pruned | time to first token, s: dense -> pruned (ratio) | bandwidth limit, ms/token: "
             "dense -> pruned | of read bandwidth, pruned (dense) | peak RSS GiB: dense / pruned process | "
-            "cache attention / lm_head share of a decode step: dense -> pruned |")
-    lines = [head, "|" + "---|" * 11]
+            "cache attention / lm_head share of a decode step: dense -> pruned | on disk GiB: dense -> sparse |")
+    lines = [head, "|" + "---|" * 12]
     for r in records:
         lines.append(
             f"| {r['layers']} | {r['sparsity']:.0%} {r['pattern']} ({r['measured_sparsity']:.1%}) | {r['backend']} "
@@ -635,7 +636,7 @@ def to_markdown_7b(records: list[dict]) -> str:
             f"({r['dense_bw_fraction']:.0%}) | {_gib(r.get('dense_peak_rss_gib', r['peak_rss_gib']))} / "
             f"{_gib(r['pruned_peak_rss_gib'])} | "
             f"{r['attn_share_dense']:.0%} / {r['lm_head_share_dense']:.0%} -> {r['attn_share_pruned']:.0%} / "
-            f"{r['lm_head_share_pruned']:.0%} |")
+            f"{r['lm_head_share_pruned']:.0%} | {_gib(r.get('dense_file_gib'))} -> {_gib(r.get('sparse_file_gib'))} |")
     return "\n".join(lines) + "\n"
 
 
