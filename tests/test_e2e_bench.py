@@ -75,7 +75,8 @@ RECORD_7B = {"tier": "llava-1.5-7b", "weights": "random bfloat16", "dtype": "bfl
              "peak_rss_gib": 21.04, "pruned_peak_rss_gib": 8.46, "attn_share_dense": 0.031, "attn_share_pruned": 0.062,
              "lm_head_share_dense": 0.02, "lm_head_share_pruned": 0.04, "row_loadavg_start": 2.1,
              "row_loadavg_end": 2.4, "loadavg_start": 2.0, "loadavg_end": 2.5, "cpus": 2, "device": "cpu",
-             "threads": 2, "torch": "2.13.0", "repeats": 3, "warmup": 1, "read_gbs": 34.3, "dense_budget_gib": 0.0}
+             "threads": 2, "torch": "2.13.0", "repeats": 3, "warmup": 1, "read_gbs": 34.3, "dense_budget_gib": 0.0,
+             "dense_file_gib": 13.16, "sparse_file_gib": 7.88}
 
 
 def test_7b_results_splice_into_their_own_block_and_pending_is_tolerated(e2e, tmp_path):
@@ -93,7 +94,7 @@ def test_7b_results_splice_into_their_own_block_and_pending_is_tolerated(e2e, tm
     assert e2e.main(["--results", str(absent), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert ("| 32 | 50% unstructured (50.1%) | auto (224/224) | 1.90x | **2.00x** [1.90-2.10] | 1.25 -> 2.50 | "
-            "30.00 -> 31.00 (0.97x) | 379 -> 204 | 51% (47%) | 21.0 / 8.5 | 3% / 2% -> 6% / 4% |") in text
+            "30.00 -> 31.00 (0.97x) | 379 -> 204 | 51% (47%) | 21.0 / 8.5 | 3% / 2% -> 6% / 4% | 13.2 -> 7.9 |") in text
     assert "Not measured" not in text and "small" in text  # the small tiers' block is left as it was
     assert "Load average 2.0 -> 2.5 over the run (rows 2.1-2.4) on 2 CPUs." in text
 
