@@ -323,14 +323,14 @@ def test_a_checkpoint_from_another_config_is_refused(setup, reference, tmp_path)
 
 
 def test_history_has_one_row_per_evaluated_candidate(setup, tmp_path, monkeypatch):
-    real, seen, rows = evolve._score, [], {}
+    real, seen, rows = evolve._score_rows, [], {}  # every scoring goes through it (_score too)
 
     def counting(run, policy, generation, phase, screen_rows):
         seen.append((generation, policy.policy_id(), phase))
         rows.setdefault((generation, phase), set()).add(tuple(screen_rows))
         return real(run, policy, generation, phase, screen_rows)
 
-    monkeypatch.setattr(evolve, "_score", counting)
+    monkeypatch.setattr(evolve, "_score_rows", counting)
     result = _run(setup, tmp_path, generations=3, projector_every=0, screen_samples=2)
     hist = pd.read_csv(tmp_path / "history.csv", dtype={"policy_id": str})
     assert list(hist.columns) == list(checkpoint.HISTORY_COLUMNS)
