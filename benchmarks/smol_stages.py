@@ -24,7 +24,7 @@ computed from such numbers by a formula written next to it in the output. The st
 
 Usage (the defaults are where the runs of this machine left their files; a missing one is recorded as such;
 ``--readme README.md`` also splices the predicted-against-measured table into the ``smol-cpu-plan`` block of
-docs/tiers.md, :func:`ellava_lib.run.smolplan.splice_calibration`; ``--splice-only`` splices from the record
+docs/tiers.md, :func:`ellava_lib.run.smolplan_calibration.splice_calibration`; ``--splice-only`` splices from the record
 already written, reading no artifact)::
 
     python benchmarks/smol_stages.py --out benchmarks/results/smol_stages_cpu.json --readme README.md
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secs = stage.get("seconds")
         print(f"{name:28s} {'-' if secs is None else f'{secs:9.1f} s'}")
     if args.readme:
-        from ellava_lib.run.smolplan import splice_calibration
+        from ellava_lib.run.smolplan_calibration import splice_calibration
 
         changed = splice_calibration(args.readme, record)
         print(f"{'spliced' if changed else 'unchanged'}: the smol-cpu-plan block beside {args.readme}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ellava_lib.run import plan, report, smolplan
+from ellava_lib.run import plan, report, smolplan, smolplan_calibration
 from ellava_lib.run.jobs import Job, SweepSpec, search_config
 from ellava_lib.search.evolve import stage_plan
 from ellava_lib.speed import costmodel, memory
@@ -43,7 +43,7 @@ def _spec(params) -> SweepSpec:
 
 @pytest.fixture(scope="module")
 def predicted():
-    return smolplan.calibration_predictions(MEASURED)
+    return smolplan_calibration.calibration_predictions(MEASURED)
 
 
 def test_the_record_names_its_machine_and_sources():
@@ -88,7 +88,8 @@ def test_docs_calibration_block_is_fresh():
     (``python benchmarks/smol_stages.py --readme README.md``, or ``--splice-only``)."""
     text = report.doc_with(ROOT, smolplan.CALIBRATION_MARKER).read_text()
     p = smolplan.make_plan("smol", "cpu-2core")
-    body = smolplan.calibration_markdown(MEASURED, p, smolplan.calibration_predictions(MEASURED))
+    cal = smolplan_calibration
+    body = cal.calibration_markdown(MEASURED, p, cal.calibration_predictions(MEASURED))
     assert report.splice(text, smolplan.CALIBRATION_MARKER, body) == text
 
 
