@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ellava_lib.core.stats import paired_mean_se
 from ellava_lib.run.jobs import (
     ALL_METHODS,
     LABELS,
@@ -99,14 +100,13 @@ def paired_margins(results: pd.DataFrame, method: str = "ellava", baselines: Seq
             pairs = pd.concat([ours.rename("a"), theirs.rename("b")], axis=1, join="inner").dropna()
             if pairs.empty:
                 continue
-            d = pairs["a"] - pairs["b"]
-            k = len(d)
-            se = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+            k = len(pairs)
+            diff, se = paired_mean_se(pairs["a"].tolist(), pairs["b"].tolist())
             out.append({"sparsity": f"{s:.0%}", "baseline": LABELS.get(b, b), "k": k,
                         "ours": float(ours.mean()), "ours_std": float(ours.std(ddof=1)) if len(ours) > 1 else np.nan,
                         "baseline_score": float(theirs.mean()),
                         "baseline_std": float(theirs.std(ddof=1)) if len(theirs) > 1 else np.nan,
-                        "mean_diff": float(d.mean()), "se": se,
+                        "mean_diff": diff, "se": se,
                         "share_of_dense_%": 100 * float(ours.mean()) / dense_mean})
     return pd.DataFrame(out)
 
@@ -150,7 +150,7 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
     out = []
     for s, part in rows_in[rows_in["sparsity"] > 0].groupby("sparsity"):
         ours = part[part["method"] == method]
-        diffs, picks, base, unpaired, kept = [], [], [], [], []
+        mine, picks, base, unpaired, kept = [], [], [], [], []
         for _, row in ours.iterrows():
             theirs_method = START_METHODS.get(str(row["start_pick"]))
             if theirs_method is None or theirs_method not in starts:
@@ -160,25 +160,24 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
             if match.empty:  # the picked start's baseline is not in the table (e.g. not a table method)
                 unpaired.append(LABELS.get(theirs_method, theirs_method))
                 continue
-            diffs.append(float(row["mean"]) - float(match.mean()))
+            mine.append(float(row["mean"]))
             kept.append(bool(row["kept_start"]) if "kept_start" in row.index and pd.notna(row["kept_start"]) else None)
             picks.append(LABELS.get(theirs_method, theirs_method))
             base.append(float(match.mean()))
-        if not diffs:
+        if not mine:
             if unpaired:
                 out.append({"sparsity": f"{s:.0%}", "method": LABELS.get(method, method),
                             "best_start": ", ".join(f"{n} (no row)" for n in dict.fromkeys(unpaired)), "k": 0,
                             "ours": float(ours["mean"].mean()), "best_start_score": np.nan, "mean_diff": np.nan,
                             "se": np.nan, "holds": None})
             continue
-        d = np.asarray(diffs)
-        k = len(d)
-        se = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+        k = len(mine)
+        diff, se = paired_mean_se(mine, base)
         counts = pd.Series(picks).value_counts(sort=False)
         label = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts.items())
         out.append({"sparsity": f"{s:.0%}", "method": LABELS.get(method, method), "best_start": label, "k": k,
                     "ours": float(ours["mean"].mean()), "best_start_score": float(np.mean(base)),
-                    "mean_diff": float(d.mean()), "se": se, "holds": _holds(float(d.mean()), se),
+                    "mean_diff": diff, "se": se, "holds": _holds(diff, se),
                     **({"kept_start": f"{sum(kept)}/{k}"} if None not in kept else {})})
     return pd.DataFrame(out)
 

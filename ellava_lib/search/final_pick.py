@@ -29,22 +29,17 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ellava_lib.core.stats import paired_mean_se
+
 #: How a search chooses what it returns (module docstring).
 SELECT_RULES: tuple[str, ...] = ("min", "paired_se")
 
 
 def paired_gain(start: Sequence[float], best: Sequence[float]) -> tuple[float, float]:
     """``(gain, se)`` of the module docstring: the mean of ``start_i - best_i`` and its standard error
-    (``sd`` with ddof 1 over ``sqrt(m)``; ``nan`` for one row). ``ValueError`` when the lengths differ or are 0."""
-    if len(start) != len(best) or not start:
-        raise ValueError(f"need equal, non-empty per-row losses; got {len(start)} and {len(best)}")
-    d = [float(a) - float(b) for a, b in zip(start, best)]
-    m = len(d)
-    gain = sum(d) / m
-    if m < 2:
-        return gain, float("nan")
-    var = sum((x - gain) ** 2 for x in d) / (m - 1)
-    return gain, math.sqrt(var / m)
+    (:func:`ellava_lib.core.stats.paired_mean_se`: ``sd`` with ddof 1 over ``sqrt(m)``; ``nan`` for one row).
+    ``ValueError`` when the lengths differ or are 0."""
+    return paired_mean_se(start, best)
 
 
 def choose(losses: Sequence[Sequence[float]], best: int, start: int | None, rule: str) -> tuple[int, dict[str, Any]]:
