@@ -282,3 +282,45 @@ def test_the_progress_of_a_sweep_is_read_from_its_ledger_alone(spec, tmp_path):
     assert "| 50% | SparseGPT | 60.0 | 1 |" in text and "Pending (2): magnitude-0.50-s0-n8, search-0.50-s0-n8" in text
     other = SweepSpec(spec.model_dir, eval_limit=2, search_preset="ci", search=SEARCH, tier={"db_dtype": "bfloat16"})
     assert progress.ledger_progress(other, JOBS, folder, 1).done == {}  # another digest: would re-run
+
+
+def test_ecoflap_importances_are_kept_in_the_ledger_and_not_computed_again(spec, tmp_path, monkeypatch, capsys):
+    """ECoFLaP's importances of a draw (tens of minutes on the smol tier) go into the ledger's ``ecoflap/`` with
+    the first finished job; a sweep in a fresh run folder (a fresh clone) reads them instead of computing them, for
+    the other sparsities of that draw; another thread count, a stale digest or a corrupted entry computes them."""
+    calls: list[int] = []
+    real = sweep.zeroth_order_importance
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "zeroth_order_importance", counting)
+    book = tmp_path / "results"
+    first = sweep.run_sweep(spec, [Job("ecoflap", 0.5, 0, 8)], tmp_path / "a", progress=False, ledger_dir=book)
+    assert calls == [0]
+    entry = json.loads((book / "ecoflap" / "s0-n8.json").read_text())
+    assert set(entry) == set(ledger.IMPORTANCE_FIELDS) and entry["key"] == "s0-n8"
+    assert entry["digest"] == sweep.importance_digest(spec, 0, 8, 1) != sweep.importance_digest(spec, 0, 8, 2)
+    made = json.loads((tmp_path / "a" / "jobs" / "ecoflap-0.50-s0-n8" / "policy.json").read_text())
+    assert entry["importance"] == made["meta"]["importance"] and len(first) == 1
+    assert [e["key"] for e in ledger.entries(book)] == ["ecoflap-0.50-s0-n8"]  # not a row of the tables
+
+    # a fresh run folder: the other sparsity's job uses the ledger's importances, computing nothing
+    sweep.run_sweep(spec, [Job("ecoflap", 0.6, 0, 8)], tmp_path / "b", progress=False, ledger_dir=book)
+    assert calls == [0]
+    policy = json.loads((tmp_path / "b" / "jobs" / "ecoflap-0.60-s0-n8" / "policy.json").read_text())
+    assert policy["meta"]["importance"] == entry["importance"]
+
+    # another thread count is another digest: computed, and the entry rewritten under it
+    sweep.run_sweep(spec, [Job("ecoflap", 0.7, 0, 8)], tmp_path / "c", threads=2, progress=False, ledger_dir=book)
+    assert calls == [0, 0]
+    assert json.loads((book / "ecoflap" / "s0-n8.json").read_text())["digest"] == sweep.importance_digest(spec, 0, 8, 2)
+
+    # a corrupted entry is named in one line and computed again
+    (book / "ecoflap" / "s0-n8.json").write_text('{"format": 1, "key": "s0-n8"}')
+    capsys.readouterr()
+    sweep.run_sweep(spec, [Job("ecoflap", 0.6, 0, 8)], tmp_path / "d", threads=2, progress=False, ledger_dir=book)
+    err = capsys.readouterr().err
+    assert calls == [0, 0, 0]
+    assert "corrupted importance entry" in err and "missing digest, importance, machine, commit" in err

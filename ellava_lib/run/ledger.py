@@ -19,7 +19,11 @@ A ledger row is ``<ledger>/<job key>.json`` (the key is :meth:`jobs.Job.name`), 
 A sweep (:func:`sweep.run_sweep` with ``ledger``) skips a job whose row is here with its digest; a row of another
 digest (another recipe, configuration, thread count) is re-run and overwritten, never mixed in; a row that cannot
 be read (invalid JSON, missing fields) is named in one line on stderr and re-run. Level databases and the other
-large intermediates stay in the run folder (git-ignored) and are rebuilt where a job needs them.
+large intermediates stay in the run folder (git-ignored) and are rebuilt where a job needs them. ECoFLaP's
+importances (one number per unit of a calibration draw, which every ECoFLaP job and every search starting from
+ECoFLaP reads, and which take tens of minutes on a CPU) are small, so the sweep keeps them in the subfolder
+``ecoflap/`` (:func:`write_importance`, :func:`read_importance`): ``format``, ``key`` (``s<seed>-n<calib_n>``),
+``digest`` (everything they depend on, :func:`sweep.importance_digest`), ``importance``, ``machine``, ``commit``.
 
 Notebook 04 reads its showcased search's row and policy here (:mod:`showcase`), notebook 07 every row
 (:func:`entries`, :mod:`explorer`) for the jobs its run folder lacks; notebook 02 keeps its dense and magnitude
@@ -45,6 +49,11 @@ FIELDS: tuple[str, ...] = ("format", "key", "digest", "job", "row", "policy", "l
 #: The keys every ``row`` of a ledger row holds (whatever the method).
 ROW_FIELDS: tuple[str, ...] = ("job", "method", "sparsity", "seed", "calib_n", "measured", "flops_rel", "mean",
                                "seconds")
+
+
+#: The keys of an importance entry (:func:`write_importance`) and the ledger's subfolder of them.
+IMPORTANCE_FIELDS: tuple[str, ...] = ("format", "key", "digest", "importance", "machine", "commit")
+IMPORTANCE_FOLDER = "ecoflap"
 
 
 def row_path(ledger: Path, key: str) -> Path:
@@ -153,6 +162,46 @@ def load(path: Path, key: str, digest: str, warn: bool = True) -> dict[str, Any]
             print(f"ledger: corrupted row {path}: {reason}; its job re-runs", file=sys.stderr, flush=True)
         return None
     return entry if entry["digest"] == digest else None
+
+
+def importance_path(ledger: Path, key: str) -> Path:
+    """The file of the importance entry ``key`` (``s<seed>-n<calib_n>``) in the ledger folder ``ledger``."""
+    return Path(ledger) / IMPORTANCE_FOLDER / f"{key}.json"
+
+
+def _importance_problem(entry: Any, key: str) -> str | None:
+    """Why ``entry`` is not an importance entry of ``key``: its envelope, then a map of unit names to finite
+    numbers."""
+    reason = envelope_problem(entry, key, IMPORTANCE_FIELDS, FORMAT)
+    if reason is not None:
+        return reason
+    imp = entry["importance"]
+    if not isinstance(imp, dict) or not imp or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            and abs(v) != float("inf") for k, v in imp.items()):
+        return "its importance is not a non-empty map of unit names to finite numbers"
+    return None
+
+
+def write_importance(ledger: Path, key: str, digest: str, importance: dict[str, float]) -> Path:
+    """Write the importance entry ``key`` (module docstring) atomically, with this process's :func:`machine` and
+    :func:`commit`; returns the path."""
+    entry = {"format": FORMAT, "key": key, "digest": digest, "importance": {u: float(v) for u, v in importance.items()},
+             "machine": machine(), "commit": commit()}
+    return files.write_json(importance_path(ledger, key), entry)
+
+
+def read_importance(ledger: Path, key: str, digest: str) -> dict[str, float] | None:
+    """The importances of the entry ``key`` when it was made under ``digest``; None when there is none, when it
+    has another digest (recomputed, then overwritten), or when it cannot be read (named in one line on stderr)."""
+    path = importance_path(ledger, key)
+    if not path.is_file():
+        return None
+    entry, reason = read_entry(path, key, _importance_problem)
+    if entry is None:
+        print(f"ledger: corrupted importance entry {path}: {reason}; recomputed", file=sys.stderr, flush=True)
+        return None
+    return entry["importance"] if entry["digest"] == digest else None
 
 
 def entries(ledger: Path) -> list[dict[str, Any]]:

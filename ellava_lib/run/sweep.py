@@ -81,6 +81,7 @@ from ellava_lib.run.jobs import (  # noqa: F401  (the notebooks reach the jobs' 
     job_digest,
     jobs_grid,
     level_grid,
+    model_identity,
     needs_importance,
     search_config,
     select_frac,
@@ -190,18 +191,72 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
     in ``out_dir/ecoflap/s<seed>-n<n>.json`` (recomputed when the model or tier changed). They are computed on the
     draw's statistic rows (:func:`statistic_draw`). ``model`` / ``batch``: the dense model and that draw's
     statistic-row batch when the caller holds them (else loaded)."""
-    path = ecoflap_importance_path(out_dir, seed, calib_n)
-    key = _ecoflap_key(spec, seed, calib_n)
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["importance"]
+    cached = _cached_importance(spec, seed, calib_n, out_dir)
+    if cached is not None:
+        return cached
+    path, key = ecoflap_importance_path(out_dir, seed, calib_n), _ecoflap_key(spec, seed, calib_n)
     if model is None or batch is None:
         model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
         batch = statistic_draw(spec, seed, samples, batch)[1]
     importance = zeroth_order_importance(model, batch, seed=seed, loader_batch=spec.get_tier().ecoflap_batch)
     files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance})
     return importance
+
+
+def importance_digest(spec: SweepSpec, seed: int, calib_n: int, threads: int) -> str:
+    """12 hex chars over what ECoFLaP's importances of the draw ``(seed, calib_n)`` depend on, wherever they are
+    computed: :func:`_ecoflap_key` with the model named by its recipe (:func:`jobs.model_identity`) instead of its
+    folder, and the intra-op ``threads`` they ran at (a reduction order, as for a row, :func:`jobs.job_digest`).
+    The digest of their entry in a results ledger (:func:`ledger.write_importance`)."""
+    d = {"model": model_identity(spec.model_dir), "tier": spec.get_tier().identity(), "seed": seed,
+         "calib_n": calib_n, "revision": METHOD_REVISION["ecoflap"], "rows": ["statistic", select_frac(spec)],
+         "threads": int(threads)}
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _importance_draws(spec: SweepSpec, jobs: Sequence[Job]) -> list[tuple[int, int]]:
+    return sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
+
+
+def _cached_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path) -> dict[str, float] | None:
+    path = ecoflap_importance_path(out_dir, seed, calib_n)
+    try:
+        cached = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return cached["importance"] if isinstance(cached, dict) and cached.get("key") == _ecoflap_key(
+        spec, seed, calib_n) else None
+
+
+def importances_from_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, threads: int,
+                            ledger_dir: Path) -> list[str]:
+    """Seed the run folder's importance cache (:func:`ecoflap_importance`) from the ledger's entries made under
+    the same :func:`importance_digest`, for every draw of ``jobs`` that needs importances and has none in the run
+    folder; returns the entries' keys used."""
+    used = []
+    for seed, n in _importance_draws(spec, jobs):
+        if _cached_importance(spec, seed, n, out_dir) is not None:
+            continue
+        value = ledger.read_importance(ledger_dir, f"s{seed}-n{n}", importance_digest(spec, seed, n, threads))
+        if value is not None:
+            files.write_json(ecoflap_importance_path(out_dir, seed, n),
+                             {"key": _ecoflap_key(spec, seed, n), "seed": seed, "calib_n": n, "importance": value})
+            used.append(f"s{seed}-n{n}")
+    return used
+
+
+def importances_to_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, threads: int,
+                          ledger_dir: Path) -> list[str]:
+    """Write every importance the run folder computed for the draws of ``jobs`` into the ledger when the ledger
+    has none under its :func:`importance_digest`; returns the keys written."""
+    written = []
+    for seed, n in _importance_draws(spec, jobs):
+        value = _cached_importance(spec, seed, n, out_dir)
+        digest = importance_digest(spec, seed, n, threads)
+        if value is not None and ledger.read_importance(ledger_dir, f"s{seed}-n{n}", digest) is None:
+            ledger.write_importance(ledger_dir, f"s{seed}-n{n}", digest, value)
+            written.append(f"s{seed}-n{n}")
+    return written
 
 
 def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch: dict[str, torch.Tensor]) -> Policy:
@@ -366,7 +421,8 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
     process's own count). ``ledger_dir``: a results ledger (:mod:`ledger`): a job whose row is there with its
     digest (:func:`jobs.job_digest`: recipe, configuration, ``threads``) is not run, each job that finishes writes
     its row there, and the rows returned are the ledger's; a row of another digest is re-run and overwritten, a
-    corrupted one is named on stderr and re-run.
+    corrupted one is named on stderr and re-run. ECoFLaP's importances go the same way (:func:`importance_digest`,
+    the ledger's ``ecoflap/``): read from the ledger before the jobs, written there as soon as a job finishes.
 
     ``backend`` (:mod:`backends`): ``local`` runs ``workers`` processes of ``threads`` torch threads
     (``workers=1``: this process); ``ray`` runs each job as a Ray task on the cluster at ``address`` (None: a
@@ -397,10 +453,13 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
     rounds = db_rounds(spec, todo, out_dir) if one_db else [(None, todo)]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep", disable=not progress)
     by_name = {j.name(): j for j in todo}
+    if ledger_dir is not None:  # ECoFLaP's importances a ledger holds are not computed again
+        importances_from_ledger(spec, todo, out_dir, threads, ledger_dir)
 
     def done(task: backends.Task, row: dict) -> None:
         if ledger_dir is not None:  # into the ledger now: a sweep killed later keeps this row
             _finished(out_dir, by_name[task.name], spec, threads, ledger_dir, warn=False)
+            importances_to_ledger(spec, todo, out_dir, threads, ledger_dir)
         bar.update(1)
         bar.set_postfix_str(task.name)
         if on_row:
@@ -424,6 +483,8 @@ def run_sweep(spec: SweepSpec, jobs: Sequence[Job], out_dir: str | Path, workers
         elif tasks:
             failures.update(backends.run_local(shared, tasks, done, failed, workers, threads, retries))
     bar.close()
+    if ledger_dir is not None:
+        importances_to_ledger(spec, todo, out_dir, threads, ledger_dir)
     rows = [row for row in (_finished(out_dir, j, spec, threads, ledger_dir, warn=False) for j in jobs)
             if row is not None]
     frame = pd.DataFrame(rows)
