@@ -301,6 +301,8 @@ def test_ecoflap_importances_are_kept_in_the_ledger_and_not_computed_again(spec,
     assert calls == [0]
     entry = json.loads((book / "ecoflap" / "s0-n8.json").read_text())
     assert set(entry) == set(ledger.IMPORTANCE_FIELDS) and entry["key"] == "s0-n8"
+    cache = json.loads(sweep.ecoflap_importance_path(tmp_path / "a", 0, 8).read_text())
+    assert entry["seconds"] == cache["seconds"] > 0  # the computation's own wall time, measured where it ran
     assert entry["digest"] == sweep.importance_digest(spec, 0, 8, 1) != sweep.importance_digest(spec, 0, 8, 2)
     made = json.loads((tmp_path / "a" / "jobs" / "ecoflap-0.50-s0-n8" / "policy.json").read_text())
     assert entry["importance"] == made["meta"]["importance"] and len(first) == 1
@@ -323,4 +325,4 @@ def test_ecoflap_importances_are_kept_in_the_ledger_and_not_computed_again(spec,
     sweep.run_sweep(spec, [Job("ecoflap", 0.6, 0, 8)], tmp_path / "d", threads=2, progress=False, ledger_dir=book)
     err = capsys.readouterr().err
     assert calls == [0, 0, 0]
-    assert "corrupted importance entry" in err and "missing digest, importance, machine, commit" in err
+    assert "corrupted importance entry" in err and "missing digest, importance, seconds, machine, commit" in err

@@ -23,7 +23,8 @@ large intermediates stay in the run folder (git-ignored) and are rebuilt where a
 importances (one number per unit of a calibration draw, which every ECoFLaP job and every search starting from
 ECoFLaP reads, and which take tens of minutes on a CPU) are small, so the sweep keeps them in the subfolder
 ``ecoflap/`` (:func:`write_importance`, :func:`read_importance`): ``format``, ``key`` (``s<seed>-n<calib_n>``),
-``digest`` (everything they depend on, :func:`sweep.importance_digest`), ``importance``, ``machine``, ``commit``.
+``digest`` (everything they depend on, :func:`sweep.importance_digest`), ``importance``, ``seconds`` (their
+computation's wall time, null when not measured), ``machine``, ``commit``.
 
 Notebook 04 reads its showcased search's row and policy here (:mod:`showcase`), notebook 07 every row
 (:func:`entries`, :mod:`explorer`) for the jobs its run folder lacks; notebook 02 keeps its dense and magnitude
@@ -52,7 +53,7 @@ ROW_FIELDS: tuple[str, ...] = ("job", "method", "sparsity", "seed", "calib_n", "
 
 
 #: The keys of an importance entry (:func:`write_importance`) and the ledger's subfolder of them.
-IMPORTANCE_FIELDS: tuple[str, ...] = ("format", "key", "digest", "importance", "machine", "commit")
+IMPORTANCE_FIELDS: tuple[str, ...] = ("format", "key", "digest", "importance", "seconds", "machine", "commit")
 IMPORTANCE_FOLDER = "ecoflap"
 
 
@@ -180,20 +181,24 @@ def _importance_problem(entry: Any, key: str) -> str | None:
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
             and abs(v) != float("inf") for k, v in imp.items()):
         return "its importance is not a non-empty map of unit names to finite numbers"
+    if entry["seconds"] is not None and not (isinstance(entry["seconds"], (int, float)) and entry["seconds"] >= 0):
+        return "its seconds is neither null nor a number >= 0"
     return None
 
 
-def write_importance(ledger: Path, key: str, digest: str, importance: dict[str, float]) -> Path:
+def write_importance(ledger: Path, key: str, digest: str, importance: dict[str, float],
+                     seconds: float | None = None) -> Path:
     """Write the importance entry ``key`` (module docstring) atomically, with this process's :func:`machine` and
-    :func:`commit`; returns the path."""
+    :func:`commit`; ``seconds``: the computation's wall time (None: not measured); returns the path."""
     entry = {"format": FORMAT, "key": key, "digest": digest, "importance": {u: float(v) for u, v in importance.items()},
-             "machine": machine(), "commit": commit()}
+             "seconds": None if seconds is None else float(seconds), "machine": machine(), "commit": commit()}
     return files.write_json(importance_path(ledger, key), entry)
 
 
-def read_importance(ledger: Path, key: str, digest: str) -> dict[str, float] | None:
-    """The importances of the entry ``key`` when it was made under ``digest``; None when there is none, when it
-    has another digest (recomputed, then overwritten), or when it cannot be read (named in one line on stderr)."""
+def read_importance(ledger: Path, key: str, digest: str) -> dict[str, Any] | None:
+    """The importance entry ``key`` (``importance``, ``seconds``, ...) when it was made under ``digest``; None when
+    there is none, when it has another digest (recomputed, then overwritten), or when it cannot be read (named in
+    one line on stderr)."""
     path = importance_path(ledger, key)
     if not path.is_file():
         return None
@@ -201,7 +206,7 @@ def read_importance(ledger: Path, key: str, digest: str) -> dict[str, float] | N
     if entry is None:
         print(f"ledger: corrupted importance entry {path}: {reason}; recomputed", file=sys.stderr, flush=True)
         return None
-    return entry["importance"] if entry["digest"] == digest else None
+    return entry if entry["digest"] == digest else None
 
 
 def entries(ledger: Path) -> list[dict[str, Any]]:

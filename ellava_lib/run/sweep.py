@@ -193,13 +193,15 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
     statistic-row batch when the caller holds them (else loaded)."""
     cached = _cached_importance(spec, seed, calib_n, out_dir)
     if cached is not None:
-        return cached
+        return cached["importance"]
     path, key = ecoflap_importance_path(out_dir, seed, calib_n), _ecoflap_key(spec, seed, calib_n)
+    start = time.perf_counter()
     if model is None or batch is None:
         model, _, samples, batch = _load(spec.get_tier(), spec, seed, calib_n)
         batch = statistic_draw(spec, seed, samples, batch)[1]
     importance = zeroth_order_importance(model, batch, seed=seed, loader_batch=spec.get_tier().ecoflap_batch)
-    files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance})
+    files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance,
+                            "seconds": time.perf_counter() - start})
     return importance
 
 
@@ -218,14 +220,15 @@ def _importance_draws(spec: SweepSpec, jobs: Sequence[Job]) -> list[tuple[int, i
     return sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
 
 
-def _cached_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path) -> dict[str, float] | None:
+def _cached_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path) -> dict[str, Any] | None:
+    """The run folder's importance cache of the draw (``key``, ``importance``, ``seconds`` when measured) when it
+    was made for this model and tier, else None."""
     path = ecoflap_importance_path(out_dir, seed, calib_n)
     try:
         cached = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
         return None
-    return cached["importance"] if isinstance(cached, dict) and cached.get("key") == _ecoflap_key(
-        spec, seed, calib_n) else None
+    return cached if isinstance(cached, dict) and cached.get("key") == _ecoflap_key(spec, seed, calib_n) else None
 
 
 def importances_from_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, threads: int,
@@ -237,10 +240,11 @@ def importances_from_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path,
     for seed, n in _importance_draws(spec, jobs):
         if _cached_importance(spec, seed, n, out_dir) is not None:
             continue
-        value = ledger.read_importance(ledger_dir, f"s{seed}-n{n}", importance_digest(spec, seed, n, threads))
-        if value is not None:
+        entry = ledger.read_importance(ledger_dir, f"s{seed}-n{n}", importance_digest(spec, seed, n, threads))
+        if entry is not None:
             files.write_json(ecoflap_importance_path(out_dir, seed, n),
-                             {"key": _ecoflap_key(spec, seed, n), "seed": seed, "calib_n": n, "importance": value})
+                             {"key": _ecoflap_key(spec, seed, n), "seed": seed, "calib_n": n,
+                              "importance": entry["importance"], "seconds": entry["seconds"]})
             used.append(f"s{seed}-n{n}")
     return used
 
@@ -251,10 +255,10 @@ def importances_to_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, t
     has none under its :func:`importance_digest`; returns the keys written."""
     written = []
     for seed, n in _importance_draws(spec, jobs):
-        value = _cached_importance(spec, seed, n, out_dir)
+        cached = _cached_importance(spec, seed, n, out_dir)
         digest = importance_digest(spec, seed, n, threads)
-        if value is not None and ledger.read_importance(ledger_dir, f"s{seed}-n{n}", digest) is None:
-            ledger.write_importance(ledger_dir, f"s{seed}-n{n}", digest, value)
+        if cached is not None and ledger.read_importance(ledger_dir, f"s{seed}-n{n}", digest) is None:
+            ledger.write_importance(ledger_dir, f"s{seed}-n{n}", digest, cached["importance"], cached.get("seconds"))
             written.append(f"s{seed}-n{n}")
     return written
 
