@@ -18,6 +18,7 @@ computed from such numbers by a formula written next to it in the output. The st
   on the same cores: the median, with the spread recorded).
 * ``prune: ellava`` and ``prune: search`` - the EfficientLLaVA job cut to a few generations, extrapolated to
   the preset's generations with the formula under ``searches`` in the output, plus its exact re-prune.
+* ``ECoFLaP importances`` - the median ``seconds`` of the ledger's importance entries (``results/smol/ecoflap/``).
 * ``eval.answers`` - the reference answers' lengths (words, about one SmolLM2 token each) of the test split and
   the tokens a batch of 32 generates (its longest answer + end-of-sequence, at most the budget), and the same
   for each evaluation's own predictions (a model that never ends generates the budget).
@@ -25,7 +26,8 @@ computed from such numbers by a formula written next to it in the output. The st
 Usage (the defaults are where the runs of this machine left their files; a missing one is recorded as such;
 ``--readme README.md`` also splices the predicted-against-measured table into the ``smol-cpu-plan`` block of
 docs/tiers.md, :func:`ellava_lib.run.smolplan_calibration.splice_calibration`; ``--splice-only`` splices from the record
-already written, reading no artifact)::
+already written, reading no artifact; ``--update STAGE`` re-reads only that stage, e.g. ``"ECoFLaP importances"``
+from the ledger's importance entries, keeping the others as written)::
 
     python benchmarks/smol_stages.py --out benchmarks/results/smol_stages_cpu.json --readme README.md
     python benchmarks/smol_stages.py --splice-only --readme README.md
@@ -118,6 +120,21 @@ def prune_stages(rows: Iterable[Mapping[str, Any]], ledger: Path) -> dict[str, d
                       f"{len(secs)} rows, run beside other jobs on the same cores",
             "machines": [json.loads(m) for m in sorted(machines[method])]}
     return out
+
+
+def importance_stage(ledger: Path) -> dict[str, Any]:
+    """``ECoFLaP importances``: the median ``seconds`` of the ledger's importance entries
+    (``<ledger>/ecoflap/s<seed>-n<n>.json``, one per calibration draw), with where each came from."""
+    entries = [json.loads(p.read_text()) for p in sorted((ledger / "ecoflap").glob("*.json"))]
+    timed = [e for e in entries if isinstance(e.get("seconds"), (int, float))]
+    if not timed:
+        return {"seconds": None, "source": f"no timed ECoFLaP importance entry in {show(ledger)}/ecoflap/"}
+    secs = [float(e["seconds"]) for e in timed]
+    return {"seconds": statistics.median(secs), **{f"entries_{k}": v for k, v in spread(secs).items()},
+            "source": f"{show(ledger)}/ecoflap/*.json seconds (the zeroth-order importances of one calibration draw, "
+                      f"model loading included), median of {len(secs)} entries",
+            "entries": [{"key": e["key"], "seconds": e["seconds"], "commit": e.get("commit"),
+                         "machine": e.get("machine")} for e in timed]}
 
 
 def build_stage(model_dir: Path) -> dict[str, Any]:
@@ -354,8 +371,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                               "level databases": leveldb_stage(Path(args.leveldb),
                                                                Path(args.partial_leveldb) if args.partial_leveldb
                                                                else None),
-                              "ECoFLaP importances": {"seconds": None, "source": "no artifact of a smol ECoFLaP "
-                                                      "importance (no ecoflap/ folder beside the level databases)"}}
+                              "ECoFLaP importances": importance_stage(ledger)}
     searched = search_stages(Path(args.job), SearchConfig.from_preset(args.search_preset).generations)
     record = searched.pop("_search", None)
     stages.update(searched)
@@ -369,6 +385,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                                            "text": profile.read_text() if profile.is_file() else None},
             "stages": stages, "searches": record,
             "eval": {"answers": answers(Path(args.evals), args.eval_runs, Path(args.job))}}
+
+
+#: Stages ``--update`` can re-read on their own (the ledger's): name -> reader of the parsed arguments.
+UPDATABLE = {"ECoFLaP importances": lambda args: importance_stage(Path(args.ledger))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -392,10 +412,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--readme", default=None, help="splice the calibration table into the smol-cpu-plan block of "
                                                    "this README or of the docs/*.md page beside it that holds it")
     ap.add_argument("--splice-only", action="store_true", help="read no artifact: splice from --out as written")
+    ap.add_argument("--update", nargs="+", choices=sorted(UPDATABLE), metavar="STAGE",
+                    help="re-read only these stages' artifacts and keep the rest of --out as written (the other "
+                         f"stages' artifacts may be gone from this machine): {', '.join(sorted(UPDATABLE))}")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.splice_only:
         record = json.loads(out.read_text())
+    elif args.update:
+        record = json.loads(out.read_text())
+        for name in args.update:
+            record["stages"][name] = UPDATABLE[name](args)
+        record.setdefault("updated", []).append({"stages": list(args.update), "machine": machine()})
+        out.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        print(f"updated {', '.join(args.update)} in {out}")
     else:
         record = collect(args)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -144,3 +144,27 @@ def test_cpu_preset_rates():
     cpu, h100 = costmodel.get_profile("cpu-2core"), costmodel.get_profile("h100")
     assert (cpu.matmul_flops, cpu.fp32_forward(), cpu.solver_flops) == (280e9, 150e9, 110e9)
     assert h100.fp32_forward() == h100.solver_flops == 67e12
+
+
+def test_the_importance_stage_is_read_from_the_ledger_and_updated_alone(tmp_path):
+    """``smol_stages.py --update "ECoFLaP importances"``: the median ``seconds`` of the ledger's timed importance
+    entries replaces that stage only; an untimed entry (null seconds) is left out."""
+    from helpers import load_benchmark
+
+    stages = load_benchmark("smol_stages")
+    book = tmp_path / "ledger"
+    (book / "ecoflap").mkdir(parents=True)
+    for key, secs in (("s0-n64", 2400.0), ("s1-n64", 2100.0), ("s2-n64", 3000.0), ("s3-n64", None)):
+        (book / "ecoflap" / f"{key}.json").write_text(json.dumps({"key": key, "seconds": secs, "commit": "c"}))
+    out = tmp_path / "stages.json"
+    out.write_text(json.dumps({"stages": {"build": {"seconds": 4600.0, "source": "kept"},
+                                          "ECoFLaP importances": {"seconds": None, "source": "none"}}}))
+    assert stages.main(["--ledger", str(book), "--out", str(out), "--update", "ECoFLaP importances"]) == 0
+    record = json.loads(out.read_text())
+    assert record["stages"]["build"] == {"seconds": 4600.0, "source": "kept"}
+    got = record["stages"]["ECoFLaP importances"]
+    assert got["seconds"] == 2400.0
+    assert (got["entries_min"], got["entries_max"], got["entries_n"]) == (2100.0, 3000.0, 3)
+    assert [e["key"] for e in got["entries"]] == ["s0-n64", "s1-n64", "s2-n64"]
+    (book / "ecoflap").rename(book / "gone")
+    assert stages.importance_stage(book)["seconds"] is None
