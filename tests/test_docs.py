@@ -135,7 +135,7 @@ def test_every_spliced_block_is_closed_and_lives_in_one_document():
         assert report.doc_with(ROOT, name).name == starts[name][0]
     # what the writers splice: notebooks / pipeline (with the smol prefix too), ellava plan, the benchmarks
     written = {"timing", "results", "main", "ablations", "leveldb", "grid", "latency", "e2e_decode", "e2e_decode_7b",
-               "paper-plan", "smol-plan", "smol-cpu-plan"} | \
+               "paper-plan", "smol-plan", "smol-cpu-plan", "smol-accuracy-speed"} | \
         {f"smol-{n}" for n in ("timing", "results", "main", "ablations", "leveldb")}
     assert written <= set(starts), written - set(starts)
 
