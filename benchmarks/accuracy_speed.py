@@ -14,11 +14,11 @@ The paper's "accuracy at a speedup" claim, side by side. What each number is and
   ``digest`` is the job's current :func:`~ellava_lib.run.jobs.job_digest` (as ``sweep._finished`` checks) counts.
   A job without one (the run is still going, or its row is stale) is a **pending** row of the table ("no ledger row
   yet: <file>"), so the script runs at any stage of the run.
-- **The pruned model**: rebuilt as the sweep's job built the model it evaluated (``sweep._run_job``): the dense
-  model and the job's calibration draw (``sweep._load``), its statistic rows (:func:`sweep.statistic_draw`), then,
-  under the ledger row's ``policy`` and at the sweep's intra-op thread count, sequential SparseGPT
-  (:func:`~ellava_lib.search.finalize.exact_reprune`) for a searched method, with the search's final projector when
-  it evolved one, or :func:`~ellava_lib.prune.prune.prune_model` with :func:`sweep.solver_for` for a baseline.
+- **The pruned model**: rebuilt as the sweep's job built the model it evaluated: the dense model and the job's
+  calibration draw (``sweep._load``), its statistic rows (:func:`sweep.statistic_draw`), then, under the ledger
+  row's ``policy`` and at the sweep's intra-op thread count, the sweep's own reconstruction
+  (:func:`sweep.reconstruct`: sequential SparseGPT, for a searched method with the search's final projector when
+  it evolved one).
   The final projector is not in the ledger: it stays in the sweep's run folder
   (``<run>/sweep/jobs/<key>/search/projector.safetensors``; ``--run``, default ``runs/<profile>``) and is used
   when that folder's job row (``ledger_row.json``) has the ledger row's digest and policy. Otherwise the model is
@@ -200,25 +200,15 @@ def rebuild(setup: Setup, job, entry: dict, projector: Path | None):
     """The pruned model of ``job`` as the sweep built it (module docstring), on the CPU in eval mode, and its
     sparsity report; at the sweep's intra-op threads."""
     from ellava_lib.core.policy import Policy
-    from ellava_lib.prune.prune import prune_model
     from ellava_lib.run import backends, sweep
-    from ellava_lib.run.jobs import SEARCH_METHODS
-    from ellava_lib.run.tier import block_device, release
-    from ellava_lib.search.finalize import exact_reprune
+    from ellava_lib.run.tier import release
 
     spec, tier = setup.spec, setup.spec.get_tier()
     policy = Policy.from_dict(entry["policy"])
     with backends.intra_op_threads(setup.threads):
         model, _, samples, batch = sweep._load(tier, spec, job.seed, job.calib_n)
         stat_batch = sweep.statistic_draw(spec, job.seed, samples, batch)[1]
-        if job.method in SEARCH_METHODS:
-            report = exact_reprune(model, policy, projector, stat_batch)
-        else:
-            device = block_device(tier)
-            if device is not None:  # tier.offload: the model waits on the CPU, one block at a time on the device
-                release(model)
-            report = prune_model(model, policy, sweep.solver_for(job.method), stat_batch, progress=False,
-                                 device=device)
+        report = sweep.reconstruct(tier, job, model, policy, stat_batch, projector)
     release(model)  # timed on the CPU
     return model.eval(), policy, report
 

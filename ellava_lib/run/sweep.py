@@ -304,11 +304,26 @@ def run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int = 1) -> dict[
         return _run_job(job, spec, Path(out_dir), threads)
 
 
+def reconstruct(tier: Tier, job: Job, model: nn.Module, policy: Policy, stat_batch: dict[str, torch.Tensor],
+                projector: str | Path | None = None) -> pd.DataFrame:
+    """Prune the dense ``model`` in place under ``policy`` as the table's row of ``job`` is made, and return the
+    pruning report: sequential SparseGPT under the policy on the statistic rows ``stat_batch`` (a searched job:
+    :func:`finalize.exact_reprune`, its final ``projector`` loaded first; a baseline: :func:`prune_model` with
+    the method's solver, block by block on the tier's device when it offloads, the model left on the CPU)."""
+    from ellava_lib.search.finalize import exact_reprune
+
+    if job.method in SEARCH_METHODS:
+        return exact_reprune(model, policy, projector, stat_batch)
+    device = block_device(tier)
+    if device is not None:  # tier.offload: the model waits on the CPU, one block at a time on the device
+        release(model)
+    return prune_model(model, policy, solver_for(job.method), stat_batch, progress=False, device=device)
+
+
 def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str, Any]:
     """:func:`run_job`'s work, at the threads it set."""
     from ellava_lib.prune.leveldb import LevelDB
     from ellava_lib.search.evolve import run_search
-    from ellava_lib.search.finalize import exact_reprune
 
     job_dir = Path(out_dir) / "jobs" / job.name()
     digest = spec_digest(spec, job)
@@ -342,14 +357,10 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         else:  # as every baseline: sequential SparseGPT under the policy, on the statistic rows
             model, processor = load_model(tier, spec.model_dir)
             model, _ = place(tier, model)
-            measured = measured_mean(exact_reprune(model, policy, result.projector, stat_batch))
+            measured = measured_mean(reconstruct(tier, job, model, policy, stat_batch, result.projector))
     elif job.method != "dense":
         policy = job_policy(job, spec, out_dir, model, stat_batch)
-        device = block_device(tier)
-        if device is not None:  # tier.offload: the model waits on the CPU, one block at a time on the device
-            release(model)
-        measured = measured_mean(prune_model(model, policy, solver_for(job.method), stat_batch, progress=False,
-                                             device=device))
+        measured = measured_mean(reconstruct(tier, job, model, policy, stat_batch))
         model, _ = place(tier, model)
     else:
         policy = None
