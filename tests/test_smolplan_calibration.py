@@ -166,5 +166,10 @@ def test_the_importance_stage_is_read_from_the_ledger_and_updated_alone(tmp_path
     assert got["seconds"] == 2400.0
     assert (got["entries_min"], got["entries_max"], got["entries_n"]) == (2100.0, 3000.0, 3)
     assert [e["key"] for e in got["entries"]] == ["s0-n64", "s1-n64", "s2-n64"]
+    # the caption names the machine of a stage measured later, beside the record's own
+    later = {**MEASURED, "updated": [{"stages": ["ECoFLaP importances"], "machine": {"cpu": "Some CPU", "cores": 2}}]}
+    cal = smolplan_calibration
+    body = cal.calibration_markdown(later, smolplan.make_plan("smol", "cpu-2core"), cal.calibration_predictions(later))
+    assert "; ECoFLaP importances on Some CPU, 2 cores)" in body
     (book / "ecoflap").rename(book / "gone")
     assert stages.importance_stage(book)["seconds"] is None

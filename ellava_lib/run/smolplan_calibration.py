@@ -82,11 +82,18 @@ def calibration_markdown(measured: dict[str, Any], p: plan.Plan, predicted: dict
               f"profile; with each measured stage's time per run in place of its prediction (the rest predicted) "
               f"{by_measure / 60:.0f} min. Measured: `benchmarks/results/smol_stages_cpu.json` "
               f"({measured['machine']['cpu']}, {measured['machine']['cores']} cores, torch "
-              f"{measured['machine']['torch']}), the searches extrapolated from "
+              f"{measured['machine']['torch']}{_updated(measured)}), the searches extrapolated from "
               f"{measured['searches']['measured_generations']} to {measured['searches']['preset_generations']} "
               "generations; the level database and the prunes of a 64-row draw at 60%; "
               "`tests/test_smolplan_calibration.py` holds every measured stage within 2x.*"]
     return "\n".join(lines)
+
+
+def _updated(measured: dict[str, Any]) -> str:
+    """The stages a later ``smol_stages.py --update`` measured on another machine, for the caption: ``"; ECoFLaP
+    importances on Intel(R) Xeon(R) Processor, 2 cores"`` (nothing when none was)."""
+    return "".join(f"; {', '.join(u['stages'])} on {u['machine']['cpu']}, {u['machine']['cores']} cores"
+                   for u in measured.get("updated", []))
 
 
 def splice_calibration(readme: str | Path, measured: dict[str, Any], root: str | Path | None = None) -> bool:
