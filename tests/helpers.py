@@ -7,6 +7,7 @@ no ``__init__.py``) is put on ``sys.path`` when its conftest and test modules ar
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,9 +20,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks are scripts, not a package)."""
+    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks are scripts, not a package), registered
+    in ``sys.modules`` under ``bench_<name>`` as an import would be (a ``@dataclass`` in it looks its module up)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
