@@ -417,11 +417,17 @@ def splice(readme: Path, result: dict, source: str) -> None:
     or the docs/*.md page holding it, docs/speed.md today)."""
     from ellava_lib.run.report import update_readme
 
+    if result.get("pending"):  # a results file that says why nothing is measured yet, and how to measure it
+        update_readme(readme, MARKER, f"*Not measured yet ({source}): {result['pending']} Measure with "
+                                      f"`{result['command']}`.*\n")
+        return
     update_readme(readme, MARKER, to_markdown(result) + "\n" + caption(result, source))
 
 
 def load_result(path: Path) -> dict:
-    """A results file written by this script; :class:`BadInput` when absent or not one."""
+    """A results file written by this script, or a pending one (``{"format", "pending": why, "command",
+    "rows": []}``: nothing measured yet, spliced as one line saying so); :class:`BadInput` when absent or not
+    one."""
     try:
         result = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -497,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             result = load_result(args.results)
             _check_readme(args.readme)
             splice(args.readme, result, _shown(args.results))
-            print(to_markdown(result))
+            print(result["pending"] if result.get("pending") else to_markdown(result))
             return 0
         if args.out is None:
             raise BadInput("--out is required (or --results FILE --readme README.md)")

@@ -186,3 +186,16 @@ def test_bad_results_and_profiles_are_one_line(bench, tmp_path, capsys):
         bench.profile_setup("smol", tmp_path / "nope", None)
     with pytest.raises(bench.BadInput, match=r"^unknown profile 'nosuch'"):
         bench.profile_setup("nosuch", None, None)
+
+
+def test_a_pending_results_file_is_spliced_as_one_line(bench, tmp_path):
+    """The committed results file before the first measurement: why nothing is measured and the command."""
+    pending = tmp_path / "pending.json"
+    pending.write_text(json.dumps({"format": 1, "pending": "no EfficientLLaVA row in the ledger yet.",
+                                   "command": "python benchmarks/accuracy_speed.py --out X.json", "rows": []}))
+    readme = tmp_path / "README.md"
+    readme.write_text(BLOCK)
+    assert bench.main(["--results", str(pending), "--readme", str(readme)]) == 0
+    assert readme.read_text().splitlines()[2] == (
+        f"*Not measured yet ({pending}): no EfficientLLaVA row in the ledger yet. Measure with "
+        "`python benchmarks/accuracy_speed.py --out X.json`.*")
