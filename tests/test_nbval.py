@@ -1,5 +1,5 @@
-"""The nbval regression set (tests/nbval/): references exist, carry outputs, match the source notebooks,
-and the check really fails when a checked number changes."""
+"""The nbval regression set (tests/nbval/<cpu kind>/): references exist for each CPU kind kept, carry outputs, match
+the source notebooks, and the check really fails when a checked number changes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 from ellava_lib.run import pipeline
 
-REFS = pipeline.nbval_dir()
+#: Every CPU kind's reference folder (tests/nbval/<kind>, pipeline.cpu_kind): each must be complete and current.
+KINDS = sorted(p for p in pipeline.nbval_dir().parent.iterdir() if p.is_dir() and not p.name.startswith("."))
 CHECK = "# NBVAL_CHECK_OUTPUT"
 
 
@@ -20,29 +21,53 @@ def _code(nb) -> list[str]:
             and "injected-parameters" not in c.metadata.get("tags", [])]
 
 
-def test_every_notebook_has_a_reference_with_outputs_in_its_checked_cells():
+def test_the_references_are_kept_per_cpu_kind():
+    assert [k.name for k in KINDS] and {k.name for k in KINDS} <= {"amd", "intel"}
+    assert pipeline.cpu_kind("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n") == "amd"
+    assert pipeline.cpu_kind("vendor_id\t: GenuineIntel\nvendor_id\t: AuthenticAMD\n") == "intel"  # the first
+    assert pipeline.cpu_kind("vendor_id : HygonGenuine\n") == "hygongenuine"
+    assert pipeline.cpu_kind("processor : 0\n") == "unknown"
+    assert pipeline.nbval_dir(kind="amd") == pipeline.project_root() / "tests" / "nbval" / "amd"
+
+
+def test_make_nbval_names_this_machines_references_or_says_there_are_none(tmp_path, capsys):
+    if pipeline.nbval_dir() in KINDS:
+        assert pipeline.main(["--nbval-dir"]) == 0
+        assert capsys.readouterr().out.strip() == str(pipeline.nbval_dir())
+    root = tmp_path / "proj"
+    for sub in ("notebooks", "profiles"):
+        (root / sub).mkdir(parents=True)
+    assert pipeline.main(["--nbval-dir", "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pipeline: error: no nbval references for this CPU kind "
+                                               f"({pipeline.cpu_kind()}) in {root / 'tests' / 'nbval'}")
+
+
+@pytest.mark.parametrize("refs", KINDS, ids=[k.name for k in KINDS])
+def test_every_notebook_has_a_reference_with_outputs_in_its_checked_cells(refs):
     sources = sorted(p.name for p in pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
-    assert sorted(p.name for p in REFS.glob("*.ipynb")) == sources
+    assert sorted(p.name for p in refs.glob("*.ipynb")) == sources
     for name in sources:
-        ref = nbformat.read(REFS / name, as_version=4)
+        ref = nbformat.read(refs / name, as_version=4)
         checked = [c for c in ref.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
         assert checked, f"{name}: no checked cell"
         # the trap: a reference stored without outputs compares nothing
         assert all(c.outputs for c in checked), f"{name}: a checked cell has no stored output"
 
 
-def test_references_replay_the_current_notebook_code():
-    """A notebook edited without regenerating its reference (make nbval-refs) fails here, not silently."""
+@pytest.mark.parametrize("refs", KINDS, ids=[k.name for k in KINDS])
+def test_references_replay_the_current_notebook_code(refs):
+    """A notebook edited without regenerating its references (make nbval-refs, on each CPU kind) fails here."""
     for src in sorted(pipeline.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
-        ref = nbformat.read(REFS / src.name, as_version=4)
-        assert _code(ref) == _code(nbformat.read(src, as_version=4)), f"{src.name}: run make nbval-refs"
+        ref = nbformat.read(refs / src.name, as_version=4)
+        assert _code(ref) == _code(nbformat.read(src, as_version=4)), f"{refs.name}/{src.name}: run make nbval-refs"
         injected = [c for c in ref.cells if "injected-parameters" in c.metadata.get("tags", [])]
-        assert len(injected) == 1 and 'run_dir = "../../runs/nbval"' in injected[0].source
+        assert len(injected) == 1 and 'run_dir = "../../../runs/nbval"' in injected[0].source
 
 
 def _nbval(path, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                           "--nbval-current-env", "--nbval-sanitize-with", str(REFS / "sanitize.cfg"), str(path)],
+                           "--nbval-current-env", "--nbval-sanitize-with", str(pipeline.nbval_sanitize()), str(path)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 

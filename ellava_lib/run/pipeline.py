@@ -72,9 +72,37 @@ def profiles_dir(root: str | Path | None = None) -> Path:
     return project_root(root) / "profiles"
 
 
-def nbval_dir(root: str | Path | None = None) -> Path:
-    """Where the nbval reference notebooks live (``tests/nbval``)."""
-    return project_root(root) / "tests" / "nbval"
+#: CPU vendors (``vendor_id`` of ``/proc/cpuinfo``) and the name of their nbval reference folder.
+CPU_KINDS: dict[str, str] = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """The CPU kind the nbval references of this machine are kept under: ``amd`` or ``intel`` by the first
+    ``vendor_id`` of ``/proc/cpuinfo`` (or of the text ``cpuinfo``), another vendor's id lowercased, ``unknown``
+    when there is none. The ``ci`` profile trains its model in fp32, and the BLAS and oneDNN kernels chosen for
+    an AMD and an Intel CPU round differently, so the trained model and every checked number differ by kind; on
+    one kind they replay exactly."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("vendor_id"):
+            vendor = line.split(":", 1)[1].strip()
+            return CPU_KINDS.get(vendor, vendor.lower() or "unknown")
+    return "unknown"
+
+
+def nbval_dir(root: str | Path | None = None, kind: str | None = None) -> Path:
+    """Where the nbval reference notebooks of a CPU kind live: ``tests/nbval/<kind>`` (:func:`cpu_kind`, this
+    machine's by default); ``tests/nbval/sanitize.cfg`` beside the kinds is shared (:func:`nbval_sanitize`)."""
+    return project_root(root) / "tests" / "nbval" / (kind or cpu_kind())
+
+
+def nbval_sanitize(root: str | Path | None = None) -> Path:
+    """nbval's output sanitizers, shared by every CPU kind's references."""
+    return project_root(root) / "tests" / "nbval" / "sanitize.cfg"
 
 
 def available_profiles(root: str | Path | None = None) -> list[str]:
@@ -268,7 +296,8 @@ def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None 
 
 
 def write_nbval_references(run_dir: Path, root: str | Path | None = None) -> list[Path]:
-    """Copy a run's executed notebooks into the project's ``tests/nbval`` (:func:`nbval_dir`) as nbval reference
+    """Copy a run's executed notebooks into the project's ``tests/nbval/<kind>`` (:func:`nbval_dir`, this
+    machine's CPU kind) as nbval reference
     notebooks (outputs kept on purpose): the injected ``run_dir`` parameter is rewritten relative to that folder
     (nbval starts the kernel there), pointing at ``ROOT/runs/nbval`` so replays never touch a real run."""
     import nbformat
@@ -301,11 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="where run folders go (default: ROOT/runs); elsewhere, a profile's "
                                                 "results ledger is a fresh one in the run folder, not the tracked one")
     p.add_argument("--nbval-refs", action="store_true",
-                   help="after the run, store its executed notebooks as nbval references in ROOT/tests/nbval")
+                   help="after the run, store its executed notebooks as nbval references in "
+                        "ROOT/tests/nbval/<cpu kind> (amd, intel: this machine's)")
+    p.add_argument("--nbval-dir", action="store_true",
+                   help="print the nbval reference folder of this machine's CPU kind and exit (make nbval); "
+                        "exit 2 when it holds no references")
     p.add_argument("--rebuild", action="store_true",
                    help="retrain the profile's model (notebook 01's force_rebuild) instead of loading it from the "
                         "cache or its shipped weights")
     args = p.parse_args(argv)
+    if args.nbval_dir:
+        refs = nbval_dir(args.root)
+        if not any(refs.glob("*.ipynb")):
+            print(f"pipeline: error: no nbval references for this CPU kind ({cpu_kind()}) in {refs}: run make "
+                  "nbval-refs on such a machine", file=sys.stderr)
+            return 2
+        print(refs)
+        return 0
     try:
         overrides = {"force_rebuild": True} if args.rebuild else None
         run_dir = run_pipeline(args.profile, None if args.runs is None else Path(args.runs), root=args.root,
