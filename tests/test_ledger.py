@@ -279,7 +279,7 @@ def test_the_progress_of_a_sweep_is_read_from_its_ledger_alone(spec, tmp_path):
     assert state.compute_hours() == (1.5, 0.25, 1)  # (1800 + 3600) / 3600, 900 / 3600, one row timed its evaluation
     text = progress.markdown(state, ["dense", "sparsegpt"], "results/micro")
     assert text.startswith("2 of 4 sweep jobs") and "1.50 hours of pruning and search, 0.25 hours of evaluation" in text
-    assert "| 50% | SparseGPT | 60.0 | 1 |" in text and "Pending (2): magnitude-0.50-s0-n8, search-0.50-s0-n8" in text
+    assert "| SparseGPT |  | 60.0 (1) |" in text and "Pending (2): magnitude-0.50-s0-n8, search-0.50-s0-n8" in text
     other = SweepSpec(spec.model_dir, eval_limit=2, search_preset="ci", search=SEARCH, tier={"db_dtype": "bfloat16"})
     assert progress.ledger_progress(other, JOBS, folder, 1).done == {}  # another digest: would re-run
 

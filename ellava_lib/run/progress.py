@@ -74,6 +74,25 @@ def ledger_progress(spec: SweepSpec, job_list: Sequence[Job], ledger_dir: str | 
     return Progress(done, pending, [j.name() for j in main])
 
 
+def compact_table(rows: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
+    """The finished main-table rows as one line per method (in ``methods`` order) and one column per sparsity:
+    the test mean, ``mean ± std (seeds)`` over the seeds finished (:func:`tables.main_table`), empty where none
+    is; a README block that stays as short as the table's methods, however many rows arrive."""
+    table = tables.main_table(rows, methods)
+    cols = [f"{s:.0%}" if s > 0 else "0%" for s in sorted(table["sparsity"].unique())]
+    present = set(table["method"])
+    order = [m for m in methods if m in present] + [m for m in dict.fromkeys(table["method"]) if m not in methods]
+    out = pd.DataFrame({"method": [tables.LABELS.get(m, m) for m in order]})
+    for c in cols:
+        out[c] = ""
+    for _, r in table.iterrows():
+        std = "" if pd.isna(r["mean_std"]) else f" ± {r['mean_std']:.1f}"
+        col = f"{r['sparsity']:.0%}" if r["sparsity"] > 0 else "0%"
+        out.loc[out["method"] == tables.LABELS.get(r["method"], r["method"]), col] = \
+            f"{r['mean']:.1f}{std} ({int(r['seeds'])})"
+    return out
+
+
 def markdown(progress: Progress, methods: Sequence[str], ledger_name: str) -> str:
     """The progress block: finished / total jobs and compute hours, the machines, the main table of the finished
     main-table rows (mean ± std over the seeds finished so far, ``seeds`` = how many), and the pending jobs."""
@@ -84,10 +103,9 @@ def markdown(progress: Progress, methods: Sequence[str], ledger_name: str) -> st
              f"{'; '.join(progress.machines()) or 'no machine yet'}.", ""]
     rows = progress.rows()
     if len(rows):
-        table = tables.format_main_table(tables.main_table(rows, methods))
-        lines += ["Main-table rows finished so far (mean ± std over the seeds finished; `seeds` says how many; "
-                  "test items per suite as in the profile's `sweep_eval_limit`):", "", markdown_table(table),
-                  ""]
+        lines += ["Test mean of the main-table rows finished so far (mean ± std over the seeds finished, how many in "
+                  "brackets; test items per suite as in the profile's `sweep_eval_limit`; the per-suite scores are in "
+                  "the ledger's rows):", "", markdown_table(compact_table(rows, methods)), ""]
     if progress.pending:
         shown = ", ".join(progress.pending[:12]) + (", ..." if len(progress.pending) > 12 else "")
         lines.append(f"Pending ({len(progress.pending)}): {shown}")
