@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -150,17 +151,19 @@ def _parse(path: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
     return read_entry(path, key, problem)
 
 
-def load(path: Path, key: str, digest: str, warn: bool = True) -> dict[str, Any] | None:
-    """The ledger row in ``path`` when it is one of the job ``key`` made under ``digest``; else None: no file, a
-    row of another digest (re-run, then overwritten), or a corrupted row, which ``warn`` names in one line on
-    stderr."""
+def load(path: Path, key: str, digest: str, warn: bool = True, check=problem, what: str = "row",
+         then: str = "its job re-runs") -> dict[str, Any] | None:
+    """The ledger entry in ``path`` when it is one of ``key`` made under ``digest`` (``check``: why a parsed entry
+    is not one, :func:`problem` for a job's row); else None: no file, an entry of another digest (re-run, then
+    overwritten), or a corrupted one, which ``warn`` names in one line on stderr (``ledger: corrupted <what>
+    <path>: <reason>; <then>``)."""
     path = Path(path)
     if not path.is_file():
         return None
-    entry, reason = _parse(path, key)
+    entry, reason = read_entry(path, key, check)
     if entry is None:
         if warn:
-            print(f"ledger: corrupted row {path}: {reason}; its job re-runs", file=sys.stderr, flush=True)
+            print(f"ledger: corrupted {what} {path}: {reason}; {then}", file=sys.stderr, flush=True)
         return None
     return entry if entry["digest"] == digest else None
 
@@ -178,8 +181,8 @@ def _importance_problem(entry: Any, key: str) -> str | None:
         return reason
     imp = entry["importance"]
     if not isinstance(imp, dict) or not imp or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-            and abs(v) != float("inf") for k, v in imp.items()):
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in imp.items()):
         return "its importance is not a non-empty map of unit names to finite numbers"
     if entry["seconds"] is not None and not (isinstance(entry["seconds"], (int, float)) and entry["seconds"] >= 0):
         return "its seconds is neither null nor a number >= 0"
@@ -199,14 +202,8 @@ def read_importance(ledger: Path, key: str, digest: str) -> dict[str, Any] | Non
     """The importance entry ``key`` (``importance``, ``seconds``, ...) when it was made under ``digest``; None when
     there is none, when it has another digest (recomputed, then overwritten), or when it cannot be read (named in
     one line on stderr)."""
-    path = importance_path(ledger, key)
-    if not path.is_file():
-        return None
-    entry, reason = read_entry(path, key, _importance_problem)
-    if entry is None:
-        print(f"ledger: corrupted importance entry {path}: {reason}; recomputed", file=sys.stderr, flush=True)
-        return None
-    return entry if entry["digest"] == digest else None
+    return load(importance_path(ledger, key), key, digest, check=_importance_problem, what="importance entry",
+                then="recomputed")
 
 
 def entries(ledger: Path) -> list[dict[str, Any]]:

@@ -76,26 +76,22 @@ def ledger_progress(spec: SweepSpec, job_list: Sequence[Job], ledger_dir: str | 
 
 def compact_table(rows: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     """The finished main-table rows as one line per method (in ``methods`` order) and one column per sparsity:
-    the test mean, ``mean ± std (seeds)`` over the seeds finished (:func:`tables.main_table`), empty where none
-    is; a README block that stays as short as the table's methods, however many rows arrive."""
-    table = tables.main_table(rows, methods)
-    cols = [f"{s:.0%}" if s > 0 else "0%" for s in sorted(table["sparsity"].unique())]
-    present = set(table["method"])
-    order = [m for m in methods if m in present] + [m for m in dict.fromkeys(table["method"]) if m not in methods]
-    out = pd.DataFrame({"method": [tables.LABELS.get(m, m) for m in order]})
-    for c in cols:
-        out[c] = ""
-    for _, r in table.iterrows():
-        std = "" if pd.isna(r["mean_std"]) else f" ± {r['mean_std']:.1f}"
-        col = f"{r['sparsity']:.0%}" if r["sparsity"] > 0 else "0%"
-        out.loc[out["method"] == tables.LABELS.get(r["method"], r["method"]), col] = \
-            f"{r['mean']:.1f}{std} ({int(r['seeds'])})"
-    return out
+    the main table's test mean (:func:`tables.format_main_table`: ``mean ± std`` over the seeds finished) and how
+    many seeds, empty where none is; a README block that stays as short as the table's methods, however many rows
+    arrive."""
+    table = tables.format_main_table(tables.main_table(rows, methods))
+    table["cell"] = [f"{m} ({n})" for m, n in zip(table["mean (test)"], table["seeds"])]
+    labels = [tables.LABELS.get(m, m) for m in methods]
+    order = [m for m in labels if m in set(table["method"])] + \
+        [m for m in dict.fromkeys(table["method"]) if m not in labels]
+    cols = sorted(table["sparsity"].unique(), key=lambda c: float(c.rstrip("%")))
+    wide = table.pivot(index="method", columns="sparsity", values="cell").reindex(index=order, columns=cols)
+    return wide.fillna("").rename_axis(index="method", columns=None).reset_index()
 
 
 def markdown(progress: Progress, methods: Sequence[str], ledger_name: str) -> str:
-    """The progress block: finished / total jobs and compute hours, the machines, the main table of the finished
-    main-table rows (mean ± std over the seeds finished so far, ``seeds`` = how many), and the pending jobs."""
+    """The progress block: finished / total jobs and compute hours, the machines, the test mean of the finished
+    main-table rows (:func:`compact_table`), and the pending jobs."""
     prune_h, eval_h, timed = progress.compute_hours()
     lines = [f"{len(progress.done)} of {progress.total} sweep jobs (notebooks 05 and 06) have a row in "
              f"`{ledger_name}`: {prune_h:.2f} hours of pruning and search, {eval_h:.2f} hours of evaluation "

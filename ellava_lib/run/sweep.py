@@ -31,7 +31,6 @@ while the forward passes it would save are a small part of a build (the per-leve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -73,6 +72,7 @@ from ellava_lib.run.jobs import (  # noqa: F401  (the notebooks reach the jobs' 
     SUITE_COLUMNS,
     Job,
     SweepSpec,
+    _hash,
     ablation_jobs,
     calib_rows,
     db_levels,
@@ -173,11 +173,16 @@ def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, pr
     build_tier_level_db(tier, model, batch, level_db_dir(out_dir, seed, calib_n), grid, samples, seed, progress)
 
 
+def _importance_identity(spec: SweepSpec, seed: int, calib_n: int) -> dict[str, Any]:
+    """What ECoFLaP's importances depend on besides the model: the tier (calibration source), seed and size,
+    ECoFLaP's revision and the rows they read."""
+    return {"tier": spec.get_tier().identity(), "seed": seed, "calib_n": calib_n,
+            "revision": METHOD_REVISION["ecoflap"], "rows": ["statistic", select_frac(spec)]}
+
+
 def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
-    """What ECoFLaP's importances depend on: the model, the tier (calibration source), seed and size."""
-    d = {"model_dir": spec.model_dir, "tier": spec.get_tier().identity(), "seed": seed, "calib_n": calib_n,
-         "revision": METHOD_REVISION["ecoflap"], "rows": ["statistic", select_frac(spec)]}
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    """The run folder's key of ECoFLaP's importances: :func:`_importance_identity` and the model's folder."""
+    return _hash({"model_dir": spec.model_dir, **_importance_identity(spec, seed, calib_n)})
 
 
 def ecoflap_importance_path(out_dir: Path, seed: int, calib_n: int) -> Path:
@@ -210,10 +215,8 @@ def importance_digest(spec: SweepSpec, seed: int, calib_n: int, threads: int) ->
     computed: :func:`_ecoflap_key` with the model named by its recipe (:func:`jobs.model_identity`) instead of its
     folder, and the intra-op ``threads`` they ran at (a reduction order, as for a row, :func:`jobs.job_digest`).
     The digest of their entry in a results ledger (:func:`ledger.write_importance`)."""
-    d = {"model": model_identity(spec.model_dir), "tier": spec.get_tier().identity(), "seed": seed,
-         "calib_n": calib_n, "revision": METHOD_REVISION["ecoflap"], "rows": ["statistic", select_frac(spec)],
-         "threads": int(threads)}
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return _hash({"model": model_identity(spec.model_dir), "threads": int(threads),
+                  **_importance_identity(spec, seed, calib_n)})
 
 
 def _importance_draws(spec: SweepSpec, jobs: Sequence[Job]) -> list[tuple[int, int]]:
