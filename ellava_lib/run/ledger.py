@@ -23,7 +23,7 @@ large intermediates stay in the run folder (git-ignored) and are rebuilt where a
 importances (one number per unit of a calibration draw, which every ECoFLaP job and every search starting from
 ECoFLaP reads, and which take tens of minutes on a CPU) are small, so the sweep keeps them in the subfolder
 ``ecoflap/`` (:func:`write_importance`, :func:`read_importance`): ``format``, ``key`` (``s<seed>-n<calib_n>``),
-``digest`` (everything they depend on, :func:`sweep.importance_digest`), ``importance``, ``seconds`` (their
+``digest`` (everything they depend on, :func:`importances.importance_digest`), ``importance``, ``seconds`` (their
 computation's wall time, null when not measured), ``machine``, ``commit``.
 
 Notebook 04 reads its showcased search's row and policy here (:mod:`showcase`), notebook 07 every row

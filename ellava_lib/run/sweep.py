@@ -63,6 +63,14 @@ from ellava_lib.prune.allocate import (
 from ellava_lib.prune.prune import measured_mean, prune_model
 from ellava_lib.prune.structured import structured_policy
 from ellava_lib.run import backends, ledger
+from ellava_lib.run.importances import (  # noqa: F401  (tests and scripts reach them through this module too)
+    _cached_importance,
+    _ecoflap_key,
+    ecoflap_importance_path,
+    importance_digest,
+    importances_from_ledger,
+    importances_to_ledger,
+)
 from ellava_lib.run.jobs import (  # noqa: F401  (the notebooks reach the jobs' names through this module too)
     ALL_METHODS,
     LABELS,
@@ -173,22 +181,6 @@ def prepare_level_db(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, pr
     build_tier_level_db(tier, model, batch, level_db_dir(out_dir, seed, calib_n), grid, samples, seed, progress)
 
 
-def _importance_identity(spec: SweepSpec, seed: int, calib_n: int) -> dict[str, Any]:
-    """What ECoFLaP's importances depend on besides the model: the tier (calibration source), seed and size,
-    ECoFLaP's revision and the rows they read."""
-    return {"tier": spec.get_tier().identity(), "seed": seed, "calib_n": calib_n,
-            "revision": METHOD_REVISION["ecoflap"], "rows": ["statistic", select_frac(spec)]}
-
-
-def _ecoflap_key(spec: SweepSpec, seed: int, calib_n: int) -> str:
-    """The run folder's key of ECoFLaP's importances: :func:`_importance_identity` and the model's folder."""
-    return _hash({"model_dir": spec.model_dir, **_importance_identity(spec, seed, calib_n)})
-
-
-def ecoflap_importance_path(out_dir: Path, seed: int, calib_n: int) -> Path:
-    return Path(out_dir) / "ecoflap" / f"s{seed}-n{calib_n}.json"
-
-
 def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, model: nn.Module | None = None,
                        batch: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """ECoFLaP's zeroth-order unit importances (:func:`allocate.zeroth_order_importance`) for the calibration
@@ -208,62 +200,6 @@ def ecoflap_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path, 
     files.write_json(path, {"key": key, "seed": seed, "calib_n": calib_n, "importance": importance,
                             "seconds": time.perf_counter() - start})
     return importance
-
-
-def importance_digest(spec: SweepSpec, seed: int, calib_n: int, threads: int) -> str:
-    """12 hex chars over what ECoFLaP's importances of the draw ``(seed, calib_n)`` depend on, wherever they are
-    computed: :func:`_ecoflap_key` with the model named by its recipe (:func:`jobs.model_identity`) instead of its
-    folder, and the intra-op ``threads`` they ran at (a reduction order, as for a row, :func:`jobs.job_digest`).
-    The digest of their entry in a results ledger (:func:`ledger.write_importance`)."""
-    return _hash({"model": model_identity(spec.model_dir), "threads": int(threads),
-                  **_importance_identity(spec, seed, calib_n)})
-
-
-def _importance_draws(spec: SweepSpec, jobs: Sequence[Job]) -> list[tuple[int, int]]:
-    return sorted({(j.seed, j.calib_n) for j in jobs if needs_importance(spec, j)})
-
-
-def _cached_importance(spec: SweepSpec, seed: int, calib_n: int, out_dir: Path) -> dict[str, Any] | None:
-    """The run folder's importance cache of the draw (``key``, ``importance``, ``seconds`` when measured) when it
-    was made for this model and tier, else None."""
-    path = ecoflap_importance_path(out_dir, seed, calib_n)
-    try:
-        cached = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-    return cached if isinstance(cached, dict) and cached.get("key") == _ecoflap_key(spec, seed, calib_n) else None
-
-
-def importances_from_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, threads: int,
-                            ledger_dir: Path) -> list[str]:
-    """Seed the run folder's importance cache (:func:`ecoflap_importance`) from the ledger's entries made under
-    the same :func:`importance_digest`, for every draw of ``jobs`` that needs importances and has none in the run
-    folder; returns the entries' keys used."""
-    used = []
-    for seed, n in _importance_draws(spec, jobs):
-        if _cached_importance(spec, seed, n, out_dir) is not None:
-            continue
-        entry = ledger.read_importance(ledger_dir, f"s{seed}-n{n}", importance_digest(spec, seed, n, threads))
-        if entry is not None:
-            files.write_json(ecoflap_importance_path(out_dir, seed, n),
-                             {"key": _ecoflap_key(spec, seed, n), "seed": seed, "calib_n": n,
-                              "importance": entry["importance"], "seconds": entry["seconds"]})
-            used.append(f"s{seed}-n{n}")
-    return used
-
-
-def importances_to_ledger(spec: SweepSpec, jobs: Sequence[Job], out_dir: Path, threads: int,
-                          ledger_dir: Path) -> list[str]:
-    """Write every importance the run folder computed for the draws of ``jobs`` into the ledger when the ledger
-    has none under its :func:`importance_digest`; returns the keys written."""
-    written = []
-    for seed, n in _importance_draws(spec, jobs):
-        cached = _cached_importance(spec, seed, n, out_dir)
-        digest = importance_digest(spec, seed, n, threads)
-        if cached is not None and ledger.read_importance(ledger_dir, f"s{seed}-n{n}", digest) is None:
-            ledger.write_importance(ledger_dir, f"s{seed}-n{n}", digest, cached["importance"], cached.get("seconds"))
-            written.append(f"s{seed}-n{n}")
-    return written
 
 
 def job_policy(job: Job, spec: SweepSpec, out_dir: Path, model: nn.Module, batch: dict[str, torch.Tensor]) -> Policy:
