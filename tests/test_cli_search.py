@@ -31,18 +31,27 @@ def searched(micro_model_dir, tmp_path_factory):
     return out
 
 
-def test_search_writes_a_loadable_model_with_its_policy_and_projector(searched, tmp_path, capsys):
-    for name in ("policy.json", "history.csv", "projector.safetensors", "checkpoint.json", "search_config.json",
+def test_search_writes_a_loadable_model_with_its_policy_and_projector(micro_model_dir, searched, tmp_path, capsys):
+    for name in ("policy.json", "history.csv", "checkpoint.json", "search_config.json", "selection.json",
                  "config.json", "ellava.json", "leveldb/config.json"):
         assert (searched / name).is_file(), name
     policy = Policy.from_json(searched / "policy.json")
     meta = json.loads((searched / "ellava.json").read_text())
     assert meta["kind"] == "searched" and meta["policy_id"] == policy.policy_id() and meta["mode"] == "assembled"
     hist = pd.read_csv(searched / "history.csv")
-    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "lambda", "screen", "full", "select"}
+    assert len(hist) > 0 and set(hist["phase"]) <= {"init", "lambda", "screen", "full", "select", "guard"}
+    # the task guard chose among the start, the policy and the policy with the evolved projector, on generated
+    # answers of the selection rows; the saved model holds the projector it chose
+    guard = json.loads((searched / "selection.json").read_text())["task_guard"]
+    assert guard["options"][-1].endswith("+projector") and len(guard["scores"]) == len(guard["options"])
+    assert policy.meta["guard"] == guard["choice"] and all(len(s) == 2 for s in guard["scores"])  # 8 rows: 2 held out
     model, _ = load_model(searched)
-    evolved, _ = load_projector(searched / "projector.safetensors")
-    assert all(torch.equal(projector_state(model)[k], v) for k, v in evolved.items())
+    if guard["choice"].endswith("+projector"):
+        expected, _ = load_projector(searched / "projector.safetensors")
+    else:
+        assert not (searched / "projector.safetensors").exists()
+        expected = projector_state(load_model(micro_model_dir)[0])
+    assert all(torch.equal(projector_state(model)[k], v) for k, v in expected.items())
     for unit, lins in unit_linears(model).items():  # assembled at the policy's levels
         zeros = sum(int((lin.weight == 0).sum()) for lin in lins.values())
         numel = sum(lin.weight.numel() for lin in lins.values())

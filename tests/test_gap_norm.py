@@ -163,7 +163,7 @@ def test_a_search_with_the_norm_gap_scores_every_policy_with_it(db, micro_model_
     sizes = {u: n for u, n in units.list_units(model).items() if u in names}
     cfg = SearchConfig(target=0.5, grid=GRID, fine_step=0, gap="norm", loss_kind="ce", init=("uniform",),
                        population=2, generations=1, offspring=2, screen_samples=0, survivors=1,
-                       projector=ProjectorConfig(every=0))
+                       projector=ProjectorConfig(every=0), guard="none")
     result = evolve.run_search(model, calib, lvl, sizes, cfg, tmp_path, progress=False)
     hist = pd.read_csv(tmp_path / "history.csv")
     assert len(hist) >= 1 and (hist["g_hat"] > 0).all()

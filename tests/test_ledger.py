@@ -204,6 +204,9 @@ def test_the_showcased_search_reads_its_row_from_the_ledger(spec, tmp_path, monk
     entry = json.loads(ledger.row_path(folder, job.name()).read_text())
     assert first.policy.to_dict() == entry["policy"] == Policy.from_json(first.job_dir / "policy.json").to_dict()
     assert first.history() is not None and list(first.projector_rounds().columns) == list(showcase.ROUND_COLUMNS)
+    guard = first.guard()  # the task guard's options, simplest first, the returned one marked (the row's guard)
+    assert list(guard.columns) == list(showcase.GUARD_COLUMNS) and guard["option"].iloc[0] == "start"
+    assert guard["returned"].sum() == 1 and guard.loc[guard["returned"], "option"].item() == entry["row"]["guard"]
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
@@ -216,7 +219,7 @@ def test_the_showcased_search_reads_its_row_from_the_ledger(spec, tmp_path, monk
     assert {k: v for k, v in clone.row.items() if k not in CLOCKS} == \
         {k: v for k, v in entry["row"].items() if k not in CLOCKS}
     assert f"{job.name()}: read from the ledger" in capsys.readouterr().out
-    assert clone.history() is None and clone.phases().empty and clone.projector_rounds().empty
+    assert clone.history() is None and clone.phases().empty and clone.projector_rounds().empty and clone.guard().empty
     assert clone.no_history().startswith(f"no search history: the run folder has no finished search of {job.name()}")
 
     policies = {}

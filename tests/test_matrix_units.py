@@ -170,7 +170,8 @@ def test_matrix_tables_add_up_to_their_block_tables(db):
 # ------------------------------------------------------------------------------------------------ search
 
 CFG = dict(target=0.6, gap="norm", loss_kind="kl", init=("uniform", "owl"), population=4, generations=3,
-           offspring=5, screen_samples=4, survivors=2, seed=0, projector_every=0, units="matrix")
+           offspring=5, screen_samples=4, survivors=2, seed=0, projector_every=0, units="matrix",
+           guard="none")
 
 
 def test_a_matrix_search_runs_end_to_end_within_the_budget(db, tmp_path):

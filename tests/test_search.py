@@ -205,7 +205,7 @@ def test_serialised_form_is_flat_and_reads_earlier_folders():
 
 CFG = dict(target=0.6, gap="bernstein", loss_kind="ce", init=("uniform",), population=4, generations=4,
            offspring=5, screen_samples=4, survivors=2, seed=0, projector_every=2, projector_steps=3,
-           projector_holdout=0.0)
+           projector_holdout=0.0, guard="none")
 
 
 @pytest.fixture(scope="module")
@@ -511,3 +511,66 @@ def test_returned_policy_never_loses_to_a_start_on_the_selection_rows(setup, tmp
     # measured sparsity of the searched (assembled) model equals the target within the tolerance
     assert abs(_measured(model, list_units(model)) - 0.6) <= budget.BUDGET_TOL
     assert abs(result.policy.meta["mean_sparsity"] - 0.6) <= budget.BUDGET_TOL
+
+
+# ------------------------------------------------------------------------------------------ the task guard
+
+def _projector_scorer(model_dir, evolved_scores: float, original_scores: float):
+    """A task scorer that reads only which projector the model holds: every row scores ``original_scores`` with
+    the model's original projector and ``evolved_scores`` with any other (a projector made harmful, or helpful, on
+    purpose), and a log of the rows it was asked for."""
+    original = load_model(model_dir)[0].model.multi_modal_projector.state_dict()
+    calls: list[tuple[bool, list[int]]] = []
+
+    def score(model, rows):
+        state = model.model.multi_modal_projector.state_dict()
+        same = all(torch.equal(state[k], original[k]) for k in original)
+        calls.append((same, list(rows)))
+        return [original_scores if same else evolved_scores] * len(rows)
+
+    return score, calls, original
+
+
+def test_the_guard_drops_a_harmful_projector_and_keeps_the_start(setup, tmp_path):
+    model_dir, batch, db = setup
+    score, calls, original = _projector_scorer(model_dir, evolved_scores=0.0, original_scores=1.0)
+    model, _ = load_model(model_dir)
+    cfg = SearchConfig.from_preset("default", **{**CFG, "guard": "task"})
+    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, tmp_path, progress=False,
+                               task_score=score)
+    guard = result.selection["task_guard"]
+    assert guard["options"][0] == "start" and guard["options"][-1].endswith("+projector")
+    assert len(calls) == len(guard["options"])  # one scoring per option, on the selection rows only
+    assert {tuple(rows) for _, rows in calls} == {tuple(evolve.split_rows(12, 0.25, 0)[1])}
+    # every option ties but the evolved projector (0 against 1): the simplest, the start pick, is returned
+    assert guard["choice"] == "start" and guard["index"] == 0 and guard["means"][-1] == 0.0
+    assert set(result.policy.sparsities.values()) == {0.6}  # the uniform start of CFG
+    assert result.projector is None and not (tmp_path / "projector.safetensors").exists()
+    assert result.policy.meta["guard"] == "start" and result.policy.meta["projector"] is None
+    state = model.model.multi_modal_projector.state_dict()  # the model is left with the original projector
+    assert all(torch.equal(state[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "selection.json").read_text())["task_guard"]["choice"] == "start"
+
+
+def test_the_guard_keeps_a_projector_that_helps(setup, tmp_path):
+    model_dir, batch, db = setup
+    score, calls, original = _projector_scorer(model_dir, evolved_scores=1.0, original_scores=0.0)
+    model, _ = load_model(model_dir)
+    cfg = SearchConfig.from_preset("default", **{**CFG, "guard": "task"})
+    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, tmp_path, progress=False,
+                               task_score=score)
+    guard = result.selection["task_guard"]
+    # the evolved projector leads by 1 on every row (standard error 0): it is returned
+    assert guard["choice"] == guard["options"][-1] and guard["choice"].endswith("+projector")
+    assert result.projector == tmp_path / "projector.safetensors" and result.projector.exists()
+    state = model.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(state[k], original[k]) for k in original)
+
+
+def test_the_task_guard_needs_a_task_scorer(setup, tmp_path):
+    model_dir, batch, db = setup
+    model, _ = load_model(model_dir)
+    with pytest.raises(ValueError, match='guard "task" needs a task_score'):
+        evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model),
+                          SearchConfig.from_preset("default", **{**CFG, "guard": "task"}), tmp_path, progress=False)
+    assert not (tmp_path / "search_config.json").exists()  # refused before any file is written

@@ -48,28 +48,29 @@ def _profile_spec(params: dict) -> SweepSpec:
                      ellava=params.get("ellava", {}))
 
 
-#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the exact re-prune of
-#: every searched row and statistics on the statistic rows only (``reconstruction``, ``stat_rows``), the projector's
-#: KL on the text positions (``projector_kl_kind``), the selection
-#: revision 2 (children screened alone, elites at the last stage) and the default's 32 generations; before that for
-#: lambda chosen before the evolution (``lam`` and ``lam_grid`` replaced by ``lam_scales``) and the projector rows
+#: ``(search config digest, row digest)`` of searched jobs of each profile. Recomputed for the task guard
+#: (``guard = "task"``: the returned model checked on the selection rows' generated answers); before that for the
+#: exact re-prune of every searched row and statistics on the statistic rows only (``reconstruction``,
+#: ``stat_rows``), the projector's KL on the text positions (``projector_kl_kind``), the selection revision 2
+#: (children screened alone, elites at the last stage) and the default's 32 generations; before that for lambda
+#: chosen before the evolution (``lam`` and ``lam_grid`` replaced by ``lam_scales``) and the projector rows
 #: set aside by every search; before that for the text-position KL fitness (``loss_revision`` 2), issue 17's finer
 #: levels around the target (``fine_step`` 0.05), the full-position KL, held-out selection rows, EvoPress-style
 #: stages, revised gaps and lambda grid.
 PROFILE_DIGESTS = {
-    "ci": {"ellava-0.60-s0-n32": ("4f64505247a2", "64ce6450a3fc"),
-           "search-0.60-s0-n32": ("8eb84436f295", "3be48518bc94"),
-           "ellava-0.60-s0-n32-noproj": ("c6bbf4ed5d07", "e1b18214cc19"),
-           "ellava-0.60-s0-n32-gap_none": ("f75b49d14f36", "7fd93360fa38")},
-    "default": {"ellava-0.60-s0-n64": ("fe08ce462d13", "8e295e05e5fa"),
-                "search-0.60-s0-n64": ("2f39d6057388", "221494515b21"),
-                "ellava-0.60-s0-n64-noproj": ("0f8965545bd9", "c9b9fad978c5"),
-                "ellava-0.60-s0-n64-gap_none": ("12cc0d75ac56", "008dd7ae0c77")},
+    "ci": {"ellava-0.60-s0-n32": ("bdb47574c831", "593fbb1dffdf"),
+           "search-0.60-s0-n32": ("c5ef3d702135", "7d40963fdddf"),
+           "ellava-0.60-s0-n32-noproj": ("5406448dac22", "768b95a0a9c7"),
+           "ellava-0.60-s0-n32-gap_none": ("0f268c53817f", "c14a96e82477")},
+    "default": {"ellava-0.60-s0-n64": ("ec644d8f2386", "040ae5be0846"),
+                "search-0.60-s0-n64": ("e6384e23cf6c", "1483483ccc54"),
+                "ellava-0.60-s0-n64-noproj": ("acb143f68e26", "f3c5a805d782"),
+                "ellava-0.60-s0-n64-gap_none": ("76777164a2bd", "f716fd6dd750")},
     # paper: the 0.1 grid (fine_step 0 in profiles/paper.yaml)
-    "paper": {"ellava-0.60-s0-n64": ("520d799cd65c", "717155254574"),
-              "search-0.60-s0-n64": ("f4b21dba38b5", "963b615a2c75"),
-              "ellava-0.60-s0-n64-noproj": ("3b1fc69295a8", "eec472a190b5"),
-              "ellava-0.60-s0-n64-gap_none": ("1bf9f4b33a6f", "16e57981ccea")},
+    "paper": {"ellava-0.60-s0-n64": ("a351f6623427", "3b30661c8518"),
+              "search-0.60-s0-n64": ("d88515d2939c", "8682d5079b30"),
+              "ellava-0.60-s0-n64-noproj": ("e959a3936476", "532c56fdb951"),
+              "ellava-0.60-s0-n64-gap_none": ("84a6a6d0f6cc", "386396217e5f")},
 }
 
 
@@ -124,7 +125,10 @@ def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
     assert np.allclose(res["gap_calib_test"], res["calib_mean"] - res["mean"])
     assert res.loc[1, "measured"] == pytest.approx(0.5, abs=0.01)
     assert res.loc[2, "measured"] == pytest.approx(0.5, abs=0.05) and np.isfinite(res.loc[2, "j"])
-    assert (out / "jobs" / jobs[2].name() / "search" / "projector.safetensors").exists()
+    # the task guard's choice is in the row; the search folder holds an evolved projector only when it was chosen
+    assert res.loc[2, "guard"] in ("start", "searched", "start+projector", "searched+projector")
+    assert ((out / "jobs" / jobs[2].name() / "search" / "projector.safetensors").exists()
+            == res.loc[2, "guard"].endswith("+projector"))
     assert pd.read_csv(out / "results.csv")["job"].tolist() == list(res["job"])
     # resume: finished rows are read back, nothing re-runs
     stamp = (out / "jobs" / jobs[1].name() / "row.json").stat().st_mtime_ns

@@ -162,10 +162,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ellava_lib.data import calibration
     from ellava_lib.model import loading
     from ellava_lib.prune.leveldb import LevelDB, build_level_db, covering_grid
+    from ellava_lib.run.taskscore import calibration_task_scorer
     from ellava_lib.run.tier import (
         calibration_samples,
         encode_calibration,
+        eval_config,
         load_model,
+        make_judge,
         place,
     )
     from ellava_lib.search.evolve import check_resume, run_search, search_context, split_rows
@@ -205,8 +208,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                    progress=not args.quiet, calib_info={"ids": [samples[i].id for i in stat_rows], "seed": args.seed},
                    device=args.device, store_dtype=args.db_dtype)
     model, batch = place(tier, model, batch)  # the search scores whole candidates on the device
+    scorer = calibration_task_scorer(tier, processor, samples, make_judge(tier, out / "judge"),
+                                     eval_config(tier).batch_size)  # the guard's score of the selection rows
     result = run_search(model, batch, LevelDB(db_dir), units, cfg, out, progress=not args.quiet,
-                        groups=[s.suite for s in samples])
+                        groups=[s.suite for s in samples], task_score=scorer)
     mode = "assembled"
     if args.exact:
         mode = "exact"

@@ -221,3 +221,46 @@ def compare(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         top = frame[frame["metric"] == "overall"].set_index("suite")["score"]
         rows.append({"method": name, **{s: float(top[s]) for s in top.index}, "mean": float(top.mean())})
     return pd.DataFrame(rows)
+
+
+def item_contributions(records: list[dict]) -> list[float]:
+    """Each scored item's share ``c_i`` of the unweighted suite mean (:func:`compare`'s ``mean``), in record order,
+    so that ``mean_i c_i`` is exactly that mean over these items (0-100). With ``R`` records, ``K`` suites among
+    them and ``n_k`` items of suite ``k``, an item of suite ``k`` with score ``s_i`` contributes::
+
+        c_i = 100 * R / (K * n_k) * s_i                   (sqa, vizwiz, mmvet: the overall is 100 * mean(s))
+        c_i = 100 * R / (K * n_k) * s_i / mean_k(ref)     (llavabench: 100 * mean(s) / mean(reference_score))
+
+    since ``mean_i c_i = (1/K) sum_k overall_k``. ``records`` are :func:`evaluate_samples`' prediction records
+    (``suite``, ``score``, and ``reference_score`` for llavabench). Per-item contributions let two models scored on
+    the same items be compared by a paired difference (:func:`ellava_lib.core.stats.paired_mean_se`).
+    ``ValueError`` on no records or a llavabench reference mean of 0."""
+    if not records:
+        raise ValueError("no scored items")
+    counts: dict[str, int] = {}
+    refs: dict[str, float] = {}
+    for r in records:
+        counts[r["suite"]] = counts.get(r["suite"], 0) + 1
+        refs[r["suite"]] = refs.get(r["suite"], 0.0) + float(r.get("reference_score") or 0.0)
+    scale = {k: 100.0 * len(records) / (len(counts) * n) for k, n in counts.items()}
+    for k in counts:
+        if k == "llavabench":
+            if refs[k] == 0:
+                raise ValueError("mean reference score is 0; relative score undefined")
+            scale[k] /= refs[k] / counts[k]
+    return [scale[r["suite"]] * float(r["score"]) for r in records]
+
+
+def task_scores(model, processor, samples: list[Sample], judge: Judge | None = None, batch_size: int = 32,
+                max_new_tokens: dict[str, int] | None = None, prompt_format: str = "hf",
+                image_mode: str = "crop") -> list[float]:
+    """Generate and score ``samples`` (any suites, in any order; :func:`evaluate_samples` per suite) and return
+    each one's contribution to the unweighted suite mean, in the samples' order (:func:`item_contributions`): their
+    mean is what :func:`compare` reports for these items."""
+    by_suite: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_suite.setdefault(s.suite, []).append(s)
+    _, records = evaluate_samples(model, processor, by_suite, judge, batch_size, False, max_new_tokens,
+                                  prompt_format, image_mode)
+    values = dict(zip(((r["suite"], r["id"]) for r in records), item_contributions(records)))
+    return [values[(s.suite, s.id)] for s in samples]

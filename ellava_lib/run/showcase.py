@@ -29,6 +29,8 @@ ALLOCATIONS: tuple[tuple[str, str], ...] = (("sparsegpt", "uniform"), ("owl", LA
 #: The projector-round table's columns (:meth:`Showcase.projector_rounds`).
 ROUND_COLUMNS: tuple[str, ...] = ("round", "generation", "steps", "holdout_start", "holdout_best", "best_J_before",
                                   "best_J_after")
+#: The task guard's table's columns (:meth:`Showcase.guard`).
+GUARD_COLUMNS: tuple[str, ...] = ("option", "task_score", "gain_of_best", "gain_se", "returned")
 
 
 @dataclass
@@ -89,6 +91,24 @@ class Showcase:
                            "best_J_before": full[full["generation"] == gen]["j"].min(),
                            "best_J_after": full[full["generation"] == gen + 1]["j"].min()})
         return pd.DataFrame(rounds, columns=list(ROUND_COLUMNS))
+
+    def guard(self) -> pd.DataFrame:
+        """The task guard's options (:func:`ellava_lib.search.final_pick.guard`), one row each, simplest first:
+        ``task_score``, the option's mean task score on the selection rows (0-100, the unweighted suite mean of
+        their generated answers), ``gain_of_best`` and ``gain_se`` (the best option's paired lead over it and its
+        standard error; empty for the best), ``returned`` (the option the search returned). Empty without a history
+        or when the search ran without the guard."""
+        path = self.search_dir / "selection.json"
+        record = json.loads(path.read_text()).get("task_guard") if self.has_history() and path.is_file() else None
+        if not record:
+            return pd.DataFrame(columns=list(GUARD_COLUMNS))
+        n = len(record["options"])
+        means = record.get("means") or [float("nan")] * n
+        gains = record.get("gains") or [None] * n
+        ses = record.get("gain_ses") or [None] * n
+        return pd.DataFrame([{"option": o, "task_score": m, "gain_of_best": g, "gain_se": e,
+                              "returned": o == record["choice"]}
+                             for o, m, g, e in zip(record["options"], means, gains, ses)], columns=list(GUARD_COLUMNS))
 
 
 def showcase_search(spec: SweepSpec, job: Job, out_dir: str | Path, threads: int = 1,

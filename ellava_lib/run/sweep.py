@@ -105,6 +105,7 @@ from ellava_lib.run.leveldbs import (  # noqa: F401  (the notebooks and callers 
     level_db_disk,
     unit_sizes,
 )
+from ellava_lib.run.taskscore import calibration_task_scorer
 from ellava_lib.run.tier import (
     Tier,
     block_device,
@@ -275,6 +276,7 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
     stat_batch = statistic_draw(spec, job.seed, samples, batch)[1]  # no statistic reads a selection row
     backends.test_failure_hook(job.name(), job_dir)  # tests only: ELLAVA_TEST_FAIL_JOB
     judge = make_judge(tier, Path(out_dir) / "judge")
+    cfg_eval = eval_config(tier, spec.eval_limit)
     t0 = time.time()
     extra: dict[str, Any] = {}
     measured = 0.0
@@ -283,14 +285,18 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
         units = list_units(model, kind=cfg.units)
         importance = (ecoflap_importance(spec, job.seed, job.calib_n, out_dir, model, stat_batch)
                       if needs_importance(spec, job) else None)
+        scorer = calibration_task_scorer(tier, processor, samples, judge, cfg_eval.batch_size)
         result = run_search(model, batch, LevelDB(level_db_dir(out_dir, job.seed, job.calib_n)), units, cfg,
                             job_dir / "search", progress=False, importance=importance,
-                            groups=[s.suite for s in samples])
+                            groups=[s.suite for s in samples], task_score=scorer)
         policy = result.policy
+        guard = result.selection.get("task_guard") or {}
         extra = {"j": result.score.j, "r_hat": result.score.r_hat, "g_hat": result.score.g_hat,
                  "search_s": round(result.wall_s, 2), "gap_kind": cfg.gap,
                  "start_pick": result.selection.get("start_pick"),  # the start it ranked best on selection rows
-                 "kept_start": bool((result.selection.get("final_pick") or {}).get("kept_start", False))}
+                 "kept_start": bool((result.selection.get("final_pick") or {}).get("kept_start", False))
+                 or guard.get("choice") == "start",
+                 **({"guard": guard["choice"]} if guard else {})}
         if job.assembled:  # the ablation: the model as the search assembled it from the level database
             measured = float(policy.meta["mean_sparsity"])
         else:  # as every baseline: sequential SparseGPT under the policy, on the statistic rows
@@ -308,7 +314,6 @@ def _run_job(job: Job, spec: SweepSpec, out_dir: Path, threads: int) -> dict[str
     if policy is not None:
         policy.to_json(job_dir / "policy.json")
         flops = 1.0 / flop_ratio(model, policy, "prefill", "model")
-    cfg_eval = eval_config(tier, spec.eval_limit)
     t_eval = time.time()
     test = compare({job.method: evaluate(model, processor, cfg_eval, job_dir / "test", judge, progress=False)}).iloc[0]
     row: dict[str, Any] = {"job": job.name(), **asdict(job), "spec": digest, "measured": round(measured, 6),

@@ -32,7 +32,7 @@ from ellava_lib.search import gap as gaps
 from ellava_lib.search.budget import (
     BUDGETS,
 )
-from ellava_lib.search.final_pick import SELECT_RULES
+from ellava_lib.search.final_pick import GUARDS, SELECT_RULES
 from ellava_lib.search.objective import (
     DEFAULT_LOSS_CAP,
     KL_KINDS,
@@ -60,7 +60,7 @@ PROJECTOR_PREFIX = "projector_"
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
                                   "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
                                   "projector_fp32_master": True, "projector_kl_kind": "kl_all", "units": "block",
-                                  "select_rule": "min"}
+                                  "select_rule": "min", "guard": "none"}
 
 #: Serialised fields searches no longer have, and what replaced them: :meth:`SearchConfig.from_dict` drops them
 #: (a folder written with them reads back, and its config differs from every new one, so it is not resumed and
@@ -231,6 +231,11 @@ class SearchConfig:
       (``select_rule = "min"``), or, by default (``"paired_se"``), that one only when its paired gain over the best
       start policy on the selection rows exceeds its standard error, else that start (:mod:`final_pick`: the
       one-standard-error rule; searches made before it existed read back as ``"min"``).
+    * ``guard``: ``"task"`` (default) checks that pick by what the tables measure: the start pick with the original
+      projector, the pick with the original projector and, when the projector evolved, the pick with the evolved
+      one are scored on the selection rows by their generated answers (the caller's task scorer), and the simplest
+      within one paired standard error of the best is returned (:func:`final_pick.guard`). ``"none"``: the pick
+      with the latest projector (searches made before the guard existed read back as ``"none"``).
     * ``lam_scales``: how ``lambda`` is chosen, before the evolution (only when ``gap != "none"``): the initial
       population is scored on the selection rows too, the lambdas ``{0} | {c * spread(R_hat) / spread(G_hat) : c in
       lam_scales}`` (spreads over the initial population's scoring-row scores, :func:`gap.lambda_grid`) are tried,
@@ -274,6 +279,7 @@ class SearchConfig:
     survivors: int = 2
     select_frac: float = 0.25
     select_rule: str = "paired_se"
+    guard: str = "task"
     lam_scales: tuple[float, ...] = gaps.DEFAULT_LAM_SCALES
     eval_batch_size: int = 0
     seed: int = 0
@@ -302,6 +308,7 @@ class SearchConfig:
             (self.budget in BUDGETS, f"budget must be one of {BUDGETS}, got {self.budget!r}"),
             (self.units in UNIT_KINDS, f"units must be one of {UNIT_KINDS}, got {self.units!r}"),
             (self.select_rule in SELECT_RULES, f"select_rule must be one of {SELECT_RULES}, got {self.select_rule!r}"),
+            (self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}"),
             (self.population >= 1 and self.offspring >= 1 and self.generations >= 0,
              "need population >= 1, offspring >= 1, generations >= 0"),
             (self.mutation_steps >= 1 and self.tournament >= 1, "need mutation_steps >= 1 and tournament >= 1"),

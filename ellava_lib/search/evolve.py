@@ -52,9 +52,15 @@ with the lowest selection-row ``R_hat``, the policy the search would return had 
 the tables' "search vs its best start" check, :func:`ellava_lib.run.tables.search_vs_starts`). The search returns
 the best candidate, or under ``select_rule = "paired_se"`` (the default) the start pick when the best's paired
 gain over it on the selection rows is within one standard error (:mod:`final_pick`); either way the returned
-policy's selection-row ``R_hat`` is at most every start policy's plus that standard error. ``selection.json``
+policy's selection-row ``R_hat`` is at most every start policy's plus that standard error. Then, under
+``guard = "task"`` (the default), the task guard (:func:`_guard`, :mod:`final_pick`) checks that answer by what the
+tables measure: the start pick and the returned policy with the original projector, and the returned policy with
+the evolved one, answer the selection rows (the caller's ``task_score``), and the simplest within one paired
+standard error of the best is returned (its selection-row score recomputed under its projector when it is not the
+pick of the rule above). ``selection.json``
 holds every candidate's ``r_select``, the lambda record, the start policies' names (``start_names``, from
-``cfg.init``), ``start_pick`` and ``final_pick`` (the rule, the gain, its SE and ``kept_start``). Each
+``cfg.init``), ``start_pick`` and ``final_pick`` (the rule, the gain, its SE and ``kept_start``), and
+``task_guard`` (the options, their per-row task scores and means, the gains and SEs, the ``choice``). Each
 generation ends with an atomic checkpoint (:mod:`checkpoint`); a run resumes from it and produces exactly the
 result and history of an uninterrupted run.
 """
@@ -64,7 +70,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,10 +107,17 @@ from ellava_lib.search.projector import (
     evolve_projector,
     load_projector,
     projector_prefix,
+    projector_state,
     save_projector,
     set_projector_state,
 )
 from ellava_lib.search.starts import initial_population, start_policies  # noqa: F401 (generation 0, re-exported)
+
+#: The caller's task scorer (``SearchConfig.guard = "task"``): ``task_score(model, rows)`` generates the answers
+#: of the batch rows ``rows`` with ``model`` as it is and returns each row's contribution to the task score
+#: (higher is better; their mean is the score), e.g. :func:`ellava_lib.eval.evaluate.task_scores` of those rows'
+#: samples.
+TaskScore = Callable[[nn.Module, Sequence[int]], Sequence[float]]
 
 # ------------------------------------------------------------------------------------------------ rows
 
@@ -239,6 +252,9 @@ class _Run:
     full_round: int = 0
     #: Ids of every policy scored on all scoring rows in this search, under any projector (children are new to it).
     full_ids: set[str] = field(default_factory=set)
+    #: The projector the model came with (the task guard's "original projector"), and the caller's task scorer.
+    original_projector: dict[str, torch.Tensor] | None = None
+    task_score: TaskScore | None = None
 
     @property
     def n(self) -> int:
@@ -391,19 +407,26 @@ def _check_inputs(cfg: SearchConfig, units: Mapping[str, int], db: LevelDB, n: i
 
 def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: LevelDB, units: Mapping[str, int],
                cfg: SearchConfig, out_dir: str | Path, progress: bool = True,
-               importance: Mapping[str, float] | None = None, groups: Sequence[str] | None = None) -> SearchResult:
+               importance: Mapping[str, float] | None = None, groups: Sequence[str] | None = None,
+               task_score: TaskScore | None = None) -> SearchResult:
     """Run (or resume) the search of the module docstring in ``out_dir``; returns the selected policy.
 
     ``model``'s units are reset to the database's level 0 (its dense weights) on entry; its projector must be the
     original one (the dense log-probabilities of KL terms come from it). ``importance``: ECoFLaP's unit scores for
     this model on the search rows when already computed (an ``ecoflap`` start policy needs them; the start policies'
     statistics read the search rows only, never a selection row). ``groups``: each row's
-    suite, to stratify the selection rows (:func:`split_rows`). The model is left assembled at the returned
-    policy with the latest projector. Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``,
-    ``policy.json`` and ``projector.safetensors`` (+ ``.json``, when evolution ran) into ``out_dir``; what becomes
+    suite, to stratify the selection rows (:func:`split_rows`). ``task_score``: the caller's task scorer
+    (:data:`TaskScore`), required by ``cfg.guard = "task"`` (:func:`_guard`). The model is left assembled at the
+    returned policy with the projector returned (the latest one, or the original one when the guard chose it).
+    Writes ``search_config.json``, ``history.csv``, ``checkpoint.json``, ``selection.json``, ``policy.json`` and
+    ``projector.safetensors`` (+ ``.json``, when an evolved projector is returned) into ``out_dir``; what becomes
     of the model afterwards (saved as assembled, or re-pruned exactly: :mod:`finalize`) is the caller's.
-    ``ValueError`` when the split leaves fewer than 2 selection or search rows.
+    ``ValueError`` when the split leaves fewer than 2 selection or search rows, or when ``cfg.guard = "task"`` and
+    no ``task_score`` is given.
     """
+    if cfg.guard == "task" and task_score is None:
+        raise ValueError('guard "task" needs a task_score (the generated answers of the selection rows, scored); '
+                         'pass one, or set guard "none"')
     wall = time.perf_counter()
     units = dict(units)
     n = int(batch["input_ids"].shape[0])
@@ -424,7 +447,8 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
     need_dense = cfg.loss_kind in KL_KINDS or (cfg.projector.every > 0 and cfg.projector.kl_weight > 0)
     dense = dense_logprobs_of(model, batch, cfg.eval_batch_size or None) if need_dense else None
     timing["dense"] = time.perf_counter() - tick
-    run = _Run(model, batch, level_db, units, weights, cfg, out, dense, scoring, selection, projector_rows, timing)
+    run = _Run(model, batch, level_db, units, weights, cfg, out, dense, scoring, selection, projector_rows, timing,
+               original_projector=projector_state(model), task_score=task_score)
     cfg.to_json(out / "search_config.json")
     if resume:
         state = ckpt.read_checkpoint(out)
@@ -525,8 +549,46 @@ def _select(run: _Run, candidates: list[Policy], n_starts: int, generations: int
                               "index": idx, "policy_id": candidates[idx].policy_id(),
                               "start_names": [p.meta.get("start") for p in candidates[first:]],
                               "start_pick": None if pick is None else candidates[pick].meta.get("start"),
-                              "final_pick": choice}
+                              "start_index": pick, "final_pick": choice}
     return idx, select[idx], record
+
+
+def _set_projector(run: _Run, evolved: bool) -> None:
+    """Put the latest evolved projector (``evolved``) or the original one into the model."""
+    if evolved:
+        set_projector_state(run.model, load_projector(run.out / run.projector["file"])[0])
+    elif run.original_projector is not None:
+        set_projector_state(run.model, run.original_projector)
+
+
+def _guard(run: _Run, best: Policy, start: Policy | None) -> tuple[Policy, bool, dict[str, Any]]:
+    """The task guard (:mod:`final_pick`, **Task guard**): score the options, simplest first, on the selection rows
+    with the caller's task scorer and return the policy of the one :func:`final_pick.guard` keeps, whether it has
+    the evolved projector, and the record (``options``: labels, ``choice``, the rule's record, ``seconds``). The
+    labels: ``start`` (the start pick, original projector), ``searched`` (the returned policy, original projector)
+    and ``searched+projector`` (with the evolved projector); ``start+projector`` when the returned policy is the
+    start pick. One option is returned unscored."""
+    tick = time.perf_counter()
+    options: list[tuple[str, Policy, bool]] = []
+    if start is not None:
+        options.append(("start", start, False))
+    if start is None or best.policy_id() != start.policy_id():
+        options.append(("searched", best, False))
+    if run.projector:
+        options.append((f"{options[-1][0]}+projector", best, True))
+    record: dict[str, Any] = {"options": [label for label, _, _ in options]}
+    index = 0
+    if len(options) > 1:
+        scores = []
+        for _, policy, evolved in options:
+            run.db.assemble(run.model, policy, check=False)
+            _set_projector(run, evolved)
+            scores.append([float(x) for x in run.task_score(run.model, run.selection)])
+        index, rule = final_pick.guard(scores)
+        record.update(rule, scores=scores)
+    record.update(choice=options[index][0], seconds=round(time.perf_counter() - tick, 2))
+    run.timing["guard"] = run.timing.get("guard", 0.0) + time.perf_counter() - tick
+    return options[index][1], options[index][2], record
 
 
 def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int, wall_s: float) -> SearchResult:
@@ -535,18 +597,32 @@ def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int
     candidates = [m.policy for m in pop if m.policy.policy_id() not in start_ids] + list(starts)
     idx, score, record = _select(run, candidates, len(starts), generations)
     best = candidates[idx]
+    evolved = run.projector is not None
+    if cfg.guard == "task":
+        start = None if record["start_index"] is None else candidates[record["start_index"]]
+        chosen, chosen_evolved, record["task_guard"] = _guard(run, best, start)
+        if chosen.policy_id() != best.policy_id() or chosen_evolved != evolved:
+            best, evolved = chosen, chosen_evolved  # rescored on the selection rows under its own projector
+            run.db.assemble(run.model, best, check=False)
+            _set_projector(run, evolved)
+            score = _score_rows(run, best, generations + 1, "guard", run.selection)[0]
     run.db.assemble(run.model, best, check=False)
+    _set_projector(run, evolved)
     projector_path = None
-    if run.projector:
+    if evolved:
         state, config = load_projector(run.out / run.projector["file"])
         projector_path = save_projector(run.out / "projector.safetensors", state, projector_prefix(run.model), config)
+    else:  # a projector file from an earlier finish of this folder is not this result's
+        for stale in (run.out / "projector.safetensors", run.out / "projector.json"):
+            stale.unlink(missing_ok=True)
     policy = Policy(best.sparsities, cfg.levels, {
         "method": "ellava-search", "target": cfg.target, "budget": cfg.budget,
         "mean_sparsity": weighted_mean(best.sparsities, run.weights), "score": score.to_dict(),
         "gap": cfg.gap, "lam": run.lam, "lam_grid": run.lam_record["grid"] if run.lam_record else None,
         "lam_selected": run.lam_record is not None,
         "selection_rows": len(run.selection), "generations": generations, "config_hash": cfg.digest(),
-        "projector": projector_path.name if projector_path else None})
+        "projector": projector_path.name if projector_path else None,
+        **({"guard": record["task_guard"]["choice"]} if "task_guard" in record else {})})
     policy.to_json(run.out / "policy.json")
     files.write_json(run.out / "selection.json", record)
     return SearchResult(policy, score, pop, generations, run.rows, dict(run.timing), run.out,

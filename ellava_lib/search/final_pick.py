@@ -21,6 +21,26 @@ Rules (``SearchConfig.select_rule``, :data:`SELECT_RULES`):
   start pick, rather than scanning a complexity path.
 
 Both rules read the selection rows only, never a test item.
+
+**Task guard** (``SearchConfig.guard = "task"``, :func:`guard`). ``R_hat`` is a distillation loss; the tables
+score generated answers. On smol the two disagreed twice: the search without the gap term at 60 % returned an
+evolved policy with a lower selection-row ``R_hat`` than its start that scored 58.4 against the start's 61.6 on
+the test items, and EfficientLLaVA at 70 % returned a projector tuned to a lower selection-row ``R_hat`` (1.53 to
+1.26 for the same start policy) under which its policy scored 33.6 on the selection rows' generated answers,
+against 56.1 with the projector it was found with (its test score: 40.5). So the search's answer is checked by
+the task score on the selection rows. The options, simplest first::
+
+    start pick, original projector  <  returned policy, original projector  <  returned policy, evolved projector
+
+(the last only when the projector evolved; an option equal to an earlier one is left out). Each is scored on the
+``m`` selection rows by the caller's task scorer: per-row contributions ``t_{o,i}`` whose mean is the task score
+(higher is better). With ``b`` the option of the highest mean (ties: the simpler), the guard returns the simplest
+option ``o`` whose paired shortfall is within one standard error::
+
+    d_i = t_{b,i} - t_{o,i},   gain = mean(d),   se = sd(d) / sqrt(m)   (ddof 1),   keep o when not gain > se
+
+(the one-standard-error rule above, applied to the task score along the order of added machinery; with one row
+``se`` is undefined and the simplest option is kept).
 """
 
 from __future__ import annotations
@@ -33,6 +53,9 @@ from ellava_lib.core.stats import paired_mean_se
 
 #: How a search chooses what it returns (module docstring).
 SELECT_RULES: tuple[str, ...] = ("min", "paired_se")
+
+#: How the pick is checked against the task score (module docstring, **Task guard**).
+GUARDS: tuple[str, ...] = ("none", "task")
 
 
 def paired_gain(start: Sequence[float], best: Sequence[float]) -> tuple[float, float]:
@@ -58,3 +81,28 @@ def choose(losses: Sequence[Sequence[float]], best: int, start: int | None, rule
         return best, record
     record["kept_start"] = True
     return start, record
+
+
+def guard(scores: Sequence[Sequence[float]]) -> tuple[int, dict[str, Any]]:
+    """The option to return among options ordered simplest first, each with per-row task scores ``scores[o]``
+    (higher is better, the same rows for all), and the record of the choice: ``means``, ``best_index`` (the highest
+    mean, ties the simpler), ``gains`` / ``gain_ses`` (of the best over each option; None for the best itself) and
+    ``index`` (module docstring, **Task guard**). ``ValueError`` when there is no option or the lengths differ."""
+    if not scores:
+        raise ValueError("no option to guard")
+    means = [sum(s) / len(s) if len(s) else float("nan") for s in scores]
+    best = min(range(len(scores)), key=lambda o: (-means[o], o))
+    gains: list[float | None] = []
+    ses: list[float | None] = []
+    index = best
+    for o in range(len(scores)):
+        if o == best:
+            gains.append(None)
+            ses.append(None)
+            continue
+        gain, se = paired_mean_se(scores[best], scores[o])
+        gains.append(gain)
+        ses.append(se)
+        if o < index and not (math.isfinite(se) and gain > se):
+            index = o
+    return index, {"means": means, "best_index": best, "gains": gains, "gain_ses": ses, "index": index}
