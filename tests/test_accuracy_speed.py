@@ -17,8 +17,10 @@ from ellava_lib.model.train import TrainConfig
 from ellava_lib.run import sweep
 from ellava_lib.run.jobs import Job, SweepSpec
 
+#: ``guard="none"``: the searches keep their evolved projector (the task guard would choose by the micro model's
+#: answers, and the projector's path through the benchmark is what these tests follow).
 SEARCH = dict(population=3, generations=1, offspring=2, screen_samples=0, survivors=2, projector_steps=1,
-              projector_holdout=0.0, loss_kind="ce", init=["uniform"])
+              projector_holdout=0.0, loss_kind="ce", init=["uniform"], guard="none")
 JOBS = [Job("dense", 0.0, 0, 8), Job("sparsegpt", 0.5, 0, 8), Job("sparsegpt", 0.7, 0, 8), Job("search", 0.5, 0, 8),
         Job("ellava", 0.5, 0, 8)]
 FAST = ["--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
