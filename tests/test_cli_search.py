@@ -131,12 +131,13 @@ def test_search_flags_replace_single_fields_of_the_preset():
         "search", "--sparsity", "0.6", "--out", "x", "--preset", "ci", "--seed", "3", "--gap", "capacity",
         "--loss", "ce", "--budget", "flops", "--generations", "5", "--population", "6",
         "--offspring", "7", "--screen", "0", "--survivors", "3", "--init", "uniform, owl", "--projector-every", "2",
-        "--projector-steps", "9", "--fine-step", "0", "--select-rule", "min"])
+        "--projector-steps", "9", "--fine-step", "0", "--select-rule", "min", "--guard", "none"])
     cfg = search_config(args, extra={"calib": 8})
     assert cfg == SearchConfig.from_preset("ci", target=0.6, seed=3, gap="capacity", loss_kind="ce",
                                            budget="flops", generations=5, population=6, offspring=7,
                                            screen_samples=0, survivors=3, init=("uniform", "owl"), projector_every=2,
-                                           projector_steps=9, fine_step=0.0, select_rule="min", extra={"calib": 8})
+                                           projector_steps=9, fine_step=0.0, select_rule="min", guard="none",
+                                           extra={"calib": 8})
     assert cfg.levels == cfg.grid
     off = search_config(cli.build_parser().parse_args(["search", "--sparsity", "0.6", "--out", "x",
                                                            "--preset", "paper", "--no-projector"]))

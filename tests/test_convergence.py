@@ -75,3 +75,27 @@ def test_convergence_curve_plots_the_running_best(tmp_path):
     assert list(line.get_ydata()) == [1.0, 0.9, 0.85, 0.85, 0.85, 0.838]
     assert "1.41%" in fig.axes[0].get_title()
     plt.close(fig)
+
+
+def test_convergence_table_counts_the_searches_that_converged():
+    from ellava_lib.run import tables
+
+    # two EfficientLLaVA searches at 60 %: HISTORY (G = 5, g0 = 3: (0.85 - 0.838) / 0.85 = 1.41 %, not converged,
+    # 12 history rows) and a flat one (G = 4, g0 = 3: 0 %, converged, 5 rows); a dense row and a search without a
+    # history here are left out
+    flat = [_row(0, "init", 0.7), _row(1, "full", 0.6), _row(2, "full", 0.6), _row(3, "full", 0.6),
+            _row(4, "full", 0.6)]
+    results = pd.DataFrame([
+        {"job": "ellava-0.60-s0", "method": "ellava", "sparsity": 0.6, "search_s": 40.0},
+        {"job": "ellava-0.60-s1", "method": "ellava", "sparsity": 0.6, "search_s": 50.0},
+        {"job": "search-0.60-s0", "method": "search", "sparsity": 0.6, "search_s": 30.0},
+        {"job": "dense-0.00-s0", "method": "dense", "sparsity": 0.0, "search_s": float("nan")}])
+    table = tables.convergence_table(results, {"ellava-0.60-s0": HISTORY[:-2], "ellava-0.60-s1": flat})
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["method"], row["sparsity"], row["searches"], row["converged"]) == ("EfficientLLaVA", "60%", 2, "1/2")
+    assert row["late_max"] == pytest.approx(0.012 / 0.85) and row["generations"] == 5
+    assert row["evaluations"] == pytest.approx(8.5) and row["search_s"] == pytest.approx(45.0)
+    shown = tables.format_convergence(table).iloc[0]
+    assert (shown["late_max"], shown["evaluations"], shown["search_s"]) == ("1.4%", "8", "45")
+    assert tables.convergence_table(results, {}).empty

@@ -102,9 +102,13 @@ def test_readme_commands_prune_evaluate_and_export_your_own_llava(tmp_path, no_n
     assert len(report) == 14  # 2 layers x 7 linears
     searched = Policy.from_json(paths["my-llava-search"] / "policy.json")
     assert Policy.from_json(paths["my-llava-pruned"] / "policy.json").sparsities == searched.sparsities
-    evolved, _ = load_projector(paths["my-llava-search"] / "projector.safetensors")  # loaded before pruning
-    assert all(torch.equal(projector_state(pruned)[k], v) for k, v in evolved.items())
     dense = LlavaForConditionalGeneration.from_pretrained(base)
+    # the projector the search returned (its task guard's choice) is loaded before pruning: the evolved one, or the
+    # model's own when the guard kept it
+    chosen = paths["my-llava-search"] / "projector.safetensors"
+    assert chosen.is_file() == searched.meta["guard"].endswith("+projector")
+    expected = load_projector(chosen)[0] if chosen.is_file() else projector_state(dense)
+    assert all(torch.equal(projector_state(pruned)[k], v) for k, v in expected.items())
     for new, old in zip(unit_linears(pruned).values(), unit_linears(dense).values()):
         for name, lin in new.items():  # only weights are pruned; Qwen2's q/k/v biases stay as they were
             assert (lin.bias is None) == (old[name].bias is None) and (lin.bias is None or

@@ -129,6 +129,9 @@ def test_sweep_rows_resume_and_workers(micro_model_dir, tmp_path):
     assert res.loc[2, "guard"] in ("start", "searched", "start+projector", "searched+projector")
     assert ((out / "jobs" / jobs[2].name() / "search" / "projector.safetensors").exists()
             == res.loc[2, "guard"].endswith("+projector"))
+    histories = sweep.search_histories(out, res)  # the searched row's history, read back under its spec
+    assert list(histories) == [jobs[2].name()] and histories[jobs[2].name()][0]["phase"] == "init"
+    assert sweep.search_histories(out, res.assign(spec="another")) == {}
     assert pd.read_csv(out / "results.csv")["job"].tolist() == list(res["job"])
     # resume: finished rows are read back, nothing re-runs
     stamp = (out / "jobs" / jobs[1].name() / "row.json").stat().st_mtime_ns

@@ -134,6 +134,7 @@ SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "loss": "loss_kind", "budget": "bu
                                 "generations": "generations", "population": "population", "offspring": "offspring",
                                 "screen": "screen_samples", "survivors": "survivors", "init": "init",
                                 "fine_step": "fine_step", "units": "units", "select_rule": "select_rule",
+                                "guard": "guard",
                                 "projector_every": "projector_every", "projector_steps": "projector_steps"}
 
 
@@ -285,6 +286,11 @@ def add_parsers(sub) -> None:
                    help="what the search returns: the best candidate on the selection rows (min), or that one only "
                         "when its gain over the best start policy there exceeds one paired standard error, else "
                         "that start (paired_se, the default)")
+    s.add_argument("--guard", choices=("task", "none"), default=None,
+                   help="check what the search returns by the selection rows' generated answers: the start, the "
+                        "policy with the original projector, or with the evolved one, the simplest within one "
+                        "paired standard error of the best (task, the default), or return the pick with the latest "
+                        "projector (none)")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
     s.add_argument("--generations", type=int, default=None)
     s.add_argument("--population", type=positive_int, default=None)

@@ -352,6 +352,19 @@ def _done(out_dir: Path, job: Job, spec: SweepSpec) -> dict[str, Any] | None:
     return row if row.get("spec") == spec_digest(spec, job) else None
 
 
+def search_histories(out_dir: str | Path, results: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """``{job: rows of its history.csv}`` of the searched rows of ``results`` whose search ran in the run folder
+    ``out_dir`` under the row's spec (``jobs/<job>/spec.txt`` holds the row's ``spec``); rows read from a ledger
+    whose search ran elsewhere have none."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for _, row in results[results["method"].isin(SEARCH_METHODS)].iterrows():
+        job_dir = Path(out_dir) / "jobs" / str(row["job"])
+        stamp, history = job_dir / "spec.txt", job_dir / "search" / "history.csv"
+        if stamp.is_file() and history.is_file() and stamp.read_text().strip() == str(row.get("spec")):
+            out[str(row["job"])] = pd.read_csv(history).to_dict("records")
+    return out
+
+
 def _finished(out_dir: Path, job: Job, spec: SweepSpec, threads: int, ledger_dir: Path | None,
               warn: bool = True) -> dict[str, Any] | None:
     """The finished row of ``job``, or None when it must run. Without a ledger: the run folder's (:func:`_done`).

@@ -1,6 +1,6 @@
 """Tables from sweep rows (:mod:`sweep`): the main table (mean ± std over seeds), its display form,
-the margins against each baseline (paired mean differences over seeds ± standard error), and the ablations'
-labels."""
+the margins against each baseline (paired mean differences over seeds ± standard error), the ablations'
+labels, and whether the searches converged."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ellava_lib.run.jobs import (
     SweepSpec,
     full_method_config,
 )
+from ellava_lib.search.convergence import CONVERGED, best_per_generation, late_improvement
 
 
 def plain_rows(results: pd.DataFrame) -> pd.DataFrame:
@@ -141,8 +142,9 @@ def search_vs_starts(results: pd.DataFrame, method: str = "search",
     ``best_start`` naming the missing baselines (``"ECoFLaP (no row)"``). Results without a
     ``start_pick`` column (made before it was recorded) fall back to the start with the highest mean test score
     over seeds (:func:`paired_margins`), marked ``"(by test)"``. ``kept_start`` (where the rows have that column):
-    how many of the k seeds' searches returned their start pick because the best candidate's gain on the selection
-    rows was within one standard error (``SearchConfig.select_rule``, :mod:`ellava_lib.search.final_pick`)."""
+    how many of the k seeds' searches returned their start pick, because the best candidate's gain on the selection
+    rows was within one standard error (``SearchConfig.select_rule``) or because the task guard kept the start
+    (``SearchConfig.guard``, :mod:`ellava_lib.search.final_pick`)."""
     rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
     if "start_pick" not in rows_in.columns:
         return _search_vs_best_on_test(results, method, starts)
@@ -211,3 +213,36 @@ def gap_vs_baselines(results: pd.DataFrame, method: str = "ellava", baselines: S
                     "baselines_min": lo, "baselines_max": hi,
                     "holds": bool(lo - tolerance <= gap <= hi + tolerance)})
     return pd.DataFrame(out)
+
+
+def convergence_table(results: pd.DataFrame, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> pd.DataFrame:
+    """Per (method, sparsity) of the plain searched rows of ``results`` whose search history is in ``histories``
+    (``{job: rows of its history.csv}``): ``searches``; ``converged``, how many of them improved their best ``J``
+    by less than :data:`~ellava_lib.search.convergence.CONVERGED` over the last quarter of their generations
+    (:func:`~ellava_lib.search.convergence.late_improvement` of
+    :func:`~ellava_lib.search.convergence.best_per_generation`), as ``"k/n"``; ``late_max``, the largest of those
+    improvements; ``generations``; ``evaluations``, the candidates scored per search (history rows, mean); and
+    ``search_s``, the rows' seconds of search (mean). Empty when no searched row has a history."""
+    rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
+    out = []
+    for (method, s), part in rows_in[rows_in["job"].isin(list(histories))].groupby(["method", "sparsity"]):
+        late, gens, evals = [], [], []
+        for job in part["job"]:
+            best = best_per_generation(histories[job])
+            late.append(late_improvement(best))
+            gens.append(len(best) - 1)
+            evals.append(len(histories[job]))
+        out.append({"method": LABELS.get(method, method), "sparsity": f"{s:.0%}", "searches": len(late),
+                    "converged": f"{sum(x < CONVERGED for x in late)}/{len(late)}", "late_max": max(late),
+                    "generations": int(np.max(gens)), "evaluations": float(np.mean(evals)),
+                    "search_s": float(part["search_s"].mean()) if "search_s" in part.columns else np.nan})
+    return pd.DataFrame(out, columns=["method", "sparsity", "searches", "converged", "late_max", "generations",
+                                      "evaluations", "search_s"])
+
+
+def format_convergence(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`convergence_table` for display: ``late_max`` as a percentage with one decimal, ``evaluations`` and
+    ``search_s`` rounded to whole numbers."""
+    return table.assign(late_max=table["late_max"].map(lambda x: f"{100 * x:.1f}%"),
+                        evaluations=table["evaluations"].map(lambda x: f"{x:.0f}"),
+                        search_s=table["search_s"].map(lambda x: f"{x:.0f}"))
