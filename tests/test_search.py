@@ -531,13 +531,19 @@ def _projector_scorer(model_dir, evolved_scores: float, original_scores: float):
     return score, calls, original
 
 
-def test_the_guard_drops_a_harmful_projector_and_keeps_the_start(setup, tmp_path):
+def _guarded_search(setup, out, evolved_scores: float, original_scores: float):
+    """A search of CFG with the task guard under :func:`_projector_scorer`: ``(result, model, calls, original)``."""
     model_dir, batch, db = setup
-    score, calls, original = _projector_scorer(model_dir, evolved_scores=0.0, original_scores=1.0)
+    score, calls, original = _projector_scorer(model_dir, evolved_scores, original_scores)
     model, _ = load_model(model_dir)
     cfg = SearchConfig.from_preset("default", **{**CFG, "guard": "task"})
-    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, tmp_path, progress=False,
+    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, out, progress=False,
                                task_score=score)
+    return result, model, calls, original
+
+
+def test_the_guard_drops_a_harmful_projector_and_keeps_the_start(setup, tmp_path):
+    result, model, calls, original = _guarded_search(setup, tmp_path, evolved_scores=0.0, original_scores=1.0)
     guard = result.selection["task_guard"]
     assert guard["options"][0] == "start" and guard["options"][-1].endswith("+projector")
     assert len(calls) == len(guard["options"])  # one scoring per option, on the selection rows only
@@ -553,12 +559,7 @@ def test_the_guard_drops_a_harmful_projector_and_keeps_the_start(setup, tmp_path
 
 
 def test_the_guard_keeps_a_projector_that_helps(setup, tmp_path):
-    model_dir, batch, db = setup
-    score, calls, original = _projector_scorer(model_dir, evolved_scores=1.0, original_scores=0.0)
-    model, _ = load_model(model_dir)
-    cfg = SearchConfig.from_preset("default", **{**CFG, "guard": "task"})
-    result = evolve.run_search(model, batch, leveldb.LevelDB(db), list_units(model), cfg, tmp_path, progress=False,
-                               task_score=score)
+    result, model, _, original = _guarded_search(setup, tmp_path, evolved_scores=1.0, original_scores=0.0)
     guard = result.selection["task_guard"]
     # the evolved projector leads by 1 on every row (standard error 0): it is returned
     assert guard["choice"] == guard["options"][-1] and guard["choice"].endswith("+projector")
