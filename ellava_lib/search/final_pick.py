@@ -28,7 +28,7 @@ evolved policy with a lower selection-row ``R_hat`` than its start pick (ECoFLaP
 items against the ECoFLaP row's 61.6, and EfficientLLaVA at 70 % returned a projector tuned to a lower
 selection-row ``R_hat`` (1.53 to 1.26 for the same start policy) under which its policy scored 33.6 on the
 selection rows' generated answers, against 56.1 with the model's own projector (its test score: 40.5; seed 0,
-ledger rows of commit 3382166, diagnosed by re-scoring the selection rows under both projectors). So the
+ledger rows of commit cf5f7e8, diagnosed by re-scoring the selection rows under both projectors). So the
 search's answer is checked by the task score on the selection rows. The options, simplest first::
 
     start pick, original projector  <  returned policy, original projector  <  returned policy, evolved projector
