@@ -205,7 +205,7 @@ def test_every_readme_marker_the_pipeline_writes_exists_for_each_profile_prefix(
             assert 'readme_prefix: str = \\"\\"' in text, nb.name
             names |= set(re.findall(r'readme_prefix \+ \\"(\w+)\\"', text))
     names.add("timing")  # pipeline.run_pipeline
-    assert names == {"results", "leveldb", "main", "ablations", "timing"}
+    assert names == {"results", "leveldb", "main", "convergence", "ablations", "timing"}
     root = pipeline.project_root()
     for profile in pipeline.available_profiles():
         params = pipeline.load_profile(profile)
