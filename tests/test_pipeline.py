@@ -147,6 +147,21 @@ def test_timing_report_lists_each_notebook_the_total_and_the_recorded_build(tmp_
     overlapped = pipeline.timing_report({"01_tiny_model": 10.0, "02_dense_eval": 50.0, "03_search_space": 60.0},
                                         tmp_path, wall=71.0)
     assert "| total | 71 |" in overlapped and "02_dense_eval ran in a second process" in overlapped
+    assert "read back" not in overlapped
+    warm = pipeline.timing_report({"05_main_table": 8.0}, tmp_path, reused=(27, 29))
+    assert "27 of 29 sweep jobs were read back from an earlier run in this folder, not computed" in warm
+
+
+def test_reused_jobs_are_the_rows_written_before_the_run(tmp_path):
+    jobs = tmp_path / "sweep" / "jobs"
+    for name, mtime in (("a", 100.0), ("b", 200.0), ("c", 300.0)):
+        (jobs / name).mkdir(parents=True)
+        (jobs / name / "row.json").write_text("{}")
+        os.utime(jobs / name / "row.json", (mtime, mtime))
+    (jobs / "d").mkdir()  # a job without a finished row
+    assert pipeline.reused_jobs(tmp_path, since=250.0) == (2, 3)
+    assert pipeline.reused_jobs(tmp_path, since=50.0) == (0, 3)
+    assert pipeline.reused_jobs(tmp_path / "empty", since=50.0) == (0, 0)
 
 
 def _splice_many(readme: str, marker: str, n: int) -> None:

@@ -228,11 +228,24 @@ def run_pipeline(profile: str, runs_root: Path | None = None, notebooks: list[Pa
             _join(profile, name, future, seconds)
     wall = time.time() - t0
     print(f"[{profile}] pipeline finished in {wall:.0f} s; outputs in {run_dir}", flush=True)
-    body = timing_report(seconds, run_dir, threads, wall if overlap else None)
+    reused = reused_jobs(run_dir, t0)
+    body = timing_report(seconds, run_dir, threads, wall if overlap else None, reused)
     files.write_text(run_dir / "tables" / "pipeline_timing.md", body + "\n")
     if params.get("update_readme") and report.documents(root):  # README.md or docs/*.md: whichever holds the block
-        report.update_doc(root, str(params.get("readme_prefix") or "") + "timing", body)
+        if reused[0]:  # its times would not be what the pipeline costs
+            print(f"[{profile}] timing block left as it is: {reused[0]} of {reused[1]} sweep jobs were read back "
+                  f"from an earlier run in {run_dir} (an empty RUNS folder times the whole pipeline)", flush=True)
+        else:
+            report.update_doc(root, str(params.get("readme_prefix") or "") + "timing", body)
     return run_dir
+
+
+def reused_jobs(run_dir: Path, since: float) -> tuple[int, int]:
+    """``(reused, total)``: of the sweep jobs with a finished row in the run folder (``sweep/jobs/*/row.json``), how
+    many rows were written before ``since`` (the pipeline's start): read back from an earlier run, not computed in
+    this one. Rows read from a results ledger are not in the run folder and count in neither."""
+    rows = list((Path(run_dir) / "sweep" / "jobs").glob("*/row.json"))
+    return sum(p.stat().st_mtime < since for p in rows), len(rows)
 
 
 def execute(notebook: str, out: str, parameters: dict, kernel: str, cwd: str) -> float:
@@ -266,13 +279,14 @@ def machine_line(threads: int | None = None) -> str:
 
 
 def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None = None,
-                  wall: float | None = None) -> str:
+                  wall: float | None = None, reused: tuple[int, int] = (0, 0)) -> str:
     """A Markdown table of each notebook's wall time in this run and their total, with the machine, and the
     model build's own wall time as recorded when the cached model was built (``model.json``:
     ``train_seconds``; the first notebook includes it only on a cold cache, and not at all when the model came from
     its shipped weights, ``shipped``, which the note then says). With ``wall`` (an overlapped run)
     the total row is the pipeline's wall time, less than the notebooks' sum since the overlap lane's notebooks
-    (:data:`OVERLAP`) ran beside the others."""
+    (:data:`OVERLAP`) ran beside the others. ``reused``: :func:`reused_jobs`; when some sweep jobs were read back
+    from an earlier run, the note says how many (their compute is not in these times)."""
     from ellava_lib.run.runs import markdown_table
 
     total = round(wall if wall is not None else sum(seconds.values()))
@@ -285,6 +299,9 @@ def timing_report(seconds: dict[str, float], run_dir: Path, threads: int | None 
     note = f"*Wall time of this run on {machine_line(threads)}."
     if wall is not None and lane:
         note += f" {', '.join(lane)} ran in a second process beside the notebooks after it; the total is wall time."
+    if reused[0]:
+        note += (f" {reused[0]} of {reused[1]} sweep jobs were read back from an earlier run in this folder, not "
+                 "computed: their time is not in these numbers.")
     if built is not None and shipped:
         note += (f" The model was loaded from its shipped weights (weights/{shipped}/), not trained; building it took "
                  f"{float(built):.0f} s when it was shipped.*")
