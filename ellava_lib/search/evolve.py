@@ -586,8 +586,9 @@ def _guard(run: _Run, best: Policy, start: Policy | None) -> tuple[Policy, bool,
             scores.append([float(x) for x in run.task_score(run.model, run.selection)])
         index, rule = final_pick.guard(scores)
         record.update(rule, scores=scores)
-    record.update(choice=options[index][0], seconds=round(time.perf_counter() - tick, 2))
-    run.timing["guard"] = run.timing.get("guard", 0.0) + time.perf_counter() - tick
+    seconds = time.perf_counter() - tick
+    record.update(choice=options[index][0], seconds=round(seconds, 2))
+    run.timing["guard"] = run.timing.get("guard", 0.0) + seconds
     return options[index][1], options[index][2], record
 
 
@@ -603,8 +604,7 @@ def _finish(run: _Run, pop: list[Member], starts: list[Policy], generations: int
         chosen, chosen_evolved, record["task_guard"] = _guard(run, best, start)
         if chosen.policy_id() != best.policy_id() or chosen_evolved != evolved:
             best, evolved = chosen, chosen_evolved  # rescored on the selection rows under its own projector
-            run.db.assemble(run.model, best, check=False)
-            _set_projector(run, evolved)
+            _set_projector(run, evolved)  # (_score_rows assembles the policy)
             score = _score_rows(run, best, generations + 1, "guard", run.selection)[0]
     run.db.assemble(run.model, best, check=False)
     _set_projector(run, evolved)
