@@ -12,7 +12,12 @@ import pytest  # noqa: E402
 
 from ellava_lib.run import viz  # noqa: E402
 from ellava_lib.search import checkpoint  # noqa: E402
-from ellava_lib.search.convergence import best_per_generation, late_improvement, late_window  # noqa: E402
+from ellava_lib.search.convergence import (  # noqa: E402
+    best_per_generation,
+    history_converged,
+    late_improvement,
+    late_window,
+)
 
 
 def test_late_improvement_by_hand():
@@ -49,6 +54,17 @@ def test_best_per_generation_is_the_running_best_on_all_rows():
     assert best_per_generation(HISTORY) == [1.0, 0.9, 0.85, 0.85, 0.85, 0.838]  # select phases ignored
     with pytest.raises(ValueError, match="generation-0"):
         best_per_generation(HISTORY[2:])
+
+
+def test_history_converged_reads_the_history_file(tmp_path):
+    path = tmp_path / checkpoint.HISTORY
+    checkpoint.start_history(path)
+    checkpoint.append_history(path, HISTORY[:-2])
+    # b = [1.0, 0.9, 0.85, 0.85, 0.85, 0.838], G = 5, g0 = 3: (0.85 - 0.838) / 0.85 = 1.41 % > 1 %
+    assert not history_converged(path)
+    checkpoint.append_history(path, [_row(6, "full", 0.84), _row(7, "screen", 0.3), _row(7, "full", 0.837)])
+    # b = [.., 0.838, 0.838, 0.837], G = 7, g0 = 7 - 2 = 5: (0.838 - 0.837) / 0.838 = 0.12 % < 1 %
+    assert history_converged(path)
 
 
 def test_the_running_best_restarts_at_a_projector_round():

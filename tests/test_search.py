@@ -291,6 +291,27 @@ def test_resume_gives_the_uninterrupted_result(setup, reference, tmp_path):
     assert (state["lam"], state["lam_record"]) == (ref_state["lam"], ref_state["lam_record"])
 
 
+@pytest.mark.parametrize(("max_generations", "answers", "ran"), [
+    (0, [], 2),                            # exactly generations: convergence is never asked
+    (5, [False, False, True], 4),          # converged after generation 4: stops there
+    (5, [False] * 3, 5),                   # never converged: stops at max_generations
+    (1, [], 2)])                           # at or below generations: exactly generations
+def test_max_generations_runs_on_until_converged(setup, tmp_path, monkeypatch, max_generations, answers, ran):
+    asked = []
+
+    def converged(path):
+        asked.append(path)
+        return answers[len(asked) - 1]
+
+    monkeypatch.setattr(evolve, "history_converged", converged)
+    result = _run(setup, tmp_path, generations=2, max_generations=max_generations, projector_every=0)
+    assert result.generations == ran and len(asked) == len(answers)
+    assert all(p == tmp_path / "history.csv" for p in asked)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["generation"] == ran
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert hist.loc[hist["phase"] == "full", "generation"].max() == ran
+
+
 def test_resume_after_a_kill_mid_generation(setup, reference, tmp_path, monkeypatch):
     real, calls = evolve._score, {"n": 0}
     hist = pd.read_csv(reference[1] / "history.csv")

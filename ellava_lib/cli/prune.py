@@ -131,7 +131,8 @@ def prunable_model_dir(spec: str, quiet: bool) -> str | Path:
 
 #: ``ellava search`` flags that set a :class:`config.SearchConfig` field (serialised name), None = the preset's.
 SEARCH_FLAGS: dict[str, str] = {"gap": "gap", "loss": "loss_kind", "budget": "budget",
-                                "generations": "generations", "population": "population", "offspring": "offspring",
+                                "generations": "generations", "max_generations": "max_generations",
+                                "population": "population", "offspring": "offspring",
                                 "screen": "screen_samples", "survivors": "survivors", "init": "init",
                                 "fine_step": "fine_step", "units": "units", "select_rule": "select_rule",
                                 "guard": "guard",
@@ -293,6 +294,10 @@ def add_parsers(sub) -> None:
                         "projector (none)")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of the search")
     s.add_argument("--generations", type=int, default=None)
+    s.add_argument("--max-generations", type=int, default=None,
+                   help="after --generations, go on one generation at a time until the best J improved by less "
+                        "than 1%% over the last quarter of the generations, at most this many (0 = stop at "
+                        "--generations; the presets' value)")
     s.add_argument("--population", type=positive_int, default=None)
     s.add_argument("--offspring", type=positive_int, default=None, help="children per generation")
     s.add_argument("--screen", type=int, default=None, help="screening samples of multi-step selection (0 = off)")

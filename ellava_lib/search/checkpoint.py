@@ -28,7 +28,7 @@ HISTORY_COLUMNS: tuple[str, ...] = ("generation", "policy_id", "r_hat", "g_hat",
                                     "phase")
 
 #: Config fields a resumed run may change: they decide when to stop, not what is computed.
-RESUMABLE_FIELDS: tuple[str, ...] = ("generations",)
+RESUMABLE_FIELDS: tuple[str, ...] = ("generations", "max_generations")
 #: Serialised config fields that set memory use, not what is computed (rows per forward pass, projector
 #: micro-batches, checkpointing; :mod:`ellava_lib.speed.memory` chooses them per GPU), with their baseline values:
 #: a search's identity (digest, sweep rows) reads them at the baseline and a resumed run may change them, so a run

@@ -60,7 +60,7 @@ PROJECTOR_PREFIX = "projector_"
 _LATER_FIELDS: dict[str, Any] = {"init": ["uniform"], "projector_ce_weight": 1.0, "projector_grad_clip": 1.0,
                                   "fine_step": 0.0, "projector_micro_batch": 0, "projector_checkpointing": False,
                                   "projector_fp32_master": True, "projector_kl_kind": "kl_all", "units": "block",
-                                  "select_rule": "min", "guard": "none"}
+                                  "select_rule": "min", "guard": "none", "max_generations": 0}
 
 #: Serialised fields searches no longer have, and what replaced them: :meth:`SearchConfig.from_dict` drops them
 #: (a folder written with them reads back, and its config differs from every new one, so it is not resumed and
@@ -251,6 +251,11 @@ class SearchConfig:
       (``sum(rows * entrants)`` of :func:`evolve.stage_plan`) plus the parents' after a projector round.
     * ``generations``: the presets' are sized by convergence (:mod:`convergence`: the best ``J``'s relative
       improvement over the last quarter of the generations below 1 %), measured on the tiny default.
+    * ``max_generations``: 0 (default) runs exactly ``generations``; above ``generations``, the search runs
+      ``generations`` and then one generation more at a time until it has converged by that criterion
+      (:func:`convergence.history_converged` of its ``history.csv``) or has run ``max_generations`` (at or below
+      ``generations``: exactly ``generations``). profiles/default.yaml sets it (the tiny pipeline's searches run
+      until converged); the presets do not.
     * ``eval_batch_size``: rows per forward pass (0 = all at once); ``seed``: drives every draw (each job sets its
       own).
     * ``init``: the start policies of generation 0 (:data:`START_POLICIES`).
@@ -271,6 +276,7 @@ class SearchConfig:
     units: str = "block"
     population: int = 8
     generations: int = 32
+    max_generations: int = 0
     offspring: int = 16
     mutation_steps: int = 3
     tournament: int = 2
@@ -311,6 +317,7 @@ class SearchConfig:
             (self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}"),
             (self.population >= 1 and self.offspring >= 1 and self.generations >= 0,
              "need population >= 1, offspring >= 1, generations >= 0"),
+            (self.max_generations >= 0, f"need max_generations >= 0, got {self.max_generations}"),
             (self.mutation_steps >= 1 and self.tournament >= 1, "need mutation_steps >= 1 and tournament >= 1"),
             (0 <= self.elitism <= self.population, f"elitism must lie in [0, population], got {self.elitism}"),
             (self.screen_samples >= 0 and self.survivors >= 1, "need screen_samples >= 0 and survivors >= 1"),

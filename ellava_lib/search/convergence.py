@@ -18,8 +18,10 @@ to have converged.
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 #: Phases of ``history.csv`` scored on all scoring rows during the evolution (:mod:`evolve`).
@@ -66,3 +68,11 @@ def late_improvement(best_per_gen: Sequence[float]) -> float:
     if start == end:
         return 0.0
     return (start - end) / abs(start) if start else math.copysign(math.inf, start - end)
+
+
+def history_converged(path: str | Path) -> bool:
+    """Whether the search whose ``history.csv`` is at ``path`` has converged so far:
+    ``late_improvement(best_per_generation(rows)) < CONVERGED`` over the generations it holds (what a search with
+    ``max_generations`` checks after each generation beyond ``generations``, :func:`evolve.run_search`)."""
+    with open(path, newline="") as f:
+        return late_improvement(best_per_generation(csv.DictReader(f))) < CONVERGED

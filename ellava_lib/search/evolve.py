@@ -31,7 +31,9 @@ population ranks the candidates by the stage they reached (last first), then by 
 Every ``projector.every`` generations the projector is evolved for the top ``projector.topk`` (:mod:`projector`,
 :class:`config.ProjectorConfig`) on the projector rows; the parents are rescored with it at the next generation's
 last stage. Whether a search converged: :mod:`convergence` (the best ``J`` per generation from ``history.csv`` and
-its relative improvement over the last quarter of the generations). Candidates are *assembled* from the level
+its relative improvement over the last quarter of the generations); with ``max_generations`` set the search runs
+past ``generations`` one generation at a time until it has converged or reached ``max_generations``
+(:func:`_go_on`). Candidates are *assembled* from the level
 database (no solver in the loop).
 
 **Lambda** (:func:`_choose_lambda`): chosen once, before the evolution, and every generation runs at it. With
@@ -95,6 +97,7 @@ from ellava_lib.search.budget import (
     mutate,
 )
 from ellava_lib.search.config import SearchConfig
+from ellava_lib.search.convergence import history_converged
 from ellava_lib.search.objective import (
     KL_KINDS,
     Score,
@@ -478,15 +481,29 @@ def run_search(model: nn.Module, batch: dict[str, torch.Tensor], level_db: Level
         pop = _choose_lambda(run, pop)
         _save_checkpoint(run, pop, rng, 0, context)
     bar = tqdm(total=cfg.generations, initial=min(start, cfg.generations), desc="search", disable=not progress)
-    for gen in range(start + 1, cfg.generations + 1):
+    gen = start
+    while _go_on(run, gen):
+        gen += 1
         pop = _generation(run, pop, rng, gen)
         if cfg.projector.every and gen % cfg.projector.every == 0:
             _evolve(run, pop, gen)
         _save_checkpoint(run, pop, rng, gen, context)
+        if gen > bar.total:  # beyond ``generations``: running until converged
+            bar.total = gen
         bar.update(1)
         bar.set_postfix(best_j=f"{pop[0].score.j:.4f}")
     bar.close()
-    return _finish(run, pop, starts, max(start, cfg.generations), time.perf_counter() - wall)
+    return _finish(run, pop, starts, gen, time.perf_counter() - wall)
+
+
+def _go_on(run: _Run, gen: int) -> bool:
+    """Whether to run generation ``gen + 1``: always below ``generations``; beyond it, only with
+    ``max_generations`` set, below it, and while the search has not converged
+    (:func:`convergence.history_converged`)."""
+    cfg = run.cfg
+    if gen < cfg.generations:
+        return True
+    return gen < cfg.max_generations and not history_converged(run.out / ckpt.HISTORY)
 
 
 def _save_checkpoint(run: _Run, pop: list[Member], rng: random.Random, gen: int, context: dict[str, Any]) -> None:
