@@ -110,8 +110,10 @@ def test_convergence_table_counts_the_searches_that_converged():
     assert len(table) == 1
     row = table.iloc[0]
     assert (row["method"], row["sparsity"], row["searches"], row["converged"]) == ("EfficientLLaVA", "60%", 2, "1/2")
-    assert row["late_max"] == pytest.approx(0.012 / 0.85) and row["generations"] == 5
+    assert row["late_max"] == pytest.approx(0.012 / 0.85) and (row["generations_min"], row["generations"]) == (4, 5)
     assert row["evaluations"] == pytest.approx(8.5) and row["search_s"] == pytest.approx(45.0)
     shown = tables.format_convergence(table).iloc[0]
-    assert (shown["late_max"], shown["evaluations"], shown["search_s"]) == ("1.4%", "8", "45")
+    assert (shown["late_max"], shown["generations"], shown["evaluations"], shown["search_s"]) == ("1.4%", "4-5", "8",
+                                                                                                   "45")
+    assert "generations_min" not in tables.format_convergence(table).columns
     assert tables.convergence_table(results, {}).empty

@@ -202,7 +202,8 @@ def _search_seconds(config, prof, cfg, rows: dict[str, int], wl: memory.Workload
     scoring rows; every generation's multi-step selection (:func:`evolve.stage_plan`); the elites scored anew
     after each projector round; the final candidates (population and start policies) on the selection rows; with a
     gap term, lambda's choice (the initial population on the selection rows, history phase ``lambda``; until the
-    smol calibration it was priced as the final candidates on the scoring rows); the dense log-probabilities."""
+    smol calibration it was priced as the final candidates on the scoring rows); the dense log-probabilities. A
+    search that runs on until converged (``max_generations``) is priced at its ``generations``, the fewest it runs."""
     from ellava_lib.search.evolve import stage_plan
 
     def score(gens: int, cands: int, n_rows: int) -> float:

@@ -221,8 +221,10 @@ def convergence_table(results: pd.DataFrame, histories: Mapping[str, Sequence[Ma
     by less than :data:`~ellava_lib.search.convergence.CONVERGED` over the last quarter of their generations
     (:func:`~ellava_lib.search.convergence.late_improvement` of
     :func:`~ellava_lib.search.convergence.best_per_generation`), as ``"k/n"``; ``late_max``, the largest of those
-    improvements; ``generations``; ``evaluations``, the candidates scored per search (history rows, mean); and
-    ``search_s``, the rows' seconds of search (mean). Empty when no searched row has a history."""
+    improvements; ``generations_min`` and ``generations``, the fewest and the most generations a search ran (they
+    differ when searches run on until converged, ``SearchConfig.max_generations``); ``evaluations``, the candidates
+    scored per search (history rows, mean); and ``search_s``, the rows' seconds of search (mean). Empty when no
+    searched row has a history."""
     rows_in = plain_rows(results) if {"gap", "projector", "assembled"} <= set(results.columns) else results
     out = []
     for (method, s), part in rows_in[rows_in["job"].isin(list(histories))].groupby(["method", "sparsity"]):
@@ -234,15 +236,18 @@ def convergence_table(results: pd.DataFrame, histories: Mapping[str, Sequence[Ma
             evals.append(len(histories[job]))
         out.append({"method": LABELS.get(method, method), "sparsity": f"{s:.0%}", "searches": len(late),
                     "converged": f"{sum(x < CONVERGED for x in late)}/{len(late)}", "late_max": max(late),
-                    "generations": int(np.max(gens)), "evaluations": float(np.mean(evals)),
+                    "generations_min": int(np.min(gens)), "generations": int(np.max(gens)),
+                    "evaluations": float(np.mean(evals)),
                     "search_s": float(part["search_s"].mean()) if "search_s" in part.columns else np.nan})
-    return pd.DataFrame(out, columns=["method", "sparsity", "searches", "converged", "late_max", "generations",
-                                      "evaluations", "search_s"])
+    return pd.DataFrame(out, columns=["method", "sparsity", "searches", "converged", "late_max", "generations_min",
+                                      "generations", "evaluations", "search_s"])
 
 
 def format_convergence(table: pd.DataFrame) -> pd.DataFrame:
-    """:func:`convergence_table` for display: ``late_max`` as a percentage with one decimal, ``evaluations`` and
-    ``search_s`` rounded to whole numbers."""
-    return table.assign(late_max=table["late_max"].map(lambda x: f"{100 * x:.1f}%"),
+    """:func:`convergence_table` for display: ``late_max`` as a percentage with one decimal, ``generations`` as
+    ``"min-max"`` (one number when every search ran as many), ``evaluations`` and ``search_s`` rounded to whole
+    numbers."""
+    spans = [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in zip(table["generations_min"], table["generations"])]
+    return table.assign(late_max=table["late_max"].map(lambda x: f"{100 * x:.1f}%"), generations=spans,
                         evaluations=table["evaluations"].map(lambda x: f"{x:.0f}"),
-                        search_s=table["search_s"].map(lambda x: f"{x:.0f}"))
+                        search_s=table["search_s"].map(lambda x: f"{x:.0f}")).drop(columns="generations_min")
