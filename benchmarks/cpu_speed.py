@@ -4,7 +4,7 @@
   through oneDNN (:func:`ellava_lib.model.kernels.linear`), for several row counts; GFLOP/s = ``2 M K N / t``.
 - ``train``: steps per second of the build's text and joint stages for the training recipes ``bf16``
   (autocast, ungrouped batches, one process with two threads) and ``bf16+group`` (the default: autocast and
-  length-grouped batches), each a short run of the default :class:`~ellava_lib.model.train.TrainConfig` on
+  length-grouped batches), each a short run of the default :class:`~ellava_lib.model.train_config.TrainConfig` on
   1000 train items per suite; ``train_speedup`` is each recipe's rate over ``bf16``'s. (The ``fp32`` row of
   earlier results, two data-parallel processes with one thread each, measured a training path since removed.)
 

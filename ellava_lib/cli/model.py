@@ -11,7 +11,8 @@ from ellava_lib.cli.common import CLIError, add_data_args, model_dir_of, positiv
 from ellava_lib.core.schema import SUITES
 from ellava_lib.data.synth import SPLITS
 
-#: ``ellava build --preset`` choices: the keys of ``model.train.PRESETS`` (not imported here: parsing stays fast).
+#: ``ellava build --preset`` choices: the keys of ``model.train_config.PRESETS`` (not imported here: parsing stays
+#: fast).
 BUILD_PRESETS = ("tiny", "ci", "micro", "smol", "smol-micro")
 
 

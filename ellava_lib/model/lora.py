@@ -7,7 +7,7 @@ Kaiming-uniform), so the layer computes ``y = W x + (alpha / r) B A x``. Merging
     W' = W + (alpha / r) B A
 
 into the weight and drops ``A`` and ``B``: the merged layer is a plain ``nn.Linear`` computing the same function.
-The smol tier (:meth:`ellava_lib.model.train.TrainConfig.smol`) tunes SmolLM2 this way and merges before anything
+The smol tier (:meth:`ellava_lib.model.train_config.TrainConfig.smol`) tunes SmolLM2 this way and merges before anything
 is pruned, so pruning and evaluation see a plain ``LlamaForCausalLM`` inside the LLaVA; the adapters (a few MB)
 are what ships in git (:mod:`ellava_lib.model.shipped`), not the 135M tuned weights.
 

@@ -135,8 +135,8 @@ def train_memory_bytes(shape: LlamaShape, batch: int, tokens: int) -> int:
     - ``1 GiB`` for the interpreter, ``torch`` and the encoded train split.
 
     For SmolLM2 at batch 16 x :data:`TRAIN_TOKENS` this is 6.3 GiB; a process that loaded SmolLM2 and ran the
-    smol recipe's stages at batch 16 (:meth:`ellava_lib.model.train.TrainConfig.smol`) peaked at 5.7 GiB resident,
-    so the estimate errs on the safe side, as a preflight should."""
+    smol recipe's stages at batch 16 (:meth:`ellava_lib.model.train_config.TrainConfig.smol`) peaked at 5.7 GiB
+    resident, so the estimate errs on the safe side, as a preflight should."""
     p = shape.params
     acts = batch * tokens * shape.layers * (40 * shape.hidden + 8 * shape.mlp + 8 * shape.heads * tokens)
     logits = 14 * batch * tokens * shape.vocab

@@ -253,7 +253,7 @@ def ablation_jobs(spec: SweepSpec, sparsity: float, seed: int = 0, calib_n: int 
 
 def model_identity(model_dir: str | Path) -> dict[str, Any]:
     """What names the model of a ledger row, wherever it lives: a model the kit built (its ``ellava.json``) by
-    its recipe, ``{"kind", "digest"}`` (:meth:`train.TrainConfig.digest`: the shipped weights of a recipe are
+    its recipe, ``{"kind", "digest"}`` (:meth:`train_config.TrainConfig.digest`: the shipped weights of a recipe are
     SHA-256-checked against it); a hub name as given; any other folder by its resolved path."""
     record = Path(model_dir) / "ellava.json"
     if record.is_file():

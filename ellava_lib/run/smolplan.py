@@ -17,7 +17,7 @@ the build's bf16 autocast. On a GPU the first two are the same FP32 rate.
 
 The stages and how often the profile runs them (``runs``):
 
-* **build** (notebook 01, :meth:`train.TrainConfig.smol`): per training step ``F = sum_parts c * P * N`` FLOPs,
+* **build** (notebook 01, :meth:`train_config.TrainConfig.smol`): per training step ``F = sum_parts c * P * N`` FLOPs,
   ``P`` a part's parameters and ``N`` the tokens through it, ``c = 6`` for a trained part (forward ``2 P N``,
   backward ``4 P N``), ``2`` for a frozen part before every trained one (forward only), ``4`` for a frozen part
   after a trained one (forward and the backward to its inputs, no weight gradient) (:func:`train_flops`); the
@@ -29,7 +29,7 @@ The stages and how often the profile runs them (``runs``):
   the tower and projector twice (the aux losses), the aux logits. The rows average 47 tokens (length-grouped
   batches pad little), so ``F`` at 96 is twice the matmuls of a step; on the 2-core CPU the step's other work
   (activations, the 49k-wide logits and their loss, autocast's weight casts, the LoRA adapters' small ops)
-  measured about as much again (``train.TrainConfig.smol``: about 3 s a joint step against 1.6 s of bf16
+  measured about as much again (``train_config.TrainConfig.smol``: about 3 s a joint step against 1.6 s of bf16
   matmuls), which the 96-token bound covers to first order.
 * **evaluation** of ``n`` items per suite (02: ``eval_limit``, the sweep jobs: ``sweep_eval_limit``), batch ``B_e``
   (the tier's, else :class:`EvalConfig`'s), ``n // B_e`` full batches and the rest: per batch
@@ -156,7 +156,8 @@ class TrainStage:
 
 
 def build_stages(config, tc) -> list[TrainStage]:
-    """The smol build's stages with their steps (:class:`train.TrainConfig` ``tc``) and parts (module docstring)."""
+    """The smol build's stages with their steps (:class:`train_config.TrainConfig` ``tc``) and parts (module
+    docstring)."""
     from ellava_lib.model import smol, structure
 
     model = structure.meta_model(config)
