@@ -269,14 +269,16 @@ def prune_in_place(model: nn.Module, sparsity: float, pattern: str, backend: str
     """Prune ``model``'s decoder linears in place, one at a time: each is masked (``latency.mask_linears``:
     magnitude, ``pattern``) on a copy of its weight and replaced by the sparse module of ``backend``
     (``bitmask``: :class:`~ellava_lib.speed.bitmask.BitmaskLinear`; ``auto``:
-    :func:`~ellava_lib.speed.sparse.sparsify_model` on that one linear, ``dense_budget`` bytes of dense copies at
-    most, weights ``{1: new_tokens}``). No reference to a replaced linear is kept, so its dense weight is freed
-    before the next one is packed: the model never holds a linear dense and packed at once (beyond the one being
-    converted). Returns ``(swapped, pruned linears, measured sparsity of the decoder linears)``."""
+    :func:`~ellava_lib.speed.sparse.sparsify_model` on that one linear, weights ``{1: new_tokens}``, with what is
+    left of ``dense_budget``: the dense copies of all the linears together stay within ``dense_budget`` bytes).
+    No reference to a replaced linear is kept, so its dense weight is freed before the next one is packed: the
+    model never holds a linear dense and packed at once (beyond the one being converted). Returns ``(swapped,
+    pruned linears, measured sparsity of the decoder linears)``."""
     lat = _latency()
     paths = {id(m): n for n, m in model.named_modules()}
     todo = units.unit_linears(model)
     swapped = n_lin = kept = total = 0
+    budget_left = dense_budget  # shared by every linear: each call below gets what the earlier ones left
     while todo:
         _, lins = todo.popitem(last=False)
         while lins:
@@ -292,9 +294,12 @@ def prune_in_place(model: nn.Module, sparsity: float, pattern: str, backend: str
             else:
                 holder = nn.Sequential(masked)
                 sparse.sparsify_model(holder, None, "auto", example_inputs=rows, cache=cache,
-                                      row_weights={1: new_tokens}, dense_budget=dense_budget, stream=True)
+                                      row_weights={1: new_tokens}, dense_budget=budget_left, stream=True)
                 module = holder[0]
                 del holder
+                copy = getattr(module, "dense_weight", None)
+                if copy is not None:
+                    budget_left -= copy.numel() * copy.element_size()
             del masked
             swapped += int(not isinstance(module, nn.Linear))
             n_lin += 1

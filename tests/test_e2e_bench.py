@@ -173,3 +173,29 @@ def test_prune_in_place_frees_each_dense_linear_before_the_next(e2e, monkeypatch
     swapped, n_lin, measured = e2e.prune_in_place(model, 0.5, "unstructured", "bitmask", [1, 8], {}, 2)
     assert (swapped, n_lin) == (14, 14) and abs(measured - 0.5) < 0.01
     assert alive == list(range(14, 0, -1)) and all(r() is None for r in old)
+
+
+def test_prune_in_place_shares_one_dense_budget_among_all_the_linears(e2e, monkeypatch):
+    """``auto`` with ``--dense-budget-gib``: the budget bounds the dense copies of the whole model, not of each
+    linear. Timings fixed so that bitmask wins at decode (0.5 vs 1.0 ms) and loses at prefill (10.2 vs 10.0 ms): every
+    linear asks for a dense copy. Budget: three 256 x 256 bfloat16 copies (3 x 131,072 bytes) + 1 byte. Taken in
+    model order (a unit's linears last first): lm.0's o, v and k projections get copies (393,216 bytes), q_proj
+    (131,072 > 1 byte left) and every MLP linear (704 x 256 x 2 = 360,448 bytes) run dense-free."""
+    from ellava_lib.model import loading
+
+    if e2e.bitmask.extension() is None:
+        pytest.skip("bitmask extension not built here")
+
+    def timing(lin, module, rows, min_time_s, copies=1):
+        if isinstance(module, e2e.bitmask.BitmaskLinear):
+            return {"dense_ms": [1.0, 10.0], "sparse_ms": [0.5, 10.2]}
+        return {"dense_ms": [1.0, 10.0], "sparse_ms": [9.0, 90.0]}
+
+    monkeypatch.setattr(e2e.sparse, "_measure", timing)
+    model = loading.random_weights(e2e.config_7b(small=True), "cpu", "bfloat16", seed=0)
+    swapped, n_lin, _ = e2e.prune_in_place(model, 0.5, "unstructured", "auto", [1, 8], {}, 32,
+                                           dense_budget=3 * 131_072 + 1)
+    assert (swapped, n_lin) == (14, 14)
+    copies = {n.split("layers.")[1]: m.dense_weight.numel() * 2 for n, m in model.named_modules()
+              if isinstance(m, e2e.bitmask.BitmaskLinear) and m.dense_weight is not None}
+    assert copies == {"0.self_attn.o_proj": 131_072, "0.self_attn.v_proj": 131_072, "0.self_attn.k_proj": 131_072}
