@@ -622,19 +622,20 @@ def _gib(v) -> str:
 
 
 def to_markdown_7b(records: list[dict]) -> str:
-    """One row per (sparsity, backend) of the 7B tier: FLOP ratio, decode ratio and tokens/s, time to first token,
-    the bandwidth limit (ms per token at the measured read bandwidth), peak resident memory, the shares of a
-    decode step that sparsity does not touch (cache attention, ``lm_head``), and the model's size on disk (dense
-    safetensors, sparse format)."""
+    """One row per (sparsity, backend, dense budget: shown beside ``auto`` when not 0) of the 7B tier: FLOP
+    ratio, decode ratio and tokens/s, time to first token, the bandwidth limit (ms per token at the measured read
+    bandwidth), peak resident memory, the shares of a decode step that sparsity does not touch (cache attention,
+    ``lm_head``), and the model's size on disk (dense safetensors, sparse format)."""
     head = ("| layers | sparsity | backend (swapped) | FLOP ratio (decode step) | measured ratio [quartiles] | "
             "tokens/s dense -> pruned | time to first token, s: dense -> pruned (ratio) | bandwidth limit, ms/token: "
             "dense -> pruned | of read bandwidth, pruned (dense) | peak RSS GiB: dense / pruned process | "
             "cache attention / lm_head share of a decode step: dense -> pruned | on disk GiB: dense -> sparse |")
     lines = [head, "|" + "---|" * 12]
     for r in records:
+        budget = f", {r['dense_budget_gib']:g} GiB dense budget" if r.get("dense_budget_gib") else ""
         lines.append(
-            f"| {r['layers']} | {r['sparsity']:.0%} {r['pattern']} ({r['measured_sparsity']:.1%}) | {r['backend']} "
-            f"({r['swapped']}) | {r['flop_ratio']:.2f}x | **{r['measured_ratio']:.2f}x** [{r['ratio_q1']:.2f}-"
+            f"| {r['layers']} | {r['sparsity']:.0%} {r['pattern']} ({r['measured_sparsity']:.1%}) | {r['backend']}"
+            f"{budget} ({r['swapped']}) | {r['flop_ratio']:.2f}x | **{r['measured_ratio']:.2f}x** [{r['ratio_q1']:.2f}-"
             f"{r['ratio_q3']:.2f}] | {r['dense_tokens_per_s']:.2f} -> {r['pruned_tokens_per_s']:.2f} | "
             f"{r['dense_ttft_s']:.2f} -> {r['pruned_ttft_s']:.2f} ({r['ttft_ratio']:.2f}x) | "
             f"{r['bw_limit_ms_dense']:.0f} -> {r['bw_limit_ms_pruned']:.0f} | {r['bw_fraction']:.0%} "
@@ -667,8 +668,9 @@ def splice_7b(readme: Path, records: list[dict], pending: str | None, source: st
              f"{r.get('warmup')} warm-up, dense (unpruned) and pruned runs alternating, each in its own process that "
              f"loads its model from disk (load time not counted). "
              f"Memory bandwidth {r.get('read_gbs', 0):.1f} GB/s read.{load} Masks: magnitude on every decoder "
-             f"linear (measured sparsity in brackets); `auto` with a dense budget of "
-             f"{r.get('dense_budget_gib') or 0:g} GiB. Peak RSS = the largest VmHWM of the row's "
+             f"linear (measured sparsity in brackets); `auto` keeps no dense copy (a dense budget of 0 GiB) "
+             f"unless its row names a budget: the dense copies for prefill it may keep in all. Peak RSS = the "
+             f"largest VmHWM of the row's "
              f"dense-model processes / pruned-model processes (the dense and packed decoder linears are never in one "
              f"process). Bandwidth limit = weight bytes read per decode step / read bandwidth. Cache "
              f"attention = self-attention minus its projections (forward hooks, separate steps).*")

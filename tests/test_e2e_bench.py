@@ -97,6 +97,13 @@ def test_7b_results_splice_into_their_own_block_and_pending_is_tolerated(e2e, tm
             "30.00 -> 31.00 (0.97x) | 379 -> 204 | 51% (47%) | 21.0 / 8.5 | 3% / 2% -> 6% / 4% | 13.2 -> 7.9 |") in text
     assert "Not measured" not in text and "small" in text  # the small tiers' block is left as it was
     assert "Load average 2.0 -> 2.5 over the run (rows 2.1-2.4) on 2 CPUs." in text
+    budgeted = tmp_path / "e2e_decode_7b_budget.json"  # a second file: auto with a dense budget, named in its row
+    budgeted.write_text(json.dumps([{**RECORD_7B, "dense_budget_gib": 9.0, "pruned_ttft_s": 30.5,
+                                     "ttft_ratio": 30 / 30.5}]))
+    assert e2e.main(["--results", str(absent), str(budgeted), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| auto (224/224) |" in text and "| auto, 9 GiB dense budget (224/224) |" in text
+    assert "30.00 -> 30.50 (0.98x)" in text and "unless its row names a budget" in text
 
 
 def test_7b_small_mode_runs_and_writes_every_field(e2e, tmp_path, capsys):
