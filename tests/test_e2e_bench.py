@@ -99,10 +99,13 @@ def test_7b_results_splice_into_their_own_block_and_pending_is_tolerated(e2e, tm
     assert "Load average 2.0 -> 2.5 over the run (rows 2.1-2.4) on 2 CPUs." in text
     budgeted = tmp_path / "e2e_decode_7b_budget.json"  # a second file: auto with a dense budget, named in its row
     budgeted.write_text(json.dumps([{**RECORD_7B, "dense_budget_gib": 9.0, "pruned_ttft_s": 30.5,
-                                     "ttft_ratio": 30 / 30.5}]))
+                                     "ttft_ratio": 30 / 30.5, "cpu": "Xeon X", "read_gbs": 26.9}]))
     assert e2e.main(["--results", str(absent), str(budgeted), "--readme", str(readme)]) == 0
-    text = readme.read_text()
-    assert "| auto (224/224) |" in text and "| auto, 9 GiB dense budget (224/224) |" in text
+    text = readme.read_text()  # two CPUs among the rows: each row names its own
+    assert "| 32 (CPU not recorded) | 50% unstructured (50.1%) | auto (224/224) |" in text
+    assert "| 32 (Xeon X) | 50% unstructured (50.1%) | auto, 9 GiB dense budget (224/224) |" in text
+    assert "device cpu (rows on CPUs: Xeon X, not recorded; the layers column says which)" in text
+    assert "Memory bandwidth 26.9 GB/s read (Xeon X), 34.3 GB/s read (not recorded). Load" in text
     assert "30.00 -> 30.50 (0.98x)" in text and "unless its row names a budget" in text
 
 
