@@ -298,9 +298,9 @@ def prune_in_place(model: nn.Module, sparsity: float, pattern: str, backend: str
                                       row_weights={1: new_tokens}, dense_budget=budget_left, stream=True)
                 module = holder[0]
                 del holder
-                copy = getattr(module, "dense_weight", None)
-                if copy is not None:
-                    budget_left -= copy.numel() * copy.element_size()
+                dense_copy = getattr(module, "dense_weight", None)  # the copy sparsify_model gave it, if any
+                if dense_copy is not None:
+                    budget_left -= dense_copy.numel() * dense_copy.element_size()
             del masked
             swapped += int(not isinstance(module, nn.Linear))
             n_lin += 1
@@ -624,19 +624,19 @@ def _gib(v) -> str:
 
 def to_markdown_7b(records: list[dict]) -> str:
     """One row per (sparsity, backend, dense budget: shown beside ``auto`` when not 0; the CPU beside the layers
-    when the records come from more than one) of the 7B tier: FLOP
-    ratio, decode ratio and tokens/s, time to first token, the bandwidth limit (ms per token at the measured read
-    bandwidth), peak resident memory, the shares of a decode step that sparsity does not touch (cache attention,
-    ``lm_head``), and the model's size on disk (dense safetensors, sparse format)."""
+    when the records come from more than one, :func:`_cpu_of`) of the 7B tier: FLOP ratio, decode ratio and
+    tokens/s, time to first token, the bandwidth limit (ms per token at the measured read bandwidth), peak resident
+    memory, the shares of a decode step that sparsity does not touch (cache attention, ``lm_head``), and the
+    model's size on disk (dense safetensors, sparse format)."""
     head = ("| layers | sparsity | backend (swapped) | FLOP ratio (decode step) | measured ratio [quartiles] | "
             "tokens/s dense -> pruned | time to first token, s: dense -> pruned (ratio) | bandwidth limit, ms/token: "
             "dense -> pruned | of read bandwidth, pruned (dense) | peak RSS GiB: dense / pruned process | "
             "cache attention / lm_head share of a decode step: dense -> pruned | on disk GiB: dense -> sparse |")
     lines = [head, "|" + "---|" * 12]
-    cpus = {r.get("cpu") for r in records}
+    several = len({_cpu_of(r) for r in records}) > 1
     for r in records:
         budget = f", {r['dense_budget_gib']:g} GiB dense budget" if r.get("dense_budget_gib") else ""
-        where = f" ({r.get('cpu') or 'CPU not recorded'})" if len(cpus) > 1 else ""
+        where = f" ({r.get('cpu') or 'CPU not recorded'})" if several else ""
         lines.append(
             f"| {r['layers']}{where} | {r['sparsity']:.0%} {r['pattern']} ({r['measured_sparsity']:.1%}) | "
             f"{r['backend']}{budget} ({r['swapped']}) | {r['flop_ratio']:.2f}x | **{r['measured_ratio']:.2f}x** "
@@ -651,10 +651,15 @@ def to_markdown_7b(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_of(record: dict) -> str:
+    """The CPU a record was measured on; ``"not recorded"`` for records that predate the ``cpu`` field."""
+    return record.get("cpu") or "not recorded"
+
+
 def _cpus_text(records: list[dict]) -> str:
     """`` (CPU)`` for the records' one CPU, or ``` (rows on CPUs: A, B; the layers column says which)``` when
-    they come from several (a record without a ``cpu`` field predates it: not recorded)."""
-    cpus = sorted({r.get("cpu") or "not recorded" for r in records})
+    they come from several (:func:`_cpu_of`)."""
+    cpus = sorted({_cpu_of(r) for r in records})
     if len(cpus) == 1:
         return f" ({cpus[0]})"
     return f" (rows on CPUs: {', '.join(cpus)}; the layers column says which)"
@@ -662,7 +667,7 @@ def _cpus_text(records: list[dict]) -> str:
 
 def _bandwidth_text(records: list[dict]) -> str:
     """``"33.7 GB/s read"``, or with rows from several CPUs ``"33.7 GB/s read (A), 26.9 GB/s read (B)"``."""
-    per_cpu = {r.get("cpu") or "not recorded": r.get("read_gbs", 0) for r in records}
+    per_cpu = {_cpu_of(r): r.get("read_gbs", 0) for r in records}
     if len(per_cpu) == 1:
         return f"{next(iter(per_cpu.values())):.1f} GB/s read"
     return ", ".join(f"{gbs:.1f} GB/s read ({cpu})" for cpu, gbs in sorted(per_cpu.items()))
